@@ -1,0 +1,91 @@
+"""The seam between the Lightning strategy and an engine.
+
+`SingleGPUOffloadStrategy` owns everything Lightning expects of a strategy; a `Backend` owns one engine: how the
+model is built and wrapped, how backward and the optimizer step run, and how state is saved and restored. A new
+engine is a new module in this package with a subclass of `Backend`, registered in `backends/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+
+@dataclass(kw_only=True)
+class BackendConfig:
+    """Base of every backend's knobs; each backend's `Config` subclasses it."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> BackendConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for this backend. Allowed: {sorted(known)}."
+            )
+        return cls(**options)
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What a backend needs from the Trainer to build its training engine."""
+
+    precision: str
+    accumulate_grad_batches: int
+    gradient_clip_val: float | None
+    gradient_clip_algorithm: str | None
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[BackendConfig]]
+    # Name of the Lightning precision plugin (in `<namespace>.plugins.precision`) that matches this engine.
+    precision_plugin_name: ClassVar[str]
+    # True when the engine saves parameters and optimizer state itself, so Lightning must not.
+    saves_own_state: ClassVar[bool] = False
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+
+    def setup_environment(self, device: torch.device) -> None:
+        """Runs before `configure_model`: process groups, device selection, engine-global settings."""
+
+    def set_precision(self, precision: str) -> None:
+        """Receives the Trainer's precision flag before the model is built; raises if the engine cannot run it."""
+
+    def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """The optimizer the engine steps, built from the user's (same hyperparameters and param groups)."""
+        return optimizer
+
+    def model_init_context(self) -> AbstractContextManager:
+        """Context in which `LightningModule.configure_model` builds the model."""
+        return nullcontext()
+
+    @abstractmethod
+    def setup_training(
+        self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
+    ) -> tuple[torch.nn.Module, Optimizer]:
+        """Wraps the module and optimizer for training; returns the model Lightning calls and the optimizer it steps."""
+
+    @abstractmethod
+    def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        """Wraps the module for validate / test / predict."""
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"The {self.name!r} backend does not save its own state.")
+
+    def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        raise NotImplementedError(f"The {self.name!r} backend does not load its own state.")
+
+    def teardown(self) -> None:
+        """End of a fit: free what is not needed to save a checkpoint; the process may train again afterwards."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line saying where parameters, gradients and optimizer state live."""

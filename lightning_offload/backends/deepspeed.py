@@ -1,0 +1,301 @@
+"""DeepSpeed ZeRO-3 with parameters and optimizer state offloaded to host memory.
+
+Lightning's own `DeepSpeedStrategy` refuses the CPU and lets DeepSpeed divide the loss by the accumulation steps a
+second time; this backend drives the same engine from Lightning's ordinary loop instead: DeepSpeed's unmanaged
+gradient accumulation (`managed_gradient_accumulation: false`) makes each `engine.step()` the boundary, so
+Lightning's accumulation, LR scheduling and step counting behave exactly as in a plain run.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_offload._distributed import ensure_single_process_group
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.optim import to_cpu_adam
+from lightning_offload.saving import atomic_directory
+
+# Keys of a DeepSpeed config that the Trainer's own flags decide; a user config may not set them.
+_TRAINER_OWNED_KEYS = {
+    "gradient_accumulation_steps": "Trainer(accumulate_grad_batches=...)",
+    "managed_gradient_accumulation": "Trainer(accumulate_grad_batches=...)",
+    "train_batch_size": "the DataLoader's batch size",
+    "train_micro_batch_size_per_gpu": "the DataLoader's batch size",
+    "gradient_clipping": "Trainer(gradient_clip_val=...)",
+    "bf16": "Trainer(precision=...)",
+    "fp16": "Trainer(precision=...)",
+    "optimizer": "LightningModule.configure_optimizers",
+    "scheduler": "LightningModule.configure_optimizers",
+}
+_CHECKPOINT_TAG = "checkpoint"
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig(BackendConfig):
+    offload_parameters: bool = True
+    """Keep the partitioned bf16 parameters in host memory between uses (ZeRO-3 `offload_param`)."""
+    offload_optimizer: bool = True
+    """Keep fp32 master weights, gradients and optimizer state in host memory and step them there."""
+    pin_memory: bool = True
+    """Page-locked host buffers: PCIe copies run ~6x faster, at the cost of memory the OS cannot swap."""
+    zero_init: bool = True
+    """Build `configure_model` already partitioned, so the full fp32 model never exists in memory."""
+    prefetch_bucket_size: int = 50_000_000
+    """Parameters fetched ahead of use; larger hides more PCIe latency and costs GPU memory."""
+    param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay resident on the GPU (biases, norms): fewer tiny copies."""
+    max_live_parameters: int = 1_000_000_000
+    """Upper bound of gathered parameters on the GPU at once."""
+    reduce_bucket_size: int = 200_000_000
+    """Gradient elements moved to the host per bucket."""
+    config: dict[str, Any] | None = None
+    """A raw DeepSpeed config merged over the one built from the fields above (the user's keys win)."""
+
+    def __post_init__(self) -> None:
+        owned = sorted(set(self.config or {}) & set(_TRAINER_OWNED_KEYS))
+        if owned:
+            hints = "; ".join(f"`{key}` comes from {_TRAINER_OWNED_KEYS[key]}" for key in owned)
+            raise ValueError(f"The DeepSpeed config may not set {owned}: {hints}.")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _empty_caches() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        # Freed pinned blocks stay cached by torch (and count as shared memory to the OOM killer) until emptied.
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
+
+
+@contextmanager
+def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
+    """Makes `torch.nn.init.*` calls on already-partitioned parameters take effect.
+
+    zero.Init partitions every module's parameters as soon as that module's `__init__` returns, so a model that
+    initialises its weights afterwards (`for m in self.modules(): nn.init.normal_(m.weight)`, the usual pattern)
+    writes into 0-element placeholders and silently keeps the default init. DeepSpeed asks such models to wrap the
+    writes in `GatheredParameters`; here the wrapping is done for them, one parameter at a time.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def gathering(init_function: Any) -> Any:
+        @functools.wraps(init_function)
+        def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+                return init_function(tensor, *args, **kwargs)
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                init_function(tensor, *args, **kwargs)
+            return tensor
+
+        return initialise
+
+    originals = {
+        name: function for name, function in vars(torch.nn.init).items()
+        if name.endswith("_") and not name.startswith("_") and callable(function)
+    }
+    try:
+        for name, function in originals.items():
+            setattr(torch.nn.init, name, gathering(function))
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _precision_config(precision: str) -> dict[str, Any]:
+    if precision.startswith("bf16"):
+        return {"bf16": {"enabled": True}}
+    if precision.startswith("16"):
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}
+    if precision.startswith("32"):
+        return {}
+    raise ValueError(
+        f"`Trainer(precision={precision!r})` is not supported by the `deepspeed` backend. "
+        "Use 'bf16-mixed' (recommended), '16-mixed' or '32-true'."
+    )
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    Config = DeepSpeedConfig
+    precision_plugin_name = "DeepSpeedPrecision"
+    saves_own_state = True
+
+    # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
+    # released when the next engine in this process is built (one GPU trains one model at a time).
+    _live: ClassVar[DeepSpeedBackend | None] = None
+
+    def __init__(self, config: DeepSpeedConfig) -> None:
+        super().__init__(config)
+        self.config: DeepSpeedConfig = config
+        self._engine: Any = None
+        self._precision = "32-true"
+
+    def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
+        import deepspeed
+
+        if DeepSpeedBackend._live is not None:
+            DeepSpeedBackend._live.release()
+        engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
+        self._engine = engine
+        DeepSpeedBackend._live = self
+        return (engine, *rest)
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError(
+                "This run's DeepSpeed engine was released when a later `fit`/`validate` started in this process. "
+                "Save checkpoints before starting the next run."
+            )
+        return self._engine
+
+    def release(self) -> None:
+        """Destroys the engine: removes its hooks from the module and frees its device and pinned memory."""
+        if self._engine is not None:
+            self._engine.destroy()
+            self._engine = None
+        if DeepSpeedBackend._live is self:
+            DeepSpeedBackend._live = None
+        gc.collect()
+        _empty_caches()
+
+    def setup_environment(self, device: torch.device) -> None:
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        # DeepSpeed picks its accelerator once per process from what is installed; follow the Trainer instead, so
+        # `accelerator="cpu"` on a GPU machine (and the reverse, in one notebook) uses the device the user chose.
+        if get_accelerator().device_name() != device.type:
+            if device.type == "cpu":
+                from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+            else:
+                from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+            set_accelerator(Accelerator())
+        ensure_single_process_group(device)
+
+    def set_precision(self, precision: str) -> None:
+        _precision_config(precision)
+        self._precision = precision
+
+    def engine_config(self, setup: TrainingSetup | None) -> dict[str, Any]:
+        cfg = self.config
+        offload = {"device": "cpu", "pin_memory": cfg.pin_memory}
+        zero: dict[str, Any] = {
+            "stage": 3,
+            "stage3_prefetch_bucket_size": cfg.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": cfg.param_persistence_threshold,
+            "stage3_max_live_parameters": cfg.max_live_parameters,
+            "reduce_bucket_size": cfg.reduce_bucket_size,
+        }
+        if cfg.offload_parameters:
+            zero["offload_param"] = dict(offload)
+        if cfg.offload_optimizer and setup is not None:
+            zero["offload_optimizer"] = dict(offload)
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+            **_precision_config(self._precision),
+        }
+        if setup is not None:
+            config.update(
+                # Lightning divides the loss by `accumulate_grad_batches` and calls `step()` at the boundary.
+                managed_gradient_accumulation=False,
+                gradient_clipping=float(setup.gradient_clip_val or 0.0),
+                # The user's optimizer class is honoured: non-Adam optimizers step the host partitions as they are.
+                zero_allow_untested_optimizer=True,
+                zero_force_ds_cpu_optimizer=False,
+            )
+        return _merge(config, cfg.config or {})
+
+    @contextmanager
+    def model_init_context(self) -> Iterator[None]:
+        if not self.config.zero_init:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.Init(
+            config_dict_or_path=self.engine_config(setup=None),
+            remote_device="cpu" if self.config.offload_parameters else None,
+            pin_memory=self.config.pin_memory,
+        ), _init_functions_reach_partitioned_parameters():
+            yield
+
+    def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return to_cpu_adam(optimizer) if self.config.offload_optimizer else optimizer
+
+    def setup_training(
+        self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
+    ) -> tuple[torch.nn.Module, Optimizer]:
+        if setup.gradient_clip_val and setup.gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                f"`Trainer(gradient_clip_algorithm={setup.gradient_clip_algorithm!r})`: the `deepspeed` backend "
+                "clips by global norm only. Use `gradient_clip_algorithm='norm'`."
+            )
+        engine, zero_optimizer, _, _ = self._initialize(module, optimizer=optimizer, config=self.engine_config(setup))
+        return engine, zero_optimizer
+
+    def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        self.set_precision(precision)
+        engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
+        return engine
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        with atomic_directory(path) as staging:
+            self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
+            # DeepSpeed drops a conversion script next to every checkpoint; `lightning_offload.consolidate` does
+            # that job, so the checkpoint holds only state.
+            (staging / "zero_to_fp32.py").unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        if not (path / "latest").is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "
+                "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
+            )
+        load_path, client_state = self.engine.load_checkpoint(
+            str(path),
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=False,
+            load_module_strict=strict,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {str(path)!r}.")
+        return client_state or {}
+
+    def teardown(self) -> None:
+        _empty_caches()
+
+    def describe(self) -> str:
+        cfg = self.config
+        where_params = "host memory" if cfg.offload_parameters else "the device"
+        where_optim = "host memory (DeepSpeed CPU Adam for Adam/AdamW)" if cfg.offload_optimizer else "the device"
+        pinned = "pinned" if cfg.pin_memory else "pageable"
+        return (
+            f"DeepSpeed ZeRO-3 ({self._precision}): parameters partitioned in {where_params}; "
+            f"gradients, fp32 master weights and optimizer state in {where_optim}; {pinned} buffers"
+        )

@@ -1,0 +1,161 @@
+"""The language model the main job trains: a LightningModule around a small byte-level GPT or a `transformers` Llama.
+
+The network is built in `configure_model`, so offload engines can build it already partitioned; nothing here knows
+about offloading.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.text import Perplexity
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, seq, 3, self.n_heads, -1).transpose(1, 3).unbind(2)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, width))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only transformer over bytes, with the output layer tied to the input embedding."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
+                 max_seq_len: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(max_seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.position(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def build_network(arch: str, config: dict[str, Any]) -> nn.Module:
+    if arch == "gpt":
+        return TinyGPT(**config)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama = LlamaForCausalLM(LlamaConfig(**config))
+        return _LogitsOnly(llama)
+    raise ValueError(f"Unknown model `arch={arch!r}`. Choose 'gpt' or 'llama'.")
+
+
+class _LogitsOnly(nn.Module):
+    """A `transformers` causal LM seen as tokens -> logits, like `TinyGPT`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits
+
+
+class CausalLM(pl.LightningModule):
+    """Next-token prediction with AdamW (decay on matrices only), linear warm-up then cosine decay per step."""
+
+    def __init__(self, arch: str = "gpt", network: dict[str, Any] | None = None, lr: float = 3e-3,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 20,
+                 max_steps: int = 1000) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module | None = None
+        self.val_perplexity = Perplexity()
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = build_network(self.hparams.arch, dict(self.hparams.network or {}))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(tokens)
+
+    def _logits_and_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
+        logits = self(inputs)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, loss = self._logits_and_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        self.val_perplexity.update(logits.float(), batch[1])
+        self.log("val/loss", loss)
+        self.log("val/perplexity", self.val_perplexity, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Grouped by module type, not by `p.ndim`: parameters built under DeepSpeed's zero.Init are 0-element
+        # placeholders until gathered.
+        decay, no_decay, seen = [], [], set()
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
+                (decay if is_matrix else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        warmup, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes, max_new_bytes: int = 64, temperature: float = 0.0) -> bytes:
+        """Continues `prompt` byte by byte (greedy when `temperature` is 0); for a quick look at a trained model."""
+        tokens = torch.tensor(list(prompt), dtype=torch.long, device=self.device)[None]
+        for _ in range(max_new_bytes):
+            logits = self(tokens[:, -self._context_length():])[0, -1].float()
+            if temperature > 0:
+                next_token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)
+            else:
+                next_token = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token[None]], dim=1)
+        return bytes(tokens[0].tolist())
+
+    def _context_length(self) -> int:
+        network = dict(self.hparams.network or {})
+        return int(network.get("max_seq_len", network.get("max_position_embeddings", 256)))

@@ -1,0 +1,83 @@
+"""Checkpoints on disk: written atomically, and consolidated into one plain state dict.
+
+A checkpoint is first written next to its destination and moved into place only when complete, so a crash or a
+full disk mid-save never leaves a half-written checkpoint under the user's name, and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty staging folder beside `path`; on success it replaces `path` (file or folder) in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace(staging, path)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a staging file path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _replace(staging, path)
+
+
+def _replace(staging: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    # A folder cannot be renamed over a non-empty folder: move the old one aside first, and delete it only
+    # once the new one is in place.
+    previous = path.with_name(f".{path.name}.previous-{uuid.uuid4().hex[:8]}")
+    os.replace(path, previous)
+    os.replace(staging, path)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    else:
+        previous.unlink()
+
+
+def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint folder.
+
+    The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
+    of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
+    present under every name they had. Written atomically to `out_path` with `torch.save` when given.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "latest").is_file():
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest` file). "
+            "Pass the path given to `trainer.save_checkpoint` or written by `ModelCheckpoint`."
+        )
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dict = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)))
+    if out_path is not None:
+        with atomic_file(out_path) as staging:
+            torch.save(state_dict, staging)
+    return state_dict

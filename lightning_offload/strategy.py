@@ -1,0 +1,233 @@
+"""`single_gpu_offload`: the Lightning face of lightning_offload.
+
+The strategy does what Lightning asks of a strategy and hands the engine work to a `Backend`. Lightning ships two
+namespaces (`lightning.pytorch` and `pytorch_lightning`) whose Trainers each accept only their own `Strategy`
+subclasses, so the behaviour lives in `_SingleGPUOffloadCore` and each namespace gets a two-line class on top.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Generator
+from contextlib import contextmanager
+from importlib import import_module
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from typing_extensions import override
+
+from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.backends.base import Backend, TrainingSetup
+from lightning_offload.optim import rebind_lr_schedulers
+
+STRATEGY_NAME = "single_gpu_offload"
+# Until the memory planner chooses among engines, "auto" means the one engine that trains anything that fits in
+# host memory.
+_AUTO_BACKEND = "deepspeed"
+
+
+class _SingleGPUOffloadCore:
+    """Trains one LightningModule on one device with parameters and optimizer state wherever the backend keeps them.
+
+    Args:
+        backend: the engine: ``"auto"`` (default) or one of ``lightning_offload.backends.available_backends()``.
+        **backend_options: the chosen backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
+            (see its ``Config`` dataclass for every option and its trade-off).
+    """
+
+    # The Lightning namespace this class serves: "lightning.pytorch" or "pytorch_lightning".
+    _lightning: ClassVar[str]
+
+    def __init__(self, backend: str = "auto", *, accelerator: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, **backend_options: Any) -> None:
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
+        if backend not in ("auto", *available_backends()):
+            raise ValueError(
+                f"`SingleGPUOffloadStrategy(backend={backend!r})` is unknown. "
+                f"Choose one of {['auto', *available_backends()]}."
+            )
+        self.backend_name = _AUTO_BACKEND if backend == "auto" else backend
+        engine = backend_class(self.backend_name)
+        self.backend: Backend = engine(engine.Config.from_options(backend_options))
+        # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
+        self.parallel_devices: list[torch.device] | None = None
+        self.num_nodes = 1
+
+    def _lightning_attr(self, module: str, name: str) -> Any:
+        return getattr(import_module(f"{self._lightning}.{module}"), name)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+
+    @override
+    def setup_environment(self) -> None:
+        devices = self.parallel_devices or []
+        if len(devices) > 1 or self.num_nodes > 1:
+            raise ValueError(
+                f"`strategy={STRATEGY_NAME!r}` trains on one device, but the Trainer was given {len(devices)} devices "
+                f"on {self.num_nodes} node(s). Pass `devices=1` (and `num_nodes=1`); for several GPUs use Lightning's "
+                "`strategy='deepspeed_stage_3_offload'`."
+            )
+        super().setup_environment()
+        precision = self._requested_precision()
+        self.backend.set_precision(precision)
+        engine_precision = self._lightning_attr("plugins.precision", self.backend.precision_plugin_name)
+        if not isinstance(self.precision_plugin, engine_precision):
+            self.precision_plugin = engine_precision(precision)
+        self.backend.setup_environment(self.root_device)
+        # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one rank.
+        warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
+        self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
+            f"`{STRATEGY_NAME}` on {self.root_device}: {self.backend.describe()}"
+        )
+
+    def _requested_precision(self) -> str:
+        plugin = self.precision_plugin
+        precision = getattr(plugin, "precision", "32-true")
+        plain = self._lightning_attr("plugins.precision", "Precision")
+        known = tuple(
+            self._lightning_attr("plugins.precision", name)
+            for name in ("MixedPrecision", "HalfPrecision", self.backend.precision_plugin_name)
+        )
+        if type(plugin) is not plain and not isinstance(plugin, known):
+            raise ValueError(
+                f"`{STRATEGY_NAME}` chooses its precision plugin from `Trainer(precision=...)` and cannot run "
+                f"`{type(plugin).__name__}`. Remove it from `plugins=` and pass e.g. `precision='bf16-mixed'`."
+            )
+        return str(precision)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # The engine places (and partitions) parameters itself; creating them on the device first would need the
+        # whole model in GPU memory.
+        with self.precision_plugin.tensor_init_context():
+            yield
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        with self.backend.model_init_context():
+            yield
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.precision_plugin.convert_module(self.lightning_module)
+        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if fitting:
+            init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
+            optimizers, scheduler_configs = init_optimizers(module)
+            if len(optimizers) != 1:
+                raise ValueError(
+                    f"`{STRATEGY_NAME}` steps one optimizer, but `configure_optimizers` returned {len(optimizers)}. "
+                    "Return one optimizer (with several param groups if parts of the model need other settings)."
+                )
+            _refuse_empty_param_groups(optimizers[0])
+            engine_optimizer = self.backend.prepare_optimizer(optimizers[0])
+            rebind_lr_schedulers([c.scheduler for c in scheduler_configs], optimizers[0], engine_optimizer)
+            setup = TrainingSetup(
+                precision=self._requested_precision(),
+                accumulate_grad_batches=trainer.accumulate_grad_batches,
+                gradient_clip_val=trainer.gradient_clip_val,
+                gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+            )
+            self.model, optimizer = self.backend.setup_training(module, engine_optimizer, setup)
+            self.optimizers = [optimizer]
+            self.lr_scheduler_configs = scheduler_configs
+        else:
+            self.model = self.backend.setup_inference(module, self._requested_precision())
+        self.setup_precision_plugin()
+
+    @override
+    def model_to_device(self) -> None:
+        """The backend moves (or partitions) the model when it builds its engine."""
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # The engine saves partitioned weights itself; gathering them here would need the whole model in memory.
+        return {} if self.backend.saves_own_state else super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {} if self.backend.saves_own_state else super().optimizer_state(optimizer)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if not self.backend.saves_own_state:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
+        lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.backend.save_checkpoint(Path(filepath), lightning_state)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if not self.backend.saves_own_state:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        assert self.lightning_module is not None
+        trainer_fn = self.lightning_module.trainer.state.fn
+        return self.backend.load_checkpoint(
+            Path(checkpoint_path),
+            load_optimizer_states=trainer_fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING,
+            strict=self.lightning_module.strict_loading,
+        )
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return not self.backend.saves_own_state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if not self.backend.saves_own_state:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        if not self.backend.saves_own_state:
+            super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        self.backend.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            STRATEGY_NAME, cls, description="One GPU, models larger than its memory (lightning_offload)",
+            override=True,
+        )
+        for name in available_backends():
+            strategy_registry.register(
+                f"{STRATEGY_NAME}_{name}", cls, description=f"`{STRATEGY_NAME}` on the {name!r} backend",
+                override=True, backend=name,
+            )
+
+
+def _refuse_empty_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    # Engines drop empty groups, after which the user's LR scheduler fails with an unrelated-looking zip error.
+    empty = [index for index, group in enumerate(optimizer.param_groups) if not group["params"]]
+    if empty:
+        raise ValueError(
+            f"Param group(s) {empty} of `{type(optimizer).__name__}` have no parameters. Parameters built in "
+            "`configure_model` are 0-element placeholders under the `deepspeed` backend (`p.ndim == 1`, "
+            "`p.numel() == 0`): select param groups by module type or parameter name, or read `p.ds_shape`."
+        )
+
+
+class SingleGPUOffloadStrategy(_SingleGPUOffloadCore, SingleDeviceStrategy):
+    __doc__ = _SingleGPUOffloadCore.__doc__
+    _lightning = "lightning.pytorch"

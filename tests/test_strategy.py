@@ -1,0 +1,151 @@
+"""`single_gpu_offload` on the real DeepSpeed engine (CPU accelerator), against plain Lightning runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_offload
+from lightning_offload import SingleGPUOffloadStrategy
+from tests.conftest import TinyLM, fit
+
+# fp32 runs: DeepSpeed's CPU Adam and torch's AdamW round differently in the last bits, and the difference grows
+# slowly over steps; 1e-3 relative per step holds with a wide margin yet catches any real mismatch (a dropped
+# param group, a doubled loss scale, a missing clip), which moves losses by >1e-2 within a few steps.
+FP32_RTOL = 1e-3
+# bf16 weights: each step's loss within 3% of the fp32 reference (measured: <1%).
+BF16_RTOL = 3e-2
+
+
+def assert_losses_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected) and actual
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=rtol, atol=0.0)
+
+
+def test_fp32_losses_track_plain_run() -> None:
+    reference, _ = fit("auto")
+    offloaded, _ = fit("single_gpu_offload")
+    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    assert offloaded.losses[-1] < 0.9 * offloaded.losses[0]
+
+
+def test_bf16_losses_track_fp32_plain_run() -> None:
+    reference, _ = fit("auto")
+    offloaded, _ = fit("single_gpu_offload", precision="bf16-mixed")
+    assert_losses_close(offloaded.losses, reference.losses, BF16_RTOL)
+
+
+def test_model_built_in_configure_model_is_partitioned() -> None:
+    # Threshold 0: no parameter is small enough to stay whole on the device.
+    module, trainer = fit(SingleGPUOffloadStrategy(backend="deepspeed", param_persistence_threshold=0), num_batches=1)
+    weights = list(module.net.parameters())
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in weights)
+    assert sum(p.ds_numel for p in weights) == sum(p.numel() for p in TinyLM().net_for_counting().parameters())
+
+
+def test_adamw_hyperparameters_and_param_groups_reach_cpu_adam() -> None:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    module = TinyLM(optimizer_kwargs={"betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.2})
+    _, trainer = fit("single_gpu_offload", module=module, num_batches=1)
+    engine_optimizer = trainer.strategy.optimizers[0].optimizer
+    assert isinstance(engine_optimizer, DeepSpeedCPUAdam) and engine_optimizer.adam_w_mode
+    groups = engine_optimizer.param_groups
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in groups] == [
+        (1e-2, (0.8, 0.9), 1e-6, 0.2),
+        (5e-3, (0.8, 0.9), 1e-6, 0.0),
+    ]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sgd_matches_plain_run(accumulate: int) -> None:
+    options = dict(optimizer="sgd", lr=0.5, optimizer_kwargs={"momentum": 0.9})
+    reference, ref_trainer = fit("auto", module=TinyLM(**options), accumulate_grad_batches=accumulate)
+    offloaded, trainer = fit("single_gpu_offload", module=TinyLM(**options), accumulate_grad_batches=accumulate)
+    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    assert trainer.global_step == ref_trainer.global_step == 8 // accumulate
+    assert type(trainer.strategy.optimizers[0].optimizer) is torch.optim.SGD
+
+
+def test_step_interval_lr_schedule_takes_effect() -> None:
+    reference, _ = fit("auto", module=TinyLM(scheduler="step"))
+    offloaded, trainer = fit("single_gpu_offload", module=TinyLM(scheduler="step"))
+    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    # StepLR(step_size=2, gamma=0.5) over 8 optimizer steps: 4 halvings.
+    assert trainer.strategy.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 / 16)
+
+
+def test_gradient_clipping_takes_effect() -> None:
+    options = dict(optimizer="sgd", lr=0.5)
+    reference, _ = fit("auto", module=TinyLM(**options), gradient_clip_val=0.05)
+    clipped, _ = fit("single_gpu_offload", module=TinyLM(**options), gradient_clip_val=0.05)
+    unclipped, _ = fit("single_gpu_offload", module=TinyLM(**options))
+    assert_losses_close(clipped.losses, reference.losses, FP32_RTOL)
+    assert abs(clipped.losses[-1] - unclipped.losses[-1]) > 1e-2
+
+
+def test_save_and_resume_reproduce_uninterrupted_losses(tmp_path) -> None:
+    uninterrupted, _ = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=2)
+    first, trainer = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, _ = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=2,
+                     ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-6)
+
+
+def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
+    module, trainer = fit("single_gpu_offload")
+    inputs = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        trained_logits = trainer.strategy.model(inputs)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    state_dict = lightning_offload.consolidate(tmp_path / "last.ckpt", tmp_path / "model.pt")
+    plain = TinyLM()
+    plain.configure_model()
+    plain.load_state_dict(torch.load(tmp_path / "model.pt"), strict=True)
+    assert plain.net.head.weight is plain.net.embed.weight
+    torch.testing.assert_close(plain(inputs), trained_logits, rtol=1e-5, atol=1e-5)
+    assert set(state_dict) == set(plain.state_dict())
+
+
+def test_two_fits_in_one_process() -> None:
+    first, _ = fit("single_gpu_offload", num_batches=2)
+    second, _ = fit("single_gpu_offload", num_batches=2)
+    assert first.losses == second.losses
+    again, _ = fit("single_gpu_offload", module=first, num_batches=2)
+    assert len(again.losses) == 4 and again.losses[2] < again.losses[0]
+
+
+def test_more_than_one_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="trains on one device.*devices=1"):
+        fit("single_gpu_offload", devices=2)
+
+
+def test_value_clipping_is_refused() -> None:
+    with pytest.raises(ValueError, match="clips by global norm only"):
+        fit("single_gpu_offload", gradient_clip_val=1.0, gradient_clip_algorithm="value")
+
+
+def test_amsgrad_is_refused_with_alternative() -> None:
+    with pytest.raises(ValueError, match=r"amsgrad=True.*SGD"):
+        fit("single_gpu_offload", module=TinyLM(optimizer="adam", optimizer_kwargs={"amsgrad": True}))
+
+
+def test_empty_param_group_is_refused() -> None:
+    class DimensionGrouped(TinyLM):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([{"params": [p for p in self.parameters() if p.ndim >= 2]},
+                                      {"params": [p for p in self.parameters() if p.ndim < 2]}])
+
+    with pytest.raises(ValueError, match="0-element placeholders"):
+        fit("single_gpu_offload", module=DimensionGrouped())
+
+
+def test_unknown_backend_and_option_are_refused() -> None:
+    with pytest.raises(ValueError, match="Choose one of"):
+        SingleGPUOffloadStrategy(backend="zero9")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['offload_paramz'\]"):
+        SingleGPUOffloadStrategy(backend="deepspeed", offload_paramz=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps.*accumulate_grad_batches"):
+        SingleGPUOffloadStrategy(backend="deepspeed", config={"gradient_accumulation_steps": 4})
