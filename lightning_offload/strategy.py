@@ -119,6 +119,7 @@ class _SingleGPUOffloadCore:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.precision_plugin.convert_module(self.lightning_module)
+        _move_non_parameter_state(module, self.root_device)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting:
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
@@ -146,7 +147,7 @@ class _SingleGPUOffloadCore:
 
     @override
     def model_to_device(self) -> None:
-        """The backend moves (or partitions) the model when it builds its engine."""
+        """The backend places parameters when it builds its engine; see `_move_non_parameter_state`."""
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -215,6 +216,21 @@ class _SingleGPUOffloadCore:
                 f"{STRATEGY_NAME}_{name}", cls, description=f"`{STRATEGY_NAME}` on the {name!r} backend",
                 override=True, backend=name,
             )
+
+
+def _move_non_parameter_state(module: torch.nn.Module, device: torch.device) -> None:
+    # Lightning's usual `module.to(device)` would copy every parameter to the device, which for an offloaded
+    # model is the very thing that does not fit. Buffers and torchmetrics states (kept outside `_buffers`) are small
+    # and must sit with the activations.
+    from torchmetrics import Metric
+
+    for submodule in module.modules():
+        if isinstance(submodule, Metric):
+            submodule.to(device)
+            continue
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None:
+                submodule._buffers[name] = buffer.to(device)
 
 
 def _refuse_empty_param_groups(optimizer: torch.optim.Optimizer) -> None:

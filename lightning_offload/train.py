@@ -32,7 +32,7 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
     import lightning.pytorch as pl
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     log.info("Strategy: %s", OmegaConf.to_container(cfg.strategy))
     strategy = instantiate(cfg.strategy)
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()] + list(extra_callbacks)
     logger = instantiate(cfg.logger)
     precision = cfg.trainer.precision or default_precision()
     trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, precision=precision)

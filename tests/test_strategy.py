@@ -149,3 +149,15 @@ def test_unknown_backend_and_option_are_refused() -> None:
         SingleGPUOffloadStrategy(backend="deepspeed", offload_paramz=True)
     with pytest.raises(ValueError, match="gradient_accumulation_steps.*accumulate_grad_batches"):
         SingleGPUOffloadStrategy(backend="deepspeed", config={"gradient_accumulation_steps": 4})
+
+
+def test_metric_state_and_buffers_follow_the_device_parameters_stay() -> None:
+    from lightning_offload.strategy import _move_non_parameter_state
+    from torchmetrics.text import Perplexity
+
+    module = torch.nn.Module()
+    module.metric = Perplexity()
+    module.layer = torch.nn.BatchNorm1d(3)
+    _move_non_parameter_state(module, torch.device("meta"))
+    assert module.metric.total_log_probs.device.type == "meta" and module.layer.running_mean.device.type == "meta"
+    assert module.layer.weight.device.type == "cpu"
