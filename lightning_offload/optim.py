@@ -75,3 +75,58 @@ def _mark_step_tracked(optimizer: Optimizer) -> None:
 
     tracked_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     optimizer.step = tracked_step  # type: ignore[method-assign]
+
+
+# Names accepted by `SingleGPUOffloadStrategy(optimizer=...)` and the `optimizer=` config group. `None` keeps the
+# user's own optimizer from `configure_optimizers`.
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "cpu_adam")
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "initial_lr")
+
+
+def check_optimizer_name(name: str | None) -> None:
+    if name is not None and name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}. Choose one of {list(OPTIMIZERS)}, or None for your own.")
+
+
+def check_optimizer_device(name: str | None, state_device: torch.device) -> None:
+    """Refuses an optimizer that cannot step where the engine keeps the optimizer state."""
+    if name == "paged_adamw8bit" and state_device.type != "cuda":
+        raise ValueError(
+            "`optimizer='paged_adamw8bit'` pages its state between GPU and host memory, but here the optimizer state "
+            f"lives on {state_device.type}. Use `optimizer='adamw8bit'` (the same 8-bit state, unpaged)."
+        )
+    if name == "cpu_adam" and state_device.type != "cpu":
+        raise ValueError(
+            "`optimizer='cpu_adam'` (DeepSpeed's CPU Adam) steps state in host memory, but here the optimizer state "
+            "lives on the GPU. Use `optimizer='adamw'`, or offload the optimizer (`offload_optimizer=True`)."
+        )
+
+
+def replace_optimizer(optimizer: Optimizer, name: str) -> Optimizer:
+    """An optimizer of another implementation with the user's param groups and hyperparameters.
+
+    Hyperparameters the new optimizer does not have are dropped (SGD's momentum for AdamW); those the user's optimizer
+    did not have take the new optimizer's defaults (AdamW's betas when replacing SGD).
+    """
+    groups = [
+        {key: value for key, value in group.items() if key == "params" or key in _HYPERPARAMETERS}
+        for group in optimizer.param_groups
+    ]
+    lr = optimizer.defaults.get("lr", 1e-3)
+    if name == "adamw":
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    if name == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
+    import bitsandbytes as bnb
+
+    implementations = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+        "lion8bit": bnb.optim.Lion8bit,
+    }
+    if name == "lion8bit":
+        groups = [{k: v for k, v in group.items() if k != "eps"} for group in groups]
+    return implementations[name](groups, lr=lr)

@@ -20,7 +20,13 @@ from typing_extensions import override
 
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.optim import rebind_lr_schedulers
+from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config
+from lightning_offload.optim import (
+    check_optimizer_device,
+    check_optimizer_name,
+    rebind_lr_schedulers,
+    replace_optimizer,
+)
 
 STRATEGY_NAME = "single_gpu_offload"
 # Until the memory planner chooses among engines, "auto" means the one engine that trains anything that fits in
@@ -33,6 +39,11 @@ class _SingleGPUOffloadCore:
 
     Args:
         backend: the engine: ``"auto"`` (default) or one of ``lightning_offload.backends.available_backends()``.
+        optimizer: ``None`` keeps the optimizer from ``configure_optimizers``; a name from
+            ``lightning_offload.optim.OPTIMIZERS`` (e.g. ``"adamw8bit"``) swaps its implementation and keeps its
+            param groups and hyperparameters.
+        activation_checkpointing: a policy name from ``lightning_offload.checkpointing.POLICIES``, a dict of
+            ``CheckpointingConfig`` fields, or ``None`` (no checkpointing).
         **backend_options: the chosen backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
@@ -40,8 +51,10 @@ class _SingleGPUOffloadCore:
     # The Lightning namespace this class serves: "lightning.pytorch" or "pytorch_lightning".
     _lightning: ClassVar[str]
 
-    def __init__(self, backend: str = "auto", *, accelerator: Any = None, checkpoint_io: Any = None,
-                 precision_plugin: Any = None, **backend_options: Any) -> None:
+    def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
+                 activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
+                 accelerator: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None,
+                 **backend_options: Any) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         if backend not in ("auto", *available_backends()):
             raise ValueError(
@@ -51,6 +64,9 @@ class _SingleGPUOffloadCore:
         self.backend_name = _AUTO_BACKEND if backend == "auto" else backend
         engine = backend_class(self.backend_name)
         self.backend: Backend = engine(engine.Config.from_options(backend_options))
+        check_optimizer_name(optimizer)
+        self.optimizer_name = optimizer
+        self.activation_checkpointing = as_checkpointing_config(activation_checkpointing)
         # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
         self.parallel_devices: list[torch.device] | None = None
         self.num_nodes = 1
@@ -75,9 +91,9 @@ class _SingleGPUOffloadCore:
         super().setup_environment()
         precision = self._requested_precision()
         self.backend.set_precision(precision)
-        engine_precision = self._lightning_attr("plugins.precision", self.backend.precision_plugin_name)
-        if not isinstance(self.precision_plugin, engine_precision):
-            self.precision_plugin = engine_precision(precision)
+        plugins = import_module(f"{self._lightning}.plugins.precision")
+        self.precision_plugin = self.backend.precision_plugin(plugins, precision, self.precision_plugin)
+        check_optimizer_device(self.optimizer_name, self.backend.optimizer_state_device(self.root_device))
         self.backend.setup_environment(self.root_device)
         # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one rank.
         warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
@@ -91,7 +107,7 @@ class _SingleGPUOffloadCore:
         plain = self._lightning_attr("plugins.precision", "Precision")
         known = tuple(
             self._lightning_attr("plugins.precision", name)
-            for name in ("MixedPrecision", "HalfPrecision", self.backend.precision_plugin_name)
+            for name in ("MixedPrecision", "HalfPrecision", "DeepSpeedPrecision")
         )
         if type(plugin) is not plain and not isinstance(plugin, known):
             raise ValueError(
@@ -120,6 +136,7 @@ class _SingleGPUOffloadCore:
         self.accelerator.setup(trainer)
         module = self.precision_plugin.convert_module(self.lightning_module)
         _move_non_parameter_state(module, self.root_device)
+        self.activation_checkpointing.apply(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting:
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
@@ -130,7 +147,8 @@ class _SingleGPUOffloadCore:
                     "Return one optimizer (with several param groups if parts of the model need other settings)."
                 )
             _refuse_empty_param_groups(optimizers[0])
-            engine_optimizer = self.backend.prepare_optimizer(optimizers[0])
+            chosen = replace_optimizer(optimizers[0], self.optimizer_name) if self.optimizer_name else optimizers[0]
+            engine_optimizer = self.backend.prepare_optimizer(chosen)
             rebind_lr_schedulers([c.scheduler for c in scheduler_configs], optimizers[0], engine_optimizer)
             setup = TrainingSetup(
                 precision=self._requested_precision(),

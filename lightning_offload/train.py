@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_offload  # noqa: F401  registers the strategy names before any Trainer is built
+from lightning_offload.config import register_configs
+from lightning_offload.telemetry import ThroughputMonitor
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,20 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
     model = instantiate(cfg.model)
     log.info("Strategy: %s", OmegaConf.to_container(cfg.strategy))
     strategy = instantiate(cfg.strategy)
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()] + list(extra_callbacks)
+    throughput = ThroughputMonitor()
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()] + [throughput, *extra_callbacks]
     logger = instantiate(cfg.logger)
     precision = cfg.trainer.precision or default_precision()
     trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger, precision=precision)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    metrics.update(throughput.summary())
     log.info("Final metrics: %s", metrics)
     log.info("Outputs: %s", trainer.default_root_dir)
     return metrics
+
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")

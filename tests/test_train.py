@@ -29,16 +29,42 @@ def compose_config(tmp_path: Path, overrides: list[str]):
     return cfg
 
 
-@pytest.mark.parametrize("group,option", [("model", "tiny_gpt"), ("model", "llama_1b"), ("data", "stdlib_text"),
-                                          ("data", "random_tokens"), ("strategy", "single_gpu_offload"),
-                                          ("strategy", "deepspeed_cpu")])
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OPTIONS = [(folder.name, file.stem) for folder in sorted(CONF.iterdir()) if folder.is_dir()
+           for file in sorted(folder.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_config_option_composes_and_instantiates(tmp_path, group: str, option: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
     cfg = compose_config(tmp_path, [f"{group}={option}"])
     HydraConfig.instance().set_config(cfg)
-    instantiate(cfg[group])
+    if "_target_" in cfg[group] or group == "callbacks":
+        instantiate(cfg[group])
+    instantiate(cfg.strategy)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.nmae=adamw", "Key 'nmae' not in 'OptimizerChoice'"),
+    ("checkpointing.polcy=full", "Key 'polcy' not in 'CheckpointingConfig'"),
+    ("optimizer=adamw9", "Could not find 'optimizer/adamw9'"),
+])
+def test_typos_in_keys_and_options_fail_at_composition(tmp_path, override: str, message: str) -> None:
+    with pytest.raises(Exception) as error:
+        compose_config(tmp_path, [override])
+    assert message in str(error.value) + str(error.value.__cause__)
+
+
+def test_a_bad_value_names_the_allowed_ones(tmp_path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, ["checkpointing.policy=fulll"])
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(Exception, match=r"Unknown activation checkpointing policy 'fulll'. Choose one of"):
+        instantiate(cfg.strategy)
 
 
 def test_short_run_leaves_checkpoint_and_metrics(tmp_path) -> None:
@@ -62,3 +88,16 @@ def test_command_line_run_and_unknown_key(tmp_path) -> None:
 
     typo = subprocess.run([*command, "trainer.max_stepz=3"], capture_output=True, text=True, timeout=300)
     assert typo.returncode != 0 and "Key 'max_stepz' is not in struct" in typo.stderr
+
+
+def test_sweep_from_command_line_writes_one_row_per_job(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.train", "-m", f"hydra.sweep.dir={tmp_path}",
+               "optimizer=adamw,adamw8bit", "checkpointing=none,full", *SHORT_RUN]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 4 and all(row["status"] == "ok" and float(row["tokens_per_s"]) > 0 for row in rows)
+    combos = {tuple(o for o in row["overrides"].split() if o.split("=")[0] in ("optimizer", "checkpointing"))
+              for row in rows}
+    assert len(combos) == 4
+    assert (tmp_path / "summary.md").read_text().count("| ok |") == 4

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 # name -> "module:class"; the engine's heavy imports happen inside that module's methods.
 _BACKENDS = {
     "deepspeed": "lightning_offload.backends.deepspeed:DeepSpeedBackend",
+    "device": "lightning_offload.backends.device:DeviceBackend",
 }
 
 

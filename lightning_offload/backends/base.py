@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -45,8 +46,6 @@ class TrainingSetup:
 class Backend(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BackendConfig]]
-    # Name of the Lightning precision plugin (in `<namespace>.plugins.precision`) that matches this engine.
-    precision_plugin_name: ClassVar[str]
     # True when the engine saves parameters and optimizer state itself, so Lightning must not.
     saves_own_state: ClassVar[bool] = False
 
@@ -56,8 +55,17 @@ class Backend(ABC):
     def setup_environment(self, device: torch.device) -> None:
         """Runs before `configure_model`: process groups, device selection, engine-global settings."""
 
+    def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
+        """The Lightning precision plugin to train with; `plugins` is the namespace's `plugins.precision` module and
+        `trainer_plugin` the one the Trainer built from its `precision=` flag."""
+        return trainer_plugin
+
     def set_precision(self, precision: str) -> None:
         """Receives the Trainer's precision flag before the model is built; raises if the engine cannot run it."""
+
+    def optimizer_state_device(self, device: torch.device) -> torch.device:
+        """Where the optimizer steps: the training device unless the engine offloads the optimizer."""
+        return device
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """The optimizer the engine steps, built from the user's (same hyperparameters and param groups)."""

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -139,7 +140,6 @@ def _precision_config(precision: str) -> dict[str, Any]:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
-    precision_plugin_name = "DeepSpeedPrecision"
     saves_own_state = True
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
@@ -194,6 +194,10 @@ class DeepSpeedBackend(Backend):
             set_accelerator(Accelerator())
         ensure_single_process_group(device)
 
+    def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
+        # Lightning's DeepSpeed precision plugin routes backward and step through the engine and leaves clipping to it.
+        return plugins.DeepSpeedPrecision(precision)
+
     def set_precision(self, precision: str) -> None:
         _precision_config(precision)
         self._precision = precision
@@ -244,6 +248,9 @@ class DeepSpeedBackend(Backend):
             pin_memory=self.config.pin_memory,
         ), _init_functions_reach_partitioned_parameters():
             yield
+
+    def optimizer_state_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu") if self.config.offload_optimizer else device
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return to_cpu_adam(optimizer) if self.config.offload_optimizer else optimizer

@@ -1,0 +1,47 @@
+"""No offload: the model, its gradients and optimizer state stay on the training device.
+
+The plan for models that fit (with the memory levers: 8-bit optimizer state, activation checkpointing, bf16
+weights via `precision="bf16-true"`). Lightning's own single-device loop does the rest, so this backend only
+places the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+
+
+@dataclass(kw_only=True)
+class DeviceConfig(BackendConfig):
+    """No knobs: everything lives on the device."""
+
+
+class DeviceBackend(Backend):
+    name = "device"
+    Config = DeviceConfig
+
+    def __init__(self, config: DeviceConfig) -> None:
+        super().__init__(config)
+        self._device = torch.device("cpu")
+        self._precision = "32-true"
+
+    def setup_environment(self, device: torch.device) -> None:
+        self._device = device
+
+    def set_precision(self, precision: str) -> None:
+        self._precision = precision
+
+    def setup_training(
+        self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
+    ) -> tuple[torch.nn.Module, Optimizer]:
+        return module.to(self._device), optimizer
+
+    def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        return module.to(self._device)
+
+    def describe(self) -> str:
+        return f"no offload ({self._precision}): parameters, gradients and optimizer state on {self._device}"

@@ -1,0 +1,109 @@
+"""Activation-checkpointing policies: which blocks of a model drop their activations and recompute them in backward.
+
+Each policy is a small class with `apply(model)`; blocks are found by `find_blocks` (the module class that repeats
+most, e.g. a decoder layer), the same detection the FSDP backend uses to shard. Blocks are wrapped in place (their
+`forward` is replaced), so parameter names and checkpoints do not change.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+POLICIES = ("none", "full", "every_k", "selective", "offload")
+_WRAPPED = "_lightning_offload_checkpointing"
+
+
+def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Module]:
+    """The repeated blocks of `model`: instances of `class_names`, or else of the composite module class that occurs
+    most often (ties go to the class with more parameters per instance, i.e. the decoder layer over its MLP)."""
+    if class_names:
+        blocks = [m for m in model.modules() if type(m).__name__ in set(class_names)]
+        if not blocks:
+            raise ValueError(f"No module of class {list(class_names)} in {type(model).__name__}.")
+        return blocks
+    composites = [m for m in model.modules() if m is not model and any(True for _ in m.children())]
+    counts = Counter(type(m) for m in composites)
+    if not counts:
+        return []
+    size = {cls: _parameter_count(next(m for m in composites if type(m) is cls)) for cls in counts}
+    best = max(counts, key=lambda cls: (counts[cls], size[cls]))
+    return [m for m in composites if type(m) is best] if counts[best] > 1 else []
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def _wrap_forward(module: nn.Module, run: Any) -> None:
+    if getattr(module, _WRAPPED, False):
+        return
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return run(forward, *args, **kwargs)
+
+    module.forward = wrapped
+    setattr(module, _WRAPPED, True)
+
+
+def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    # Non-reentrant: works with keyword arguments, with inputs that need no grad, and under engine hooks.
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _save_on_host(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    pin = first is not None and first.is_cuda
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        return forward(*args, **kwargs)
+
+
+@dataclass(kw_only=True)
+class CheckpointingConfig:
+    policy: str = "none"
+    """One of `POLICIES`: none, full (every block), every_k, selective (by class name), offload (to host memory)."""
+    every_k: int = 2
+    """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
+    module_classes: list[str] = field(default_factory=list)
+    """With `selective`: class names to checkpoint; elsewhere: the block classes (empty: detected)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"Unknown activation checkpointing policy {self.policy!r}. Choose one of {list(POLICIES)}.")
+        if self.every_k < 1:
+            raise ValueError(f"`every_k` must be at least 1, got {self.every_k}.")
+        if self.policy == "selective" and not self.module_classes:
+            raise ValueError("`policy='selective'` needs `module_classes`, e.g. ['LlamaMLP'].")
+
+    def apply(self, model: nn.Module) -> int:
+        """Wraps the chosen blocks of `model`; returns how many were wrapped."""
+        if self.policy == "none":
+            return 0
+        if self.policy == "selective":
+            chosen = find_blocks(model, self.module_classes)
+        else:
+            blocks = find_blocks(model, self.module_classes)
+            chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
+        run = _save_on_host if self.policy == "offload" else _recompute
+        for block in chosen:
+            _wrap_forward(block, run)
+        return len(chosen)
+
+
+def as_checkpointing_config(value: str | dict[str, Any] | CheckpointingConfig | None) -> CheckpointingConfig:
+    if value is None:
+        return CheckpointingConfig()
+    if isinstance(value, CheckpointingConfig):
+        return value
+    if isinstance(value, str):
+        return CheckpointingConfig(policy=value)
+    return CheckpointingConfig(**dict(value))

@@ -1,0 +1,53 @@
+"""Summary of a Hydra multirun (`python -m lightning_offload.train -m ...`): one row per job, in the sweep folder."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("overrides", "status", "train/loss", "val/perplexity", "tokens_per_s", "peak_gpu_device_gib",
+           "peak_host_rss_gib")
+
+
+class SweepSummary(Callback):
+    """Collects each job's returned metrics; writes `summary.md` and `summary.csv` when the sweep ends."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        row: dict[str, Any] = {"overrides": " ".join(job_return.overrides or []) or "(defaults)"}
+        if job_return.status == JobStatus.COMPLETED:
+            row["status"] = "ok"
+            row.update(job_return.return_value or {})
+        else:
+            row["status"] = f"failed: {type(job_return._return_value).__name__}"
+        self.rows.append(row)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(self.rows, sweep_dir)
+        log.info("Sweep summary: %s", sweep_dir / "summary.md")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
+
+
+def write_summary(rows: list[dict[str, Any]], folder: Path) -> None:
+    with (folder / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(column)) for column in COLUMNS) + " |" for row in rows]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")

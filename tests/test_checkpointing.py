@@ -1,0 +1,78 @@
+"""Activation-checkpointing policies on CPU: block detection, and the bytes autograd keeps for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_offload.checkpointing import CheckpointingConfig, find_blocks
+from lightning_offload.models import Block, TinyGPT
+
+
+def network() -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16)
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of tensors autograd saves for backward during one forward (outside any checkpointed region)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(torch.randint(0, 64, (4, 16))).sum().backward()
+    return total
+
+
+def test_detects_the_decoder_block_not_its_mlp() -> None:
+    blocks = find_blocks(network())
+    assert len(blocks) == 4 and all(isinstance(block, Block) for block in blocks)
+
+
+def test_policies_order_saved_activation_bytes() -> None:
+    saved = {}
+    for name, config in {
+        "none": CheckpointingConfig(policy="none"),
+        "every_k": CheckpointingConfig(policy="every_k", every_k=2),
+        "selective": CheckpointingConfig(policy="selective", module_classes=["Sequential"]),
+        "full": CheckpointingConfig(policy="full"),
+    }.items():
+        model = network()
+        config.apply(model)
+        saved[name] = saved_bytes(model)
+    assert saved["full"] < saved["every_k"] < saved["none"]
+    assert saved["full"] < saved["selective"] < saved["none"]
+
+
+def test_checkpointed_gradients_equal_plain_gradients() -> None:
+    plain, checkpointed = network(), network()
+    CheckpointingConfig(policy="full").apply(checkpointed)
+    CheckpointingConfig(policy="full").apply(checkpointed)  # applying twice wraps once
+    tokens = torch.randint(0, 64, (2, 16))
+    for model in (plain, checkpointed):
+        model(tokens).square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+
+
+def test_offload_keeps_gradients_and_saves_on_host() -> None:
+    plain, offloaded = network(), network()
+    CheckpointingConfig(policy="offload").apply(offloaded)
+    tokens = torch.randint(0, 64, (2, 16))
+    for model in (plain, offloaded):
+        model(tokens).sum().backward()
+    torch.testing.assert_close(plain.embed.weight.grad, offloaded.embed.weight.grad)
+
+
+def test_bad_policy_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="Choose one of"):
+        CheckpointingConfig(policy="fulll")
+    with pytest.raises(ValueError, match="needs `module_classes`"):
+        CheckpointingConfig(policy="selective")
+    with pytest.raises(ValueError, match="No module of class"):
+        CheckpointingConfig(policy="selective", module_classes=["Nope"]).apply(network())
