@@ -66,6 +66,7 @@ class _SingleGPUOffloadCore:
         self.backend: Backend = engine(engine.Config.from_options(backend_options))
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
+        self._precision_flag = "32-true"
         self.activation_checkpointing = as_checkpointing_config(activation_checkpointing)
         # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
         self.parallel_devices: list[torch.device] | None = None
@@ -89,7 +90,7 @@ class _SingleGPUOffloadCore:
                 "`strategy='deepspeed_stage_3_offload'`."
             )
         super().setup_environment()
-        precision = self._requested_precision()
+        precision = self._precision_flag = self._requested_precision()
         self.backend.set_precision(precision)
         plugins = import_module(f"{self._lightning}.plugins.precision")
         self.precision_plugin = self.backend.precision_plugin(plugins, precision, self.precision_plugin)
@@ -137,6 +138,7 @@ class _SingleGPUOffloadCore:
         module = self.precision_plugin.convert_module(self.lightning_module)
         _move_non_parameter_state(module, self.root_device)
         self.activation_checkpointing.apply(module)
+        module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting:
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
@@ -151,7 +153,7 @@ class _SingleGPUOffloadCore:
             engine_optimizer = self.backend.prepare_optimizer(chosen)
             rebind_lr_schedulers([c.scheduler for c in scheduler_configs], optimizers[0], engine_optimizer)
             setup = TrainingSetup(
-                precision=self._requested_precision(),
+                precision=self._precision_flag,
                 accumulate_grad_batches=trainer.accumulate_grad_batches,
                 gradient_clip_val=trainer.gradient_clip_val,
                 gradient_clip_algorithm=trainer.gradient_clip_algorithm,
@@ -160,7 +162,7 @@ class _SingleGPUOffloadCore:
             self.optimizers = [optimizer]
             self.lr_scheduler_configs = scheduler_configs
         else:
-            self.model = self.backend.setup_inference(module, self._requested_precision())
+            self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
 
     @override
@@ -170,11 +172,17 @@ class _SingleGPUOffloadCore:
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # The engine saves partitioned weights itself; gathering them here would need the whole model in memory.
-        return {} if self.backend.saves_own_state else super().lightning_module_state_dict()
+        if self.backend.saves_own_state:
+            return {}
+        assert self.lightning_module is not None
+        return self.backend.model_state_dict(self.lightning_module)
 
     @override
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return {} if self.backend.saves_own_state else super().optimizer_state(optimizer)
+        if self.backend.saves_own_state:
+            return {}
+        assert self.lightning_module is not None
+        return self.backend.optimizer_state_dict(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
@@ -210,12 +218,21 @@ class _SingleGPUOffloadCore:
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         if not self.backend.saves_own_state:
-            super().load_model_state_dict(checkpoint, strict=strict)
+            assert self.lightning_module is not None
+            self.backend.load_model_state_dict(self.lightning_module, checkpoint["state_dict"], strict)
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        self.backend.after_backward()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        if not self.backend.saves_own_state:
-            super().load_optimizer_state_dict(checkpoint)
+        if self.backend.saves_own_state:
+            return
+        assert self.lightning_module is not None
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            self.backend.load_optimizer_state_dict(self.lightning_module, optimizer, state)
 
     @override
     def teardown(self) -> None:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 _BACKENDS = {
     "deepspeed": "lightning_offload.backends.deepspeed:DeepSpeedBackend",
     "device": "lightning_offload.backends.device:DeviceBackend",
+    "fsdp": "lightning_offload.backends.fsdp:FSDPBackend",
 }
 
 

@@ -63,6 +63,27 @@ class Backend(ABC):
     def set_precision(self, precision: str) -> None:
         """Receives the Trainer's precision flag before the model is built; raises if the engine cannot run it."""
 
+    def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Runs before `configure_optimizers`, for engines that replace parameters (sharding)."""
+        return module
+
+    def after_backward(self) -> None:
+        """Runs after every backward, before gradient clipping and the optimizer step."""
+
+    def model_state_dict(self, module: torch.nn.Module) -> dict[str, Any]:
+        """The module's weights as plain tensors, for Lightning's checkpoint (engines that save their own: unused)."""
+        return module.state_dict()
+
+    def load_model_state_dict(self, module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+        module.load_state_dict(state_dict, strict=strict)
+
+    def optimizer_state_dict(self, module: torch.nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, module: torch.nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
+        """Restores `optimizer`; its state stays where the engine steps it."""
+        optimizer.load_state_dict(state)
+
     def optimizer_state_device(self, device: torch.device) -> torch.device:
         """Where the optimizer steps: the training device unless the engine offloads the optimizer."""
         return device

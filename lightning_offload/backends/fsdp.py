@@ -1,0 +1,169 @@
+"""PyTorch FSDP2 (`fully_shard`) on one device, with parameters, gradients and optimizer state in host memory.
+
+Each repeated block (the decoder layer, found by `find_blocks`) is one FSDP unit, so only one block's bf16 weights
+are on the device at a time; the LightningModule itself is the root unit holding the rest. With `cpu_offload`, the
+optimizer steps fp32 shards in host memory. Optimizers outside `torch.optim` (bitsandbytes' 8-bit ones) do not
+accept DTensor parameters ("got mixed torch.Tensor and DTensor"): they are given the local shards instead, whose
+gradients are pointed at FSDP's after every backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_offload._distributed import ensure_single_process_group
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.checkpointing import find_blocks
+
+
+@dataclass(kw_only=True)
+class FSDPConfig(BackendConfig):
+    cpu_offload: bool = True
+    """Sharded fp32 parameters, gradients and optimizer state in host memory; the optimizer steps on the CPU."""
+    pin_memory: bool = True
+    """Page-locked host memory for the offloaded shards: faster copies, memory the OS cannot swap."""
+    block_classes: list[str] = field(default_factory=list)
+    """Class names of the modules to shard as units (empty: the most repeated composite module)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after its forward (re-gathered in backward): less memory, more copies."""
+
+
+class _CallThrough(nn.Module):
+    """A wrapper whose forward calls the LightningModule, so Lightning routes `training_step` through the root
+    unit's `__call__` and FSDP's root hooks run (Lightning redirects steps only when the model is not the module)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+    Config = FSDPConfig
+
+    def __init__(self, config: FSDPConfig) -> None:
+        super().__init__(config)
+        self.config: FSDPConfig = config
+        self._device = torch.device("cpu")
+        self._precision = "32-true"
+        self._local_shards: list[tuple[nn.Parameter, nn.Parameter]] = []
+
+    def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
+        # FSDP2's MixedPrecisionPolicy casts parameters and inputs itself; Lightning must not autocast on top.
+        return plugins.Precision()
+
+    def set_precision(self, precision: str) -> None:
+        if precision not in ("bf16-mixed", "32-true"):
+            raise ValueError(
+                f"`Trainer(precision={precision!r})` is not supported by the `fsdp` backend. "
+                "Use 'bf16-mixed' (bf16 compute, fp32 master weights) or '32-true'."
+            )
+        self._precision = precision
+
+    def setup_environment(self, device: torch.device) -> None:
+        self._device = device
+        ensure_single_process_group(device)
+
+    def optimizer_state_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu") if self.config.cpu_offload else device
+
+    def prepare_module(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if isinstance(module, FSDPModule):
+            return module
+        mixed = self._precision == "bf16-mixed"
+        options = dict(
+            mesh=init_device_mesh(self._device.type, (1,)),
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed else None,
+                                           reduce_dtype=torch.float32 if mixed else None),
+            # Pinning is a property of host memory seen from an accelerator; with none, the shards are plain memory.
+            offload_policy=CPUOffloadPolicy(pin_memory=self.config.pin_memory and self._device.type == "cuda")
+            if self.config.cpu_offload
+            else OffloadPolicy(),
+        )
+        if not self.config.cpu_offload:
+            module.to(self._device)
+        blocks = find_blocks(module, self.config.block_classes)
+        if not blocks:
+            warnings.warn(
+                f"No repeated block found in {type(module).__name__}: the `fsdp` backend shards it as one unit, so "
+                "all its weights are gathered on the device at once. Name the block class with `block_classes=`."
+            )
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=self.config.reshard_after_forward, **options)
+        fully_shard(module, **options)
+        return module
+
+    def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        if type(optimizer).__module__.startswith("torch.optim"):
+            return optimizer
+        # The optimizer has not stepped yet, so its (empty) state needs no moving when its params are swapped.
+        for group in optimizer.param_groups:
+            shards = [nn.Parameter(p.to_local(), requires_grad=p.requires_grad) for p in group["params"]]
+            self._local_shards += zip(group["params"], shards)
+            group["params"] = shards
+        zero_grad = optimizer.zero_grad
+
+        def zero_grad_everywhere(set_to_none: bool = True) -> None:
+            zero_grad(set_to_none)
+            for sharded, _ in self._local_shards:
+                sharded.grad = None
+
+        optimizer.zero_grad = zero_grad_everywhere  # type: ignore[method-assign]
+        return optimizer
+
+    def after_backward(self) -> None:
+        for sharded, local in self._local_shards:
+            local.grad = None if sharded.grad is None else sharded.grad.to_local()
+
+    def setup_training(
+        self, module: nn.Module, optimizer: Optimizer, setup: TrainingSetup
+    ) -> tuple[nn.Module, Optimizer]:
+        return _CallThrough(module), optimizer
+
+    def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
+        self.set_precision(precision)
+        return _CallThrough(self.prepare_module(module))
+
+    def model_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Plain full tensors on the CPU: the checkpoint loads into the module without FSDP.
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        if self._local_shards:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
+        if self._local_shards:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def describe(self) -> str:
+        where = "host memory (optimizer steps on the CPU)" if self.config.cpu_offload else str(self._device)
+        return f"FSDP2 ({self._precision}), one unit per block: parameters, gradients and optimizer state in {where}"

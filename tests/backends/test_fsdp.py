@@ -1,0 +1,57 @@
+"""The `fsdp` backend (FSDP2 with CPU offload, gloo, world size 1) on CPU, with torch and 8-bit optimizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_offload import SingleGPUOffloadStrategy
+from tests.conftest import TinyLM, fit
+from tests.test_optim import EIGHT_BIT_RTOL
+from tests.test_strategy import BF16_RTOL, FP32_RTOL, assert_losses_close
+
+
+def fsdp(**options) -> SingleGPUOffloadStrategy:
+    return SingleGPUOffloadStrategy(backend="fsdp", **options)
+
+
+def test_fp32_matches_plain_run_and_shards_blocks() -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    reference, _ = fit("auto")
+    module, _ = fit(fsdp())
+    assert_losses_close(module.losses, reference.losses, FP32_RTOL)
+    assert all(isinstance(block, FSDPModule) for block in module.net.blocks)
+
+
+def test_bf16_mixed_tracks_fp32_plain_run() -> None:
+    reference, _ = fit("auto")
+    module, _ = fit(fsdp(), precision="bf16-mixed")
+    assert_losses_close(module.losses, reference.losses, BF16_RTOL)
+
+
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (2, 0.05)])
+def test_adamw8bit_steps_local_shards(accumulate: int, clip: float | None) -> None:
+    reference, _ = fit("auto", accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    module, trainer = fit(fsdp(optimizer="adamw8bit"), accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    assert_losses_close(module.losses, reference.losses, EIGHT_BIT_RTOL)
+    optimizer = trainer.strategy.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW8bit"
+    assert all(not isinstance(p, torch.distributed.tensor.DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def test_checkpoint_is_plain_and_resumes(tmp_path) -> None:
+    uninterrupted, _ = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=2)
+    first, trainer = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    state_dict = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)["state_dict"]
+    plain = TinyLM()
+    plain.configure_model()
+    plain.load_state_dict(state_dict)
+    resumed, _ = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-5)
+
+
+def test_unsupported_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="not supported by the `fsdp` backend"):
+        fit(fsdp(), precision="bf16-true")
