@@ -11,9 +11,11 @@ from tests.test_strategy import BF16_RTOL, assert_losses_close
 pytestmark = pytest.mark.gpu
 
 
-def test_bf16_on_cuda_tracks_fp32_plain_run() -> None:
+@pytest.mark.parametrize("strategy", ["single_gpu_offload_deepspeed", "single_gpu_offload_fsdp",
+                                      "single_gpu_offload_device"])
+def test_bf16_on_cuda_tracks_fp32_plain_run(strategy: str) -> None:
     reference, _ = fit("auto", accelerator="cuda")
-    offloaded, trainer = fit("single_gpu_offload", accelerator="cuda", precision="bf16-mixed")
+    offloaded, trainer = fit(strategy, accelerator="cuda", precision="bf16-mixed")
     assert trainer.strategy.root_device.type == "cuda"
     assert_losses_close(offloaded.losses, reference.losses, BF16_RTOL)
 
