@@ -24,6 +24,7 @@ from bench.models import SIZES
 LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate [+ GPU optimizer time], "
                  "PCIe bytes / measured pinned bandwidth, CPU optimizer time); details in bench/limits.py")
 PROBE_FIGURES = {  # probe key -> row label, in the order shown
+    "cpus": "CPU cores", "ram_gib": "host memory (GiB)", "disk_free_gib": "free disk (GiB)",
     "h2d_pinned_GBps": "host -> GPU, pinned (GB/s)", "d2h_pinned_GBps": "GPU -> host, pinned (GB/s)",
     "duplex_pinned_GBps": "both ways at once, pinned (GB/s, total)",
     "h2d_pageable_GBps": "host -> GPU, pageable (GB/s)", "d2h_pageable_GBps": "GPU -> host, pageable (GB/s)",
@@ -31,6 +32,7 @@ PROBE_FIGURES = {  # probe key -> row label, in the order shown
     "cpu_adamw_fused_Gparam_per_s": "CPU torch AdamW fused (Gparam/s)",
     "cpu_adamw_foreach_Gparam_per_s": "CPU torch AdamW foreach (Gparam/s)",
     "cpu_deepspeed_adam_Gparam_per_s": "CPU DeepSpeed CPU Adam (Gparam/s)",
+    "deepspeed_adam_build_s": "DeepSpeed CPU Adam JIT build or load (s)",
     "cpu_bnb_adamw8bit_Gparam_per_s": "CPU bitsandbytes AdamW8bit (Gparam/s)",
     "gpu_adamw_fused_fp32_Gparam_per_s": "GPU torch AdamW fused, fp32 (Gparam/s)",
     "gpu_bnb_adamw8bit_Gparam_per_s": "GPU bitsandbytes AdamW8bit, bf16 (Gparam/s)",
@@ -116,8 +118,8 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
              f"- Device: {', '.join(devices) or 'none measured'}",
              f"- Dates: {dates[0]} to {dates[-1]}" if dates else "- Dates: none",
              f"- Versions: {', '.join(versions)}",
-             "- Llama-shaped models (random init, untied embeddings), sequence 2048, checkpointing on every decoder "
-             "layer, random tokens. Step times are over steady steps (the first few left out); model TFLOP/s = "
+             "- Llama-shaped models (random init, untied embeddings), random tokens, checkpointing on every decoder "
+             "layer. Step times are over steady steps (the first few left out); model TFLOP/s = "
              "6 x (params - input embedding) x tokens / s.",
              f"- {LIMIT_FORMULA}.", ""]
     if plot_name:

@@ -240,9 +240,8 @@ def main() -> None:
         record |= {"command": command, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(args.results, "a") as results:
             results.write(json.dumps(record) + "\n")
-        figure = f"{record['step_s_median']} s/step" if record["status"] == "ok" else record.get("cause") or ""
-        print(f"{record.get('cell', 'probe')}: {record['status']}, {figure} (wall {record.get('wall_s', 0)} s)",
-              flush=True)
+        detail = record.get("cause") or (f"{record['step_s_median']} s/step" if "step_s_median" in record else "")
+        print(f"{record.get('cell', 'probe')}: {record['status']} {detail}", flush=True)
 
     if args.probe:
         append(probe_record(config, deadline, log_path))

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench.matrix import expand, load_config
-from bench.run import ChildOutcome, cell_record, classify, parse_result, run_child, time_limit
+from bench.run import ChildOutcome, cell_record, classify, main, parse_result, run_child, time_limit
 
 
 def outcome(returncode=0, result=None, tail="", timed_out=False, peak_rss_bytes=0):
@@ -98,3 +98,21 @@ def test_a_record_carries_the_cell_its_result_and_the_larger_rss_peak():
     assert record["params"] == pytest.approx(1.5e9, rel=0.01)
     assert record["peak_host_rss_gib"] == 9.5 and record["step_s_median"] == 0.3 and "ok" not in record
     json.dumps(record)
+
+
+def test_main_records_the_probe_then_every_cell_in_order(tmp_path, monkeypatch):
+    def fake_child(argv, timeout_s, log_path, title):
+        result = {"ok": True, "bf16_matmul_TFLOPs": 700} if title == "probe" else {"ok": True, "step_s_median": 1.0}
+        return outcome(result=result, peak_rss_bytes=2**30)
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--probe", "--sizes", "1.5b", "--methods", "plain,torchtune",
+                                      "--results", str(results)])
+    main()
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [record.get("cell", record["kind"]) for record in records] == [
+        "probe", "1.5b/plain/r1", "1.5b/torchtune/r1", "1.5b/plain/r2", "1.5b/torchtune/r2"]
+    assert records[0]["bf16_matmul_TFLOPs"] == 700 and "ok" not in records[0]
+    assert [record["status"] for record in records[1:]] == ["ok", "ok", "ok", "skipped"]
+    assert all(record["command"].startswith("python bench/run.py --probe") for record in records)
