@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from transformers import LlamaConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Shape:
         """Parameters that do a matmul per token: all but the input embedding (a lookup)."""
         return self.params - self.input_embedding_params
 
-    def llama_config(self):  # -> transformers.LlamaConfig
+    def llama_config(self) -> LlamaConfig:
         from transformers import LlamaConfig
 
         return LlamaConfig(hidden_size=self.hidden, num_hidden_layers=self.layers,
