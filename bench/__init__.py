@@ -6,3 +6,4 @@ cell), `probe.py` (the machine's ceilings), `report.py` (RESULTS.md and the plot
 
 # The line a cell or probe process prints its result on; bench/run.py reads the last one.
 RESULT_PREFIX = "RESULT "
+GIB = 2**30

@@ -22,9 +22,9 @@ if __package__ in (None, ""):  # run as `python bench/cell.py`: make the `bench`
 
 import torch
 
-from bench import RESULT_PREFIX
+from bench import GIB, RESULT_PREFIX
 from bench.matrix import DEFAULT_CONFIG, add_override_arguments, load_config, overrides_from, skip_reason
-from bench.measure import GIB, GpuMemorySampler, device_name, summarise, versions
+from bench.measure import GpuMemorySampler, device_name, summarise, versions
 from bench.models import SIZES
 from bench.runners import RUNNERS, Cell
 

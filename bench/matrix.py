@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from bench.methods import Method, all_methods
+from bench.methods import OURS, Method, all_methods
 from bench.models import SIZES
 
 DEFAULT_CONFIG = Path(__file__).with_name("matrix.yaml")
@@ -47,7 +47,7 @@ class Config:
 def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     raw: dict[str, Any] = yaml.safe_load(Path(path).read_text())
     methods = all_methods(raw.get("single_gpu_offload") or {})
-    default_methods = [*raw["methods"], *(name for name in methods if name.startswith("single_gpu_offload_"))]
+    default_methods = [*raw["methods"], *(name for name in methods if name.startswith(f"{OURS}_"))]
     config = Config(
         sizes=[str(size) for size in raw["sizes"]],
         methods=methods,

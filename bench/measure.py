@@ -10,7 +10,6 @@ from importlib import metadata
 
 import torch
 
-GIB = 2**30
 # The packages whose versions decide what a row means; recorded with every cell.
 VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "bitsandbytes", "torchao", "lightning_offload")
 

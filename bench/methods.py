@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.limits import COSTS
+from bench.limits import COSTS, CPU_DEEPSPEED_ADAM
 
 OURS = "single_gpu_offload"
 
@@ -34,7 +34,7 @@ class Method:
     @property
     def builds_deepspeed_cpu_adam(self) -> bool:
         """DeepSpeed JIT-compiles its CPU Adam on first use (~60 s): the cell's time limit must allow for it."""
-        return COSTS[self.cost].optimizer_rate == "cpu_deepspeed_adam_Gparam_per_s"
+        return COSTS[self.cost].optimizer_rate == CPU_DEEPSPEED_ADAM
 
 
 _LIGHTNING_DEFAULTS = "bf16-mixed, default foreach AdamW, reentrant checkpointing"

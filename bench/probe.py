@@ -24,10 +24,10 @@ if __package__ in (None, ""):  # run as `python bench/probe.py`: make the `bench
 
 import torch
 
-from bench import RESULT_PREFIX
+from bench import GIB, RESULT_PREFIX
 from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
                           GPU_BNB_ADAMW8BIT, H2D, MATMUL)
-from bench.measure import GIB, device_name, versions
+from bench.measure import device_name, versions
 
 Figures = dict[str, float]
 

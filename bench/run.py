@@ -29,13 +29,12 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` 
 
 import psutil
 
-from bench import RESULT_PREFIX
+from bench import GIB, RESULT_PREFIX
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
                           override_arguments, overrides_from, parse_list)
 from bench.models import SIZES
 
 BENCH = Path(__file__).resolve().parent
-GIB = 2**30
 # A cell given less time than this cannot build a model and time its steps: it is recorded as not run instead.
 MIN_CELL_S = 60.0
 # Peak RSS is sampled, so a spike shorter than this can be missed; the cell's own ru_maxrss covers its main process.

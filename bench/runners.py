@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from bench.matrix import Regime
 from bench.measure import StepClock
+from bench.methods import OURS
 from bench.models import SIZES, build_llama, enable_checkpointing
 
 LR = 1e-5
@@ -221,7 +222,7 @@ def _lightning_strategy(name: str, backend: str | None) -> Any:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         return FSDPStrategy(cpu_offload=True, activation_checkpointing_policy={LlamaDecoderLayer})
-    if name == "single_gpu_offload":
+    if name == OURS:
         import lightning_offload  # registers the strategy; a missing package makes the cell "not available"
 
         return lightning_offload.SingleGPUOffloadStrategy(backend=backend)
