@@ -34,18 +34,17 @@ def measure_cell(method_name: str, size: str, regime_name: str, device: str, con
     config = load_config(config_path)
     method = config.methods[method_name]
     regime = replace(config.regimes[regime_name], **regime_overrides)
-    shape = SIZES[size]
-    result: dict = {"device": device_name(torch.device(device)), "versions": versions()}
     skipped = skip_reason(method, regime, device)
     if skipped:
-        return {**result, "ok": False, "skipped": skipped}
-    cell = Cell(size, regime, torch.device(device))
+        return {"ok": False, "skipped": skipped}
+    result: dict = {"versions": versions()}
     with GpuMemorySampler() as gpu:
         try:
-            clock = RUNNERS[method.runner](cell, **method.options)
+            result["device"] = device_name(torch.device(device))
+            clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device)), **method.options)
             result.update(ok=True, step_times=[round(t, 4) for t in clock.times], losses=clock.losses,
                           **summarise(clock.times, clock.losses, regime.warmup, regime.tokens_per_step,
-                                      shape.matmul_params))
+                                      SIZES[size].matmul_params))
         except BaseException as error:  # OOMs and kills are data
             result.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
             traceback.print_exc()
