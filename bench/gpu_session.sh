@@ -18,7 +18,7 @@ echo "setup took $((SECONDS - started)) s"
 # The deadline stops starting cells in time for the report; the probe builds DeepSpeed's CPU Adam for later cells.
 python3 bench/run.py --probe --sizes 1.5b --regimes r1 \
     --methods plain,torchtune,torchao_offload,lightning_auto,single_gpu_offload_deepspeed \
-    --timeout-s 150 --deadline-s $((480 - (SECONDS - started))) \
+    --timeout-s 200 --deadline-s $((480 - (SECONDS - started))) \
     --results "$OUT/results.jsonl" --report "$OUT/RESULTS.md"
 echo "session took $((SECONDS - started)) s"
 cat "$OUT/RESULTS.md"
