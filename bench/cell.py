@@ -1,0 +1,75 @@
+"""One cell of the matrix in this process: trains `--method` on `--size` for a regime's steps, prints `RESULT {json}`.
+
+    python bench/cell.py --size 1.5b --method plain --regime r1
+
+bench/run.py starts one of these per cell (so memory peaks and crashes are the cell's own); run alone, it is the
+quickest way to look at one method. Every exception, an OOM included, is reported in the RESULT line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/cell.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import GIB, RESULT_PREFIX
+from bench.matrix import DEFAULT_CONFIG, add_override_arguments, load_config, overrides_from, skip_reason
+from bench.measure import GpuMemorySampler, device_name, summarise, versions
+from bench.models import SIZES
+from bench.runners import RUNNERS, Cell
+
+
+def measure_cell(method_name: str, size: str, regime_name: str, device: str, config_path: Path,
+                 regime_overrides: dict[str, int]) -> dict:
+    config = load_config(config_path)
+    method = config.methods[method_name]
+    regime = replace(config.regimes[regime_name], **regime_overrides)
+    skipped = skip_reason(method, regime, device)
+    if skipped:
+        return {"ok": False, "skipped": skipped}
+    result: dict = {"versions": versions()}
+    with GpuMemorySampler() as gpu:
+        try:
+            result["device"] = device_name(torch.device(device))
+            clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device)), **method.options)
+            result.update(ok=True, step_times=[round(t, 4) for t in clock.times], losses=clock.losses,
+                          **summarise(clock.times, clock.losses, regime.warmup, regime.tokens_per_step,
+                                      SIZES[size].matmul_params))
+        except BaseException as error:  # OOMs and kills are data
+            result.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
+            traceback.print_exc()
+    if torch.cuda.is_initialized():
+        result["peak_gpu_torch_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        result["peak_gpu_device_gib"] = round(gpu.peak_bytes / GIB, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", required=True, choices=list(SIZES))
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--regime", default="r1")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    add_override_arguments(parser)
+    args = parser.parse_args()
+    result = measure_cell(args.method, args.size, args.regime, args.device, args.config, overrides_from(args))
+    result["peak_rss_self_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    # Leave without interpreter shutdown: engines' worker threads and process groups can hang it, which would turn
+    # a finished cell into a timeout.
+    os._exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The cells of a benchmark run: sizes x methods x regimes from bench/matrix.yaml, or the subset asked for."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.methods import OURS, Method, all_methods
+from bench.models import SIZES
+
+DEFAULT_CONFIG = Path(__file__).with_name("matrix.yaml")
+# Regime fields a command line may override in every selected regime (quick tries, CPU smoke tests).
+OVERRIDABLE = ("steps", "warmup", "seq", "micro_batch")
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    micro_batch: int
+    seq: int
+    accumulate: int
+    steps: int
+    """Optimizer steps run; the first `warmup` of them are left out of the step-time figures."""
+    warmup: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.seq * self.accumulate
+
+
+@dataclass(frozen=True)
+class Config:
+    sizes: list[str]
+    methods: dict[str, Method]
+    """Every method the harness knows, by name; `default_methods` are those a plain `run.py` runs."""
+    default_methods: list[str]
+    regimes: dict[str, Regime]
+    timeout_s: float
+    probe_timeout_s: float
+    deepspeed_build_s: float
+
+
+def load_config(path: Path = DEFAULT_CONFIG) -> Config:
+    raw: dict[str, Any] = yaml.safe_load(Path(path).read_text())
+    methods = all_methods(raw.get("single_gpu_offload") or {})
+    default_methods = [*raw["methods"], *(name for name in methods if name.startswith(f"{OURS}_"))]
+    config = Config(
+        sizes=[str(size) for size in raw["sizes"]],
+        methods=methods,
+        default_methods=default_methods,
+        regimes={name: Regime(name=name, **values) for name, values in raw["regimes"].items()},
+        timeout_s=float(raw["timeout_s"]),
+        probe_timeout_s=float(raw["probe_timeout_s"]),
+        deepspeed_build_s=float(raw["deepspeed_build_s"]),
+    )
+    # Names are checked here, so a typo in the config fails before any cell runs.
+    _select("size", config.sizes, list(SIZES))
+    _select("method", config.default_methods, list(methods))
+    return config
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    size: str
+    method: Method
+    regime: Regime
+    skip: str | None
+    """Why the cell cannot run at all (it is recorded as such, never left out of the table)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}/{self.method.name}/{self.regime.name}"
+
+
+def skip_reason(method: Method, regime: Regime, device: str) -> str | None:
+    if regime.accumulate > 1 and not method.accumulates:
+        return "cannot accumulate gradients (R1 only)"
+    if device != "cuda" and not method.runs_on_cpu:
+        return "needs CUDA"
+    return None
+
+
+def _select(kind: str, asked: list[str] | None, known: list[str]) -> list[str]:
+    unknown = [name for name in asked or [] if name not in known]
+    if unknown:
+        raise ValueError(f"Unknown {kind}(s) {unknown}; choose from {known}.")
+    return list(asked) if asked else known
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """`"1.5B, 3.6b"` -> `["1.5b", "3.6b"]`; None or empty means "the config's list"."""
+    names = [name.strip().lower() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
+def expand(config: Config, sizes: list[str] | None = None, methods: list[str] | None = None,
+           regimes: list[str] | None = None, device: str = "cuda",
+           overrides: dict[str, int] | None = None) -> list[PlannedCell]:
+    """The cells to run, ordered regime by regime, then by size, then method (small and fast ones first).
+
+    `overrides` replaces regime fields (e.g. `steps`, `seq`) in every selected regime, for quick tries.
+    """
+    sizes = _select("size", sizes or config.sizes, list(SIZES))
+    names = _select("method", methods or config.default_methods, list(config.methods))
+    chosen = _select("regime", regimes, list(config.regimes))
+    cells = []
+    for regime_name in chosen:
+        regime = replace(config.regimes[regime_name], **(overrides or {}))
+        for size in sizes:
+            for name in names:
+                method = config.methods[name]
+                cells.append(PlannedCell(size, method, regime, skip_reason(method, regime, device)))
+    return cells
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in OVERRIDABLE:
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the regime's `{field}`")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, int]:
+    return {field: getattr(args, field) for field in OVERRIDABLE if getattr(args, field) is not None}
+
+
+def override_arguments(overrides: dict[str, int]) -> list[str]:
+    """`overrides_from`'s inverse, to hand the same overrides to a child process."""
+    return [f"--{field.replace('_', '-')}={value}" for field, value in overrides.items()]

@@ -1,0 +1,80 @@
+"""Every way a user can train one model on one GPU, as the benchmark runs it: what each row is, no torch needed.
+
+`runner` names the function in bench/runners.py that runs the method and `options` are its arguments, so the
+rows that share a mechanism (the Lightning Trainer, DeepSpeed's engine) share its code and differ only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.limits import COSTS, CPU_DEEPSPEED_ADAM
+
+OURS = "single_gpu_offload"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    runner: str
+    cost: str
+    """Key of `bench.limits.COSTS`: what the step moves over PCIe and where the optimizer runs."""
+    options: dict[str, Any] = field(default_factory=dict)
+    accumulates: bool = True
+    runs_on_cpu: bool = False
+    note: str = ""
+    """Shown next to every result of the method (e.g. that its updates are stale by design)."""
+
+    def __post_init__(self) -> None:
+        if self.cost not in COSTS:
+            raise ValueError(f"Method {self.name!r}: unknown cost {self.cost!r}; choose one of {sorted(COSTS)}.")
+
+    @property
+    def builds_deepspeed_cpu_adam(self) -> bool:
+        """DeepSpeed JIT-compiles its CPU Adam on first use (~60 s): the cell's time limit must allow for it."""
+        return COSTS[self.cost].optimizer_rate == CPU_DEEPSPEED_ADAM
+
+
+_LIGHTNING_DEFAULTS = "bf16-mixed, default foreach AdamW, reentrant checkpointing"
+
+BASELINES = [
+    Method("plain", "plain PyTorch loop: fp32 weights, bf16 autocast, fused AdamW, no offload",
+           runner="plain", cost="gpu_adamw", runs_on_cpu=True),
+    Method("torchtune", "torchtune single-device method: bf16, bnb PagedAdamW8bit stepped in backward",
+           runner="torchtune", cost="gpu_8bit_adamw", accumulates=False),
+    Method("torchao_offload", "torchao CPUOffloadOptimizer (fused CPU AdamW, offload_gradients), bf16",
+           runner="torchao_offload", cost="torchao_offload", accumulates=False),
+    Method("deepspeed_zero2_offload", "DeepSpeed ZeRO-2 + CPU optimizer offload, driven directly",
+           runner="deepspeed", cost="zero2_offload", options={"zenflow": False}),
+    Method("deepspeed_zenflow", "DeepSpeed ZenFlow (ZeRO-2 offload, top-k 0.05, update interval 4)",
+           runner="deepspeed", cost="zenflow", options={"zenflow": True}, note="stale updates"),
+    Method("lightning_auto", f'Lightning "auto" ({_LIGHTNING_DEFAULTS})', runner="lightning", cost="gpu_adamw",
+           options={"strategy": "auto", "checkpointing": "reentrant", "optimizer": "adamw"}, runs_on_cpu=True),
+    Method("lightning_deepspeed_stage_2_offload", "Lightning `deepspeed_stage_2_offload` (DeepSpeed CPU Adam)",
+           runner="lightning", cost="zero2_offload",
+           options={"strategy": "deepspeed_stage_2_offload", "checkpointing": "reentrant",
+                    "optimizer": "deepspeed_cpu_adam"}),
+    Method("lightning_deepspeed_stage_3_offload", "Lightning `deepspeed_stage_3_offload` (DeepSpeed CPU Adam)",
+           runner="lightning", cost="zero3_offload",
+           options={"strategy": "deepspeed_stage_3_offload", "checkpointing": "reentrant",
+                    "optimizer": "deepspeed_cpu_adam"}),
+    Method("lightning_fsdp_cpu_offload", "Lightning `FSDPStrategy(cpu_offload=True)`, decoder-layer checkpointing",
+           runner="lightning", cost="fsdp_cpu_offload",
+           options={"strategy": "fsdp_cpu_offload", "checkpointing": "by_strategy", "optimizer": "adamw"}),
+]
+
+
+def ours(backend: str, cost: str) -> Method:
+    """A `single_gpu_offload` row; the backend converts the module's plain AdamW to its own optimizer."""
+    return Method(f"{OURS}_{backend}", f'{OURS} (backend="{backend}")', runner="lightning", cost=cost,
+                  options={"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant",
+                           "optimizer": "adamw"},
+                  runs_on_cpu=True)
+
+
+def all_methods(our_backends: dict[str, str]) -> dict[str, Method]:
+    """The baselines and one row per backend of ours (`{backend: cost}`, from bench/matrix.yaml), by name."""
+    methods = [*BASELINES, *(ours(backend, cost) for backend, cost in our_backends.items())]
+    return {method.name: method for method in methods}

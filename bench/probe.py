@@ -1,0 +1,209 @@
+"""The machine's ceilings that bound a training step, printed as `RESULT {json}` (bench/run.py --probe records it).
+
+PCIe both ways (pinned and pageable) and both at once, host memory bandwidth, the bf16 matmul rate, optimizer update
+rates on the CPU (torch fused and foreach AdamW, DeepSpeed CPU Adam, bitsandbytes 8-bit) and on the GPU (torch
+fused AdamW on fp32, bitsandbytes 8-bit on bf16), and disk bandwidth. bench/limits.py turns them into limit step
+times. Each measurement that fails is reported under `errors` and the others still run.
+
+    python bench/probe.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/probe.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import GIB, RESULT_PREFIX
+from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
+                          GPU_BNB_ADAMW8BIT, H2D, MATMUL)
+from bench.measure import device_name, versions
+
+Figures = dict[str, float]
+
+
+def _seconds(work: Callable[[], object], repeats: int, synchronize: bool) -> float:
+    """Mean seconds of `work` after one untimed warm-up call."""
+    work()
+    if synchronize:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    if synchronize:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def pcie(gib: float) -> Figures:
+    n = int(gib * GIB) // 2
+    pinned = torch.empty(n, dtype=torch.bfloat16).pin_memory()
+    pageable = torch.empty(n, dtype=torch.bfloat16)
+    device = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    for tensor in (pinned, pageable, device):
+        tensor.normal_()
+    nbytes = 2 * n
+
+    def rate(dst: torch.Tensor, src: torch.Tensor, repeats: int) -> float:
+        return round(nbytes / _seconds(lambda: dst.copy_(src, non_blocking=True), repeats, True) / 1e9, 1)
+
+    figures = {H2D: rate(device, pinned, 5), D2H: rate(pinned, device, 5),
+               "h2d_pageable_GBps": rate(device, pageable, 2), "d2h_pageable_GBps": rate(pageable, device, 2)}
+    # Both directions at once, one copy engine each, on two side streams.
+    pinned_back, device_in = torch.empty_like(pinned).pin_memory(), torch.empty_like(device)
+    upload, download = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both_ways() -> None:
+        with torch.cuda.stream(upload):
+            device_in.copy_(pinned, non_blocking=True)
+        with torch.cuda.stream(download):
+            pinned_back.copy_(device, non_blocking=True)
+
+    figures[DUPLEX] = round(2 * nbytes / _seconds(both_ways, 3, True) / 1e9, 1)
+    return figures
+
+
+def host_memory(gib: float) -> Figures:
+    source = torch.empty(int(gib * GIB) // 4)
+    source.normal_()
+    target = torch.empty_like(source)
+    # A copy reads and writes every byte once.
+    return {"host_copy_GBps": round(2 * 4 * source.numel() / _seconds(lambda: target.copy_(source), 2, False) / 1e9, 1)}
+
+
+def matmul() -> Figures:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return {MATMUL: round(2 * 8192**3 / _seconds(lambda: a @ b, 20, True) / 1e12)}
+
+
+def _update_rate(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], repeats: int) -> float:
+    """Gparam/s of `optimizer.step()`; the warm-up step creates the state."""
+    on_gpu = params[0].is_cuda
+    return round(sum(p.numel() for p in params) / _seconds(optimizer.step, repeats, on_gpu) / 1e9, 2)
+
+
+def _cpu_param(mparams: float) -> torch.nn.Parameter:
+    param = torch.nn.Parameter(torch.randn(int(mparams * 1e6)))
+    param.grad = torch.randn_like(param)
+    return param
+
+
+def cpu_torch_adamw(mparams: float) -> Figures:
+    param = _cpu_param(mparams)
+    return {CPU_ADAMW_FUSED: _update_rate(torch.optim.AdamW([param], lr=1e-4, fused=True), [param], 2),
+            CPU_ADAMW_FOREACH: _update_rate(torch.optim.AdamW([param], lr=1e-4, foreach=True), [param], 2)}
+
+
+def cpu_deepspeed_adam(mparams: float) -> Figures:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    param = _cpu_param(mparams)
+    started = time.perf_counter()
+    optimizer = DeepSpeedCPUAdam([param], lr=1e-4)  # the first one on a machine JIT-builds the extension
+    build_s = round(time.perf_counter() - started, 1)
+    return {"deepspeed_adam_build_s": build_s, CPU_DEEPSPEED_ADAM: _update_rate(optimizer, [param], 2)}
+
+
+def cpu_bnb_8bit(mparams: float) -> Figures:
+    import bitsandbytes as bnb
+
+    param = _cpu_param(mparams)
+    return {"cpu_bnb_adamw8bit_Gparam_per_s": _update_rate(bnb.optim.AdamW8bit([param], lr=1e-4), [param], 2)}
+
+
+def gpu_optimizers(tensors: int) -> Figures:
+    """Update rates of the GPU-resident optimizers of the plain loop (fp32) and torchtune's method (bf16, 8-bit)."""
+    import bitsandbytes as bnb
+
+    figures = {}
+    for key, dtype, make in [
+        (GPU_ADAMW_FUSED, torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        (GPU_BNB_ADAMW8BIT, torch.bfloat16, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)),
+    ]:
+        params = [torch.nn.Parameter(torch.randn(4096, 4096, device="cuda", dtype=dtype)) for _ in range(tensors)]
+        for param in params:
+            param.grad = torch.randn_like(param)
+        figures[key] = _update_rate(make(params), params, 5)
+        del params
+        torch.cuda.empty_cache()
+    return figures
+
+
+def disk(gib: float, directory: str) -> Figures:
+    chunk = os.urandom(64 * 2**20)
+    chunks = max(1, int(gib * GIB) // len(chunk))
+    fd, path = tempfile.mkstemp(dir=directory, prefix="probe-")
+    try:
+        started = time.perf_counter()
+        for _ in range(chunks):
+            os.write(fd, chunk)
+        os.fsync(fd)
+        write_s = time.perf_counter() - started
+        # Drop the file's pages from the page cache, so the read comes from the disk.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.lseek(fd, 0, os.SEEK_SET)
+        buffer = bytearray(len(chunk))
+        started = time.perf_counter()
+        while os.readv(fd, [buffer]):
+            pass
+        read_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    nbytes = chunks * len(chunk)
+    return {"disk_write_GBps": round(nbytes / write_s / 1e9, 2), "disk_read_GBps": round(nbytes / read_s / 1e9, 2)}
+
+
+def machine(directory: str) -> dict:
+    statvfs = os.statvfs(directory)
+    cuda = torch.cuda.is_available()
+    return {"device": device_name(torch.device("cuda" if cuda else "cpu")), "cpus": os.cpu_count(),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+            "disk_free_gib": round(statvfs.f_bavail * statvfs.f_frsize / GIB, 1), "versions": versions()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copy-gib", type=float, default=2.0, help="size of each PCIe and host-memory copy")
+    parser.add_argument("--adam-mparams", type=float, default=268.4, help="parameters of the CPU optimizer runs")
+    parser.add_argument("--gpu-adam-tensors", type=int, default=64, help="4096x4096 tensors of the GPU optimizer runs")
+    parser.add_argument("--disk-gib", type=float, default=2.0)
+    parser.add_argument("--disk-dir", default=tempfile.gettempdir())
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's CPU Adam (and its JIT build)")
+    args = parser.parse_args()
+    result = {"ok": True, **machine(args.disk_dir), "errors": {}}
+    measurements: dict[str, Callable[[], Figures]] = {
+        "host_memory": lambda: host_memory(2 * args.copy_gib),
+        "cpu_torch_adamw": lambda: cpu_torch_adamw(args.adam_mparams),
+        "cpu_bnb_8bit": lambda: cpu_bnb_8bit(args.adam_mparams),
+        "disk": lambda: disk(args.disk_gib, args.disk_dir),
+    }
+    if not args.no_deepspeed:
+        measurements["cpu_deepspeed_adam"] = lambda: cpu_deepspeed_adam(args.adam_mparams)
+    if torch.cuda.is_available():
+        measurements |= {"pcie": lambda: pcie(args.copy_gib), "matmul": matmul,
+                         "gpu_optimizers": lambda: gpu_optimizers(args.gpu_adam_tensors)}
+    else:
+        result["errors"]["gpu"] = "needs CUDA"
+    for name, measure in measurements.items():
+        try:
+            result |= measure()
+        except Exception as error:  # one failing measurement must not hide the others
+            result["errors"][name] = f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"probe: {name} done", file=sys.stderr, flush=True)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Renders results files into markdown tables (one per regime, beside the probe and the limits) and a PNG plot.
+
+    python bench/report.py bench/results.jsonl [more.jsonl ...] --out bench/RESULTS.md   # also bench/RESULTS.png
+
+Records of the same cell from several runs merge: the newest measurement wins, and a cell that a later session did
+not get to ("not run") keeps its earlier measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/report.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.limits import COSTS, limit_step
+from bench.methods import BASELINES
+from bench.models import SIZES
+
+LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate [+ GPU optimizer time], "
+                 "PCIe bytes / measured pinned bandwidth, CPU optimizer time); details in bench/limits.py")
+PROBE_FIGURES = {  # probe key -> row label, in the order shown
+    "cpus": "CPU cores", "ram_gib": "host memory (GiB)", "disk_free_gib": "free disk (GiB)",
+    "h2d_pinned_GBps": "host -> GPU, pinned (GB/s)", "d2h_pinned_GBps": "GPU -> host, pinned (GB/s)",
+    "duplex_pinned_GBps": "both ways at once, pinned (GB/s, total)",
+    "h2d_pageable_GBps": "host -> GPU, pageable (GB/s)", "d2h_pageable_GBps": "GPU -> host, pageable (GB/s)",
+    "host_copy_GBps": "host memory copy, read + write (GB/s)", "bf16_matmul_TFLOPs": "bf16 matmul 8192^3 (TFLOP/s)",
+    "cpu_adamw_fused_Gparam_per_s": "CPU torch AdamW fused (Gparam/s)",
+    "cpu_adamw_foreach_Gparam_per_s": "CPU torch AdamW foreach (Gparam/s)",
+    "cpu_deepspeed_adam_Gparam_per_s": "CPU DeepSpeed CPU Adam (Gparam/s)",
+    "deepspeed_adam_build_s": "DeepSpeed CPU Adam JIT build or load (s)",
+    "cpu_bnb_adamw8bit_Gparam_per_s": "CPU bitsandbytes AdamW8bit (Gparam/s)",
+    "gpu_adamw_fused_fp32_Gparam_per_s": "GPU torch AdamW fused, fp32 (Gparam/s)",
+    "gpu_bnb_adamw8bit_Gparam_per_s": "GPU bitsandbytes AdamW8bit, bf16 (Gparam/s)",
+    "disk_write_GBps": "disk write (GB/s)", "disk_read_GBps": "disk read, page cache dropped (GB/s)",
+}
+
+
+def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
+    """(the probe, one record per cell) over all lines of all files.
+
+    Per cell the newest record wins, except that a session which did not get to a cell ("not run") never hides a
+    measurement; the probe is the newest that succeeded.
+    """
+    records: dict[str, list[dict]] = defaultdict(list)
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record.get("cell", record["kind"])].append(record)
+    probes = records.pop("probe", [])
+    probe = max(probes, key=lambda r: (r["status"] == "ok", r["finished_at"]), default=None)
+    cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", r["finished_at"]))
+             for cell, runs in records.items()}
+    return probe, cells
+
+
+def _method_rank(name: str) -> tuple[int, str]:
+    baseline_names = [method.name for method in BASELINES]
+    return (baseline_names.index(name), "") if name in baseline_names else (len(baseline_names), name)
+
+
+def _gib(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f} GiB"
+
+
+def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
+    """(limit s/step with the part that sets it, measured/limit), blank where the probe lacks a figure or the cell
+    could not run at all."""
+    if probe is None or probe.get("status") != "ok" or record["status"] in ("skipped", "not_run"):
+        return "", ""
+    try:
+        limit = limit_step(record["params"], record["matmul_params"], record["micro_batch"] * record["seq"],
+                           record["accumulate"], COSTS[record["cost"]], probe)
+    except KeyError:  # e.g. DeepSpeed's CPU Adam did not build in the probe, or no GPU
+        return "", ""
+    ratio = f"{record['step_s_median'] / limit.step_s:.1f}x" if record["status"] == "ok" else ""
+    return f"{limit.step_s:.2f} ({limit.bound})", ratio
+
+
+def regime_table(records: list[dict], probe: dict | None) -> list[str]:
+    lines = ["| method | size | s/step median | s/step mean | tokens/s | model TFLOP/s | limit s/step | "
+             "measured / limit | peak GPU (torch) | peak GPU (device) | peak host RSS | loss first -> last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sizes = list(SIZES)
+    for record in sorted(records, key=lambda r: (_method_rank(r["method"]), sizes.index(r["size"]))):
+        limit, ratio = limit_columns(record, probe)
+        label = record["label"] + (f" ({record['note']})" if record.get("note") else "")
+        if record["status"] == "ok":
+            figures = [f"{record['step_s_median']:.3f}", f"{record['step_s_mean']:.3f}",
+                       f"{record['tokens_per_s']:.0f}", f"{record['model_tflops']:.0f}"]
+            loss = f"{record['loss_first']} -> {record['loss_last']}"
+        else:
+            figures, loss = [record["cause"] or record["status"], "", "", ""], ""
+        lines.append("| " + " | ".join([
+            label, record["size"], *figures, limit, ratio, _gib(record.get("peak_gpu_torch_gib")),
+            _gib(record.get("peak_gpu_device_gib")), _gib(record.get("peak_host_rss_gib")), loss]) + " |")
+    return lines
+
+
+def _regime_title(record: dict) -> str:
+    accumulation = f", accumulate {record['accumulate']}" if record["accumulate"] > 1 else ", no accumulation"
+    return (f"{record['regime'].upper()}: {record['tokens_per_step']} tokens per optimizer step "
+            f"(micro-batch {record['micro_batch']} x {record['seq']}{accumulation})")
+
+
+def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str | None = None) -> str:
+    records = list(cells.values())
+    measured = [r for r in records if "device" in r]
+    devices = sorted({r["device"] for r in measured} | ({probe["device"]} if probe and "device" in probe else set()))
+    versions = sorted({f"{name} {version}" for r in measured for name, version in r.get("versions", {}).items()})
+    dates = sorted(r["finished_at"][:10] for r in records)
+    lines = ["# Benchmark: single_gpu_offload beside the alternatives and the hardware's limit", "",
+             f"- Device: {', '.join(devices) or 'none measured'}",
+             f"- Dates: {dates[0]} to {dates[-1]}" if dates else "- Dates: none",
+             f"- Versions: {', '.join(versions)}",
+             "- Llama-shaped models (random init, untied embeddings), random tokens, checkpointing on every decoder "
+             "layer. Step times are over steady steps (the first few left out); model TFLOP/s = "
+             "6 x (params - input embedding) x tokens / s.",
+             f"- {LIMIT_FORMULA}.", ""]
+    if plot_name:
+        lines += [f"![tokens/s and peak memory per method and size]({plot_name})", ""]
+    for regime in sorted({r["regime"] for r in records}):
+        in_regime = [r for r in records if r["regime"] == regime]
+        lines += [f"## {_regime_title(in_regime[0])}", "", *regime_table(in_regime, probe), ""]
+    lines += ["## The machine's ceilings (bench/probe.py)", ""]
+    if probe is None or probe.get("status") != "ok":
+        lines += [f"No probe result{': ' + probe['cause'] if probe and probe.get('cause') else ''}.", ""]
+    else:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {label} | {probe[key]} |" for key, label in PROBE_FIGURES.items() if key in probe]
+        lines += [f"| {name} | failed: {error} |" for name, error in probe.get("errors", {}).items()]
+        lines += [""]
+    lines += ["## Commands", "", *sorted({f"    {r['command']}" for r in records + ([probe] if probe else [])})]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict[str, dict], path: Path) -> None:
+    """Per regime: tokens/s, and peak GPU (device-wide, solid) and host RSS (dashed), against model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in cells.values() if r["status"] == "ok"]
+    regimes = sorted({r["regime"] for r in ok}) or ["r1"]
+    # One colour per method in every panel.
+    colors = {method: plt.get_cmap("tab20")(index % 20)
+              for index, method in enumerate(sorted({r["method"] for r in ok}, key=_method_rank))}
+    figure, axes = plt.subplots(len(regimes), 2, figsize=(14, 4.5 * len(regimes)), squeeze=False)
+    for row, regime in zip(axes, regimes):
+        methods = [method for method in colors if any(r["method"] == method for r in ok if r["regime"] == regime)]
+        for method in methods:
+            points = sorted((r for r in ok if r["regime"] == regime and r["method"] == method),
+                            key=lambda r: r["params"])
+            billions = [r["params"] / 1e9 for r in points]
+            color = colors[method]
+            row[0].plot(billions, [r["tokens_per_s"] for r in points], "o-", color=color, label=method)
+            row[1].plot(billions, [r.get("peak_gpu_device_gib") or 0 for r in points], "o-", color=color)
+            row[1].plot(billions, [r.get("peak_host_rss_gib") or 0 for r in points], "s--", color=color)
+        row[0].set(title=f"{regime.upper()}: tokens/s", ylabel="tokens/s", yscale="log")
+        row[1].set(title=f"{regime.upper()}: peak GPU, device-wide (solid) and host RSS (dashed)", ylabel="GiB")
+        for axis in row:
+            axis.set(xlabel="parameters (B)", xscale="log")
+        if methods:
+            row[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(paths: list[Path], out: Path) -> None:
+    probe, cells = load(paths)
+    plot_path: Path | None = out.with_suffix(".png")
+    try:
+        plot(cells, plot_path)
+    except ImportError as error:  # the tables matter more than the picture: never lose them to a missing plotter
+        print(f"no plot ({error}); install matplotlib for it", file=sys.stderr)
+        plot_path = None
+    out.write_text(render_markdown(probe, cells, plot_path.name if plot_path else None))
+    print(f"wrote {out}" + (f" and {plot_path}" if plot_path else ""), file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    write_report(args.results, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Runs the benchmark matrix, one subprocess per cell, and appends one JSON line per cell to a results file.
+
+    python bench/run.py --probe                                   # the probe, then the whole matrix
+    python bench/run.py --sizes 1.5b,3.6b --methods plain,torchtune --regimes r1 --results bench/results.jsonl
+    python bench/report.py bench/results.jsonl                    # tables and plot from every run so far
+
+Each cell runs in its own process under a time limit, so a crash, an OOM, a kill by the kernel or a hang is that
+cell's recorded result (with its cause), its memory peaks are its own, and a later cell starts on a clean GPU.
+Host memory is the peak RSS of the cell's whole process tree, polled here. Several invocations (each under the
+device's 10-minute limit) append to one results file; the report keeps the newest record of each cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+
+from bench import GIB, RESULT_PREFIX
+from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
+                          override_arguments, overrides_from, parse_list)
+from bench.models import SIZES
+
+BENCH = Path(__file__).resolve().parent
+# A cell given less time than this cannot build a model and time its steps: it is recorded as not run instead.
+MIN_CELL_S = 60.0
+# Peak RSS is sampled, so a spike shorter than this can be missed; the cell's own ru_maxrss covers its main process.
+RSS_POLL_S = 0.2
+GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+HOST_OOM_MARKERS = ("MemoryError", "can't allocate memory", "Cannot allocate memory")
+TAIL_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    returncode: int
+    timed_out: bool
+    result: dict | None
+    """The child's last RESULT line, or None if it died before printing one."""
+    tail: str
+    """The end of the child's output (stdout and stderr), for causes the child could not report itself."""
+    peak_rss_bytes: int
+    wall_s: float
+
+
+def tree_rss(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def parse_result(output: str) -> dict | None:
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        return None
+    try:
+        return json.loads(lines[-1][len(RESULT_PREFIX):])
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return None
+
+
+def run_child(argv: list[str], timeout_s: float, log_path: Path, title: str) -> ChildOutcome:
+    """Runs `argv` in its own session, its output appended to `log_path`; kills the whole group at `timeout_s`."""
+    with open(log_path, "ab") as log:
+        log.write(f"\n===== {title}: {shlex.join(argv)}\n".encode())
+        log.flush()
+        offset = log.tell()
+        started = time.monotonic()
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        peak, timed_out = 0, False
+        while child.poll() is None:
+            peak = max(peak, tree_rss(child.pid))
+            if time.monotonic() - started > timeout_s:
+                timed_out = True
+                break
+            time.sleep(RSS_POLL_S)
+        # Also after a normal exit: leftovers (compiler workers, an engine's helper process) would hold memory
+        # into the next cell.
+        _kill_group(child.pid)
+        returncode = child.wait()
+        wall_s = time.monotonic() - started
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        output = log.read().decode(errors="replace")
+    return ChildOutcome(returncode, timed_out, parse_result(output), output[-TAIL_CHARS:], peak, round(wall_s, 1))
+
+
+def classify(outcome: ChildOutcome, timeout_s: float) -> tuple[str, str | None]:
+    """(status, cause) of a finished child: ok, timeout, killed, gpu_oom, host_oom, unavailable, skipped, crashed,
+    error. The cause is what the table prints in place of numbers."""
+    result = outcome.result or {}
+    if outcome.timed_out:
+        return "timeout", f"timeout after {timeout_s:.0f} s"
+    if result.get("ok"):
+        return "ok", None
+    if result.get("skipped"):
+        return "skipped", result["skipped"]
+    error = result.get("error", "")
+    if not result and outcome.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return "killed", "killed by SIGKILL, no Python error (host OOM?)"
+    evidence = error or outcome.tail
+    if any(marker in evidence for marker in GPU_OOM_MARKERS):
+        return "gpu_oom", f"GPU OOM: {_first_line(error) or 'see the log'}"
+    if any(marker in evidence for marker in HOST_OOM_MARKERS):
+        return "host_oom", f"host OOM: {_first_line(error) or 'see the log'}"
+    if error.startswith(("ModuleNotFoundError", "ImportError")):
+        return "unavailable", f"not available: {_first_line(error)}"
+    if error:
+        return "error", _first_line(error)
+    if outcome.returncode < 0:
+        return "crashed", f"crashed: {signal.Signals(-outcome.returncode).name}"
+    last_line = outcome.tail.strip().splitlines()[-1:] or ["no output"]
+    return "crashed", f"exited {outcome.returncode} without a result: {last_line[0][:200]}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
+
+
+def deepspeed_cpu_adam_built() -> bool:
+    """Whether DeepSpeed's JIT-built CPU Adam is in torch's extension cache (where DeepSpeed builds it)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return any(root.glob("*/cpu_adam/cpu_adam.so"))
+
+
+def time_limit(base_s: float, builds_cpu_adam: bool, config: Config, deadline: float | None) -> float | None:
+    """The child's time limit, or None if the session's deadline leaves too little to start it."""
+    building = builds_cpu_adam and not deepspeed_cpu_adam_built()
+    limit = base_s + (config.deepspeed_build_s if building else 0.0)
+    if deadline is None:
+        return limit
+    remaining = deadline - time.monotonic()
+    # Never start a DeepSpeed build that the deadline would interrupt: a killed build leaves a lock behind.
+    if remaining < (config.deepspeed_build_s if building else MIN_CELL_S):
+        return None
+    return min(limit, remaining)
+
+
+def cell_record(cell: PlannedCell, status: str, cause: str | None, outcome: ChildOutcome | None = None,
+                timeout_s: float | None = None) -> dict:
+    shape = SIZES[cell.size]
+    regime = asdict(cell.regime)
+    del regime["name"]
+    record = {"kind": "cell", "cell": cell.name, "size": cell.size, "method": cell.method.name,
+              "label": cell.method.label, "note": cell.method.note, "cost": cell.method.cost,
+              "regime": cell.regime.name, **regime, "tokens_per_step": cell.regime.tokens_per_step,
+              "params": shape.params, "matmul_params": shape.matmul_params, "status": status, "cause": cause}
+    if outcome is not None:
+        result = dict(outcome.result or {})
+        result.pop("ok", None)
+        record |= result
+        record["peak_host_rss_gib"] = round(max(outcome.peak_rss_bytes / GIB, result.get("peak_rss_self_gib", 0)), 2)
+        record |= {"wall_s": outcome.wall_s, "timeout_s": round(timeout_s or 0)}
+    return record
+
+
+NOT_RUN = "not run: out of session time"
+
+
+def probe_record(config: Config, deadline: float | None, log_path: Path) -> dict:
+    limit = time_limit(config.probe_timeout_s, True, config, deadline)
+    if limit is None:
+        return {"kind": "probe", "status": "not_run", "cause": NOT_RUN}
+    outcome = run_child([sys.executable, str(BENCH / "probe.py")], limit, log_path, "probe")
+    status, cause = classify(outcome, limit)
+    figures = {key: value for key, value in (outcome.result or {}).items() if key != "ok"}
+    return {"kind": "probe", "status": status, "cause": cause, **figures, "wall_s": outcome.wall_s}
+
+
+def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrides: dict[str, int],
+            deadline: float | None, log_path: Path) -> dict:
+    if cell.skip:
+        return cell_record(cell, "skipped", cell.skip)
+    limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, deadline)
+    if limit is None:
+        return cell_record(cell, "not_run", NOT_RUN)
+    argv = [sys.executable, str(BENCH / "cell.py"), "--size", cell.size, "--method", cell.method.name,
+            "--regime", cell.regime.name, "--device", args.device, "--config", str(args.config),
+            *override_arguments(overrides)]
+    outcome = run_child(argv, limit, log_path, cell.name)
+    return cell_record(cell, *classify(outcome, limit), outcome, limit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--sizes", help="comma-separated, e.g. 1.5b,3.6b (default: the config's)")
+    parser.add_argument("--methods", help="comma-separated method names (default: the config's)")
+    parser.add_argument("--regimes", help="comma-separated, e.g. r1 (default: all)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--probe", action="store_true", help="measure the machine's ceilings first")
+    parser.add_argument("--results", type=Path, default=BENCH / "results.jsonl", help="JSON lines, appended to")
+    parser.add_argument("--log", type=Path, help="every child's output (default: the results path, .log)")
+    parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
+    parser.add_argument("--deadline-s", type=float, help="stop starting cells once this many seconds have passed")
+    parser.add_argument("--report", type=Path, help="render this markdown file (and a .png beside it) at the end")
+    add_override_arguments(parser)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    overrides = overrides_from(args)
+    cells = expand(config, parse_list(args.sizes), parse_list(args.methods), parse_list(args.regimes), args.device,
+                   overrides)
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    log_path = args.log or args.results.with_suffix(".log")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "bench/run.py", *sys.argv[1:]])
+
+    def append(record: dict) -> None:
+        record |= {"command": command, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with open(args.results, "a") as results:
+            results.write(json.dumps(record) + "\n")
+        detail = record.get("cause") or (f"{record['step_s_median']} s/step" if "step_s_median" in record else "")
+        print(f"{record.get('cell', 'probe')}: {record['status']} {detail}", flush=True)
+
+    if args.probe:
+        append(probe_record(config, deadline, log_path))
+    for cell in cells:
+        append(measure(cell, config, args, overrides, deadline, log_path))
+    if args.report:
+        from bench.report import write_report
+
+        write_report([args.results], args.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""How each method trains, reduced to its step; all of them timed by the same `StepClock`.
+
+Loop methods build a model and hand `Steps` to `run_loop`; Lightning methods fit `LlamaModule` with a Trainer and
+are timed by a callback. Every method checkpoints every decoder layer, uses lr 1e-5 and random tokens. Optional
+engines (DeepSpeed, bitsandbytes, torchao, lightning_offload) are imported inside the functions that use them, so a
+missing one fails only its own cells.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from bench.matrix import Regime
+from bench.measure import StepClock
+from bench.methods import OURS
+from bench.models import SIZES, build_llama, enable_checkpointing
+
+LR = 1e-5
+
+
+@dataclass(frozen=True)
+class Cell:
+    size: str
+    regime: Regime
+    device: torch.device
+
+
+# Forward and backward of one micro-batch with the loss scaled by the given factor; returns the unscaled loss.
+MicroBatch = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass
+class Steps:
+    micro_batch: MicroBatch
+    optimizer_step: Callable[[], None]
+
+
+def run_loop(cell: Cell, steps: Steps) -> StepClock:
+    regime, vocab = cell.regime, SIZES[cell.size].vocab
+    generator = torch.Generator(device=cell.device).manual_seed(0)
+    clock = StepClock(cell.device)
+    for _ in range(regime.steps):
+        batches = [torch.randint(0, vocab, (regime.micro_batch, regime.seq), device=cell.device, generator=generator)
+                   for _ in range(regime.accumulate)]
+        clock.start()
+        losses = [steps.micro_batch(batch, 1 / regime.accumulate) for batch in batches]
+        steps.optimizer_step()
+        clock.stop(losses)
+    return clock
+
+
+def _causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _micro_batch(model: torch.nn.Module, autocast_on: str | None = None) -> MicroBatch:
+    """The plain micro-batch, under bf16 autocast on the `autocast_on` device type if given."""
+
+    def micro_batch(batch: torch.Tensor, scale: float) -> torch.Tensor:
+        with torch.autocast(autocast_on or "cpu", dtype=torch.bfloat16, enabled=autocast_on is not None):
+            loss = _causal_lm_loss(model, batch)
+        (loss * scale).backward()
+        return loss.detach()
+
+    return micro_batch
+
+
+def _model(cell: Cell, dtype: torch.dtype) -> torch.nn.Module:
+    model = build_llama(cell.size, dtype, cell.device)
+    enable_checkpointing(model, "non_reentrant")
+    return model
+
+
+def plain(cell: Cell) -> StepClock:
+    """fp32 weights, bf16 autocast, fused AdamW on the device, no offload: the speed of light for small models."""
+    model = _model(cell, torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run_loop(cell, Steps(_micro_batch(model, autocast_on=cell.device.type), optimizer_step))
+
+
+def torchtune(cell: Cell) -> StepClock:
+    """torchtune's full_finetune_single_device with optimizer_in_bwd: bf16 weights, one bitsandbytes
+    PagedAdamW8bit per parameter, stepped as soon as that parameter's gradient is complete (no accumulation)."""
+    import bitsandbytes as bnb
+
+    model = _model(cell, torch.bfloat16)
+    optimizers = {param: bnb.optim.PagedAdamW8bit([param], lr=LR) for param in model.parameters()}
+
+    def step_in_backward(param: torch.Tensor) -> None:
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(step_in_backward)
+    return run_loop(cell, Steps(_micro_batch(model), optimizer_step=lambda: None))
+
+
+def torchao_offload(cell: Cell) -> StepClock:
+    """bf16 weights on the GPU; gradients stream to pinned host memory and torch's fused AdamW steps there."""
+    from torchao.optim import CPUOffloadOptimizer
+
+    model = _model(cell, torch.bfloat16)
+    optimizer = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=True, fused=True, lr=LR)
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return run_loop(cell, Steps(_micro_batch(model), optimizer_step))
+
+
+def _one_process_group() -> None:
+    """DeepSpeed's engine expects torch.distributed: one rank, without a launcher."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29517").items():
+        os.environ.setdefault(key, value)
+
+
+def deepspeed_config(regime: Regime, zenflow: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                            "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    if zenflow:
+        zero["zenflow"] = {"topk_ratio": 0.05, "select_strategy": "auto", "select_interval": "auto",
+                           "update_interval": 4, "full_warm_up_rounds": 0, "overlap_step": True}
+    return {"train_micro_batch_size_per_gpu": regime.micro_batch, "gradient_accumulation_steps": regime.accumulate,
+            "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}}}
+
+
+def deepspeed(cell: Cell, zenflow: bool) -> StepClock:
+    """DeepSpeed's engine driven directly: ZeRO-2 with the optimizer (DeepSpeed CPU Adam) offloaded, or ZenFlow."""
+    import deepspeed as ds
+
+    _one_process_group()
+    ds.init_distributed()
+    # ZeRO-2 keeps bf16 parameters on the GPU: build them there, never as an fp32 model in host memory.
+    model = _model(cell, torch.bfloat16)
+    engine, *_ = ds.initialize(model=model, model_parameters=model.parameters(),
+                               config=deepspeed_config(cell.regime, zenflow))
+
+    def micro_batch(batch: torch.Tensor, scale: float) -> torch.Tensor:
+        # The engine scales the loss by 1 / gradient_accumulation_steps and steps only at the boundary.
+        loss = _causal_lm_loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return run_loop(cell, Steps(micro_batch, optimizer_step=lambda: None))
+
+
+class _RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, length: int, seq: int, vocab: int) -> None:
+        self.length, self.seq, self.vocab = length, seq, vocab
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (self.seq,), generator=torch.Generator().manual_seed(index))
+
+
+class LlamaModule(L.LightningModule):
+    """The model is built in `configure_model`, inside whatever context the strategy provides for it."""
+
+    def __init__(self, size: str, checkpointing: str, optimizer: str) -> None:
+        super().__init__()
+        self.size, self.checkpointing, self.optimizer_name = size, checkpointing, optimizer
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_llama(self.size)
+            enable_checkpointing(self.model, self.checkpointing)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return _causal_lm_loss(self.model, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "deepspeed_cpu_adam":  # what Lightning's docs ask for with its offload presets
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(self.parameters(), lr=LR)
+        return torch.optim.AdamW(self.parameters(), lr=LR)
+
+
+class _Clock(L.Callback):
+    """Times optimizer steps: from the start of a step's first micro-batch to the end of the one that stepped."""
+
+    def __init__(self, clock: StepClock, accumulate: int) -> None:
+        self.clock, self.accumulate = clock, accumulate
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.accumulate == 0:
+            self.losses = []
+            self.clock.start()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Lightning hands the hook the loss already divided by `accumulate_grad_batches`.
+        self.losses.append(outputs["loss"].detach() * self.accumulate)
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.clock.stop(self.losses)
+
+
+def _lightning_strategy(name: str, backend: str | None) -> Any:
+    if name == "fsdp_cpu_offload":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        return FSDPStrategy(cpu_offload=True, activation_checkpointing_policy={LlamaDecoderLayer})
+    if name == OURS:
+        import lightning_offload  # registers the strategy; a missing package makes the cell "not available"
+
+        return lightning_offload.SingleGPUOffloadStrategy(backend=backend)
+    return name
+
+
+def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, backend: str | None = None) -> StepClock:
+    """A Trainer with `strategy` and precision bf16-mixed, fitting `LlamaModule` on random tokens."""
+    regime, clock = cell.regime, StepClock(cell.device)
+    trainer = L.Trainer(accelerator=cell.device.type, devices=1, strategy=_lightning_strategy(strategy, backend),
+                        precision="bf16-mixed", max_steps=regime.steps, accumulate_grad_batches=regime.accumulate,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[_Clock(clock, regime.accumulate)])
+    tokens = _RandomTokens(regime.steps * regime.accumulate * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
+    trainer.fit(LlamaModule(cell.size, checkpointing, optimizer), DataLoader(tokens, batch_size=regime.micro_batch))
+    return clock
+
+
+RUNNERS: dict[str, Callable[..., StepClock]] = {
+    "plain": plain, "torchtune": torchtune, "torchao_offload": torchao_offload, "deepspeed": deepspeed,
+    "lightning": lightning,
+}

@@ -1,0 +1,83 @@
+"""The matrix: config loading, expansion into cells, subset selection, and why a cell cannot run."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.matrix import (DEFAULT_CONFIG, add_override_arguments, expand, load_config, override_arguments,
+                          overrides_from, parse_list)
+from bench.methods import BASELINES
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config()
+
+
+def test_config_lists_every_size_and_method_of_the_issue(config):
+    assert config.sizes == ["1.5b", "3.6b", "8b", "14.8b", "19b", "32.8b", "40.8b"]
+    ours = ["single_gpu_offload_deepspeed", "single_gpu_offload_auto"]
+    assert config.default_methods == [method.name for method in BASELINES] + ours
+    assert config.methods["single_gpu_offload_auto"].options["backend"] == "auto"
+    assert set(config.regimes) == {"r1", "r2"}
+    assert config.regimes["r1"].tokens_per_step == 8192
+    assert config.regimes["r2"].tokens_per_step == 65536
+
+
+def test_full_matrix_keeps_every_cell_and_says_why_some_cannot_run(config):
+    cells = expand(config)
+    assert len(cells) == 7 * 11 * 2
+    skipped = {(cell.method.name, cell.regime.name) for cell in cells if cell.skip}
+    # torchtune's in-backward step and torchao's offload cannot accumulate; everything runs in R1.
+    assert skipped == {("torchtune", "r2"), ("torchao_offload", "r2")}
+    assert {cell.skip for cell in cells if cell.skip} == {"cannot accumulate gradients (R1 only)"}
+    assert len({cell.name for cell in cells}) == len(cells)
+
+
+def test_subset_selection_in_regime_size_method_order(config):
+    cells = expand(config, sizes=parse_list("3.6B, 1.5b"), methods=parse_list("torchtune,plain"),
+                   regimes=parse_list("r1"))
+    assert [cell.name for cell in cells] == ["3.6b/torchtune/r1", "3.6b/plain/r1", "1.5b/torchtune/r1",
+                                             "1.5b/plain/r1"]
+    assert parse_list("") is None and parse_list(None) is None
+
+
+@pytest.mark.parametrize("kind, selection", [("size", {"sizes": ["2b"]}), ("method", {"methods": ["zero9"]}),
+                                             ("regime", {"regimes": ["r3"]})])
+def test_unknown_names_fail_before_anything_runs(config, kind, selection):
+    with pytest.raises(ValueError, match=f"Unknown {kind}"):
+        expand(config, **selection)
+
+
+def test_cpu_runs_only_the_methods_that_can(config):
+    cells = expand(config, sizes=["tiny"], regimes=["r1"], device="cpu")
+    runnable = {cell.method.name for cell in cells if cell.skip is None}
+    assert runnable == {"plain", "lightning_auto", "single_gpu_offload_deepspeed", "single_gpu_offload_auto"}
+    assert {cell.skip for cell in cells if cell.skip} == {"needs CUDA"}
+
+
+def test_overrides_reach_every_selected_regime_and_round_trip_to_a_child(config):
+    parser = argparse.ArgumentParser()
+    add_override_arguments(parser)
+    overrides = overrides_from(parser.parse_args(["--steps", "2", "--micro-batch", "1"]))
+    assert overrides == {"steps": 2, "micro_batch": 1}
+    cells = expand(config, sizes=["tiny"], methods=["plain"], overrides=overrides)
+    assert {(cell.regime.steps, cell.regime.micro_batch, cell.regime.seq) for cell in cells} == {(2, 1, 2048)}
+    assert overrides_from(parser.parse_args(override_arguments(overrides))) == overrides
+
+
+def test_deepspeed_methods_are_known_to_build_cpu_adam(config):
+    building = {name for name, method in config.methods.items() if method.builds_deepspeed_cpu_adam}
+    assert building == {"deepspeed_zero2_offload", "deepspeed_zenflow", "lightning_deepspeed_stage_2_offload",
+                        "lightning_deepspeed_stage_3_offload", "single_gpu_offload_deepspeed",
+                        "single_gpu_offload_auto"}
+
+
+def test_a_backend_with_an_unknown_cost_profile_is_refused(tmp_path):
+    text = DEFAULT_CONFIG.read_text().replace("deepspeed: zero3_offload", "deepspeed: zero4")
+    path = tmp_path / "matrix.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="unknown cost 'zero4'"):
+        load_config(path)

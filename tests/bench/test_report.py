@@ -1,0 +1,71 @@
+"""Rendering: runs merged from a fixture results file into per-regime tables, the probe, the limits and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.report import load, render_markdown, write_report
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results.jsonl"
+
+
+@pytest.fixture(scope="module")
+def merged():
+    return load([FIXTURE])
+
+
+def _row(markdown: str, label_start: str, size: str, regime: str = "r1") -> list[str]:
+    section = markdown.split(f"## {regime.upper()}: ")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {label_start}") and f"| {size} |" in line]
+    assert len(rows) == 1, rows
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_newest_record_wins_but_not_run_never_hides_a_measurement(merged):
+    probe, cells = merged
+    assert probe["bf16_matmul_TFLOPs"] == 773
+    assert cells["8b/plain/r1"]["status"] == "gpu_oom"  # measured later than the fixture's ok record
+    assert cells["1.5b/deepspeed_zenflow/r1"]["status"] == "ok"  # a later session that did not get to it
+    assert len(cells) == 8
+
+
+def test_tables_per_regime_with_limits_and_causes(merged):
+    markdown = render_markdown(*merged, plot_name="RESULTS.png")
+    assert "## R1: 8192 tokens per optimizer step (micro-batch 4 x 2048, no accumulation)" in markdown
+    assert "## R2: 65536 tokens per optimizer step (micro-batch 4 x 2048, accumulate 8)" in markdown
+    plain = _row(markdown, "plain PyTorch loop", "3.6b")
+    assert plain[2:6] == ["0.600", "0.610", "13653", "262"]
+    assert plain[6] == "0.30 (compute)" and plain[7] == "2.0x"
+    assert plain[8:12] == ["59.0 GiB", "61.0 GiB", "2.0 GiB", "11.93 -> 11.9"]
+    zenflow = _row(markdown, "DeepSpeed ZenFlow", "1.5b")
+    assert zenflow[0].endswith("(stale updates)") and zenflow[3] == "0.520"
+    killed = _row(markdown, "Lightning `deepspeed_stage_3_offload`", "8b")
+    assert killed[2] == "killed by SIGKILL, no Python error (host OOM?)" and killed[10] == "118.5 GiB"
+    assert _row(markdown, "single_gpu_offload", "3.6b")[2].startswith("not available: ModuleNotFoundError")
+    assert _row(markdown, "torchtune", "3.6b")[2] == "0.660"
+    skipped = _row(markdown, "torchtune", "3.6b", "r2")
+    assert skipped[2] == "cannot accumulate gradients (R1 only)" and skipped[6] == ""  # no limit for a cell not run
+    assert _row(markdown, "DeepSpeed ZeRO-2", "3.6b", "r2")[6:8] == ["2.18 (compute)", "4.1x"]
+
+
+def test_header_probe_and_commands(merged):
+    markdown = render_markdown(*merged)
+    assert "- Device: NVIDIA H100 80GB HBM3" in markdown
+    assert "torch 2.11.0" in markdown and "2026-11-24" in markdown
+    assert "| both ways at once, pinned (GB/s, total) | 78.5 |" in markdown
+    assert "| cpu_bnb_8bit | failed: RuntimeError: no CPU kernel |" in markdown
+    assert "    python bench/run.py --probe" in markdown
+
+
+def test_rows_follow_the_method_order_then_size(merged):
+    lines = [line for line in render_markdown(*merged).splitlines() if line.startswith("| plain")]
+    assert [line.split("|")[2].strip() for line in lines] == ["3.6b", "8b"]
+
+
+def test_write_report_makes_markdown_and_png(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    write_report([FIXTURE], out)
+    assert "![tokens/s and peak memory per method and size](RESULTS.png)" in out.read_text()
+    assert (tmp_path / "RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

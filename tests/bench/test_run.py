@@ -1,0 +1,118 @@
+"""The subprocess machinery: every way a cell can end becomes a status and a cause, never a gap."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from bench.matrix import expand, load_config
+from bench.run import ChildOutcome, cell_record, classify, main, parse_result, run_child, time_limit
+
+
+def outcome(returncode=0, result=None, tail="", timed_out=False, peak_rss_bytes=0):
+    return ChildOutcome(returncode, timed_out, result, tail, peak_rss_bytes, wall_s=1.0)
+
+
+@pytest.mark.parametrize("case, expected", [
+    (outcome(result={"ok": True}), ("ok", None)),
+    (outcome(-9, timed_out=True), ("timeout", "timeout after 420 s")),
+    (outcome(-9), ("killed", "killed by SIGKILL, no Python error (host OOM?)")),
+    (outcome(137), ("killed", "killed by SIGKILL, no Python error (host OOM?)")),
+    (outcome(1, {"ok": False, "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}),
+     ("gpu_oom", "GPU OOM: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")),
+    (outcome(1, {"ok": False, "error": "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried"}),
+     ("host_oom", "host OOM: RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried")),
+    (outcome(1, {"ok": False, "error": "ModuleNotFoundError: No module named 'lightning_offload'"}),
+     ("unavailable", "not available: ModuleNotFoundError: No module named 'lightning_offload'")),
+    (outcome(1, {"ok": False, "skipped": "needs CUDA"}), ("skipped", "needs CUDA")),
+    (outcome(1, {"ok": False, "error": "ValueError: bad config\nmore"}), ("error", "ValueError: bad config")),
+    (outcome(-11, tail="Fatal Python error"), ("crashed", "crashed: SIGSEGV")),
+    (outcome(-6, tail="terminate called after throwing\nRuntimeError: CUDA error: out of memory\n"),
+     ("gpu_oom", "GPU OOM: see the log")),
+    (outcome(2, tail="usage: cell.py\ncell.py: error: unrecognized arguments: --x\n"),
+     ("crashed", "exited 2 without a result: cell.py: error: unrecognized arguments: --x")),
+])
+def test_every_ending_is_classified(case, expected):
+    assert classify(case, 420) == expected
+
+
+def test_the_last_complete_result_line_counts():
+    output = 'RESULT {"ok": false}\nnoise\nRESULT {"ok": true, "x": 1}\n'
+    assert parse_result(output) == {"ok": True, "x": 1}
+    assert parse_result('RESULT {"ok": tr') is None
+    assert parse_result("Traceback ...") is None
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_killed_by_sigkill_is_recorded_with_its_memory(tmp_path):
+    log = tmp_path / "cells.log"
+    code = "import os, signal, time; x = bytearray(200 * 2**20); time.sleep(0.5); os.kill(os.getpid(), signal.SIGKILL)"
+    result = run_child(_child(code), 30, log, "killed")
+    assert classify(result, 30)[0] == "killed"
+    assert result.peak_rss_bytes > 200 * 2**20
+    assert "===== killed:" in log.read_text()
+
+
+def test_a_hung_child_and_its_children_are_killed_at_the_time_limit(tmp_path):
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "print('started', flush=True); time.sleep(60)"
+    started = time.monotonic()
+    result = run_child(_child(code), 1.5, tmp_path / "cells.log", "hung")
+    assert time.monotonic() - started < 10
+    assert classify(result, 1.5) == ("timeout", "timeout after 2 s")
+    assert "started" in result.tail
+
+
+def test_a_child_result_is_parsed_from_its_own_part_of_a_shared_log(tmp_path):
+    log = tmp_path / "cells.log"
+    run_child(_child("print('RESULT ' + '{\"ok\": false, \"error\": \"old\"}')"), 30, log, "first")
+    result = run_child(_child("import json; print('RESULT ' + json.dumps({'ok': True}))"), 30, log, "second")
+    assert result.result == {"ok": True} and result.returncode == 0
+
+
+def test_time_limit_allows_for_the_deepspeed_build_and_respects_the_deadline(monkeypatch):
+    config = load_config()
+    monkeypatch.setattr("bench.run.deepspeed_cpu_adam_built", lambda: False)
+    assert time_limit(100, False, config, None) == 100
+    assert time_limit(100, True, config, None) == 100 + config.deepspeed_build_s
+    now = time.monotonic()
+    assert time_limit(100, False, config, now + 70) == pytest.approx(70, abs=1)
+    assert time_limit(100, False, config, now + 30) is None  # too little left to build a model
+    assert time_limit(100, True, config, now + 120) is None  # would kill the DeepSpeed build
+    monkeypatch.setattr("bench.run.deepspeed_cpu_adam_built", lambda: True)
+    assert time_limit(100, True, config, None) == 100
+
+
+def test_a_record_carries_the_cell_its_result_and_the_larger_rss_peak():
+    cell = expand(load_config(), sizes=["1.5b"], methods=["deepspeed_zenflow"], regimes=["r2"])[0]
+    child = {"ok": True, "step_s_median": 0.3, "peak_rss_self_gib": 9.5}
+    record = cell_record(cell, "ok", None, outcome(result=child, peak_rss_bytes=8 * 2**30), timeout_s=420)
+    assert record["cell"] == "1.5b/deepspeed_zenflow/r2" and record["note"] == "stale updates"
+    assert (record["accumulate"], record["tokens_per_step"], record["cost"]) == (8, 65536, "zenflow")
+    assert record["params"] == pytest.approx(1.5e9, rel=0.01)
+    assert record["peak_host_rss_gib"] == 9.5 and record["step_s_median"] == 0.3 and "ok" not in record
+    json.dumps(record)
+
+
+def test_main_records_the_probe_then_every_cell_in_order(tmp_path, monkeypatch):
+    def fake_child(argv, timeout_s, log_path, title):
+        result = {"ok": True, "bf16_matmul_TFLOPs": 700} if title == "probe" else {"ok": True, "step_s_median": 1.0}
+        return outcome(result=result, peak_rss_bytes=2**30)
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--probe", "--sizes", "1.5b", "--methods", "plain,torchtune",
+                                      "--results", str(results)])
+    main()
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [record.get("cell", record["kind"]) for record in records] == [
+        "probe", "1.5b/plain/r1", "1.5b/torchtune/r1", "1.5b/plain/r2", "1.5b/torchtune/r2"]
+    assert records[0]["bf16_matmul_TFLOPs"] == 700 and "ok" not in records[0]
+    assert [record["status"] for record in records[1:]] == ["ok", "ok", "ok", "skipped"]
+    assert all(record["command"].startswith("python bench/run.py --probe") for record in records)
