@@ -3,7 +3,7 @@
 # loop, torchtune's method, torchao's CPU offload, Lightning "auto" and single_gpu_offload(deepspeed); the markdown
 # table is printed last. From the repository root on the device machine (with `.whl/` carried along):
 #     bash bench/gpu_session.sh
-# Writes $OUT/results.jsonl (merge it into bench/results.jsonl), results.log, RESULTS.md and RESULTS.png.
+# Writes $OUT/results.jsonl (merge it into bench/results.jsonl), results.log, MATRIX.md and MATRIX.png.
 set -euo pipefail
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
@@ -19,6 +19,6 @@ echo "setup took $((SECONDS - started)) s"
 python3 bench/run.py --probe --sizes 1.5b --regimes r1 \
     --methods plain,torchtune,torchao_offload,lightning_auto,single_gpu_offload_deepspeed \
     --timeout-s 200 --deadline-s $((480 - (SECONDS - started))) \
-    --results "$OUT/results.jsonl" --report "$OUT/RESULTS.md"
+    --results "$OUT/results.jsonl" --report "$OUT/MATRIX.md"
 echo "session took $((SECONDS - started)) s"
-cat "$OUT/RESULTS.md"
+cat "$OUT/MATRIX.md"

@@ -1,6 +1,6 @@
 """Renders results files into markdown tables (one per regime, beside the probe and the limits) and a PNG plot.
 
-    python bench/report.py bench/results.jsonl [more.jsonl ...] --out bench/RESULTS.md   # also bench/RESULTS.png
+    python bench/report.py bench/results.jsonl [more.jsonl ...] --out bench/MATRIX.md   # also bench/MATRIX.png
 
 Records of the same cell from several runs merge: the newest measurement wins, and a cell that a later session did
 not get to ("not run") keeps its earlier measurement.
@@ -188,7 +188,7 @@ def write_report(paths: list[Path], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("MATRIX.md"))
     args = parser.parse_args()
     write_report(args.results, args.out)
 

@@ -94,7 +94,9 @@ class _SingleGPUOffloadCore:
         self.backend.set_precision(precision)
         plugins = import_module(f"{self._lightning}.plugins.precision")
         self.precision_plugin = self.backend.precision_plugin(plugins, precision, self.precision_plugin)
-        check_optimizer_device(self.optimizer_name, self.backend.optimizer_state_device(self.root_device))
+        check_optimizer_device(
+            self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
+        )
         self.backend.setup_environment(self.root_device)
         # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one rank.
         warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
