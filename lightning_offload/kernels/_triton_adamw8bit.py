@@ -2,7 +2,7 @@
 
 Multi-tensor layout: a per-step table holds one int64 row per tensor of the bucket (parameter and gradient
 addresses, numel, first state block, rounding key, and two fp32 scalars as bits); a static per-bucket table of
-work items, (tensor, first block), gives each program `blocks_per_program` state blocks of one tensor. Each
+work items, (tensor, first block), gives each program BLOCKS_PER_PROGRAM state blocks of one tensor. Each
 program reads bf16/fp32 weights and gradients and the 8-bit state once, and writes weights and state once: about
 10 bytes per parameter, the least an 8-bit AdamW can move.
 """
@@ -171,14 +171,12 @@ def _adamw8bit_kernel(
     # Full tiles go unmasked: a mask that may end anywhere would stop the compiler from vectorising.
     if remaining >= BLOCKS * BLOCK_SIZE:
         _update_tile(param, grad, m_codes, v_codes, m_absmax, v_absmax, local, record_local, scale_rows, mask,
-                     row_mask, first, key,
-                     m_weight, v_weight, lr, eps, decay, PARAM_DTYPE, STOCHASTIC_ROUNDING, False, FAST_MATH,
-                     M_LEVELS, V_TOP_CODE, V_CODES_PER_OCTAVE)
+                     row_mask, first, key, m_weight, v_weight, lr, eps, decay, PARAM_DTYPE, STOCHASTIC_ROUNDING,
+                     False, FAST_MATH, M_LEVELS, V_TOP_CODE, V_CODES_PER_OCTAVE)
     else:
         _update_tile(param, grad, m_codes, v_codes, m_absmax, v_absmax, local, record_local, scale_rows, mask,
-                     row_mask, first, key,
-                     m_weight, v_weight, lr, eps, decay, PARAM_DTYPE, STOCHASTIC_ROUNDING, True, FAST_MATH,
-                     M_LEVELS, V_TOP_CODE, V_CODES_PER_OCTAVE)
+                     row_mask, first, key, m_weight, v_weight, lr, eps, decay, PARAM_DTYPE, STOCHASTIC_ROUNDING,
+                     True, FAST_MATH, M_LEVELS, V_TOP_CODE, V_CODES_PER_OCTAVE)
 
 
 def _work_items(bucket: Bucket8bit, blocks_per_program: int) -> torch.Tensor:
@@ -198,6 +196,8 @@ def triton_update(bucket: Bucket8bit, work: Sequence[TensorStep], s: StepScalars
     grad_dtypes = {item.grad.dtype for item in work}
     if len(grad_dtypes) != 1 or not grad_dtypes <= set(_TORCH_TO_TRITON):
         raise ValueError(f"The gradients of one step must share one dtype, bf16 or fp32; got {grad_dtypes}.")
+    # Columns: param address, grad address (0: no gradient), numel, first state block, rounding key, m_weight and
+    # v_weight as fp32 bits. The kernel reads rows of 7.
     table = [[p.data_ptr(), 0, p.numel(), first, 0, 0, 0] for p, first in zip(bucket.params, bucket.block_offsets)]
     for item in work:
         table[item.index][1] = item.grad.data_ptr()

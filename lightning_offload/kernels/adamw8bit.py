@@ -183,6 +183,10 @@ def fused_adamw8bit_step(bucket: Bucket8bit, grads: Sequence[torch.Tensor | None
 
     `backend`: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "reference".
     """
+    if backend == "auto":
+        backend = "triton" if bucket.params[0].is_cuda else "reference"
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', not {backend!r}.")
     if len(grads) != len(bucket.params):
         raise ValueError(f"Got {len(grads)} gradients for a bucket of {len(bucket.params)} parameters.")
     if bucket.state.device != bucket.params[0].device:
@@ -202,15 +206,11 @@ def fused_adamw8bit_step(bucket: Bucket8bit, grads: Sequence[torch.Tensor | None
                                _f32((1.0 - beta2) / (1.0 - beta2**step)), rounding_key(seed, bucket.keys[index], step)))
     if not work:
         return
-    if backend == "auto":
-        backend = "triton" if bucket.params[0].is_cuda else "reference"
     if backend == "triton":
         from lightning_offload.kernels._triton_adamw8bit import triton_update
 
         triton_update(bucket, work, scalars, stochastic_rounding)
-    elif backend == "reference":
+    else:
         from lightning_offload.kernels.reference import reference_update
 
         reference_update(bucket, work, scalars, stochastic_rounding)
-    else:
-        raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', not {backend!r}.")

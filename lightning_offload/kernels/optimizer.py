@@ -23,6 +23,12 @@ from lightning_offload.kernels.adamw8bit import Bucket8bit, fused_adamw8bit_step
 
 
 class AdamW8bitFused(Optimizer):
+    """AdamW (decoupled weight decay) with 8-bit state; bf16 weights are written with stochastic rounding.
+
+    `stochastic_rounding=False` rounds bf16 weights to nearest instead; `seed` picks the rounding bits (a resumed
+    run with the same seed draws the same ones). fp32 parameters are accepted and stored exactly.
+    """
+
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  stochastic_rounding: bool = True, seed: int = 0) -> None:
@@ -96,7 +102,8 @@ class AdamW8bitFused(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch moves state to the param's device itself: the records go to the bucket's buffer instead.
+        # torch's loading would cast the uint8 records to the param's dtype: keep them out of it, and snapshot them
+        # (they may be views of a live optimizer's buffer) until the next step copies them into the buckets.
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in state_dict["state"].items():

@@ -1,8 +1,12 @@
 """The Triton kernel against the torch reference: under Triton's interpreter on CPU, compiled on a GPU.
 
-Tolerance (the kernel uses approximate sqrt/log2/exp2/division, the reference exact ones, so a code can land one
-step apart at a rounding boundary): every m and v code within 1 of the reference's and under 1% of them off at
-all, scales within 1e-5 relative, bf16 weights within 1 ulp, fp32 weights within 1e-3 of one step's lr.
+Tolerance. The GPU kernel uses approximate sqrt/log2/exp2/division and fused multiply-adds, the reference exact
+ones, so a code can land one step apart at a rounding boundary, and the difference then lives on in the state
+(an m near 0 can even flip sign: a sqrt-coded -9 vs +8). After several steps we require: every decoded m within
+5% of its block's absmax and every v within 13% (two log codes), under 1% of the codes differing at all; scales
+within 3%, under 1% of them beyond 1e-5; every weight within 1 bf16 ulp + 2 lr of the reference (no more than two
+Adam steps apart), and under 0.1% of the weights beyond 1 ulp + 1e-3 lr. Emulating the GPU by nudging every
+moment +-1 ulp at random before encoding gave at most 2.2% (m), 6% (v), 1.3% (scales), 0.77 lr, and 8e-5.
 """
 
 from __future__ import annotations
@@ -36,20 +40,26 @@ def run_both(numels, param_dtype, grad_dtype, stochastic_rounding, device, steps
 
 
 def assert_close_to_reference(reference, kernel, lr):
-    kernel_state = Bucket8bit(kernel.params, kernel.state.cpu(), kernel.block_offsets, kernel.keys)
+    from lightning_offload.kernels.reference import decode_m, decode_v
+
+    got = Bucket8bit(kernel.params, kernel.state.cpu(), kernel.block_offsets, kernel.keys)
     assert kernel.steps == reference.steps
+    absmax = torch.maximum(reference.m_absmax, got.m_absmax)[:, None]
+    m_error = (decode_m(got.m_codes, got.m_absmax) - decode_m(reference.m_codes, reference.m_absmax)).abs()
+    assert (m_error <= 0.05 * absmax).all()
+    v_want, v_got = decode_v(reference.v_codes, reference.v_absmax), decode_v(got.v_codes, got.v_absmax)
+    assert ((v_got - v_want).abs() <= 0.13 * v_want).all()
     for codes in ("m_codes", "v_codes"):
-        diff = (getattr(reference, codes).int() - getattr(kernel_state, codes).int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 0.01, codes
+        assert (getattr(got, codes) != getattr(reference, codes)).float().mean() < 0.01, codes
     for scale in ("m_absmax", "v_absmax"):
-        torch.testing.assert_close(getattr(kernel_state, scale), getattr(reference, scale), rtol=1e-5, atol=0)
-    for want, got in zip(reference.params, kernel.params):
-        got = got.cpu()
-        if want.dtype == torch.bfloat16:
-            ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
-            assert ((got.float() - want.float()).abs() <= ulp).all()
-        else:
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * lr)
+        error = (getattr(got, scale) - getattr(reference, scale)).abs() / getattr(reference, scale).clamp_min(1e-30)
+        assert error.max() < 0.03 and (error > 1e-5).float().mean() < 0.01, scale
+    want = torch.cat([p.float().flatten() for p in reference.params])
+    got = torch.cat([p.float().cpu().flatten() for p in kernel.params])
+    ulp = torch.finfo(torch.bfloat16).eps * want.abs() if reference.params[0].dtype == torch.bfloat16 else 0 * want
+    error = (got - want).abs()
+    assert (error <= ulp + 2 * lr).all()
+    assert (error > ulp + 1e-3 * lr).float().mean() < 1e-3
 
 
 CASES = [(torch.bfloat16, torch.bfloat16, True), (torch.bfloat16, torch.float32, False),
