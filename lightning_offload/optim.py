@@ -80,7 +80,7 @@ def _mark_step_tracked(optimizer: Optimizer) -> None:
 
 # Names accepted by `SingleGPUOffloadStrategy(optimizer=...)` and the `optimizer=` config group. `None` keeps the
 # user's own optimizer from `configure_optimizers`.
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "cpu_adam")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_fused", "paged_adamw8bit", "lion8bit", "cpu_adam")
 _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "initial_lr")
 
 
@@ -91,13 +91,13 @@ def check_optimizer_name(name: str | None) -> None:
 
 def check_optimizer_device(name: str | None, state_device: torch.device, training_device: torch.device) -> None:
     """Refuses an optimizer that cannot step where the engine keeps the optimizer state; warns about a slow one."""
-    if name in ("adamw8bit", "lion8bit") and state_device.type == "cpu" and training_device.type == "cuda":
+    if name in ("adamw8bit", "adamw8bit_fused", "lion8bit") and state_device.type == "cpu" \
+            and training_device.type == "cuda":
         warnings.warn(
-            f"`optimizer={name!r}` steps the offloaded optimizer state on the CPU, where bitsandbytes' 8-bit kernels "
-            "are slow (on a 16-core host a 3.6B model did not finish 5 steps in 300 s; with DeepSpeed's CPU Adam a whole "
-            "step took 3.2 s). "
-            "For 8-bit state at GPU speed keep it on the GPU (`backend='device'`); for offloaded state use "
-            "`optimizer='cpu_adam'`.",
+            f"`optimizer={name!r}` steps the offloaded optimizer state on the CPU, where 8-bit updates are slow (with "
+            "bitsandbytes, a 3.6B model on a 16-core host did not finish 5 steps in 300 s; with DeepSpeed's CPU Adam "
+            "a whole step took 3.2 s). For 8-bit state at GPU speed keep it on the GPU (`backend='device'`); for "
+            "offloaded state use `optimizer='cpu_adam'`.",
             stacklevel=2,
         )
     if name == "paged_adamw8bit" and state_device.type != "cuda":
@@ -126,6 +126,10 @@ def replace_optimizer(optimizer: Optimizer, name: str) -> Optimizer:
     if name == "adamw":
         fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    if name == "adamw8bit_fused":
+        from lightning_offload.kernels import AdamW8bitFused
+
+        return AdamW8bitFused(groups, lr=lr)
     if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

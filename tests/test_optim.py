@@ -20,7 +20,7 @@ def user_adamw() -> torch.optim.AdamW:
                               "lr": 1e-4}], lr=3e-4, betas=(0.8, 0.9), eps=1e-7)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion8bit", "cpu_adam"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adamw8bit_fused", "lion8bit", "cpu_adam"])
 def test_replacement_keeps_groups_and_hyperparameters(name: str) -> None:
     original = user_adamw()
     replaced = replace_optimizer(original, name)
@@ -69,3 +69,10 @@ def test_paged_optimizer_without_gpu_state_is_refused_with_alternative() -> None
 def test_unknown_optimizer_is_refused() -> None:
     with pytest.raises(ValueError, match="Unknown optimizer 'adam8bit'"):
         SingleGPUOffloadStrategy(optimizer="adam8bit")
+
+
+def test_fused_8bit_on_device_backend_tracks_fp32() -> None:
+    reference, _ = fit("auto")
+    module, trainer = fit(SingleGPUOffloadStrategy(backend="device", optimizer="adamw8bit_fused"))
+    assert_losses_close(module.losses, reference.losses, EIGHT_BIT_RTOL)
+    assert type(trainer.strategy.optimizers[0]).__name__ == "AdamW8bitFused"
