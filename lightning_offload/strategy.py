@@ -67,6 +67,7 @@ class _SingleGPUOffloadCore:
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
+        self._engine_precision_plugin: Any = None
         self.activation_checkpointing = as_checkpointing_config(activation_checkpointing)
         # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
         self.parallel_devices: list[torch.device] | None = None
@@ -90,10 +91,14 @@ class _SingleGPUOffloadCore:
                 "`strategy='deepspeed_stage_3_offload'`."
             )
         super().setup_environment()
-        precision = self._precision_flag = self._requested_precision()
-        self.backend.set_precision(precision)
-        plugins = import_module(f"{self._lightning}.plugins.precision")
-        self.precision_plugin = self.backend.precision_plugin(plugins, precision, self.precision_plugin)
+        # The Trainer's plugin is read once: after it is swapped for the engine's, a second `fit` or a `validate`
+        # on the same Trainer must not read the precision back from the engine's plugin.
+        if self.precision_plugin is not self._engine_precision_plugin:
+            self._precision_flag = self._requested_precision()
+            plugins = import_module(f"{self._lightning}.plugins.precision")
+            self.precision_plugin = self.backend.precision_plugin(plugins, self._precision_flag, self.precision_plugin)
+            self._engine_precision_plugin = self.precision_plugin
+        self.backend.set_precision(self._precision_flag)
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )

@@ -52,6 +52,15 @@ def test_checkpoint_is_plain_and_resumes(tmp_path) -> None:
     assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-5)
 
 
+def test_second_fit_on_the_same_trainer_keeps_bf16() -> None:
+    from tests.conftest import token_batches
+
+    module, trainer = fit(fsdp(), precision="bf16-mixed", max_epochs=1)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(module, train_dataloaders=token_batches(8))
+    assert trainer.strategy.backend._precision == "bf16-mixed" and len(module.losses) == 16
+
+
 def test_unsupported_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="not supported by the `fsdp` backend"):
         fit(fsdp(), precision="bf16-true")
