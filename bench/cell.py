@@ -24,7 +24,8 @@ import torch
 
 from bench import GIB, RESULT_PREFIX
 from bench.matrix import DEFAULT_CONFIG, add_override_arguments, load_config, overrides_from, skip_reason
-from bench.measure import GpuMemorySampler, device_name, summarise, versions
+from bench.measure import device_name, summarise, versions
+from lightning_offload.telemetry import GpuMemorySampler
 from bench.models import SIZES
 from bench.runners import RUNNERS, Cell
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import threading
 import time
 from importlib import metadata
 
@@ -38,39 +37,6 @@ class StepClock:
         self.losses.append(round(torch.stack([loss.float() for loss in micro_batch_losses]).mean().item(), 4))
         # A heartbeat in the cell's log: a hung or killed cell shows how far it got.
         print(f"step {len(self.times)}: {self.times[-1]:.3f} s, loss {self.losses[-1]}", file=sys.stderr, flush=True)
-
-
-class GpuMemorySampler:
-    """Polls device-wide used memory (`cudaMemGetInfo`) in a thread.
-
-    Device-wide use counts what torch's allocator never sees: bitsandbytes' paged (managed) optimizer state, the
-    CUDA context, cuBLAS workspaces. Polling starts once the main thread has initialised CUDA (never earlier: the
-    poll would create the context itself).
-    """
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.peak_bytes = 0
-        self._interval_s = interval_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> GpuMemorySampler:
-        if torch.cuda.is_available():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stopped.set()
-        self.sample()
-
-    def sample(self) -> None:
-        if torch.cuda.is_initialized():
-            free, total = torch.cuda.mem_get_info()
-            self.peak_bytes = max(self.peak_bytes, total - free)
-
-    def _poll(self) -> None:
-        while not self._stopped.wait(self._interval_s):
-            self.sample()
 
 
 def summarise(times: list[float], losses: list[float], warmup: int, tokens_per_step: int,

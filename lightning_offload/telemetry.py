@@ -20,6 +20,45 @@ def non_embedding_parameters(module: torch.nn.Module) -> int:
     return total - embeddings
 
 
+class GpuMemorySampler:
+    """Polls device-wide used memory (`cudaMemGetInfo`) in a thread.
+
+    Device-wide use counts what torch's allocator never sees: bitsandbytes' paged (managed) optimizer state, the
+    CUDA context, cuBLAS workspaces. Polling starts once the main thread has initialised CUDA (never earlier: the
+    poll would create the context itself).
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.peak_bytes = 0
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> GpuMemorySampler:
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.sample()
+
+    def __enter__(self) -> GpuMemorySampler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def sample(self) -> None:
+        if torch.cuda.is_initialized():
+            free, total = torch.cuda.mem_get_info()
+            self.peak_bytes = max(self.peak_bytes, total - free)
+
+    def _poll(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self.sample()
+
+
 def peak_host_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -37,21 +76,14 @@ class ThroughputMonitor(pl.Callback):
         self.step_seconds: list[float] = []
         self.tokens_per_batch = 0
         self.non_embedding_params = 0
-        self.device_peak_bytes = 0
-        self._stop = threading.Event()
+        self._device_memory = GpuMemorySampler()
         self._started = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.non_embedding_params = non_embedding_parameters(pl_module)
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            self._stop.clear()
-            threading.Thread(target=self._poll_device_memory, daemon=True).start()
-
-    def _poll_device_memory(self) -> None:
-        while not self._stop.wait(0.05):
-            free, total = torch.cuda.mem_get_info()
-            self.device_peak_bytes = max(self.device_peak_bytes, total - free)
+            self._device_memory = GpuMemorySampler().start()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if pl_module.device.type == "cuda":
@@ -67,7 +99,7 @@ class ThroughputMonitor(pl.Callback):
         self.step_seconds.append(time.perf_counter() - self._started)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop.set()
+        self._device_memory.stop()
 
     def summary(self) -> dict[str, float]:
         steady = self.step_seconds[self.warmup_steps:] or self.step_seconds
@@ -82,6 +114,6 @@ class ThroughputMonitor(pl.Callback):
             "tokens_per_s": tokens_per_s,
             "model_tflops": 6 * self.non_embedding_params * tokens_per_s / 1e12,
             "peak_gpu_torch_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "peak_gpu_device_gib": self.device_peak_bytes / 2**30,
+            "peak_gpu_device_gib": self._device_memory.peak_bytes / 2**30,
             "peak_host_rss_gib": peak_host_rss_gib(),
         }

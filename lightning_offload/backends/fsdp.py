@@ -107,6 +107,7 @@ class FSDPBackend(Backend):
         return module
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        self._local_shards = []  # a later fit brings a new optimizer: the previous one's shards are not stepped
         if type(optimizer).__module__.startswith("torch.optim"):
             return optimizer
         # The optimizer has not stepped yet, so its (empty) state needs no moving when its params are swapped.
