@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import TinyLM, fit
 from tests.test_strategy import BF16_RTOL, assert_losses_close
