@@ -229,6 +229,13 @@ class _SingleGPUOffloadCore:
             self.backend.load_model_state_dict(self.lightning_module, checkpoint["state_dict"], strict)
 
     @override
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        super().pre_backward(closure_loss)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        accumulating = trainer is not None and trainer.training and trainer.fit_loop._should_accumulate()
+        self.backend.before_backward(last_micro_batch=not accumulating)
+
+    @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         super().post_backward(closure_loss)
         self.backend.after_backward()

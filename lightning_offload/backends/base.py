@@ -67,6 +67,10 @@ class Backend(ABC):
         """Runs before `configure_optimizers`, for engines that replace parameters (sharding)."""
         return module
 
+    def before_backward(self, last_micro_batch: bool) -> None:
+        """Runs before every backward; `last_micro_batch` is False while gradients accumulate, True on the backward
+        that the optimizer step follows (engines that update inside backward need to know which one it is)."""
+
     def after_backward(self) -> None:
         """Runs after every backward, before gradient clipping and the optimizer step."""
 
