@@ -90,7 +90,8 @@ def matmul() -> Figures:
 def _update_rate(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], repeats: int) -> float:
     """Gparam/s of `optimizer.step()`; the warm-up step creates the state."""
     on_gpu = params[0].is_cuda
-    return round(sum(p.numel() for p in params) / _seconds(optimizer.step, repeats, on_gpu) / 1e9, 2)
+    # Three significant digits: a slow or busy host's rate must not round to zero.
+    return float(f"{sum(p.numel() for p in params) / _seconds(optimizer.step, repeats, on_gpu) / 1e9:.3g}")
 
 
 def _cpu_param(mparams: float) -> torch.nn.Parameter:

@@ -9,10 +9,12 @@ from importlib.util import find_spec
 
 from lightning.pytorch.strategies import StrategyRegistry as _LightningRegistry
 
+from lightning_offload.planner import Machine, plan
 from lightning_offload.saving import consolidate
 from lightning_offload.strategy import STRATEGY_NAME, SingleGPUOffloadStrategy
 
-__all__ = ["STRATEGY_NAME", "SingleGPUOffloadStrategy", "consolidate"]
+# `plan` is the planner's function; `python -m lightning_offload.plan` (the module of the same name) is its CLI.
+__all__ = ["STRATEGY_NAME", "Machine", "SingleGPUOffloadStrategy", "consolidate", "plan"]
 __version__ = "0.1.0.dev0"
 
 SingleGPUOffloadStrategy.register_strategies(_LightningRegistry)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-POLICIES = ("none", "full", "every_k", "selective", "offload")
+# `auto`: the planner (`SingleGPUOffloadStrategy(backend=...)` at setup) picks one of the others.
+POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
 
 
@@ -70,7 +71,7 @@ def _save_on_host(forward: Any, *args: Any, **kwargs: Any) -> Any:
 @dataclass(kw_only=True)
 class CheckpointingConfig:
     policy: str = "none"
-    """One of `POLICIES`: none, full (every block), every_k, selective (by class name), offload (to host memory)."""
+    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, selective (by class name), offload (to host memory)."""
     every_k: int = 2
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
     module_classes: list[str] = field(default_factory=list)
@@ -86,7 +87,7 @@ class CheckpointingConfig:
 
     def apply(self, model: nn.Module) -> int:
         """Wraps the chosen blocks of `model`; returns how many were wrapped."""
-        if self.policy == "none":
+        if self.policy in ("none", "auto"):
             return 0
         if self.policy == "selective":
             chosen = find_blocks(model, self.module_classes)
@@ -101,7 +102,7 @@ class CheckpointingConfig:
 
 def as_checkpointing_config(value: str | dict[str, Any] | CheckpointingConfig | None) -> CheckpointingConfig:
     if value is None:
-        return CheckpointingConfig()
+        return CheckpointingConfig(policy="auto")
     if isinstance(value, CheckpointingConfig):
         return value
     if isinstance(value, str):

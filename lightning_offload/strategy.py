@@ -21,6 +21,13 @@ from typing_extensions import override
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config
+from lightning_offload.planner import Plan, PlanReport
+from lightning_offload.planner.lightning import (
+    backend_options_of,
+    checkpointing_of,
+    optimizer_of,
+    plan_for_trainer,
+)
 from lightning_offload.optim import (
     check_optimizer_device,
     check_optimizer_name,
@@ -29,22 +36,27 @@ from lightning_offload.optim import (
 )
 
 STRATEGY_NAME = "single_gpu_offload"
-# Until the memory planner chooses among engines, "auto" means the one engine that trains anything that fits in
-# host memory.
-_AUTO_BACKEND = "deepspeed"
 
 
 class _SingleGPUOffloadCore:
     """Trains one LightningModule on one device with parameters and optimizer state wherever the backend keeps them.
 
+    At setup, before the model is built, the memory planner (``lightning_offload.planner``) measures the model on the
+    meta device at the first training batch's shape and estimates every candidate plan's memory and step time on
+    this machine: ``backend="auto"`` takes the fastest plan that fits, a pinned backend is checked the same way, and
+    a run that cannot fit is refused with the shortfall per memory tier before anything large is allocated.
+
     Args:
-        backend: the engine: ``"auto"`` (default) or one of ``lightning_offload.backends.available_backends()``.
-        optimizer: ``None`` keeps the optimizer from ``configure_optimizers``; a name from
-            ``lightning_offload.optim.OPTIMIZERS`` (e.g. ``"adamw8bit"``) swaps its implementation and keeps its
-            param groups and hyperparameters.
-        activation_checkpointing: a policy name from ``lightning_offload.checkpointing.POLICIES``, a dict of
-            ``CheckpointingConfig`` fields, or ``None`` (no checkpointing).
-        **backend_options: the chosen backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
+        backend: the engine: ``"auto"`` (default: the planner chooses) or one of
+            ``lightning_offload.backends.available_backends()``.
+        optimizer: ``None`` keeps the optimizer from ``configure_optimizers`` (the planner falls back to 8-bit
+            state only when no plan with it fits, and says so); a name from ``lightning_offload.optim.OPTIMIZERS``
+            (e.g. ``"adamw8bit"``) swaps its implementation and keeps its param groups and hyperparameters.
+        activation_checkpointing: ``None`` (default: the planner chooses), a policy name from
+            ``lightning_offload.checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
+        check_memory: ``False`` skips the planner's pre-flight check of a pinned backend (the planner still runs
+            for ``backend="auto"``).
+        **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
 
@@ -53,17 +65,27 @@ class _SingleGPUOffloadCore:
 
     def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
                  activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
-                 accelerator: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None,
-                 **backend_options: Any) -> None:
+                 check_memory: bool = True, accelerator: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, **backend_options: Any) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         if backend not in ("auto", *available_backends()):
             raise ValueError(
                 f"`SingleGPUOffloadStrategy(backend={backend!r})` is unknown. "
                 f"Choose one of {['auto', *available_backends()]}."
             )
-        self.backend_name = _AUTO_BACKEND if backend == "auto" else backend
-        engine = backend_class(self.backend_name)
-        self.backend: Backend = engine(engine.Config.from_options(backend_options))
+        if backend == "auto" and backend_options:
+            raise ValueError(
+                f"Backend options {sorted(backend_options)} need a backend to belong to, but `backend='auto'` lets the "
+                "planner choose it. Pin the backend they are for, e.g. `backend='deepspeed'`."
+            )
+        self.backend_name: str | None = None if backend == "auto" else backend
+        self.backend: Backend | None = None
+        if self.backend_name is not None:
+            engine = backend_class(self.backend_name)
+            self.backend = engine(engine.Config.from_options(backend_options))
+        self.check_memory = check_memory
+        self.plan_report: PlanReport | None = None
+        self._memory_checked = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -95,6 +117,14 @@ class _SingleGPUOffloadCore:
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
+        self._planned = False
+        if self.backend is not None and not self.check_memory:
+            self._setup_backend_environment()
+
+    def _setup_backend_environment(self) -> None:
+        assert self.backend is not None
+        self._planned = True
+        if self.precision_plugin is not self._engine_precision_plugin:
             plugins = import_module(f"{self._lightning}.plugins.precision")
             self.precision_plugin = self.backend.precision_plugin(plugins, self._precision_flag, self.precision_plugin)
             self._engine_precision_plugin = self.precision_plugin
@@ -108,6 +138,43 @@ class _SingleGPUOffloadCore:
         self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
             f"`{STRATEGY_NAME}` on {self.root_device}: {self.backend.describe()}"
         )
+
+    def _plan_and_setup_backend(self) -> None:
+        """Runs once per fit, before the model is built (or, for a model built in `__init__`, before it is moved)."""
+        if self._planned:
+            return
+        if self._memory_checked:
+            # A later fit of the same module: it is already built and wrapped by the engine the first fit planned.
+            self._setup_backend_environment()
+            return
+        self._memory_checked = True
+        trainer = self.lightning_module.trainer
+        report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                                  optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
+                                  precision=self._precision_flag)
+        info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
+        if report is None:
+            if self.backend is None:
+                self._adopt_plan(Plan(backend="device", checkpointing="none"))
+        else:
+            self.plan_report = report
+            info(report.table())
+            if report.chosen is None:
+                raise report.error()
+            if self.backend is None:
+                self._adopt_plan(report.chosen.plan)
+            elif self.activation_checkpointing.policy == "auto":
+                self.activation_checkpointing = checkpointing_of(report.chosen.plan)
+        self._setup_backend_environment()
+
+    def _adopt_plan(self, plan: Plan) -> None:
+        self.backend_name = plan.backend
+        engine = backend_class(plan.backend)
+        self.backend = engine(engine.Config.from_options(backend_options_of(plan, engine.Config)))
+        if self.activation_checkpointing.policy == "auto":
+            self.activation_checkpointing = checkpointing_of(plan)
+        if self.optimizer_name is None:
+            self.optimizer_name = optimizer_of(plan)
 
     def _requested_precision(self) -> str:
         plugin = self.precision_plugin
@@ -127,6 +194,8 @@ class _SingleGPUOffloadCore:
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Lightning enters this just before `configure_model`: the last moment to plan before the model exists.
+        self._plan_and_setup_backend()
         # The engine places (and partitions) parameters itself; creating them on the device first would need the
         # whole model in GPU memory.
         with self.precision_plugin.tensor_init_context():
@@ -141,6 +210,7 @@ class _SingleGPUOffloadCore:
     @override
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
+        self._plan_and_setup_backend()
         self.accelerator.setup(trainer)
         module = self.precision_plugin.convert_module(self.lightning_module)
         _move_non_parameter_state(module, self.root_device)
@@ -251,7 +321,8 @@ class _SingleGPUOffloadCore:
     @override
     def teardown(self) -> None:
         super().teardown()
-        self.backend.teardown()
+        if self.backend is not None:
+            self.backend.teardown()
 
     @classmethod
     @override

@@ -56,8 +56,8 @@ def test_lion8bit_trains_on_deepspeed() -> None:
 
 
 def test_full_checkpointing_on_deepspeed_matches_no_checkpointing() -> None:
-    plain, _ = fit("single_gpu_offload")
-    checkpointed, _ = fit(SingleGPUOffloadStrategy(activation_checkpointing="full"))
+    plain, _ = fit("single_gpu_offload_deepspeed")
+    checkpointed, _ = fit(SingleGPUOffloadStrategy(backend="deepspeed", activation_checkpointing="full"))
     assert_losses_close(checkpointed.losses, plain.losses, FP32_RTOL)
 
 

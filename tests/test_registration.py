@@ -18,7 +18,10 @@ def test_registered_in_both_namespaces(namespace: str) -> None:
     trainer = lightning.Trainer(strategy="single_gpu_offload", accelerator="cpu", devices=1, logger=False)
     assert isinstance(trainer.strategy, lightning.strategies.Strategy)
     assert type(trainer.strategy).__name__ == "SingleGPUOffloadStrategy"
-    assert trainer.strategy.backend_name == "deepspeed"
+    # "auto": the planner picks the backend at setup; a suffixed name pins it.
+    assert trainer.strategy.backend_name is None
+    pinned = lightning.Trainer(strategy="single_gpu_offload_deepspeed", accelerator="cpu", devices=1, logger=False)
+    assert pinned.strategy.backend_name == "deepspeed"
 
 
 def test_pytorch_lightning_trainer_fits() -> None:

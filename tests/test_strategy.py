@@ -24,14 +24,14 @@ def assert_losses_close(actual: list[float], expected: list[float], rtol: float)
 
 def test_fp32_losses_track_plain_run() -> None:
     reference, _ = fit("auto")
-    offloaded, _ = fit("single_gpu_offload")
+    offloaded, _ = fit("single_gpu_offload_deepspeed")
     assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
     assert offloaded.losses[-1] < 0.9 * offloaded.losses[0]
 
 
 def test_bf16_losses_track_fp32_plain_run() -> None:
     reference, _ = fit("auto")
-    offloaded, _ = fit("single_gpu_offload", precision="bf16-mixed")
+    offloaded, _ = fit("single_gpu_offload_deepspeed", precision="bf16-mixed")
     assert_losses_close(offloaded.losses, reference.losses, BF16_RTOL)
 
 
@@ -47,7 +47,7 @@ def test_adamw_hyperparameters_and_param_groups_reach_cpu_adam() -> None:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     module = TinyLM(optimizer_kwargs={"betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.2})
-    _, trainer = fit("single_gpu_offload", module=module, num_batches=1)
+    _, trainer = fit("single_gpu_offload_deepspeed", module=module, num_batches=1)
     engine_optimizer = trainer.strategy.optimizers[0].optimizer
     assert isinstance(engine_optimizer, DeepSpeedCPUAdam) and engine_optimizer.adam_w_mode
     groups = engine_optimizer.param_groups
@@ -61,7 +61,7 @@ def test_adamw_hyperparameters_and_param_groups_reach_cpu_adam() -> None:
 def test_sgd_matches_plain_run(accumulate: int) -> None:
     options = dict(optimizer="sgd", lr=0.5, optimizer_kwargs={"momentum": 0.9})
     reference, ref_trainer = fit("auto", module=TinyLM(**options), accumulate_grad_batches=accumulate)
-    offloaded, trainer = fit("single_gpu_offload", module=TinyLM(**options), accumulate_grad_batches=accumulate)
+    offloaded, trainer = fit("single_gpu_offload_deepspeed", module=TinyLM(**options), accumulate_grad_batches=accumulate)
     assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
     assert trainer.global_step == ref_trainer.global_step == 8 // accumulate
     assert type(trainer.strategy.optimizers[0].optimizer) is torch.optim.SGD
@@ -69,7 +69,7 @@ def test_sgd_matches_plain_run(accumulate: int) -> None:
 
 def test_step_interval_lr_schedule_takes_effect() -> None:
     reference, _ = fit("auto", module=TinyLM(scheduler="step"))
-    offloaded, trainer = fit("single_gpu_offload", module=TinyLM(scheduler="step"))
+    offloaded, trainer = fit("single_gpu_offload_deepspeed", module=TinyLM(scheduler="step"))
     assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
     # StepLR(step_size=2, gamma=0.5) over 8 optimizer steps: 4 halvings.
     assert trainer.strategy.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 / 16)
@@ -78,23 +78,23 @@ def test_step_interval_lr_schedule_takes_effect() -> None:
 def test_gradient_clipping_takes_effect() -> None:
     options = dict(optimizer="sgd", lr=0.5)
     reference, _ = fit("auto", module=TinyLM(**options), gradient_clip_val=0.05)
-    clipped, _ = fit("single_gpu_offload", module=TinyLM(**options), gradient_clip_val=0.05)
-    unclipped, _ = fit("single_gpu_offload", module=TinyLM(**options))
+    clipped, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(**options), gradient_clip_val=0.05)
+    unclipped, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(**options))
     assert_losses_close(clipped.losses, reference.losses, FP32_RTOL)
     assert abs(clipped.losses[-1] - unclipped.losses[-1]) > 1e-2
 
 
 def test_save_and_resume_reproduce_uninterrupted_losses(tmp_path) -> None:
-    uninterrupted, _ = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=2)
-    first, trainer = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=1)
+    uninterrupted, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(scheduler="step"), max_epochs=2)
+    first, trainer = fit("single_gpu_offload_deepspeed", module=TinyLM(scheduler="step"), max_epochs=1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed, _ = fit("single_gpu_offload", module=TinyLM(scheduler="step"), max_epochs=2,
+    resumed, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(scheduler="step"), max_epochs=2,
                      ckpt_path=str(tmp_path / "epoch1.ckpt"))
     assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-6)
 
 
 def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
-    module, trainer = fit("single_gpu_offload")
+    module, trainer = fit("single_gpu_offload_deepspeed")
     inputs = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         trained_logits = trainer.strategy.model(inputs)
@@ -110,26 +110,26 @@ def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
 
 
 def test_two_fits_in_one_process() -> None:
-    first, _ = fit("single_gpu_offload", num_batches=2)
-    second, _ = fit("single_gpu_offload", num_batches=2)
+    first, _ = fit("single_gpu_offload_deepspeed", num_batches=2)
+    second, _ = fit("single_gpu_offload_deepspeed", num_batches=2)
     assert first.losses == second.losses
-    again, _ = fit("single_gpu_offload", module=first, num_batches=2)
+    again, _ = fit("single_gpu_offload_deepspeed", module=first, num_batches=2)
     assert len(again.losses) == 4 and again.losses[2] < again.losses[0]
 
 
 def test_more_than_one_device_is_refused() -> None:
     with pytest.raises(ValueError, match="trains on one device.*devices=1"):
-        fit("single_gpu_offload", devices=2)
+        fit("single_gpu_offload_deepspeed", devices=2)
 
 
 def test_value_clipping_is_refused() -> None:
     with pytest.raises(ValueError, match="clips by global norm only"):
-        fit("single_gpu_offload", gradient_clip_val=1.0, gradient_clip_algorithm="value")
+        fit("single_gpu_offload_deepspeed", gradient_clip_val=1.0, gradient_clip_algorithm="value")
 
 
 def test_amsgrad_is_refused_with_alternative() -> None:
     with pytest.raises(ValueError, match=r"amsgrad=True.*SGD"):
-        fit("single_gpu_offload", module=TinyLM(optimizer="adam", optimizer_kwargs={"amsgrad": True}))
+        fit("single_gpu_offload_deepspeed", module=TinyLM(optimizer="adam", optimizer_kwargs={"amsgrad": True}))
 
 
 def test_empty_param_group_is_refused() -> None:
@@ -139,7 +139,7 @@ def test_empty_param_group_is_refused() -> None:
                                       {"params": [p for p in self.parameters() if p.ndim < 2]}])
 
     with pytest.raises(ValueError, match="0-element placeholders"):
-        fit("single_gpu_offload", module=DimensionGrouped())
+        fit("single_gpu_offload_deepspeed", module=DimensionGrouped())
 
 
 def test_unknown_backend_and_option_are_refused() -> None:

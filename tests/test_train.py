@@ -73,7 +73,7 @@ def test_short_run_leaves_checkpoint_and_metrics(tmp_path) -> None:
     cfg = compose_config(tmp_path, SHORT_RUN)
     HydraConfig.instance().set_config(cfg)
     metrics = train(cfg)
-    assert (tmp_path / "checkpoints" / "last.ckpt" / "latest").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     assert any(row["train/loss"] for row in rows) and any(row["val/perplexity"] for row in rows)
     assert metrics["val/perplexity"] > 1
@@ -83,8 +83,10 @@ def test_command_line_run_and_unknown_key(tmp_path) -> None:
     command = [sys.executable, "-m", "lightning_offload.train", f"hydra.run.dir={tmp_path}", *SHORT_RUN]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "single_gpu_offload` on cpu: DeepSpeed ZeRO-3" in done.stdout + done.stderr
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_dir()
+    output = done.stdout + done.stderr
+    # The planner's table and choice are logged, then the backend it chose.
+    assert "Plans for" in output and "Chosen: device" in output and "single_gpu_offload` on cpu: no offload" in output
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
     typo = subprocess.run([*command, "trainer.max_stepz=3"], capture_output=True, text=True, timeout=300)
     assert typo.returncode != 0 and "Key 'max_stepz' is not in struct" in typo.stderr

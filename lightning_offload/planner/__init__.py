@@ -1,0 +1,81 @@
+"""The memory planner: which plan trains a model fastest on this machine, and an honest refusal when none fits.
+
+`plan(module, batch)` measures the model on the meta device (`measure`), estimates every candidate plan's bytes per
+memory tier (`memory`) and step time from the machine's measured ceilings (`cost`), and chooses (`choose`).
+`SingleGPUOffloadStrategy(backend="auto")` calls it at setup, before any large allocation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_offload.planner.choose import (
+    SAFETY_MARGIN,
+    Candidate,
+    PlanDoesNotFit,
+    PlanReport,
+    candidate_plans,
+    choose,
+)
+from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time, load_or_probe, probe
+from lightning_offload.planner.measure import ModelStats, measure_model, measure_module, meta_network
+from lightning_offload.planner.memory import (
+    EIGHT_BIT_OPTIMIZERS,
+    GIB,
+    Machine,
+    MemoryEstimate,
+    Plan,
+    estimate_memory,
+    shortfalls,
+)
+
+__all__ = [
+    "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Machine", "MemoryEstimate", "ModelStats", "Plan",
+    "PlanDoesNotFit", "PlanReport", "StepTime", "candidate_plans", "choose", "compute_dtype", "estimate_memory",
+    "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network", "plan", "probe",
+    "shortfalls",
+]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    if "bf16" in precision:
+        return torch.bfloat16
+    return torch.float16 if "16" in precision else torch.float32
+
+
+def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: Machine | None = None,
+         ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
+         optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
+         accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True) -> PlanReport:
+    """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
+
+    `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
+    e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
+    `checkpointing` pin levers (None / "auto": the planner chooses). Returns the report; `report.chosen` is None
+    when nothing fits, and `report.error()` is the exception that says why.
+    """
+    from lightning_offload.backends import available_backends
+
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(model, ModelStats):
+        stats = model
+    else:
+        batch = example_input if example_input is not None else getattr(model, "example_input_array", None)
+        if batch is None:
+            raise ValueError(
+                f"`plan` needs a batch to measure {type(model).__name__} with: pass `example_input` or set the "
+                "module's `example_input_array`."
+            )
+        stats = measure_module(model, batch, dtype=compute_dtype(precision))
+    machine = machine or Machine.detect(device)
+    ceilings = ceilings or load_or_probe(device)
+    backends = available_backends() if backend in (None, "auto") else [backend]
+    plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
+                            optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
+                            adamw_compatible=adamw_compatible)
+    return choose(stats, machine, ceilings, plans, accumulate=accumulate,
+                  allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS)

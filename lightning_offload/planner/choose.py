@@ -1,0 +1,226 @@
+"""Choosing a plan: enumerate candidates for the levers the user left open, keep those that fit, take the fastest.
+
+The user's optimizer arithmetic is kept whenever a plan that keeps it fits: 8-bit optimizer state is a different
+optimizer, chosen automatically only when nothing exact fits (with a warning) or when the user asked for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
+from lightning_offload.planner.measure import ModelStats
+from lightning_offload.planner.memory import (
+    GIB,
+    Machine,
+    MemoryEstimate,
+    Plan,
+    estimate_memory,
+    shortfalls,
+)
+
+# Fraction of each memory tier a plan may fill: allocator fragmentation, the data loader, other processes.
+SAFETY_MARGIN = 0.9
+POLICIES = ("none", "every_k", "full", "offload")
+# The optimizer each backend steps when the user keeps their own AdamW ("exact") or wants 8-bit state.
+_EXACT_OPTIMIZER = {"device": "adamw", "deepspeed": "cpu_adam", "fsdp": "adamw", "host_adam": "adamw"}
+_EIGHT_BIT_OPTIMIZER = {"device": "adamw8bit", "gpu_8bit": "adamw8bit_fused", "stream": "adamw8bit_fused",
+                        "fsdp": "adamw8bit"}
+# Backends that update with their own 8-bit AdamW inside backward, and the pinned names that mean it.
+_OWN_EIGHT_BIT_UPDATE = frozenset({"gpu_8bit", "stream"})
+_ADAMW_8BIT = frozenset({"adamw8bit", "adamw8bit_fused", "paged_adamw8bit"})
+# Backends whose update math is AdamW only (they refuse other optimizers), and those that need CUDA.
+_ADAMW_ONLY = frozenset({"gpu_8bit", "host_adam", "stream"})
+_CUDA_ONLY = frozenset({"host_adam", "stream"})
+
+
+class PlanDoesNotFit(ValueError):
+    """No candidate plan fits the machine; the message names each tier's shortfall and what would fit."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: Plan
+    memory: MemoryEstimate
+    step_time: StepTime
+    shortfalls: dict[str, float]
+
+    @property
+    def fits(self) -> bool:
+        return not self.shortfalls
+
+    @property
+    def step_time_s(self) -> float:
+        return self.step_time.total
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What was considered and what won; `chosen` is None when nothing fits (then `error()` explains)."""
+
+    stats: ModelStats
+    machine: Machine
+    ceilings: Ceilings
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    reason: str
+    accumulate: int = 1
+
+    def tokens_per_second(self, candidate: Candidate) -> float:
+        return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
+
+    def rows(self) -> list[dict[str, object]]:
+        """One dict per candidate (for tables and plots): the chosen one, then the fastest that fit."""
+        candidates = ordered(self.candidates)
+        if self.chosen is not None:
+            candidates = [self.chosen] + [c for c in candidates if c is not self.chosen]
+        return [{
+            "plan": str(c.plan), "backend": c.plan.backend, "optimizer": c.plan.optimizer,
+            "checkpointing": c.plan.checkpointing, "fits": c.fits, "chosen": c is self.chosen,
+            "step_time_s": c.step_time_s, "gpu_gib": c.memory.gpu_bytes / GIB, "host_gib": c.memory.host_bytes / GIB,
+            "pinned_gib": c.memory.pinned_bytes / GIB,
+            "short": ", ".join(f"{tier} {gib:.1f} GiB" for tier, gib in c.shortfalls.items()),
+        } for c in candidates]
+
+    def table(self, limit: int = 12) -> str:
+        header = f"{'':2}{'plan':66} {'s/step':>7} {'GPU GiB':>8} {'host GiB':>9}  fits"
+        lines = [f"Plans for {parameter_count(self.stats.parameters)} parameters on {self.machine.describe()} "
+                 f"({self.ceilings.device}):", header]
+        for row in self.rows()[:limit]:
+            mark = "->" if row["chosen"] else ""
+            fits = "yes" if row["fits"] else f"no: {row['short']} short"
+            lines.append(f"{mark:2}{row['plan']:66} {row['step_time_s']:7.3g} {row['gpu_gib']:8.1f} "
+                         f"{row['host_gib']:9.1f}  {fits}")
+        if len(self.candidates) > limit:
+            lines.append(f"  ... {len(self.candidates) - limit} more")
+        lines.append(self.reason)
+        return "\n".join(lines)
+
+    def error(self) -> PlanDoesNotFit:
+        return _refusal(self)
+
+
+def parameter_count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
+
+
+def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
+    # Step times within 1% are a tie, broken by host memory (slow to pin, shared with everything else) then GPU.
+    return sorted(candidates, key=lambda c: (not c.fits, round(c.step_time_s, 2), c.memory.host_bytes,
+                                             c.memory.gpu_bytes))
+
+
+def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
+                    checkpointing: str | None = None, every_k: int | None = None,
+                    adamw_compatible: bool = True) -> list[Plan]:
+    """Every plan over the levers the user left open (`None`); pinned levers are taken as given."""
+    # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
+    policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
+    plans = []
+    for backend in backends:
+        if backend in _CUDA_ONLY and not on_cuda or backend in _ADAMW_ONLY and not adamw_compatible:
+            continue
+        for name in _optimizers_for(backend, optimizer):
+            for policy in policies:
+                if backend == "stream" and policy not in ("full", "offload"):
+                    continue
+                for k in ([every_k] if every_k else [2, 4]) if policy == "every_k" else [2]:
+                    base = Plan(backend=backend, optimizer=name, checkpointing=policy, every_k=k)
+                    if backend == "stream":
+                        step = max(1, stats.blocks // 8)
+                        plans += [dataclasses.replace(base, resident_blocks=r)
+                                  for r in range(0, stats.blocks + 1, step)]
+                    else:
+                        plans.append(base)
+    return plans
+
+
+def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
+    """The optimizer state a backend would keep: its own conversions of the user's optimizer, or the pinned one
+    where the backend can step it."""
+    if pinned is None:
+        return [o for o in (_EXACT_OPTIMIZER.get(backend), _EIGHT_BIT_OPTIMIZER.get(backend)) if o]
+    if backend in _OWN_EIGHT_BIT_UPDATE:
+        return ["adamw8bit_fused"] if pinned in _ADAMW_8BIT else []
+    if backend == "host_adam":
+        return ["adamw"] if pinned in ("adamw", "cpu_adam") else []
+    if pinned == "cpu_adam" and backend == "device" or pinned == "paged_adamw8bit" and backend != "device":
+        return []
+    return [pinned]
+
+
+def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
+           allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN) -> PlanReport:
+    """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`."""
+    if not plans:
+        raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
+    candidates = []
+    for plan in plans:
+        memory = estimate_memory(stats, plan, accumulate=accumulate)
+        candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
+                                    shortfalls(memory, machine, margin)))
+    fitting = [c for c in ordered(candidates) if c.fits]
+    exact = [c for c in fitting if c.plan.exact_optimizer]
+    if fitting and (allow_eight_bit or not exact):
+        chosen = fitting[0]
+    elif exact:
+        chosen = exact[0]
+    else:
+        chosen = None
+    return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
+                      accumulate)
+
+
+def _reason(chosen: Candidate | None, fitting: list[Candidate], allow_eight_bit: bool) -> str:
+    if chosen is None:
+        return "No plan fits."
+    if not chosen.plan.exact_optimizer and not allow_eight_bit:
+        return (f"Chosen: {chosen.plan}: no plan with your optimizer's fp32 state fits, so the optimizer state is "
+                "8-bit (pass `optimizer=` to pin one).")
+    faster = [c for c in fitting if c.step_time_s < chosen.step_time_s]
+    runner_up = next((c for c in fitting if c is not chosen and c.plan.exact_optimizer == chosen.plan.exact_optimizer),
+                     None)
+    why = f"the fastest plan that fits ({chosen.step_time_s:.3g} s/step"
+    why += f" vs {runner_up.step_time_s:.3g} for {runner_up.plan})" if runner_up else ")"
+    if faster:
+        why += f"; {len(faster)} faster plan(s) use 8-bit optimizer state (pass `optimizer='adamw8bit'` to allow)"
+    return f"Chosen: {chosen.plan}: {why}."
+
+
+def scaled(stats: ModelStats, fraction: float) -> ModelStats:
+    """`stats` at a micro-batch `fraction` of the measured one: activations and logits scale with the tokens."""
+    return dataclasses.replace(
+        stats, activation_bytes_per_block=int(stats.activation_bytes_per_block * fraction),
+        block_input_bytes=int(stats.block_input_bytes * fraction), logits=int(stats.logits * fraction),
+        tokens=int(stats.tokens * fraction),
+        outside_block_activation_bytes=int(stats.outside_block_activation_bytes * fraction))
+
+
+def _refusal(report: PlanReport) -> PlanDoesNotFit:
+    nearest = min(report.candidates, key=lambda c: (sum(c.shortfalls.values()), c.step_time_s))
+    missing = ", ".join(f"{tier} short by {gib:.1f} GiB" for tier, gib in nearest.shortfalls.items())
+    plans = [c.plan for c in report.candidates]
+    hints = []
+    for fraction in (0.5, 0.25, 0.125):
+        smaller = choose(scaled(report.stats, fraction), report.machine, report.ceilings, plans,
+                         accumulate=report.accumulate, allow_eight_bit=True)
+        if smaller.chosen:
+            hints.append(f"a micro-batch {int(1 / fraction)}x smaller fits with {smaller.chosen.plan} (accumulate "
+                         f"{int(1 / fraction)}x more batches to keep the step's tokens)")
+            break
+    if not any(p.checkpointing == "full" for p in plans):
+        hints.append("activation checkpointing (`activation_checkpointing='full'`) is pinned off")
+    if all(p.exact_optimizer for p in plans):
+        hints.append("8-bit optimizer state (`optimizer='adamw8bit'`) saves 6 bytes/param")
+    tiers = {tier for tier, _ in nearest.shortfalls.items()}
+    if "host RAM" in tiers:
+        hints.append(f"free {nearest.shortfalls['host RAM']:.1f} GiB more host RAM (close other processes)")
+    return PlanDoesNotFit(
+        f"No plan fits this machine ({report.machine.describe()}, {100 * (1 - SAFETY_MARGIN):.0f}% of each kept "
+        f"free) for {parameter_count(report.stats.parameters)} parameters. Nearest: {nearest.plan}: {missing} (needs "
+        f"{nearest.memory.gpu_bytes / GIB:.1f} GiB GPU, {nearest.memory.host_bytes / GIB:.1f} GiB host). "
+        + ("What would help: " + "; ".join(hints) + "." if hints else "A machine with more memory is needed.")
+    )
+

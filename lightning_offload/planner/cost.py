@@ -1,0 +1,196 @@
+"""The cost model: a plan's step time from the machine's measured ceilings.
+
+A short probe (a few seconds) measures what bounds every plan - the matmul rate, PCIe bandwidth each way and both
+ways at once, and the CPU's AdamW rate - and caches it per machine, so planning a run costs nothing the second time.
+Each plan's step is then the sum of the phases that cannot overlap: compute (with recompute), the PCIe traffic the
+engine leaves exposed, and the optimizer work that does not hide under backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_offload.planner.measure import ModelStats
+from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks
+
+# Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included):
+# ANCHORS.md's plain loop trains 3.6B at 0.60 s/step and torchtune's method 8B at 1.28 s with every block
+# recomputed, i.e. 8 x N x tokens / s = 45-50% of the 773 TFLOP/s measured for an 8192^3 bf16 matmul.
+ACHIEVED_MATMUL_FRACTION = 0.48
+# Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
+# torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
+GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
+                   "lion8bit": 33e9}
+# DeepSpeed ZeRO-3 offload's optimizer phase (CPU Adam plus copying fp32 gradients into partitions and bf16
+# weights back), relative to the probed fused CPU AdamW rate: 3.22 s/step measured at 3.6B (bench/RESULTS.md).
+DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.4
+# bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
+# 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
+CPU_8BIT_UPDATE_RATE = 0.06e9
+# Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
+BACKWARD_SHARE = 0.7
+CACHE_ENV = "LIGHTNING_OFFLOAD_CACHE"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ceilings:
+    """What bounds a training step on one machine. Defaults: the project's H100 machine (ANCHORS.md)."""
+
+    device: str = "NVIDIA H100 80GB HBM3"
+    matmul_tflops: float = 773.0
+    h2d_gbps: float = 46.7
+    d2h_gbps: float = 55.0
+    duplex_gbps: float = 78.5
+    cpu_adamw_gparams: float = 3.8
+
+    @property
+    def achieved_flops(self) -> float:
+        return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Estimated seconds per optimizer step, by phase; `total` is what does not overlap."""
+
+    compute: float
+    transfer: float
+    optimizer: float
+    total: float
+
+
+def training_flops(stats: ModelStats, plan: Plan) -> float:
+    """FLOPs of one micro-batch: 6 x N x tokens, plus a forward again for every recomputed block."""
+    if not stats.tokens:
+        return 0.0
+    recomputed = checkpointed_blocks(stats, plan) / stats.blocks if stats.blocks else 0.0
+    return (6 + 2 * recomputed) * stats.compute_parameters * stats.tokens
+
+
+def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1) -> StepTime:
+    params, bf16 = stats.parameters, 2
+    compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops
+    backward_of_last = BACKWARD_SHARE * compute / accumulate
+    h2d, d2h, duplex = (g * 1e9 for g in (ceilings.h2d_gbps, ceilings.d2h_gbps, ceilings.duplex_gbps))
+    cpu_adamw = ceilings.cpu_adamw_gparams * 1e9
+    passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)  # forward, backward, recompute
+    # `offload` checkpointing copies saved tensors out in forward and back in backward on the compute stream
+    # (torch's save_on_cpu): the copies add to compute rather than hide under it.
+    saved = stats.blocks * stats.activation_bytes_per_block if plan.checkpointing == "offload" else 0
+    offload = accumulate * (saved / d2h + saved / h2d)
+    if plan.backend in ("device", "gpu_8bit"):
+        optimizer = params / GPU_UPDATE_RATE.get(plan.optimizer, GPU_UPDATE_RATE["adamw"])
+        return StepTime(compute, offload, optimizer, compute + offload + optimizer)
+    if plan.backend == "host_adam":
+        # Gradients leave, the CPU steps and weights return bucket by bucket, starting under the last backward.
+        pipeline = max(bf16 * params / d2h, params / cpu_adamw, bf16 * params / h2d)
+        exposed = max(0.0, pipeline - backward_of_last)
+        transfer = bf16 * params / d2h + bf16 * params / h2d
+        return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload + exposed)
+    if plan.backend == "stream":
+        streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
+        state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params
+        weights_in = accumulate * passes * bf16 * streamed
+        # State goes in and out once per step, updated streamed weights go back out: both directions at once.
+        both_ways = 2 * max(state, state + bf16 * streamed) / duplex
+        transfer = weights_in / h2d + both_ways
+        update = params / GPU_UPDATE_RATE[plan.optimizer]
+        return StepTime(compute, transfer + offload, update, max(compute + update, transfer) + offload)
+    if plan.backend == "deepspeed":
+        weights_in = accumulate * passes * bf16 * params / h2d
+        gradients_out = accumulate * bf16 * params / d2h
+        optimizer = params / (cpu_adamw * DEEPSPEED_OPTIMIZER_PHASE_SHARE)
+        return StepTime(compute, weights_in + gradients_out + offload, optimizer,
+                        max(compute, weights_in) + offload + gradients_out + optimizer)
+    # fsdp: fp32 shards come in for every unshard, fp32 gradients go out; torch's AdamW steps on the CPU after.
+    weights_in = accumulate * passes * 4 * params / h2d
+    gradients_out = accumulate * 4 * params / d2h
+    rate = CPU_8BIT_UPDATE_RATE if not plan.exact_optimizer else cpu_adamw
+    optimizer = params / rate
+    return StepTime(compute, weights_in + gradients_out + offload, optimizer,
+                    max(compute, weights_in) + offload + gradients_out + optimizer)
+
+
+def _cache_path(device: torch.device) -> Path:
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lightning_offload"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    key = "".join(c if c.isalnum() else "-" for c in f"{platform.node()}-{name}-{os.cpu_count()}")
+    return root / f"ceilings-{key}.json"
+
+
+def load_or_probe(device: torch.device) -> Ceilings:
+    """This machine's ceilings: from the cache when this machine was probed before, else probed now and cached."""
+    path = _cache_path(device)
+    if path.exists():
+        try:
+            return Ceilings(**json.loads(path.read_text()))
+        except (TypeError, ValueError):
+            pass
+    ceilings = probe(device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(ceilings), indent=1))
+        temporary.replace(path)
+    except OSError:
+        pass  # an unwritable cache only costs the next run a probe
+    return ceilings
+
+
+def _rate(run: Callable[[], object], work: float, repeats: int, synchronize: Callable[[], None]) -> float:
+    run()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    synchronize()
+    return work * repeats / (time.perf_counter() - start)
+
+
+def probe(device: torch.device) -> Ceilings:
+    """Measures the ceilings in a few seconds: small enough to run at setup, large enough to be at the plateau."""
+    on_gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
+    size = 8192 if on_gpu else 512
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    matmul = _rate(lambda: a @ a, 2 * size**3, 20 if on_gpu else 5, sync) / 1e12
+    del a
+    elements = 16 * 2**20
+    params = [torch.zeros(elements)]
+    grads, exp_avg, exp_avg_sq = [torch.full_like(params[0], 1e-3)], [torch.zeros(elements)], [torch.zeros(elements)]
+    steps = [torch.tensor(0.0)]
+
+    def cpu_adamw() -> None:
+        torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+
+    adamw = _rate(cpu_adamw, elements, 3, lambda: None) / 1e9
+    if not on_gpu:
+        return Ceilings(device=platform.processor() or "cpu", matmul_tflops=matmul, h2d_gbps=math.inf,
+                        d2h_gbps=math.inf, duplex_gbps=math.inf, cpu_adamw_gparams=adamw)
+    nbytes = 512 * 2**20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host_back = torch.empty_like(host).pin_memory()
+    gpu_out = torch.empty_like(gpu)
+    h2d = _rate(lambda: gpu.copy_(host, non_blocking=True), nbytes, 5, sync) / 1e9
+    d2h = _rate(lambda: host_back.copy_(gpu_out, non_blocking=True), nbytes, 5, sync) / 1e9
+    side = torch.cuda.Stream(device)
+
+    def both_ways() -> None:
+        gpu.copy_(host, non_blocking=True)
+        with torch.cuda.stream(side):
+            host_back.copy_(gpu_out, non_blocking=True)
+
+    duplex = _rate(both_ways, 2 * nbytes, 5, sync) / 1e9
+    return Ceilings(device=torch.cuda.get_device_name(device), matmul_tflops=matmul, h2d_gbps=h2d, d2h_gbps=d2h,
+                    duplex_gbps=duplex, cpu_adamw_gparams=adamw)

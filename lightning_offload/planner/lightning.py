@@ -1,0 +1,92 @@
+"""The planner as the strategy uses it: measure a LightningModule at its first training batch, plan, and turn the
+chosen plan back into strategy settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from lightning_offload.checkpointing import CheckpointingConfig
+from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
+from lightning_offload.planner.measure import meta_network
+
+_OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
+# Policies the memory model knows; `selective` keeps more than `full` and less than `none`: planned as `none`, so
+# its estimate errs on the side of memory.
+_PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offload": "offload", "selective": "none"}
+
+
+def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
+                     optimizer: str | None, checkpointing: CheckpointingConfig,
+                     precision: str) -> PlanReport | None:
+    """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
+    reason is warned) or the Trainer is not fitting."""
+    if trainer.state.fn is None or trainer.state.fn.value != "fit":
+        return None
+    dtype = compute_dtype(precision)
+    try:
+        batch, step = _example_batch(module, trainer)
+        stats = measure_module(module, batch, dtype=dtype, step=step)
+    except Exception as error:  # a user's model or loader the meta device cannot run: plan without it
+        warnings.warn(
+            f"The planner could not measure {type(module).__name__} on the meta device ({type(error).__name__}: "
+            f"{error}), so no memory check ran. Set `example_input_array` on the module to help it.",
+            stacklevel=2,
+        )
+        return None
+    pinned_policy = None if checkpointing.policy == "auto" else _PLANNED_POLICY[checkpointing.policy]
+    return plan(
+        stats, machine=Machine.detect(device), ceilings=load_or_probe(device), device=device,
+        backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
+        every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
+        accumulate=trainer.accumulate_grad_batches, precision=precision,
+        adamw_compatible=_steps_adamw(module, dtype),
+    )
+
+
+def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
+    """The module's `example_input_array` (measured through `forward`), else the first training batch (measured
+    through `training_step`, so the loss's tensors count)."""
+    example = getattr(module, "example_input_array", None)
+    if example is not None:
+        return example, None
+    # Lightning keeps what `fit(...)` was given (a DataLoader, a datamodule's hook) in the fit loop's data source;
+    # the datamodule's `setup` has run by now.
+    loader = trainer.fit_loop._data_source.dataloader()
+    batch = next(iter(loader))
+    return batch, lambda meta_batch: module.training_step(meta_batch, 0)
+
+
+def _steps_adamw(module: Any, dtype: torch.dtype) -> bool:
+    """Whether `configure_optimizers` returns Adam or AdamW (the backends that update inside backward need it)."""
+    try:
+        with meta_network(module, dtype):
+            result = module.configure_optimizers()
+    except Exception:  # unknowable before the model exists: the chosen backend checks it at setup
+        return True
+    optimizer = result.get("optimizer") if isinstance(result, dict) else result
+    while isinstance(optimizer, (list, tuple)) and optimizer:
+        optimizer = optimizer[0]
+    optimizer = optimizer.get("optimizer") if isinstance(optimizer, dict) else optimizer
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def checkpointing_of(chosen: Plan) -> CheckpointingConfig:
+    return CheckpointingConfig(policy=chosen.checkpointing, every_k=chosen.every_k)
+
+
+def optimizer_of(chosen: Plan) -> str | None:
+    """The strategy's `optimizer=` for a plan the planner chose while the user kept their own optimizer."""
+    if chosen.backend in _OWN_OPTIMIZER_BACKENDS or chosen.exact_optimizer:
+        return None
+    return chosen.optimizer
+
+
+def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
+    """The plan's levers that are backend options (e.g. the streaming plan's resident blocks)."""
+    known = {f.name for f in dataclasses.fields(config)}
+    options = {"resident_blocks": chosen.resident_blocks, "pin_memory": chosen.pin_memory}
+    return {name: value for name, value in options.items() if name in known and name != "pin_memory"}

@@ -1,0 +1,219 @@
+"""The memory model: bytes on the GPU and in host memory for a model, a batch shape and a plan, term by term.
+
+Pure functions over dataclasses; the model-dependent inputs come from `measure.ModelStats`. Engine constants are
+named where they are used and say where their value comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_offload.planner.measure import ModelStats
+
+GIB = 2**30
+# Bytes of optimizer state per parameter. bitsandbytes keeps one fp32 absmax per 256-element block per moment;
+# the fused kernel's record is 528 bytes per 256 elements (bench/NOTES_kernel.md).
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8.0,
+    "cpu_adam": 8.0,
+    "adamw8bit": 2 + 2 * 4 / 256,
+    "paged_adamw8bit": 2 + 2 * 4 / 256,
+    "adamw8bit_fused": 528 / 256,
+    "lion8bit": 1 + 4 / 256,
+}
+EIGHT_BIT_OPTIMIZERS = frozenset(name for name, size in OPTIMIZER_STATE_BYTES.items() if size < 4)
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and cuBLAS workspaces: outside torch's allocator
+# Python, torch, the CUDA runtime and Lightning in host memory before any model: a plain training loop's RSS
+# (ANCHORS.md: 2 GiB for the plain loop and torchtune's method at 3.6B), with room for the data loader.
+PROCESS_BASELINE_BYTES = int(2.5 * GIB)
+# Logits are kept in bf16, upcast to fp32 for the loss, and their fp32 gradient exists during backward.
+LOGIT_BYTES = 2 + 4 + 4
+# DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
+# fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions and swap buffers. Measured on the H100
+# machine (bench/RESULTS.md): 35.8 GiB RSS at 1.5B and 84 GiB at 3.6B, i.e. ~5 bytes/param above the 18.
+DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM = 5
+BACKENDS = ("device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    backend: str
+    """Where the state lives: `device` (nothing offloaded), `gpu_8bit` (bf16 weights + 8-bit state on the GPU,
+    updated inside backward), `host_adam` (bf16 weights on the GPU, fp32 master + AdamW state in host memory),
+    `stream` (blocks' weights and 8-bit state in host memory, streamed through the GPU), `deepspeed` (ZeRO-3,
+    parameters and optimizer state in host memory) or `fsdp` (FSDP2 CPU offload)."""
+    optimizer: str = "adamw"
+    checkpointing: str = "full"
+    """`none`, `full`, `every_k` (every `every_k`-th block) or `offload` (saved tensors in pinned host memory)."""
+    every_k: int = 2
+    pin_memory: bool = True
+    resident_blocks: int = 0
+    """`stream` only: blocks whose weights stay on the GPU; the others stream from host memory."""
+
+    def __str__(self) -> str:
+        policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
+        resident = f", {self.resident_blocks} resident blocks" if self.backend == "stream" else ""
+        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}"
+
+    @property
+    def exact_optimizer(self) -> bool:
+        """True when the optimizer's arithmetic is the user's (fp32 state), False for 8-bit state."""
+        return self.optimizer not in EIGHT_BIT_OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per tier, term by term (`gpu`, `host`), for one plan; `host_pinned` says which host terms are pinned."""
+
+    plan: Plan
+    gpu: dict[str, int]
+    host: dict[str, int]
+    host_pinned: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(v for k, v in self.host.items() if k in self.host_pinned)
+
+
+def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
+    if plan.checkpointing in ("none", "offload"):
+        return 0
+    return stats.blocks if plan.checkpointing == "full" else math.ceil(stats.blocks / plan.every_k)
+
+
+def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
+    per_block, layers = stats.activation_bytes_per_block, stats.blocks
+    outside = {"activations outside the blocks": stats.outside_block_activation_bytes,
+               "logits and loss": stats.logits * LOGIT_BYTES}
+    if plan.checkpointing == "none":
+        return {"activations": layers * per_block, **outside}
+    if plan.checkpointing == "offload":
+        # Saved tensors live in host memory; two blocks' worth are in flight on the GPU.
+        return {"activations (in flight)": 2 * per_block, **outside}
+    checkpointed = checkpointed_blocks(stats, plan)
+    return {
+        "activations (checkpointed blocks' inputs)": checkpointed * stats.block_input_bytes,
+        "activations (kept blocks)": (layers - checkpointed) * per_block,
+        "activations (one block recomputed)": per_block,
+        **outside,
+    }
+
+
+def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1,
+                    reduce_bucket_elements: int = 200_000_000,
+                    prefetch_bucket_elements: int = 50_000_000) -> MemoryEstimate:
+    """Bytes `plan` needs for a model described by `stats` (bf16 compute), `accumulate` micro-batches per step."""
+    if plan.backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {plan.backend!r} in the plan. Choose one of {list(BACKENDS)}.")
+    params, block = stats.parameters, stats.block_parameters
+    state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
+    gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}
+    host: dict[str, int] = {"process baseline": PROCESS_BASELINE_BYTES}
+    pinned = {"saved activations"}
+    if plan.checkpointing == "offload":
+        host["saved activations"] = stats.blocks * stats.activation_bytes_per_block
+    # Gradients of one block in flight while the previous block's update runs, for plans that update in backward.
+    in_flight_gradients = 2 * 2 * block if accumulate == 1 else 2 * params
+    if plan.backend == "device":
+        gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
+                    "optimizer state": int(state_bytes * params)})
+    elif plan.backend == "gpu_8bit":
+        gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
+                    "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
+    elif plan.backend == "host_adam":
+        gpu.update({"bf16 weights": 2 * params,
+                    "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
+        host.update({"fp32 master weights": 4 * params, "optimizer state": int(state_bytes * params),
+                     "gradient and weight staging (two blocks)": 2 * 2 * 2 * max(block, stats.other_parameters)})
+        pinned |= {"fp32 master weights", "optimizer state", "gradient and weight staging (two blocks)"}
+    elif plan.backend == "stream":
+        resident = min(plan.resident_blocks, stats.blocks)
+        streamed = (stats.blocks - resident) * block
+        ring = 3 * max(block, stats.other_parameters)
+        gpu.update({
+            "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
+            "bf16 weights (streamed-block ring, three blocks)": 2 * 3 * block,
+            "optimizer state ring (two blocks)": int(2 * state_bytes * ring / 3),
+            "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients,
+        })
+        host.update({"bf16 weights (streamed blocks)": 2 * streamed,
+                     "optimizer state": int(state_bytes * params)})
+        pinned |= {"bf16 weights (streamed blocks)", "optimizer state"}
+    elif plan.backend == "deepspeed":
+        gathered = 2 * max(block, stats.other_parameters)
+        gpu.update({
+            "gathered bf16 weights (two blocks)": 2 * gathered,
+            "prefetch bucket": 2 * prefetch_bucket_elements,
+            "gradient reduce buckets (bf16, double-buffered)": 2 * 2 * reduce_bucket_elements,
+        })
+        engine_terms = {"bf16 weight partitions": 2 * params, "fp32 master weights": 4 * params,
+                        "fp32 gradients": 4 * params, "optimizer state": int(state_bytes * params),
+                        "engine buffers (bf16 gradient partitions, swap)": DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM
+                        * params}
+        host.update(engine_terms)
+        if plan.pin_memory:
+            pinned |= set(engine_terms)
+    else:  # fsdp
+        gpu.update({
+            "gathered bf16 weights (two blocks)": 2 * 2 * block,
+            "root unit bf16 weights (embeddings, head)": 2 * stats.other_parameters,
+            "fp32 gradients of one block before offload": 4 * block,
+        })
+        host.update({"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * params,
+                     "optimizer state": int(state_bytes * params)})
+        if plan.pin_memory:
+            pinned |= {"fp32 weight shards", "fp32 gradient shards"}
+    return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Machine:
+    """Memory a run may use. Defaults describe the project's H100 machine (80 GB card, 125 GiB RAM).
+
+    `unified`: the device is the CPU, so the "GPU" terms and the host terms draw on one pool of host memory.
+    """
+
+    gpu_memory_gib: float = 79.2
+    host_memory_gib: float = 125.0
+    unified: bool = False
+
+    @classmethod
+    def detect(cls, device: torch.device | None = None) -> Machine:
+        """What is free right now on `device` (default: CUDA if present) and in host memory."""
+        import psutil
+
+        host = psutil.virtual_memory().available / GIB
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type != "cuda":
+            return cls(gpu_memory_gib=host, host_memory_gib=host, unified=True)
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory this process's allocator already caches is free for the run, though the driver counts it used.
+        return cls(gpu_memory_gib=(free + torch.cuda.memory_reserved(device)) / GIB, host_memory_gib=host)
+
+    def describe(self) -> str:
+        if self.unified:
+            return f"{self.host_memory_gib:.0f} GiB of host RAM (training on the CPU)"
+        return f"{self.gpu_memory_gib:.0f} GiB GPU, {self.host_memory_gib:.0f} GiB host RAM"
+
+
+def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9) -> dict[str, float]:
+    """GiB missing per tier (empty when the plan fits), keeping `1 - margin` of each tier free."""
+    if machine.unified:
+        missing = {"host RAM": (estimate.gpu_bytes + estimate.host_bytes) / GIB - margin * machine.host_memory_gib}
+    else:
+        missing = {
+            "GPU": estimate.gpu_bytes / GIB - margin * machine.gpu_memory_gib,
+            "host RAM": estimate.host_bytes / GIB - margin * machine.host_memory_gib,
+        }
+    return {tier: gib for tier, gib in missing.items() if gib > 0}

@@ -1,0 +1,90 @@
+"""Choosing a plan: the fastest that fits, the user's optimizer kept when possible, refusals that say what fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_offload.planner import Ceilings, Machine, Plan, PlanDoesNotFit, plan
+from lightning_offload.planner.choose import candidate_plans, choose
+from tests.planner.test_memory import LLAMA_8B
+
+BACKENDS = ("deepspeed", "device", "fsdp", "gpu_8bit", "host_adam", "stream")
+H100 = Machine()
+CARD_40GB = Machine(gpu_memory_gib=40, host_memory_gib=64)
+
+
+def report(machine: Machine, **levers):
+    plans = candidate_plans(LLAMA_8B, backends=BACKENDS, on_cuda=True, **levers)
+    return choose(LLAMA_8B, machine, Ceilings(), plans,
+                  allow_eight_bit=levers.get("optimizer") in ("adamw8bit", "adamw8bit_fused"))
+
+
+def test_planning_for_a_machine_given_by_overrides_is_deterministic() -> None:
+    first, second = report(CARD_40GB), report(CARD_40GB)
+    assert first.chosen.plan == second.chosen.plan
+    assert first.rows() == second.rows()
+
+
+def test_keeps_the_users_optimizer_when_an_exact_plan_fits() -> None:
+    chosen = report(H100).chosen
+    assert chosen.fits and chosen.plan.exact_optimizer
+    # 8B with fp32 AdamW: the device plan needs 16 bytes/param (120 GiB) - too much for 80 GB.
+    assert chosen.plan.backend == "host_adam"
+    assert "8-bit" in report(H100).reason
+
+
+def test_eight_bit_state_when_the_user_asks_for_it() -> None:
+    chosen = report(H100, optimizer="adamw8bit_fused").chosen
+    assert chosen.plan.backend == "gpu_8bit" and chosen.plan.optimizer == "adamw8bit_fused"
+
+
+def test_falls_back_to_eight_bit_state_with_a_reason_when_nothing_exact_fits() -> None:
+    small = report(CARD_40GB)
+    assert small.chosen is not None and not small.chosen.plan.exact_optimizer
+    assert "no plan with your optimizer's fp32 state fits" in small.reason
+
+
+def test_pinned_levers_are_kept() -> None:
+    pinned = report(H100, checkpointing="none")
+    assert {c.plan.checkpointing for c in pinned.candidates} == {"none"}
+    assert pinned.chosen is None or pinned.chosen.plan.checkpointing == "none"
+    only_deepspeed = choose(LLAMA_8B, H100, Ceilings(),
+                            candidate_plans(LLAMA_8B, backends=["deepspeed"], on_cuda=True))
+    assert {c.plan.backend for c in only_deepspeed.candidates} == {"deepspeed"}
+
+
+def test_refusal_names_the_tier_the_shortfall_and_what_would_fit() -> None:
+    tiny = Machine(gpu_memory_gib=16, host_memory_gib=32)
+    refused = report(tiny, checkpointing="none")
+    assert refused.chosen is None
+    error = refused.error()
+    assert isinstance(error, PlanDoesNotFit)
+    nearest = min(refused.candidates, key=lambda c: (sum(c.shortfalls.values()), c.step_time_s))
+    tier, gib = next(iter(nearest.shortfalls.items()))
+    message = str(error)
+    assert f"{tier} short by {gib:.1f} GiB" in message and str(nearest.plan) in message
+    assert "16 GiB GPU, 32 GiB host RAM" in message
+    assert "micro-batch" in message or "checkpointing" in message
+
+
+def test_plan_front_end_on_a_module_for_another_machine() -> None:
+    import torch
+
+    from lightning_offload.models import TinyGPT
+
+    with torch.device("meta"):
+        model = TinyGPT(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=512)
+    result = plan(model, torch.zeros(4, 512, dtype=torch.long), machine=CARD_40GB, ceilings=Ceilings(),
+                  device="cuda")
+    assert result.chosen.plan.backend == "device" and result.chosen.fits
+    assert "->" in result.table()
+    with pytest.raises(ValueError, match="example_input"):
+        plan(model, machine=CARD_40GB, ceilings=Ceilings(), device="cuda")
+
+
+def test_every_plan_in_the_table_has_a_plan_string() -> None:
+    rows = report(H100).rows()
+    assert all(isinstance(row["plan"], str) and row["step_time_s"] > 0 for row in rows)
+    assert rows[0]["fits"]
+    assert sum(row["chosen"] for row in rows) == 1
+    assert isinstance(Plan(backend="device"), Plan)

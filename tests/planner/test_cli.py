@@ -1,0 +1,26 @@
+"""`python -m lightning_offload.plan`: the table for a model config on a machine given by overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_plans_a_model_config_for_another_machine(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+               "machine.gpu_memory_gib=24", "machine.host_memory_gib=64", "machine.ceilings=h100",
+               f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "1.50B parameters, 8192 tokens/step on 24 GiB GPU, 64 GiB host RAM" in out.replace("\n", " ") or \
+        "1.50B parameters" in out
+    assert "->" in out and "Chosen:" in out
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.stdout == out  # deterministic for a machine given by overrides
+
+
+def test_a_typo_in_a_value_is_refused_with_the_allowed_ones(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.plan", "machine.ceilings=h1000", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Unknown `machine.ceilings=h1000`" in done.stderr

@@ -1,0 +1,77 @@
+"""Activation bytes measured on the meta device, against an independent count on a real forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_offload.models import CausalLM, TinyGPT
+from lightning_offload.planner import measure_model, measure_module
+from tests.conftest import TinyLM, token_batches
+
+TINY = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=512)
+
+
+def saved_bytes_of_a_real_forward(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Every tensor autograd saves for backward that is not a parameter, counted by `saved_tensors_hooks`."""
+    parameters = {id(p) for p in model.parameters()}
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in parameters:
+            total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return total[0]
+
+
+def test_meta_measurement_matches_saved_tensor_bytes_of_a_real_forward_within_5_percent() -> None:
+    with torch.device("meta"):
+        on_meta = measure_model(TinyGPT(**TINY), torch.zeros(4, 512, dtype=torch.long, device="meta"))
+    torch.manual_seed(0)
+    real_model = TinyGPT(**TINY).to(torch.bfloat16)
+    real = saved_bytes_of_a_real_forward(real_model, torch.randint(0, 256, (4, 512)))
+    measured = on_meta.blocks * on_meta.activation_bytes_per_block + on_meta.outside_block_activation_bytes
+    assert measured == pytest.approx(real, rel=0.05)
+    assert on_meta.block_input_bytes == 4 * 512 * 128 * 2
+    assert on_meta.logits == 4 * 512 * 256 and on_meta.tokens == 4 * 512
+    assert on_meta.embedding_parameters == 256 * 128 + 512 * 128
+
+
+def test_llama_measures_on_meta_without_memory() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, num_hidden_layers=3, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa")
+    with torch.device("meta"):
+        stats = measure_model(LlamaForCausalLM(config), torch.zeros(2, 64, dtype=torch.long, device="meta"))
+    assert stats.blocks == 3 and stats.logits == 2 * 64 * 1000
+    assert stats.block_input_bytes == 2 * 64 * 256 * 2
+    # Larger than the block's input (q, k, v, MLP intermediates are saved), far below a saved attention matrix.
+    assert 4 * stats.block_input_bytes < stats.activation_bytes_per_block < 40 * stats.block_input_bytes
+
+
+def test_module_built_in_configure_model_is_measured_and_left_unbuilt() -> None:
+    module = CausalLM(arch="gpt", network=dict(TINY))
+    stats = measure_module(module, (torch.zeros(4, 512, dtype=torch.long),) * 2, dtype=torch.bfloat16,
+                           step=lambda b: module.training_step(b, 0))
+    assert module.net is None and not list(module.parameters())
+    assert stats.blocks == 4 and stats.tokens == 4 * 512 and stats.logits == 4 * 512 * 256
+
+
+def test_module_with_weights_is_measured_in_place_without_touching_them() -> None:
+    module = TinyLM()
+    module.configure_model()
+    before = {name: p for name, p in module.named_parameters()}
+    snapshot = {name: p.detach().clone() for name, p in before.items()}
+    inputs, targets = next(iter(token_batches(1)))
+    # TinyLM's training_step calls `.item()`, which meta tensors cannot: the forward is measured instead.
+    stats = measure_module(module, (inputs, targets), dtype=torch.float32, step=lambda b: module.training_step(b, 0))
+    assert stats.blocks == 2 and stats.parameters == sum(p.numel() for p in before.values())
+    after = dict(module.named_parameters())
+    assert all(after[name] is before[name] for name in before)
+    assert all(torch.equal(after[name], snapshot[name]) for name in before)
+    assert module.net.head.weight is module.net.embed.weight

@@ -1,0 +1,76 @@
+"""The memory model on CPU: terms checked against hand calculations."""
+
+from __future__ import annotations
+
+from lightning_offload.planner import GIB, Machine, ModelStats, Plan, estimate_memory, shortfalls
+from lightning_offload.planner.memory import PROCESS_BASELINE_BYTES
+
+# Llama 8B at micro-batch 4 x 2048 (activation figures: order of magnitude of a bf16 decoder layer).
+LLAMA_8B = ModelStats(parameters=8_030_261_248, block_parameters=218_112_000, blocks=32,
+                      activation_bytes_per_block=1_400_000_000, block_input_bytes=67_108_864,
+                      logits=4 * 2048 * 128256, embedding_parameters=525_336_576, tokens=8192)
+
+
+def test_optimizer_state_bytes_match_hand_calculation() -> None:
+    params = LLAMA_8B.parameters
+    adamw = estimate_memory(LLAMA_8B, Plan(backend="device", optimizer="adamw"))
+    eight_bit = estimate_memory(LLAMA_8B, Plan(backend="device", optimizer="adamw8bit"))
+    assert adamw.gpu["optimizer state"] == 8 * params
+    # Two uint8 moments plus one fp32 absmax per 256-element block for each: 2 + 8/256 bytes/param.
+    assert eight_bit.gpu["optimizer state"] == int(params * (2 + 8 / 256))
+    assert adamw.gpu["fp32 weights"] == adamw.gpu["fp32 gradients"] == 4 * params
+
+
+def test_deepspeed_offload_holds_23_bytes_per_parameter_in_pinned_host_memory() -> None:
+    estimate = estimate_memory(LLAMA_8B, Plan(backend="deepspeed", optimizer="cpu_adam"))
+    # 2 (bf16 partitions) + 4 (master) + 4 (fp32 gradients) + 8 (Adam) + 5 (engine buffers, as measured).
+    assert estimate.host_bytes - PROCESS_BASELINE_BYTES == 23 * LLAMA_8B.parameters == estimate.pinned_bytes
+    assert estimate.gpu_bytes < 0.25 * estimate_memory(LLAMA_8B, Plan(backend="device")).gpu_bytes
+
+
+def test_plans_that_update_in_backward_hold_no_full_gradient_unless_accumulating() -> None:
+    params = LLAMA_8B.parameters
+    for backend in ("gpu_8bit", "host_adam", "stream"):
+        one = estimate_memory(LLAMA_8B, Plan(backend=backend, optimizer="adamw8bit_fused"))
+        accumulating = estimate_memory(LLAMA_8B, Plan(backend=backend, optimizer="adamw8bit_fused"), accumulate=4)
+        assert one.gpu["bf16 gradients (in flight)"] == 4 * LLAMA_8B.block_parameters
+        assert accumulating.gpu["bf16 gradients"] == 2 * params
+    host_adam = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw"))
+    assert host_adam.gpu["bf16 weights"] == 2 * params
+    assert host_adam.host["fp32 master weights"] + host_adam.host["optimizer state"] == 12 * params
+
+
+def test_streaming_host_memory_is_about_four_bytes_per_parameter_and_falls_with_resident_blocks() -> None:
+    none_resident = estimate_memory(LLAMA_8B, Plan(backend="stream", optimizer="adamw8bit_fused"))
+    half = estimate_memory(LLAMA_8B, Plan(backend="stream", optimizer="adamw8bit_fused", resident_blocks=16))
+    streamed = LLAMA_8B.blocks * LLAMA_8B.block_parameters
+    assert none_resident.host["bf16 weights (streamed blocks)"] == 2 * streamed
+    assert half.host["bf16 weights (streamed blocks)"] == streamed
+    assert half.gpu_bytes - none_resident.gpu_bytes == streamed
+
+
+def test_checkpointing_orders_estimated_activations() -> None:
+    gpu = {policy: estimate_memory(LLAMA_8B, Plan(backend="device", checkpointing=policy)).gpu_bytes
+           for policy in ("none", "every_k", "full")}
+    assert gpu["full"] < gpu["every_k"] < gpu["none"]
+    offload = estimate_memory(LLAMA_8B, Plan(backend="device", checkpointing="offload"))
+    assert offload.host["saved activations"] == 32 * LLAMA_8B.activation_bytes_per_block
+
+
+def test_shortfalls_for_a_given_machine() -> None:
+    small = Machine(gpu_memory_gib=24, host_memory_gib=64)
+    plan = Plan(backend="deepspeed", optimizer="cpu_adam")
+    estimate = estimate_memory(LLAMA_8B, plan)
+    assert shortfalls(estimate, small) == shortfalls(estimate_memory(LLAMA_8B, plan), small)
+    assert shortfalls(estimate, small)["host RAM"] == estimate.host_bytes / GIB - 0.9 * 64
+    # As measured (ANCHORS.md): DeepSpeed's offload at 8B does not fit 125 GiB of RAM; a 1.5B model does.
+    assert set(shortfalls(estimate, Machine())) == {"host RAM"}
+    smaller = ModelStats(**{**vars(LLAMA_8B), "parameters": 1_500_000_000, "block_parameters": 60_000_000})
+    assert shortfalls(estimate_memory(smaller, plan), Machine()) == {}
+
+
+def test_training_on_the_cpu_draws_both_tiers_from_host_memory() -> None:
+    estimate = estimate_memory(LLAMA_8B, Plan(backend="device"))
+    cpu = Machine(gpu_memory_gib=100, host_memory_gib=100, unified=True)
+    assert set(shortfalls(estimate, cpu)) == {"host RAM"}
+    assert shortfalls(estimate, cpu)["host RAM"] == (estimate.gpu_bytes + estimate.host_bytes) / GIB - 90

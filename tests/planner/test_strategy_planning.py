@@ -1,0 +1,54 @@
+"""`single_gpu_offload` plans at setup: auto picks a backend, a pinned one is checked, nothing fits -> refused early."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.planner import Machine, PlanDoesNotFit
+from tests.conftest import TinyLM, fit
+
+
+def test_auto_plans_from_the_first_batch_and_trains_on_the_cpu() -> None:
+    module, trainer = fit("single_gpu_offload", num_batches=4)
+    strategy = trainer.strategy
+    report = strategy.plan_report
+    assert report is not None and report.chosen is not None
+    # On the CPU every tier is host memory: nothing is gained by offloading, so nothing is offloaded.
+    assert strategy.backend_name == "device" == report.chosen.plan.backend
+    assert report.stats.tokens == 4 * 16 and report.stats.blocks == 2
+    assert report.stats.parameters == sum(p.numel() for p in module.parameters())
+    assert strategy.activation_checkpointing.policy == report.chosen.plan.checkpointing
+    assert module.losses[-1] < module.losses[0]
+
+
+def test_pinned_levers_are_kept_by_the_plan() -> None:
+    _, trainer = fit(SingleGPUOffloadStrategy(activation_checkpointing="full"), num_batches=2)
+    assert trainer.strategy.activation_checkpointing.policy == "full"
+    assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"full"}
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = Machine(gpu_memory_gib=0.01, host_memory_gib=0.01, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: tiny))
+    module = TinyLM()
+    with pytest.raises(PlanDoesNotFit, match=r"host RAM short by \d+\.\d GiB"):
+        fit(SingleGPUOffloadStrategy(backend="deepspeed"), module=module, num_batches=2)
+    assert module.net is None
+
+
+def test_backend_options_need_a_pinned_backend() -> None:
+    with pytest.raises(ValueError, match="backend='deepspeed'"):
+        SingleGPUOffloadStrategy(offload_optimizer=False)
+
+
+def test_a_model_the_meta_device_cannot_run_trains_without_a_plan_and_says_why() -> None:
+    class OpaqueLM(TinyLM):
+        def forward(self, tokens):
+            if tokens.is_meta:
+                raise NotImplementedError("data-dependent control flow")
+            return super().forward(tokens)
+
+    with pytest.warns(UserWarning, match="could not measure OpaqueLM"):
+        module, trainer = fit("single_gpu_offload", module=OpaqueLM(), num_batches=2)
+    assert trainer.strategy.plan_report is None and trainer.strategy.backend_name == "device"
