@@ -45,7 +45,7 @@ def measure_cell(method_name: str, size: str, regime_name: str, device: str, con
             clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device)), **method.options)
             result.update(ok=True, step_times=[round(t, 4) for t in clock.times], losses=clock.losses,
                           **summarise(clock.times, clock.losses, regime.warmup, regime.tokens_per_step,
-                                      SIZES[size].matmul_params))
+                                      SIZES[size].matmul_params), **clock.planned)
         except BaseException as error:  # OOMs and kills are data
             result.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
             traceback.print_exc()

@@ -20,6 +20,8 @@ class StepClock:
         self.device = device
         self.times: list[float] = []
         self.losses: list[float] = []
+        self.planned: dict[str, object] = {}
+        """What the planner predicted for the plan that ran (lightning_offload's rows), beside what was measured."""
         self._started = 0.0
 
     def _synchronize(self) -> None:

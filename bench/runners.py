@@ -238,6 +238,12 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
                         enable_model_summary=False, callbacks=[_Clock(clock, regime.accumulate)])
     tokens = _RandomTokens(regime.steps * regime.accumulate * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
     trainer.fit(LlamaModule(cell.size, checkpointing, optimizer), DataLoader(tokens, batch_size=regime.micro_batch))
+    report = getattr(trainer.strategy, "plan_report", None)
+    if report is not None and report.chosen is not None:
+        chosen = report.chosen
+        clock.planned = {"plan": str(chosen.plan), "predicted_step_s": round(chosen.step_time_s, 3),
+                         "predicted_gpu_gib": round(chosen.memory.gpu_bytes / 2**30, 2),
+                         "predicted_host_gib": round(chosen.memory.host_bytes / 2**30, 2)}
     return clock
 
 
