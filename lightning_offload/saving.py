@@ -69,6 +69,14 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     present under every name they had. Written atomically to `out_path` with `torch.save` when given.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
+        from lightning_offload.backends.stream.checkpoint import consolidate as consolidate_stream
+
+        state_dict = consolidate_stream(checkpoint_dir)
+        if out_path is not None:
+            with atomic_file(out_path) as staging:
+                torch.save(state_dict, staging)
+        return state_dict
     if not (checkpoint_dir / "latest").is_file():
         raise FileNotFoundError(
             f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest` file). "

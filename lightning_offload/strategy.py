@@ -320,7 +320,15 @@ class _SingleGPUOffloadCore:
 
     @override
     def teardown(self) -> None:
-        super().teardown()
+        if self.backend is None or not self.backend.owns_placement:
+            super().teardown()
+        else:
+            # Lightning's teardown moves the module to the CPU: a second host copy of every resident weight.
+            module, self._lightning_module = self._lightning_module, None
+            try:
+                super().teardown()
+            finally:
+                self._lightning_module = module
         if self.backend is not None:
             self.backend.teardown()
 
@@ -341,7 +349,7 @@ class _SingleGPUOffloadCore:
 def _move_non_parameter_state(module: torch.nn.Module, device: torch.device) -> None:
     # Lightning's usual `module.to(device)` would copy every parameter to the device, which for an offloaded
     # model is the very thing that does not fit. Buffers and torchmetrics states (kept outside `_buffers`) are small
-    # and must sit with the activations.
+    # and must sit with the activations. Buffers on the meta device are the engine's to build.
     from torchmetrics import Metric
 
     for submodule in module.modules():
@@ -349,7 +357,7 @@ def _move_non_parameter_state(module: torch.nn.Module, device: torch.device) -> 
             submodule.to(device)
             continue
         for name, buffer in submodule._buffers.items():
-            if buffer is not None:
+            if buffer is not None and not buffer.is_meta:
                 submodule._buffers[name] = buffer.to(device)
 
 

@@ -1,0 +1,342 @@
+"""`StreamBackend`: the Lightning seam of the streaming plan (see the package docstring for the plan itself)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.stream import checkpoint as stream_checkpoint
+from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
+from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
+from lightning_offload.backends.stream.placement import (
+    GIB,
+    Placement,
+    UnitSize,
+    check_host_memory,
+    measure,
+    place_units,
+)
+from lightning_offload.backends.stream.scheduler import STATE, WEIGHTS, Scheduler, SlotPool
+from lightning_offload.backends.stream.units import (
+    Unit,
+    check_meta_initialisable,
+    find_units,
+    initialiser,
+    materialise_buffers,
+    replace_parameters,
+)
+from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+
+_PARAM_GROUPS = "stream_optimizer_param_groups"
+_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
+               "32": torch.float32}
+
+
+@dataclass(kw_only=True)
+class StreamConfig(BackendConfig):
+    resident_blocks: int | None = None
+    """Blocks whose weights stay on the GPU; None: as many as fit beside `activation_reserve_gib`."""
+    activation_reserve_gib: float = 16.0
+    """GPU memory kept for activations, the loss and the allocator's slack when choosing `resident_blocks`."""
+    stream_outer: bool = False
+    """Also stream the units outside the blocks (embedding, final norm, output layer). They stream anyway when
+    streaming every block does not fit."""
+    weight_slots: int = 3
+    """GPU slots for streamed weights: 2 double-buffers; 3 lets a load start while the previous unit's updated
+    weights still drain to the host."""
+    state_slots: int = 3
+    """GPU slots for 8-bit optimizer state on its way through the update."""
+    pin_memory: bool = True
+    """Page-lock the host arenas (one `cudaHostRegister` each): copies run ~6x faster than from pageable memory."""
+    build_on_meta: bool = True
+    """Build `configure_model` on the meta device and initialise each unit where it will live (no full host copy);
+    modules are initialised by `reset_parameters()` or by their `transformers` model's `_init_weights`. False
+    keeps the model's own initialisation, built in host memory first."""
+    host_reserve_gib: float = 4.0
+    """Host memory left free beside the pinned arenas when checking that the plan fits."""
+    block_classes: list[str] = field(default_factory=list)
+    """Class names of the repeated blocks; empty: detected (`checkpointing.find_blocks`)."""
+    stochastic_rounding: bool = True
+    seed: int = 0
+    """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
+    timing: bool = False
+    """Time every copy and update with CUDA events (`backend.phase_seconds()`), for the benchmark."""
+
+
+class StreamBackend(Backend):
+    name = "stream"
+    Config = StreamConfig
+    saves_own_state = True
+    owns_placement = True
+    _live: ClassVar[StreamBackend | None] = None
+
+    def __init__(self, config: StreamConfig) -> None:
+        super().__init__(config)
+        self.config: StreamConfig = config
+        self._device = torch.device("cpu")
+        self._precision = "bf16-mixed"
+        self._root: nn.Module | None = None
+        self.units: list[Unit] = []
+        self.placement: Placement | None = None
+        self.scheduler: Scheduler | None = None
+        self.optimizer: StreamAdamW | None = None
+        self._arenas: list[HostArena] = []
+        self._hooks: list[Any] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _PRECISIONS[self._precision]
+
+    def setup_environment(self, device: torch.device) -> None:
+        self._device = device
+
+    def set_precision(self, precision: str) -> None:
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"`Trainer(precision={precision!r})` is not supported by the `stream` backend, which keeps bf16 "
+                "weights updated with stochastic rounding. Use 'bf16-mixed' or 'bf16-true' ('32-true' keeps fp32 "
+                "weights, at twice the memory)."
+            )
+        self._precision = precision
+
+    def model_init_context(self) -> AbstractContextManager:
+        return torch.device("meta") if self.config.build_on_meta else nullcontext()
+
+    # ------------------------------------------------------------------ building
+    def prepare_module(self, module: nn.Module) -> nn.Module:
+        if self._root is module:
+            return module
+        if StreamBackend._live is not None:
+            StreamBackend._live.release()
+        trainer = getattr(module, "_trainer", None)
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        self.units = find_units(module, self.config.block_classes)
+        if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+            check_meta_initialisable(module)
+        for unit in self.units:
+            unit.lay_out(self.dtype)
+        self.placement = self._place(accumulate)
+        self._check_disk_for_checkpoints(trainer)
+        self._arenas.append(HostArena(sum(self.units[i].weight_bytes for i in self.placement.streamed),
+                                      pin=self._pinning()))
+        self.lanes = Lanes(self._device, timing=self.config.timing)
+        weights = SlotPool(WEIGHTS, self.placement.ring_weight_bytes, self.config.weight_slots, self._device)
+        states = SlotPool(STATE, self.placement.ring_state_bytes, self.config.state_slots, self._device)
+        for unit in self.units:
+            unit.streamed = unit.index in self.placement.streamed
+            self._materialise(module, unit, weights)
+        materialise_buffers(module, self._device)
+        self.scheduler = Scheduler(self.units, self.lanes, self.dtype, weights, states, self._update)
+        self.scheduler.install()
+        self._root = module
+        StreamBackend._live = self
+        return module
+
+    def _pinning(self) -> bool:
+        return self.config.pin_memory and self._device.type == "cuda"
+
+    def _place(self, accumulate: int) -> Placement:
+        sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block, can_stream=len(u.modules) == 1)
+                 for u in self.units]
+        if self._device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self._device)
+            gpu_free = free - int(self.config.activation_reserve_gib * GIB)
+        else:  # the CPU stands in for the device: everything fits unless `resident_blocks` says otherwise
+            gpu_free = 2**62
+        placement = place_units(sizes, gpu_free_bytes=gpu_free, weight_slots=self.config.weight_slots,
+                                state_slots=self.config.state_slots, accumulate=accumulate,
+                                resident_blocks=self.config.resident_blocks, stream_outer=self.config.stream_outer)
+        if accumulate > 1 and placement.gpu_bytes > gpu_free:
+            raise MemoryError(
+                f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches "
+                f"({sum(s.weight_bytes for s in sizes) / GIB:.1f} GiB), which does not fit beside the "
+                f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
+                "larger micro-batch, or fewer `resident_blocks`."
+            )
+        import psutil
+
+        check_host_memory(placement, available_bytes=psutil.virtual_memory().available,
+                          reserve_bytes=int(self.config.host_reserve_gib * GIB))
+        return placement
+
+    def _check_disk_for_checkpoints(self, trainer: Any) -> None:
+        for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
+            dirpath = getattr(callback, "dirpath", None)
+            top_k = getattr(callback, "save_top_k", 1)
+            copies = (top_k + 1 if top_k > 0 else 2 if top_k == -1 else 0) + int(bool(getattr(callback, "save_last",
+                                                                                            False)))
+            if dirpath and copies:
+                needed = copies * sum(u.weight_bytes + _state_bytes(u.params) for u in self.units)
+                stream_checkpoint.check_disk(Path(dirpath), needed,
+                                             f"`ModelCheckpoint` ({copies} checkpoint(s) on disk at once while saving)")
+
+    def _materialise(self, root: nn.Module, unit: Unit, weights: SlotPool) -> None:
+        """Gives the unit real weights where they will live: on the device, or in the host arena (built on the
+        device in a slot first, where the initialisers run fast)."""
+        meta = any(p.is_meta for p in unit.params)
+        if unit.streamed:
+            unit.host_weights = self._arenas[-1].take(unit.weight_bytes)
+            homes = unit.views(unit.host_weights, self.dtype)
+            targets = unit.views(weights.slots[0].buffer, self.dtype) if meta else homes
+        else:
+            homes = targets = [torch.empty(p.shape, dtype=self.dtype, device=self._device) for p in unit.params]
+        new = {}
+        for param, target in zip(unit.params, targets):
+            if not param.is_floating_point():
+                raise ValueError(f"Parameter {unit.names[0]} of dtype {param.dtype}: the `stream` backend trains "
+                                 "floating-point parameters only.")
+            if not meta:
+                target.copy_(param.detach())
+            new[id(param)] = nn.Parameter(target, requires_grad=param.requires_grad)
+        replace_parameters(root, new)
+        unit.params = [new[id(p)] for p in unit.params]
+        if meta:
+            for module in unit.modules:
+                for sub in module.modules():
+                    if any(True for _ in sub.parameters(recurse=False)):
+                        initialiser(sub, root)()  # type: ignore[operator]
+            if unit.streamed:
+                for home, target, param in zip(homes, targets, unit.params):
+                    home.copy_(target)
+                    param.data = home
+
+    # ------------------------------------------------------------------ training
+    def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return as_stream_adamw(optimizer, stochastic_rounding=self.config.stochastic_rounding, seed=self.config.seed)
+
+    def setup_training(self, module: nn.Module, optimizer: Optimizer, setup: TrainingSetup) -> tuple[nn.Module,
+                                                                                                     Optimizer]:
+        if setup.gradient_clip_val:
+            raise ValueError(
+                f"`Trainer(gradient_clip_val={setup.gradient_clip_val})`: the `stream` backend updates each block "
+                "inside backward, before a global gradient norm exists, so it cannot clip by it. Drop "
+                "`gradient_clip_val`, or use `backend='deepspeed'` (clips exactly) for this run."
+            )
+        assert isinstance(optimizer, StreamAdamW) and self.scheduler is not None
+        self._check_accumulation(setup.accumulate_grad_batches)
+        grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        orphans = [u.names[i][0] for u in self.units for i, p in enumerate(u.params)
+                   if p.requires_grad and id(p) not in grouped]
+        if orphans:
+            raise ValueError(
+                f"Parameters {orphans[:3]}{'...' if len(orphans) > 3 else ''} require gradients but are in no param "
+                "group of the optimizer: the `stream` backend would never update them nor free their gradients. "
+                "Add them to `configure_optimizers` or set `requires_grad=False`."
+            )
+        self.optimizer = optimizer
+        for unit in self.units:
+            unit.buckets = build_buckets(unit.params, optimizer)
+            unit.trainable = sum(1 for p in unit.params if p.requires_grad)
+        total_state = sum(_aligned_state(u) for u in self.units)
+        self._arenas.append(HostArena(total_state, pin=self._pinning()))
+        for unit in self.units:
+            unit.state_offsets, offset = [], 0
+            for entry in unit.buckets:
+                unit.state_offsets.append(offset)
+                offset += entry.bucket.num_blocks * RECORD_BYTES
+            unit.state_bytes = offset
+            unit.host_state = self._arenas[-1].take(offset) if offset else None
+            for param in unit.params:
+                if param.requires_grad:
+                    self._hooks.append(param.register_post_accumulate_grad_hook(
+                        lambda _, unit=unit: self.scheduler.gradient_ready(unit)))
+        return module, optimizer
+
+    def _check_accumulation(self, accumulate: int) -> None:
+        assert self.placement is not None
+        if accumulate > 1 and self._device.type == "cuda":
+            sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block) for u in self.units]
+            need = measure(sizes, self.placement.streamed, weight_slots=self.config.weight_slots,
+                           state_slots=self.config.state_slots, accumulate=accumulate).gpu_bytes
+            free = torch.cuda.mem_get_info(self._device)[0] - int(self.config.activation_reserve_gib * GIB)
+            if need - self.placement.gpu_bytes > free:
+                raise MemoryError(
+                    f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches; "
+                    f"that needs {(need - self.placement.gpu_bytes) / GIB:.1f} GiB more than is free. Use "
+                    "`accumulate_grad_batches=1` with a larger micro-batch."
+                )
+
+    def _update(self, unit: Unit, states: list[torch.Tensor]) -> None:
+        assert self.optimizer is not None
+        update_buckets(unit.buckets, states, self.optimizer)
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        if self.scheduler is not None:
+            if last_micro_batch:
+                self.lanes.start_step()
+            self.scheduler.begin_backward(update=last_micro_batch and self.optimizer is not None)
+
+    def after_backward(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.end_backward()
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Busy seconds of each copy direction and of the updates since the last step's backward began."""
+        return self.lanes.phase_seconds()
+
+    def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
+        return module
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        self.lanes.synchronize()
+        # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
+                                                                         if self.optimizer else [])]
+        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups})
+
+    def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        assert self.scheduler is not None
+        self.lanes.synchronize()
+        client_state = stream_checkpoint.load(path, self.units, load_optimizer_states=load_optimizer_states,
+                                              strict=strict)
+        groups = client_state.pop(_PARAM_GROUPS, [])
+        if load_optimizer_states and self.optimizer is not None:
+            for group, saved in zip(self.optimizer.param_groups, groups):
+                group.update(saved)
+        self.scheduler.invalidate()
+        return client_state
+
+    def teardown(self) -> None:
+        if self.scheduler is not None:
+            self.lanes.synchronize()
+
+    def release(self) -> None:
+        """Frees the arenas and slots and removes the hooks; the module is unusable afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for arena in self._arenas:
+            arena.release()
+        self._arenas.clear()
+        self.scheduler = None
+        self._root = None
+        if StreamBackend._live is self:
+            StreamBackend._live = None
+
+    def describe(self) -> str:
+        if self.placement is None:
+            return (f"streaming plan ({self._precision}): blocks resident on {self._device} or streamed from pinned "
+                    "host memory; 8-bit AdamW state in pinned host memory, updated on the device inside backward")
+        blocks = sum(1 for u in self.units if u.is_block)
+        resident = self.placement.resident_blocks([UnitSize(0, 0, u.is_block) for u in self.units])
+        return (f"streaming plan ({self._precision}): {resident} of {blocks} blocks resident on {self._device}, "
+                f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
+                f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned), updated on {self._device} "
+                "inside backward")
+
+
+def _state_bytes(params: list[nn.Parameter]) -> int:
+    """Upper bound of a unit's 8-bit state: every parameter that requires a gradient is trained."""
+    return sum(-(-p.numel() // BLOCK_SIZE) * RECORD_BYTES for p in params if p.requires_grad)
+
+
+def _aligned_state(unit: Unit) -> int:
+    return aligned(sum(entry.bucket.num_blocks * RECORD_BYTES for entry in unit.buckets))

@@ -1,0 +1,109 @@
+"""Checkpoints of the `stream` backend: one file per unit, written and read one unit at a time.
+
+Layout of a checkpoint folder (written atomically with `saving.atomic_directory`):
+
+    manifest.json      format, weight dtype, and per unit: its file and every name of each parameter
+    trainer.pt         Lightning's own state (loops, LR schedulers, callbacks)
+    unit_0000.pt ...   {"weights": [tensor per parameter], "state": [uint8 records per bucket], "steps": [...]}
+
+A unit's tensors are copied out of the arena (or off the GPU) into a buffer of that unit's size just before it is
+written, so saving never holds more than one unit beyond the plan's own memory; loading maps each file
+(`torch.load(mmap=True)`) and copies it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_offload.backends.stream.units import Unit
+from lightning_offload.saving import atomic_directory
+
+FORMAT = "lightning_offload.stream"
+MANIFEST = "manifest.json"
+GIB = 2**30
+
+
+def checkpoint_bytes(units: list[Unit]) -> int:
+    return sum(unit.weight_bytes + unit.state_bytes for unit in units)
+
+
+def check_disk(directory: Path, needed: int, what: str) -> None:
+    """Refuses before writing when the disk holding `directory` has less free space than `needed` bytes."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise OSError(
+            f"{what} needs {needed / GIB:.1f} GiB on the disk of {str(directory)!r}, which has {free / GIB:.1f} GiB "
+            f"free ({(needed - free) / GIB:.1f} GiB short). Point `ModelCheckpoint(dirpath=...)` at a larger disk, keep "
+            "fewer checkpoints (`save_top_k=1`), or train without checkpoints (`enable_checkpointing=False`)."
+        )
+
+
+def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any]) -> None:
+    check_disk(path.parent, checkpoint_bytes(units), "This checkpoint")
+    manifest = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "units": []}
+    with atomic_directory(path) as staging:
+        torch.save(client_state, staging / "trainer.pt")
+        for unit in units:
+            name = f"unit_{unit.index:04d}.pt"
+            weights = [p.detach().to("cpu", copy=True) for p in unit.params]
+            states = [s.clone() for s in unit.state_views(unit.host_state)] if unit.host_state is not None else []
+            steps = [list(entry.bucket.steps) for entry in unit.buckets]
+            torch.save({"weights": weights, "state": states, "steps": steps}, staging / name)
+            del weights, states
+            manifest["units"].append({"file": name, "module": unit.name, "names": unit.names})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a checkpoint of the `stream` backend (no {MANIFEST}). To start from plain "
+            "weights, load them with `module.load_state_dict(...)` before `fit`."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(manifest_path)!r} has format {manifest.get('format')!r}, not {FORMAT!r}.")
+    return manifest
+
+
+def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+    manifest = read_manifest(path)
+    saved = {tuple(entry["names"][0]) if entry["names"] else (): entry for entry in manifest["units"]}
+    for unit in units:
+        entry = saved.get(tuple(unit.names[0]) if unit.names else ())
+        if entry is None or [n[0] for n in entry["names"]] != [n[0] for n in unit.names]:
+            if strict:
+                raise KeyError(f"The checkpoint has no unit with the parameters of {unit.name!r}.")
+            continue
+        content = torch.load(path / entry["file"], mmap=True, weights_only=True)
+        for param, saved_weight in zip(unit.params, content["weights"]):
+            param.data.copy_(saved_weight)
+        if load_optimizer_states and unit.host_state is not None:
+            for region, state in zip(unit.state_views(unit.host_state), content["state"]):
+                region.copy_(state)
+            for bucket_entry, steps in zip(unit.buckets, content["steps"]):
+                bucket_entry.bucket.steps = list(steps)
+        del content
+    return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def consolidate(path: Path) -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict, every name of a tied parameter included."""
+    manifest = read_manifest(path)
+    state_dict: dict[str, torch.Tensor] = {}
+    for entry in manifest["units"]:
+        content = torch.load(path / entry["file"], mmap=True, weights_only=True)
+        for names, weight in zip(entry["names"], content["weights"]):
+            value = weight.float()
+            for name in names:
+                state_dict[name] = value
+    return state_dict

@@ -1,0 +1,267 @@
+"""The schedule: which copy runs when, into which GPU slot, and which event each side waits on.
+
+Rules (each one is what keeps a copy from racing the compute that reads or writes the same memory):
+- A streamed unit's weights come into a free weight slot on the h2d lane; the copy waits on the event after which
+  the slot's previous contents may be overwritten, and on the d2h copy that last wrote the unit's host weights.
+- Compute waits on the load event before it uses a slot; after a forward it records the event that frees it.
+- Streamed units run under non-reentrant activation checkpointing, so in backward their recompute loads them
+  again and nothing saved in forward points into a slot that was reused since.
+- When a unit's gradients are final (its parameters' post-accumulate-grad hooks have all fired) and this backward
+  precedes the optimizer step, its 8-bit state (loaded into a state slot ahead of time) and gradients feed one
+  fused AdamW launch on the compute lane; the d2h lane waits for it and copies the state (and streamed weights)
+  back; that copy's event frees both slots and guards the next load of the same host memory.
+- Loads are issued in the order units will run (forward: registration order; backward: its reverse) as far ahead
+  as free slots allow. A freed slot keeps its contents until overwritten, so a unit needed again soon (the last
+  block, from the end of forward to the start of backward) is not copied twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lightning_offload.backends.stream.lanes import COMPUTE, D2H, H2D, Lanes, Mark
+from lightning_offload.backends.stream.units import Unit
+from lightning_offload.checkpointing import _WRAPPED
+
+WEIGHTS, STATE = "weights", "state"
+
+
+@dataclass(eq=False)
+class Slot:
+    buffer: torch.Tensor
+    unit: Unit | None = None
+    """Whose data the buffer holds (or is receiving)."""
+    loaded: Mark | None = None
+    reusable: Mark | None = None
+    """The buffer may be overwritten once this event is reached."""
+    reserved: bool = False
+    """Held for `unit`: loaded ahead of use, or in use."""
+    released_at: int = 0
+
+
+class SlotPool:
+    def __init__(self, kind: str, nbytes: int, count: int, device: torch.device) -> None:
+        self.kind = kind
+        self.slots = [Slot(torch.empty(nbytes, dtype=torch.uint8, device=device)) for _ in range(count if nbytes else 0)]
+
+    def holding(self, unit: Unit) -> Slot | None:
+        return next((s for s in self.slots if s.unit is unit), None)
+
+    def least_recently_released(self) -> Slot | None:
+        free = [s for s in self.slots if not s.reserved]
+        return min(free, key=lambda s: s.released_at) if free else None
+
+    def invalidate(self) -> None:
+        for slot in self.slots:
+            slot.unit = None
+
+
+class Scheduler:
+    """Drives one model's units through forward, backward and the update inside backward.
+
+    `update(unit, states)` runs the unit's optimizer step on the compute lane with its state in the `states`
+    regions (one per bucket); `gradient_ready` is called by each parameter's post-accumulate-grad hook.
+    """
+
+    def __init__(self, units: list[Unit], lanes: Lanes, dtype: torch.dtype, weights: SlotPool, states: SlotPool,
+                 update: Callable[[Unit, list[torch.Tensor]], None]) -> None:
+        self.units, self.lanes, self.dtype = units, lanes, dtype
+        self.weights, self.states, self.update = weights, states, update
+        self.in_backward = False
+        self.updating = False
+        self.position = 0
+        self.arrived: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self.touched: set[int] = set()
+        self.in_use: dict[int, Slot] = {}
+        self.host_written: dict[tuple[str, int], Mark] = {}
+        self._clock = 0
+
+    # ---------------------------------------------------------------- modules
+    def install(self) -> None:
+        """Wraps the forward of every streamed unit and hooks resident ones for prefetching."""
+        for unit in self.units:
+            for module in unit.modules:
+                if unit.streamed:
+                    module.forward = self._streamed_forward(unit, _plain_forward(module))
+                    setattr(module, _WRAPPED, True)
+            if not unit.streamed:
+                # Its first module only: a tied output layer, run last, must not move the prefetch back to the start.
+                unit.modules[0].register_forward_pre_hook(lambda *_, unit=unit: self.enter(unit))
+
+    def _streamed_forward(self, unit: Unit, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.acquire(unit)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.after_forward(unit)
+
+        def streamed(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return run(*args, **kwargs)
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return streamed
+
+    # ---------------------------------------------------------------- forward
+    def enter(self, unit: Unit) -> None:
+        self.position = unit.index
+        if self.in_backward:
+            self.touched.add(unit.index)
+        self._pump()
+
+    def acquire(self, unit: Unit) -> None:
+        """Makes the unit's parameters views of a loaded slot; compute waits for the load."""
+        self.enter(unit)
+        slot = self.in_use.get(unit.index) or self._load(self.weights, unit, evict=True)
+        self.lanes.wait(COMPUTE, slot.loaded)
+        self.in_use[unit.index] = slot
+        for param, view in zip(unit.params, unit.views(slot.buffer, self.dtype)):
+            param.data = view
+
+    def after_forward(self, unit: Unit) -> None:
+        # In backward this is the recompute: the weights stay until the unit's gradients are final.
+        if not self.in_backward:
+            self._release_weights(unit, self.lanes.record(COMPUTE, f"used weights {unit.index}"))
+
+    def _release_weights(self, unit: Unit, reusable: Mark) -> None:
+        slot = self.in_use.pop(unit.index, None)
+        if slot is not None:
+            self._release(slot, reusable)
+        if unit.streamed:
+            for param, view in zip(unit.params, unit.views(unit.host_weights, self.dtype)):
+                param.data = view
+
+    def _release(self, slot: Slot, reusable: Mark) -> None:
+        self._clock += 1
+        slot.reserved, slot.reusable, slot.released_at = False, reusable, self._clock
+
+    # ---------------------------------------------------------------- backward
+    def begin_backward(self, update: bool) -> None:
+        self.in_backward, self.updating = True, update
+        self.position = len(self.units) - 1
+        self.arrived, self.finished, self.touched = {}, set(), set()
+        self._pump()
+
+    def gradient_ready(self, unit: Unit) -> None:
+        if not self.in_backward:
+            raise RuntimeError(
+                "A gradient arrived outside a backward the `stream` backend was told about. Call backward through "
+                "Lightning (`self.manual_backward(loss)` with manual optimization), not `loss.backward()`."
+            )
+        self.touched.add(unit.index)
+        self.arrived[unit.index] = self.arrived.get(unit.index, 0) + 1
+        if self.arrived[unit.index] == unit.trainable:
+            self.finish(unit)
+
+    def finish(self, unit: Unit) -> None:
+        """The unit's gradients are final for this backward: update it, or keep its gradients for the next one."""
+        self.finished.add(unit.index)
+        self.position = min(self.position, unit.index)
+        if self.updating and unit.buckets and unit.streamed and unit.index not in self.in_use:
+            self.acquire(unit)  # gradients arrived without a recompute (an unusual call order): the update needs it
+        if not (self.updating and unit.buckets):
+            self._release_weights(unit, self.lanes.record(COMPUTE, f"backward done {unit.index}"))
+            self._pump()
+            return
+        state_slot = self._load(self.states, unit, evict=True)
+        self.lanes.wait(COMPUTE, state_slot.loaded)
+        with self.lanes.timed(COMPUTE, f"update {unit.index}"):
+            self.update(unit, unit.state_views(state_slot.buffer))
+        self.lanes.log.append(("update", COMPUTE, str(unit.index)))
+        updated = self.lanes.record(COMPUTE, f"updated {unit.index}")
+        self.lanes.wait(D2H, updated)
+        self.lanes.copy(D2H, unit.host_state, state_slot.buffer[:unit.state_bytes], f"save state {unit.index}")
+        weight_slot = self.in_use.get(unit.index)
+        if unit.streamed and weight_slot is not None:
+            self.lanes.copy(D2H, unit.host_weights, weight_slot.buffer[:unit.weight_bytes],
+                            f"save weights {unit.index}")
+        saved = self.lanes.record(D2H, f"saved {unit.index}")
+        self.host_written[(STATE, unit.index)] = saved
+        if unit.streamed:
+            self.host_written[(WEIGHTS, unit.index)] = saved
+        self._release(state_slot, saved)
+        self._release_weights(unit, saved)
+        for param in unit.params:
+            param.grad = None
+        self._pump()
+
+    def end_backward(self) -> None:
+        """Updates units whose gradients did not all arrive (unused parameters), then frees every slot."""
+        for index in sorted(self.touched - self.finished, reverse=True):
+            self.finish(self.units[index])
+        after = self.lanes.record(COMPUTE, "backward end")
+        for index in list(self.in_use):
+            self._release_weights(self.units[index], after)
+        for pool in (self.weights, self.states):
+            for slot in pool.slots:
+                if slot.reserved:
+                    self._release(slot, after)
+        self.in_backward = self.updating = False
+
+    # ---------------------------------------------------------------- loads
+    def _pump(self) -> None:
+        """Issues loads for the next units in running order while slots are free."""
+        if self.in_backward:
+            upcoming = [u for u in reversed(self.units[:self.position + 1]) if u.index not in self.finished]
+        else:
+            upcoming = [u for u in self.units[self.position:] if u.streamed]
+        for unit in upcoming:
+            if unit.streamed and unit.index not in self.in_use and not self._load(self.weights, unit, evict=False):
+                return
+            if self.in_backward and self.updating and unit.buckets and not self._load(self.states, unit, evict=False):
+                return
+
+    def _load(self, pool: SlotPool, unit: Unit, *, evict: bool) -> Slot | None:
+        slot = pool.holding(unit)
+        if slot is not None:
+            slot.reserved = True
+            return slot
+        slot = pool.least_recently_released()
+        if slot is None and evict:
+            slot = self._evict(pool)
+        if slot is None:
+            return None
+        source = unit.host_weights if pool.kind == WEIGHTS else unit.host_state
+        self.lanes.wait(H2D, slot.reusable)
+        self.lanes.wait(H2D, self.host_written.get((pool.kind, unit.index)))
+        self.lanes.copy(H2D, slot.buffer[:source.numel()], source, f"load {pool.kind} {unit.index}")
+        slot.loaded = self.lanes.record(H2D, f"loaded {pool.kind} {unit.index}")
+        slot.unit, slot.reserved = unit, True
+        return slot
+
+    def _evict(self, pool: SlotPool) -> Slot:
+        """A slot loaded ahead for a unit not yet running gives way to the unit that runs now."""
+        in_use = {id(s) for s in self.in_use.values()}
+        ahead = [s for s in pool.slots if id(s) not in in_use]
+        if not ahead:
+            raise RuntimeError(
+                f"All {len(pool.slots)} {pool.kind} slots of the `stream` backend are in use at once; the model runs "
+                f"its units in an order the prefetch did not expect. Raise `{pool.kind.rstrip('s')}_slots`."
+            )
+        slot = max(ahead, key=lambda s: abs(s.unit.index - self.position) if s.unit else 0)
+        slot.reserved = False
+        return slot
+
+    def invalidate(self) -> None:
+        """Host copies changed (a checkpoint was loaded): nothing cached in a slot is current any more."""
+        self.lanes.synchronize()
+        self.weights.invalidate()
+        self.states.invalidate()
+
+
+def _plain_forward(module: torch.nn.Module) -> Callable[..., Any]:
+    """The module's forward without other activation checkpointing: streamed units are checkpointed here, and a
+    second checkpoint around the same block would recompute it twice."""
+    if getattr(module, "gradient_checkpointing", False):  # transformers checkpoints inside `__call__`
+        module.gradient_checkpointing = False
+    forward = module.forward
+    if getattr(module, _WRAPPED, False):
+        forward = getattr(forward, "__wrapped__", forward)
+    return forward
