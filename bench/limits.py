@@ -26,6 +26,9 @@ CPU_ADAMW_FOREACH = "cpu_adamw_foreach_Gparam_per_s"
 CPU_DEEPSPEED_ADAM = "cpu_deepspeed_adam_Gparam_per_s"
 GPU_ADAMW_FUSED = "gpu_adamw_fused_fp32_Gparam_per_s"
 GPU_BNB_ADAMW8BIT = "gpu_bnb_adamw8bit_Gparam_per_s"
+GPU_FUSED_ADAMW8BIT = "gpu_fused_adamw8bit_Gparam_per_s"
+# Share of the weights the streaming plan streams at the sizes it is for (a quarter at 32.8B on an 80 GB card).
+STREAMED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ COSTS = {
     "zero3_offload": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_micro_batch=4),
     # FSDP keeps fp32 parameters on the host under bf16-mixed: 4 bytes in for the forward, 4 for the backward.
     "fsdp_cpu_offload": Cost(CPU_ADAMW_FOREACH, d2h_per_micro_batch=4, h2d_per_micro_batch=8),
+    # 8-bit state (2.0625 B/param) in and out once a step; streamed bf16 weights in for forward and again for
+    # recompute + backward, updated ones back once (counted per micro-batch: R1 has one).
+    "stream": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True, h2d_per_step=2.0625,
+                   h2d_per_micro_batch=4 * STREAMED_SHARE, d2h_per_micro_batch=2.0625 + 2 * STREAMED_SHARE),
 }
 
 

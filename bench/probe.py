@@ -26,7 +26,7 @@ import torch
 
 from bench import GIB, RESULT_PREFIX
 from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
-                          GPU_BNB_ADAMW8BIT, H2D, MATMUL)
+                          GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL)
 from bench.measure import device_name, versions
 
 Figures = dict[str, float]
@@ -127,10 +127,13 @@ def gpu_optimizers(tensors: int) -> Figures:
     """Update rates of the GPU-resident optimizers of the plain loop (fp32) and torchtune's method (bf16, 8-bit)."""
     import bitsandbytes as bnb
 
+    from lightning_offload.kernels import AdamW8bitFused
+
     figures = {}
     for key, dtype, make in [
         (GPU_ADAMW_FUSED, torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
         (GPU_BNB_ADAMW8BIT, torch.bfloat16, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)),
+        (GPU_FUSED_ADAMW8BIT, torch.bfloat16, lambda ps: AdamW8bitFused(ps, lr=1e-4)),
     ]:
         params = [torch.nn.Parameter(torch.randn(4096, 4096, device="cuda", dtype=dtype)) for _ in range(tensors)]
         for param in params:

@@ -36,6 +36,7 @@ PROBE_FIGURES = {  # probe key -> row label, in the order shown
     "cpu_bnb_adamw8bit_Gparam_per_s": "CPU bitsandbytes AdamW8bit (Gparam/s)",
     "gpu_adamw_fused_fp32_Gparam_per_s": "GPU torch AdamW fused, fp32 (Gparam/s)",
     "gpu_bnb_adamw8bit_Gparam_per_s": "GPU bitsandbytes AdamW8bit, bf16 (Gparam/s)",
+    "gpu_fused_adamw8bit_Gparam_per_s": "GPU fused 8-bit AdamW (lightning_offload), bf16 (Gparam/s)",
     "disk_write_GBps": "disk write (GB/s)", "disk_read_GBps": "disk read, page cache dropped (GB/s)",
 }
 

@@ -11,6 +11,7 @@ PROBE = {
     "bf16_matmul_TFLOPs": 800, "h2d_pinned_GBps": 50, "d2h_pinned_GBps": 50, "duplex_pinned_GBps": 80,
     "cpu_adamw_fused_Gparam_per_s": 4, "cpu_adamw_foreach_Gparam_per_s": 2, "cpu_deepspeed_adam_Gparam_per_s": 5,
     "gpu_adamw_fused_fp32_Gparam_per_s": 100, "gpu_bnb_adamw8bit_Gparam_per_s": 50,
+    "gpu_fused_adamw8bit_Gparam_per_s": 200,
 }
 PARAMS, MATMUL_PARAMS = 10**10, 10**10  # 10 B; the embedding left out to keep the numbers round
 TOKENS = 8192

@@ -63,7 +63,7 @@ class Lanes:
         self.log.append(("wait", lane, mark.label))
 
     def copy(self, lane: str, destination: torch.Tensor, source: torch.Tensor, label: str) -> None:
-        with self.timed(lane, label):
+        with self.stream(lane), self.timed(lane, label):
             destination.copy_(source, non_blocking=self.cuda)
         self.log.append(("copy", lane, label))
 

@@ -1,0 +1,77 @@
+"""One `stream` backend run of a benchmark size, with the per-phase timing of its last step.
+
+    python bench/stream_step.py --size 3.6b --steps 6 [--resident-blocks 14] [--micro-batch 4 --seq 2048]
+
+Prints one line: seconds per step (median after the first 2), model TFLOP/s (6 x (params - input embedding) x
+tokens / s), the busy seconds of the last step's host-to-device copies, device-to-host copies and updates (each
+overlaps the compute; a phase close to the step time is the bound), resident blocks, peak GPU and host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+import lightning_offload
+from bench.models import SIZES
+from bench.runners import LlamaModule, _RandomTokens
+from lightning_offload.telemetry import peak_host_rss_gib
+
+
+class _Clock(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.phases: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.phases = trainer.strategy.backend.phase_seconds()  # synchronises
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="3.6b")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--resident-blocks", type=int, default=None)
+    parser.add_argument("--activation-reserve-gib", type=float, default=16.0)
+    args = parser.parse_args()
+    shape = SIZES[args.size]
+    clock = _Clock()
+    strategy = lightning_offload.SingleGPUOffloadStrategy(
+        backend="stream", timing=True, resident_blocks=args.resident_blocks,
+        activation_reserve_gib=args.activation_reserve_gib)
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[clock])
+    tokens = _RandomTokens(args.steps * args.micro_batch, args.seq, shape.vocab)
+    started = time.perf_counter()
+    trainer.fit(LlamaModule(args.size, "non_reentrant", "adamw"), DataLoader(tokens, batch_size=args.micro_batch))
+    step = statistics.median(clock.times[2:] or clock.times)
+    backend = trainer.strategy.backend
+    blocks = sum(1 for u in backend.units if u.is_block)
+    streamed_blocks = sum(1 for i in backend.placement.streamed if backend.units[i].is_block)
+    print("RESULT " + json.dumps({
+        "size": args.size, "s_per_step": round(step, 3),
+        "model_TFLOPs": round(6 * shape.matmul_params * args.micro_batch * args.seq / step / 1e12, 1),
+        "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
+        "resident_blocks": f"{blocks - streamed_blocks}/{blocks}",
+        "pinned_GiB": round(backend.placement.host_pinned_bytes / 2**30, 1),
+        "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_host_rss_GiB": round(peak_host_rss_gib(), 1), "wall_s": round(time.perf_counter() - started, 1),
+        "step_times": [round(t, 3) for t in clock.times]}))
+
+
+if __name__ == "__main__":
+    main()
