@@ -46,12 +46,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--resident-blocks", type=int, default=None)
     parser.add_argument("--activation-reserve-gib", type=float, default=16.0)
+    parser.add_argument("--no-planner-check", action="store_true", help="skip the planner's pre-flight check")
     args = parser.parse_args()
     shape = SIZES[args.size]
     clock = _Clock()
     strategy = lightning_offload.SingleGPUOffloadStrategy(
         backend="stream", timing=True, resident_blocks=args.resident_blocks,
-        activation_reserve_gib=args.activation_reserve_gib)
+        activation_reserve_gib=args.activation_reserve_gib, check_memory=not args.no_planner_check)
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
