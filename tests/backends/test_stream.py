@@ -272,5 +272,5 @@ def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
     plain = TinyLM()
     plain.configure_model()
     plain.load_state_dict(torch.load(tmp_path / "model.pt"))
-    with torch.no_grad():
-        torch.testing.assert_close(plain(inputs), trained_logits, atol=1e-2, rtol=1e-2)
+    with torch.no_grad():  # in bf16, as trained: the consolidated fp32 values are the bf16 weights exactly
+        torch.testing.assert_close(plain.bfloat16()(inputs).float(), trained_logits, atol=1e-3, rtol=1e-3)
