@@ -142,9 +142,11 @@ class HostAdamEngine:
         self.clip: tuple[str, float] | None = None
         self.timeline: list[tuple[str, int, float]] | None = None
         """Set to a list to record (what, bucket, time.perf_counter()) of every bucket's host work (tests, traces)."""
+        self.released = False
         self._armed = False
         self._final = [True] * len(params)
         self._has_grad = [False] * len(params)
+        self._grads: list[torch.Tensor | None] = [None] * len(params)
         self._copies_left = [0] * len(params)
         self._held: list[Bucket] = []
         self._norms: list[torch.Tensor] = []
@@ -234,6 +236,16 @@ class HostAdamEngine:
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
 
+    def wait_in_forward(self, module: torch.nn.Module) -> None:
+        """Every submodule that owns parameters waits for their buckets before it runs (forward, and recompute)."""
+        position = {param: index for index, param in enumerate(self.params)}
+        for submodule in module.modules():
+            buckets = {bucket.index: bucket for p in submodule.parameters(recurse=False) if p in position
+                       for bucket in self.param_buckets[position[p]]}
+            if buckets:
+                waits = [buckets[index] for index in sorted(buckets)]
+                self._hooks.append(submodule.register_forward_pre_hook(lambda _m, _a, waits=waits: self.wait(waits)))
+
     def raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError("The `host_adam` optimizer thread failed; see the error above.") from self._error
@@ -246,6 +258,13 @@ class HostAdamEngine:
         for handle in self._hooks:
             handle.remove()
 
+    def release(self) -> None:
+        """Closes the engine and frees its host memory (a later fit's engine has taken over)."""
+        self.close()
+        self.released = True
+        self.arena = self.master = self.exp_avg = self.exp_avg_sq = torch.empty(0)
+        self._staging.clear()
+
     # --- inside backward (autograd's thread) ------------------------------------------------------------------
 
     def _hook(self, index: int) -> Any:
@@ -256,8 +275,12 @@ class HostAdamEngine:
         return gradient_final
 
     def _mark_final(self, index: int) -> None:
+        # The engine takes the gradient: nothing after this point (Lightning's own clipping, a later zero_grad)
+        # can change it while it waits for its copy.
+        param = self.params[index]
         self._final[index] = True
-        self._has_grad[index] = self.params[index].grad is not None
+        self._grads[index], param.grad = param.grad, None
+        self._has_grad[index] = self._grads[index] is not None
         if self._has_grad[index]:
             self.steps[index] += 1
         for bucket in self.param_buckets[index]:
@@ -292,7 +315,7 @@ class HostAdamEngine:
             self._queue.put(bucket)
 
     def _grad_piece(self, piece: Slice) -> torch.Tensor:
-        grad = self.params[piece.param].grad
+        grad = self._grads[piece.param]
         return grad.view(-1)[piece.offset:piece.offset + piece.numel]
 
     # --- the worker thread --------------------------------------------------------------------------------------
@@ -361,11 +384,11 @@ class HostAdamEngine:
                 event.record(self._d2h)
         for piece in bucket.slices:
             self._copies_left[piece.param] -= 1
-            param = self.params[piece.param]
-            if self._copies_left[piece.param] == 0 and param.grad is not None:
+            grad = self._grads[piece.param]
+            if self._copies_left[piece.param] == 0 and grad is not None:
                 if self.cuda:
-                    param.grad.record_stream(self._d2h)
-                param.grad = None
+                    grad.record_stream(self._d2h)  # freed on the device once the copy has run
+                self._grads[piece.param] = None
         return event
 
     def _update(self, bucket: Bucket, slot: torch.Tensor, landed: Any) -> None:

@@ -16,6 +16,7 @@ import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -153,7 +154,6 @@ class HostAdamBackend(Backend):
         self._optimizer: HostAdamW | None = None
         self._module: torch.nn.Module | None = None
         self._clip: tuple[str, float] | None = None
-        self._prehooks: list[Any] = []
 
     @property
     def engine(self) -> HostAdamEngine | None:
@@ -161,6 +161,12 @@ class HostAdamBackend(Backend):
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
+
+    def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
+        # The engine clips gradients itself, on their way to the host (`Trainer(gradient_clip_val=...)` is read at
+        # setup); by the time Lightning would clip, the gradients have left the parameters.
+        trainer_plugin.clip_gradients = lambda *args, **kwargs: None
+        return trainer_plugin
 
     def set_precision(self, precision: str) -> None:
         if precision not in _WEIGHT_DTYPES:
@@ -197,12 +203,13 @@ class HostAdamBackend(Backend):
                 f"{missing} parameter(s) of the optimizer do not belong to the LightningModule. The `host_adam` "
                 "backend keeps master weights of the module's own parameters: optimize `self.parameters()`."
             )
-        previous = HostAdamBackend._live
+        # A second fit of the same module starts from the previous run's fp32 master weights, not from their bf16
+        # cast; the previous engine is released once they are copied (its checkpoints must be saved before).
+        previous, HostAdamBackend._live = HostAdamBackend._live, None
         masters = {}
         if previous is not None:
             previous.close()
             masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
-        HostAdamBackend._live = None
         threads = self.config.host_threads
         if threads is None and self._device.type == "cuda":
             threads = max(1, torch.get_num_threads() - 1)
@@ -212,28 +219,17 @@ class HostAdamBackend(Backend):
             grad_slots=self.config.grad_slots, pin_memory=self.config.pin_memory, host_threads=threads,
             masters=masters,
         )
-        del masters, previous
+        del masters
+        if previous is not None:
+            previous.release()
         for param in module.parameters():  # frozen parameters and those the optimizer does not hold
             if param not in in_optimizer:
                 param.data = param.data.to(self._device, weight_dtype if param.is_floating_point() else None)
         HostAdamBackend._live = engine
         self._optimizer.engine = engine
         self._module = module
-        self._register_forward_waits(module, engine)
+        engine.wait_in_forward(module)
         return module, self._optimizer
-
-    def _register_forward_waits(self, module: torch.nn.Module, engine: HostAdamEngine) -> None:
-        for handle in self._prehooks:
-            handle.remove()
-        position = {param: index for index, param in enumerate(engine.params)}
-        self._prehooks = []
-        for submodule in module.modules():
-            buckets = {id(b): b for p in submodule.parameters(recurse=False) if p in position
-                       for b in engine.param_buckets[position[p]]}
-            if buckets:
-                ordered = sorted(buckets.values(), key=lambda b: b.index)
-                self._prehooks.append(submodule.register_forward_pre_hook(
-                    lambda _module, _args, waits=ordered: engine.wait(waits)))
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         if self.engine is not None:
@@ -307,6 +303,11 @@ class HostAdamBackend(Backend):
     def _require_engine(self, action: str) -> HostAdamEngine:
         if self.engine is None or self._module is None:
             raise RuntimeError(f"The `host_adam` backend can {action} only after `fit` has set it up.")
+        if self.engine.released:
+            raise RuntimeError(
+                f"Cannot {action}: this run's host state was released when a later `fit` started in this process. "
+                "Save checkpoints before starting the next run."
+            )
         return self.engine
 
     def teardown(self) -> None:
@@ -327,12 +328,7 @@ class HostAdamBackend(Backend):
 def _clipping(setup: TrainingSetup) -> tuple[str, float] | None:
     if not setup.gradient_clip_val:
         return None
-    algorithm = setup.gradient_clip_algorithm or "norm"
-    if algorithm not in ("norm", "value"):
-        raise ValueError(
-            f"`Trainer(gradient_clip_algorithm={algorithm!r})` is not supported by the `host_adam` backend. "
-            "Use 'norm' or 'value'."
-        )
+    algorithm = "value" if setup.gradient_clip_algorithm == "value" else "norm"  # Lightning validated the name
     if algorithm == "norm":
         warnings.warn(
             "Gradient clipping by global norm needs every gradient before any update, so the `host_adam` backend "
