@@ -224,6 +224,11 @@ class HostAdamEngine:
 
     def wait(self, buckets: Sequence[Bucket]) -> None:
         """Blocks until these buckets' weights are updated; on a GPU, the current stream waits for them to land."""
+        if self._armed:
+            # Recomputation inside the updating backward (activation checkpointing): `arm` found every bucket
+            # updated, and this micro-batch's forward already waited for the copies; the buckets being updated now
+            # belong to layers whose backward is done.
+            return
         for bucket in buckets:
             if not bucket.host_done.is_set():
                 bucket.host_done.wait()

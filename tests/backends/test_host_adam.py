@@ -46,6 +46,12 @@ def test_fp32_weights_match_plain_adamw() -> None:
     assert all(p.grad is None for p in module.parameters()), "gradients are freed once on the host"
 
 
+def test_activation_checkpointing_recomputes_inside_the_updating_backward() -> None:
+    reference, _ = fit("auto", accumulate_grad_batches=2)
+    module, _ = fit(host_adam(activation_checkpointing="full"), accumulate_grad_batches=2)
+    assert_losses_close(module.losses, reference.losses, EXACT_RTOL)
+
+
 def test_bf16_weights_track_plain_bf16_mixed_run() -> None:
     reference, _ = fit("auto", precision="bf16-mixed", max_epochs=2)
     module, _ = fit(host_adam(), precision="bf16-mixed", max_epochs=2)
