@@ -44,6 +44,8 @@ class Cost:
     """Bytes per parameter sent to the GPU every micro-batch (parameters streamed in for forward and backward)."""
     h2d_per_step: float = 0.0
     """Bytes per parameter sent to the GPU once per optimizer step (updated parameters)."""
+    d2h_per_step: float = 0.0
+    """Bytes per parameter sent to the host once per optimizer step (gradients accumulated on the GPU)."""
     updated_share: float = 1.0
     """Share of the parameters updated per step: ZenFlow's CPU update runs once every 4 steps."""
 
@@ -66,6 +68,8 @@ COSTS = {
     # recompute + backward, updated ones back once (counted per micro-batch: R1 has one).
     "stream": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True, h2d_per_step=2.0625,
                    h2d_per_micro_batch=4 * STREAMED_SHARE, d2h_per_micro_batch=2.0625 + 2 * STREAMED_SHARE),
+    # Gradients accumulate on the GPU and leave once per step as fp32; bf16 parameters come back once per step.
+    "host_adam": Cost(CPU_ADAMW_FUSED, d2h_per_step=4, h2d_per_step=2),
 }
 
 
@@ -83,7 +87,7 @@ def limit_step(params: int, matmul_params: int, tokens_per_micro_batch: int, acc
     tokens = tokens_per_micro_batch * accumulate
     compute = 8 * matmul_params * tokens / (probe[MATMUL] * 1e12)
     optimizer = params * cost.updated_share / (probe[cost.optimizer_rate] * 1e9)
-    d2h = params * cost.d2h_per_micro_batch * accumulate
+    d2h = params * (cost.d2h_per_micro_batch * accumulate + cost.d2h_per_step)
     h2d = params * (cost.h2d_per_micro_batch * accumulate + cost.h2d_per_step)
     pcie = 0.0
     if d2h or h2d:

@@ -68,23 +68,25 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
     present under every name they had. Written atomically to `out_path` with `torch.save` when given.
     """
+    from lightning_offload.backends import host_adam
+
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
         from lightning_offload.backends.stream.checkpoint import consolidate as consolidate_stream
 
         state_dict = consolidate_stream(checkpoint_dir)
-        if out_path is not None:
-            with atomic_file(out_path) as staging:
-                torch.save(state_dict, staging)
-        return state_dict
-    if not (checkpoint_dir / "latest").is_file():
-        raise FileNotFoundError(
-            f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest` file). "
-            "Pass the path given to `trainer.save_checkpoint` or written by `ModelCheckpoint`."
-        )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    elif (checkpoint_dir / host_adam.CHECKPOINT_FILE).is_file():
+        state_dict = host_adam.fp32_state_dict(host_adam.read_checkpoint(checkpoint_dir))
+    elif (checkpoint_dir / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state_dict = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)))
+        state_dict = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)))
+    else:
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest`, "
+            f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or written by "
+            "`ModelCheckpoint`."
+        )
     if out_path is not None:
         with atomic_file(out_path) as staging:
             torch.save(state_dict, staging)

@@ -52,6 +52,13 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update(throughput.summary())
+    report = getattr(trainer.strategy, "plan_report", None)
+    if report is not None and report.chosen is not None:
+        # What the planner predicted for the plan that ran, beside what the run measured.
+        log.info("Plan: %s", report.chosen.plan)
+        metrics.update({"plan/step_s": report.chosen.step_time_s,
+                        "plan/gpu_gib": report.chosen.memory.gpu_bytes / 2**30,
+                        "plan/host_gib": report.chosen.memory.host_bytes / 2**30})
     log.info("Final metrics: %s", metrics)
     log.info("Outputs: %s", trainer.default_root_dir)
     return metrics

@@ -1,0 +1,404 @@
+"""Exact fp32 AdamW in host memory, stepped during backward; bf16 weights stay on the GPU.
+
+The plan for models whose bf16 weights and activations fit on the GPU but whose fp32 master weights and AdamW state
+(12 bytes per parameter) do not. Each bucket of gradients leaves the GPU as soon as backward has finished it, and
+torch's fused CPU AdamW steps it on a worker thread while backward goes on; the new weights come back on a side
+stream and the next forward waits only for the buckets it is about to use (`_host_adam_engine.py` has the
+mechanics). Gradients accumulate on the GPU; the update happens inside the last micro-batch's backward.
+
+torchao's `CPUOffloadOptimizer` fills a similar role but steps only after backward ends and cannot accumulate with
+offloaded gradients; DeepSpeed's ZeRO offload steps after backward too. This backend exists for that overlap.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.saving import atomic_directory
+
+CHECKPOINT_FILE = "host_adam.pt"
+_FORMAT = "lightning_offload.host_adam/1"
+_WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
+# Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
+_IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+@dataclass(kw_only=True)
+class HostAdamConfig(BackendConfig):
+    bucket_numel: int = 16_000_000
+    """Parameters per bucket. Smaller buckets start host updates earlier in backward and shorten the tail after it;
+    each costs a few device events and Python calls. Pinned host memory holds `grad_slots` of them (4 B each)."""
+    chunk_numel: int = 2_000_000
+    """Parameters per fused AdamW call: each piece is cast and sent back while still in the CPU's cache."""
+    grad_slots: int = 3
+    """Pinned fp32 gradient buffers of one bucket each: while one bucket is stepped, the next ones cross PCIe."""
+    pin_memory: bool = True
+    """Page-locked gradient slots and weight staging buffers (PCIe copies ~6x faster); ignored without a GPU."""
+    host_threads: int | None = None
+    """Intra-op threads of the host AdamW; None: all cores but one on a GPU machine (one drives the GPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("bucket_numel", "chunk_numel", "grad_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}={getattr(self, name)}` must be a positive integer.")
+
+
+class HostAdamW(Optimizer):
+    """The optimizer Lightning and LR schedulers see: a real `torch.optim.Optimizer` with the user's param groups.
+
+    It subclasses `Optimizer` because schedulers and Lightning check the type. Its `step(closure)` runs the closure
+    (forward and backward, during which the backend updates the weights) and returns at once: the next forward
+    waits, bucket by bucket, for the weights it uses. Hyperparameters are read from `param_groups` when the
+    update's backward starts, so a scheduler's change after `step()` applies to the next update.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        _refuse_unsupported(optimizer)
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
+        groups = [{k: v for k, v in g.items() if k not in _IMPLEMENTATION_FLAGS} for g in optimizer.param_groups]
+        defaults = {k: v for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_FLAGS}
+        super().__init__(groups, defaults)
+        self.engine: HostAdamEngine | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.engine is not None:
+            self.engine.raise_if_failed()
+        return loss
+
+    def hyperparameters(self) -> list[Hyper]:
+        return [
+            Hyper(lr=float(g["lr"]), beta1=float(g["betas"][0]), beta2=float(g["betas"][1]), eps=float(g["eps"]),
+                  weight_decay=float(g["weight_decay"]), maximize=bool(g.get("maximize", False)),
+                  decoupled=self.decoupled)
+            for g in self.param_groups
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's Adam/AdamW format (views of the host state, not copies), loadable by `torch.optim.AdamW`."""
+        groups, index_of = [], {}
+        for group in self.param_groups:
+            indices = []
+            for param in group["params"]:
+                index_of.setdefault(param, len(index_of))
+                indices.append(index_of[param])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+        state: dict[int, Any] = {}
+        if self.engine is not None:
+            self.engine.wait_all()
+            for position, param in enumerate(self.engine.params):
+                if self.engine.steps[position]:
+                    exp_avg, exp_avg_sq = self.engine.state_of(position)
+                    state[index_of[param]] = {"step": torch.tensor(float(self.engine.steps[position])),
+                                              "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        if self.engine is None:
+            return
+        self.engine.wait_all()
+        position = {param: index for index, param in enumerate(self.engine.params)}
+        for index, saved in state_dict["state"].items():
+            here = position[params[int(index)]]
+            exp_avg, exp_avg_sq = self.engine.state_of(here)
+            exp_avg.copy_(saved["exp_avg"])
+            exp_avg_sq.copy_(saved["exp_avg_sq"])
+            self.engine.steps[here] = int(saved["step"])
+
+
+def _refuse_unsupported(optimizer: Optimizer) -> None:
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        raise ValueError(
+            f"The `host_adam` backend steps exact Adam/AdamW on the host, but `configure_optimizers` returned "
+            f"`{type(optimizer).__name__}`. Return `torch.optim.AdamW` (or `Adam`), or pick a backend that runs any "
+            "optimizer: `backend='device'` (no offload) or `backend='deepspeed'` (ZeRO-3 offload)."
+        )
+    if any(group.get("amsgrad") for group in optimizer.param_groups):
+        raise ValueError(
+            f"`{type(optimizer).__name__}(amsgrad=True)` needs a third state tensor the `host_adam` backend does not "
+            "keep. Drop `amsgrad=True`, or use `backend='device'` or `backend='deepspeed'`."
+        )
+
+
+class HostAdamBackend(Backend):
+    name = "host_adam"
+    Config = HostAdamConfig
+    saves_own_state = True
+
+    # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
+    # closed when the next one is built in this process, which starts from its master weights.
+    _live: ClassVar[HostAdamEngine | None] = None
+
+    def __init__(self, config: HostAdamConfig) -> None:
+        super().__init__(config)
+        self.config: HostAdamConfig = config
+        self._device = torch.device("cpu")
+        self._precision = "32-true"
+        self._optimizer: HostAdamW | None = None
+        self._module: torch.nn.Module | None = None
+        self._clip: tuple[str, float] | None = None
+
+    @property
+    def engine(self) -> HostAdamEngine | None:
+        return self._optimizer.engine if self._optimizer is not None else None
+
+    def setup_environment(self, device: torch.device) -> None:
+        self._device = device
+
+    def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
+        # The engine clips gradients itself, on their way to the host (`Trainer(gradient_clip_val=...)` is read at
+        # setup); by the time Lightning would clip, the gradients have left the parameters.
+        trainer_plugin.clip_gradients = lambda *args, **kwargs: None
+        return trainer_plugin
+
+    def set_precision(self, precision: str) -> None:
+        if precision not in _WEIGHT_DTYPES:
+            raise ValueError(
+                f"`Trainer(precision={precision!r})` is not supported by the `host_adam` backend. Use 'bf16-mixed' "
+                "(bf16 weights on the device, fp32 master weights on the host) or '32-true' (fp32 weights on both)."
+            )
+        self._precision = precision
+
+    def model_init_context(self) -> AbstractContextManager:
+        # Built where it trains: the fp32 model never exists in host memory, and each weight is cast on the GPU.
+        return torch.device(self._device) if self._device.type == "cuda" else nullcontext()
+
+    def optimizer_state_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")
+
+    def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        self._optimizer = HostAdamW(optimizer)
+        return self._optimizer
+
+    def setup_training(
+        self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
+    ) -> tuple[torch.nn.Module, Optimizer]:
+        assert optimizer is self._optimizer, "`prepare_optimizer` builds the optimizer this backend steps"
+        self._clip = _clipping(setup)
+        weight_dtype = _WEIGHT_DTYPES[self._precision]
+        in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
+        group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        # Gradients become final in roughly the reverse of the order modules register their parameters.
+        ordered = [p for p in reversed(list(module.parameters())) if p in in_optimizer]
+        missing = len(in_optimizer) - len(ordered)
+        if missing:
+            raise ValueError(
+                f"{missing} parameter(s) of the optimizer do not belong to the LightningModule. The `host_adam` "
+                "backend keeps master weights of the module's own parameters: optimize `self.parameters()`."
+            )
+        # A second fit of the same module starts from the previous run's fp32 master weights, not from their bf16
+        # cast; the previous engine is released once they are copied (its checkpoints must be saved before).
+        previous, HostAdamBackend._live = HostAdamBackend._live, None
+        masters = {}
+        if previous is not None:
+            previous.close()
+            masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
+        threads = self.config.host_threads
+        if threads is None and self._device.type == "cuda":
+            threads = max(1, torch.get_num_threads() - 1)
+        engine = HostAdamEngine(
+            ordered, [group_of[p] for p in ordered], self._device, weight_dtype,
+            bucket_numel=self.config.bucket_numel, chunk_numel=self.config.chunk_numel,
+            grad_slots=self.config.grad_slots, pin_memory=self.config.pin_memory, host_threads=threads,
+            masters=masters,
+        )
+        del masters
+        if previous is not None:
+            previous.release()
+        for param in module.parameters():  # frozen parameters and those the optimizer does not hold
+            if param not in in_optimizer:
+                param.data = param.data.to(self._device, weight_dtype if param.is_floating_point() else None)
+        HostAdamBackend._live = engine
+        self._optimizer.engine = engine
+        self._module = module
+        engine.wait_in_forward(module)
+        return module, self._optimizer
+
+    def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        if self.engine is not None:
+            self.engine.wait_all()
+        self._module = module
+        return module.to(self._device)
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        if last_micro_batch:
+            engine.arm(self._optimizer.hyperparameters(), self._clip)
+        else:
+            engine.disarm()
+
+    def after_backward(self) -> None:
+        if self.engine is not None:
+            self.engine.finish_backward()
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        engine = self._require_engine("save a checkpoint")
+        engine.wait_all()
+        names = _parameter_names(self._module, engine.params)
+        state = {
+            "format": _FORMAT,
+            "names": names,
+            "shapes": [tuple(p.shape) for p in engine.params],
+            # One tensor holding master weights, exp_avg and exp_avg_sq: written without a copy. The device weights
+            # are not saved: they are always the master weights cast to the device dtype.
+            "arena": engine.arena,
+            "steps": list(engine.steps),
+            "param_groups": self._optimizer.state_dict()["param_groups"],
+            "buffers": {k: v.detach().cpu() for k, v in _persistent_buffers(self._module).items()},
+            "client_state": client_state,
+        }
+        with atomic_directory(path) as staging:
+            torch.save(state, staging / CHECKPOINT_FILE)
+
+    def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        state = read_checkpoint(path)
+        engine = self.engine
+        if engine is None:  # validate / test / predict from a checkpoint: weights only
+            _load_weights(self._module_for_inference(), state, strict)
+            return state["client_state"]
+        names = _parameter_names(self._module, engine.params)
+        if names != state["names"] or [tuple(p.shape) for p in engine.params] != state["shapes"]:
+            raise ValueError(
+                f"The checkpoint in {str(path)!r} holds other parameters than this model (names or shapes differ). "
+                "Resume with the model it was saved from, or load its weights with "
+                "`lightning_offload.consolidate(...)` and `module.load_state_dict(...)` before `fit`."
+            )
+        engine.wait_all()
+        saved = state["arena"]
+        if load_optimizer_states:
+            engine.arena.copy_(saved)
+            engine.steps[:] = state["steps"]
+            for group, saved_group in zip(self._optimizer.param_groups, state["param_groups"]):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        else:
+            engine.master.copy_(saved[:engine.total])
+        engine.refresh_device_weights()
+        _load_buffers(self._module, state["buffers"], strict)
+        return state["client_state"]
+
+    def _module_for_inference(self) -> torch.nn.Module:
+        if self._module is None:
+            raise RuntimeError("The `host_adam` backend loads inference checkpoints into the module it set up.")
+        return self._module
+
+    def _require_engine(self, action: str) -> HostAdamEngine:
+        if self.engine is None or self._module is None:
+            raise RuntimeError(f"The `host_adam` backend can {action} only after `fit` has set it up.")
+        if self.engine.released:
+            raise RuntimeError(
+                f"Cannot {action}: this run's host state was released when a later `fit` started in this process. "
+                "Save checkpoints before starting the next run."
+            )
+        return self.engine
+
+    def teardown(self) -> None:
+        if self.engine is not None:
+            self.engine.wait_all()
+
+    def describe(self) -> str:
+        weights = "bf16" if _WEIGHT_DTYPES.get(self._precision) is torch.bfloat16 else "fp32"
+        clipping = {None: "", "norm": "; clipping by norm holds updates until backward ends",
+                    "value": "; gradients clipped by value on their way out"}[self._clip[0] if self._clip else None]
+        return (
+            f"host_adam ({self._precision}): {weights} weights and gradients on {self._device}; fp32 master weights "
+            f"and Adam state in host memory, stepped by torch's fused CPU AdamW during backward, "
+            f"{self.config.bucket_numel:,} parameters per bucket{clipping}"
+        )
+
+
+def _clipping(setup: TrainingSetup) -> tuple[str, float] | None:
+    if not setup.gradient_clip_val:
+        return None
+    algorithm = "value" if setup.gradient_clip_algorithm == "value" else "norm"  # Lightning validated the name
+    if algorithm == "norm":
+        warnings.warn(
+            "Gradient clipping by global norm needs every gradient before any update, so the `host_adam` backend "
+            "holds the updates until backward ends (exact, but the host step no longer overlaps backward, and the "
+            "GPU keeps all gradients until then). Clip by value (`gradient_clip_algorithm='value'`) to keep the "
+            "overlap.",
+            stacklevel=2,
+        )
+    return algorithm, float(setup.gradient_clip_val)
+
+
+def _parameter_names(module: torch.nn.Module | None, params: list[torch.nn.Parameter]) -> list[list[str]]:
+    """Every name each parameter has in the module (a tied weight has several)."""
+    assert module is not None
+    names: dict[torch.nn.Parameter, list[str]] = {p: [] for p in params}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if param in names:
+            names[param].append(name)
+    return [names[p] for p in params]
+
+
+def _persistent_buffers(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    assert module is not None
+    parameter_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in parameter_names}
+
+
+def _load_buffers(module: torch.nn.Module | None, buffers: dict[str, torch.Tensor], strict: bool) -> None:
+    current = _persistent_buffers(module)
+    unknown = sorted(set(buffers) - set(current))
+    if strict and unknown:
+        raise ValueError(f"The checkpoint has buffers this model lacks: {unknown}. Pass `strict_loading=False`.")
+    for name, value in buffers.items():
+        if name in current:
+            current[name].data.copy_(value)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state a `host_adam` checkpoint folder holds; its arena is memory-mapped, not read into memory."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a checkpoint written by the `host_adam` backend (a folder with {CHECKPOINT_FILE}). "
+            "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
+        )
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_FORMAT!r}.")
+    return state
+
+
+def fp32_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A plain state dict from a `host_adam` checkpoint: fp32 master weights under every name, and the buffers."""
+    master = state["arena"][: state["arena"].numel() // 3]
+    result: dict[str, torch.Tensor] = {}
+    offset = 0
+    for names, shape in zip(state["names"], state["shapes"]):
+        numel = int(torch.Size(shape).numel())
+        weight = master[offset:offset + numel].view(shape).clone()
+        offset += numel
+        for name in names:
+            result[name] = weight
+    return {**result, **state["buffers"]}
+
+
+def _load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -> None:
+    weights = fp32_state_dict(state)
+    own = dict(module.named_parameters(remove_duplicate=False))
+    for name, value in weights.items():
+        if name in own:
+            own[name].data.copy_(value)
+    _load_buffers(module, state["buffers"], strict)

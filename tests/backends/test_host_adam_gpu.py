@@ -1,0 +1,80 @@
+"""The `host_adam` backend on a GPU: side streams, events, pinned buffers, and the same numbers as the CPU path."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.backends.host_adam import HostAdamBackend
+from tests.conftest import TinyLM, fit
+from tests.test_strategy import BF16_RTOL, FP32_RTOL, assert_losses_close
+
+pytestmark = pytest.mark.gpu
+SMALL = dict(bucket_numel=3000, chunk_numel=700)
+
+
+def host_adam() -> SingleGPUOffloadStrategy:
+    return SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, **SMALL)
+
+
+def test_gpu_run_matches_the_cpu_path_with_fp32_weights() -> None:
+    # Same host AdamW on the same master weights; only the device's fp32 kernels differ.
+    on_cpu, _ = fit(host_adam())
+    on_gpu, trainer = fit(host_adam(), accelerator="gpu")
+    assert_losses_close(on_gpu.losses, on_cpu.losses, FP32_RTOL)
+    engine = trainer.strategy.backend.engine
+    assert engine.cuda and {p.device.type for p in engine.params} == {"cuda"}
+    assert all(p.grad is None for p in engine.params)
+
+
+def test_gpu_bf16_tracks_plain_bf16_mixed_and_uses_streams_and_pinned_buffers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backward_ends: list[float] = []
+    after_backward = HostAdamBackend.after_backward
+
+    def timed(self: HostAdamBackend) -> None:
+        backward_ends.append(time.perf_counter())
+        after_backward(self)
+
+    monkeypatch.setattr(HostAdamBackend, "after_backward", timed)
+    reference, _ = fit("auto", precision="bf16-mixed", accelerator="gpu", max_epochs=2)
+    strategy = host_adam()
+    timeline: list[Any] = []
+    original_arm = HostAdamBackend.before_backward
+
+    def arm(self: HostAdamBackend, last_micro_batch: bool) -> None:
+        self.engine.timeline = timeline
+        original_arm(self, last_micro_batch)
+
+    monkeypatch.setattr(HostAdamBackend, "before_backward", arm)
+    module, trainer = fit(strategy, precision="bf16-mixed", accelerator="gpu", max_epochs=2)
+    assert_losses_close(module.losses, reference.losses, BF16_RTOL)
+    engine = trainer.strategy.backend.engine
+    assert {p.dtype for p in engine.params} == {torch.bfloat16}
+    assert engine._d2h is not None and engine._h2d is not None
+    assert all(isinstance(b.weights_back, torch.cuda.Event) for b in engine.buckets)
+    slot = engine._free_slots.get()
+    assert slot.is_pinned() and all(staging.is_pinned() for staging, _ in engine._staging)
+    first_updates = [t for what, index, t in timeline if what == "update" and index == 0]
+    assert len(first_updates) == len(backward_ends) == 16
+    assert all(update < end for update, end in zip(first_updates, backward_ends))
+
+
+def test_gpu_resume_reproduces_the_uninterrupted_run(tmp_path) -> None:
+    uninterrupted, _ = fit(host_adam(), precision="bf16-mixed", accelerator="gpu", max_epochs=2)
+    first, trainer = fit(host_adam(), precision="bf16-mixed", accelerator="gpu", module=TinyLM(), max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, _ = fit(host_adam(), precision="bf16-mixed", accelerator="gpu", module=TinyLM(), max_epochs=2,
+                     ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-6)
+
+
+def test_gpu_accumulation_keeps_gradients_on_the_device_until_the_last_micro_batch() -> None:
+    reference, _ = fit("auto", accelerator="gpu", accumulate_grad_batches=4)
+    module, trainer = fit(host_adam(), accelerator="gpu", accumulate_grad_batches=4)
+    assert_losses_close(module.losses, reference.losses, FP32_RTOL)
+    assert trainer.global_step == 2
