@@ -7,6 +7,7 @@ places the module.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,10 @@ class DeviceBackend(Backend):
 
     def set_precision(self, precision: str) -> None:
         self._precision = precision
+
+    def model_init_context(self) -> AbstractContextManager:
+        # Built where it trains: on a GPU, building in host memory first would cost the whole fp32 model in RAM.
+        return torch.device(self._device) if self._device.type == "cuda" else nullcontext()
 
     def setup_training(
         self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup

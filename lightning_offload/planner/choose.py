@@ -31,9 +31,10 @@ _EIGHT_BIT_OPTIMIZER = {"device": "adamw8bit", "gpu_8bit": "adamw8bit_fused", "s
 # Backends that update with their own 8-bit AdamW inside backward, and the pinned names that mean it.
 _OWN_EIGHT_BIT_UPDATE = frozenset({"gpu_8bit", "stream"})
 _ADAMW_8BIT = frozenset({"adamw8bit", "adamw8bit_fused", "paged_adamw8bit"})
-# Backends whose update math is AdamW only (they refuse other optimizers), and those that need CUDA.
+# Backends whose update math is AdamW only (they refuse other optimizers), and those that only pay off with a GPU
+# (they run on a CPU device when pinned, for tests).
 _ADAMW_ONLY = frozenset({"gpu_8bit", "host_adam", "stream"})
-_CUDA_ONLY = frozenset({"host_adam", "stream"})
+_GPU_PLANS = frozenset({"host_adam", "stream"})
 
 
 class PlanDoesNotFit(ValueError):
@@ -120,7 +121,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     plans = []
     for backend in backends:
-        if backend in _CUDA_ONLY and not on_cuda or backend in _ADAMW_ONLY and not adamw_compatible:
+        if backend in _GPU_PLANS and not on_cuda and len(backends) > 1 or \
+                backend in _ADAMW_ONLY and not adamw_compatible:
             continue
         for name in _optimizers_for(backend, optimizer):
             for policy in policies:

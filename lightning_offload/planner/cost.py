@@ -22,10 +22,13 @@ import torch
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks
 
-# Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included):
-# ANCHORS.md's plain loop trains 3.6B at 0.60 s/step and torchtune's method 8B at 1.28 s with every block
-# recomputed, i.e. 8 x N x tokens / s = 45-50% of the 773 TFLOP/s measured for an 8192^3 bf16 matmul.
-ACHIEVED_MATMUL_FRACTION = 0.48
+# Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included), for
+# blocks of width >= 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step and 14.8B (5120) at 2.36 s with
+# every block recomputed (ANCHORS.md), i.e. 8 x N x tokens / s = 50% of the 773 TFLOP/s of an 8192^3 bf16 matmul.
+# Narrower blocks reach less: measured 45% at width 3072 (3.6B plain loop, 0.60 s) and 33% at 2048 (1.5B, 0.244 s,
+# bench/RESULTS.md), i.e. about (width / 4096) ** 0.6 of it.
+ACHIEVED_MATMUL_FRACTION = 0.50
+FULL_RATE_WIDTH = 4096
 # Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
 # torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
@@ -33,6 +36,10 @@ GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, 
 # DeepSpeed ZeRO-3 offload's optimizer phase (CPU Adam plus copying fp32 gradients into partitions and bf16
 # weights back), relative to the probed fused CPU AdamW rate: 3.22 s/step measured at 3.6B (bench/RESULTS.md).
 DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.4
+# FSDP2's CPU offload (fp32 shards copied in per unshard, fp32 gradients out, torch's AdamW on the host), as a
+# rate over all parameters: Lightning's FSDP offload preset trains 3.6B at 8.3 s/step (ANCHORS.md), 7.7 s beyond
+# its compute; lightning_offload's fsdp backend did not finish 5 steps of 1.5B in 110 s (bench/RESULTS.md).
+FSDP_OFFLOAD_RATE = 0.47e9
 # bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
 # 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
 CPU_8BIT_UPDATE_RATE = 0.06e9
@@ -52,9 +59,9 @@ class Ceilings:
     duplex_gbps: float = 78.5
     cpu_adamw_gparams: float = 3.8
 
-    @property
-    def achieved_flops(self) -> float:
-        return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION
+    def achieved_flops(self, width: int = FULL_RATE_WIDTH) -> float:
+        narrow = min(1.0, width / FULL_RATE_WIDTH) ** 0.6 if width else 1.0
+        return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION * narrow
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ def training_flops(stats: ModelStats, plan: Plan) -> float:
 
 def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1) -> StepTime:
     params, bf16 = stats.parameters, 2
-    compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops
+    compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops(stats.width)
     backward_of_last = BACKWARD_SHARE * compute / accumulate
     h2d, d2h, duplex = (g * 1e9 for g in (ceilings.h2d_gbps, ceilings.d2h_gbps, ceilings.duplex_gbps))
     cpu_adamw = ceilings.cpu_adamw_gparams * 1e9
@@ -91,9 +98,9 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         return StepTime(compute, offload, optimizer, compute + offload + optimizer)
     if plan.backend == "host_adam":
         # Gradients leave, the CPU steps and weights return bucket by bucket, starting under the last backward.
-        pipeline = max(bf16 * params / d2h, params / cpu_adamw, bf16 * params / h2d)
+        pipeline = max(4 * params / d2h, params / cpu_adamw, bf16 * params / h2d)
         exposed = max(0.0, pipeline - backward_of_last)
-        transfer = bf16 * params / d2h + bf16 * params / h2d
+        transfer = 4 * params / d2h + bf16 * params / h2d
         return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload + exposed)
     if plan.backend == "stream":
         streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
@@ -113,7 +120,7 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
     # fsdp: fp32 shards come in for every unshard, fp32 gradients go out; torch's AdamW steps on the CPU after.
     weights_in = accumulate * passes * 4 * params / h2d
     gradients_out = accumulate * 4 * params / d2h
-    rate = CPU_8BIT_UPDATE_RATE if not plan.exact_optimizer else cpu_adamw
+    rate = CPU_8BIT_UPDATE_RATE if not plan.exact_optimizer else min(cpu_adamw, FSDP_OFFLOAD_RATE)
     optimizer = params / rate
     return StepTime(compute, weights_in + gradients_out + offload, optimizer,
                     max(compute, weights_in) + offload + gradients_out + optimizer)

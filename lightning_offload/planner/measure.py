@@ -39,6 +39,8 @@ class ModelStats:
     """Tokens per micro-batch (0: unknown, the cost model cannot estimate compute)."""
     outside_block_activation_bytes: int = 0
     """Bytes saved for backward outside the blocks (embedding output, final norm, output layer, loss)."""
+    width: int = 0
+    """Features per token of a block's input (the hidden size): narrow blocks reach less of the matmul rate."""
 
     @property
     def other_parameters(self) -> int:
@@ -92,11 +94,14 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     block_inputs = [0] * len(blocks)
     logits = [0]
 
+    width = [0]
+
     def enter(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             running.append(index)
             first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             block_inputs[index] = 0 if first is None else first.numel() * first.element_size()
+            width[0] = 0 if first is None else first.shape[-1]
         return hook
 
     def leave(module: nn.Module, args: tuple, output: Any) -> None:
@@ -141,6 +146,7 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
         embedding_parameters=_count(m.weight for m in model.modules() if isinstance(m, nn.Embedding)),
         tokens=_tokens(example_input),
         outside_block_activation_bytes=saved_outside[0],
+        width=width[0],
     )
 
 

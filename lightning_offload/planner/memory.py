@@ -35,6 +35,10 @@ LOGIT_BYTES = 2 + 4 + 4
 # fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions and swap buffers. Measured on the H100
 # machine (bench/RESULTS.md): 35.8 GiB RSS at 1.5B and 84 GiB at 3.6B, i.e. ~5 bytes/param above the 18.
 DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM = 5
+# host_adam's pinned gradient slots and bf16 staging at its default bucket sizes (backends/host_adam.py).
+HOST_ADAM_STAGING_BYTES = 224 * 2**20
+# The streaming plan's weight and state rings hold this many units each (backends/stream, `weight_slots`).
+STREAM_SLOTS = 3
 BACKENDS = ("device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream")
 
 
@@ -132,20 +136,24 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1,
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
                     "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
     elif plan.backend == "host_adam":
+        # fp32 gradients land in a few pinned slots and bf16 weights leave from pinned staging; the master weights
+        # and AdamW state are ordinary memory, since no copy starts or ends in them.
         gpu.update({"bf16 weights": 2 * params,
                     "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
         host.update({"fp32 master weights": 4 * params, "optimizer state": int(state_bytes * params),
-                     "gradient and weight staging (two blocks)": 2 * 2 * 2 * max(block, stats.other_parameters)})
-        pinned |= {"fp32 master weights", "optimizer state", "gradient and weight staging (two blocks)"}
+                     "gradient and weight staging": HOST_ADAM_STAGING_BYTES})
+        pinned |= {"gradient and weight staging"}
     elif plan.backend == "stream":
         resident = min(plan.resident_blocks, stats.blocks)
         streamed = (stats.blocks - resident) * block
-        ring = 3 * max(block, stats.other_parameters)
+        # The largest unit streamed through the rings may be the embedding or the output layer, not a block.
+        largest = max(block, stats.embedding_parameters)
         gpu.update({
             "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
-            "bf16 weights (streamed-block ring, three blocks)": 2 * 3 * block,
-            "optimizer state ring (two blocks)": int(2 * state_bytes * ring / 3),
-            "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients,
+            "bf16 weight ring (three units)": 2 * STREAM_SLOTS * block,
+            "optimizer state ring (three units)": int(STREAM_SLOTS * state_bytes * largest),
+            "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients":
+                2 * 2 * largest if accumulate == 1 else 2 * params,
         })
         host.update({"bf16 weights (streamed blocks)": 2 * streamed,
                      "optimizer state": int(state_bytes * params)})
