@@ -3,8 +3,9 @@
     python bench/main_job_gpu.py model=llama_1b data=random_tokens trainer.max_steps=8 trainer.limit_val_batches=0
 
 Prints one `RESULT {json}` line with what `lightning_offload.telemetry.ThroughputMonitor` measured: median and mean
-batch time after the first two batches, tokens/s, model TFLOP/s (6 x non-embedding parameters x tokens / s), peak
-GPU memory (torch's allocator, and device-wide from `mem_get_info`) and the process's peak host RSS.
+optimizer-step time after the first two steps, tokens/s, model TFLOP/s (6 x non-embedding parameters x tokens / s),
+MFU on a known GPU, peak GPU memory (torch's allocator, and device-wide from `mem_get_info`), peak pinned host
+memory and the process's peak host RSS.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
+from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
 
@@ -56,16 +57,21 @@ class _SingleGPUOffloadCore:
             ``lightning_offload.checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
         check_memory: ``False`` skips the planner's pre-flight check of a pinned backend (the planner still runs
             for ``backend="auto"``).
+        telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none
+            (tokens/s, MFU and memory per step, to the loggers and the progress bar); ``False`` leaves it out.
         **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
 
     # The Lightning namespace this class serves: "lightning.pytorch" or "pytorch_lightning".
     _lightning: ClassVar[str]
+    # The namespace's telemetry callback class.
+    _telemetry_callback: ClassVar[type]
 
     def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
                  activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
-                 check_memory: bool = True, accelerator: Any = None, checkpoint_io: Any = None,
+                 check_memory: bool = True, telemetry: bool = True, accelerator: Any = None,
+                 checkpoint_io: Any = None,
                  precision_plugin: Any = None, **backend_options: Any) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         if backend not in ("auto", *available_backends()):
@@ -91,6 +97,7 @@ class _SingleGPUOffloadCore:
         self._precision_flag = "32-true"
         self._engine_precision_plugin: Any = None
         self.activation_checkpointing = as_checkpointing_config(activation_checkpointing)
+        self.telemetry = telemetry
         # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
         self.parallel_devices: list[torch.device] | None = None
         self.num_nodes = 1
@@ -218,6 +225,7 @@ class _SingleGPUOffloadCore:
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting:
+            self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
             optimizers, scheduler_configs = init_optimizers(module)
             if len(optimizers) != 1:
@@ -241,6 +249,12 @@ class _SingleGPUOffloadCore:
         else:
             self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
+
+    def _add_telemetry(self, trainer: Any) -> None:
+        # Lightning offers strategies no hook to add callbacks; `setup` is the first call that receives the Trainer,
+        # and it runs before `on_fit_start`. A monitor the user passed (or one from an earlier fit) is kept.
+        if self.telemetry and not any(isinstance(c, _ThroughputMonitorCore) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, self._telemetry_callback())
 
     @override
     def model_to_device(self) -> None:
@@ -375,3 +389,4 @@ def _refuse_empty_param_groups(optimizer: torch.optim.Optimizer) -> None:
 class SingleGPUOffloadStrategy(_SingleGPUOffloadCore, SingleDeviceStrategy):
     __doc__ = _SingleGPUOffloadCore.__doc__
     _lightning = "lightning.pytorch"
+    _telemetry_callback = ThroughputMonitor

@@ -118,6 +118,11 @@ class Backend(ABC):
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         raise NotImplementedError(f"The {self.name!r} backend does not load its own state.")
 
+    def transfer_counters(self) -> dict[str, int]:
+        """Bytes the engine has moved between host and device so far, by direction (e.g. ``"host_to_device"``),
+        for telemetry; empty when the engine does not count them."""
+        return {}
+
     def teardown(self) -> None:
         """End of a fit: free what is not needed to save a checkpoint; the process may train again afterwards."""
 
