@@ -57,4 +57,5 @@ EOF
 done
 find "$LIGHTNING_OFFLOAD_NOTEBOOK_DIR" -name "*.png" -exec cp {} "$OUT/" \; || true
 ls "$OUT"/*.png 2>/dev/null
-grep -hE "tokens_per_s|model_tflops|  *mfu|peak_gpu|peak_pinned|reloaded model|chosen|largest|ERROR" "$OUT"/*.log | tail -30
+grep -hE "tokens_per_s|model_tflops|^ *mfu|peak_gpu|peak_pinned|reloaded model|Chosen|[0-9]B \(|nothing fits|ERROR" \
+  "$OUT"/*.log | tail -30
