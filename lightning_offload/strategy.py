@@ -24,6 +24,7 @@ from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointin
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.lightning import (
     backend_options_of,
+    check_checkpoint_disk,
     checkpointing_of,
     optimizer_of,
     plan_for_trainer,
@@ -168,6 +169,7 @@ class _SingleGPUOffloadCore:
             info(report.table())
             if report.chosen is None:
                 raise report.error()
+            check_checkpoint_disk(trainer, report)
             if self.backend is None:
                 self._adopt_plan(report.chosen.plan)
             elif self.activation_checkpointing.policy == "auto":

@@ -33,9 +33,12 @@ FULL_RATE_WIDTH = 4096
 # torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
                    "lion8bit": 33e9}
-# DeepSpeed ZeRO-3 offload's optimizer phase (CPU Adam plus copying fp32 gradients into partitions and bf16
-# weights back), relative to the probed fused CPU AdamW rate: 3.22 s/step measured at 3.6B (bench/RESULTS.md).
-DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.4
+# The engines' host optimizer phases reach a share of the probed fused CPU AdamW rate (6.4 Gparam/s on the H100
+# machine's 16 cores): DeepSpeed ZeRO-3 offload (CPU Adam plus copying fp32 gradients into partitions and bf16
+# weights back) 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW,
+# bf16 weights back) 1.7 Gparam/s, from 2.25 s/step at 3.6B beside 0.60 s for the plain loop (bench/RESULTS.md).
+DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.23
+HOST_ADAM_PIPELINE_SHARE = 0.27
 # FSDP2's CPU offload (fp32 shards copied in per unshard, fp32 gradients out, torch's AdamW on the host), as a
 # rate over all parameters: Lightning's FSDP offload preset trains 3.6B at 8.3 s/step (ANCHORS.md), 7.7 s beyond
 # its compute; lightning_offload's fsdp backend did not finish 5 steps of 1.5B in 110 s (bench/RESULTS.md).
@@ -57,7 +60,7 @@ class Ceilings:
     h2d_gbps: float = 46.7
     d2h_gbps: float = 55.0
     duplex_gbps: float = 78.5
-    cpu_adamw_gparams: float = 3.8
+    cpu_adamw_gparams: float = 6.4
 
     def achieved_flops(self, width: int = FULL_RATE_WIDTH) -> float:
         narrow = min(1.0, width / FULL_RATE_WIDTH) ** 0.6 if width else 1.0
@@ -98,7 +101,7 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         return StepTime(compute, offload, optimizer, compute + offload + optimizer)
     if plan.backend == "host_adam":
         # Gradients leave, the CPU steps and weights return bucket by bucket, starting under the last backward.
-        pipeline = max(4 * params / d2h, params / cpu_adamw, bf16 * params / h2d)
+        pipeline = max(4 * params / d2h, params / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), bf16 * params / h2d)
         exposed = max(0.0, pipeline - backward_of_last)
         transfer = 4 * params / d2h + bf16 * params / h2d
         return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload + exposed)

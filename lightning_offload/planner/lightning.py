@@ -90,3 +90,33 @@ def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(config)}
     options = {"resident_blocks": chosen.resident_blocks, "pin_memory": chosen.pin_memory}
     return {name: value for name, value in options.items() if name in known and name != "pin_memory"}
+
+
+def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
+    """Refuses, before training, a `ModelCheckpoint` whose checkpoints cannot fit the free disk of its folder.
+
+    Each save is written next to the previous one before it replaces it (atomic), so a folder keeping k checkpoints
+    needs room for k + 1 (and one more for `save_last`)."""
+    import shutil
+    from pathlib import Path
+
+    from lightning_offload.planner.memory import GIB, checkpoint_bytes
+
+    if report.chosen is None:
+        return
+    size = checkpoint_bytes(report.stats, report.chosen.plan)
+    for callback in trainer.callbacks:
+        if type(callback).__name__ != "ModelCheckpoint" or not hasattr(callback, "save_top_k"):
+            continue
+        folder = Path(callback.dirpath or trainer.default_root_dir)
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(existing).free
+        kept = callback.save_top_k if callback.save_top_k > 0 else (2 if callback.save_top_k < 0 else 0)
+        copies = kept + bool(callback.save_last) + 1 if kept or callback.save_last else 0
+        if copies and copies * size > free:
+            raise ValueError(
+                f"`ModelCheckpoint` in {str(folder)!r} would need {copies} x {size / GIB:.1f} GiB (checkpoints of "
+                f"{report.chosen.plan} for {report.stats.parameters / 1e9:.2f}B parameters, each written beside "
+                f"the last before replacing it) but the disk has {free / GIB:.1f} GiB free. Point `dirpath` at a "
+                "larger disk, keep fewer (`save_top_k=1`, `save_last=False`), or pass `enable_checkpointing=False`."
+            )

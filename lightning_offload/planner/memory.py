@@ -29,8 +29,9 @@ CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and cuBLAS workspaces: o
 # Python, torch, the CUDA runtime and Lightning in host memory before any model: a plain training loop's RSS
 # (ANCHORS.md: 2 GiB for the plain loop and torchtune's method at 3.6B), with room for the data loader.
 PROCESS_BASELINE_BYTES = int(2.5 * GIB)
-# Logits are kept in bf16, upcast to fp32 for the loss, and their fp32 gradient exists during backward.
-LOGIT_BYTES = 2 + 4 + 4
+# What the loss saves for backward (bf16 logits, their fp32 upcast) is in the measured bytes outside the blocks;
+# backward adds the logits' fp32 gradient on top.
+LOGIT_BYTES = 4
 # DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
 # fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions and swap buffers. Measured on the H100
 # machine (bench/RESULTS.md): 35.8 GiB RSS at 1.5B and 84 GiB at 3.6B, i.e. ~5 bytes/param above the 18.
@@ -225,3 +226,13 @@ def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9) 
             "host RAM": estimate.host_bytes / GIB - margin * machine.host_memory_gib,
         }
     return {tier: gib for tier, gib in missing.items() if gib > 0}
+
+
+# Bytes per parameter a checkpoint of each plan writes: weights in the precision the engine keeps as the truth, plus
+# the optimizer state (DeepSpeed also writes its bf16 partitions).
+_CHECKPOINT_WEIGHT_BYTES = {"device": 4, "fsdp": 4, "deepspeed": 2 + 4, "host_adam": 4, "gpu_8bit": 2, "stream": 2}
+
+
+def checkpoint_bytes(stats: ModelStats, plan: Plan) -> int:
+    """Bytes one checkpoint of `plan` takes on disk."""
+    return int(stats.parameters * (_CHECKPOINT_WEIGHT_BYTES[plan.backend] + OPTIMIZER_STATE_BYTES[plan.optimizer]))

@@ -52,3 +52,18 @@ def test_a_model_the_meta_device_cannot_run_trains_without_a_plan_and_says_why()
     with pytest.warns(UserWarning, match="could not measure OpaqueLM"):
         module, trainer = fit("single_gpu_offload", module=OpaqueLM(), num_batches=2)
     assert trainer.strategy.plan_report is None and trainer.strategy.backend_name == "device"
+
+
+def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_training(monkeypatch, tmp_path) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    module = TinyLM()
+    with pytest.raises(ValueError, match=r"would need 2 x .* GiB .* 0\.0 GiB free.*save_top_k=1"):
+        fit("single_gpu_offload", module=module, num_batches=2, enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    assert module.net is None and not list(tmp_path.iterdir())
