@@ -185,9 +185,12 @@ class GPU8bitBackend(Backend):
             self._measure_first_block(blocks, module)
 
     def _checkpoint_last(self, blocks: list[nn.Module], count: int) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
         for block in blocks[len(blocks) - count:] if count else []:
             recompute_in_backward(block)
         self.checkpointed_blocks = min(count, len(blocks))
+        rank_zero_info(f"`gpu_8bit`: {self.checkpointed_blocks} of {len(blocks)} blocks recompute their activations")
 
     def _measure_first_block(self, blocks: list[nn.Module], module: nn.Module) -> None:
         """Counts what the first block saves for backward in the first training forward, then checkpoints as many
@@ -208,11 +211,11 @@ class GPU8bitBackend(Backend):
                 counting.append(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
                 counting[-1].__enter__()
 
-        def after(block: nn.Module, args: tuple, output: Any) -> None:
+        def after(block: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if not counting:
                 return
             counting.pop().__exit__(None, None, None)
-            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             input_bytes = 0 if first is None else first.numel() * first.element_size()
             budget = self.config.activation_budget_bytes
             if budget is None:
@@ -221,7 +224,7 @@ class GPU8bitBackend(Backend):
                                                                    input_bytes))
             self._remove_planning_hooks()
 
-        self._planning_hooks = [blocks[0].register_forward_pre_hook(before), blocks[0].register_forward_hook(after)]
+        self._planning_hooks = [blocks[0].register_forward_pre_hook(before), blocks[0].register_forward_hook(after, with_kwargs=True)]
 
     def _remove_planning_hooks(self) -> None:
         for handle in self._planning_hooks:

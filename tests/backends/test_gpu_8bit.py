@@ -135,7 +135,8 @@ def test_stochastic_rounding_keeps_updates_that_round_to_nearest_loses() -> None
     nearest = displacement(gpu_8bit(stochastic_rounding=False), "bf16-true")
     stochastic = displacement(gpu_8bit(), "bf16-true")
     assert nearest.abs().max() == 0
-    # Stochastic rounding moves them as fp32 AdamW does, in expectation (measured: cosine 0.63, norm ratio 1.6: rounding noise adds length).
+    # Stochastic rounding moves them as fp32 AdamW does, in expectation (measured: cosine 0.63, norm ratio 1.6: the
+    # rounding noise adds length).
     cosine = torch.nn.functional.cosine_similarity(stochastic, exact, dim=0)
     assert cosine > 0.3 and 0.5 < stochastic.norm() / exact.norm() < 3
 
