@@ -93,6 +93,7 @@ class GPU8bitBackend(Backend):
         self._optimizer: Any = None
         self._defer_updates = False
         self._planning_hooks: list[Any] = []
+        self._recomputed: set[nn.Module] = set()  # blocks this backend checkpointed (a second fit finds them wrapped)
         self.checkpointed_blocks: int | str = "not decided"
         """Blocks recomputed in backward: a number, "policy" when pinned by the strategy, or not decided yet."""
 
@@ -168,8 +169,10 @@ class GPU8bitBackend(Backend):
                 f"{'as memory needs' if self.config.checkpoint_blocks is None else self.config.checkpoint_blocks}")
 
     def _plan_checkpointing(self, module: nn.Module) -> None:
+        if isinstance(self.checkpointed_blocks, int):  # decided in an earlier fit of the same model
+            return
         blocks = find_blocks(module)
-        pinned = any(is_checkpointed(m) for m in module.modules())
+        pinned = any(is_checkpointed(m) and m not in self._recomputed for m in module.modules())
         if pinned:
             if self.config.checkpoint_blocks is not None:
                 raise ValueError(
@@ -189,6 +192,7 @@ class GPU8bitBackend(Backend):
 
         for block in blocks[len(blocks) - count:] if count else []:
             recompute_in_backward(block)
+            self._recomputed.add(block)
         self.checkpointed_blocks = min(count, len(blocks))
         rank_zero_info(f"`gpu_8bit`: {self.checkpointed_blocks} of {len(blocks)} blocks recompute their activations")
 

@@ -35,7 +35,7 @@ class InBackwardAdamW8bit(AdamW8bitFused):
     def attach(self) -> None:
         self.detach()
         self._hooks = [param.register_post_accumulate_grad_hook(self._on_gradient_ready)
-                       for group in self.param_groups for param in group["params"]]
+                       for group in self.param_groups for param in group["params"] if param.requires_grad]
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -71,6 +71,10 @@ class InBackwardAdamW8bit(AdamW8bitFused):
                 if param.grad is not None:
                     self._update(param)
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._get_buckets()  # back on the parameters' device now, not inside the next backward
 
     def _get_buckets(self) -> list[tuple[dict[str, Any], Bucket8bit]]:
         if self._buckets is None:
