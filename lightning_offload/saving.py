@@ -62,7 +62,7 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (a DeepSpeed folder or Lightning's file).
+    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
 
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
