@@ -66,12 +66,18 @@ BASELINES = [
 ]
 
 
+# Backends whose plan includes what the module would otherwise choose: how many blocks to checkpoint (the
+# backend decides) and a loss that never materialises the full logits.
+_PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}}
+_PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss"}
+
+
 def ours(backend: str, cost: str) -> Method:
     """A `single_gpu_offload` row; the backend converts the module's plain AdamW to its own optimizer."""
-    return Method(f"{OURS}_{backend}", f'{OURS} (backend="{backend}")', runner="lightning", cost=cost,
-                  options={"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant",
-                           "optimizer": "adamw"},
-                  runs_on_cpu=True)
+    options = {"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant", "optimizer": "adamw",
+               **_PLAN_OPTIONS.get(backend, {})}
+    return Method(f"{OURS}_{backend}", f'{OURS} (backend="{backend}"{_PLAN_LABELS.get(backend, "")})',
+                  runner="lightning", cost=cost, options=options, runs_on_cpu=True)
 
 
 def all_methods(our_backends: dict[str, str]) -> dict[str, Method]:

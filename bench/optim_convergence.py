@@ -1,54 +1,87 @@
 """Loss curves of the 8-bit optimizers against fp32 AdamW on the main job's data (the standard library's text).
 
-    python bench/optim_convergence.py [--steps 300] [--seeds 1234 1 2]
+    python bench/optim_convergence.py [--steps 300] [--seeds 1234 1 2] [--runs reference gpu_8bit]
 
-Trains the main job's byte-level GPT with `single_gpu_offload` (`backend="device"`) from the same seed on the same
-batches: fp32 weights with torch AdamW as the reference, then bf16 weights (`precision="bf16-true"`) with
-lightning_offload's fused 8-bit AdamW (stochastic rounding) and with bitsandbytes' AdamW8bit. Prints a markdown
-table of the final validation loss of each and its distance from the reference.
+Trains the main job's byte-level GPT with `single_gpu_offload` from the same seed on the same batches: fp32
+weights with torch AdamW (`backend="device"`) as the reference, then bf16 weights (`precision="bf16-true"`) with
+lightning_offload's fused 8-bit AdamW stepped after backward, the same update inside backward (`backend="gpu_8bit"`),
+and bitsandbytes' AdamW8bit. Prints a markdown table of each run's final validation loss, its distance from the
+reference, and how far its train-loss curve (50-step moving average, after the first 50 steps) strays from the
+reference's.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.data import StdlibText
 from lightning_offload.models import CausalLM
 
+# name -> (label, backend, optimizer, precision)
 RUNS = {
-    "torch AdamW, fp32 weights (reference)": ("adamw", "32-true"),
-    "lightning_offload AdamW8bitFused, bf16 weights": ("adamw8bit_fused", "bf16-true"),
-    "bitsandbytes AdamW8bit, bf16 weights": ("adamw8bit", "bf16-true"),
+    "reference": ("torch AdamW, fp32 weights (reference)", "device", "adamw", "32-true"),
+    "fused": ("lightning_offload AdamW8bitFused, bf16 weights", "device", "adamw8bit_fused", "bf16-true"),
+    "gpu_8bit": ("gpu_8bit: AdamW8bitFused inside backward, bf16 weights", "gpu_8bit", None, "bf16-true"),
+    "bnb": ("bitsandbytes AdamW8bit, bf16 weights", "device", "adamw8bit", "bf16-true"),
 }
+WINDOW = 50
 
 
-def final_validation_loss(optimizer: str, precision: str, steps: int, seed: int) -> tuple[float, float]:
+class _TrainLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def train(backend: str, optimizer: str | None, precision: str, steps: int,
+          seed: int) -> tuple[float, list[float], float]:
     pl.seed_everything(seed)
     model = CausalLM(network=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=128), max_steps=steps)
     data = StdlibText(max_bytes=2_000_000, seq_len=128, batch_size=16, seed=seed)
-    trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(backend="device", optimizer=optimizer), precision=precision,
+    curve = _TrainLosses()
+    trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(backend=backend, optimizer=optimizer), precision=precision,
                          max_steps=steps, limit_val_batches=20, val_check_interval=steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[curve])
     started = time.perf_counter()
     trainer.fit(model, data)
-    return float(trainer.callback_metrics["val/loss"]), time.perf_counter() - started
+    return float(trainer.callback_metrics["val/loss"]), curve.losses, time.perf_counter() - started
+
+
+def curve_distance(curve: list[float], reference: list[float]) -> float:
+    """Largest relative gap between the two curves' moving averages, leaving out the first `WINDOW` steps."""
+    kernel = torch.full((1, 1, WINDOW), 1.0 / WINDOW)
+
+    def smooth(values: list[float]) -> torch.Tensor:
+        return torch.nn.functional.conv1d(torch.tensor(values)[None, None], kernel)[0, 0]
+
+    ours, theirs = smooth(curve), smooth(reference)
+    return float(((ours - theirs).abs() / theirs).max())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     args = parser.parse_args()
-    print(f"\n| seed | optimizer ({args.steps} steps) | final val loss | vs reference | wall s |\n|---|---|---|---|---|")
+    names = ["reference", *(name for name in args.runs if name != "reference")]
+    print(f"\n| seed | optimizer ({args.steps} steps) | final val loss | vs reference | curve gap (max, "
+          f"{WINDOW}-step avg) | wall s |\n|---|---|---|---|---|---|")
     for seed in args.seeds:
-        results = {name: final_validation_loss(*choice, args.steps, seed) for name, choice in RUNS.items()}
-        reference = next(iter(results.values()))[0]
-        for name, (loss, seconds) in results.items():
-            print(f"| {seed} | {name} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% | {seconds:.0f} |", flush=True)
+        results = {name: train(*RUNS[name][1:], args.steps, seed) for name in names}
+        reference, reference_curve, _ = results["reference"]
+        for name, (loss, curve, seconds) in results.items():
+            print(f"| {seed} | {RUNS[name][0]} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% | "
+                  f"{100 * curve_distance(curve, reference_curve):.2f}% | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

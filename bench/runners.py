@@ -173,19 +173,30 @@ class _RandomTokens(torch.utils.data.Dataset):
 
 
 class LlamaModule(L.LightningModule):
-    """The model is built in `configure_model`, inside whatever context the strategy provides for it."""
+    """The model is built in `configure_model`, inside whatever context the strategy provides for it.
 
-    def __init__(self, size: str, checkpointing: str, optimizer: str) -> None:
+    `loss="chunked"` computes the output layer and the cross-entropy together without the full logits
+    (`lightning_offload.losses`, as torchtune's recipes chunk theirs); "full" is transformers' own loss.
+    """
+
+    def __init__(self, size: str, checkpointing: str, optimizer: str, loss: str = "full") -> None:
         super().__init__()
-        self.size, self.checkpointing, self.optimizer_name = size, checkpointing, optimizer
+        self.size, self.checkpointing, self.optimizer_name, self.loss = size, checkpointing, optimizer, loss
         self.model: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
         if self.model is None:
             self.model = build_llama(self.size)
             enable_checkpointing(self.model, self.checkpointing)
+            if self.loss == "chunked":
+                from lightning_offload.losses import ChunkedLMHeadLoss
+
+                ChunkedLMHeadLoss.adopt(self.model.lm_head)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.loss == "chunked":
+            hidden = self.model.model(input_ids=batch).last_hidden_state
+            return self.model.lm_head(hidden[:, :-1], batch[:, 1:])
         return _causal_lm_loss(self.model, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -229,7 +240,8 @@ def _lightning_strategy(name: str, backend: str | None) -> Any:
     return name
 
 
-def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, backend: str | None = None) -> StepClock:
+def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, backend: str | None = None,
+              loss: str = "full") -> StepClock:
     """A Trainer with `strategy` and precision bf16-mixed, fitting `LlamaModule` on random tokens."""
     regime, clock = cell.regime, StepClock(cell.device)
     trainer = L.Trainer(accelerator=cell.device.type, devices=1, strategy=_lightning_strategy(strategy, backend),
@@ -237,7 +249,8 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[_Clock(clock, regime.accumulate)])
     tokens = _RandomTokens(regime.steps * regime.accumulate * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
-    trainer.fit(LlamaModule(cell.size, checkpointing, optimizer), DataLoader(tokens, batch_size=regime.micro_batch))
+    trainer.fit(LlamaModule(cell.size, checkpointing, optimizer, loss),
+                DataLoader(tokens, batch_size=regime.micro_batch))
     report = getattr(trainer.strategy, "plan_report", None)
     if report is not None and report.chosen is not None:
         chosen = report.chosen

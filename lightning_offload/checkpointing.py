@@ -61,6 +61,16 @@ def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def recompute_in_backward(block: nn.Module) -> None:
+    """Checkpoints one block: its activations are dropped after forward and recomputed in backward."""
+    _wrap_forward(block, _recompute)
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    """Whether a policy (or `recompute_in_backward`) already wrapped `module`."""
+    return bool(getattr(module, _WRAPPED, False))
+
+
 def _save_on_host(forward: Any, *args: Any, **kwargs: Any) -> Any:
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     pin = first is not None and first.is_cuda

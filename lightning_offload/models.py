@@ -13,7 +13,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.text import Perplexity
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_offload.losses import ChunkedLMHeadLoss
 
 
 class Block(nn.Module):
@@ -35,7 +37,10 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """A decoder-only transformer over bytes, with the output layer tied to the input embedding."""
+    """A decoder-only transformer over bytes, with the output layer tied to the input embedding.
+
+    `forward(tokens)` gives the logits; `forward(tokens, targets)` the mean cross-entropy, computed without them.
+    """
 
     def __init__(self, vocab_size: int = 256, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                  max_seq_len: int = 256) -> None:
@@ -44,7 +49,7 @@ class TinyGPT(nn.Module):
         self.position = nn.Embedding(max_seq_len, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head = ChunkedLMHeadLoss(d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -52,12 +57,12 @@ class TinyGPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + self.position(positions)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x), targets)
 
 
 def build_network(arch: str, config: dict[str, Any]) -> nn.Module:
@@ -67,19 +72,21 @@ def build_network(arch: str, config: dict[str, Any]) -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         llama = LlamaForCausalLM(LlamaConfig(**config))
-        return _LogitsOnly(llama)
+        return _LlamaNetwork(llama)
     raise ValueError(f"Unknown model `arch={arch!r}`. Choose 'gpt' or 'llama'.")
 
 
-class _LogitsOnly(nn.Module):
-    """A `transformers` causal LM seen as tokens -> logits, like `TinyGPT`."""
+class _LlamaNetwork(nn.Module):
+    """A `transformers` causal LM seen as tokens -> logits, or (tokens, targets) -> loss, like `TinyGPT`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        ChunkedLMHeadLoss.adopt(model.lm_head)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, use_cache=False).logits
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model.model(input_ids=tokens, use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden, targets)
 
 
 class CausalLM(pl.LightningModule):
@@ -91,31 +98,31 @@ class CausalLM(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net: nn.Module | None = None
-        self.val_perplexity = Perplexity()
+        # exp of the mean validation loss per token: the perplexity, without the logits.
+        self.val_token_loss = MeanMetric()
 
     def configure_model(self) -> None:
         if self.net is None:
             self.net = build_network(self.hparams.arch, dict(self.hparams.network or {}))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with `targets` the mean cross-entropy (computed without materialising the logits)."""
         assert self.net is not None
-        return self.net(tokens)
-
-    def _logits_and_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch
-        logits = self(inputs)
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return self.net(tokens, targets)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        _, loss = self._logits_and_loss(batch)
+        loss = self(*batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits, loss = self._logits_and_loss(batch)
-        self.val_perplexity.update(logits.float(), batch[1])
+        loss = self(*batch)
+        self.val_token_loss.update(loss, weight=batch[1].numel())
         self.log("val/loss", loss)
-        self.log("val/perplexity", self.val_perplexity, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/perplexity", self.val_token_loss.compute().exp(), prog_bar=True)
+        self.val_token_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Grouped by module type, not by `p.ndim`: parameters built under DeepSpeed's zero.Init are 0-element

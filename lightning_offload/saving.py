@@ -62,7 +62,7 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint folder.
+    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
 
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
@@ -71,7 +71,11 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     from lightning_offload.backends import host_adam
 
     checkpoint_dir = Path(checkpoint_dir)
-    if (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
+    if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
+        checkpoint = torch.load(checkpoint_dir, map_location="cpu", weights_only=False)
+        state_dict = {name: value.float() if value.is_floating_point() else value
+                      for name, value in checkpoint["state_dict"].items()}
+    elif (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
         from lightning_offload.backends.stream.checkpoint import consolidate as consolidate_stream
 
         state_dict = consolidate_stream(checkpoint_dir)

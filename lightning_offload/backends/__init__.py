@@ -13,6 +13,7 @@ _BACKENDS = {
     "deepspeed": "lightning_offload.backends.deepspeed:DeepSpeedBackend",
     "device": "lightning_offload.backends.device:DeviceBackend",
     "fsdp": "lightning_offload.backends.fsdp:FSDPBackend",
+    "gpu_8bit": "lightning_offload.backends.gpu_8bit:GPU8bitBackend",
     "host_adam": "lightning_offload.backends.host_adam:HostAdamBackend",
     "stream": "lightning_offload.backends.stream:StreamBackend",
 }
