@@ -1,7 +1,8 @@
 """lightning_offload: train models larger than the GPU's memory on one GPU, from an unchanged LightningModule.
 
-``import lightning_offload`` registers ``strategy="single_gpu_offload"`` (and ``"single_gpu_offload_<backend>"``)
-with the Trainers of both ``lightning.pytorch`` and ``pytorch_lightning``. Import it before building the Trainer:
+``import lightning_offload`` registers ``strategy="single_gpu_offload"`` (and ``"single_gpu_offload_<backend>"``),
+and its several-device form ``strategy="offload"`` (``"offload_<backend>"``), with the Trainers of both
+``lightning.pytorch`` and ``pytorch_lightning``. Import it before building the Trainer:
 the Trainer reads the registry when it is constructed. Engines (DeepSpeed, bitsandbytes) load when a fit starts.
 """
 
@@ -9,19 +10,24 @@ from importlib.util import find_spec
 
 from lightning.pytorch.strategies import StrategyRegistry as _LightningRegistry
 
+from lightning_offload.parallel import OffloadStrategy
 from lightning_offload.planner import Machine, plan
 from lightning_offload.saving import consolidate
-from lightning_offload.strategy import STRATEGY_NAME, SingleGPUOffloadStrategy
+from lightning_offload.strategy import MULTI_DEVICE_NAME, STRATEGY_NAME, SingleGPUOffloadStrategy
 
 # `plan` is the planner's function; `python -m lightning_offload.plan` (the module of the same name) is its CLI.
-__all__ = ["STRATEGY_NAME", "Machine", "SingleGPUOffloadStrategy", "consolidate", "plan"]
+__all__ = ["MULTI_DEVICE_NAME", "STRATEGY_NAME", "Machine", "OffloadStrategy", "SingleGPUOffloadStrategy",
+           "consolidate", "plan"]
 __version__ = "0.1.0.dev0"
 
 SingleGPUOffloadStrategy.register_strategies(_LightningRegistry)
+OffloadStrategy.register_strategies(_LightningRegistry)
 
 if find_spec("pytorch_lightning") is not None:
     from pytorch_lightning.strategies import StrategyRegistry as _PytorchLightningRegistry
 
+    from lightning_offload.pytorch_lightning import OffloadStrategy as _PytorchLightningOffload
     from lightning_offload.pytorch_lightning import SingleGPUOffloadStrategy as _PytorchLightningStrategy
 
     _PytorchLightningStrategy.register_strategies(_PytorchLightningRegistry)
+    _PytorchLightningOffload.register_strategies(_PytorchLightningRegistry)

@@ -12,24 +12,51 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 
+class Ranks(Protocol):
+    """What a checkpoint written by several processes needs of them (a Lightning strategy has it)."""
+
+    @property
+    def is_global_zero(self) -> bool: ...
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def barrier(self, name: str | None = None) -> None: ...
+
+
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields an empty staging folder beside `path`; on success it replaces `path` (file or folder) in one rename."""
+def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Iterator[Path]:
+    """Yields an empty staging folder beside `path`; on success it replaces `path` (file or folder) in one rename.
+
+    With `ranks`, every process gets the same staging folder (on a file system they share) to write its shards
+    into; rank 0 creates it and moves it into place once every rank has finished writing.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    lead = ranks is None or ranks.is_global_zero
     staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
+    if ranks is not None:
+        staging = Path(ranks.broadcast(str(staging)))
+    if lead:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    if ranks is not None:
+        ranks.barrier("atomic_directory:staged")
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if lead:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    _replace(staging, path)
+    if ranks is not None:
+        ranks.barrier("atomic_directory:written")
+    if lead:
+        _replace(staging, path)
+    if ranks is not None:
+        ranks.barrier("atomic_directory:replaced")
 
 
 @contextmanager

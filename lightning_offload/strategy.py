@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config
@@ -38,6 +39,8 @@ from lightning_offload.optim import (
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
+# The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
+MULTI_DEVICE_NAME = "offload"
 
 
 class _SingleGPUOffloadCore:
@@ -113,14 +116,8 @@ class _SingleGPUOffloadCore:
 
     @override
     def setup_environment(self) -> None:
-        devices = self.parallel_devices or []
-        if len(devices) > 1 or self.num_nodes > 1:
-            raise ValueError(
-                f"`strategy={STRATEGY_NAME!r}` trains on one device, but the Trainer was given {len(devices)} devices "
-                f"on {self.num_nodes} node(s). Pass `devices=1` (and `num_nodes=1`); for several GPUs use Lightning's "
-                "`strategy='deepspeed_stage_3_offload'`."
-            )
         super().setup_environment()
+        self._setup_processes()
         # The Trainer's plugin is read once: after it is swapped for the engine's, a second `fit` or a `validate`
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
@@ -141,11 +138,23 @@ class _SingleGPUOffloadCore:
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
         self.backend.setup_environment(self.root_device)
-        # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one rank.
-        warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
+        if getattr(self, "world_size", 1) == 1:
+            # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
+            warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
         self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
             f"`{STRATEGY_NAME}` on {self.root_device}: {self.backend.describe()}"
         )
+
+    def _setup_processes(self) -> None:
+        devices = self.parallel_devices or []
+        if len(devices) > 1 or self.num_nodes > 1:
+            raise ValueError(
+                f"`strategy={STRATEGY_NAME!r}` trains on one device, but the Trainer was given {len(devices)} devices "
+                f"on {self.num_nodes} node(s). Pass `devices=1` (and `num_nodes=1`), or use "
+                f"`strategy={MULTI_DEVICE_NAME!r}` (`lightning_offload.OffloadStrategy`, same options) to shard the "
+                "model across several devices and nodes."
+            )
+        refuse_running_group(1, STRATEGY_NAME)
 
     def _plan_and_setup_backend(self) -> None:
         """Runs once per fit, before the model is built (or, for a model built in `__init__`, before it is moved)."""

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from lightning_offload._distributed import ensure_single_process_group
+from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.optim import to_cpu_adam
 from lightning_offload.saving import atomic_directory
@@ -137,6 +137,21 @@ def _precision_config(precision: str) -> dict[str, Any]:
     )
 
 
+def _refuse_other_world_size(path: Path, world_size: int) -> None:
+    # ZeRO-3 keeps one file of fp32 weights and optimizer state per rank, cut for that many ranks; DeepSpeed would
+    # fail later with a less helpful message (or, when loading weights only, read the wrong slices).
+    tag = (path / "latest").read_text().strip()
+    saved = len(list((path / tag).glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+    if saved and saved != world_size:
+        raise ValueError(
+            f"The checkpoint {str(path)!r} was written by {saved} process(es) and this run has {world_size}: the "
+            "`deepspeed` backend partitions weights and optimizer state per process and resumes only with the same "
+            f"number (`devices` x `num_nodes` = {saved}). To go on with another number of processes, take the "
+            "weights with `lightning_offload.consolidate(path)` (the optimizer state restarts), or train with the "
+            "`fsdp` backend and a `torch.optim` optimizer, whose checkpoints resume with any number."
+        )
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
@@ -192,7 +207,7 @@ class DeepSpeedBackend(Backend):
             else:
                 from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
             set_accelerator(Accelerator())
-        ensure_single_process_group(device)
+        ensure_process_group(device)
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # Lightning's DeepSpeed precision plugin routes backward and step through the engine and leaves clipping to it.
@@ -272,11 +287,13 @@ class DeepSpeedBackend(Backend):
         return engine
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
-        with atomic_directory(path) as staging:
+        # Every rank writes its partitions into the same folder (on a file system all ranks see).
+        with atomic_directory(path, ranks=checkpoint_ranks()) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
-            # DeepSpeed drops a conversion script next to every checkpoint; `lightning_offload.consolidate` does
-            # that job, so the checkpoint holds only state.
-            (staging / "zero_to_fp32.py").unlink(missing_ok=True)
+            # DeepSpeed drops conversion scripts next to every checkpoint; `lightning_offload.consolidate` does that
+            # job, so the checkpoint holds only state.
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (staging / script).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         if not (path / "latest").is_file():
@@ -284,6 +301,7 @@ class DeepSpeedBackend(Backend):
                 f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "
                 "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
             )
+        _refuse_other_world_size(path, self.engine.dp_world_size)
         load_path, client_state = self.engine.load_checkpoint(
             str(path),
             load_optimizer_states=load_optimizer_states,

@@ -2,7 +2,7 @@
 
 The plan for models that fit (with the memory levers: 8-bit optimizer state, activation checkpointing, bf16
 weights via `precision="bf16-true"`). Lightning's own single-device loop does the rest, so this backend only
-places the module.
+places the module (and, across several processes, wraps it in DDP).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
@@ -43,7 +44,13 @@ class DeviceBackend(Backend):
     def setup_training(
         self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
     ) -> tuple[torch.nn.Module, Optimizer]:
-        return module.to(self._device), optimizer
+        module = module.to(self._device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Nothing is sharded: several processes are plain data parallelism, PyTorch's DDP.
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(module, device_ids=None if self._device.type == "cpu" else [self._device])
+        return module, optimizer
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         return module.to(self._device)

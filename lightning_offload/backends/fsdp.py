@@ -15,10 +15,11 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload._distributed import ensure_single_process_group
+from lightning_offload._distributed import ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks
 
@@ -33,6 +34,10 @@ class FSDPConfig(BackendConfig):
     """Class names of the modules to shard as units (empty: the most repeated composite module)."""
     reshard_after_forward: bool = True
     """Free each block's gathered weights after its forward (re-gathered in backward): less memory, more copies."""
+
+
+# Key of the per-rank optimizer states in a checkpoint (optimizers that step local shards).
+_LOCAL_SHARD_STATES = "local_shard_states"
 
 
 class _CallThrough(nn.Module):
@@ -60,7 +65,20 @@ class FSDPBackend(Backend):
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # FSDP2's MixedPrecisionPolicy casts parameters and inputs itself; Lightning must not autocast on top.
-        return plugins.Precision()
+        backend = self
+
+        class ClipsShardedGradients(plugins.Precision):
+            def main_params(self, optimizer: Optimizer) -> Any:
+                # The norm to clip by is the whole model's: the sharded parameters' norm is reduced across ranks,
+                # a local shard's is not.
+                return backend.clipped_parameters(optimizer)
+
+        return ClipsShardedGradients()
+
+    def clipped_parameters(self, optimizer: Optimizer) -> list[nn.Parameter]:
+        if self._local_shards:
+            return [sharded for sharded, _ in self._local_shards]
+        return [p for group in optimizer.param_groups for p in group["params"]]
 
     def set_precision(self, precision: str) -> None:
         if precision not in ("bf16-mixed", "32-true"):
@@ -72,7 +90,7 @@ class FSDPBackend(Backend):
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
-        ensure_single_process_group(device)
+        ensure_process_group(device)
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu") if self.config.cpu_offload else device
@@ -85,7 +103,7 @@ class FSDPBackend(Backend):
             return module
         mixed = self._precision == "bf16-mixed"
         options = dict(
-            mesh=init_device_mesh(self._device.type, (1,)),
+            mesh=init_device_mesh(self._device.type, (dist.get_world_size(),)),
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed else None,
                                            reduce_dtype=torch.float32 if mixed else None),
             # Pinning is a property of host memory seen from an accelerator; with none, the shards are plain memory.
@@ -151,7 +169,11 @@ class FSDPBackend(Backend):
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
         if self._local_shards:
-            return optimizer.state_dict()
+            # Each rank's optimizer state belongs to its own shards (8-bit blocks cut along them); the checkpoint
+            # keeps every rank's, in rank order (gathered on rank 0, which writes it; over the CPU group).
+            states = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(optimizer.state_dict(), states, dst=0)
+            return {_LOCAL_SHARD_STATES: states}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(module, optimizer,
@@ -159,7 +181,15 @@ class FSDPBackend(Backend):
 
     def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
         if self._local_shards:
-            optimizer.load_state_dict(state)
+            states = state.get(_LOCAL_SHARD_STATES, [state])
+            if len(states) != dist.get_world_size():
+                raise ValueError(
+                    f"The checkpoint holds `{type(optimizer).__name__}` state for {len(states)} process(es) and this "
+                    f"run has {dist.get_world_size()}: that optimizer steps each process's shard of the weights, so "
+                    f"its state resumes only with the same number (`devices` x `num_nodes` = {len(states)}). "
+                    "A `torch.optim` optimizer (e.g. `optimizer=adamw`) resumes with any number."
+                )
+            optimizer.load_state_dict(states[dist.get_rank()])
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -167,4 +197,6 @@ class FSDPBackend(Backend):
 
     def describe(self) -> str:
         where = "host memory (optimizer steps on the CPU)" if self.config.cpu_offload else str(self._device)
-        return f"FSDP2 ({self._precision}), one unit per block: parameters, gradients and optimizer state in {where}"
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        sharding = f"sharded across {ranks} processes" if ranks > 1 else "one unit per block"
+        return f"FSDP2 ({self._precision}), {sharding}: parameters, gradients and optimizer state in {where}"

@@ -1,0 +1,129 @@
+"""`offload`: `single_gpu_offload` across processes - several devices of one machine, or several machines.
+
+The same backends, optimizers and checkpointing policies, sharded by the engines themselves: DeepSpeed ZeRO-3
+partitions parameters, gradients and optimizer state across ranks (each rank's share offloaded to its host), FSDP2
+shards each block across ranks (each shard offloaded), and optimizers that step local shards (8-bit ones) step each
+rank's own. Processes are started the way Lightning starts them for DDP: its launcher re-runs the script once per
+extra device, and `torchrun` or SLURM (through Lightning's cluster environments) start them externally. With one
+device this is `single_gpu_offload`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _sync_ddp_if_available
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning_utilities.core.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_offload._distributed import join_process_group, refuse_running_group
+from lightning_offload.backends import available_backends
+from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
+from lightning_offload.telemetry import ThroughputMonitor
+
+
+class _OffloadCore(_SingleGPUOffloadCore):
+    """`single_gpu_offload` on any number of devices and nodes (`Trainer(devices=N, num_nodes=M)`).
+
+    Args:
+        process_group_timeout: how long a collective waits for the other ranks before failing.
+        Every other argument is `SingleGPUOffloadStrategy`'s.
+    """
+
+    def __init__(self, backend: str = "auto", *, process_group_timeout: timedelta | None = default_pg_timeout,
+                 **options: Any) -> None:
+        super().__init__(backend, **options)
+        self.process_group_timeout = process_group_timeout
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return self.parallel_devices[self.local_rank] if self.parallel_devices else torch.device("cpu")
+
+    @property
+    def num_processes(self) -> int:
+        """Processes on this node: one per device."""
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    @property
+    def is_distributed(self) -> bool:
+        # Read by the Trainer to decide on a `DistributedSampler`.
+        return self.world_size > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @override
+    def _configure_launcher(self) -> None:
+        environment = self.cluster_environment
+        if self.num_nodes * self.num_processes > 1 and not environment.creates_processes_externally:
+            launcher = self._lightning_attr("strategies.launchers", "_SubprocessScriptLauncher")
+            self._launcher = launcher(environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def _setup_processes(self) -> None:
+        if self.world_size == 1:
+            refuse_running_group(1, MULTI_DEVICE_NAME)
+            return
+        refuse_running_group(self.world_size, MULTI_DEVICE_NAME)
+        # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
+        reset_seed()
+        self.set_world_ranks()
+        join_process_group(self.cluster_environment, self.root_device, self.process_group_timeout)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return obj
+        objects = [obj]
+        torch.distributed.broadcast_object_list(objects, src)
+        return objects[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if self.world_size == 1 or not isinstance(tensor, torch.Tensor):
+            return tensor
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            MULTI_DEVICE_NAME, cls, description="Offloaded training on any number of devices and nodes "
+            "(lightning_offload)", override=True,
+        )
+        for name in available_backends():
+            strategy_registry.register(
+                f"{MULTI_DEVICE_NAME}_{name}", cls, description=f"`{MULTI_DEVICE_NAME}` on the {name!r} backend",
+                override=True, backend=name,
+            )
+
+
+class OffloadStrategy(_OffloadCore, ParallelStrategy):
+    __doc__ = _OffloadCore.__doc__
+    _lightning = "lightning.pytorch"
+    _telemetry_callback = ThroughputMonitor
