@@ -118,7 +118,7 @@ class CausalLM(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self(*batch)
         self.val_token_loss.update(loss, weight=batch[1].numel())
-        self.log("val/loss", loss)
+        self.log("val/loss", loss, sync_dist=True)  # one value over all processes
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/perplexity", self.val_token_loss.compute().exp(), prog_bar=True)

@@ -35,6 +35,8 @@ class _OffloadCore(_SingleGPUOffloadCore):
         Every other argument is `SingleGPUOffloadStrategy`'s.
     """
 
+    strategy_name = MULTI_DEVICE_NAME
+
     def __init__(self, backend: str = "auto", *, process_group_timeout: timedelta | None = default_pg_timeout,
                  **options: Any) -> None:
         super().__init__(backend, **options)
@@ -76,9 +78,9 @@ class _OffloadCore(_SingleGPUOffloadCore):
     @override
     def _setup_processes(self) -> None:
         if self.world_size == 1:
-            refuse_running_group(1, MULTI_DEVICE_NAME)
+            refuse_running_group(1, self.strategy_name)
             return
-        refuse_running_group(self.world_size, MULTI_DEVICE_NAME)
+        refuse_running_group(self.world_size, self.strategy_name)
         # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
         reset_seed()
         self.set_world_ranks()

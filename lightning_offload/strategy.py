@@ -71,6 +71,8 @@ class _SingleGPUOffloadCore:
     _lightning: ClassVar[str]
     # The namespace's telemetry callback class.
     _telemetry_callback: ClassVar[type]
+    # The registered name, for messages.
+    strategy_name: ClassVar[str] = STRATEGY_NAME
 
     def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
                  activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
@@ -142,7 +144,7 @@ class _SingleGPUOffloadCore:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
             warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
         self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
-            f"`{STRATEGY_NAME}` on {self.root_device}: {self.backend.describe()}"
+            f"`{self.strategy_name}` on {self.root_device}: {self.backend.describe()}"
         )
 
     def _setup_processes(self) -> None:
@@ -204,7 +206,7 @@ class _SingleGPUOffloadCore:
         )
         if type(plugin) is not plain and not isinstance(plugin, known):
             raise ValueError(
-                f"`{STRATEGY_NAME}` chooses its precision plugin from `Trainer(precision=...)` and cannot run "
+                f"`{self.strategy_name}` chooses its precision plugin from `Trainer(precision=...)` and cannot run "
                 f"`{type(plugin).__name__}`. Remove it from `plugins=` and pass e.g. `precision='bf16-mixed'`."
             )
         return str(precision)
@@ -241,7 +243,7 @@ class _SingleGPUOffloadCore:
             optimizers, scheduler_configs = init_optimizers(module)
             if len(optimizers) != 1:
                 raise ValueError(
-                    f"`{STRATEGY_NAME}` steps one optimizer, but `configure_optimizers` returned {len(optimizers)}. "
+                    f"`{self.strategy_name}` steps one optimizer, but `configure_optimizers` returned {len(optimizers)}. "
                     "Return one optimizer (with several param groups if parts of the model need other settings)."
                 )
             _refuse_empty_param_groups(optimizers[0])

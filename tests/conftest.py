@@ -31,13 +31,13 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 
-def token_batches(num_batches: int, seed: int = 0) -> DataLoader:
+def token_batches(num_batches: int, seed: int = 0, batch_size: int = BATCH) -> DataLoader:
     """Learnable sequences (each token is the previous plus a per-sequence stride), in a fixed order."""
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, VOCAB, (num_batches * BATCH, 1), generator=generator)
-    strides = torch.randint(1, 4, (num_batches * BATCH, 1), generator=generator)
+    starts = torch.randint(0, VOCAB, (num_batches * batch_size, 1), generator=generator)
+    strides = torch.randint(1, 4, (num_batches * batch_size, 1), generator=generator)
     tokens = (starts + strides * torch.arange(SEQ_LEN + 1)) % VOCAB
-    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH, shuffle=False)
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size, shuffle=False)
 
 
 class TinyLM(pl.LightningModule):
@@ -88,11 +88,11 @@ class TinyLM(pl.LightningModule):
 
 
 def fit(strategy: Any, num_batches: int = 8, precision: str = "32-true", module: TinyLM | None = None,
-        ckpt_path: str | None = None, **trainer_kwargs: Any) -> tuple[TinyLM, pl.Trainer]:
+        ckpt_path: str | None = None, batch_size: int = BATCH, **trainer_kwargs: Any) -> tuple[TinyLM, pl.Trainer]:
     module = module or TinyLM()
     options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False)
     options.update(trainer_kwargs)
     trainer = pl.Trainer(strategy=strategy, precision=precision, **options)
-    trainer.fit(module, train_dataloaders=token_batches(num_batches), ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=token_batches(num_batches, batch_size=batch_size), ckpt_path=ckpt_path)
     return module, trainer

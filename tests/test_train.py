@@ -85,7 +85,7 @@ def test_command_line_run_and_unknown_key(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     # The planner's table and choice are logged, then the backend it chose.
-    assert "Plans for" in output and "Chosen: device" in output and "single_gpu_offload` on cpu: no offload" in output
+    assert "Plans for" in output and "Chosen: device" in output and "offload` on cpu: no offload" in output
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
     typo = subprocess.run([*command, "trainer.max_stepz=3"], capture_output=True, text=True, timeout=300)
