@@ -138,3 +138,36 @@ def test_deepspeed_checkpoint_refuses_another_world_size(two_processes) -> None:
 def test_8bit_shard_state_refuses_another_world_size(two_processes) -> None:
     with pytest.raises(ValueError, match=r"`AdamW8bit` state for 2 process\(es\) and this run has 1"):
         one_process_fit("fsdp", optimizer="adamw8bit", ckpt_path=str(two_processes.out / "fsdp_8bit.ckpt"))
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_offload_names_build_a_multi_process_trainer(namespace: str) -> None:
+    lightning = pytest.importorskip(namespace)
+    assert {"offload", "offload_deepspeed", "offload_fsdp", "offload_device"} <= set(lightning.strategies.StrategyRegistry)
+    trainer = lightning.Trainer(strategy="offload_fsdp", accelerator="cpu", devices=2, num_nodes=3, logger=False)
+    assert type(trainer.strategy).__name__ == "OffloadStrategy" and trainer.strategy.backend_name == "fsdp"
+    assert trainer.world_size == 6 and trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 6, "rank": 0}
+    assert type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+    one = lightning.Trainer(strategy="offload", accelerator="cpu", devices=1, logger=False)
+    assert one.strategy.launcher is None and not one.strategy.is_distributed
+
+
+def test_single_gpu_offload_refuses_several_devices_naming_offload() -> None:
+    with pytest.raises(ValueError, match=r"trains on one device.*strategy='offload'"):
+        fit("single_gpu_offload", devices=2)
+
+
+def test_devices_and_nodes_are_settable_from_the_command_line(tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from lightning_offload.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["strategy=fsdp_cpu", "trainer.devices=2", "trainer.num_nodes=2"])
+    GlobalHydra.instance().clear()
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (2, 2)
+    assert isinstance(instantiate(cfg.strategy), OffloadStrategy)

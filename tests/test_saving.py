@@ -43,3 +43,28 @@ def test_file_save_is_atomic(tmp_path) -> None:
 def test_consolidate_names_a_wrong_folder(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not a `single_gpu_offload` checkpoint folder"):
         consolidate(tmp_path)
+
+
+class _FakeRanks:
+    """Two ranks played in turn by one process: the first broadcast's value reaches every rank."""
+
+    def __init__(self, shared: dict, is_global_zero: bool) -> None:
+        self.shared, self.is_global_zero = shared, is_global_zero
+
+    def broadcast(self, obj, src=0):
+        return self.shared.setdefault("value", obj)
+
+    def barrier(self, name=None) -> None:
+        pass
+
+
+def test_ranks_write_into_one_staging_folder_that_rank_zero_moves(tmp_path) -> None:
+    target, shared = tmp_path / "last.ckpt", {}
+    with atomic_directory(target, ranks=_FakeRanks(shared, is_global_zero=True)) as lead:
+        with atomic_directory(target, ranks=_FakeRanks(shared, is_global_zero=False)) as follower:
+            assert follower == lead and lead.is_dir()
+            (follower / "shard1").write_text("1")
+        assert not target.exists()  # a rank other than 0 never moves the folder
+        (lead / "shard0").write_text("0")
+    assert sorted(p.name for p in target.iterdir()) == ["shard0", "shard1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
