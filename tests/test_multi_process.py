@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_offload import OffloadStrategy
+from lightning_offload import OffloadStrategy, consolidate
 from tests.conftest import TinyLM, fit
 from tests.test_strategy import assert_losses_close
 
@@ -128,11 +128,17 @@ def test_fsdp_checkpoint_moves_between_world_sizes(two_processes, one_process_ru
                         WORLD_SIZE_RTOL)
 
 
-def test_deepspeed_checkpoint_refuses_another_world_size(two_processes) -> None:
+def test_deepspeed_checkpoint_refuses_another_world_size(two_processes, one_process_runs) -> None:
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*consolidate"):
         one_process_fit("deepspeed", ckpt_path=str(two_processes.out / "deepspeed.ckpt"))
     assert two_processes.result.returncode != 0
     assert "written by 1 process(es) and this run has 2" in two_processes.result.stdout
+    # The way out the message names: the two-process checkpoint's weights, whole, are the one-process run's.
+    weights = consolidate(two_processes.out / "deepspeed.ckpt")
+    reference = consolidate(one_process_runs["deepspeed"][1])
+    assert weights.keys() == reference.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_8bit_shard_state_refuses_another_world_size(two_processes) -> None:
