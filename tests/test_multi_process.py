@@ -133,12 +133,16 @@ def test_deepspeed_checkpoint_refuses_another_world_size(two_processes, one_proc
         one_process_fit("deepspeed", ckpt_path=str(two_processes.out / "deepspeed.ckpt"))
     assert two_processes.result.returncode != 0
     assert "written by 1 process(es) and this run has 2" in two_processes.result.stdout
-    # The way out the message names: the two-process checkpoint's weights, whole, are the one-process run's.
-    weights = consolidate(two_processes.out / "deepspeed.ckpt")
-    reference = consolidate(one_process_runs["deepspeed"][1])
-    assert weights.keys() == reference.keys()
-    for name, tensor in weights.items():
-        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-5, msg=name)
+    # The way out the message names: the two-process checkpoint, whole, predicts as the one-process run does.
+    # (Logits, not weights: Adam turns the rounding noise of gradients that should be zero - the attention key's
+    # bias - into full-size steps, which move those weights but not the function.)
+    two, one = TinyLM(), TinyLM()
+    for module, checkpoint in ((two, two_processes.out / "deepspeed.ckpt"), (one, one_process_runs["deepspeed"][1])):
+        module.configure_model()
+        module.load_state_dict(consolidate(checkpoint), strict=True)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(two(tokens), one(tokens), rtol=0, atol=1e-4)
 
 
 def test_8bit_shard_state_refuses_another_world_size(two_processes) -> None:
@@ -147,8 +151,10 @@ def test_8bit_shard_state_refuses_another_world_size(two_processes) -> None:
 
 
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
-def test_offload_names_build_a_multi_process_trainer(namespace: str) -> None:
+def test_offload_names_build_a_multi_process_trainer(namespace: str, monkeypatch) -> None:
     lightning = pytest.importorskip(namespace)
+    for variable in _RANK_VARIABLES:  # left by one-process fits: they would read as an external launcher's
+        monkeypatch.delenv(variable, raising=False)
     assert {"offload", "offload_deepspeed", "offload_fsdp", "offload_device"} <= set(lightning.strategies.StrategyRegistry)
     trainer = lightning.Trainer(strategy="offload_fsdp", accelerator="cpu", devices=2, num_nodes=3, logger=False)
     assert type(trainer.strategy).__name__ == "OffloadStrategy" and trainer.strategy.backend_name == "fsdp"
