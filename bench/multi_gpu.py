@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-MODELS = {"8b": "llama_8b", "14.8b": "llama_15b", "tiny": "tiny_gpt"}  # tiny: CPU smoke runs
+MODELS = {"8b": "llama_8b", "14.8b": "llama_14b", "tiny": "tiny_gpt"}  # tiny: CPU smoke runs
 STEPS = 6  # the telemetry drops the first two batches
 GIB = 2**30
 

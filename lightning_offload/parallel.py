@@ -22,9 +22,16 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
-from lightning_offload.backends import available_backends
+from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.checkpointing import as_checkpointing_config
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
+
+# Engines that shard across processes (`device` replicates, with DDP); the others drive one GPU.
+MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
+# The memory planner plans one device; until it plans per rank, `backend="auto"` across processes takes the engine
+# that trains anything that fits in the machines' memory, with every block checkpointed.
+_MULTI_PROCESS_AUTO = "deepspeed"
 
 
 class _OffloadCore(_SingleGPUOffloadCore):
@@ -80,11 +87,35 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             refuse_running_group(1, self.strategy_name)
             return
+        if self.backend_name is not None and self.backend_name not in MULTI_PROCESS_BACKENDS:
+            raise ValueError(
+                f"`{self.strategy_name}` with `backend={self.backend_name!r}` trains on one device, but this run has "
+                f"{self.world_size} processes. Across processes use `backend='deepspeed'` or `'fsdp'` (configs "
+                "`strategy=deepspeed_cpu` / `fsdp_cpu`), or train with `devices=1`."
+            )
         refuse_running_group(self.world_size, self.strategy_name)
         # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
         reset_seed()
         self.set_world_ranks()
         join_process_group(self.cluster_environment, self.root_device, self.process_group_timeout)
+
+    @override
+    def _plan_and_setup_backend(self) -> None:
+        if self.world_size == 1:
+            super()._plan_and_setup_backend()
+            return
+        if self._planned:
+            return
+        if self.backend is None:
+            self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
+                f"`backend='auto'` across {self.world_size} processes: {_MULTI_PROCESS_AUTO!r} (the planner plans "
+                "one device; pin `backend=` to choose)."
+            )
+            engine = backend_class(_MULTI_PROCESS_AUTO)
+            self.backend_name, self.backend = _MULTI_PROCESS_AUTO, engine(engine.Config())
+        if self.activation_checkpointing.policy == "auto":
+            self.activation_checkpointing = as_checkpointing_config("full")
+        self._setup_backend_environment()
 
     @override
     def barrier(self, name: str | None = None) -> None:
