@@ -94,6 +94,7 @@ def two_processes(one_process_runs, tmp_path_factory) -> Launch:
         {"name": "fsdp", "backend": "fsdp", "save": str(out / "fsdp.ckpt")},
         {"name": "fsdp_8bit", "backend": "fsdp", "optimizer": "adamw8bit", "save": str(out / "fsdp_8bit.ckpt")},
         {"name": "deepspeed", "backend": "deepspeed", "save": str(out / "deepspeed.ckpt")},
+        {"name": "device", "backend": "device"},
         {"name": "fsdp_resumed", "backend": "fsdp", "epochs": 2, "resume": str(one_process_runs["fsdp"][1])},
         # Refused: the error ends the launch, so it comes last.
         {"name": "deepspeed_resumed", "backend": "deepspeed", "resume": str(one_process_runs["deepspeed"][1])},
@@ -107,9 +108,9 @@ def fsdp_two_epochs() -> list[float]:
     return module.losses
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed", "device"])
 def test_two_processes_track_one_process_with_same_global_batch(backend, two_processes, one_process_runs) -> None:
-    reference = one_process_runs[backend][0]
+    reference = one_process_runs[backend][0] if backend in one_process_runs else one_process_fit(backend)[0].losses
     assert_losses_close(two_processes.losses(backend), reference, WORLD_SIZE_RTOL)
     assert reference[-1] < 0.95 * reference[0]
 
@@ -162,6 +163,17 @@ def test_offload_names_build_a_multi_process_trainer(namespace: str, monkeypatch
     assert type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
     one = lightning.Trainer(strategy="offload", accelerator="cpu", devices=1, logger=False)
     assert one.strategy.launcher is None and not one.strategy.is_distributed
+
+
+def test_one_gpu_engines_are_refused_across_processes(monkeypatch) -> None:
+    import lightning.pytorch as pl
+
+    for variable in _RANK_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    trainer = pl.Trainer(strategy="offload_host_adam", accelerator="cpu", devices=2, logger=False)
+    refused = r"`backend='host_adam'` trains on one device.*`backend='deepspeed'` or `'fsdp'`"
+    with pytest.raises(ValueError, match=refused):
+        trainer.strategy._setup_processes()
 
 
 def test_single_gpu_offload_refuses_several_devices_naming_offload() -> None:
