@@ -243,7 +243,8 @@ class _SingleGPUOffloadCore:
             optimizers, scheduler_configs = init_optimizers(module)
             if len(optimizers) != 1:
                 raise ValueError(
-                    f"`{self.strategy_name}` steps one optimizer, but `configure_optimizers` returned {len(optimizers)}. "
+                    f"`{self.strategy_name}` steps one optimizer, but `configure_optimizers` returned "
+                    f"{len(optimizers)}. "
                     "Return one optimizer (with several param groups if parts of the model need other settings)."
                 )
             _refuse_empty_param_groups(optimizers[0])

@@ -156,7 +156,8 @@ def test_offload_names_build_a_multi_process_trainer(namespace: str, monkeypatch
     lightning = pytest.importorskip(namespace)
     for variable in _RANK_VARIABLES:  # left by one-process fits: they would read as an external launcher's
         monkeypatch.delenv(variable, raising=False)
-    assert {"offload", "offload_deepspeed", "offload_fsdp", "offload_device"} <= set(lightning.strategies.StrategyRegistry)
+    names = {"offload", "offload_deepspeed", "offload_fsdp", "offload_device"}
+    assert names <= set(lightning.strategies.StrategyRegistry)
     trainer = lightning.Trainer(strategy="offload_fsdp", accelerator="cpu", devices=2, num_nodes=3, logger=False)
     assert type(trainer.strategy).__name__ == "OffloadStrategy" and trainer.strategy.backend_name == "fsdp"
     assert trainer.world_size == 6 and trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 6, "rank": 0}
