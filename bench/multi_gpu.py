@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         "size": args.size, "strategy": args.strategy, "optimizer": args.optimizer, "devices": args.devices,
         "overrides": overrides, "status": status, "wall_s": round(time.perf_counter() - started, 1),
         "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in ranks), 1),
-        "step_s": round(max((r.get("batch_s_median", 0.0) for r in ranks), default=0.0), 3),
+        "step_s": round(max((r.get("step_s_median", 0.0) for r in ranks), default=0.0), 3),
         "model_tflops_per_gpu": round(sum(r.get("model_tflops", 0.0) for r in ranks) / max(len(ranks), 1), 1),
         "peak_gpu_gib": {str(i): round(b / GIB, 1) for i, b in sorted(sampler.peak_gpu.items())},
         "peak_host_gib": round(sampler.peak_host / GIB, 1),
