@@ -17,6 +17,7 @@ if (( SECONDS - started < deadline - 90 )); then
 fi
 if (( SECONDS - started < deadline - 50 )); then
   timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=line tests/backends/test_stream_gpu.py \
+    tests/backends/test_host_adam_gpu.py::test_gpu_run_matches_a_plain_fp32_run_on_the_gpu \
     > "$OUT/stream_tests.txt" 2>&1; tail -4 "$OUT/stream_tests.txt"
 fi
 python3 - "$OUT/gpu8bit.jsonl" <<'PY'

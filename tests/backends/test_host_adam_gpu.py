@@ -21,11 +21,13 @@ def host_adam() -> SingleGPUOffloadStrategy:
     return SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, **SMALL)
 
 
-def test_gpu_run_matches_the_cpu_path_with_fp32_weights() -> None:
-    # Same host AdamW on the same master weights; only the device's fp32 kernels differ.
-    on_cpu, _ = fit(host_adam())
+def test_gpu_run_matches_a_plain_fp32_run_on_the_gpu() -> None:
+    # The same fp32 kernels on the same device, AdamW on the GPU vs in host memory: any read of weights before
+    # their copy back landed, or of a gradient before it was complete, moves losses by far more than this.
+    # (Against the CPU path the fp32 kernels differ: measured 1.2% apart after 8 steps at lr 1e-2.)
+    plain, _ = fit("auto", accelerator="gpu")
     on_gpu, trainer = fit(host_adam(), accelerator="gpu")
-    assert_losses_close(on_gpu.losses, on_cpu.losses, FP32_RTOL)
+    assert_losses_close(on_gpu.losses, plain.losses, FP32_RTOL)
     engine = trainer.strategy.backend.engine
     assert engine.cuda and {p.device.type for p in engine.params} == {"cuda"}
     assert all(p.grad is None for p in engine.params)
