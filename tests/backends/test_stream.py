@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections import namedtuple
+from collections import defaultdict, namedtuple
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.backends.stream.lanes import Lanes
 from lightning_offload.backends.stream.placement import (
     GIB,
     UnitSize,
@@ -97,10 +98,22 @@ def test_losses_track_fp32_adamw() -> None:
     assert max(abs(a - b) for a, b in zip(streamed.losses, reference.losses)) < 0.02
 
 
+def rounding_inputs(trainer) -> dict[str, tuple[int, int]]:
+    """(rounding key, steps taken) of every trained parameter by name: with the seed, all its stochastic-rounding
+    bits depend on, so both must not depend on where the parameter lives."""
+    units = backend_of(trainer).units
+    names = {id(p): n[0] for unit in units for p, n in zip(unit.params, unit.names)}
+    return {names[id(p)]: (entry.bucket.keys[i], entry.bucket.steps[i])
+            for unit in units for entry in unit.buckets for i, p in enumerate(entry.params)}
+
+
 def test_streamed_and_resident_placements_compute_the_same_steps() -> None:
-    resident, _ = fit(stream(resident_blocks=2, stream_outer=False), precision="bf16-true")
+    resident, resident_trainer = fit(stream(resident_blocks=2, stream_outer=False), precision="bf16-true")
     streamed, trainer = fit(stream(), precision="bf16-true")
     assert streamed.losses == resident.losses
+    keys = rounding_inputs(trainer)
+    assert keys == rounding_inputs(resident_trainer)
+    assert len({key for key, _ in keys.values()}) == len(keys) and {steps for _, steps in keys.values()} == {8}
     backend = backend_of(trainer)
     for unit in backend.units:  # streamed weights live in the host arena between steps
         arena = backend._arenas[0].buffer
@@ -162,6 +175,56 @@ def test_ring_slots_are_reused_and_loads_wait_for_their_slot() -> None:
     assert len(state_loads) == len(backend.units)
     waited = [log[i - 1] for i in state_loads[2:]]
     assert all(entry[:2] == ("wait", "h2d") and entry[2].startswith("saved") for entry in waited)
+
+
+def unordered_uses(log: list[tuple[str, str, str]]) -> list[str]:
+    """Pairs of uses of one buffer on different lanes, one of them a write, that no event orders: races on a GPU.
+
+    Replays the log with a vector clock per lane: a lane's own uses are in order; a wait makes the waiting lane
+    see everything the recording lane had done when it recorded. A wait names the event by its label and takes the
+    latest record of it, which can only make more uses look ordered than are, never fewer.
+    """
+    clocks: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    recorded: dict[str, dict[str, int]] = {}
+    uses: dict[str, list[tuple[str, int, str, int]]] = defaultdict(list)
+    races = []
+    for position, (action, lane, label) in enumerate(log):
+        clock = clocks[lane]
+        if action == "record":
+            recorded[label] = dict(clock)
+        elif action == "wait":
+            for other, tick in recorded[label].items():
+                clock[other] = max(clock[other], tick)
+        elif action in ("read", "write"):
+            clock[lane] += 1
+            for other, tick, kind, where in uses[label]:
+                if other != lane and "write" in (kind, action) and clock[other] < tick:
+                    races.append(f"{label}: {kind} on {other} (entry {where}) vs {action} on {lane} (entry {position})")
+            uses[label].append((lane, clock[lane], action, position))
+    return races
+
+
+def test_race_check_flags_a_missing_wait() -> None:
+    ordered = [("write", "h2d", "slot"), ("record", "h2d", "loaded"), ("wait", "compute", "loaded"),
+               ("read", "compute", "slot"), ("record", "compute", "used"), ("wait", "h2d", "used"),
+               ("write", "h2d", "slot")]
+    assert unordered_uses(ordered) == []
+    assert len(unordered_uses([e for e in ordered if e != ("wait", "h2d", "used")])) == 1
+    assert len(unordered_uses([e for e in ordered if e != ("wait", "compute", "loaded")])) == 1
+    assert unordered_uses([("read", "d2h", "slot"), ("read", "compute", "slot")]) == []  # two reads never race
+
+
+@pytest.mark.parametrize(("slots", "accumulate"), [((2, 2), 1), ((4, 5), 1), ((2, 2), 2)],
+                         ids=["rings-smaller-than-model", "every-unit-cached", "accumulating"])
+def test_every_conflicting_use_of_a_slot_or_host_buffer_is_ordered_by_an_event(monkeypatch, slots, accumulate) -> None:
+    # Keep the whole run's log: a slot's last use in one step and its refill in the next must be ordered too.
+    monkeypatch.setattr(Lanes, "start_step", lambda self: None)
+    weight_slots, state_slots = slots
+    _, trainer = fit(stream(weight_slots=weight_slots, state_slots=state_slots), precision="bf16-true",
+                     num_batches=3 * accumulate, accumulate_grad_batches=accumulate)
+    log = backend_of(trainer).lanes.log
+    assert sum(1 for action, lane, _ in log if action == "write" and lane == "h2d") > 0
+    assert unordered_uses(log) == []
 
 
 def test_stepping_outside_a_known_backward_is_refused() -> None:

@@ -310,6 +310,8 @@ class StreamBackend(Backend):
 
     def release(self) -> None:
         """Frees the arenas and slots and removes the hooks; the module is unusable afterwards."""
+        if self.scheduler is not None:  # no copy may still read or write an arena when it is unregistered
+            self.lanes.synchronize()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -34,7 +34,8 @@ class Lanes:
     timing: bool = False
     """Record start and end events of every copy and update, summed per phase by `phase_seconds`."""
     log: list[tuple[str, str, str]] = field(default_factory=list)
-    """(action, lane, label): 'copy', 'record', 'wait', 'update'. Cleared by `start_step`."""
+    """(action, lane, label): 'copy', 'record', 'wait', 'update', and 'read' / 'write' with a buffer's name as the
+    label (see `touch`). Cleared by `start_step`."""
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -62,10 +63,20 @@ class Lanes:
             self._streams[lane].wait_event(mark.event)
         self.log.append(("wait", lane, mark.label))
 
-    def copy(self, lane: str, destination: torch.Tensor, source: torch.Tensor, label: str) -> None:
+    def copy(self, lane: str, destination: torch.Tensor, source: torch.Tensor, label: str, *, reads: str,
+             writes: str) -> None:
+        """`reads` and `writes` name the source and destination buffers for `touch`."""
         with self.stream(lane), self.timed(lane, label):
             destination.copy_(source, non_blocking=self.cuda)
         self.log.append(("copy", lane, label))
+        self.touch(lane, reads=(reads,), writes=(writes,))
+
+    def touch(self, lane: str, *, reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()) -> None:
+        """Logs the buffers (slots, host regions) that work on `lane` reads or writes at this point: bookkeeping
+        only, so CPU tests can check that any two uses of a buffer on different lanes, one of them a write, are
+        ordered by an event; a missing or misplaced event is a race on the GPU and invisible on the CPU."""
+        self.log.extend(("read", lane, name) for name in reads)
+        self.log.extend(("write", lane, name) for name in writes)
 
     def timed(self, lane: str, label: str) -> Any:
         if not (self.cuda and self.timing):

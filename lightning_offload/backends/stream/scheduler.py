@@ -1,8 +1,9 @@
 """The schedule: which copy runs when, into which GPU slot, and which event each side waits on.
 
 Rules (each one is what keeps a copy from racing the compute that reads or writes the same memory):
-- A streamed unit's weights come into a free weight slot on the h2d lane; the copy waits on the event after which
-  the slot's previous contents may be overwritten, and on the d2h copy that last wrote the unit's host weights.
+- A streamed unit's weights come into a free weight slot on the h2d lane; the copy waits on the last use of the
+  slot's previous contents on every lane since it was filled, and on the d2h copy that last wrote the unit's host
+  weights.
 - Compute waits on the load event before it uses a slot; after a forward it records the event that frees it.
 - Streamed units run under non-reentrant activation checkpointing, so in backward their recompute loads them
   again and nothing saved in forward points into a slot that was reused since.
@@ -12,13 +13,15 @@ Rules (each one is what keeps a copy from racing the compute that reads or write
   back; that copy's event frees both slots and guards the next load of the same host memory.
 - Loads are issued in the order units will run (forward: registration order; backward: its reverse) as far ahead
   as free slots allow. A freed slot keeps its contents until overwritten, so a unit needed again soon (the last
-  block, from the end of forward to the start of backward) is not copied twice.
+  block, from the end of forward to the start of backward) is not copied twice. Such a slot is used again without
+  a refill: its next overwrite (a load, or the update writing it in place) also waits for the d2h copy that saved
+  it last, which a forward's release alone does not cover.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,11 +37,14 @@ WEIGHTS, STATE = "weights", "state"
 @dataclass(eq=False)
 class Slot:
     buffer: torch.Tensor
+    name: str
     unit: Unit | None = None
     """Whose data the buffer holds (or is receiving)."""
     loaded: Mark | None = None
-    reusable: Mark | None = None
-    """The buffer may be overwritten once this event is reached."""
+    reusable: dict[str, Mark] = field(default_factory=dict)
+    """The last use of the buffer on each lane since it was filled: it may be overwritten once all are reached.
+    A slot kept for its unit is used again without a refill, and its next release must not drop the d2h copy that
+    still reads it from the previous release (a lane runs in order, so only its latest mark is kept)."""
     reserved: bool = False
     """Held for `unit`: loaded ahead of use, or in use."""
     released_at: int = 0
@@ -47,7 +53,8 @@ class Slot:
 class SlotPool:
     def __init__(self, kind: str, nbytes: int, count: int, device: torch.device) -> None:
         self.kind = kind
-        self.slots = [Slot(torch.empty(nbytes, dtype=torch.uint8, device=device)) for _ in range(count if nbytes else 0)]
+        self.slots = [Slot(torch.empty(nbytes, dtype=torch.uint8, device=device), f"{kind} slot {i}")
+                      for i in range(count if nbytes else 0)]
 
     def holding(self, unit: Unit) -> Slot | None:
         return next((s for s in self.slots if s.unit is unit), None)
@@ -121,6 +128,7 @@ class Scheduler:
         self.enter(unit)
         slot = self.in_use.get(unit.index) or self._load(self.weights, unit, evict=True)
         self.lanes.wait(COMPUTE, slot.loaded)
+        self.lanes.touch(COMPUTE, reads=(slot.name,))
         self.in_use[unit.index] = slot
         for param, view in zip(unit.params, unit.views(slot.buffer, self.dtype)):
             param.data = view
@@ -128,7 +136,8 @@ class Scheduler:
     def after_forward(self, unit: Unit) -> None:
         # In backward this is the recompute: the weights stay until the unit's gradients are final.
         if not self.in_backward:
-            self._release_weights(unit, self.lanes.record(COMPUTE, f"used weights {unit.index}"))
+            used = self._compute_done([self.in_use.get(unit.index)], f"used weights {unit.index}")
+            self._release_weights(unit, used)
 
     def _release_weights(self, unit: Unit, reusable: Mark) -> None:
         slot = self.in_use.pop(unit.index, None)
@@ -138,9 +147,15 @@ class Scheduler:
             for param, view in zip(unit.params, unit.views(unit.host_weights, self.dtype)):
                 param.data = view
 
+    def _compute_done(self, slots: list[Slot | None], label: str) -> Mark:
+        """The event after which compute no longer reads `slots` (its last read is logged just before it)."""
+        self.lanes.touch(COMPUTE, reads=tuple(slot.name for slot in slots if slot is not None))
+        return self.lanes.record(COMPUTE, label)
+
     def _release(self, slot: Slot, reusable: Mark) -> None:
         self._clock += 1
-        slot.reserved, slot.reusable, slot.released_at = False, reusable, self._clock
+        slot.reserved, slot.released_at = False, self._clock
+        slot.reusable[reusable.lane] = reusable
 
     # ---------------------------------------------------------------- backward
     def begin_backward(self, update: bool) -> None:
@@ -167,21 +182,28 @@ class Scheduler:
         if self.updating and unit.buckets and unit.streamed and unit.index not in self.in_use:
             self.acquire(unit)  # gradients arrived without a recompute (an unusual call order): the update needs it
         if not (self.updating and unit.buckets):
-            self._release_weights(unit, self.lanes.record(COMPUTE, f"backward done {unit.index}"))
+            self._release_weights(unit, self._compute_done([self.in_use.get(unit.index)],
+                                                           f"backward done {unit.index}"))
             self._pump()
             return
         state_slot = self._load(self.states, unit, evict=True)
         self.lanes.wait(COMPUTE, state_slot.loaded)
+        weight_slot = self.in_use.get(unit.index) if unit.streamed else None
+        written = [slot for slot in (state_slot, weight_slot) if slot is not None]
+        for slot in written:  # kept from an earlier step: its last save to the host may still be reading it
+            for mark in slot.reusable.values():
+                self.lanes.wait(COMPUTE, mark)
+        self.lanes.touch(COMPUTE, writes=tuple(slot.name for slot in written))
         with self.lanes.timed(COMPUTE, f"update {unit.index}"):
             self.update(unit, unit.state_views(state_slot.buffer))
         self.lanes.log.append(("update", COMPUTE, str(unit.index)))
         updated = self.lanes.record(COMPUTE, f"updated {unit.index}")
         self.lanes.wait(D2H, updated)
-        self.lanes.copy(D2H, unit.host_state, state_slot.buffer[:unit.state_bytes], f"save state {unit.index}")
-        weight_slot = self.in_use.get(unit.index)
-        if unit.streamed and weight_slot is not None:
+        self.lanes.copy(D2H, unit.host_state, state_slot.buffer[:unit.state_bytes], f"save state {unit.index}",
+                        reads=state_slot.name, writes=_host(STATE, unit))
+        if weight_slot is not None:
             self.lanes.copy(D2H, unit.host_weights, weight_slot.buffer[:unit.weight_bytes],
-                            f"save weights {unit.index}")
+                            f"save weights {unit.index}", reads=weight_slot.name, writes=_host(WEIGHTS, unit))
         saved = self.lanes.record(D2H, f"saved {unit.index}")
         self.host_written[(STATE, unit.index)] = saved
         if unit.streamed:
@@ -196,7 +218,8 @@ class Scheduler:
         """Updates units whose gradients did not all arrive (unused parameters), then frees every slot."""
         for index in sorted(self.touched - self.finished, reverse=True):
             self.finish(self.units[index])
-        after = self.lanes.record(COMPUTE, "backward end")
+        held = [*self.in_use.values(), *(s for pool in (self.weights, self.states) for s in pool.slots if s.reserved)]
+        after = self._compute_done(held, "backward end")
         for index in list(self.in_use):
             self._release_weights(self.units[index], after)
         for pool in (self.weights, self.states):
@@ -229,10 +252,13 @@ class Scheduler:
         if slot is None:
             return None
         source = unit.host_weights if pool.kind == WEIGHTS else unit.host_state
-        self.lanes.wait(H2D, slot.reusable)
+        for mark in slot.reusable.values():
+            self.lanes.wait(H2D, mark)
         self.lanes.wait(H2D, self.host_written.get((pool.kind, unit.index)))
-        self.lanes.copy(H2D, slot.buffer[:source.numel()], source, f"load {pool.kind} {unit.index}")
+        self.lanes.copy(H2D, slot.buffer[:source.numel()], source, f"load {pool.kind} {unit.index}",
+                        reads=_host(pool.kind, unit), writes=slot.name)
         slot.loaded = self.lanes.record(H2D, f"loaded {pool.kind} {unit.index}")
+        slot.reusable = {}  # the refill waited for every earlier use; later ones wait for `loaded`
         slot.unit, slot.reserved = unit, True
         return slot
 
@@ -254,6 +280,10 @@ class Scheduler:
         self.lanes.synchronize()
         self.weights.invalidate()
         self.states.invalidate()
+
+
+def _host(kind: str, unit: Unit) -> str:
+    return f"host {kind} {unit.index}"
 
 
 def _plain_forward(module: torch.nn.Module) -> Callable[..., Any]:
