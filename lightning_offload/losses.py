@@ -18,6 +18,8 @@ returns the mean loss (and `forward(hidden)` the logits, as a Linear does).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from typing import Any
 
 import torch
@@ -88,11 +90,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `F.linear` would.
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    # The meta device (the memory planner's measurement) has no autocast state to honour.
+    autocasting = device_type != "meta" and torch.is_autocast_enabled(device_type)
+    if autocasting:
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if device_type != "meta" else nullcontext():
         return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
                                          ignore_index, chunk_bytes)
 

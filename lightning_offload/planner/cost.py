@@ -144,7 +144,9 @@ def load_or_probe(device: torch.device) -> Ceilings:
             return Ceilings(**json.loads(path.read_text()))
         except (TypeError, ValueError):
             pass
-    ceilings = probe(device)
+    # The probe draws random tensors: the run's random streams (weight init, dropout) must not see it happen.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        ceilings = probe(device)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")

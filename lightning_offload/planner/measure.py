@@ -111,7 +111,8 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     output_layers = _output_layers(model, blocks)
 
     def count_logits(module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
+        # An output layer fused with its loss (lightning_offload.losses) returns a scalar: no logits exist.
+        if isinstance(output, torch.Tensor) and output.ndim >= 2:
             logits[0] = max(logits[0], output.numel())
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -183,15 +184,20 @@ def measure_module(module: nn.Module, batch: Any, *, dtype: torch.dtype,
     """
     meta_batch = _to_meta(batch)
     with meta_network(module, dtype), _silenced_logging(module):
+        step_error: Exception | None = None
         if step is not None:
             try:
                 return measure_model(module, meta_batch, dtype=None, forward=lambda _, b: step(b))
-            except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError):
-                pass
+            except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError) as error:
+                step_error = error
         first = meta_batch if isinstance(meta_batch, torch.Tensor) else next(_tensors(meta_batch), None)
         if first is None:
             raise ValueError(f"The batch ({type(batch).__name__}) holds no tensor to measure the model with.")
-        return measure_model(module, first, dtype=None)
+        try:
+            return measure_model(module, first, dtype=None)
+        except Exception as error:
+            # The training step's failure says more than the fallback's (a module without `forward`, say).
+            raise (step_error or error) from error
 
 
 @contextmanager

@@ -59,7 +59,8 @@ def test_module_built_in_configure_model_is_measured_and_left_unbuilt() -> None:
     stats = measure_module(module, (torch.zeros(4, 512, dtype=torch.long),) * 2, dtype=torch.bfloat16,
                            step=lambda b: module.training_step(b, 0))
     assert module.net is None and not list(module.parameters())
-    assert stats.blocks == 4 and stats.tokens == 4 * 512 and stats.logits == 4 * 512 * 256
+    # CausalLM's output layer computes the loss in chunks: no full logits exist to count.
+    assert stats.blocks == 4 and stats.tokens == 4 * 512 and stats.logits == 0
 
 
 def test_module_with_weights_is_measured_in_place_without_touching_them() -> None:
