@@ -22,15 +22,17 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
-from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.backends import available_backends
 from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.planner import Plan, PlanDoesNotFit
+from lightning_offload.planner.lightning import plan_for_trainer
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
 
 # Engines that shard across processes (`device` replicates, with DDP); the others drive one GPU.
 MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
-# The memory planner plans one device; until it plans per rank, `backend="auto"` across processes takes the engine
-# that trains anything that fits in the machines' memory, with every block checkpointed.
+# `backend="auto"` across processes when the model cannot be measured: the engine that trains anything that fits in
+# the machines' memory, with every block checkpointed.
 _MULTI_PROCESS_AUTO = "deepspeed"
 
 
@@ -106,16 +108,39 @@ class _OffloadCore(_SingleGPUOffloadCore):
             return
         if self._planned:
             return
+        chosen = self._plan_on_rank_zero() if self.check_memory or self.backend is None else None
         if self.backend is None:
-            self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
-                f"`backend='auto'` across {self.world_size} processes: {_MULTI_PROCESS_AUTO!r} (the planner plans "
-                "one device; pin `backend=` to choose)."
-            )
-            engine = backend_class(_MULTI_PROCESS_AUTO)
-            self.backend_name, self.backend = _MULTI_PROCESS_AUTO, engine(engine.Config())
-        if self.activation_checkpointing.policy == "auto":
-            self.activation_checkpointing = as_checkpointing_config("full")
+            if chosen is None:
+                self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
+                    f"`backend='auto'` across {self.world_size} processes without a plan: {_MULTI_PROCESS_AUTO!r}."
+                )
+                chosen = Plan(backend=_MULTI_PROCESS_AUTO, optimizer="cpu_adam", checkpointing="full")
+            self._adopt_plan(chosen)
+        elif self.activation_checkpointing.policy == "auto":
+            self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
         self._setup_backend_environment()
+
+    def _plan_on_rank_zero(self) -> Plan | None:
+        """Rank 0 plans per rank (memory per GPU, and per host with this node's ranks sharing its RAM) and every
+        rank takes its decision, so all build the same engine; a refusal is raised on every rank alike."""
+        if self._memory_checked:
+            return None
+        self._memory_checked = True
+        outcome: tuple[Plan | None, str | None] = (None, None)
+        if self.global_rank == 0:
+            backend = self.backend_name
+            report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
+                                      backend=backend, optimizer=self.optimizer_name,
+                                      checkpointing=self.activation_checkpointing, precision=self._precision_flag,
+                                      world_size=self.world_size, ranks_per_host=self.num_processes)
+            if report is not None:
+                self.plan_report = report
+                self._lightning_attr("utilities.rank_zero", "rank_zero_info")(report.table())
+                outcome = (report.chosen.plan, None) if report.chosen else (None, str(report.error()))
+        chosen, refusal = self.broadcast(outcome, 0)
+        if refusal is not None:
+            raise PlanDoesNotFit(refusal)
+        return chosen
 
     @override
     def barrier(self, name: str | None = None) -> None:

@@ -24,6 +24,7 @@ from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_tim
 from lightning_offload.planner.measure import ModelStats, measure_model, measure_module, meta_network
 from lightning_offload.planner.memory import (
     EIGHT_BIT_OPTIMIZERS,
+    MULTI_PROCESS_BACKENDS,
     GIB,
     Machine,
     MemoryEstimate,
@@ -49,12 +50,15 @@ def compute_dtype(precision: str) -> torch.dtype:
 def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: Machine | None = None,
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
          optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
-         accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True) -> PlanReport:
+         accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
+         ranks_per_host: int | None = None) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
-    `checkpointing` pin levers (None / "auto": the planner chooses). Returns the report; `report.chosen` is None
+    `checkpointing` pin levers (None / "auto": the planner chooses). With `world_size` processes
+    (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
+    Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
     """
     from lightning_offload.backends import available_backends
@@ -74,8 +78,11 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     machine = machine or Machine.detect(device)
     ceilings = ceilings or load_or_probe(device)
     backends = available_backends() if backend in (None, "auto") else [backend]
+    if world_size > 1:
+        backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
                             adamw_compatible=adamw_compatible)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
-                  allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS)
+                  allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
+                  ranks_per_host=ranks_per_host)

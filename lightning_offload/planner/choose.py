@@ -68,6 +68,8 @@ class PlanReport:
     chosen: Candidate | None
     reason: str
     accumulate: int = 1
+    world_size: int = 1
+    ranks_per_host: int | None = None
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -154,13 +156,16 @@ def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
 
 
 def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
-           allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN) -> PlanReport:
-    """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`."""
+           allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN, world_size: int = 1,
+           ranks_per_host: int | None = None) -> PlanReport:
+    """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`. With `world_size` > 1 the
+    memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate."""
     if not plans:
         raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
     candidates = []
     for plan in plans:
-        memory = estimate_memory(stats, plan, accumulate=accumulate)
+        memory = estimate_memory(stats, plan, accumulate=accumulate, world_size=world_size,
+                                 ranks_per_host=ranks_per_host)
         candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
                                     shortfalls(memory, machine, margin)))
     fitting = [c for c in ordered(candidates) if c.fits]
@@ -172,7 +177,7 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     else:
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
-                      accumulate)
+                      accumulate, world_size, ranks_per_host)
 
 
 def _reason(chosen: Candidate | None, fitting: list[Candidate], allow_eight_bit: bool) -> str:
@@ -207,7 +212,8 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
     hints = []
     for fraction in (0.5, 0.25, 0.125):
         smaller = choose(scaled(report.stats, fraction), report.machine, report.ceilings, plans,
-                         accumulate=report.accumulate, allow_eight_bit=True)
+                         accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
+                         ranks_per_host=report.ranks_per_host)
         if smaller.chosen:
             hints.append(f"a micro-batch {int(1 / fraction)}x smaller fits with {smaller.chosen.plan} (accumulate "
                          f"{int(1 / fraction)}x more batches to keep the step's tokens)")

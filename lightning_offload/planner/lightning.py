@@ -21,7 +21,7 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
-                     precision: str) -> PlanReport | None:
+                     precision: str, world_size: int = 1, ranks_per_host: int | None = None) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
     reason is warned) or the Trainer is not fitting."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
@@ -43,7 +43,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=trainer.accumulate_grad_batches, precision=precision,
-        adamw_compatible=_steps_adamw(module, dtype),
+        adamw_compatible=_steps_adamw(module, dtype), world_size=world_size, ranks_per_host=ranks_per_host,
     )
 
 

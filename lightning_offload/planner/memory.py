@@ -40,6 +40,10 @@ DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM = 5
 HOST_ADAM_STAGING_BYTES = 224 * 2**20
 # The streaming plan's weight and state rings hold this many units each (backends/stream, `weight_slots`).
 STREAM_SLOTS = 3
+# NCCL's communication buffers per GPU when several processes train together.
+NCCL_BYTES = int(0.75 * GIB)
+# Plans that span several processes (the others drive one GPU); `device` becomes DDP.
+MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
 BACKENDS = ("device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream")
 
 
@@ -115,12 +119,37 @@ def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
     }
 
 
-def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1,
-                    reduce_bucket_elements: int = 200_000_000,
+def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, world_size: int = 1,
+                    ranks_per_host: int | None = None, reduce_bucket_elements: int = 200_000_000,
                     prefetch_bucket_elements: int = 50_000_000) -> MemoryEstimate:
-    """Bytes `plan` needs for a model described by `stats` (bf16 compute), `accumulate` micro-batches per step."""
+    """Bytes `plan` needs for a model described by `stats` (bf16 compute), `accumulate` micro-batches per step.
+
+    With `world_size` processes (`ranks_per_host` of them on each machine, default all), GPU terms are per GPU and
+    host terms per machine: every rank on a host holds its own shard and its own process, which is how several
+    ranks exhaust one host's RAM.
+    """
     if plan.backend not in BACKENDS:
         raise ValueError(f"Unknown backend {plan.backend!r} in the plan. Choose one of {list(BACKENDS)}.")
+    if world_size > 1 and plan.backend not in MULTI_PROCESS_BACKENDS:
+        raise ValueError(f"The {plan.backend!r} plan drives one GPU; across processes choose one of "
+                         f"{list(MULTI_PROCESS_BACKENDS)}.")
+    single = _estimate_one_rank(stats, plan, accumulate, reduce_bucket_elements, prefetch_bucket_elements)
+    if world_size == 1:
+        return single
+    local = ranks_per_host or world_size
+    gpu, host = dict(single.gpu), {}
+    for term, size in single.host.items():
+        # Engine state is sharded over all ranks; each process and its saved activations are whole per rank.
+        sharded = term not in ("process baseline", "saved activations") and plan.backend != "device"
+        host[term] = int(size * local / world_size) if sharded else size * local
+    gpu["NCCL buffers"] = NCCL_BYTES
+    if plan.backend == "device":
+        gpu["DDP gradient buckets"] = 4 * stats.parameters
+    return MemoryEstimate(plan, gpu, host, single.host_pinned)
+
+
+def _estimate_one_rank(stats: ModelStats, plan: Plan, accumulate: int, reduce_bucket_elements: int,
+                       prefetch_bucket_elements: int) -> MemoryEstimate:
     params, block = stats.parameters, stats.block_parameters
     state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
     gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}

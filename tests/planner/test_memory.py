@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lightning_offload.planner import GIB, Machine, ModelStats, Plan, estimate_memory, shortfalls
 from lightning_offload.planner.memory import PROCESS_BASELINE_BYTES
 
@@ -79,3 +81,28 @@ def test_training_on_the_cpu_draws_both_tiers_from_host_memory() -> None:
     cpu = Machine(gpu_memory_gib=100, host_memory_gib=100, unified=True)
     assert set(shortfalls(estimate, cpu)) == {"host RAM"}
     assert shortfalls(estimate, cpu)["host RAM"] == (estimate.gpu_bytes + estimate.host_bytes) / GIB - 90
+
+
+def test_ranks_on_one_host_share_its_ram_and_each_holds_a_shard() -> None:
+    plan = Plan(backend="deepspeed", optimizer="cpu_adam")
+    one = estimate_memory(LLAMA_8B, plan)
+    two_on_one_host = estimate_memory(LLAMA_8B, plan, world_size=2)
+    two_hosts = estimate_memory(LLAMA_8B, plan, world_size=2, ranks_per_host=1)
+    engine = one.host_bytes - PROCESS_BASELINE_BYTES
+    # One host with both ranks holds the whole sharded state plus two processes; two hosts hold half each.
+    assert two_on_one_host.host_bytes == pytest.approx(engine + 2 * PROCESS_BASELINE_BYTES, abs=16)
+    assert two_hosts.host_bytes == pytest.approx(engine / 2 + PROCESS_BASELINE_BYTES, abs=16)
+    assert two_hosts.gpu_bytes > one.gpu_bytes  # NCCL buffers on every GPU
+    ddp = estimate_memory(LLAMA_8B, Plan(backend="device"), world_size=2)
+    assert ddp.gpu["DDP gradient buckets"] == 4 * LLAMA_8B.parameters
+    with pytest.raises(ValueError, match="drives one GPU"):
+        estimate_memory(LLAMA_8B, Plan(backend="gpu_8bit", optimizer="adamw8bit_fused"), world_size=2)
+
+
+def test_plan_for_two_ranks_considers_only_engines_that_span_processes() -> None:
+    from lightning_offload.planner import Ceilings, plan
+
+    report = plan(LLAMA_8B, machine=Machine(gpu_memory_gib=141, host_memory_gib=250), ceilings=Ceilings(),
+                  device="cuda", world_size=2)
+    assert {c.plan.backend for c in report.candidates} <= {"deepspeed", "device", "fsdp"}
+    assert report.chosen is not None and report.world_size == 2
