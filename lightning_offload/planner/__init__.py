@@ -51,7 +51,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
          optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
-         ranks_per_host: int | None = None) -> PlanReport:
+         ranks_per_host: int | None = None, clips_gradients: bool = False) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
@@ -85,4 +85,4 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                             adamw_compatible=adamw_compatible)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
-                  ranks_per_host=ranks_per_host)
+                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients)

@@ -157,15 +157,15 @@ def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
 
 def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
            allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN, world_size: int = 1,
-           ranks_per_host: int | None = None) -> PlanReport:
+           ranks_per_host: int | None = None, holds_gradients: bool = False) -> PlanReport:
     """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`. With `world_size` > 1 the
     memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate."""
     if not plans:
         raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
     candidates = []
     for plan in plans:
-        memory = estimate_memory(stats, plan, accumulate=accumulate, world_size=world_size,
-                                 ranks_per_host=ranks_per_host)
+        memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
+                                 world_size=world_size, ranks_per_host=ranks_per_host)
         candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
                                     shortfalls(memory, machine, margin)))
     fitting = [c for c in ordered(candidates) if c.fits]

@@ -44,6 +44,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=trainer.accumulate_grad_batches, precision=precision,
         adamw_compatible=_steps_adamw(module, dtype), world_size=world_size, ranks_per_host=ranks_per_host,
+        clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
     )
 
 

@@ -119,21 +119,24 @@ def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
     }
 
 
-def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, world_size: int = 1,
-                    ranks_per_host: int | None = None, reduce_bucket_elements: int = 200_000_000,
+def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds_gradients: bool = False,
+                    world_size: int = 1, ranks_per_host: int | None = None,
+                    reduce_bucket_elements: int = 200_000_000,
                     prefetch_bucket_elements: int = 50_000_000) -> MemoryEstimate:
     """Bytes `plan` needs for a model described by `stats` (bf16 compute), `accumulate` micro-batches per step.
 
     With `world_size` processes (`ranks_per_host` of them on each machine, default all), GPU terms are per GPU and
     host terms per machine: every rank on a host holds its own shard and its own process, which is how several
-    ranks exhaust one host's RAM.
+    ranks exhaust one host's RAM. `holds_gradients`: the run clips by global norm, so the plans that update
+    inside backward keep every gradient until backward ends, as when accumulating.
     """
     if plan.backend not in BACKENDS:
         raise ValueError(f"Unknown backend {plan.backend!r} in the plan. Choose one of {list(BACKENDS)}.")
     if world_size > 1 and plan.backend not in MULTI_PROCESS_BACKENDS:
         raise ValueError(f"The {plan.backend!r} plan drives one GPU; across processes choose one of "
                          f"{list(MULTI_PROCESS_BACKENDS)}.")
-    single = _estimate_one_rank(stats, plan, accumulate, reduce_bucket_elements, prefetch_bucket_elements)
+    whole_gradients = accumulate > 1 or holds_gradients
+    single = _estimate_one_rank(stats, plan, whole_gradients, reduce_bucket_elements, prefetch_bucket_elements)
     if world_size == 1:
         return single
     local = ranks_per_host or world_size
@@ -148,7 +151,7 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, world
     return MemoryEstimate(plan, gpu, host, single.host_pinned)
 
 
-def _estimate_one_rank(stats: ModelStats, plan: Plan, accumulate: int, reduce_bucket_elements: int,
+def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, reduce_bucket_elements: int,
                        prefetch_bucket_elements: int) -> MemoryEstimate:
     params, block = stats.parameters, stats.block_parameters
     state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
@@ -158,18 +161,18 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, accumulate: int, reduce_bu
     if plan.checkpointing == "offload":
         host["saved activations"] = stats.blocks * stats.activation_bytes_per_block
     # Gradients of one block in flight while the previous block's update runs, for plans that update in backward.
-    in_flight_gradients = 2 * 2 * block if accumulate == 1 else 2 * params
+    in_flight_gradients = 2 * params if whole_gradients else 2 * 2 * block
     if plan.backend == "device":
         gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
                     "optimizer state": int(state_bytes * params)})
     elif plan.backend == "gpu_8bit":
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
-                    "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
+                    "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
     elif plan.backend == "host_adam":
         # fp32 gradients land in a few pinned slots and bf16 weights leave from pinned staging; the master weights
         # and AdamW state are ordinary memory, since no copy starts or ends in them.
         gpu.update({"bf16 weights": 2 * params,
-                    "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients": in_flight_gradients})
+                    "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
         host.update({"fp32 master weights": 4 * params, "optimizer state": int(state_bytes * params),
                      "gradient and weight staging": HOST_ADAM_STAGING_BYTES})
         pinned |= {"gradient and weight staging"}
@@ -182,8 +185,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, accumulate: int, reduce_bu
             "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
             "bf16 weight ring (three units)": 2 * STREAM_SLOTS * block,
             "optimizer state ring (three units)": int(STREAM_SLOTS * state_bytes * largest),
-            "bf16 gradients (in flight)" if accumulate == 1 else "bf16 gradients":
-                2 * 2 * largest if accumulate == 1 else 2 * params,
+            "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)":
+                2 * params if whole_gradients else 2 * 2 * largest,
         })
         host.update({"bf16 weights (streamed blocks)": 2 * streamed,
                      "optimizer state": int(state_bytes * params)})

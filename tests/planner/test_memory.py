@@ -106,3 +106,10 @@ def test_plan_for_two_ranks_considers_only_engines_that_span_processes() -> None
                   device="cuda", world_size=2)
     assert {c.plan.backend for c in report.candidates} <= {"deepspeed", "device", "fsdp"}
     assert report.chosen is not None and report.world_size == 2
+
+
+def test_clipping_by_norm_keeps_every_gradient_in_the_plans_that_update_in_backward() -> None:
+    plan = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused")
+    clipped = estimate_memory(LLAMA_8B, plan, holds_gradients=True)
+    assert clipped.gpu["bf16 gradients"] == 2 * LLAMA_8B.parameters
+    assert clipped.gpu_bytes > estimate_memory(LLAMA_8B, plan).gpu_bytes
