@@ -301,7 +301,7 @@ def test_llama_streams_embedding_and_head_built_on_meta() -> None:
         def forward(self, tokens):
             return self.net(input_ids=tokens).logits
 
-    module, trainer = fit(stream(build_on_meta=True), precision="bf16-true", module=TinyLlama(), num_batches=4)
+    module, trainer = fit(stream(build_on_meta=True), precision="bf16-true", module=TinyLlama(), num_batches=12)
     backend = backend_of(trainer)
     streamed = {backend.units[i].name for i in backend.placement.streamed}
     assert {"net.model.embed_tokens", "net.lm_head", "net.model.layers.0"} <= streamed
