@@ -192,7 +192,7 @@ def probe(device: torch.device) -> Ceilings:
     nbytes = 512 * 2**20
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host_back = torch.empty_like(host).pin_memory()
+    host_back = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     gpu_out = torch.empty_like(gpu)
     h2d = _rate(lambda: gpu.copy_(host, non_blocking=True), nbytes, 5, sync) / 1e9
     d2h = _rate(lambda: host_back.copy_(gpu_out, non_blocking=True), nbytes, 5, sync) / 1e9

@@ -4,14 +4,18 @@ chosen plan back into strategy settings."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_offload.checkpointing import CheckpointingConfig
 from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
+from lightning_offload.planner.choose import parameter_count
 from lightning_offload.planner.measure import meta_network
+from lightning_offload.planner.memory import GIB, checkpoint_bytes
 
 _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
 # Policies the memory model knows; `selective` keeps more than `full` and less than `none`: planned as `none`, so
@@ -29,7 +33,10 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
     dtype = compute_dtype(precision)
     try:
         batch, step = _example_batch(module, trainer)
-        stats = measure_module(module, batch, dtype=dtype, step=step)
+        # One meta build serves both questions: the model's measurements and its optimizer's class.
+        with meta_network(module, dtype):
+            stats = measure_module(module, batch, dtype=dtype, step=step)
+            adamw_compatible = _steps_adamw(module)
     except Exception as error:  # a user's model or loader the meta device cannot run: plan without it
         warnings.warn(
             f"The planner could not measure {type(module).__name__} on the meta device ({type(error).__name__}: "
@@ -43,7 +50,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=trainer.accumulate_grad_batches, precision=precision,
-        adamw_compatible=_steps_adamw(module, dtype), world_size=world_size, ranks_per_host=ranks_per_host,
+        adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
     )
 
@@ -61,11 +68,11 @@ def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
     return batch, lambda meta_batch: module.training_step(meta_batch, 0)
 
 
-def _steps_adamw(module: Any, dtype: torch.dtype) -> bool:
-    """Whether `configure_optimizers` returns Adam or AdamW (the backends that update inside backward need it)."""
+def _steps_adamw(module: Any) -> bool:
+    """Whether `configure_optimizers` (run on the module's meta parameters) returns Adam or AdamW: the backends
+    that update inside backward need it."""
     try:
-        with meta_network(module, dtype):
-            result = module.configure_optimizers()
+        result = module.configure_optimizers()
     except Exception:  # unknowable before the model exists: the chosen backend checks it at setup
         return True
     optimizer = result.get("optimizer") if isinstance(result, dict) else result
@@ -89,8 +96,7 @@ def optimizer_of(chosen: Plan) -> str | None:
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     """The plan's levers that are backend options (e.g. the streaming plan's resident blocks)."""
     known = {f.name for f in dataclasses.fields(config)}
-    options = {"resident_blocks": chosen.resident_blocks, "pin_memory": chosen.pin_memory}
-    return {name: value for name, value in options.items() if name in known and name != "pin_memory"}
+    return {"resident_blocks": chosen.resident_blocks} if "resident_blocks" in known else {}
 
 
 def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
@@ -98,11 +104,6 @@ def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
 
     Each save is written next to the previous one before it replaces it (atomic), so a folder keeping k checkpoints
     needs room for k + 1 (and one more for `save_last`)."""
-    import shutil
-    from pathlib import Path
-
-    from lightning_offload.planner.memory import GIB, checkpoint_bytes
-
     if report.chosen is None:
         return
     size = checkpoint_bytes(report.stats, report.chosen.plan)
@@ -117,7 +118,7 @@ def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
         if copies and copies * size > free:
             raise ValueError(
                 f"`ModelCheckpoint` in {str(folder)!r} would need {copies} x {size / GIB:.1f} GiB (checkpoints of "
-                f"{report.chosen.plan} for {report.stats.parameters / 1e9:.2f}B parameters, each written beside "
+                f"{report.chosen.plan} for {parameter_count(report.stats.parameters)} parameters, each written beside "
                 f"the last before replacing it) but the disk has {free / GIB:.1f} GiB free. Point `dirpath` at a "
                 "larger disk, keep fewer (`save_top_k=1`, `save_last=False`), or pass `enable_checkpointing=False`."
             )

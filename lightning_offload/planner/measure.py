@@ -8,6 +8,7 @@ in place: its parameters are swapped for meta twins for the duration (or, when i
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,8 +158,6 @@ def _meta_stand_ins(on_meta: bool) -> Generator[None, None, None]:
     if not on_meta:
         yield
         return
-    import sys
-
     attention = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _fused_attention
     # transformers inspects position ids' values to detect packed sequences, which meta tensors do not have; a
