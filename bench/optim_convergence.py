@@ -5,7 +5,8 @@
 Trains the main job's byte-level GPT with `single_gpu_offload` from the same seed on the same batches: fp32
 weights with torch AdamW (`backend="device"`) as the reference, then bf16 weights (`precision="bf16-true"`) with
 lightning_offload's fused 8-bit AdamW stepped after backward, the same update inside backward (`backend="gpu_8bit"`),
-and bitsandbytes' AdamW8bit. Prints a markdown table of each run's final validation loss, its distance from the
+exact AdamW in host memory (`backend="host_adam"`), the streaming plan with every block streamed (`backend="stream"`),
+and bitsandbytes' AdamW8bit. On a GPU machine the runs use the GPU (the Triton kernel), elsewhere the CPU. Prints a markdown table of each run's final validation loss, its distance from the
 reference, and how far its train-loss curve (50-step moving average, after the first 50 steps) strays from the
 reference's.
 """
@@ -23,12 +24,17 @@ from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.data import StdlibText
 from lightning_offload.models import CausalLM
 
-# name -> (label, backend, optimizer, precision)
-RUNS = {
-    "reference": ("torch AdamW, fp32 weights (reference)", "device", "adamw", "32-true"),
-    "fused": ("lightning_offload AdamW8bitFused, bf16 weights", "device", "adamw8bit_fused", "bf16-true"),
-    "gpu_8bit": ("gpu_8bit: AdamW8bitFused inside backward, bf16 weights", "gpu_8bit", None, "bf16-true"),
-    "bnb": ("bitsandbytes AdamW8bit, bf16 weights", "device", "adamw8bit", "bf16-true"),
+# name -> (label, backend, optimizer, precision, other strategy options)
+RUNS: dict[str, tuple[str, str, str | None, str, dict[str, Any]]] = {
+    "reference": ("torch AdamW, fp32 weights (reference)", "device", "adamw", "32-true", {}),
+    "fused": ("lightning_offload AdamW8bitFused, bf16 weights", "device", "adamw8bit_fused", "bf16-true", {}),
+    "gpu_8bit": ("gpu_8bit: AdamW8bitFused inside backward, bf16 weights", "gpu_8bit", None, "bf16-true", {}),
+    "host_adam": ("host_adam: fp32 master + AdamW in host memory inside backward, bf16 weights", "host_adam", None,
+                  "bf16-true", {}),
+    # Every block and the final norm streamed, the weights built for real (not on meta) so all runs start equal.
+    "stream": ("stream: every block streamed, 8-bit state in host memory, bf16 weights", "stream", None, "bf16-true",
+               {"resident_blocks": 0, "stream_outer": True, "build_on_meta": False, "check_memory": False}),
+    "bnb": ("bitsandbytes AdamW8bit, bf16 weights", "device", "adamw8bit", "bf16-true", {}),
 }
 WINDOW = 50
 
@@ -41,13 +47,13 @@ class _TrainLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train(backend: str, optimizer: str | None, precision: str, steps: int,
+def train(backend: str, optimizer: str | None, precision: str, options: dict[str, Any], steps: int,
           seed: int) -> tuple[float, list[float], float]:
     pl.seed_everything(seed)
     model = CausalLM(network=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=128), max_steps=steps)
     data = StdlibText(max_bytes=2_000_000, seq_len=128, batch_size=16, seed=seed)
     curve = _TrainLosses()
-    trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(backend=backend, optimizer=optimizer), precision=precision,
+    trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(backend=backend, optimizer=optimizer, **options), precision=precision,
                          max_steps=steps, limit_val_batches=20, val_check_interval=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[curve])

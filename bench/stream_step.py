@@ -3,7 +3,7 @@
     python bench/stream_step.py --size 3.6b --steps 6 [--resident-blocks 14] [--micro-batch 4 --seq 2048]
 
 Prints one line: seconds per step (median after the first 2), model TFLOP/s (6 x (params - input embedding) x
-tokens / s), the busy seconds of the last step's host-to-device copies, device-to-host copies and updates (each
+tokens / s), each step's time and loss, the busy seconds of the last step's host-to-device copies, device-to-host copies and updates (each
 overlaps the compute; a phase close to the step time is the bound), resident blocks, peak GPU and host memory.
 """
 
@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader
 import lightning_offload
 from bench.models import SIZES
 from bench.runners import LlamaModule, _RandomTokens
+from lightning_offload.data import stdlib_bytes
 from lightning_offload.telemetry import peak_host_rss_gib
 
 
 class _Clock(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.losses: list[float] = []
         self.phases: dict[str, float] = {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -36,6 +38,11 @@ class _Clock(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.phases = trainer.strategy.backend.phase_seconds()  # synchronises
         self.times.append(time.perf_counter() - self.start)
+        self.losses.append(round(float(outputs["loss"]), 4))
+
+
+def _text_tokens(sequences: int, seq: int) -> torch.Tensor:
+    return stdlib_bytes(sequences * seq).long().view(sequences, seq)
 
 
 def main() -> None:
@@ -46,6 +53,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--resident-blocks", type=int, default=None)
     parser.add_argument("--activation-reserve-gib", type=float, default=16.0)
+    parser.add_argument("--data", choices=["random", "text"], default="random",
+                        help="random tokens (throughput), or the standard library's source as byte tokens: a signal "
+                             "a model learns in a few steps, to show the loss falling")
     parser.add_argument("--no-planner-check", action="store_true", help="skip the planner's pre-flight check")
     args = parser.parse_args()
     shape = SIZES[args.size]
@@ -56,7 +66,8 @@ def main() -> None:
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
-    tokens = _RandomTokens(args.steps * args.micro_batch, args.seq, shape.vocab)
+    tokens = _text_tokens(args.steps * args.micro_batch, args.seq) if args.data == "text" \
+        else _RandomTokens(args.steps * args.micro_batch, args.seq, shape.vocab)
     started = time.perf_counter()
     trainer.fit(LlamaModule(args.size, "non_reentrant", "adamw"), DataLoader(tokens, batch_size=args.micro_batch))
     step = statistics.median(clock.times[2:] or clock.times)
@@ -71,7 +82,7 @@ def main() -> None:
         "pinned_GiB": round(backend.placement.host_pinned_bytes / 2**30, 1),
         "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "peak_host_rss_GiB": round(peak_host_rss_gib(), 1), "wall_s": round(time.perf_counter() - started, 1),
-        "step_times": [round(t, 3) for t in clock.times]}))
+        "step_times": [round(t, 3) for t in clock.times], "losses": clock.losses}))
 
 
 if __name__ == "__main__":

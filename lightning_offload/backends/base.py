@@ -48,8 +48,6 @@ class Backend(ABC):
     Config: ClassVar[type[BackendConfig]]
     # True when the engine saves parameters and optimizer state itself, so Lightning must not.
     saves_own_state: ClassVar[bool] = False
-    # True when the engine decides where every parameter lives: the module is not moved to the CPU when a fit ends.
-    owns_placement: ClassVar[bool] = False
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

@@ -74,7 +74,6 @@ class StreamBackend(Backend):
     name = "stream"
     Config = StreamConfig
     saves_own_state = True
-    owns_placement = True
     _live: ClassVar[StreamBackend | None] = None
 
     def __init__(self, config: StreamConfig) -> None:
