@@ -1,0 +1,305 @@
+"""`checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and come back
+ahead of its backward, both copies on side CUDA streams so that they run under compute.
+
+torch's `torch.autograd.graph.save_on_cpu` copies on the compute stream in both directions (every copy adds to the
+step), allocates host memory on every save, and copies weights too; these `saved_tensors_hooks` fill that gap with
+side streams, a prefetch one block ahead in backward, and a pool of pinned buffers reused across steps.
+
+A step, with blocks 0..n-1 in forward order (the tensors one block saves are one `_Group`):
+- Forward: a block's saved tensors stay as they are until the next block starts; then their copies to the host
+  go out on the d2h stream while the next block computes. The last block's tensors are never copied: its backward
+  comes first and finds them on the device.
+- Backward: the first unpack of block i's tensors (its backward starting) sends block i-1's tensors back on the
+  h2d stream, so they arrive while block i's backward computes.
+- Kept on the device as they are: parameters and buffers and views of them (weights, not activations), tensors
+  under `min_bytes` (not worth a copy), and tensors whose layout has gaps (e.g. expanded ones).
+On a CPU the same path runs with streams and events left out (a tensor is copied into a host buffer of the pool
+and back), so tests check the copy order and the pool on any machine.
+
+Synchronisation:
+- d2h waits on compute before copying a group out; each device tensor is `record_stream`-ed on d2h, so the caching
+  allocator does not give its memory to compute work while the copy still reads it.
+- A tensor coming back is allocated on the compute stream (its memory is freed in backward by compute, in order
+  with compute); h2d first waits on compute (that memory may have been freed by compute work still queued) and on
+  the group's d2h event (the host copy is complete); compute waits on the h2d event before it reads the group.
+- A host buffer returns to the pool with the event of the h2d copy that read it; the d2h copy that writes it next
+  waits on that event.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PENDING, SENT_OUT, BROUGHT_BACK, KEPT = "pending", "sent out", "brought back", "kept"
+
+
+@dataclass(eq=False)
+class HostBuffer:
+    memory: torch.Tensor
+    """uint8, pinned when it serves a CUDA device."""
+    free_after: Any = None
+    """The event of the last copy that read it (None: nothing to wait for)."""
+
+
+class HostPool:
+    """Host buffers by size in bytes, reused across steps: allocating pinned memory is slow (~1.7 GiB/s measured)
+    and torch's host caching allocator rounds every size up to a power of two. It holds at most the most bytes ever
+    in use at once (one forward's offloaded activations): a new size evicts free buffers beyond that."""
+
+    def __init__(self, *, pin: bool) -> None:
+        self.pin = pin
+        self.allocations = 0
+        self.in_use_bytes = self.free_bytes = self.high_water_bytes = 0
+        self._free: dict[int, list[HostBuffer]] = defaultdict(list)
+        # Buffers come back from the autograd thread and from garbage collection, possibly inside `take`.
+        self._lock = threading.RLock()
+
+    def take(self, nbytes: int) -> HostBuffer:
+        with self._lock:
+            self.in_use_bytes += nbytes
+            self.high_water_bytes = max(self.high_water_bytes, self.in_use_bytes)
+            if self._free[nbytes]:
+                self.free_bytes -= nbytes
+                return self._free[nbytes].pop()
+            self.allocations += 1
+            while self.free_bytes + self.in_use_bytes > self.high_water_bytes:
+                size = max(s for s, buffers in self._free.items() if buffers)
+                self._free[size].pop()
+                self.free_bytes -= size
+        return HostBuffer(torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin))
+
+    def give(self, buffer: HostBuffer, free_after: Any) -> None:
+        with self._lock:
+            buffer.free_after = free_after
+            nbytes = buffer.memory.numel()
+            self.in_use_bytes -= nbytes
+            self.free_bytes += nbytes
+            self._free[nbytes].append(buffer)
+
+
+class _Saved:
+    """What autograd holds for one offloaded tensor: the device tensor while its group is pending (or kept), then a
+    host buffer, then the tensor brought back."""
+
+    __slots__ = ("group", "device_tensor", "size", "stride", "dtype", "device", "host", "pool", "restored",
+                 "__weakref__")
+
+    def __init__(self, group: _Group, tensor: torch.Tensor) -> None:
+        self.group = group
+        self.device_tensor: torch.Tensor | None = tensor
+        self.size, self.stride, self.dtype, self.device = tensor.size(), tensor.stride(), tensor.dtype, tensor.device
+        self.host: HostBuffer | None = None
+        self.pool: HostPool | None = None
+        self.restored: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.size.numel() * self.dtype.itemsize
+
+    def host_view(self) -> torch.Tensor:
+        assert self.host is not None
+        return self.host.memory.view(self.dtype).as_strided(self.size, self.stride)
+
+    def tensor(self) -> torch.Tensor:
+        tensor = self.device_tensor if self.device_tensor is not None else self.restored
+        assert tensor is not None, "a saved activation was read before it was brought back"
+        return tensor
+
+    def __del__(self) -> None:
+        # Never unpacked (its graph was dropped): the buffer's last access is a d2h copy, which the next d2h copy
+        # into it follows in stream order, so it needs no event.
+        if self.host is not None and self.pool is not None:
+            self.pool.give(self.host, None)
+
+
+class _Group:
+    """The tensors one block's forward saved, linked to the block that ran before it (for the prefetch)."""
+
+    def __init__(self, block_index: int, previous: _Group | None) -> None:
+        self.block_index = block_index
+        self.previous = previous
+        self.state = PENDING
+        self.in_backward = False
+        self.saved: list[weakref.ref[_Saved]] = []
+        self.by_key: dict[tuple[Any, ...], weakref.ref[_Saved]] = {}
+        self.device: torch.device | None = None
+        self.copied_out: Any = None
+        self.copied_back: Any = None
+
+    def live(self) -> list[_Saved]:
+        return [s for s in (ref() for ref in self.saved) if s is not None]
+
+    def links_the_chain(self) -> bool:
+        """Whether the next block's group should point here: it holds live tensors of a graph (a dropped graph's
+        group must not keep older groups alive), or it saved nothing and passes its own link on."""
+        return bool(self.live()) or (not self.saved and self.previous is not None)
+
+
+class ActivationOffloader:
+    """The `saved_tensors_hooks` of `checkpointing="offload"`, shared by all blocks of one model (`run` wraps each
+    block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block index,
+    how) in order, for tests."""
+
+    def __init__(self, *, min_bytes: int) -> None:
+        self.min_bytes = min_bytes
+        self.pool: HostPool | None = None
+        self.packed_bytes = 0
+        """Bytes of every tensor a block saved (each save counted)."""
+        self.offloaded_bytes = 0
+        """Bytes copied to host memory."""
+        self.trace: list[tuple[str, int, str]] | None = None
+        self._pending: _Group | None = None
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+    def run(self, block: nn.Module, block_index: int, forward: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        group = self._open(block_index)
+        weights = {t.data_ptr() for t in (*block.parameters(), *block.buffers())}
+
+        def pack(tensor: torch.Tensor) -> Any:
+            return self._pack(group, weights, tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            return forward(*args, **kwargs)
+
+    # ---------------------------------------------------------------- forward
+    def _open(self, block_index: int) -> _Group:
+        previous = self._pending
+        if previous is not None:
+            self._send_out(previous)
+        linked = previous if previous is not None and previous.links_the_chain() else None
+        self._pending = _Group(block_index, linked)
+        return self._pending
+
+    def _pack(self, group: _Group, weights: set[int], tensor: torch.Tensor) -> Any:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.packed_bytes += nbytes
+        if isinstance(tensor, nn.Parameter):
+            # As autograd saves a leaf: the object itself, whose storage an engine may swap (ZeRO-3 gathers).
+            return tensor
+        if (group.state != PENDING or type(tensor) is not torch.Tensor or nbytes == 0 or nbytes < self.min_bytes
+                or tensor.device.type not in ("cuda", "cpu") or tensor.data_ptr() in weights
+                or not _dense(tensor)):
+            return tensor.detach()  # not the tensor: a saved output would hold its own graph node (a cycle)
+        # A tensor several operations save (a norm's input, an activation's output) is copied once.
+        key = (tensor.data_ptr(), tensor.device, tensor.dtype, tensor.size(), tensor.stride(), tensor._version)
+        known = group.by_key.get(key)
+        saved = known() if known is not None else None
+        if saved is None:
+            saved = _Saved(group, tensor.detach())
+            group.saved.append(weakref.ref(saved))
+            group.by_key[key] = weakref.ref(saved)
+        return saved
+
+    def _send_out(self, group: _Group) -> None:
+        """Copies a group to host memory on the d2h stream, after the compute that produced it."""
+        group.state = SENT_OUT
+        group.by_key.clear()
+        saved = group.live()
+        if not saved:
+            return
+        self._log("copy out", group.block_index)
+        device = group.device = saved[0].device
+        streams = self._side_streams(device)
+        pool = self._host_pool(device)
+        if streams:
+            streams[0].wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(streams[0]) if streams else nullcontext():
+            for item in saved:
+                source = item.tensor()
+                item.host, item.pool = pool.take(item.nbytes), pool
+                if streams and item.host.free_after is not None:
+                    streams[0].wait_event(item.host.free_after)
+                item.host_view().copy_(source, non_blocking=bool(streams))
+                if streams:
+                    source.record_stream(streams[0])
+                item.device_tensor = None
+                self.offloaded_bytes += item.nbytes
+            group.copied_out = streams[0].record_event() if streams else None
+
+    # ---------------------------------------------------------------- backward
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        group = packed.group
+        if not group.in_backward:
+            self._start_backward(group)
+        return packed.tensor()
+
+    def _start_backward(self, group: _Group) -> None:
+        """The block's backward starts: its tensors must be on the device, the previous block's start coming."""
+        group.in_backward = True
+        self._log("backward", group.block_index)
+        if group.state == PENDING:  # the last block of the forward: never copied out
+            group.state = KEPT
+            if self._pending is group:
+                self._pending = None
+        elif group.state == SENT_OUT:  # not prefetched (the previous block saved nothing to copy)
+            self._bring_back(group, "on demand")
+        if group.copied_back is not None:
+            torch.cuda.current_stream(group.device).wait_event(group.copied_back)
+        previous, group.previous = group.previous, None
+        if previous is not None and previous.state == SENT_OUT:
+            self._bring_back(previous, "prefetch")
+
+    def _bring_back(self, group: _Group, how: str) -> None:
+        group.state = BROUGHT_BACK
+        saved = [s for s in group.live() if s.host is not None]
+        if not saved:
+            return
+        self._log("copy back", group.block_index, how)
+        device = saved[0].device
+        streams = self._side_streams(device)
+        # Allocated on the compute stream: it frees them as backward reads them.
+        for item in saved:
+            item.restored = torch.empty_strided(item.size, item.stride, dtype=item.dtype, device=device)
+        if streams:
+            streams[1].wait_stream(torch.cuda.current_stream(device))
+            streams[1].wait_event(group.copied_out)
+        with torch.no_grad(), torch.cuda.stream(streams[1]) if streams else nullcontext():
+            for item in saved:
+                item.restored.copy_(item.host_view(), non_blocking=bool(streams))
+            group.copied_back = streams[1].record_event() if streams else None
+        for item in saved:
+            item.pool.give(item.host, group.copied_back)
+            item.host = None
+
+    # ---------------------------------------------------------------- helpers
+    def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
+        """(d2h, h2d) streams of a CUDA device; None on a CPU."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _host_pool(self, device: torch.device) -> HostPool:
+        if self.pool is None:
+            self.pool = HostPool(pin=device.type == "cuda")
+        return self.pool
+
+    def _log(self, what: str, block_index: int, how: str = "") -> None:
+        if self.trace is not None:
+            self.trace.append((what, block_index, how))
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether the elements fill their storage span without gaps or overlap, in any order of dimensions: then a
+    host buffer of the same strides holds them and each copy is one DMA transfer."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
