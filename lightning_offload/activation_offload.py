@@ -6,9 +6,9 @@ step), allocates host memory on every save, and copies weights too; these `saved
 side streams, a prefetch one block ahead in backward, and a pool of pinned buffers reused across steps.
 
 A step, with blocks 0..n-1 in forward order (the tensors one block saves are one `_Group`):
-- Forward: a block's saved tensors stay as they are until the next block starts; then their copies to the host
-  go out on the d2h stream while the next block computes. The last block's tensors are never copied: its backward
-  comes first and finds them on the device.
+- Forward: when block i starts, block i-1's saved tensors start for the host on the d2h stream, and block i-2's,
+  copied by then, leave the device. The last block's tensors are never copied, the one before's are kept too:
+  backward starts with them.
 - Backward: the first unpack of block i's tensors (its backward starting) sends block i-1's tensors back on the
   h2d stream, so they arrive while block i's backward computes.
 - Kept on the device as they are: parameters and buffers and views of them (weights, not activations), tensors
@@ -17,11 +17,11 @@ On a CPU the same path runs with streams and events left out (a tensor is copied
 and back), so tests check the copy order and the pool on any machine.
 
 Synchronisation:
-- d2h waits on compute before copying a group out; each device tensor is `record_stream`-ed on d2h, so the caching
-  allocator does not give its memory to compute work while the copy still reads it.
-- A tensor coming back is allocated on the compute stream (its memory is freed in backward by compute, in order
-  with compute); h2d first waits on compute (that memory may have been freed by compute work still queued) and on
-  the group's d2h event (the host copy is complete); compute waits on the h2d event before it reads the group.
+- d2h waits on compute before copying a group out. Compute waits on that copy before the group's device tensors
+  are dropped (`_free_device_copies`), so the memory they free on the compute stream is reused only after the copy.
+- A tensor coming back is allocated on the compute stream (backward frees it there, in order with compute); h2d
+  first waits on compute (that memory may have been freed by compute work still queued) and on the group's d2h
+  event (the host copy is complete); compute waits on the h2d event before it reads the group.
 - A host buffer returns to the pool with the event of the h2d copy that read it; the d2h copy that writes it next
   waits on that event.
 """
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PENDING, SENT_OUT, BROUGHT_BACK, KEPT = "pending", "sent out", "brought back", "kept"
+PENDING, COPYING, OFFLOADED, BROUGHT_BACK, KEPT = "pending", "copying", "offloaded", "brought back", "kept"
 
 
 @dataclass(eq=False)
@@ -86,8 +86,8 @@ class HostPool:
 
 
 class _Saved:
-    """What autograd holds for one offloaded tensor: the device tensor while its group is pending (or kept), then a
-    host buffer, then the tensor brought back."""
+    """What autograd holds for one offloaded tensor: the device tensor until its host copy is known complete, a host
+    buffer from the copy's start until the copy back, then the tensor brought back."""
 
     __slots__ = ("group", "device_tensor", "size", "stride", "dtype", "device", "host", "pool", "restored",
                  "__weakref__")
@@ -113,11 +113,18 @@ class _Saved:
         assert tensor is not None, "a saved activation was read before it was brought back"
         return tensor
 
-    def __del__(self) -> None:
-        # Never unpacked (its graph was dropped): the buffer's last access is a d2h copy, which the next d2h copy
-        # into it follows in stream order, so it needs no event.
+    def release_host(self, free_after: Any) -> None:
         if self.host is not None and self.pool is not None:
-            self.pool.give(self.host, None)
+            self.pool.give(self.host, free_after)
+        self.host = None
+
+    def __del__(self) -> None:
+        # Dropped unread (its graph was dropped). The buffer's last access was a d2h copy, which the next d2h copy
+        # into it follows in stream order; a copy back still writing the device memory must finish before compute
+        # reuses that memory.
+        if self.restored is not None and not self.group.in_backward and self.group.copied_back is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.group.copied_back)
+        self.release_host(None)
 
 
 class _Group:
@@ -154,9 +161,10 @@ class ActivationOffloader:
         self.packed_bytes = 0
         """Bytes of every tensor a block saved (each save counted)."""
         self.offloaded_bytes = 0
-        """Bytes copied to host memory."""
+        """Bytes whose device memory was freed once their host copy was complete."""
         self.trace: list[tuple[str, int, str]] | None = None
         self._pending: _Group | None = None
+        self._copying: _Group | None = None
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
     def run(self, block: nn.Module, block_index: int, forward: Any, *args: Any, **kwargs: Any) -> Any:
@@ -173,9 +181,13 @@ class ActivationOffloader:
 
     # ---------------------------------------------------------------- forward
     def _open(self, block_index: int) -> _Group:
-        previous = self._pending
+        """Block i starts: block i-1's tensors start for the host, block i-2's (copied by now) leave the device."""
+        previous, done = self._pending, self._copying
         if previous is not None:
             self._send_out(previous)
+        self._copying = previous
+        if done is not None and done.state == COPYING:
+            self._free_device_copies(done)
         linked = previous if previous is not None and previous.links_the_chain() else None
         self._pending = _Group(block_index, linked)
         return self._pending
@@ -202,7 +214,7 @@ class ActivationOffloader:
 
     def _send_out(self, group: _Group) -> None:
         """Copies a group to host memory on the d2h stream, after the compute that produced it."""
-        group.state = SENT_OUT
+        group.state = COPYING
         group.by_key.clear()
         saved = group.live()
         if not saved:
@@ -215,16 +227,24 @@ class ActivationOffloader:
             streams[0].wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad(), torch.cuda.stream(streams[0]) if streams else nullcontext():
             for item in saved:
-                source = item.tensor()
                 item.host, item.pool = pool.take(item.nbytes), pool
                 if streams and item.host.free_after is not None:
                     streams[0].wait_event(item.host.free_after)
-                item.host_view().copy_(source, non_blocking=bool(streams))
-                if streams:
-                    source.record_stream(streams[0])
-                item.device_tensor = None
-                self.offloaded_bytes += item.nbytes
+                item.host_view().copy_(item.tensor(), non_blocking=bool(streams))
             group.copied_out = streams[0].record_event() if streams else None
+
+    def _free_device_copies(self, group: _Group) -> None:
+        """Drops a copied group's device tensors. Compute waits on the copy first, so their memory, freed on the
+        compute stream, is reused only after the copy read it. (`record_stream` would not do: the allocator would
+        hold the memory until the copy is done in real time, and a CPU running ahead would allocate anew meanwhile.)
+        The wait also paces forward: at most two blocks' activations are on the device, and when copies are slower
+        than compute, forward runs at the copies' pace."""
+        group.state = OFFLOADED
+        if group.copied_out is not None:
+            torch.cuda.current_stream(group.device).wait_event(group.copied_out)
+        for item in group.live():
+            item.device_tensor = None
+            self.offloaded_bytes += item.nbytes
 
     # ---------------------------------------------------------------- backward
     def _unpack(self, packed: Any) -> torch.Tensor:
@@ -236,19 +256,21 @@ class ActivationOffloader:
         return packed.tensor()
 
     def _start_backward(self, group: _Group) -> None:
-        """The block's backward starts: its tensors must be on the device, the previous block's start coming."""
+        """The block's backward starts: its tensors must be on the device, and the previous block's start back."""
         group.in_backward = True
         self._log("backward", group.block_index)
-        if group.state == PENDING:  # the last block of the forward: never copied out
+        if group.state in (PENDING, COPYING):  # the forward's last blocks: still on the device
             group.state = KEPT
-            if self._pending is group:
-                self._pending = None
-        elif group.state == SENT_OUT:  # not prefetched (the previous block saved nothing to copy)
+            for item in group.live():
+                item.release_host(None)  # only the d2h stream touched it, and writes it next in order
+            self._pending = None if self._pending is group else self._pending
+            self._copying = None if self._copying is group else self._copying
+        elif group.state == OFFLOADED:  # not prefetched (the block before it saved nothing to copy)
             self._bring_back(group, "on demand")
         if group.copied_back is not None:
             torch.cuda.current_stream(group.device).wait_event(group.copied_back)
         previous, group.previous = group.previous, None
-        if previous is not None and previous.state == SENT_OUT:
+        if previous is not None and previous.state == OFFLOADED:
             self._bring_back(previous, "prefetch")
 
     def _bring_back(self, group: _Group, how: str) -> None:
@@ -257,12 +279,13 @@ class ActivationOffloader:
         if not saved:
             return
         self._log("copy back", group.block_index, how)
-        device = saved[0].device
+        device = group.device
         streams = self._side_streams(device)
-        # Allocated on the compute stream: it frees them as backward reads them.
+        # Allocated on the compute stream, which frees them as backward reads them.
         for item in saved:
             item.restored = torch.empty_strided(item.size, item.stride, dtype=item.dtype, device=device)
         if streams:
+            # That memory may have been freed by compute work still queued; the host copy must be complete.
             streams[1].wait_stream(torch.cuda.current_stream(device))
             streams[1].wait_event(group.copied_out)
         with torch.no_grad(), torch.cuda.stream(streams[1]) if streams else nullcontext():
@@ -270,8 +293,7 @@ class ActivationOffloader:
                 item.restored.copy_(item.host_view(), non_blocking=bool(streams))
             group.copied_back = streams[1].record_event() if streams else None
         for item in saved:
-            item.pool.give(item.host, group.copied_back)
-            item.host = None
+            item.release_host(group.copied_back)
 
     # ---------------------------------------------------------------- helpers
     def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
