@@ -2,7 +2,8 @@
 
 Each policy is a small class with `apply(model)`; blocks are found by `find_blocks` (the module class that repeats
 most, e.g. a decoder layer), the same detection the FSDP backend uses to shard. Blocks are wrapped in place (their
-`forward` is replaced), so parameter names and checkpoints do not change.
+`forward` is replaced), so parameter names and checkpoints do not change. `offload` recomputes nothing: it moves
+the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_offload.activation_offload import ActivationOffloader
+
 # `auto`: the planner (`SingleGPUOffloadStrategy(backend=...)` at setup) picks one of the others.
 POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
+_OFFLOADER = "_lightning_offload_activation_offloader"
 
 
 def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Module]:
@@ -71,11 +75,9 @@ def is_checkpointed(module: nn.Module) -> bool:
     return bool(getattr(module, _WRAPPED, False))
 
 
-def _save_on_host(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    pin = first is not None and first.is_cuda
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-        return forward(*args, **kwargs)
+def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
+    """The offloader `policy='offload'` installed in `model` (its pool, counters and trace), if any."""
+    return next((getattr(m, _OFFLOADER) for m in model.modules() if hasattr(m, _OFFLOADER)), None)
 
 
 @dataclass(kw_only=True)
@@ -86,10 +88,14 @@ class CheckpointingConfig:
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
     module_classes: list[str] = field(default_factory=list)
     """With `selective`: class names to checkpoint; elsewhere: the block classes (empty: detected)."""
+    offload_min_bytes: int = 2**20
+    """With `offload`: saved tensors smaller than this stay on the device (a copy of them costs more than it saves)."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"Unknown activation checkpointing policy {self.policy!r}. Choose one of {list(POLICIES)}.")
+        if self.offload_min_bytes < 0:
+            raise ValueError(f"`offload_min_bytes` must be at least 0, got {self.offload_min_bytes}.")
         if self.every_k < 1:
             raise ValueError(f"`every_k` must be at least 1, got {self.every_k}.")
         if self.policy == "selective" and not self.module_classes:
@@ -104,9 +110,15 @@ class CheckpointingConfig:
         else:
             blocks = find_blocks(model, self.module_classes)
             chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
-        run = _save_on_host if self.policy == "offload" else _recompute
-        for block in chosen:
-            _wrap_forward(block, run)
+        if self.policy != "offload":
+            for block in chosen:
+                _wrap_forward(block, _recompute)
+            return len(chosen)
+        offloader = ActivationOffloader(min_bytes=self.offload_min_bytes)
+        for index, block in enumerate(chosen):
+            if not is_checkpointed(block):
+                _wrap_forward(block, functools.partial(offloader.run, block, index))
+                setattr(block, _OFFLOADER, offloader)
         return len(chosen)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, find_blocks
+from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader, find_blocks
 from lightning_offload.models import Block, TinyGPT
 
 
@@ -60,18 +60,22 @@ def test_checkpointed_gradients_equal_plain_gradients() -> None:
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
 
 
-def test_offload_keeps_gradients_and_saves_on_host() -> None:
+def test_offload_leaves_tensors_under_its_threshold_on_the_device() -> None:
     plain, offloaded = network(), network()
-    CheckpointingConfig(policy="offload").apply(offloaded)
+    CheckpointingConfig(policy="offload").apply(offloaded)  # 1 MiB: this model's tensors are a few KiB
     tokens = torch.randint(0, 64, (2, 16))
     for model in (plain, offloaded):
         model(tokens).sum().backward()
     torch.testing.assert_close(plain.embed.weight.grad, offloaded.embed.weight.grad)
+    offloader = activation_offloader(offloaded)
+    assert offloader.packed_bytes > 0 and offloader.offloaded_bytes == 0 and offloader.pool is None
 
 
 def test_bad_policy_values_are_refused() -> None:
     with pytest.raises(ValueError, match="Choose one of"):
         CheckpointingConfig(policy="fulll")
+    with pytest.raises(ValueError, match="`offload_min_bytes` must be at least 0"):
+        CheckpointingConfig(policy="offload", offload_min_bytes=-1)
     with pytest.raises(ValueError, match="needs `module_classes`"):
         CheckpointingConfig(policy="selective")
     with pytest.raises(ValueError, match="No module of class"):

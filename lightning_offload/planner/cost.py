@@ -92,19 +92,21 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
     h2d, d2h, duplex = (g * 1e9 for g in (ceilings.h2d_gbps, ceilings.d2h_gbps, ceilings.duplex_gbps))
     cpu_adamw = ceilings.cpu_adamw_gparams * 1e9
     passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)  # forward, backward, recompute
-    # `offload` checkpointing copies saved tensors out in forward and back in backward on the compute stream
-    # (torch's save_on_cpu): the copies add to compute rather than hide under it.
+    # `offload` checkpointing copies saved tensors out on a side stream under forward and back, a block ahead,
+    # under backward (activation_offload.py): only the copy time beyond the compute it runs under is exposed.
     saved = stats.blocks * stats.activation_bytes_per_block if plan.checkpointing == "offload" else 0
     offload = accumulate * (saved / d2h + saved / h2d)
+    offload_exposed = (max(0.0, accumulate * saved / d2h - (1 - BACKWARD_SHARE) * compute)
+                       + max(0.0, accumulate * saved / h2d - BACKWARD_SHARE * compute))
     if plan.backend in ("device", "gpu_8bit"):
         optimizer = params / GPU_UPDATE_RATE.get(plan.optimizer, GPU_UPDATE_RATE["adamw"])
-        return StepTime(compute, offload, optimizer, compute + offload + optimizer)
+        return StepTime(compute, offload, optimizer, compute + offload_exposed + optimizer)
     if plan.backend == "host_adam":
         # Gradients leave, the CPU steps and weights return bucket by bucket, starting under the last backward.
         pipeline = max(4 * params / d2h, params / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), bf16 * params / h2d)
         exposed = max(0.0, pipeline - backward_of_last)
         transfer = 4 * params / d2h + bf16 * params / h2d
-        return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload + exposed)
+        return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload_exposed + exposed)
     if plan.backend == "stream":
         streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
         state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params
@@ -113,20 +115,21 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         both_ways = 2 * max(state, state + bf16 * streamed) / duplex
         transfer = weights_in / h2d + both_ways
         update = params / GPU_UPDATE_RATE[plan.optimizer]
-        return StepTime(compute, transfer + offload, update, max(compute + update, transfer) + offload)
+        # The activation copies share the link with the streamed weights, all of it under compute.
+        return StepTime(compute, transfer + offload, update, max(compute + update, transfer + offload))
     if plan.backend == "deepspeed":
         weights_in = accumulate * passes * bf16 * params / h2d
         gradients_out = accumulate * bf16 * params / d2h
         optimizer = params / (cpu_adamw * DEEPSPEED_OPTIMIZER_PHASE_SHARE)
         return StepTime(compute, weights_in + gradients_out + offload, optimizer,
-                        max(compute, weights_in) + offload + gradients_out + optimizer)
+                        max(compute, weights_in + offload) + gradients_out + optimizer)
     # fsdp: fp32 shards come in for every unshard, fp32 gradients go out; torch's AdamW steps on the CPU after.
     weights_in = accumulate * passes * 4 * params / h2d
     gradients_out = accumulate * 4 * params / d2h
     rate = CPU_8BIT_UPDATE_RATE if not plan.exact_optimizer else min(cpu_adamw, FSDP_OFFLOAD_RATE)
     optimizer = params / rate
     return StepTime(compute, weights_in + gradients_out + offload, optimizer,
-                    max(compute, weights_in) + offload + gradients_out + optimizer)
+                    max(compute, weights_in + offload) + gradients_out + optimizer)
 
 
 def _cache_path(device: torch.device) -> Path:

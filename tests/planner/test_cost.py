@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_offload.planner import Ceilings, Plan, estimate_step_time, load_or_probe
-from lightning_offload.planner.cost import ACHIEVED_MATMUL_FRACTION, CACHE_ENV, training_flops
+from lightning_offload.planner.cost import ACHIEVED_MATMUL_FRACTION, BACKWARD_SHARE, CACHE_ENV, training_flops
 from tests.planner.test_memory import LLAMA_8B
 
 H100 = Ceilings()
@@ -56,3 +56,17 @@ def test_probe_result_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     (cache,) = tmp_path.glob("ceilings-*.json")
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "matmul_tflops": 123.0}))
     assert load_or_probe(torch.device("cpu")).matmul_tflops == 123.0
+
+
+def test_activation_offload_costs_only_the_copy_time_compute_does_not_hide() -> None:
+    none = estimate_step_time(LLAMA_8B, Plan(backend="device", checkpointing="none"), H100)
+    offload = estimate_step_time(LLAMA_8B, Plan(backend="device", checkpointing="offload"), H100)
+    saved = LLAMA_8B.blocks * LLAMA_8B.activation_bytes_per_block
+    assert offload.transfer == pytest.approx(saved / 55e9 + saved / 46.7e9)
+    forward, backward = (1 - BACKWARD_SHARE) * none.compute, BACKWARD_SHARE * none.compute
+    exposed = max(0.0, saved / 55e9 - forward) + max(0.0, saved / 46.7e9 - backward)
+    assert offload.total == pytest.approx(none.total + exposed)
+    # On a link 100 times slower, every copy second beyond compute shows.
+    slow_link = Ceilings(h2d_gbps=0.467, d2h_gbps=0.55)
+    slow = estimate_step_time(LLAMA_8B, Plan(backend="device", checkpointing="offload"), slow_link)
+    assert slow.total == pytest.approx(none.total + slow.transfer - none.compute)
