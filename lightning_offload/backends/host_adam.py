@@ -174,7 +174,6 @@ class HostAdamBackend(Backend):
         self._module: torch.nn.Module | None = None
         self._clip: tuple[str, float] | None = None
         self._planned_gpu_state_blocks = 0
-        self._gpu_state_blocks = 0
 
     @property
     def engine(self) -> HostAdamEngine | None:
@@ -186,6 +185,12 @@ class HostAdamBackend(Backend):
     def adopt_plan(self, plan: Any) -> None:
         if plan.backend == self.name:
             self._planned_gpu_state_blocks = plan.resident_blocks
+
+    @property
+    def gpu_state_blocks(self) -> int:
+        """The configured share, else the planner's (0 when no plan ran)."""
+        pinned = self.config.gpu_state_blocks
+        return self._planned_gpu_state_blocks if pinned is None else pinned
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # The engine clips gradients itself, on their way to the host (`Trainer(gradient_clip_val=...)` is read at
@@ -260,15 +265,12 @@ class HostAdamBackend(Backend):
     def _front_parameters(self, module: torch.nn.Module) -> set[torch.nn.Parameter]:
         """The parameters whose optimizer state stays on the device: the first `gpu_state_blocks` blocks and every
         parameter registered before the last of them (the input embedding), i.e. a tail of the engine's order."""
-        blocks = find_blocks(module)
-        count = self.config.gpu_state_blocks
-        count = self._planned_gpu_state_blocks if count is None else count
+        blocks, count = find_blocks(module), self.gpu_state_blocks
         if count > len(blocks):
             raise ValueError(
                 f"`gpu_state_blocks={count}` but {type(module).__name__} has {len(blocks)} repeated blocks. Pass a "
                 f"number from 0 to {len(blocks)}, or None to let the planner choose."
             )
-        self._gpu_state_blocks = count
         if count == 0:
             return set()
         last = {id(p) for p in blocks[count - 1].parameters()}
@@ -369,11 +371,10 @@ class HostAdamBackend(Backend):
         weights = "bf16" if _WEIGHT_DTYPES.get(self._precision) is torch.bfloat16 else "fp32"
         clipping = {None: "", "norm": "; clipping by norm holds updates until backward ends",
                     "value": "; gradients clipped by value on their way out"}[self._clip[0] if self._clip else None]
-        engine = self.engine
         front = ""
-        if engine is not None and engine.host_count < len(engine.params):
-            front = (f"; the first {self._gpu_state_blocks} blocks and the parameters before them "
-                     f"({engine.device_total:,} parameters) keep their state on {self._device}, updated there")
+        if self.gpu_state_blocks:
+            front = (f"; the first {self.gpu_state_blocks} blocks (and the parameters before them) keep their master "
+                     f"weights and Adam state on {self._device}, updated there inside backward")
         return (
             f"host_adam ({self._precision}): {weights} weights and gradients on {self._device}; fp32 master weights "
             f"and Adam state in host memory, stepped by torch's fused CPU AdamW during backward, "
