@@ -287,9 +287,14 @@ class HostAdamEngine:
         if self._error is not None:
             raise RuntimeError("The `host_adam` optimizer thread failed; see the error above.") from self._error
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def close(self) -> None:
         """Stops the worker and removes the hooks (the engine cannot step afterwards; its state stays readable)."""
-        self.wait_all()
+        if not self.failed:  # a failed worker has stopped, and its error was raised in the run it broke
+            self.wait_all()
         self._queue.put(None)
         self._worker.join()
         for handle in self._hooks:

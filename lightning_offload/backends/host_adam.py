@@ -239,7 +239,8 @@ class HostAdamBackend(Backend):
         masters = {}
         if previous is not None:
             previous.close()
-            masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
+            if not previous.failed:  # a failed run's master weights may be half updated
+                masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
         threads = self.config.host_threads
         if threads is None and self._device.type == "cuda":
             threads = max(1, torch.get_num_threads() - 1)
