@@ -108,7 +108,8 @@ class HostAdamW(Optimizer):
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's Adam/AdamW format (views of the host state, not copies), loadable by `torch.optim.AdamW`."""
+        """torch's Adam/AdamW format (views of the engine's state on the host or the GPU, not copies), loadable by
+        `torch.optim.AdamW`."""
         groups, index_of = [], {}
         for group in self.param_groups:
             indices = []
