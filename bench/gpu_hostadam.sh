@@ -1,44 +1,62 @@
 #!/usr/bin/env bash
-# On the GPU machine: the host_adam backend's GPU tests, its benchmark rows beside the plain loop and torchao's CPU
-# offload (3.6B R1 and R2; 8B R2 against torchao's 8B R1 tokens/s), and one step's per-phase timing.
-#   bash bench/gpu_hostadam.sh          # everything, ~8 minutes expected (time limits add up to 11.5)
-#   bash bench/gpu_hostadam.sh 3.6b     # one part: tests | 3.6b | 8b | phases (to split across two calls)
-# Logs, results.jsonl, the phase JSON and a Chrome trace land in $OUT; a compact table is printed last.
+# On the GPU machine: host_adam with the planner's share of optimizer state on the GPU, and with everything on the
+# host (gpu_state_blocks=0), beside the plain loop and torchao's CPU offload; then 8B and one step's phases.
+#   bash bench/gpu_hostadam.sh      # part 1: GPU tests; 3.6B R1 plain, torchao_offload, host_adam (planner's share),
+#                                   # host_adam_all_host; 3.6B R2 plain, host_adam. Limits add up to 8.5 min with
+#                                   # the install (~25 s); ~6-7 min expected.
+#   bash bench/gpu_hostadam.sh 8b   # part 2: 8B R1 torchao_offload, 8B R2 host_adam; phases of one 3.6B R1 step at
+#                                   # share 0 and at the planner's share. Limits add up to 7.5 min; ~6 min expected.
+#   bash bench/gpu_hostadam.sh "r1 phases"   # any of the pieces: tests r1 r2 8b-cells phases
+# Logs, hostadam.jsonl, the phase JSONs and Chrome traces land in $OUT; a compact table is printed last.
 set -uo pipefail
-PART=${1:-all}
+case "${1:-3.6b}" in
+  3.6b) PIECES="tests r1 r2" ;;
+  8b) PIECES="8b-cells phases" ;;
+  *) PIECES="$1" ;;
+esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RESULTS="$OUT/hostadam.jsonl"
 HOST_ADAM=single_gpu_offload_host_adam
-wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
-cell() {  # time limit in seconds, then bench/run.py arguments
-  local budget=$1; shift
-  timeout "$budget" python3 bench/run.py --results "$RESULTS" --log "$OUT/hostadam_cells.log" "$@" || true
+wants() { [[ " $PIECES " == *" $1 "* ]]; }
+cells() {  # per-cell time limit in seconds, then bench/run.py arguments (a cell past its limit is recorded as such)
+  local limit=$1; shift
+  python3 bench/run.py --results "$RESULTS" --log "$OUT/hostadam_cells.log" --timeout-s "$limit" "$@" || true
+}
+phases() {  # name, then hostadam_phases.py arguments
+  local name=$1; shift
+  timeout 75 python3 bench/hostadam_phases.py --size 3.6b --out "$OUT/hostadam_phases_$name.json" "$@" \
+    > "$OUT/hostadam_phases_$name.log" 2>&1
+  grep -A8 "^host_adam one step" "$OUT/hostadam_phases_$name.log" || tail -5 "$OUT/hostadam_phases_$name.log"
 }
 
 if wants tests; then
-  timeout 90 python3 -m pytest -q -m gpu tests/backends/test_host_adam_gpu.py -p no:cacheprovider --tb=short \
+  timeout 55 python3 -m pytest -q -m gpu tests/backends/test_host_adam_gpu.py -p no:cacheprovider --tb=short \
     > "$OUT/gpu_tests_host_adam.txt" 2>&1; tail -3 "$OUT/gpu_tests_host_adam.txt"
 fi
-if wants 3.6b; then
-  cell 170 --sizes 3.6b --methods plain,torchao_offload,$HOST_ADAM --regimes r1 --steps 6 --warmup 2
-  cell 110 --sizes 3.6b --methods plain,$HOST_ADAM --regimes r2 --steps 4 --warmup 1
+if wants r1; then
+  cells 65 --sizes 3.6b --methods plain,torchao_offload,$HOST_ADAM,${HOST_ADAM}_all_host --regimes r1 --steps 4 --warmup 1
 fi
-if wants 8b; then
-  cell 110 --sizes 8b --methods torchao_offload --regimes r1 --steps 5 --warmup 2
-  cell 140 --sizes 8b --methods $HOST_ADAM --regimes r2 --steps 4 --warmup 1
+if wants r2; then
+  cells 85 --sizes 3.6b --methods plain,$HOST_ADAM --regimes r2 --steps 3 --warmup 1
+fi
+if wants 8b-cells; then
+  cells 120 --sizes 8b --methods torchao_offload --regimes r1 --steps 5 --warmup 2
+  cells 150 --sizes 8b --methods $HOST_ADAM --regimes r2 --steps 3 --warmup 1
 fi
 if wants phases; then
-  timeout 80 python3 bench/hostadam_phases.py --size 3.6b --out "$OUT/hostadam_phases_3.6b_r1.json" \
-    > "$OUT/hostadam_phases.log" 2>&1; grep -A7 "^host_adam one step" "$OUT/hostadam_phases.log" || tail -5 "$OUT/hostadam_phases.log"
+  phases share0 --gpu-state-blocks 0
+  phases planned
 fi
 [ -f "$RESULTS" ] && python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print(f"{'cell':<52}{'status':<10}{'s/step':>8}{'tok/s':>10}{'GPU GiB':>9}{'RSS GiB':>9}")
+print(f"{'cell':<58}{'status':<10}{'s/step':>8}{'tok/s':>10}{'GPU GiB':>9}{'RSS GiB':>9}  plan (predicted s/step)")
 for r in rows:
-    print(f"{r.get('cell', '?'):<52}{r.get('status', '?'):<10}{r.get('step_s_median', ''):>8}"
-          f"{r.get('tokens_per_s', ''):>10}{r.get('peak_gpu_device_gib', ''):>9}{r.get('peak_host_rss_gib', ''):>9}")
+    planned = f"{r['plan']} ({r.get('predicted_step_s', '')})" if r.get("plan") else ""
+    print(f"{r.get('cell', '?'):<58}{r.get('status', '?'):<10}{r.get('step_s_median', ''):>8}"
+          f"{r.get('tokens_per_s', ''):>10}{r.get('peak_gpu_device_gib', ''):>9}{r.get('peak_host_rss_gib', ''):>9}"
+          f"  {planned}")
 PY

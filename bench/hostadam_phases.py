@@ -2,11 +2,14 @@
 
     python bench/hostadam_phases.py --size 3.6b                 # R1: 4 x 2048 tokens, no accumulation
     python bench/hostadam_phases.py --size 3.6b --accumulate 8  # R2
+    python bench/hostadam_phases.py --size 3.6b --gpu-state-blocks 0 --host-threads 8   # every state on the host
     python bench/hostadam_phases.py --size tiny --device cpu --seq 64   # a smoke test
 
 Profiles (torch.profiler) from the start of one optimizer step to the start of the next, so the host updates that
 run into the next forward are inside the window, and prints per phase its busy time and when it starts and ends
-relative to the window: overlap is shown, not assumed. The Chrome trace is written beside `--out`.
+relative to the window: overlap is shown, not assumed. The Chrome trace is written beside `--out`. As in the
+benchmark's host_adam rows, the planner chooses checkpointing (and, unless `--gpu-state-blocks` pins it, how many
+front blocks keep their optimizer state on the GPU) and the loss never materialises the full logits.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--gpu-state-blocks", type=int, help="front blocks updated on the GPU (default: the planner's)")
+    parser.add_argument("--host-threads", type=int, help="threads of the host AdamW (default: all cores but one)")
     parser.add_argument("--out", type=Path, default=Path("hostadam_phases.json"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,20 +121,30 @@ def main() -> None:
     steps = PROFILED_STEP + 2
     callback = ProfileOneStep(args.accumulate, args.out.with_suffix(".trace.json"))
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed",
-                        strategy=lightning_offload.SingleGPUOffloadStrategy(backend="host_adam"),
+                        strategy=lightning_offload.SingleGPUOffloadStrategy(
+                            backend="host_adam", gpu_state_blocks=args.gpu_state_blocks,
+                            host_threads=args.host_threads),
                         max_steps=steps, accumulate_grad_batches=args.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback])
     tokens = _RandomTokens(steps * args.accumulate * args.micro_batch, args.seq, SIZES[args.size].vocab)
-    trainer.fit(LlamaModule(args.size, "non_reentrant", "adamw"), DataLoader(tokens, batch_size=args.micro_batch))
+    trainer.fit(LlamaModule(args.size, "by_strategy", "adamw", loss="chunked"),
+                DataLoader(tokens, batch_size=args.micro_batch))
     rows = summarise(callback.profiler, callback.wall_s, host_spans(callback.timeline, callback.started))
-    params = SIZES[args.size].params
+    engine = trainer.strategy.backend.engine
+    params = sum(engine.numels[:engine.host_count])
     adam = rows.get("host AdamW + cast", {}).get("busy_s")
+    report = trainer.strategy.plan_report
     result = {"size": args.size, "accumulate": args.accumulate, "phases": rows,
+              "plan": str(report.chosen.plan) if report and report.chosen else None,
+              "predicted_step_s": round(report.chosen.step_time_s, 3) if report and report.chosen else None,
+              "params_on_host": params, "params_on_gpu": engine.device_total,
               "host_adamw_Gparam_per_s": round(params / adam / 1e9, 2) if adam else None}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"host_adam one step, {args.size}, {args.micro_batch}x{args.seq} tokens x {args.accumulate} "
           f"(seconds from the step's start; busy = union of the phase's intervals)")
+    print(f"plan: {result['plan']} (predicted {result['predicted_step_s']} s/step); parameters updated on the "
+          f"host {params / 1e9:.2f}B, on the GPU {engine.device_total / 1e9:.2f}B")
     print(f"{'phase':<22}{'busy_s':>8}{'from_s':>8}{'to_s':>8}")
     for name, row in rows.items():
         print(f"{name:<22}{row['busy_s']:>8}{row.get('from_s', ''):>8}{row.get('to_s', ''):>8}")

@@ -68,19 +68,30 @@ BASELINES = [
 
 # Backends whose plan includes what the module would otherwise choose: how many blocks to checkpoint (the
 # backend decides) and a loss that never materialises the full logits.
-_PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}}
-_PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss"}
+_PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"},
+                 "host_adam": {"checkpointing": "by_strategy", "loss": "chunked"}}
+_PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss",
+                "host_adam": ", checkpointing and the optimizer state's GPU share by the planner, chunked loss"}
+# More rows of a backend beside its default one: (name suffix, backend options, label).
+_VARIANTS = {"host_adam": [("all_host", {"gpu_state_blocks": 0}, "; every optimizer state in host memory")]}
 
 
-def ours(backend: str, cost: str) -> Method:
+def ours(backend: str, cost: str, suffix: str = "", backend_options: dict[str, Any] | None = None,
+         label: str = "") -> Method:
     """A `single_gpu_offload` row; the backend converts the module's plain AdamW to its own optimizer."""
     options = {"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant", "optimizer": "adamw",
                **_PLAN_OPTIONS.get(backend, {})}
-    return Method(f"{OURS}_{backend}", f'{OURS} (backend="{backend}"{_PLAN_LABELS.get(backend, "")})',
+    if backend_options:
+        options["backend_options"] = backend_options
+    return Method(f"{OURS}_{backend}" + (f"_{suffix}" if suffix else ""),
+                  f'{OURS} (backend="{backend}"{_PLAN_LABELS.get(backend, "")}{label})',
                   runner="lightning", cost=cost, options=options, runs_on_cpu=True)
 
 
 def all_methods(our_backends: dict[str, str]) -> dict[str, Method]:
-    """The baselines and one row per backend of ours (`{backend: cost}`, from bench/matrix.yaml), by name."""
-    methods = [*BASELINES, *(ours(backend, cost) for backend, cost in our_backends.items())]
+    """The baselines and the rows of each backend of ours (`{backend: cost}`, from bench/matrix.yaml), by name."""
+    methods = [*BASELINES]
+    for backend, cost in our_backends.items():
+        methods.append(ours(backend, cost))
+        methods += [ours(backend, cost, *variant) for variant in _VARIANTS.get(backend, [])]
     return {method.name: method for method in methods}

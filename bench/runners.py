@@ -227,7 +227,7 @@ class _Clock(L.Callback):
             self.clock.stop(self.losses)
 
 
-def _lightning_strategy(name: str, backend: str | None) -> Any:
+def _lightning_strategy(name: str, backend: str | None, backend_options: dict[str, Any]) -> Any:
     if name == "fsdp_cpu_offload":
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -236,15 +236,16 @@ def _lightning_strategy(name: str, backend: str | None) -> Any:
     if name == OURS:
         import lightning_offload  # registers the strategy; a missing package makes the cell "not available"
 
-        return lightning_offload.SingleGPUOffloadStrategy(backend=backend)
+        return lightning_offload.SingleGPUOffloadStrategy(backend=backend, **backend_options)
     return name
 
 
 def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, backend: str | None = None,
-              loss: str = "full") -> StepClock:
+              loss: str = "full", backend_options: dict[str, Any] | None = None) -> StepClock:
     """A Trainer with `strategy` and precision bf16-mixed, fitting `LlamaModule` on random tokens."""
     regime, clock = cell.regime, StepClock(cell.device)
-    trainer = L.Trainer(accelerator=cell.device.type, devices=1, strategy=_lightning_strategy(strategy, backend),
+    trainer = L.Trainer(accelerator=cell.device.type, devices=1,
+                        strategy=_lightning_strategy(strategy, backend, backend_options or {}),
                         precision="bf16-mixed", max_steps=regime.steps, accumulate_grad_batches=regime.accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[_Clock(clock, regime.accumulate)])

@@ -168,9 +168,11 @@ class _SingleGPUOffloadCore:
             return
         self._memory_checked = True
         trainer = self.lightning_module.trainer
+        # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
+        pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
         report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                   optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                  precision=self._precision_flag)
+                                  precision=self._precision_flag, gpu_state_blocks=pinned_share)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         if report is None:
             if self.backend is None:
@@ -183,8 +185,10 @@ class _SingleGPUOffloadCore:
             check_checkpoint_disk(trainer, report)
             if self.backend is None:
                 self._adopt_plan(report.chosen.plan)
-            elif self.activation_checkpointing.policy == "auto":
-                self.activation_checkpointing = checkpointing_of(report.chosen.plan)
+            else:
+                self.backend.adopt_plan(report.chosen.plan)
+                if self.activation_checkpointing.policy == "auto":
+                    self.activation_checkpointing = checkpointing_of(report.chosen.plan)
         self._setup_backend_environment()
 
     def _adopt_plan(self, plan: Plan) -> None:

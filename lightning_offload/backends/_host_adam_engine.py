@@ -14,6 +14,13 @@ fixed size (a large parameter spans several). When the last parameter of a bucke
 A forward pre-hook on every module that owns parameters waits (host side for `host_done`, device side for the event)
 only for that module's buckets, so the next forward starts as soon as its first layers' weights are back.
 
+The parameters whose gradients become final last (the front of the model: the input embedding and the first
+blocks, the tail of the engine's order) may keep their fp32 master and AdamW state on the device instead
+(`device_state`): they are updated there as their gradients become final, on the compute stream, with torch's fused
+AdamW. This is DeepSpeed's partial optimizer offload (ZeRO-Offload++ "Twin-Flow", `offload_optimizer.ratio`) laid
+out along backward: the host steps the back blocks, whose gradients arrive first, while backward and the next
+forward's front part run, and no host update is left for the layers the next forward needs first.
+
 On a CPU "device" the same path runs with streams and events left out and copies done in place, so tests exercise
 the same buckets, hooks and thread as a GPU run.
 
@@ -106,19 +113,28 @@ class HostAdamEngine:
         device: where the weights live and the model computes.
         weight_dtype: the dtype of the device weights (bf16, or fp32 for `precision="32-true"`).
         masters: fp32 master values to start from, by parameter (a previous run's), instead of the device weights.
+        device_state: how many of the last parameters (those whose gradients become final last) keep their master
+            weights and AdamW state on the device and are updated there, inside backward.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], groups: list[int], device: torch.device,
                  weight_dtype: torch.dtype, *, bucket_numel: int, chunk_numel: int, grad_slots: int,
                  pin_memory: bool, host_threads: int | None,
-                 masters: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+                 masters: dict[torch.nn.Parameter, torch.Tensor] | None = None, device_state: int = 0) -> None:
         self.params, self.groups, self.device, self.weight_dtype = params, groups, device, weight_dtype
         self.cuda = device.type == "cuda"
         self.chunk_numel, self.host_threads = chunk_numel, host_threads
+        # Device updates go by larger pieces (fewer launches); each piece's fp32 gradient is a temporary.
+        self.device_chunk_numel = bucket_numel
         self.numels = [p.numel() for p in params]
-        self.offsets = [0, *itertools.accumulate(self.numels)][:-1]
-        self.total = sum(self.numels)
-        self.buckets = layout(self.numels, bucket_numel)
+        self.host_count = len(params) - device_state
+        """Parameters stepped on the host: the first ones in the engine's order; the rest are updated on the device."""
+        host_numels, device_numels = self.numels[:self.host_count], self.numels[self.host_count:]
+        # Offsets into each parameter's own arena: the host arena, or the device arena for the last ones.
+        self.offsets = [*[0, *itertools.accumulate(host_numels)][:-1], *[0, *itertools.accumulate(device_numels)][:-1]]
+        self.total = sum(host_numels)
+        self.device_total = sum(device_numels)
+        self.buckets = layout(host_numels, bucket_numel)
         self.param_buckets: list[list[Bucket]] = [[] for _ in params]
         for bucket in self.buckets:
             for index in bucket.params:
@@ -127,6 +143,9 @@ class HostAdamEngine:
         self.pinned = pin_memory and self.cuda
         self.arena = self._build_arena(masters or {})
         self.master, self.exp_avg, self.exp_avg_sq = self.arena.view(3, self.total).unbind(0)
+        self.device_arena = self._build_device_arena(masters or {})
+        self.device_master, self.device_exp_avg, self.device_exp_avg_sq = \
+            self.device_arena.view(3, self.device_total).unbind(0)
         slot_numel = min(bucket_numel, self.total)
         self._free_slots: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(grad_slots):
@@ -149,6 +168,7 @@ class HostAdamEngine:
         self._grads: list[torch.Tensor | None] = [None] * len(params)
         self._copies_left = [0] * len(params)
         self._held: list[Bucket] = []
+        self._held_on_device: list[int] = []
         self._norms: list[torch.Tensor] = []
         self._clip_coef: torch.Tensor | None = None
         self._error: BaseException | None = None
@@ -165,7 +185,19 @@ class HostAdamEngine:
         # (gradients land in the pinned slots, weights leave from the pinned staging buffers), so page-locking
         # 12 bytes per parameter (~16 s at 8B) would buy nothing.
         arena = torch.empty(3 * self.total, dtype=_FP32)
-        for index, param in enumerate(self.params):
+        self._fill(arena, range(self.host_count), masters)
+        arena[self.total:].zero_()
+        return arena
+
+    def _build_device_arena(self, masters: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
+        arena = torch.empty(3 * self.device_total, dtype=_FP32, device=self.device)
+        self._fill(arena, range(self.host_count, len(self.params)), masters)
+        arena[self.device_total:].zero_()
+        return arena
+
+    def _fill(self, arena: torch.Tensor, indices: range, masters: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        for index in indices:
+            param = self.params[index]
             if param.is_meta:
                 raise ValueError(
                     "The `host_adam` backend builds fp32 master weights from the module's weights, but "
@@ -176,8 +208,6 @@ class HostAdamEngine:
             view = arena[self.offsets[index]:self.offsets[index] + self.numels[index]]
             view.copy_(source.reshape(-1))
             param.data = self._device_weight(view.view(param.shape), param.detach())
-        arena[self.total:].zero_()
-        return arena
 
     def _device_weight(self, master: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         if current.device == self.device and current.dtype == self.weight_dtype:
@@ -190,8 +220,7 @@ class HostAdamEngine:
         """Copies every master weight to the device (after loading a checkpoint)."""
         self.wait_all()
         for index, param in enumerate(self.params):
-            start = self.offsets[index]
-            param.data.copy_(self.master[start:start + self.numels[index]].view(param.shape))
+            param.data.copy_(self.master_of(index))
 
     # --- the step, seen from the training loop ----------------------------------------------------------------
 
@@ -199,7 +228,7 @@ class HostAdamEngine:
         """The next backward produces the final gradients: update each bucket as soon as its gradients are final."""
         self.wait(self.buckets)
         self.hyper, self.clip = hyper, clip
-        self._held, self._norms, self._clip_coef = [], [], None
+        self._held, self._held_on_device, self._norms, self._clip_coef = [], [], [], None
         for bucket in self.buckets:
             bucket.remaining = len(bucket.params)
             bucket.host_done.clear()
@@ -212,7 +241,8 @@ class HostAdamEngine:
 
     def finish_backward(self) -> None:
         """After the armed backward: parameters it did not reach are not updated (like torch's AdamW, which skips
-        parameters without a gradient); with clipping by norm, the held buckets go now, scaled."""
+        parameters without a gradient); with clipping by norm, the held buckets go now, scaled, and the parameters
+        updated on the device follow, on the compute stream."""
         if not self._armed:
             return
         for index in range(len(self.params)):
@@ -220,6 +250,8 @@ class HostAdamEngine:
                 self._mark_final(index)
         if self.clip is not None and self.clip[0] == "norm":
             self._release_held()
+            for index in self._held_on_device:
+                self._update_on_device(index)
         self._armed = False
 
     def wait(self, buckets: Sequence[Bucket]) -> None:
@@ -255,9 +287,14 @@ class HostAdamEngine:
         if self._error is not None:
             raise RuntimeError("The `host_adam` optimizer thread failed; see the error above.") from self._error
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def close(self) -> None:
         """Stops the worker and removes the hooks (the engine cannot step afterwards; its state stays readable)."""
-        self.wait_all()
+        if not self.failed:  # a failed worker has stopped, and its error was raised in the run it broke
+            self.wait_all()
         self._queue.put(None)
         self._worker.join()
         for handle in self._hooks:
@@ -268,6 +305,7 @@ class HostAdamEngine:
         self.close()
         self.released = True
         self.arena = self.master = self.exp_avg = self.exp_avg_sq = torch.empty(0)
+        self.device_arena = self.device_master = self.device_exp_avg = self.device_exp_avg_sq = torch.empty(0)
         self._staging.clear()
 
     # --- inside backward (autograd's thread) ------------------------------------------------------------------
@@ -288,6 +326,9 @@ class HostAdamEngine:
         self._has_grad[index] = self._grads[index] is not None
         if self._has_grad[index]:
             self.steps[index] += 1
+        if index >= self.host_count:
+            self._device_gradient_final(index)
+            return
         for bucket in self.param_buckets[index]:
             bucket.remaining -= 1
             if bucket.remaining == 0:
@@ -307,6 +348,34 @@ class HostAdamEngine:
             self._held.append(bucket)
             return
         self._queue.put(bucket)
+
+    def _device_gradient_final(self, index: int) -> None:
+        if not self._has_grad[index]:
+            return
+        if self.clip is not None and self.clip[0] == "norm":
+            # Held until the global norm is known (`finish_backward`); its square counts towards it now.
+            self._norms.append(self._grads[index].float().square().sum())
+            self._held_on_device.append(index)
+            return
+        self._update_on_device(index)
+
+    def _update_on_device(self, index: int) -> None:
+        """Steps one parameter whose state is on the device, on the current (compute) stream, with the same fused
+        AdamW and the same clipping as the host path, then casts the new master into the device weight."""
+        grad, self._grads[index] = self._grads[index].view(-1), None
+        hyper = self.hyper[self.groups[index]]
+        step = torch.full((), float(self.steps[index]), dtype=_FP32, device=self.device)
+        start, weight = self.offsets[index], self.params[index].data.view(-1)
+        for low in range(0, self.numels[index], self.device_chunk_numel):
+            high = min(low + self.device_chunk_numel, self.numels[index])
+            piece = grad[low:high].float()
+            if self.clip is not None:
+                piece = piece.mul(self._clip_coef) if self.clip[0] == "norm" \
+                    else piece.clamp(-self.clip[1], self.clip[1])
+            master = self.device_master[start + low:start + high]
+            _adam_step(master, piece, self.device_exp_avg[start + low:start + high],
+                       self.device_exp_avg_sq[start + low:start + high], step, hyper)
+            weight[low:high].copy_(master)
 
     def _release_held(self) -> None:
         # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device: no synchronisation.
@@ -450,14 +519,21 @@ class HostAdamEngine:
 
     # --- state ---------------------------------------------------------------------------------------------------
 
+    def on_device(self, index: int) -> bool:
+        """Whether this parameter's master weights and AdamW state live on the device."""
+        return index >= self.host_count
+
     def master_of(self, index: int) -> torch.Tensor:
+        master = self.device_master if self.on_device(index) else self.master
         start = self.offsets[index]
-        return self.master[start:start + self.numels[index]].view(self.params[index].shape)
+        return master[start:start + self.numels[index]].view(self.params[index].shape)
 
     def state_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        exp_avg, exp_avg_sq = (self.device_exp_avg, self.device_exp_avg_sq) if self.on_device(index) \
+            else (self.exp_avg, self.exp_avg_sq)
         start, shape = self.offsets[index], self.params[index].shape
         end = start + self.numels[index]
-        return self.exp_avg[start:end].view(shape), self.exp_avg_sq[start:end].view(shape)
+        return exp_avg[start:end].view(shape), exp_avg_sq[start:end].view(shape)
 
 
 class _no_stream:

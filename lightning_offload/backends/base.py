@@ -55,6 +55,10 @@ class Backend(ABC):
     def setup_environment(self, device: torch.device) -> None:
         """Runs before `configure_model`: process groups, device selection, engine-global settings."""
 
+    def adopt_plan(self, plan: Any) -> None:
+        """The planner's chosen plan (`lightning_offload.planner.Plan`) for this pinned backend: it may fill in the
+        options the user left to the planner."""
+
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         """The Lightning precision plugin to train with; `plugins` is the namespace's `plugins.precision` module and
         `trainer_plugin` the one the Trainer built from its `precision=` flag."""

@@ -6,6 +6,11 @@ torch's fused CPU AdamW steps it on a worker thread while backward goes on; the 
 stream and the next forward waits only for the buckets it is about to use (`_host_adam_engine.py` has the
 mechanics). Gradients accumulate on the GPU; the update happens inside the last micro-batch's backward.
 
+The front of the model (input embedding, first blocks) finishes its gradients last in backward and is needed first
+by the next forward: with `gpu_state_blocks=k`, its optimizer state stays on the GPU (12 bytes per parameter) and
+is updated there inside backward, so no host update is left for it when backward ends (DeepSpeed calls this split
+of the optimizer between GPU and CPU "Twin-Flow", `offload_optimizer.ratio`).
+
 torchao's `CPUOffloadOptimizer` fills a similar role but steps only after backward ends and cannot accumulate with
 offloaded gradients; DeepSpeed's ZeRO offload steps after backward too. This backend exists for that overlap.
 """
@@ -24,10 +29,13 @@ from torch.optim import Optimizer
 
 from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.checkpointing import find_blocks
 from lightning_offload.saving import atomic_directory
 
 CHECKPOINT_FILE = "host_adam.pt"
-_FORMAT = "lightning_offload.host_adam/1"
+_FORMAT = "lightning_offload.host_adam/2"
+# Format 1 kept every parameter's state in the host arena: it reads as format 2 with nothing on the device.
+_READABLE_FORMATS = ("lightning_offload.host_adam/1", _FORMAT)
 _WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 # Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
 _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -46,11 +54,22 @@ class HostAdamConfig(BackendConfig):
     """Page-locked gradient slots and weight staging buffers (PCIe copies ~6x faster); ignored without a GPU."""
     host_threads: int | None = None
     """Intra-op threads of the host AdamW; None: all cores but one on a GPU machine (one drives the GPU)."""
+    gpu_state_blocks: int | None = None
+    """Blocks at the front of the model (with the parameters before them, e.g. the input embedding) whose fp32
+    master weights and AdamW state stay on the GPU (12 bytes per parameter there, 12 fewer in host memory), updated
+    there inside backward. Their gradients are the last to become final, so the host work left when backward ends
+    shrinks as this grows. None: the planner's choice (the most that fit; everything on the host when no plan ran,
+    e.g. with `check_memory=False`); 0: every parameter's state in host memory."""
 
     def __post_init__(self) -> None:
         for name in ("bucket_numel", "chunk_numel", "grad_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be a positive integer.")
+        if self.gpu_state_blocks is not None and self.gpu_state_blocks < 0:
+            raise ValueError(
+                f"`gpu_state_blocks={self.gpu_state_blocks}` must be a block count from 0 (everything in host memory) "
+                "up to the model's number of blocks, or None to let the planner choose."
+            )
 
 
 class HostAdamW(Optimizer):
@@ -89,7 +108,8 @@ class HostAdamW(Optimizer):
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's Adam/AdamW format (views of the host state, not copies), loadable by `torch.optim.AdamW`."""
+        """torch's Adam/AdamW format (views of the engine's state on the host or the GPU, not copies), loadable by
+        `torch.optim.AdamW`."""
         groups, index_of = [], {}
         for group in self.param_groups:
             indices = []
@@ -154,6 +174,7 @@ class HostAdamBackend(Backend):
         self._optimizer: HostAdamW | None = None
         self._module: torch.nn.Module | None = None
         self._clip: tuple[str, float] | None = None
+        self._planned_gpu_state_blocks = 0
 
     @property
     def engine(self) -> HostAdamEngine | None:
@@ -161,6 +182,16 @@ class HostAdamBackend(Backend):
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
+
+    def adopt_plan(self, plan: Any) -> None:
+        if plan.backend == self.name:
+            self._planned_gpu_state_blocks = plan.resident_blocks
+
+    @property
+    def gpu_state_blocks(self) -> int:
+        """The configured share, else the planner's (0 when no plan ran)."""
+        pinned = self.config.gpu_state_blocks
+        return self._planned_gpu_state_blocks if pinned is None else pinned
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # The engine clips gradients itself, on their way to the host (`Trainer(gradient_clip_val=...)` is read at
@@ -209,15 +240,17 @@ class HostAdamBackend(Backend):
         masters = {}
         if previous is not None:
             previous.close()
-            masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
+            if not previous.failed:  # a failed run's master weights may be half updated
+                masters = {p: previous.master_of(i) for i, p in enumerate(previous.params) if p in in_optimizer}
         threads = self.config.host_threads
         if threads is None and self._device.type == "cuda":
             threads = max(1, torch.get_num_threads() - 1)
+        front = self._front_parameters(module)
         engine = HostAdamEngine(
             ordered, [group_of[p] for p in ordered], self._device, weight_dtype,
             bucket_numel=self.config.bucket_numel, chunk_numel=self.config.chunk_numel,
             grad_slots=self.config.grad_slots, pin_memory=self.config.pin_memory, host_threads=threads,
-            masters=masters,
+            masters=masters, device_state=sum(p in front for p in ordered),
         )
         del masters
         if previous is not None:
@@ -230,6 +263,22 @@ class HostAdamBackend(Backend):
         self._module = module
         engine.wait_in_forward(module)
         return module, self._optimizer
+
+    def _front_parameters(self, module: torch.nn.Module) -> set[torch.nn.Parameter]:
+        """The parameters whose optimizer state stays on the device: the first `gpu_state_blocks` blocks and every
+        parameter registered before the last of them (the input embedding), i.e. a tail of the engine's order."""
+        blocks, count = find_blocks(module), self.gpu_state_blocks
+        if count > len(blocks):
+            raise ValueError(
+                f"`gpu_state_blocks={count}` but {type(module).__name__} has {len(blocks)} repeated blocks. Pass a "
+                f"number from 0 to {len(blocks)}, or None to let the planner choose."
+            )
+        if count == 0:
+            return set()
+        last = {id(p) for p in blocks[count - 1].parameters()}
+        parameters = list(module.parameters())
+        end = max(index for index, p in enumerate(parameters) if id(p) in last)
+        return set(parameters[:end + 1])
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         if self.engine is not None:
@@ -261,6 +310,10 @@ class HostAdamBackend(Backend):
             # One tensor holding master weights, exp_avg and exp_avg_sq: written without a copy. The device weights
             # are not saved: they are always the master weights cast to the device dtype.
             "arena": engine.arena,
+            # The state kept on the device passes through host memory while it is written (at most what the host
+            # arena would hold for those parameters).
+            "device_arena": engine.device_arena.cpu(),
+            "host_params": engine.host_count,
             "steps": list(engine.steps),
             "param_groups": self._optimizer.state_dict()["param_groups"],
             "buffers": {k: v.detach().cpu() for k, v in _persistent_buffers(self._module).items()},
@@ -283,14 +336,16 @@ class HostAdamBackend(Backend):
                 "`lightning_offload.consolidate(...)` and `module.load_state_dict(...)` before `fit`."
             )
         engine.wait_all()
-        saved = state["arena"]
+        # Parameter by parameter: the checkpoint may split the state between host and device differently.
+        for index, (master, exp_avg, exp_avg_sq) in enumerate(saved_parameters(state)):
+            engine.master_of(index).copy_(master)
+            if load_optimizer_states:
+                for target, saved in zip(engine.state_of(index), (exp_avg, exp_avg_sq)):
+                    target.copy_(saved)
         if load_optimizer_states:
-            engine.arena.copy_(saved)
             engine.steps[:] = state["steps"]
             for group, saved_group in zip(self._optimizer.param_groups, state["param_groups"]):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
-        else:
-            engine.master.copy_(saved[:engine.total])
         engine.refresh_device_weights()
         _load_buffers(self._module, state["buffers"], strict)
         return state["client_state"]
@@ -318,10 +373,14 @@ class HostAdamBackend(Backend):
         weights = "bf16" if _WEIGHT_DTYPES.get(self._precision) is torch.bfloat16 else "fp32"
         clipping = {None: "", "norm": "; clipping by norm holds updates until backward ends",
                     "value": "; gradients clipped by value on their way out"}[self._clip[0] if self._clip else None]
+        front = ""
+        if self.gpu_state_blocks:
+            front = (f"; the first {self.gpu_state_blocks} blocks (and the parameters before them) keep their master "
+                     f"weights and Adam state on {self._device}, updated there inside backward")
         return (
             f"host_adam ({self._precision}): {weights} weights and gradients on {self._device}; fp32 master weights "
             f"and Adam state in host memory, stepped by torch's fused CPU AdamW during backward, "
-            f"{self.config.bucket_numel:,} parameters per bucket{clipping}"
+            f"{self.config.bucket_numel:,} parameters per bucket{front}{clipping}"
         )
 
 
@@ -376,20 +435,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
     state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_FORMAT!r}.")
+    if state.get("format") not in _READABLE_FORMATS:
+        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
     return state
+
+
+def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(master, exp_avg, exp_avg_sq) of every parameter of a `host_adam` checkpoint, in the engine's order: views
+    of the host arena for the first `host_params`, of the device arena for the rest."""
+    shapes = state["shapes"]
+    host_params = state.get("host_params", len(shapes))
+    parts = ((state["arena"], shapes[:host_params]), (state.get("device_arena", torch.empty(0)), shapes[host_params:]))
+    views = []
+    for arena, part in parts:
+        thirds = arena.view(3, arena.numel() // 3).unbind(0)
+        offset = 0
+        for shape in part:
+            numel = int(torch.Size(shape).numel())
+            views.append(tuple(t[offset:offset + numel].view(shape) for t in thirds))
+            offset += numel
+    return views
 
 
 def fp32_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A plain state dict from a `host_adam` checkpoint: fp32 master weights under every name, and the buffers."""
-    master = state["arena"][: state["arena"].numel() // 3]
     result: dict[str, torch.Tensor] = {}
-    offset = 0
-    for names, shape in zip(state["names"], state["shapes"]):
-        numel = int(torch.Size(shape).numel())
-        weight = master[offset:offset + numel].view(shape).clone()
-        offset += numel
+    for names, (master, _, _) in zip(state["names"], saved_parameters(state)):
+        weight = master.clone()
         for name in names:
             result[name] = weight
     return {**result, **state["buffers"]}

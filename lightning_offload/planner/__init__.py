@@ -51,12 +51,14 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
          optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
-         ranks_per_host: int | None = None, clips_gradients: bool = False) -> PlanReport:
+         ranks_per_host: int | None = None, clips_gradients: bool = False,
+         gpu_state_blocks: int | None = None) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
-    `checkpointing` pin levers (None / "auto": the planner chooses). With `world_size` processes
+    `checkpointing` pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam`
+    (None: the most blocks whose optimizer state fits on the GPU). With `world_size` processes
     (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
     Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
@@ -82,7 +84,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
-                            adamw_compatible=adamw_compatible)
+                            adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
                   ranks_per_host=ranks_per_host, holds_gradients=clips_gradients)

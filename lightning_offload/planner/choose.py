@@ -7,7 +7,7 @@ optimizer, chosen automatically only when nothing exact fits (with a warning) or
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
@@ -117,8 +117,9 @@ def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
 
 def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
                     checkpointing: str | None = None, every_k: int | None = None,
-                    adamw_compatible: bool = True) -> list[Plan]:
-    """Every plan over the levers the user left open (`None`); pinned levers are taken as given."""
+                    adamw_compatible: bool = True, gpu_state_blocks: int | None = None) -> list[Plan]:
+    """Every plan over the levers the user left open (`None`); pinned levers are taken as given. `host_adam`
+    candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit)."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     plans = []
@@ -136,6 +137,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                         step = max(1, stats.blocks // 8)
                         plans += [dataclasses.replace(base, resident_blocks=r)
                                   for r in range(0, stats.blocks + 1, step)]
+                    elif backend == "host_adam":
+                        plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
                     else:
                         plans.append(base)
     return plans
@@ -162,8 +165,16 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate."""
     if not plans:
         raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
+
+    def missing(plan: Plan) -> dict[str, float]:
+        memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
+                                 world_size=world_size, ranks_per_host=ranks_per_host)
+        return shortfalls(memory, machine, margin)
+
     candidates = []
     for plan in plans:
+        if plan.backend == "host_adam" and plan.resident_blocks is None:
+            plan = most_gpu_state(stats, plan, missing)
         memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
                                  world_size=world_size, ranks_per_host=ranks_per_host)
         candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
@@ -178,6 +189,13 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
                       accumulate, world_size, ranks_per_host)
+
+
+def most_gpu_state(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
+    """A `host_adam` plan with the most blocks' optimizer state on the GPU that fit (an update there is never
+    slower than on the host, and each block moved frees host memory); when none fits, the nearest miss."""
+    sized = [dataclasses.replace(plan, resident_blocks=blocks) for blocks in range(stats.blocks + 1)]
+    return max(sized, key=lambda p: (-sum(missing(p).values()), p.resident_blocks))
 
 
 def _reason(chosen: Candidate | None, fitting: list[Candidate], allow_eight_bit: bool) -> str:

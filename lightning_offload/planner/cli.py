@@ -45,7 +45,7 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
     machine, ceilings, device = machine_of(cfg.machine)
     return plan(stats, machine=machine, ceilings=ceilings, device=device, backend=cfg.backend,
                 optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, accumulate=int(cfg.accumulate),
-                precision=cfg.precision)
+                precision=cfg.precision, gpu_state_blocks=cfg.get("gpu_state_blocks"))
 
 
 def render(report: PlanReport, rows: int) -> Any:

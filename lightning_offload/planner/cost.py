@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lightning_offload.planner.measure import ModelStats
-from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks
+from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks, gpu_state_parameters
 
 # Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included), for
 # blocks of width >= 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step and 14.8B (5120) at 2.36 s with
@@ -102,11 +102,20 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         optimizer = params / GPU_UPDATE_RATE.get(plan.optimizer, GPU_UPDATE_RATE["adamw"])
         return StepTime(compute, offload, optimizer, compute + offload_exposed + optimizer)
     if plan.backend == "host_adam":
-        # Gradients leave, the CPU steps and weights return bucket by bucket, starting under the last backward.
-        pipeline = max(4 * params / d2h, params / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), bf16 * params / h2d)
-        exposed = max(0.0, pipeline - backward_of_last)
-        transfer = 4 * params / d2h + bf16 * params / h2d
-        return StepTime(compute, transfer + offload, params / cpu_adamw, compute + offload_exposed + exposed)
+        # Gradients leave, the CPU steps and weights return bucket by bucket, from the first bucket (the output
+        # layer, early in the last backward) on. The front blocks' state is on the GPU: they are updated there at
+        # the GPU's rate on the compute stream, and the next forward runs through them while the host finishes the
+        # back blocks, so the host work may also hide under that part of the next forward.
+        on_gpu = gpu_state_parameters(stats, plan)
+        on_host = params - on_gpu
+        pipeline = max(4 * on_host / d2h, on_host / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), bf16 * on_host / h2d)
+        front = min(plan.resident_blocks or 0, stats.blocks) / stats.blocks if stats.blocks else 0.0
+        forward_of_front = (1 - BACKWARD_SHARE) * compute / accumulate * front
+        exposed = max(0.0, pipeline - backward_of_last - forward_of_front)
+        gpu_update = on_gpu / GPU_UPDATE_RATE["adamw"]
+        transfer = 4 * on_host / d2h + bf16 * on_host / h2d
+        return StepTime(compute, transfer + offload, on_host / cpu_adamw + gpu_update,
+                        compute + offload_exposed + exposed + gpu_update)
     if plan.backend == "stream":
         streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
         state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params

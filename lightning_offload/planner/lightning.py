@@ -25,7 +25,8 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
-                     precision: str, world_size: int = 1, ranks_per_host: int | None = None) -> PlanReport | None:
+                     precision: str, world_size: int = 1, ranks_per_host: int | None = None,
+                     gpu_state_blocks: int | None = None) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
     reason is warned) or the Trainer is not fitting."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
@@ -52,6 +53,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         accumulate=trainer.accumulate_grad_batches, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
+        gpu_state_blocks=gpu_state_blocks,
     )
 
 
@@ -94,9 +96,11 @@ def optimizer_of(chosen: Plan) -> str | None:
 
 
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
-    """The plan's levers that are backend options (e.g. the streaming plan's resident blocks)."""
+    """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
+    optimizer state stays on the GPU."""
     known = {f.name for f in dataclasses.fields(config)}
-    return {"resident_blocks": chosen.resident_blocks} if "resident_blocks" in known else {}
+    option = next((name for name in ("resident_blocks", "gpu_state_blocks") if name in known), None)
+    return {option: chosen.resident_blocks} if option else {}
 
 
 def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:

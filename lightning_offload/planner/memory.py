@@ -59,12 +59,16 @@ class Plan:
     """`none`, `full`, `every_k` (every `every_k`-th block) or `offload` (saved tensors in pinned host memory)."""
     every_k: int = 2
     pin_memory: bool = True
-    resident_blocks: int = 0
-    """`stream` only: blocks whose weights stay on the GPU; the others stream from host memory."""
+    resident_blocks: int | None = 0
+    """`stream`: blocks whose weights stay on the GPU; the others stream from host memory. `host_adam`: blocks at
+    the front of the model whose fp32 master weights and AdamW state stay on the GPU, with the input embedding,
+    updated there inside backward; the others' state is in host memory. None (a `host_adam` candidate before
+    `choose`): the most that fit."""
 
     def __str__(self) -> str:
         policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
-        resident = f", {self.resident_blocks} resident blocks" if self.backend == "stream" else ""
+        resident = {"stream": f", {self.resident_blocks} resident blocks",
+                    "host_adam": f", {self.resident_blocks} blocks' state on the GPU"}.get(self.backend, "")
         return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}"
 
     @property
@@ -93,6 +97,13 @@ class MemoryEstimate:
     @property
     def pinned_bytes(self) -> int:
         return sum(v for k, v in self.host.items() if k in self.host_pinned)
+
+
+def gpu_state_parameters(stats: ModelStats, plan: Plan) -> int:
+    """`host_adam`: parameters whose optimizer state stays on the GPU: the first `resident_blocks` blocks and the
+    input embedding before them (the backend's `gpu_state_blocks`)."""
+    blocks = min(plan.resident_blocks or 0, stats.blocks)
+    return blocks * stats.block_parameters + (stats.embedding_parameters if blocks else 0)
 
 
 def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
@@ -170,10 +181,15 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
                     "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
     elif plan.backend == "host_adam":
         # fp32 gradients land in a few pinned slots and bf16 weights leave from pinned staging; the master weights
-        # and AdamW state are ordinary memory, since no copy starts or ends in them.
+        # and AdamW state are ordinary memory, since no copy starts or ends in them. The front blocks' master
+        # weights and state are on the GPU instead.
+        on_gpu = gpu_state_parameters(stats, plan)
         gpu.update({"bf16 weights": 2 * params,
                     "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
-        host.update({"fp32 master weights": 4 * params, "optimizer state": int(state_bytes * params),
+        if on_gpu:
+            gpu["fp32 master weights and optimizer state (front blocks)"] = int((4 + state_bytes) * on_gpu)
+        host.update({"fp32 master weights": 4 * (params - on_gpu),
+                     "optimizer state": int(state_bytes * (params - on_gpu)),
                      "gradient and weight staging": HOST_ADAM_STAGING_BYTES})
         pinned |= {"gradient and weight staging"}
     elif plan.backend == "stream":

@@ -191,3 +191,6 @@ def test_worker_failure_surfaces_in_the_training_loop(monkeypatch: pytest.Monkey
     monkeypatch.setattr(engine_module, "_adam_step", broken)
     with pytest.raises(RuntimeError, match="optimizer thread failed"):
         fit(host_adam(), num_batches=3)
+    monkeypatch.undo()
+    module, _ = fit(host_adam(), num_batches=2)  # the next fit in the process starts cleanly
+    assert len(module.losses) == 2

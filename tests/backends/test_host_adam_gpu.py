@@ -17,8 +17,8 @@ pytestmark = pytest.mark.gpu
 SMALL = dict(bucket_numel=3000, chunk_numel=700)
 
 
-def host_adam() -> SingleGPUOffloadStrategy:
-    return SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, **SMALL)
+def host_adam(**options: Any) -> SingleGPUOffloadStrategy:
+    return SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, **{**SMALL, **options})
 
 
 def test_gpu_run_matches_a_plain_fp32_run_on_the_gpu() -> None:
@@ -79,3 +79,25 @@ def test_gpu_accumulation_keeps_gradients_on_the_device_until_the_last_micro_bat
     module, trainer = fit(host_adam(), accelerator="gpu", accumulate_grad_batches=4)
     assert_losses_close(module.losses, reference.losses, FP32_RTOL)
     assert trainer.global_step == 2
+
+
+def test_gpu_front_state_on_the_gpu_matches_all_host_and_plain_fp32_adamw() -> None:
+    # The front's update runs torch's fused CUDA AdamW inside backward, on the compute stream: a weight read before
+    # its update landed, or an update before the gradient was complete, moves losses far more than FP32_RTOL.
+    plain, _ = fit("auto", accelerator="gpu")
+    all_host, _ = fit(host_adam(gpu_state_blocks=0), accelerator="gpu")
+    split, trainer = fit(host_adam(gpu_state_blocks=1), accelerator="gpu")
+    assert_losses_close(split.losses, plain.losses, FP32_RTOL)
+    assert_losses_close(split.losses, all_host.losses, FP32_RTOL)
+    engine = trainer.strategy.backend.engine
+    assert engine.device_arena.is_cuda and len(engine.params) - engine.host_count == 2 + 12  # embeddings, block 0
+    assert all(p.grad is None for p in engine.params)
+
+
+def test_gpu_front_state_with_accumulation_and_clipping_by_norm_tracks_plain_bf16_mixed() -> None:
+    options = dict(precision="bf16-mixed", accelerator="gpu", accumulate_grad_batches=2, gradient_clip_val=0.2)
+    reference, _ = fit("auto", **options)
+    with pytest.warns(UserWarning, match="holds the updates until backward ends"):
+        split, trainer = fit(host_adam(gpu_state_blocks=2), **options)
+    assert_losses_close(split.losses, reference.losses, BF16_RTOL)
+    assert trainer.strategy.backend.engine.host_count == 2  # the final norm's weight and bias

@@ -85,3 +85,16 @@ def test_gpu_8bit_row_trains_on_the_cpu_with_the_chunked_loss():
     assert method.options["loss"] == "chunked" and method.options["checkpointing"] == "by_strategy"
     clock = lightning(_cell(accumulate=2, steps=2), **method.options)
     assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)
+
+
+def test_host_adam_rows_leave_checkpointing_to_the_planner_and_one_keeps_every_state_on_the_host():
+    from bench.methods import all_methods
+
+    methods = all_methods({"host_adam": "host_adam"})
+    planned, all_host = methods["single_gpu_offload_host_adam"], methods["single_gpu_offload_host_adam_all_host"]
+    assert planned.options["loss"] == "chunked" and planned.options["checkpointing"] == "by_strategy"
+    assert "backend_options" not in planned.options
+    assert all_host.options == {**planned.options, "backend_options": {"gpu_state_blocks": 0}}
+    clock = lightning(_cell(accumulate=2, steps=2), **all_host.options)
+    assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)
+    assert "0 blocks' state on the GPU" in clock.planned["plan"]

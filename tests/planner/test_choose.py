@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from lightning_offload.planner import Ceilings, Machine, Plan, PlanDoesNotFit, plan
+from lightning_offload.planner import (SAFETY_MARGIN, Ceilings, Machine, Plan, PlanDoesNotFit, estimate_memory, plan,
+                                       shortfalls)
 from lightning_offload.planner.choose import candidate_plans, choose
 from tests.planner.test_memory import LLAMA_8B
 
@@ -88,3 +91,26 @@ def test_every_plan_in_the_table_has_a_plan_string() -> None:
     assert rows[0]["fits"]
     assert sum(row["chosen"] for row in rows) == 1
     assert isinstance(Plan(backend="device"), Plan)
+
+
+def test_host_adam_keeps_the_most_blocks_state_on_the_gpu_that_fit() -> None:
+    plans = candidate_plans(LLAMA_8B, backends=["host_adam"], on_cuda=True)
+    assert {p.resident_blocks for p in plans} == {None}
+    sized = choose(LLAMA_8B, H100, Ceilings(), plans)
+    for candidate in sized.candidates:
+        blocks = candidate.plan.resident_blocks
+        if not candidate.fits:
+            continue
+        assert 0 < blocks < LLAMA_8B.blocks
+        one_more = estimate_memory(LLAMA_8B, dataclasses.replace(candidate.plan, resident_blocks=blocks + 1))
+        assert shortfalls(one_more, H100, SAFETY_MARGIN).keys() == {"GPU"}
+    # By hand (every block checkpointed): 23.6 GiB of weights, activations and buffers leave 47.7 GiB of the 71.3
+    # usable, i.e. 4.27B parameters at 12 bytes: the embedding and 17 blocks of 218M.
+    full = next(c for c in sized.candidates if c.plan.checkpointing == "full")
+    assert full.plan.resident_blocks == 17
+    assert sized.chosen.plan.resident_blocks > 0 and "blocks' state on the GPU" in str(sized.chosen.plan)
+
+
+def test_a_pinned_host_adam_share_is_taken_as_given() -> None:
+    plans = candidate_plans(LLAMA_8B, backends=["host_adam"], on_cuda=True, gpu_state_blocks=0)
+    assert {c.plan.resident_blocks for c in choose(LLAMA_8B, H100, Ceilings(), plans).candidates} == {0}

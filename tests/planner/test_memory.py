@@ -113,3 +113,16 @@ def test_clipping_by_norm_keeps_every_gradient_in_the_plans_that_update_in_backw
     clipped = estimate_memory(LLAMA_8B, plan, holds_gradients=True)
     assert clipped.gpu["bf16 gradients"] == 2 * LLAMA_8B.parameters
     assert clipped.gpu_bytes > estimate_memory(LLAMA_8B, plan).gpu_bytes
+
+
+def test_host_adam_front_blocks_move_twelve_bytes_per_parameter_from_host_to_gpu() -> None:
+    all_host = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw"))
+    front = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw", resident_blocks=8))
+    # 8 blocks of 218,112,000 and the 525,336,576-parameter input embedding before them: 2,270,232,576 parameters,
+    # with fp32 master weights (4 bytes) and two fp32 moments (8 bytes) each.
+    assert front.gpu["fp32 master weights and optimizer state (front blocks)"] == 27_242_790_912
+    assert front.gpu_bytes - all_host.gpu_bytes == 27_242_790_912 == all_host.host_bytes - front.host_bytes
+    assert front.host["fp32 master weights"] == 4 * (LLAMA_8B.parameters - 2_270_232_576)
+    assert "fp32 master weights and optimizer state (front blocks)" not in all_host.gpu
+    everything = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw", resident_blocks=99))
+    assert everything.host["fp32 master weights"] == 4 * (LLAMA_8B.other_parameters - LLAMA_8B.embedding_parameters)
