@@ -16,7 +16,7 @@ python3 -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepS
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import nbclient, nbformat, ipykernel" 2>/dev/null && echo "runner: nbclient" || echo "runner: plain Python (nbclient/ipykernel missing)"
 
-for notebook in 01_quickstart 02_plan_your_run; do
+for notebook in ${NOTEBOOKS:-01_quickstart 02_plan_your_run}; do
   ( time timeout 150 python3 - "notebooks/$notebook.ipynb" "$OUT/$notebook.ipynb" <<'EOF'
 import json
 import os
@@ -42,9 +42,18 @@ if nbclient is not None:
                 elif output.output_type == "error":
                     print(f"ERROR {output.ename}: {output.evalue}")
 else:
+    import types
+
     import matplotlib
 
     matplotlib.use("Agg")
+    try:
+        import IPython.display  # noqa: F401
+    except ImportError:  # no Jupyter on the machine: rich output is printed as text
+        display_module = types.ModuleType("IPython.display")
+        display_module.Markdown, display_module.display = str, print
+        sys.modules["IPython"] = types.ModuleType("IPython")
+        sys.modules["IPython.display"] = display_module
     cells = json.load(open(source))["cells"]
     os.chdir(os.path.dirname(source))
     namespace = {"__name__": "__main__"}
