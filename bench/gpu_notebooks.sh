@@ -52,8 +52,10 @@ else:
     except ImportError:  # no Jupyter on the machine: rich output is printed as text
         display_module = types.ModuleType("IPython.display")
         display_module.Markdown, display_module.display = str, print
-        sys.modules["IPython"] = types.ModuleType("IPython")
-        sys.modules["IPython.display"] = display_module
+        ipython = types.ModuleType("IPython")
+        # What libraries (matplotlib) read from IPython to learn that they are not inside a kernel.
+        ipython.get_ipython, ipython.version_info, ipython.display = (lambda: None), (0, 0), display_module
+        sys.modules["IPython"], sys.modules["IPython.display"] = ipython, display_module
     cells = json.load(open(source))["cells"]
     os.chdir(os.path.dirname(source))
     namespace = {"__name__": "__main__"}
