@@ -22,13 +22,15 @@ import torch
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks, gpu_state_parameters
 
-# Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included), for
-# blocks of width >= 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step and 14.8B (5120) at 2.36 s with
-# every block recomputed (ANCHORS.md), i.e. 8 x N x tokens / s = 50% of the 773 TFLOP/s of an 8192^3 bf16 matmul.
-# Narrower blocks reach less: measured 45% at width 3072 (3.6B plain loop, 0.60 s) and 33% at 2048 (1.5B, 0.244 s,
-# bench/RESULTS.md), i.e. about (width / 4096) ** 0.6 of it.
+# Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included) at
+# block width 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step with every block recomputed
+# (ANCHORS.md), i.e. 8 x N x tokens / s = 50% of the 773 TFLOP/s of an 8192^3 bf16 matmul. The share follows
+# (width / 4096) ** 0.6 on both sides of it: measured 45% at width 3072 (3.6B plain loop, 0.60 s), 33% at 2048
+# (1.5B, 0.244 s), and past 4096 59-62% at 5120 (14.8B: gpu_8bit 2.00 s, torchtune's method net of its 8-bit
+# update) and 65-70% at 5120-6144 for the streaming plan (32.8B 3.81 s, 40.8B 4.79 s) (bench/RESULTS.md); the
+# formula gives 57% and 64% there, on the slow side.
 ACHIEVED_MATMUL_FRACTION = 0.50
-FULL_RATE_WIDTH = 4096
+REFERENCE_WIDTH = 4096
 # Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
 # torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
@@ -62,9 +64,9 @@ class Ceilings:
     duplex_gbps: float = 78.5
     cpu_adamw_gparams: float = 6.4
 
-    def achieved_flops(self, width: int = FULL_RATE_WIDTH) -> float:
-        narrow = min(1.0, width / FULL_RATE_WIDTH) ** 0.6 if width else 1.0
-        return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION * narrow
+    def achieved_flops(self, width: int = REFERENCE_WIDTH) -> float:
+        by_width = (width / REFERENCE_WIDTH) ** 0.6 if width else 1.0
+        return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION * by_width
 
 
 @dataclass(frozen=True)
