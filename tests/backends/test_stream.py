@@ -324,6 +324,32 @@ def test_save_and_resume_reproduce_uninterrupted_losses(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
+def optimizer_state(trainer) -> list[tuple[torch.Tensor, list[list[int]]]]:
+    """Every unit's 8-bit AdamW records in host memory and the step counters its rounding bits depend on."""
+    return [(unit.host_state.clone(), [list(entry.bucket.steps) for entry in unit.buckets])
+            for unit in backend_of(trainer).units if unit.host_state is not None]
+
+
+def test_model_checkpoint_written_during_fit_resumes_exactly(tmp_path) -> None:
+    # The GPU run's shape (bench/stream_resume.py): built on meta, some units resident and some streamed, the
+    # checkpoint written by `ModelCheckpoint` between steps (slots still holding units) rather than after `fit`.
+    options = dict(precision="bf16-true", num_batches=2, max_epochs=2)
+    callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    uninterrupted, first = fit(stream(build_on_meta=True, resident_blocks=1), module=TinyLM(scheduler="step"),
+                               enable_checkpointing=True, callbacks=[callback], **options)
+    assert len(backend_of(first).placement.streamed) == 3  # position embedding, one block, final norm
+    resumed, second = fit(stream(build_on_meta=True, resident_blocks=1), module=TinyLM(scheduler="step"),
+                          ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), **options)
+    assert resumed.losses == uninterrupted.losses[2:]
+    assert uninterrupted.losses[2] != uninterrupted.losses[0]  # epoch 2 repeats epoch 1's batches on new weights
+    for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for (records, steps), (expected_records, expected_steps) in zip(optimizer_state(second), optimizer_state(first),
+                                                                    strict=True):
+        assert steps == expected_steps and {s for group in steps for s in group} == {4}
+        assert torch.equal(records, expected_records)
+
+
 def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
     module, trainer = fit(stream(), precision="bf16-true")
     inputs = torch.randint(0, 64, (2, 16))
