@@ -98,6 +98,22 @@ def test_losses_track_fp32_adamw() -> None:
     assert max(abs(a - b) for a, b in zip(streamed.losses, reference.losses)) < 0.02
 
 
+def test_updates_are_those_of_adamw8bit_fused_stepped_after_backward() -> None:
+    # The same 8-bit AdamW and rounding bits: streaming changes where and when each unit is updated, never the
+    # numbers. Two param groups (own lr and weight decay), non-default betas and eps, a per-step LR schedule and a
+    # tied embedding all carry over, bit for bit.
+    def module() -> TinyLM:
+        return TinyLM(scheduler="step", optimizer_kwargs=dict(betas=(0.8, 0.95), eps=1e-6))
+
+    fused, _ = fit(SingleGPUOffloadStrategy(backend="device", optimizer="adamw8bit_fused", check_memory=False),
+                   precision="bf16-true", module=module())
+    streamed, trainer = fit(stream(), precision="bf16-true", module=module())
+    assert len(backend_of(trainer).placement.streamed) == 4
+    assert streamed.losses == fused.losses
+    for (name, expected), actual in zip(fused.net.named_parameters(), streamed.net.parameters()):
+        assert torch.equal(actual, expected), name
+
+
 def rounding_inputs(trainer) -> dict[str, tuple[int, int]]:
     """(rounding key, steps taken) of every trained parameter by name: with the seed, all its stochastic-rounding
     bits depend on, so both must not depend on where the parameter lives."""
