@@ -8,12 +8,17 @@ lightning_offload's fused 8-bit AdamW stepped after backward, the same update in
 exact AdamW in host memory (`backend="host_adam"`), the streaming plan with every block streamed (`backend="stream"`),
 and bitsandbytes' AdamW8bit. On a GPU machine the runs use the GPU (the Triton kernel), elsewhere the CPU. Prints a markdown table of each run's final validation loss, its distance from the
 reference, and how far its train-loss curve (50-step moving average, after the first 50 steps) strays from the
-reference's.
+reference's. `--deterministic` selects deterministic GPU kernels (SDPA's and the embedding's backward otherwise add
+with atomics, so two identical GPU runs differ and, at this learning rate, drift apart by a few percent): then runs
+of the same update math (fused, gpu_8bit, stream) must give identical curves. `--curves FILE` writes every train
+curve as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from typing import Any
 
@@ -78,16 +83,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels")
+    parser.add_argument("--curves", help="write {seed: {run: train losses}} as JSON to this file")
     args = parser.parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    curves: dict[int, dict[str, list[float]]] = {}
     names = ["reference", *(name for name in args.runs if name != "reference")]
     print(f"\n| seed | optimizer ({args.steps} steps) | final val loss | vs reference | curve gap (max, "
           f"{WINDOW}-step avg) | wall s |\n|---|---|---|---|---|---|")
     for seed in args.seeds:
         results = {name: train(*RUNS[name][1:], args.steps, seed) for name in names}
+        curves[seed] = {name: curve for name, (_, curve, _) in results.items()}
         reference, reference_curve, _ = results["reference"]
         for name, (loss, curve, seconds) in results.items():
             print(f"| {seed} | {RUNS[name][0]} | {loss:.4f} | {100 * (loss / reference - 1):+.2f}% | "
                   f"{100 * curve_distance(curve, reference_curve):.2f}% | {seconds:.0f} |", flush=True)
+        if args.curves:
+            with open(args.curves, "w") as out:
+                json.dump(curves, out)
 
 
 if __name__ == "__main__":
