@@ -80,12 +80,14 @@ def curve_distance(curve: list[float], reference: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help=f"at least {WINDOW}, the curve gap's window")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels")
     parser.add_argument("--curves", help="write {seed: {run: train losses}} as JSON to this file")
     args = parser.parse_args()
+    if args.steps < WINDOW:
+        parser.error(f"--steps {args.steps}: the curve gap averages over {WINDOW} steps; train at least that many.")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
