@@ -2,15 +2,17 @@
 # On the GPU machine: host_adam with the planner's share of optimizer state on the GPU, and with everything on the
 # host (gpu_state_blocks=0), beside the plain loop and torchao's CPU offload; then 8B and one step's phases.
 #   bash bench/gpu_hostadam.sh      # part 1: GPU tests; 3.6B R1 plain, torchao_offload, host_adam (planner's share),
-#                                   # host_adam_all_host; 3.6B R2 plain, host_adam. Limits add up to 8.5 min with
-#                                   # the install (~25 s); ~6-7 min expected.
+#                                   # host_adam_all_host, the same with weights cast on the GPU. Limits add up to
+#                                   # 7 min with the install (~25 s).
+#   bash bench/gpu_hostadam.sh r2   # 3.6B R2 plain and host_adam (~3 min).
 #   bash bench/gpu_hostadam.sh 8b   # part 2: 8B R1 torchao_offload, 8B R2 host_adam; phases of one 3.6B R1 step at
-#                                   # share 0 and at the planner's share. Limits add up to 7.5 min; ~6 min expected.
+#                                   # share 0 (casting on the host, then on the GPU) and at the planner's share.
+#                                   # Limits add up to 9 min.
 #   bash bench/gpu_hostadam.sh "r1 phases"   # any of the pieces: tests r1 r2 8b-cells phases
 # Logs, hostadam.jsonl, the phase JSONs and Chrome traces land in $OUT; a compact table is printed last.
 set -uo pipefail
 case "${1:-3.6b}" in
-  3.6b) PIECES="tests r1 r2" ;;
+  3.6b) PIECES="tests r1" ;;
   8b) PIECES="8b-cells phases" ;;
   *) PIECES="$1" ;;
 esac
@@ -37,7 +39,8 @@ if wants tests; then
     > "$OUT/gpu_tests_host_adam.txt" 2>&1; tail -3 "$OUT/gpu_tests_host_adam.txt"
 fi
 if wants r1; then
-  cells 65 --sizes 3.6b --methods plain,torchao_offload,$HOST_ADAM,${HOST_ADAM}_all_host --regimes r1 --steps 4 --warmup 1
+  cells 65 --sizes 3.6b --methods plain,torchao_offload,$HOST_ADAM,${HOST_ADAM}_all_host,${HOST_ADAM}_all_host_cast_on_device \
+    --regimes r1 --steps 4 --warmup 1
 fi
 if wants r2; then
   cells 85 --sizes 3.6b --methods plain,$HOST_ADAM --regimes r2 --steps 3 --warmup 1
@@ -48,6 +51,7 @@ if wants 8b-cells; then
 fi
 if wants phases; then
   phases share0 --gpu-state-blocks 0
+  phases share0_cast_on_device --gpu-state-blocks 0 --cast-on-device
   phases planned
 fi
 [ -f "$RESULTS" ] && python3 - "$RESULTS" <<'PY'

@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--gpu-state-blocks", type=int, help="front blocks updated on the GPU (default: the planner's)")
     parser.add_argument("--host-threads", type=int, help="threads of the host AdamW (default: all cores but one)")
+    parser.add_argument("--cast-on-device", action="store_true", help="weights back as fp32, cast on the GPU")
     parser.add_argument("--out", type=Path, default=Path("hostadam_phases.json"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def main() -> None:
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed",
                         strategy=lightning_offload.SingleGPUOffloadStrategy(
                             backend="host_adam", gpu_state_blocks=args.gpu_state_blocks,
-                            host_threads=args.host_threads),
+                            host_threads=args.host_threads, cast_on_device=args.cast_on_device),
                         max_steps=steps, accumulate_grad_batches=args.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback])

@@ -54,6 +54,10 @@ class HostAdamConfig(BackendConfig):
     """Page-locked gradient slots and weight staging buffers (PCIe copies ~6x faster); ignored without a GPU."""
     host_threads: int | None = None
     """Intra-op threads of the host AdamW; None: all cores but one on a GPU machine (one drives the GPU)."""
+    cast_on_device: bool = False
+    """Send updated weights back as fp32 from the page-locked master weights and cast them on the GPU, instead of
+    casting each piece on the host into a staging buffer: one pass over host memory less per update, twice the
+    bytes on the host-to-device link (idle during backward otherwise). Page-locks 4 bytes per parameter at setup."""
     gpu_state_blocks: int | None = None
     """Blocks at the front of the model (with the parameters before them, e.g. the input embedding) whose fp32
     master weights and AdamW state stay on the GPU (12 bytes per parameter there, 12 fewer in host memory), updated
@@ -251,6 +255,7 @@ class HostAdamBackend(Backend):
             bucket_numel=self.config.bucket_numel, chunk_numel=self.config.chunk_numel,
             grad_slots=self.config.grad_slots, pin_memory=self.config.pin_memory, host_threads=threads,
             masters=masters, device_state=sum(p in front for p in ordered),
+            cast_on_device=self.config.cast_on_device,
         )
         del masters
         if previous is not None:
