@@ -342,7 +342,7 @@ class HostAdamEngine:
         self._has_grad[index] = self._grads[index] is not None
         if self._has_grad[index]:
             self.steps[index] += 1
-        if index >= self.host_count:
+        if self.on_device(index):
             self._device_gradient_final(index)
             return
         for bucket in self.param_buckets[index]:
@@ -384,14 +384,19 @@ class HostAdamEngine:
         start, weight = self.offsets[index], self.params[index].data.view(-1)
         for low in range(0, self.numels[index], self.device_chunk_numel):
             high = min(low + self.device_chunk_numel, self.numels[index])
-            piece = grad[low:high].float()
-            if self.clip is not None:
-                piece = piece.mul(self._clip_coef) if self.clip[0] == "norm" \
-                    else piece.clamp(-self.clip[1], self.clip[1])
+            piece = self._clipped(grad[low:high].float())
             master = self.device_master[start + low:start + high]
             _adam_step(master, piece, self.device_exp_avg[start + low:start + high],
                        self.device_exp_avg_sq[start + low:start + high], step, hyper)
             weight[low:high].copy_(master)
+
+    def _clipped(self, grad: torch.Tensor) -> torch.Tensor:
+        """An fp32 gradient with the step's clipping applied (by the norm's coefficient, or by value)."""
+        if self.clip is None:
+            return grad
+        if self.clip[0] == "norm":
+            return grad.mul(self._clip_coef)
+        return grad.clamp(-self.clip[1], self.clip[1])
 
     def _release_held(self) -> None:
         # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device: no synchronisation.
@@ -465,8 +470,7 @@ class HostAdamEngine:
                     continue
                 grad = self._grad_piece(piece)
                 if self.clip is not None:
-                    grad = grad.float().mul(self._clip_coef) if self.clip[0] == "norm" \
-                        else grad.float().clamp(-self.clip[1], self.clip[1])
+                    grad = self._clipped(grad.float())
                 slot[piece.start - bucket.start:piece.start - bucket.start + piece.numel].copy_(grad, non_blocking=True)
             event = None
             if self.cuda:

@@ -176,6 +176,14 @@ class TensorStep:
     rounding_key: int
 
 
+def step_with_group(bucket: Bucket8bit, grads: Sequence[torch.Tensor | None], group: dict) -> None:
+    """`fused_adamw8bit_step` with the hyperparameters of an optimizer's param group (read at every step, so an LR
+    scheduler's change applies)."""
+    fused_adamw8bit_step(bucket, grads, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], seed=group["seed"],
+                         stochastic_rounding=group["stochastic_rounding"])
+
+
 def fused_adamw8bit_step(bucket: Bucket8bit, grads: Sequence[torch.Tensor | None], *, lr: float,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                          seed: int = 0, stochastic_rounding: bool = True, backend: str = "auto") -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from lightning_offload.kernels.adamw8bit import Bucket8bit, fused_adamw8bit_step
+from lightning_offload.kernels.adamw8bit import Bucket8bit, step_with_group
 from lightning_offload.kernels.optimizer import AdamW8bitFused
 
 
@@ -54,10 +54,7 @@ class InBackwardAdamW8bit(AdamW8bitFused):
     def _update(self, param: torch.Tensor) -> None:
         self._get_buckets()
         group, bucket = self._bucket_of[param]
-        fused_adamw8bit_step(
-            bucket, [param.grad], lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-            weight_decay=group["weight_decay"], seed=group["seed"], stochastic_rounding=group["stochastic_rounding"],
-        )
+        step_with_group(bucket, [param.grad], group)
         param.grad = None
 
     @torch.no_grad()

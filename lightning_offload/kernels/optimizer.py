@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from lightning_offload.kernels.adamw8bit import Bucket8bit, fused_adamw8bit_step
+from lightning_offload.kernels.adamw8bit import Bucket8bit, step_with_group
 
 
 class AdamW8bitFused(Optimizer):
@@ -55,11 +55,7 @@ class AdamW8bitFused(Optimizer):
             grads = [p.grad for p in bucket.params]
             if all(grad is None for grad in grads):
                 continue
-            fused_adamw8bit_step(
-                bucket, grads, lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], seed=group["seed"],
-                stochastic_rounding=group["stochastic_rounding"],
-            )
+            step_with_group(bucket, grads, group)
         return loss
 
     def _get_buckets(self) -> list[tuple[dict[str, Any], Bucket8bit]]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.kernels.adamw8bit import Bucket8bit, fused_adamw8bit_step
+from lightning_offload.kernels.adamw8bit import Bucket8bit, step_with_group
 
 
 class StreamAdamW(Optimizer):
@@ -96,6 +96,4 @@ def update_buckets(buckets: list[GroupBucket], states: list[torch.Tensor], optim
         # `.data`: the in-place write must not bump the parameter's version (autograd may still hold it).
         entry.bucket.params = [p.data for p in entry.params]
         entry.bucket.state = state
-        fused_adamw8bit_step(entry.bucket, [p.grad for p in entry.params], lr=float(group["lr"]),
-                             betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                             seed=group["seed"], stochastic_rounding=group["stochastic_rounding"])
+        step_with_group(entry.bucket, [p.grad for p in entry.params], group)
