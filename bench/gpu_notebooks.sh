@@ -11,12 +11,13 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Checkpoints and logs stay on the machine; only plots, logs and executed notebooks come back.
 export LIGHTNING_OFFLOAD_NOTEBOOK_DIR=/tmp/notebook_runs; rm -rf "$LIGHTNING_OFFLOAD_NOTEBOOK_DIR"
-# Build DeepSpeed's CPU Adam once, with no time limit around it (a killed build leaves a lock behind).
-python3 -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" 2>&1 | tail -1
+NOTEBOOKS=${NOTEBOOKS:-01_quickstart 02_plan_your_run}
+# Build DeepSpeed's CPU Adam before 01 (its plan may use it), with no time limit (a killed build leaves a lock).
+[[ $NOTEBOOKS == *01_quickstart* ]] && python3 -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import nbclient, nbformat, ipykernel" 2>/dev/null && echo "runner: nbclient" || echo "runner: plain Python (nbclient/ipykernel missing)"
 
-for notebook in ${NOTEBOOKS:-01_quickstart 02_plan_your_run}; do
+for notebook in $NOTEBOOKS; do
   ( time timeout 150 python3 - "notebooks/$notebook.ipynb" "$OUT/$notebook.ipynb" <<'EOF'
 import json
 import os

@@ -5,17 +5,17 @@
 #      do, bit for bit); the first step where they differ points at a race in the stream schedule.
 #   2. default (atomic-add) kernels, seed 1: the same three runs; fused vs gpu_8bit (same math, same placement of
 #      everything on the GPU) shows how far run-to-run noise alone moves the final loss.
-# Logs and curves (JSON) land in $OUT; a compact table is printed last.
+# MODES="deterministic" runs only the first. Logs and curves (JSON) land in $OUT; a compact table is printed last.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for mode in deterministic default; do
+for mode in ${MODES:-deterministic default}; do
   flag=""; [[ $mode == deterministic ]] && flag="--deterministic"
   timeout 200 python3 bench/optim_convergence.py --runs reference fused gpu_8bit stream --seeds 1 $flag \
     --curves "$OUT/curves_$mode.json" > "$OUT/convergence_$mode.txt" 2>&1 || echo "$mode: exit $?"
 done
-for mode in deterministic default; do
+for mode in ${MODES:-deterministic default}; do
   echo "== $mode kernels"; grep "^|" "$OUT/convergence_$mode.txt"
   python3 - "$OUT/curves_$mode.json" <<'PY' || true
 import json, sys

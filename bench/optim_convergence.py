@@ -1,17 +1,19 @@
 """Loss curves of the 8-bit optimizers against fp32 AdamW on the main job's data (the standard library's text).
 
-    python bench/optim_convergence.py [--steps 300] [--seeds 1234 1 2] [--runs reference gpu_8bit]
+    python bench/optim_convergence.py [--steps 300] [--seeds 1234 1 2] [--lr 3e-3] [--runs reference gpu_8bit]
 
-Trains the main job's byte-level GPT with `single_gpu_offload` from the same seed on the same batches: fp32
-weights with torch AdamW (`backend="device"`) as the reference, then bf16 weights (`precision="bf16-true"`) with
-lightning_offload's fused 8-bit AdamW stepped after backward, the same update inside backward (`backend="gpu_8bit"`),
-exact AdamW in host memory (`backend="host_adam"`), the streaming plan with every block streamed (`backend="stream"`),
-and bitsandbytes' AdamW8bit. On a GPU machine the runs use the GPU (the Triton kernel), elsewhere the CPU. Prints a markdown table of each run's final validation loss, its distance from the
-reference, and how far its train-loss curve (50-step moving average, after the first 50 steps) strays from the
-reference's. `--deterministic` selects deterministic GPU kernels (SDPA's and the embedding's backward otherwise add
-with atomics, so two identical GPU runs differ and, at this learning rate, drift apart by a few percent): then runs
-of the same update math (fused, gpu_8bit, stream) must give identical curves. `--curves FILE` writes every train
-curve as JSON.
+Trains the main job's byte-level GPT with `single_gpu_offload` from the same initial weights (drawn on the CPU from
+the seed) on the same batches: fp32 weights with torch AdamW (`backend="device"`) as the reference; the usual bf16
+recipe (the same under bf16 autocast, `reference_bf16`), which shows how far bf16 compute alone moves the curve;
+then bf16 weights (`precision="bf16-true"`) with lightning_offload's fused 8-bit AdamW stepped after backward, the
+same update inside backward (`backend="gpu_8bit"`), exact AdamW in host memory (`backend="host_adam"`), the
+streaming plan with every block streamed (`backend="stream"`), and bitsandbytes' AdamW8bit. On a GPU machine the
+runs use the GPU (the Triton kernel), elsewhere the CPU. Prints a markdown table of each run's final validation
+loss, its distance from the reference, and how far its train-loss curve (50-step moving average, after the first
+50 steps) strays from the reference's. `--deterministic` selects deterministic GPU kernels (SDPA's and the
+embedding's backward otherwise add with atomics, so two identical GPU runs differ and, at lr 3e-3, drift apart by
+a few percent): then runs of the same update math (fused, gpu_8bit, stream) give identical curves. `--curves FILE`
+writes every train curve as JSON.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.data import StdlibText
-from lightning_offload.models import CausalLM
+from lightning_offload.models import CausalLM, build_network
 
 # name -> (label, backend, optimizer, precision, other strategy options)
 RUNS: dict[str, tuple[str, str, str | None, str, dict[str, Any]]] = {
     "reference": ("torch AdamW, fp32 weights (reference)", "device", "adamw", "32-true", {}),
+    # The usual bf16 recipe (fp32 weights and AdamW, bf16 autocast): how far bf16 compute alone moves the curve.
+    "reference_bf16": ("torch AdamW, fp32 weights, bf16 autocast", "device", "adamw", "bf16-mixed", {}),
     "fused": ("lightning_offload AdamW8bitFused, bf16 weights", "device", "adamw8bit_fused", "bf16-true", {}),
     "gpu_8bit": ("gpu_8bit: AdamW8bitFused inside backward, bf16 weights", "gpu_8bit", None, "bf16-true", {}),
     "host_adam": ("host_adam: fp32 master + AdamW in host memory inside backward, bf16 weights", "host_adam", None,
                   "bf16-true", {}),
-    # Every block and the final norm streamed, the weights built for real (not on meta) so all runs start equal.
+    # Every block and the final norm streamed; built for real (not on meta) so it can start from the runs' weights.
     "stream": ("stream: every block streamed, 8-bit state in host memory, bf16 weights", "stream", None, "bf16-true",
                {"resident_blocks": 0, "stream_outer": True, "build_on_meta": False, "check_memory": False}),
     "bnb": ("bitsandbytes AdamW8bit, bf16 weights", "device", "adamw8bit", "bf16-true", {}),
@@ -52,10 +56,30 @@ class _TrainLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+NETWORK = dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=128)
+
+
+class _SameStart(CausalLM):
+    """Starts from `initial` (fp32, drawn on the CPU), whatever device and dtype the backend builds the network on:
+    backends build where their weights live (the GPU's random generator for `device`, the host's for `stream`), so
+    seeding alone gives each run other initial weights on a GPU machine."""
+
+    def __init__(self, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._initial = initial
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            with torch.no_grad():
+                self.net.load_state_dict(self._initial)
+
+
 def train(backend: str, optimizer: str | None, precision: str, options: dict[str, Any], steps: int,
-          seed: int) -> tuple[float, list[float], float]:
+          seed: int, lr: float) -> tuple[float, list[float], float]:
     pl.seed_everything(seed)
-    model = CausalLM(network=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=128), max_steps=steps)
+    initial = build_network("gpt", NETWORK).state_dict()
+    model = _SameStart(initial, network=NETWORK, max_steps=steps, lr=lr)
     data = StdlibText(max_bytes=2_000_000, seq_len=128, batch_size=16, seed=seed)
     curve = _TrainLosses()
     trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(backend=backend, optimizer=optimizer, **options), precision=precision,
@@ -82,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help=f"at least {WINDOW}, the curve gap's window")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--lr", type=float, default=CausalLM.DEFAULT_LR, help="peak learning rate (the main job's)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels")
     parser.add_argument("--curves", help="write {seed: {run: train losses}} as JSON to this file")
@@ -93,10 +118,10 @@ def main() -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     curves: dict[int, dict[str, list[float]]] = {}
     names = ["reference", *(name for name in args.runs if name != "reference")]
-    print(f"\n| seed | optimizer ({args.steps} steps) | final val loss | vs reference | curve gap (max, "
+    print(f"\nlr {args.lr:g}\n| seed | optimizer ({args.steps} steps) | final val loss | vs reference | curve gap (max, "
           f"{WINDOW}-step avg) | wall s |\n|---|---|---|---|---|---|")
     for seed in args.seeds:
-        results = {name: train(*RUNS[name][1:], args.steps, seed) for name in names}
+        results = {name: train(*RUNS[name][1:], args.steps, seed, args.lr) for name in names}
         curves[seed] = {name: curve for name, (_, curve, _) in results.items()}
         reference, reference_curve, _ = results["reference"]
         for name, (loss, curve, seconds) in results.items():

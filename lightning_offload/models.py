@@ -92,7 +92,9 @@ class _LlamaNetwork(nn.Module):
 class CausalLM(pl.LightningModule):
     """Next-token prediction with AdamW (decay on matrices only), linear warm-up then cosine decay per step."""
 
-    def __init__(self, arch: str = "gpt", network: dict[str, Any] | None = None, lr: float = 3e-3,
+    DEFAULT_LR = 3e-3
+
+    def __init__(self, arch: str = "gpt", network: dict[str, Any] | None = None, lr: float = DEFAULT_LR,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 20,
                  max_steps: int = 1000) -> None:
         super().__init__()

@@ -43,9 +43,11 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
     stats = measure_module(module, (tokens, tokens), dtype=compute_dtype(cfg.precision),
                            step=lambda batch: module.training_step(batch, 0))
     machine, ceilings, device = machine_of(cfg.machine)
+    policy = cfg.checkpointing.policy
     return plan(stats, machine=machine, ceilings=ceilings, device=device, backend=cfg.backend,
-                optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, accumulate=int(cfg.accumulate),
-                precision=cfg.precision, gpu_state_blocks=cfg.get("gpu_state_blocks"))
+                optimizer=cfg.optimizer.name, checkpointing=None if policy == "auto" else policy,
+                every_k=cfg.checkpointing.get("every_k") if policy == "every_k" else None,
+                accumulate=int(cfg.accumulate), precision=cfg.precision, gpu_state_blocks=cfg.get("gpu_state_blocks"))
 
 
 def render(report: PlanReport, rows: int) -> Any:

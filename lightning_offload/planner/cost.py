@@ -41,10 +41,11 @@ GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, 
 # bf16 weights back) 1.7 Gparam/s, from 2.25 s/step at 3.6B beside 0.60 s for the plain loop (bench/RESULTS.md).
 DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.23
 HOST_ADAM_PIPELINE_SHARE = 0.27
-# FSDP2's CPU offload (fp32 shards copied in per unshard, fp32 gradients out, torch's AdamW on the host), as a
-# rate over all parameters: Lightning's FSDP offload preset trains 3.6B at 8.3 s/step (ANCHORS.md), 7.7 s beyond
-# its compute; lightning_offload's fsdp backend did not finish 5 steps of 1.5B in 110 s (bench/RESULTS.md).
-FSDP_OFFLOAD_RATE = 0.47e9
+# FSDP2's CPU offload (fp32 shards copied in per unshard, fp32 gradients out, torch's AdamW on the host), the
+# optimizer phase as a rate over all parameters: lightning_offload's fsdp backend trains 3.6B (every block
+# recomputed, 4 x 2048 tokens) at 3.33 s/step, ~2.45 s of it after the copies (bench/RESULTS.md); Lightning's own
+# FSDP offload preset needs 8.3 s (ANCHORS.md).
+FSDP_OFFLOAD_RATE = 1.46e9
 # bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
 # 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
 CPU_8BIT_UPDATE_RATE = 0.06e9

@@ -116,11 +116,16 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
         if isinstance(output, torch.Tensor) and output.ndim >= 2:
             logits[0] = max(logits[0], output.numel())
 
+    held: set[int] = set()
+
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         # Layers save their weights (or transposed views of them) for backward: memory the weights take anyway.
+        # Memory is held per storage, once: q, k and v projections (or gate and up) save the same input, and
+        # attention saves three views of one projection output. Packed tensors stay alive, so ids stay unique.
         base = tensor._base if tensor._base is not None else tensor
-        if id(base) not in parameter_ids:
-            size = tensor.numel() * tensor.element_size()
+        if id(base) not in parameter_ids and id(base) not in held:
+            held.add(id(base))
+            size = base.numel() * base.element_size()
             if running:
                 saved_per_block[running[-1]] += size
             else:

@@ -24,3 +24,14 @@ def test_a_typo_in_a_value_is_refused_with_the_allowed_ones(tmp_path) -> None:
     command = [sys.executable, "-m", "lightning_offload.plan", "machine.ceilings=h1000", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Unknown `machine.ceilings=h1000`" in done.stderr
+
+
+def test_levers_are_pinned_with_the_training_apps_config_groups(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+               "machine.gpu_memory_gib=80", "machine.host_memory_gib=125", "machine.ceilings=h100",
+               "backend=fsdp", "optimizer=adamw", "checkpointing=every_k", "checkpointing.every_k=4",
+               f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = next(line for line in done.stdout.splitlines() if "->" in line)
+    assert "fsdp + adamw + checkpointing=every_4" in chosen
