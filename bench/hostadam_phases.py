@@ -1,9 +1,11 @@
 """Where one `host_adam` step's time goes: GPU compute, gradient copies out, weight copies in, host AdamW.
+With `--backend gpu_8bit`: GPU compute and the fused 8-bit AdamW launches that run inside backward.
 
     python bench/hostadam_phases.py --size 3.6b                 # R1: 4 x 2048 tokens, no accumulation
     python bench/hostadam_phases.py --size 3.6b --accumulate 8  # R2
     python bench/hostadam_phases.py --size 3.6b --gpu-state-blocks 0 --host-threads 8   # every state on the host
     python bench/hostadam_phases.py --size tiny --device cpu --seq 64   # a smoke test
+    python bench/hostadam_phases.py --size 8b --backend gpu_8bit        # the update's share of a gpu_8bit step
 
 Profiles (torch.profiler) from the start of one optimizer step to the start of the next, so the host updates that
 run into the next forward are inside the window, and prints per phase its busy time and when it starts and ends
@@ -43,8 +45,13 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
     return busy / 1e6
 
 
+UPDATE_KERNEL = "adamw8bit"  # lightning_offload.kernels' Triton kernel (`_adamw8bit_kernel`)
+
+
 def phase(event: Any) -> str | None:
     name = event.name
+    if event.device_type == torch.autograd.DeviceType.CUDA and UPDATE_KERNEL in name:
+        return "8-bit AdamW update"
     if name.startswith("Memcpy DtoH"):
         return "D2H (gradients out)"
     if name.startswith("Memcpy HtoD"):
@@ -73,10 +80,14 @@ class ProfileOneStep(L.Callback):
             self.profiler.__enter__()
             self.started = time.perf_counter()
             # The profiler does not see threads started before it: the engine's worker reports its own times.
-            trainer.strategy.backend.engine.timeline = self.timeline = []
+            self.timeline = []
+            engine = getattr(trainer.strategy.backend, "engine", None)
+            if engine is not None:
+                engine.timeline = self.timeline
         elif step == PROFILED_STEP + 1 and self.profiler is not None:
             self.wall_s = time.perf_counter() - self.started
-            trainer.strategy.backend.engine.timeline = None
+            if getattr(trainer.strategy.backend, "engine", None) is not None:
+                trainer.strategy.backend.engine.timeline = None
             self.profiler.__exit__(None, None, None)
             self.profiler.export_chrome_trace(str(self.trace))
             trainer.should_stop = True
@@ -93,7 +104,7 @@ def summarise(profiler: torch.profiler.profile, wall_s: float, host: list[tuple[
     events = [e for e in profiler.events() if phase(e) is not None]
     origin = min(e.time_range.start for e in profiler.events())
     rows: dict[str, Any] = {"step wall": {"busy_s": round(wall_s, 3)}}
-    for name in ("GPU compute", "D2H (gradients out)", "host AdamW + cast", "H2D (weights in)"):
+    for name in ("GPU compute", "8-bit AdamW update", "D2H (gradients out)", "host AdamW + cast", "H2D (weights in)"):
         spans = [(e.time_range.start - origin, e.time_range.end - origin) for e in events if phase(e) == name]
         spans = host if name == "host AdamW + cast" else spans
         if spans:
@@ -110,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--backend", default="host_adam", choices=["host_adam", "gpu_8bit"])
     parser.add_argument("--gpu-state-blocks", type=int, help="front blocks updated on the GPU (default: the planner's)")
     parser.add_argument("--host-threads", type=int, help="threads of the host AdamW (default: all cores but one)")
     parser.add_argument("--cast-on-device", action="store_true", help="weights back as fp32, cast on the GPU")
@@ -120,11 +132,15 @@ def main() -> None:
     import lightning_offload
 
     steps = PROFILED_STEP + 2
+    if args.backend == "host_adam":
+        strategy = lightning_offload.SingleGPUOffloadStrategy(
+            backend="host_adam", gpu_state_blocks=args.gpu_state_blocks, host_threads=args.host_threads,
+            cast_on_device=args.cast_on_device)
+    else:
+        strategy = lightning_offload.SingleGPUOffloadStrategy(backend="gpu_8bit")
     callback = ProfileOneStep(args.accumulate, args.out.with_suffix(".trace.json"))
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed",
-                        strategy=lightning_offload.SingleGPUOffloadStrategy(
-                            backend="host_adam", gpu_state_blocks=args.gpu_state_blocks,
-                            host_threads=args.host_threads, cast_on_device=args.cast_on_device),
+                        strategy=strategy,
                         max_steps=steps, accumulate_grad_batches=args.accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback])
@@ -132,20 +148,21 @@ def main() -> None:
     trainer.fit(LlamaModule(args.size, "by_strategy", "adamw", loss="chunked"),
                 DataLoader(tokens, batch_size=args.micro_batch))
     rows = summarise(callback.profiler, callback.wall_s, host_spans(callback.timeline, callback.started))
-    engine = trainer.strategy.backend.engine
-    params = sum(engine.numels[:engine.host_count])
+    engine = getattr(trainer.strategy.backend, "engine", None)
+    params = sum(engine.numels[:engine.host_count]) if engine is not None else 0
+    on_gpu = engine.device_total if engine is not None else sum(p.numel() for p in trainer.lightning_module.parameters())
     adam = rows.get("host AdamW + cast", {}).get("busy_s")
     report = trainer.strategy.plan_report
     result = {"size": args.size, "accumulate": args.accumulate, "phases": rows,
               "plan": str(report.chosen.plan) if report and report.chosen else None,
               "predicted_step_s": round(report.chosen.step_time_s, 3) if report and report.chosen else None,
-              "params_on_host": params, "params_on_gpu": engine.device_total,
+              "backend": args.backend, "params_on_host": params, "params_on_gpu": on_gpu,
               "host_adamw_Gparam_per_s": round(params / adam / 1e9, 2) if adam else None}
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"host_adam one step, {args.size}, {args.micro_batch}x{args.seq} tokens x {args.accumulate} "
+    print(f"{args.backend} one step, {args.size}, {args.micro_batch}x{args.seq} tokens x {args.accumulate} "
           f"(seconds from the step's start; busy = union of the phase's intervals)")
     print(f"plan: {result['plan']} (predicted {result['predicted_step_s']} s/step); parameters updated on the "
-          f"host {params / 1e9:.2f}B, on the GPU {engine.device_total / 1e9:.2f}B")
+          f"host {params / 1e9:.2f}B, on the GPU {on_gpu / 1e9:.2f}B")
     print(f"{'phase':<22}{'busy_s':>8}{'from_s':>8}{'to_s':>8}")
     for name, row in rows.items():
         print(f"{name:<22}{row['busy_s']:>8}{row.get('from_s', ''):>8}{row.get('to_s', ''):>8}")
