@@ -16,10 +16,7 @@ case "${1:-3.6b}" in
   8b) PIECES="8b-cells phases" ;;
   *) PIECES="$1" ;;
 esac
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 RESULTS="$OUT/hostadam.jsonl"
 HOST_ADAM=single_gpu_offload_host_adam
 wants() { [[ " $PIECES " == *" $1 "* ]]; }

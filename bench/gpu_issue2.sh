@@ -2,10 +2,7 @@
 # On the GPU machine: GPU tests, the main job with its defaults, and a 1.5B Llama through single_gpu_offload.
 # Wheels for what the machine lacks are in .whl/ (see bench/README or the device notes).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 # Build DeepSpeed's CPU Adam once, with no time limit around it (a killed build leaves a lock behind).
 python3 -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

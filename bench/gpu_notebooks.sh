@@ -5,10 +5,7 @@
 # ipykernel with their dependencies; without them each notebook's code cells run in one plain Python process
 # instead (the same code, the plots are still written, only the executed .ipynb is missing).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 # Checkpoints and logs stay on the machine; only plots, logs and executed notebooks come back.
 export LIGHTNING_OFFLOAD_NOTEBOOK_DIR=/tmp/notebook_runs; rm -rf "$LIGHTNING_OFFLOAD_NOTEBOOK_DIR"
 NOTEBOOKS=${NOTEBOOKS:-01_quickstart 02_plan_your_run}

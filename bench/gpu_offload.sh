@@ -2,9 +2,7 @@
 # On the GPU machine (~2 minutes): the offload checkpointing GPU test, then forward + backward of a 1B-shaped Llama
 # stack (hidden 2048, 16 layers, micro-batch 4 x 2048) under none / full / offload / torch's save_on_cpu.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 120 python3 -m pytest -q -m gpu tests/test_offload_activations_gpu.py -p no:cacheprovider --tb=short \
   > "$OUT/offload_gpu_tests.txt" 2>&1; tail -3 "$OUT/offload_gpu_tests.txt"

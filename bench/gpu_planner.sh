@@ -4,10 +4,7 @@
 # RESULT line with measured step time / peaks and the planner's `plan/*` predictions. A run the planner refuses
 # prints the refusal and how long it took to come. Usage: bash bench/gpu_planner.sh  (from the repository root)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 started=$SECONDS
 COMMON=(data=random_tokens trainer.max_steps=5 trainer.limit_val_batches=0 data.num_batches=5
         trainer.enable_progress_bar=false "~callbacks.model_checkpoint")

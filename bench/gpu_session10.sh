@@ -4,9 +4,7 @@
 # weights than the GPU-resident runs), deterministic kernels. gpu_8bit and stream run the same 8-bit math (gpu_8bit
 # equals the fused optimizer stepped after backward exactly, bench/gpu_streamnum.sh): their curves must be equal.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
 timeout 420 python3 bench/optim_convergence.py --runs reference gpu_8bit host_adam stream --seeds 1 1234 2 3 \
   --deterministic --curves "$OUT/curves_seeds.json" > "$OUT/convergence_seeds.txt" 2>&1 || echo "exit $?"

@@ -4,9 +4,7 @@
 # autocast) and the three plans; at the main job's lr 3e-3 the reference and the bf16 recipe (the plans' rows at
 # 3e-3 come from bench/gpu_session10.sh). Logs in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
 timeout 330 python3 bench/optim_convergence.py --lr 1e-3 --runs reference reference_bf16 gpu_8bit host_adam stream \
   --seeds 1 1234 2 3 --deterministic --curves "$OUT/curves_lr1e-3.json" > "$OUT/convergence_lr1e-3.txt" 2>&1 \

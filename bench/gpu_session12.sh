@@ -5,10 +5,7 @@
 # again for the planner's activation estimate after storages are counted once (~49 GiB predicted, 45.5 measured
 # before). Phase JSONs, Chrome traces and logs land in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 started=$SECONDS
 phases() {  # limit, name, then hostadam_phases.py arguments
   local limit=$1 name=$2; shift 2

@@ -2,10 +2,7 @@
 # One GPU call (~8 minutes): the streaming plan's GPU test and its 32.8B step timing, the planner's view of the same
 # model, then host_adam's GPU tests and its 3.6B R1 row beside the plain loop. Logs in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 started=$SECONDS
 timeout 80 python3 -m pytest -q -m gpu tests/backends/test_stream_gpu.py -p no:cacheprovider --tb=short \
   > "$OUT/stream_gpu_tests.txt" 2>&1; tail -4 "$OUT/stream_gpu_tests.txt"

@@ -2,9 +2,7 @@
 # One GPU call (~7 minutes): gpu_8bit beside torchtune's method at 8B (R1), recording the planner's prediction
 # for the plan that ran, then the gpu_8bit and streaming-plan GPU tests while time remains. Logs in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
 deadline=${DEADLINE_S:-420}
 timeout 250 python3 bench/run.py --sizes 8b --regimes r1 --methods torchtune,single_gpu_offload_gpu_8bit \

@@ -3,9 +3,7 @@
 # gpu_8bit beside torchtune's method at 8B and 14.8B (R1) with the planner's prediction recorded per cell, then the
 # 1.5B `device` plan's host memory while time remains. Logs in $OUT; a table is printed last.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
 deadline=${DEADLINE_S:-560}
 timeout 190 python3 bench/optim_convergence.py --runs reference gpu_8bit stream host_adam --seeds 1234 1 \

@@ -4,10 +4,7 @@
 # the benchmark's 8B R1 gpu_8bit cell, whose host RSS is measured for the first time without Lightning's teardown
 # copy. Each RESULT / cell row carries the planner's predictions. Logs in $OUT; a table is printed last.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 started=$SECONDS
 COMMON=(data=random_tokens trainer.max_steps=5 trainer.limit_val_batches=0 data.num_batches=5
         trainer.enable_progress_bar=false +trainer.enable_checkpointing=false "~callbacks.model_checkpoint")

@@ -4,9 +4,7 @@
 # Notes: the disk is 64 GiB (no checkpoints are written here); pinning registers ~80 GiB at 32.8B and ~105 GiB at
 # 40.8B at ~6 GiB/s after zeroing it (~30-40 s of setup per cell before the first step).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 120 python3 -m pytest -q -m gpu tests/backends/test_stream_gpu.py -p no:cacheprovider --tb=short \
   > "$OUT/stream_gpu_tests.txt" 2>&1; tail -3 "$OUT/stream_gpu_tests.txt"

@@ -6,9 +6,8 @@
 # every unit's 8-bit state must be bitwise equal (exit 1 otherwise). Disk: the 1.5B run writes two checkpoints of
 # ~5.7 GiB each (bf16 weights + 8-bit state) into a folder under /tmp, removed at the end.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
 timeout 150 python3 -m pytest -q -m gpu tests/backends/test_stream_gpu.py -p no:cacheprovider --tb=short \
   > "$OUT/stream_gpu_tests.txt" 2>&1; tail -3 "$OUT/stream_gpu_tests.txt"

@@ -7,9 +7,7 @@
 #      everything on the GPU) shows how far run-to-run noise alone moves the final loss.
 # MODES="deterministic" runs only the first. Logs and curves (JSON) land in $OUT; a compact table is printed last.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh checkout || exit 1
 for mode in ${MODES:-deterministic default}; do
   flag=""; [[ $mode == deterministic ]] && flag="--deterministic"
   timeout 200 python3 bench/optim_convergence.py --runs reference fused gpu_8bit stream --seeds 1 $flag \

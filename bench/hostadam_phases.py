@@ -65,7 +65,7 @@ class ProfileOneStep(L.Callback):
     def __init__(self, accumulate: int, trace: Path) -> None:
         self.accumulate, self.trace = accumulate, trace
         self.profiler: torch.profiler.profile | None = None
-        self.window: tuple[float, float] = (0.0, 0.0)
+        self.engine: Any = None
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.accumulate:
@@ -81,13 +81,13 @@ class ProfileOneStep(L.Callback):
             self.started = time.perf_counter()
             # The profiler does not see threads started before it: the engine's worker reports its own times.
             self.timeline = []
-            engine = getattr(trainer.strategy.backend, "engine", None)
-            if engine is not None:
-                engine.timeline = self.timeline
+            self.engine = getattr(trainer.strategy.backend, "engine", None)  # host_adam's; gpu_8bit has none
+            if self.engine is not None:
+                self.engine.timeline = self.timeline
         elif step == PROFILED_STEP + 1 and self.profiler is not None:
             self.wall_s = time.perf_counter() - self.started
-            if getattr(trainer.strategy.backend, "engine", None) is not None:
-                trainer.strategy.backend.engine.timeline = None
+            if self.engine is not None:
+                self.engine.timeline = None
             self.profiler.__exit__(None, None, None)
             self.profiler.export_chrome_trace(str(self.trace))
             trainer.should_stop = True
@@ -148,7 +148,7 @@ def main() -> None:
     trainer.fit(LlamaModule(args.size, "by_strategy", "adamw", loss="chunked"),
                 DataLoader(tokens, batch_size=args.micro_batch))
     rows = summarise(callback.profiler, callback.wall_s, host_spans(callback.timeline, callback.started))
-    engine = getattr(trainer.strategy.backend, "engine", None)
+    engine = callback.engine
     params = sum(engine.numels[:engine.host_count]) if engine is not None else 0
     on_gpu = engine.device_total if engine is not None else sum(p.numel() for p in trainer.lightning_module.parameters())
     adam = rows.get("host AdamW + cast", {}).get("busy_s")

@@ -3,10 +3,7 @@
 # order, each skipped once the call's budget (BUDGET_S, default 540 s) would run out; one RESULT line each.
 # Usage: [BUDGET_S=540] [COMBOS="strategy=... optimizer=... checkpointing=...;..."] bash bench/levers_gpu.sh [overrides]
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_setup.sh package || exit 1
 started=$SECONDS
 COMMON=(model=llama_3b data=random_tokens trainer.max_steps=5 trainer.limit_val_batches=0 data.num_batches=5
         trainer.enable_progress_bar=false +trainer.enable_checkpointing=false "~callbacks.model_checkpoint" "$@")
