@@ -26,8 +26,9 @@ import torch
 
 from bench import GIB, RESULT_PREFIX
 from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
-                          GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL)
+                          GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL, model_matmul_key)
 from bench.measure import device_name, versions
+from bench.models import SIZES, Shape
 
 Figures = dict[str, float]
 
@@ -85,6 +86,44 @@ def matmul() -> Figures:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     return {MATMUL: round(2 * 8192**3 / _seconds(lambda: a @ b, 20, True) / 1e12)}
+
+
+def gemm_seconds(weights: list[tuple[int, int]], tokens: int) -> tuple[float, float]:
+    """(FLOPs, seconds) of the GEMMs of `tokens` rows through each (out, in) weight as a checkpointed step runs
+    them: the forward twice (with its recompute), the input gradient and the weight gradient."""
+    flops = seconds = 0.0
+    for out_features, in_features in weights:
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(out_features, in_features, dtype=torch.bfloat16, device="cuda")
+        dy = torch.randn(tokens, out_features, dtype=torch.bfloat16, device="cuda")
+        seconds += (2 * _seconds(lambda: x @ w.t(), 10, True) + _seconds(lambda: dy @ w, 10, True)
+                    + _seconds(lambda: dy.t() @ x, 10, True))
+        flops += 4 * 2 * tokens * in_features * out_features
+        del x, w, dy
+    return flops, seconds
+
+
+def block_weights(shape: Shape) -> list[tuple[int, int]]:
+    """(out, in) of a Llama decoder layer's projections: q, k, v, o, gate, up, down."""
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    return [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden),
+            (shape.intermediate, shape.hidden), (shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)]
+
+
+def model_matmuls(tokens: int = 8192) -> Figures:
+    """Per benchmark size, the bf16 rate of that model's own GEMMs: a block's seven (weighted by the layer count)
+    and the output layer's, at `tokens` rows. Shapes narrower than 8192^3 (the KV projections, a 1.5B model's
+    2048-wide layers) run slower, and the limit should not charge a method for that."""
+    figures = {}
+    for size, shape in SIZES.items():
+        if size == "tiny":
+            continue
+        block_flops, block_s = gemm_seconds(block_weights(shape), tokens)
+        head_flops, head_s = gemm_seconds([(shape.vocab, shape.hidden)], tokens)
+        rate = (shape.layers * block_flops + head_flops) / (shape.layers * block_s + head_s)
+        figures[model_matmul_key(size)] = round(rate / 1e12)
+        torch.cuda.empty_cache()
+    return figures
 
 
 def _update_rate(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], repeats: int) -> float:
@@ -196,7 +235,7 @@ def main() -> None:
     if not args.no_deepspeed:
         measurements["cpu_deepspeed_adam"] = lambda: cpu_deepspeed_adam(args.adam_mparams)
     if torch.cuda.is_available():
-        measurements |= {"pcie": lambda: pcie(args.copy_gib), "matmul": matmul,
+        measurements |= {"pcie": lambda: pcie(args.copy_gib), "matmul": matmul, "model_matmuls": model_matmuls,
                          "gpu_optimizers": lambda: gpu_optimizers(args.gpu_adam_tensors)}
     else:
         result["errors"]["gpu"] = "needs CUDA"

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python bench/report.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.limits import COSTS, limit_step
-from bench.methods import BASELINES
+from bench.limits import COSTS, Cost, limit_step, model_matmul_key
+from bench.matrix import load_config
+from bench.methods import BASELINES, OURS
 from bench.models import SIZES
 
 LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate [+ GPU optimizer time], "
@@ -45,7 +48,8 @@ def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
     """(the probe, one record per cell) over all lines of all files.
 
     Per cell the newest record wins, except that a session which did not get to a cell ("not run") never hides a
-    measurement; the probe is the newest that succeeded.
+    measurement. The probe is the figures of every probe that succeeded, the newest value of each (a later call
+    may measure figures an earlier one lacked); its `commands` are theirs.
     """
     records: dict[str, list[dict]] = defaultdict(list)
     for path in paths:
@@ -53,8 +57,12 @@ def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
             if line.strip():
                 record = json.loads(line)
                 records[record.get("cell", record["kind"])].append(record)
-    probes = records.pop("probe", [])
-    probe = max(probes, key=lambda r: (r["status"] == "ok", r["finished_at"]), default=None)
+    probes = sorted(records.pop("probe", []), key=lambda r: r["finished_at"])
+    succeeded = [r for r in probes if r["status"] == "ok"]
+    probe = probes[-1] if probes else None
+    if succeeded:
+        probe = {key: value for record in succeeded for key, value in record.items()}
+        probe["commands"] = [record["command"] for record in succeeded]
     cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", r["finished_at"]))
              for cell, runs in records.items()}
     return probe, cells
@@ -69,6 +77,25 @@ def _gib(value: float | None) -> str:
     return "" if value is None else f"{value:.1f} GiB"
 
 
+def plan_cost(record: dict) -> Cost:
+    """The cost profile of what the cell ran. Where the planner chose (`backend="auto"`, host_adam's share of the
+    optimizer state kept on the GPU), the cell's `plan` says what it chose: its backend's profile, and for host_adam
+    only the host's share of the update and of the copies (the GPU share's update, ~10 ms per billion parameters,
+    is left out)."""
+    plan = record.get("plan") or ""
+    methods = load_config().methods
+    chosen = methods.get(f"{OURS}_{plan.split(' + ')[0]}")
+    cost = COSTS[chosen.cost if chosen else record["cost"]]
+    on_gpu = re.search(r"(\d+) blocks' state on the GPU", plan)
+    if plan.startswith("host_adam") and on_gpu:
+        shape = SIZES[record["size"]]
+        block_params = (shape.params - 2 * shape.input_embedding_params - shape.hidden) / shape.layers
+        host_share = 1 - int(on_gpu.group(1)) * block_params / shape.params
+        cost = replace(cost, updated_share=host_share, d2h_per_step=cost.d2h_per_step * host_share,
+                       h2d_per_step=cost.h2d_per_step * host_share)
+    return cost
+
+
 def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
     """(limit s/step with the part that sets it, measured/limit), blank where the probe lacks a figure or the cell
     could not run at all."""
@@ -76,7 +103,7 @@ def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
         return "", ""
     try:
         limit = limit_step(record["params"], record["matmul_params"], record["micro_batch"] * record["seq"],
-                           record["accumulate"], COSTS[record["cost"]], probe)
+                           record["accumulate"], plan_cost(record), probe, size=record["size"])
     except KeyError:  # e.g. DeepSpeed's CPU Adam did not build in the probe, or no GPU
         return "", ""
     ratio = f"{record['step_s_median'] / limit.step_s:.1f}x" if record["status"] == "ok" else ""
@@ -134,9 +161,12 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
     else:
         lines += ["| figure | value |", "|---|---|"]
         lines += [f"| {label} | {probe[key]} |" for key, label in PROBE_FIGURES.items() if key in probe]
+        lines += [f"| bf16 matmul, the {size} model's own GEMMs at 8192 tokens (TFLOP/s) | {probe[key]} |"
+                  for size in SIZES if (key := model_matmul_key(size)) in probe]
         lines += [f"| {name} | failed: {error} |" for name, error in probe.get("errors", {}).items()]
         lines += [""]
-    lines += ["## Commands", "", *sorted({f"    {r['command']}" for r in records + ([probe] if probe else [])})]
+    probe_commands = (probe.get("commands") or [probe["command"]]) if probe else []
+    lines += ["## Commands", "", *sorted({f"    {c}" for c in [r["command"] for r in records] + probe_commands})]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import time
 
 import lightning.pytorch as L
 import torch
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 import lightning_offload
@@ -57,12 +58,14 @@ def main() -> None:
                         help="random tokens (throughput), or the standard library's source as byte tokens: a signal "
                              "a model learns in a few steps, to show the loss falling")
     parser.add_argument("--no-planner-check", action="store_true", help="skip the planner's pre-flight check")
+    parser.add_argument("--compile-blocks", action="store_true", help="compile each decoder layer (torch.compile)")
     args = parser.parse_args()
     shape = SIZES[args.size]
     clock = _Clock()
     strategy = lightning_offload.SingleGPUOffloadStrategy(
         backend="stream", timing=True, resident_blocks=args.resident_blocks,
-        activation_reserve_gib=args.activation_reserve_gib, check_memory=not args.no_planner_check)
+        activation_reserve_gib=args.activation_reserve_gib, check_memory=not args.no_planner_check,
+        compile_blocks=args.compile_blocks)
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
@@ -75,13 +78,14 @@ def main() -> None:
     blocks = sum(1 for u in backend.units if u.is_block)
     streamed_blocks = sum(1 for i in backend.placement.streamed if backend.units[i].is_block)
     print("RESULT " + json.dumps({
-        "size": args.size, "s_per_step": round(step, 3),
+        "size": args.size, "compiled_blocks": args.compile_blocks, "s_per_step": round(step, 3),
         "model_TFLOPs": round(6 * shape.matmul_params * args.micro_batch * args.seq / step / 1e12, 1),
         "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
         "resident_blocks": f"{blocks - streamed_blocks}/{blocks}",
         "pinned_GiB": round(backend.placement.host_pinned_bytes / 2**30, 1),
         "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "peak_host_rss_GiB": round(peak_host_rss_gib(), 1), "wall_s": round(time.perf_counter() - started, 1),
+        "compiled_graphs": counters["stats"]["unique_graphs"],
         "step_times": [round(t, 3) for t in clock.times], "losses": clock.losses}))
 
 

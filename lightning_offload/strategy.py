@@ -22,6 +22,7 @@ from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config
+from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.lightning import (
     backend_options_of,
@@ -63,6 +64,8 @@ class _SingleGPUOffloadCore:
             for ``backend="auto"``).
         telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none
             (tokens/s, MFU and memory per step, to the loggers and the progress bar); ``False`` leaves it out.
+        compile_blocks: compile each repeated block's forward with ``torch.compile`` (``lightning_offload.compile``):
+            10-20% faster steps on large models for a compile of about a minute at the first step.
         **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
@@ -76,7 +79,8 @@ class _SingleGPUOffloadCore:
 
     def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
                  activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
-                 check_memory: bool = True, telemetry: bool = True, accelerator: Any = None,
+                 check_memory: bool = True, telemetry: bool = True, compile_blocks: bool = False,
+                 accelerator: Any = None,
                  checkpoint_io: Any = None,
                  precision_plugin: Any = None, **backend_options: Any) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
@@ -104,6 +108,7 @@ class _SingleGPUOffloadCore:
         self._engine_precision_plugin: Any = None
         self.activation_checkpointing = as_checkpointing_config(activation_checkpointing)
         self.telemetry = telemetry
+        self.compile_blocks = compile_blocks
         # Filled in by the Trainer's connector from `accelerator=` / `devices=` / `num_nodes=`.
         self.parallel_devices: list[torch.device] | None = None
         self.num_nodes = 1
@@ -238,6 +243,8 @@ class _SingleGPUOffloadCore:
         self.accelerator.setup(trainer)
         module = self.precision_plugin.convert_module(self.lightning_module)
         _move_non_parameter_state(module, self.root_device)
+        if self.compile_blocks:
+            self._compile_blocks(module)
         self.activation_checkpointing.apply(module)
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
@@ -267,6 +274,16 @@ class _SingleGPUOffloadCore:
         else:
             self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
+
+    def _compile_blocks(self, module: torch.nn.Module) -> None:
+        assert self.backend is not None
+        if not self.backend.compiles_blocks:
+            raise ValueError(
+                f"`compile_blocks=True` does not work with backend {self.backend.name!r}: "
+                f"{self.backend.compile_blocks_refusal} Pin another backend, or set `compile_blocks=False`."
+            )
+        checkpointing = self.activation_checkpointing
+        compile_blocks(module, () if checkpointing.policy == "selective" else checkpointing.module_classes)
 
     def _add_telemetry(self, trainer: Any) -> None:
         # Lightning offers strategies no hook to add callbacks; `setup` is the first call that receives the Trainer,

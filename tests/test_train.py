@@ -46,6 +46,16 @@ def test_every_config_option_composes_and_instantiates(tmp_path, group: str, opt
     instantiate(cfg.strategy)
 
 
+@pytest.mark.parametrize("strategy", ["single_gpu_offload", "gpu_only", "host_adam", "fsdp_cpu"])
+def test_compiled_blocks_are_one_override(tmp_path, strategy: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"strategy={strategy}", "strategy.compile_blocks=true"])
+    HydraConfig.instance().set_config(cfg)
+    assert instantiate(cfg.strategy).compile_blocks is True
+
+
 @pytest.mark.parametrize("override,message", [
     ("optimizer.nmae=adamw", "Key 'nmae' not in 'OptimizerChoice'"),
     ("checkpointing.polcy=full", "Key 'polcy' not in 'CheckpointingConfig'"),

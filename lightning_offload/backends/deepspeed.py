@@ -156,6 +156,8 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
     saves_own_state = True
+    compiles_blocks = False
+    compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
     # released when the next engine in this process is built (one GPU trains one model at a time).

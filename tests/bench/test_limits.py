@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.limits import COSTS, D2H, DUPLEX, H2D, MATMUL, Cost, limit_step
+from bench.limits import COSTS, D2H, DUPLEX, H2D, MATMUL, Cost, limit_step, model_matmul_key
 from bench.report import PROBE_FIGURES
 
 PROBE = {
@@ -63,3 +63,11 @@ def test_a_missing_probe_figure_is_named():
 def test_every_figure_the_limits_read_is_in_the_probe_table():
     read = {MATMUL, H2D, D2H, DUPLEX, *(cost.optimizer_rate for cost in COSTS.values())}
     assert read <= set(PROBE) and read <= set(PROBE_FIGURES)
+
+
+def test_a_size_s_own_matmul_rate_replaces_the_square_one_where_the_probe_has_it():
+    probe = {**PROBE, model_matmul_key("8b"): 640}
+    own = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, COSTS["gpu_adamw"], probe, size="8b")
+    assert own.parts_s["compute"] == pytest.approx(8 * 1e10 * 8192 / 640e12 + 1e10 / 100e9)
+    square = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, COSTS["gpu_adamw"], probe, size="3.6b")
+    assert square.parts_s["compute"] == pytest.approx(8 * 1e10 * 8192 / 800e12 + 1e10 / 100e9)

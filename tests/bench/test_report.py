@@ -69,3 +69,35 @@ def test_write_report_makes_markdown_and_png(tmp_path):
     write_report([FIXTURE], out)
     assert "![tokens/s and peak memory per method and size](RESULTS.png)" in out.read_text()
     assert (tmp_path / "RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_figures_of_later_calls_join_the_earlier_probe(tmp_path):
+    later = tmp_path / "later.jsonl"
+    later.write_text('{"kind": "probe", "status": "ok", "finished_at": "2099-01-01T00:00:00+00:00", '
+                     '"command": "python -c model_matmuls", "bf16_matmul_TFLOPs_8b": 640}\n'
+                     '{"kind": "probe", "status": "failed", "finished_at": "2099-01-02T00:00:00+00:00", '
+                     '"command": "python bench/probe.py", "bf16_matmul_TFLOPs": 1}\n')
+    probe, cells = load([FIXTURE, later])
+    assert probe["bf16_matmul_TFLOPs"] == 773 and probe["bf16_matmul_TFLOPs_8b"] == 640
+    markdown = render_markdown(probe, cells, plot_name="RESULTS.png")
+    assert "| bf16 matmul, the 8b model's own GEMMs at 8192 tokens (TFLOP/s) | 640 |" in markdown
+    assert "    python -c model_matmuls" in markdown
+    # The 8B cells' compute limit is now at 640 TFLOP/s: 8 x matmul params x 8192 tokens over it.
+    assert _row(markdown, "plain", "8b")[6] != _row(render_markdown(*load([FIXTURE]), plot_name="R.png"), "plain", "8b")[6]
+
+
+def test_a_planner_s_choice_is_charged_at_the_chosen_plan_s_cost():
+    from bench.limits import COSTS
+    from bench.models import SIZES
+    from bench.report import plan_cost
+
+    auto = {"cost": "zero3_offload", "size": "1.5b", "plan": "device + adamw + checkpointing=none"}
+    assert plan_cost(auto) == COSTS["gpu_adamw"]
+    assert plan_cost({**auto, "plan": None}) == COSTS["zero3_offload"]
+    host_adam = {"cost": "host_adam", "size": "1.5b", "plan": "host_adam + adamw + checkpointing=none, 16 blocks' "
+                 "state on the GPU"}
+    shape = SIZES["1.5b"]
+    # Every block's state on the GPU: the host updates the embedding, the output layer and the final norm.
+    outside_blocks = 2 * shape.input_embedding_params + shape.hidden
+    assert plan_cost(host_adam).updated_share == pytest.approx(outside_blocks / shape.params)
+    assert plan_cost(host_adam).d2h_per_step == pytest.approx(4 * outside_blocks / shape.params)

@@ -1,0 +1,44 @@
+"""Compiling the repeated blocks: `SingleGPUOffloadStrategy(compile_blocks=True)`.
+
+Why: in an eager `transformers` decoder layer the elementwise work around the GEMMs (RMSNorm in fp32, rotary
+embeddings, SiLU x up, residual adds, dtype casts) is a string of memory-bound kernels. Measured on the H100 at
+micro-batch 4 x 2048 (`bench/block_compute.py`), one checkpointed layer takes 1.16-1.46x the time of its GEMMs
+alone; under `torch.compile` (Inductor fuses those kernels) 1.05-1.20x. Lightning compiles a whole LightningModule
+or nothing; compiling the whole model breaks at every engine hook, so the strategy compiles each block instead.
+
+Only the block's inner `forward` is compiled, not its `__call__`: module hooks (the engines' prefetch and gather
+hooks, the checkpointing wrappers, the parameters' post-accumulate-grad hooks that step the in-backward optimizers)
+stay outside the graph, and every block shares one compiled graph because parameters are graph inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_offload.checkpointing import find_blocks
+
+_COMPILED = "_lightning_offload_compiled"
+
+
+def compile_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> int:
+    """Replaces the `forward` of each block of `model` (`checkpointing.find_blocks`) with its compiled version, in
+    place (parameter names and checkpoints do not change); returns how many blocks were compiled."""
+    blocks = find_blocks(model, class_names)
+    if not blocks:
+        raise ValueError(
+            f"`compile_blocks=True` found no repeated block in {type(model).__name__} to compile. Name the block "
+            "class with `activation_checkpointing={'policy': ..., 'module_classes': ['MyDecoderLayer']}`, or "
+            "compile the model yourself and leave `compile_blocks` off."
+        )
+    for block in blocks:
+        if not getattr(block, _COMPILED, False):
+            block.forward = torch.compile(block.forward)
+            setattr(block, _COMPILED, True)
+    return len(blocks)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return bool(getattr(module, _COMPILED, False))
