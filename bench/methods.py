@@ -73,11 +73,15 @@ _PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}
 _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss",
                 "host_adam": ", checkpointing and the optimizer state's GPU share by the planner, chunked loss"}
 # More rows of a backend beside its default one: (name suffix, backend options, label).
-_VARIANTS = {"host_adam": [
-    ("all_host", {"gpu_state_blocks": 0}, "; every optimizer state in host memory"),
-    ("all_host_cast_on_device", {"gpu_state_blocks": 0, "cast_on_device": True},
-     "; every optimizer state in host memory, weights cast on the GPU"),
-]}
+_VARIANTS = {
+    "host_adam": [
+        ("all_host", {"gpu_state_blocks": 0}, "; every optimizer state in host memory"),
+        ("all_host_cast_on_device", {"gpu_state_blocks": 0, "cast_on_device": True},
+         "; every optimizer state in host memory, weights cast on the GPU"),
+    ],
+    "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
+    "stream": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
+}
 
 
 def ours(backend: str, cost: str, suffix: str = "", backend_options: dict[str, Any] | None = None,

@@ -71,8 +71,11 @@ def recompute_in_backward(block: nn.Module) -> None:
 
 
 def is_checkpointed(module: nn.Module) -> bool:
-    """Whether a policy (or `recompute_in_backward`) already wrapped `module`."""
-    return bool(getattr(module, _WRAPPED, False))
+    """Whether `module` already recomputes itself: a policy (or `recompute_in_backward`) wrapped it, or its model
+    turned on `transformers`' own gradient checkpointing (`gradient_checkpointing_enable()`), which checkpoints each
+    decoder layer inside its call. Policies leave such blocks alone: a second checkpoint would recompute them twice,
+    and offloading inside one would copy every recomputed activation out and back again."""
+    return bool(getattr(module, _WRAPPED, False)) or getattr(module, "gradient_checkpointing", False) is True
 
 
 def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
@@ -102,7 +105,7 @@ class CheckpointingConfig:
             raise ValueError("`policy='selective'` needs `module_classes`, e.g. ['LlamaMLP'].")
 
     def apply(self, model: nn.Module) -> int:
-        """Wraps the chosen blocks of `model`; returns how many were wrapped."""
+        """Wraps the chosen blocks of `model` that do not recompute themselves already; returns how many."""
         if self.policy in ("none", "auto"):
             return 0
         if self.policy == "selective":
@@ -110,15 +113,15 @@ class CheckpointingConfig:
         else:
             blocks = find_blocks(model, self.module_classes)
             chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
+        chosen = [block for block in chosen if not is_checkpointed(block)]
         if self.policy != "offload":
             for block in chosen:
                 _wrap_forward(block, _recompute)
             return len(chosen)
         offloader = ActivationOffloader(min_bytes=self.offload_min_bytes)
         for index, block in enumerate(chosen):
-            if not is_checkpointed(block):
-                _wrap_forward(block, functools.partial(offloader.run, block, index))
-                setattr(block, _OFFLOADER, offloader)
+            _wrap_forward(block, functools.partial(offloader.run, block, index))
+            setattr(block, _OFFLOADER, offloader)
         return len(chosen)
 
 

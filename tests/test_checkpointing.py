@@ -80,3 +80,19 @@ def test_bad_policy_values_are_refused() -> None:
         CheckpointingConfig(policy="selective")
     with pytest.raises(ValueError, match="No module of class"):
         CheckpointingConfig(policy="selective", module_classes=["Nope"]).apply(network())
+
+
+@pytest.mark.parametrize("policy", ["full", "every_k", "offload"])
+def test_blocks_that_transformers_checkpoints_are_left_alone(policy: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, use_cache=False)
+    model = LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The layers recompute themselves already: a second checkpoint would recompute them twice, and offloading
+    # inside transformers' checkpoint copies every activation out and back on top of the recompute.
+    assert CheckpointingConfig(policy=policy).apply(model) == 0
+    assert activation_offloader(model) is None
+    tokens = torch.randint(0, 64, (2, 8))
+    model(input_ids=tokens, labels=tokens).loss.backward()

@@ -176,8 +176,9 @@ class GPU8bitBackend(Backend):
         if pinned:
             if self.config.checkpoint_blocks is not None:
                 raise ValueError(
-                    "Both the strategy's `activation_checkpointing=` and the `gpu_8bit` option `checkpoint_blocks` "
-                    "are set. Set one of them."
+                    "The model's blocks are already checkpointed (the strategy's `activation_checkpointing=`, or "
+                    "`transformers`' `gradient_checkpointing_enable()`) and the `gpu_8bit` option `checkpoint_blocks` "
+                    "is set too. Set one of them."
                 )
             self.checkpointed_blocks = "policy"
         elif self.config.checkpoint_blocks is not None:
