@@ -5,7 +5,9 @@ does (forward, recomputed forward, backward), timed three ways, each printed as 
 bench/limits.py charges a block (8 x matmul params x tokens at the 8192^3 bf16 matmul rate):
 - `matmuls`: the block's GEMMs alone at their own shapes (what the limit would be at the shapes' real rate);
 - `eager`: the `transformers` layer as users run it;
-- `compiled`: the same layer under `torch.compile` (elementwise work fused by Inductor).
+- `compiled`: the same layer under `torch.compile` (elementwise work fused by Inductor);
+- `compiled_cudnn`: compiled, with SDPA held to cuDNN's attention kernel instead of the default flash kernel;
+- `attention_flash`, `attention_cudnn`: the layer's attention alone (causal SDPA, forward twice and backward).
 
     python bench/block_compute.py --sizes 19b,32.8b
 """
@@ -21,6 +23,8 @@ if __package__ in (None, ""):  # run as `python bench/block_compute.py`: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from bench import RESULT_PREFIX
@@ -49,7 +53,27 @@ def gemm_ms(size: str) -> float:
     return gemm_seconds(block_weights(SIZES[size]), MICRO_BATCH * SEQ)[1] * 1e3
 
 
-def block_ms(size: str, compiled: bool) -> float:
+def attention_ms(size: str, backend: SDPBackend) -> float | None:
+    """Causal SDPA of one layer at full head count, forward twice (with its recompute) and backward; None where the
+    backend cannot run the shape."""
+    shape = SIZES[size]
+    q, k, v = (torch.randn(MICRO_BATCH, shape.heads, SEQ, shape.hidden // shape.heads, dtype=torch.bfloat16,
+                           device="cuda", requires_grad=True) for _ in range(3))
+
+    def step() -> None:
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+
+    try:
+        with sdpa_kernel(backend):
+            return _cuda_ms(step, 10)
+    except RuntimeError:
+        return None
+
+
+def block_ms(size: str, compiled: bool, attention: SDPBackend | None = None) -> float:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     config = SIZES[size].llama_config()
@@ -59,6 +83,8 @@ def block_ms(size: str, compiled: bool) -> float:
                          requires_grad=True)
     positions = torch.arange(SEQ, device="cuda").unsqueeze(0)
     cos, sin = rotary(hidden, positions)
+    if compiled:
+        torch._dynamo.reset()  # the attention kernel is chosen while tracing: never reuse another variant's graph
     run = torch.compile(layer) if compiled else layer
 
     def step() -> None:
@@ -68,7 +94,10 @@ def block_ms(size: str, compiled: bool) -> float:
         layer.zero_grad(set_to_none=True)
         hidden.grad = None
 
-    return _cuda_ms(step, 10)
+    if attention is None:
+        return _cuda_ms(step, 10)
+    with sdpa_kernel(attention):
+        return _cuda_ms(step, 10)
 
 
 def main() -> None:
@@ -81,11 +110,19 @@ def main() -> None:
         shape = SIZES[size]
         block_params = (shape.matmul_params - shape.vocab * shape.hidden - shape.hidden) // shape.layers
         limit = 8 * block_params * MICRO_BATCH * SEQ / (rate * 1e12) * 1e3
-        row = {"size": size, "limit_ms": round(limit, 2), "matmuls_ms": round(gemm_ms(size), 2)}
-        for compiled in (False, True):
-            row["compiled_ms" if compiled else "eager_ms"] = round(block_ms(size, compiled), 2)
-        for key in ("matmuls_ms", "eager_ms", "compiled_ms"):
-            row[key.replace("_ms", "_over_limit")] = round(row[key] / limit, 3)
+        row = {"size": size, "limit_ms": round(limit, 2), "matmuls_ms": round(gemm_ms(size), 2),
+               "eager_ms": round(block_ms(size, compiled=False), 2),
+               "compiled_ms": round(block_ms(size, compiled=True), 2)}
+        try:
+            row["compiled_cudnn_ms"] = round(block_ms(size, True, SDPBackend.CUDNN_ATTENTION), 2)
+        except RuntimeError as error:  # no cuDNN attention for this GPU or shape
+            row["compiled_cudnn_ms"] = f"{type(error).__name__}: {str(error)[:120]}"
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            measured = attention_ms(size, backend)
+            row[f"attention_{name}_ms"] = None if measured is None else round(measured, 2)
+        for key, value in list(row.items()):
+            if key.endswith("_ms") and key != "limit_ms" and isinstance(value, float):
+                row[key.replace("_ms", "_over_limit")] = round(value / limit, 3)
         torch.cuda.empty_cache()
         print(RESULT_PREFIX + json.dumps(row))
 
