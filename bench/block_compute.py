@@ -30,27 +30,18 @@ from torch.utils.checkpoint import checkpoint
 from bench import RESULT_PREFIX
 from bench.limits import MATMUL
 from bench.models import SIZES
-from bench.probe import block_weights, gemm_seconds, matmul
+from bench.probe import _seconds, gemm_seconds, matmul
 
 MICRO_BATCH, SEQ = 4, 2048
 
 
-def _cuda_ms(work, repeats: int) -> float:
-    for _ in range(2):
-        work()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        work()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+def _ms(work, repeats: int) -> float:
+    return _seconds(work, repeats, True) * 1e3
 
 
 def gemm_ms(size: str) -> float:
     """Forward, recomputed forward and both backward GEMMs (input and weight gradients) of one block."""
-    return gemm_seconds(block_weights(SIZES[size]), MICRO_BATCH * SEQ)[1] * 1e3
+    return gemm_seconds(SIZES[size].block_weights, MICRO_BATCH * SEQ)[1] * 1e3
 
 
 def attention_ms(size: str, backend: SDPBackend) -> float | None:
@@ -68,7 +59,7 @@ def attention_ms(size: str, backend: SDPBackend) -> float | None:
 
     try:
         with sdpa_kernel(backend):
-            return _cuda_ms(step, 10)
+            return _ms(step, 10)
     except RuntimeError:
         return None
 
@@ -95,9 +86,9 @@ def block_ms(size: str, compiled: bool, attention: SDPBackend | None = None) -> 
         hidden.grad = None
 
     if attention is None:
-        return _cuda_ms(step, 10)
+        return _ms(step, 10)
     with sdpa_kernel(attention):
-        return _cuda_ms(step, 10)
+        return _ms(step, 10)
 
 
 def main() -> None:
@@ -108,8 +99,7 @@ def main() -> None:
     print(f"bf16 matmul 8192^3: {rate:.0f} TFLOP/s")
     for size in args.sizes.split(","):
         shape = SIZES[size]
-        block_params = (shape.matmul_params - shape.vocab * shape.hidden - shape.hidden) // shape.layers
-        limit = 8 * block_params * MICRO_BATCH * SEQ / (rate * 1e12) * 1e3
+        limit = 8 * shape.block_params * MICRO_BATCH * SEQ / (rate * 1e12) * 1e3
         row = {"size": size, "limit_ms": round(limit, 2), "matmuls_ms": round(gemm_ms(size), 2),
                "eager_ms": round(block_ms(size, compiled=False), 2),
                "compiled_ms": round(block_ms(size, compiled=True), 2)}

@@ -24,13 +24,22 @@ class Shape:
         return self.vocab * self.hidden
 
     @property
-    def params(self) -> int:
+    def block_weights(self) -> list[tuple[int, int]]:
+        """(out, in) of a decoder layer's projections, no biases: q, k, v, o, gate, up, down."""
         kv_width = self.hidden // self.heads * self.kv_heads
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv_width  # q, o; k, v (no biases)
-        mlp = 3 * self.hidden * self.intermediate  # gate, up, down
-        per_layer = attention + mlp + 2 * self.hidden  # + two RMSNorm weights
+        return [(self.hidden, self.hidden), (kv_width, self.hidden), (kv_width, self.hidden),
+                (self.hidden, self.hidden), (self.intermediate, self.hidden), (self.intermediate, self.hidden),
+                (self.hidden, self.intermediate)]
+
+    @property
+    def block_params(self) -> int:
+        """One decoder layer's parameters: its projections and two RMSNorm weights."""
+        return sum(out * inp for out, inp in self.block_weights) + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
         # Input embedding and lm_head are separate matrices (untied); one final norm.
-        return self.layers * per_layer + 2 * self.input_embedding_params + self.hidden
+        return self.layers * self.block_params + 2 * self.input_embedding_params + self.hidden
 
     @property
     def matmul_params(self) -> int:

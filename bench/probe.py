@@ -28,7 +28,7 @@ from bench import GIB, RESULT_PREFIX
 from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
                           GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL, model_matmul_key)
 from bench.measure import device_name, versions
-from bench.models import SIZES, Shape
+from bench.models import SIZES
 
 Figures = dict[str, float]
 
@@ -103,13 +103,6 @@ def gemm_seconds(weights: list[tuple[int, int]], tokens: int) -> tuple[float, fl
     return flops, seconds
 
 
-def block_weights(shape: Shape) -> list[tuple[int, int]]:
-    """(out, in) of a Llama decoder layer's projections: q, k, v, o, gate, up, down."""
-    kv = shape.hidden // shape.heads * shape.kv_heads
-    return [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden),
-            (shape.intermediate, shape.hidden), (shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)]
-
-
 def model_matmuls(tokens: int = 8192) -> Figures:
     """Per benchmark size, the bf16 rate of that model's own GEMMs: a block's seven (weighted by the layer count)
     and the output layer's, at `tokens` rows. Shapes narrower than 8192^3 (the KV projections, a 1.5B model's
@@ -118,7 +111,7 @@ def model_matmuls(tokens: int = 8192) -> Figures:
     for size, shape in SIZES.items():
         if size == "tiny":
             continue
-        block_flops, block_s = gemm_seconds(block_weights(shape), tokens)
+        block_flops, block_s = gemm_seconds(shape.block_weights, tokens)
         head_flops, head_s = gemm_seconds([(shape.vocab, shape.hidden)], tokens)
         rate = (shape.layers * block_flops + head_flops) / (shape.layers * block_s + head_s)
         figures[model_matmul_key(size)] = round(rate / 1e12)

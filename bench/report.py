@@ -9,6 +9,7 @@ not get to ("not run") keeps its earlier measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -77,20 +78,25 @@ def _gib(value: float | None) -> str:
     return "" if value is None else f"{value:.1f} GiB"
 
 
+@functools.cache
+def _backend_costs() -> dict[str, str]:
+    """Cost profile name of each of our backends' rows (bench/matrix.yaml), read once per report."""
+    prefix = f"{OURS}_"
+    return {name.removeprefix(prefix): method.cost for name, method in load_config().methods.items()
+            if name.startswith(prefix)}
+
+
 def plan_cost(record: dict) -> Cost:
     """The cost profile of what the cell ran. Where the planner chose (`backend="auto"`, host_adam's share of the
     optimizer state kept on the GPU), the cell's `plan` says what it chose: its backend's profile, and for host_adam
     only the host's share of the update and of the copies (the GPU share's update, ~10 ms per billion parameters,
     is left out)."""
     plan = record.get("plan") or ""
-    methods = load_config().methods
-    chosen = methods.get(f"{OURS}_{plan.split(' + ')[0]}")
-    cost = COSTS[chosen.cost if chosen else record["cost"]]
+    cost = COSTS[_backend_costs().get(plan.split(" + ")[0], record["cost"])]
     on_gpu = re.search(r"(\d+) blocks' state on the GPU", plan)
     if plan.startswith("host_adam") and on_gpu:
         shape = SIZES[record["size"]]
-        block_params = (shape.params - 2 * shape.input_embedding_params - shape.hidden) / shape.layers
-        host_share = 1 - int(on_gpu.group(1)) * block_params / shape.params
+        host_share = 1 - int(on_gpu.group(1)) * shape.block_params / shape.params
         cost = replace(cost, updated_share=host_share, d2h_per_step=cost.d2h_per_step * host_share,
                        h2d_per_step=cost.h2d_per_step * host_share)
     return cost

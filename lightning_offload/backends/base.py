@@ -48,9 +48,9 @@ class Backend(ABC):
     Config: ClassVar[type[BackendConfig]]
     # True when the engine saves parameters and optimizer state itself, so Lightning must not.
     saves_own_state: ClassVar[bool] = False
-    # False when the engine hooks modules inside a block, where a compiled block's graph would not call them.
-    compiles_blocks: ClassVar[bool] = True
-    compile_blocks_refusal: ClassVar[str] = ""
+    # Why `compile_blocks=True` cannot work with this engine (it hooks modules inside a block, where a compiled
+    # block's graph would not call them); None: it can.
+    compile_blocks_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

@@ -156,7 +156,6 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
     saves_own_state = True
-    compiles_blocks = False
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
