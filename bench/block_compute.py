@@ -23,14 +23,13 @@ if __package__ in (None, ""):  # run as `python bench/block_compute.py`: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from bench import RESULT_PREFIX
 from bench.limits import MATMUL
 from bench.models import SIZES
-from bench.probe import _seconds, gemm_seconds, matmul
+from bench.probe import _seconds, attention_seconds, gemm_seconds, matmul
 
 MICRO_BATCH, SEQ = 4, 2048
 
@@ -42,26 +41,6 @@ def _ms(work, repeats: int) -> float:
 def gemm_ms(size: str) -> float:
     """Forward, recomputed forward and both backward GEMMs (input and weight gradients) of one block."""
     return gemm_seconds(SIZES[size].block_weights, MICRO_BATCH * SEQ)[1] * 1e3
-
-
-def attention_ms(size: str, backend: SDPBackend) -> float | None:
-    """Causal SDPA of one layer at full head count, forward twice (with its recompute) and backward; None where the
-    backend cannot run the shape."""
-    shape = SIZES[size]
-    q, k, v = (torch.randn(MICRO_BATCH, shape.heads, SEQ, shape.hidden // shape.heads, dtype=torch.bfloat16,
-                           device="cuda", requires_grad=True) for _ in range(3))
-
-    def step() -> None:
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(torch.ones_like(out))
-
-    try:
-        with sdpa_kernel(backend):
-            return _ms(step, 10)
-    except RuntimeError:
-        return None
 
 
 def block_ms(size: str, compiled: bool, attention: SDPBackend | None = None) -> float:
@@ -107,9 +86,9 @@ def main() -> None:
             row["compiled_cudnn_ms"] = round(block_ms(size, True, SDPBackend.CUDNN_ATTENTION), 2)
         except RuntimeError as error:  # no cuDNN attention for this GPU or shape
             row["compiled_cudnn_ms"] = f"{type(error).__name__}: {str(error)[:120]}"
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            measured = attention_ms(size, backend)
-            row[f"attention_{name}_ms"] = None if measured is None else round(measured, 2)
+        for backend in ("flash", "cudnn"):
+            measured = attention_seconds(size, backend, MICRO_BATCH, SEQ)
+            row[f"attention_{backend}_ms"] = None if measured is None else round(measured * 1e3, 2)
         for key, value in list(row.items()):
             if key.endswith("_ms") and key != "limit_ms" and isinstance(value, float):
                 row[key.replace("_ms", "_over_limit")] = round(value / limit, 3)

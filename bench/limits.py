@@ -3,7 +3,11 @@
     limit = max(GPU time, PCIe time, CPU optimizer time)
 
 - GPU time = 8 x (params - input embedding) x tokens / measured bf16 matmul rate, the forward (2), its recompute
-  under full checkpointing (2) and the backward (4); attention's own FLOPs are left out, as in model TFLOP/s.
+  under full checkpointing (2) and the backward (4), plus the attention every step runs besides those GEMMs
+  (softmax(QK^T)V, left out of model TFLOP/s): the probe times each size's causal SDPA at the benchmark's
+  micro-batch (forward, its recompute and backward, the faster of the flash and cuDNN kernels; 4-6% of a step).
+  A plan that recomputes only a share of the blocks (`Cost.recompute_share`) is charged 6 + 2 x share instead of
+  8, its attention in the same proportion.
   The rate is the one the probe measured on the model's own GEMMs (each projection and the output layer at the
   cell's tokens, forward and both backward GEMMs): on the H100 those shapes run 3-14% below the 8192^3 rate, which
   is used where the probe has no figure for the size.
@@ -51,6 +55,9 @@ class Cost:
     """Bytes per parameter sent to the host once per optimizer step (gradients accumulated on the GPU)."""
     updated_share: float = 1.0
     """Share of the parameters updated per step: ZenFlow's CPU update runs once every 4 steps."""
+    recompute_share: float = 1.0
+    """Share of the blocks whose forward is recomputed in backward: 1 under the benchmark's checkpointing of every
+    layer; a plan that checkpoints fewer blocks (or offloads activations instead) computes less."""
 
 
 # Referred to by name from bench/methods.py and, for single_gpu_offload's backends, from bench/matrix.yaml.
@@ -81,6 +88,11 @@ def model_matmul_key(size: str) -> str:
     return f"{MATMUL}_{size}"
 
 
+def attention_key(size: str) -> str:
+    """Probe key of one model size's attention time per micro-batch of 4 x 2048 tokens, all layers (ms)."""
+    return f"sdpa_causal_ms_{size}"
+
+
 @dataclass(frozen=True)
 class Limit:
     step_s: float
@@ -91,10 +103,15 @@ class Limit:
 
 def limit_step(params: int, matmul_params: int, tokens_per_micro_batch: int, accumulate: int, cost: Cost,
                probe: dict[str, float], size: str | None = None) -> Limit:
-    """Raises KeyError naming the probe figure that is missing (e.g. DeepSpeed's CPU Adam did not build)."""
+    """Raises KeyError naming the probe figure that is missing (e.g. DeepSpeed's CPU Adam did not build).
+
+    Without `size` (or a probe that lacks the size's figures) the compute term is the GEMMs at the 8192^3 rate.
+    """
     tokens = tokens_per_micro_batch * accumulate
     matmul_rate = probe.get(model_matmul_key(size), probe[MATMUL]) if size else probe[MATMUL]
-    compute = 8 * matmul_params * tokens / (matmul_rate * 1e12)
+    attention = probe.get(attention_key(size), 0.0) / 1e3 * accumulate if size else 0.0
+    passes = 6 + 2 * cost.recompute_share  # forward 2, backward 4, recomputed forward 2 per recomputed block
+    compute = (passes * matmul_params * tokens / (matmul_rate * 1e12) + attention * passes / 8)
     optimizer = params * cost.updated_share / (probe[cost.optimizer_rate] * 1e9)
     d2h = params * (cost.d2h_per_micro_batch * accumulate + cost.d2h_per_step)
     h2d = params * (cost.h2d_per_micro_batch * accumulate + cost.h2d_per_step)

@@ -69,9 +69,13 @@ BASELINES = [
 # Backends whose plan includes what the module would otherwise choose: how many blocks to checkpoint (the
 # backend decides) and a loss that never materialises the full logits.
 _PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"},
-                 "host_adam": {"checkpointing": "by_strategy", "loss": "chunked"}}
+                 "host_adam": {"checkpointing": "by_strategy", "loss": "chunked"},
+                 # The module checkpoints every layer (the planner plans `full`); a 152K vocabulary's fp32 logits
+                 # would take ~12 GiB of the GPU, i.e. a dozen resident blocks' worth of host memory.
+                 "stream": {"loss": "chunked"}}
 _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss",
-                "host_adam": ", checkpointing and the optimizer state's GPU share by the planner, chunked loss"}
+                "host_adam": ", checkpointing and the optimizer state's GPU share by the planner, chunked loss",
+                "stream": ", resident blocks by the planner, chunked loss"}
 # More rows of a backend beside its default one: (name suffix, backend options, label).
 _VARIANTS = {
     "host_adam": [

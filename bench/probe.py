@@ -1,6 +1,7 @@
 """The machine's ceilings that bound a training step, printed as `RESULT {json}` (bench/run.py --probe records it).
 
-PCIe both ways (pinned and pageable) and both at once, host memory bandwidth, the bf16 matmul rate, optimizer update
+PCIe both ways (pinned and pageable) and both at once, host memory bandwidth, the bf16 matmul rate (8192^3 and each
+model's own GEMMs), each model's attention time, optimizer update
 rates on the CPU (torch fused and foreach AdamW, DeepSpeed CPU Adam, bitsandbytes 8-bit) and on the GPU (torch
 fused AdamW on fp32, bitsandbytes 8-bit on bf16), and disk bandwidth. bench/limits.py turns them into limit step
 times. Each measurement that fails is reported under `errors` and the others still run.
@@ -26,7 +27,8 @@ import torch
 
 from bench import GIB, RESULT_PREFIX
 from bench.limits import (CPU_ADAMW_FOREACH, CPU_ADAMW_FUSED, CPU_DEEPSPEED_ADAM, D2H, DUPLEX, GPU_ADAMW_FUSED,
-                          GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL, model_matmul_key)
+                          GPU_BNB_ADAMW8BIT, GPU_FUSED_ADAMW8BIT, H2D, MATMUL, attention_key,
+                          model_matmul_key)
 from bench.measure import device_name, versions
 from bench.models import SIZES
 
@@ -115,6 +117,44 @@ def model_matmuls(tokens: int = 8192) -> Figures:
         head_flops, head_s = gemm_seconds([(shape.vocab, shape.hidden)], tokens)
         rate = (shape.layers * block_flops + head_flops) / (shape.layers * block_s + head_s)
         figures[model_matmul_key(size)] = round(rate / 1e12)
+        torch.cuda.empty_cache()
+    return figures
+
+
+def attention_seconds(size: str, backend: str, micro_batch: int = 4, seq: int = 2048) -> float | None:
+    """Seconds of one layer's causal SDPA (all heads) as a checkpointed step runs it: forward, its recompute and
+    backward; None where `backend` ("flash" or "cudnn") cannot run the shape on this GPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    shape = SIZES[size]
+    q, k, v = (torch.randn(micro_batch, shape.heads, seq, shape.hidden // shape.heads, dtype=torch.bfloat16,
+                           device="cuda", requires_grad=True) for _ in range(3))
+
+    def step() -> None:
+        with torch.no_grad():
+            sdpa(q, k, v, is_causal=True)
+        out = sdpa(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    try:
+        with sdpa_kernel(kernel):
+            return _seconds(step, 10, True)
+    except RuntimeError:  # "No available kernel" for this GPU or shape
+        return None
+
+
+def model_attention() -> Figures:
+    """Per benchmark size, its attention time per micro-batch of 4 x 2048 tokens over all layers (ms), at the faster
+    of the flash and cuDNN kernels: compute every step runs besides the GEMMs (bench/limits.py adds it)."""
+    figures = {}
+    for size, shape in SIZES.items():
+        if size == "tiny":
+            continue
+        timed = [s for s in (attention_seconds(size, "flash"), attention_seconds(size, "cudnn")) if s is not None]
+        if timed:
+            figures[attention_key(size)] = round(shape.layers * min(timed) * 1e3, 1)
         torch.cuda.empty_cache()
     return figures
 
@@ -217,6 +257,8 @@ def main() -> None:
     parser.add_argument("--disk-gib", type=float, default=2.0)
     parser.add_argument("--disk-dir", default=tempfile.gettempdir())
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's CPU Adam (and its JIT build)")
+    parser.add_argument("--only", help="comma-separated measurements to run, e.g. model_matmuls,model_attention "
+                                       "(a later record's figures join an earlier full probe's in the report)")
     args = parser.parse_args()
     result = {"ok": True, **machine(args.disk_dir), "errors": {}}
     measurements: dict[str, Callable[[], Figures]] = {
@@ -229,9 +271,16 @@ def main() -> None:
         measurements["cpu_deepspeed_adam"] = lambda: cpu_deepspeed_adam(args.adam_mparams)
     if torch.cuda.is_available():
         measurements |= {"pcie": lambda: pcie(args.copy_gib), "matmul": matmul, "model_matmuls": model_matmuls,
+                         "model_attention": model_attention,
                          "gpu_optimizers": lambda: gpu_optimizers(args.gpu_adam_tensors)}
     else:
         result["errors"]["gpu"] = "needs CUDA"
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(measurements))
+        if unknown:
+            parser.error(f"unknown measurement(s) {unknown}; choose from {sorted(measurements)}")
+        measurements = {name: measurements[name] for name in wanted}
     for name, measure in measurements.items():
         try:
             result |= measure()

@@ -20,12 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/report.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.limits import COSTS, Cost, limit_step, model_matmul_key
+from bench.limits import COSTS, Cost, attention_key, limit_step, model_matmul_key
 from bench.matrix import load_config
 from bench.methods import BASELINES, OURS
 from bench.models import SIZES
 
-LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate [+ GPU optimizer time], "
+LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate + attention time "
+                 "[+ GPU optimizer time], "
                  "PCIe bytes / measured pinned bandwidth, CPU optimizer time); details in bench/limits.py")
 PROBE_FIGURES = {  # probe key -> row label, in the order shown
     "cpus": "CPU cores", "ram_gib": "host memory (GiB)", "disk_free_gib": "free disk (GiB)",
@@ -79,6 +80,24 @@ def _gib(value: float | None) -> str:
 
 
 @functools.cache
+def _strategy_checkpoints() -> frozenset[str]:
+    """Methods whose module leaves checkpointing to the strategy (the others checkpoint every layer themselves)."""
+    return frozenset(name for name, method in load_config().methods.items()
+                     if method.options.get("checkpointing") == "by_strategy")
+
+
+def _recompute_share(plan: str) -> float | None:
+    """Share of the blocks a plan's checkpointing policy recomputes (bench/limits.py `Cost.recompute_share`)."""
+    policy = re.search(r"checkpointing=(\w+)", plan)
+    if policy is None:
+        return None
+    name = policy.group(1)
+    if name.startswith("every_"):
+        return 1 / int(name.removeprefix("every_"))
+    return {"full": 1.0, "none": 0.0, "offload": 0.0}.get(name)
+
+
+@functools.cache
 def _backend_costs() -> dict[str, str]:
     """Cost profile name of each of our backends' rows (bench/matrix.yaml), read once per report."""
     prefix = f"{OURS}_"
@@ -88,11 +107,14 @@ def _backend_costs() -> dict[str, str]:
 
 def plan_cost(record: dict) -> Cost:
     """The cost profile of what the cell ran. Where the planner chose (`backend="auto"`, host_adam's share of the
-    optimizer state kept on the GPU), the cell's `plan` says what it chose: its backend's profile, and for host_adam
-    only the host's share of the update and of the copies (the GPU share's update, ~10 ms per billion parameters,
-    is left out)."""
+    optimizer state kept on the GPU, the checkpointing of a module that leaves it to the strategy), the cell's
+    `plan` says what it chose: its backend's profile, its recompute share, and for host_adam only the host's share
+    of the update and of the copies (the GPU share's update, ~10 ms per billion parameters, is left out)."""
     plan = record.get("plan") or ""
     cost = COSTS[_backend_costs().get(plan.split(" + ")[0], record["cost"])]
+    share = _recompute_share(plan)
+    if record["method"] in _strategy_checkpoints() and share is not None:
+        cost = replace(cost, recompute_share=share)
     on_gpu = re.search(r"(\d+) blocks' state on the GPU", plan)
     if plan.startswith("host_adam") and on_gpu:
         shape = SIZES[record["size"]]
@@ -112,7 +134,7 @@ def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
                            record["accumulate"], plan_cost(record), probe, size=record["size"])
     except KeyError:  # e.g. DeepSpeed's CPU Adam did not build in the probe, or no GPU
         return "", ""
-    ratio = f"{record['step_s_median'] / limit.step_s:.1f}x" if record["status"] == "ok" else ""
+    ratio = f"{record['step_s_median'] / limit.step_s:.2f}x" if record["status"] == "ok" else ""
     return f"{limit.step_s:.2f} ({limit.bound})", ratio
 
 
@@ -169,6 +191,8 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
         lines += [f"| {label} | {probe[key]} |" for key, label in PROBE_FIGURES.items() if key in probe]
         lines += [f"| bf16 matmul, the {size} model's own GEMMs at 8192 tokens (TFLOP/s) | {probe[key]} |"
                   for size in SIZES if (key := model_matmul_key(size)) in probe]
+        lines += [f"| causal attention of the {size} model, all layers, per micro-batch of 4 x 2048 (ms) | "
+                  f"{probe[key]} |" for size in SIZES if (key := attention_key(size)) in probe]
         lines += [f"| {name} | failed: {error} |" for name, error in probe.get("errors", {}).items()]
         lines += [""]
     probe_commands = (probe.get("commands") or [probe["command"]]) if probe else []

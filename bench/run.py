@@ -187,11 +187,13 @@ def cell_record(cell: PlannedCell, status: str, cause: str | None, outcome: Chil
 NOT_RUN = "not run: out of session time"
 
 
-def probe_record(config: Config, deadline: float | None, log_path: Path) -> dict:
-    limit = time_limit(config.probe_timeout_s, True, config, deadline)
+def probe_record(config: Config, deadline: float | None, log_path: Path, only: str = "all") -> dict:
+    """The probe's figures; `only` names a subset of its measurements (bench/probe.py --only)."""
+    limit = time_limit(config.probe_timeout_s, only == "all" or "cpu_deepspeed_adam" in only, config, deadline)
     if limit is None:
         return {"kind": "probe", "status": "not_run", "cause": NOT_RUN}
-    outcome = run_child([sys.executable, str(BENCH / "probe.py")], limit, log_path, "probe")
+    argv = [sys.executable, str(BENCH / "probe.py"), *([] if only == "all" else ["--only", only])]
+    outcome = run_child(argv, limit, log_path, "probe")
     status, cause = classify(outcome, limit)
     figures = {key: value for key, value in (outcome.result or {}).items() if key != "ok"}
     return {"kind": "probe", "status": status, "cause": cause, **figures, "wall_s": outcome.wall_s}
@@ -218,7 +220,8 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated method names (default: the config's)")
     parser.add_argument("--regimes", help="comma-separated, e.g. r1 (default: all)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--probe", action="store_true", help="measure the machine's ceilings first")
+    parser.add_argument("--probe", nargs="?", const="all", help="measure the machine's ceilings first; or only "
+                        "the named measurements (bench/probe.py --only), e.g. --probe model_matmuls,model_attention")
     parser.add_argument("--results", type=Path, default=BENCH / "results.jsonl", help="JSON lines, appended to")
     parser.add_argument("--log", type=Path, help="every child's output (default: the results path, .log)")
     parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
@@ -243,7 +246,7 @@ def main() -> None:
         print(f"{record.get('cell', 'probe')}: {record['status']} {detail}", flush=True)
 
     if args.probe:
-        append(probe_record(config, deadline, log_path))
+        append(probe_record(config, deadline, log_path, args.probe))
     for cell in cells:
         append(measure(cell, config, args, overrides, deadline, log_path))
     if args.report:

@@ -10,6 +10,7 @@ overlaps the compute; a phase close to the step time is the bound), resident blo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -17,6 +18,7 @@ import time
 import lightning.pytorch as L
 import torch
 from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 import lightning_offload
@@ -42,6 +44,13 @@ class _Clock(L.Callback):
         self.losses.append(round(float(outputs["loss"]), 4))
 
 
+def _attention_kernels(preference: str) -> contextlib.AbstractContextManager:
+    if preference == "default":
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def _text_tokens(sequences: int, seq: int) -> torch.Tensor:
     return stdlib_bytes(sequences * seq).long().view(sequences, seq)
 
@@ -59,6 +68,8 @@ def main() -> None:
                              "a model learns in a few steps, to show the loss falling")
     parser.add_argument("--no-planner-check", action="store_true", help="skip the planner's pre-flight check")
     parser.add_argument("--compile-blocks", action="store_true", help="compile each decoder layer (torch.compile)")
+    parser.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
+                        help="cudnn: prefer cuDNN's attention kernel over flash (SDPA falls back where it cannot run)")
     args = parser.parse_args()
     shape = SIZES[args.size]
     clock = _Clock()
@@ -72,13 +83,14 @@ def main() -> None:
     tokens = _text_tokens(args.steps * args.micro_batch, args.seq) if args.data == "text" \
         else _RandomTokens(args.steps * args.micro_batch, args.seq, shape.vocab)
     started = time.perf_counter()
-    trainer.fit(LlamaModule(args.size, "non_reentrant", "adamw"), DataLoader(tokens, batch_size=args.micro_batch))
+    with _attention_kernels(args.sdpa):
+        trainer.fit(LlamaModule(args.size, "non_reentrant", "adamw"), DataLoader(tokens, batch_size=args.micro_batch))
     step = statistics.median(clock.times[2:] or clock.times)
     backend = trainer.strategy.backend
     blocks = sum(1 for u in backend.units if u.is_block)
     streamed_blocks = sum(1 for i in backend.placement.streamed if backend.units[i].is_block)
     print("RESULT " + json.dumps({
-        "size": args.size, "compiled_blocks": args.compile_blocks, "s_per_step": round(step, 3),
+        "size": args.size, "compiled_blocks": args.compile_blocks, "sdpa": args.sdpa, "s_per_step": round(step, 3),
         "model_TFLOPs": round(6 * shape.matmul_params * args.micro_batch * args.seq / step / 1e12, 1),
         "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
         "resident_blocks": f"{blocks - streamed_blocks}/{blocks}",

@@ -2,14 +2,17 @@
 
 For 8192 tokens and a 128K vocabulary the logits are 4.2 GB in fp32, and `F.cross_entropy` keeps as much again for
 backward (its log-softmax) plus the gradient of the logits: more than a block's activations. Here the output
-layer and the loss are one autograd function: the forward computes the logits a slice of tokens at a time and keeps
-only each token's log-sum-exp (4 bytes a token); the backward recomputes them a slice of the vocabulary at a time,
-so the head's weight gradient comes out of one matmul per slice (accumulated in the matmul, as without chunking)
-and the hidden states' gradient is summed in fp32 over slices.
+layer and the loss are one autograd function whose forward computes the logits a slice of tokens at a time and,
+while a slice's logits exist, its gradients too (as Liger-Kernel's fused linear cross-entropy does): the hidden
+states' gradient for those tokens and their share of the head's weight gradient, accumulated over slices (one
+rounding per slice in the weight's dtype). Backward only scales them by its incoming gradient. The head's three
+matmuls are those of the unchunked loss - nothing is recomputed - and what lives from forward to backward is one
+weight-sized gradient instead of 2-3 copies of the fp32 logits.
 
 Why our own: torch has no fused linear + cross-entropy; Liger-Kernel and cut-cross-entropy have one but are CUDA /
-Triton only and outside this project's stack. This one is plain torch (CPU and GPU), at the price of recomputing
-the head's matmul once (~1/3 more of the head's FLOPs).
+Triton only and outside this project's stack. This one is plain torch (CPU and GPU). Its price: the gradients are
+computed even if backward never runs (only when grad mode is on and an input requires grad), and a graph cannot
+run backward through it twice.
 
 The loss must be computed inside a module's forward so engines that gather weights on module hooks (DeepSpeed
 ZeRO-3, FSDP2) see the head's weight: `ChunkedLMHeadLoss` is an `nn.Linear` whose `forward(hidden, targets)`
@@ -26,59 +29,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# fp32 logits computed at once, in forward (a slice of tokens) and backward (a slice of the vocabulary).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# fp32 logits computed at once (a slice of tokens): fewer, larger kernels are faster (bench/loss_compute.py).
+DEFAULT_CHUNK_BYTES = 2**30
 IGNORE_INDEX = -100
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, ignore_index: int, chunk_bytes: int) -> torch.Tensor:
+                targets: torch.Tensor, ignore_index: int, chunk_bytes: int, needs: tuple[bool, bool, bool]
+                ) -> torch.Tensor:
         tokens, vocab = hidden.shape[0], weight.shape[0]
         rows = max(1, chunk_bytes // (4 * vocab))
-        log_normalizer = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        target_logit = torch.empty_like(log_normalizer)
+        need_hidden, need_weight, need_bias = needs
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
+        count = valid.sum()
+        # d loss / d logits = (softmax - one_hot(target)) / count on every token not ignored (NaN when all are, as
+        # the loss is); backward scales by its incoming gradient.
+        token_scale = valid.float() / count
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
         for start in range(0, tokens, rows):
             part = slice(start, start + rows)
             logits = F.linear(hidden[part], weight, bias).float()
-            log_normalizer[part] = torch.logsumexp(logits, dim=-1)
-            target_logit[part] = logits.gather(1, safe_targets[part, None])[:, 0]
-        count = valid.sum()
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, log_normalizer, count)
-        ctx.chunk_bytes = chunk_bytes
-        # Mean over the targets that are not ignored: NaN when all are, as with `F.cross_entropy`.
-        return torch.where(valid, log_normalizer - target_logit, 0.0).sum() / count
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, safe_targets[part, None])[:, 0]
+            loss_sum += torch.where(valid[part], log_normalizer - target_logit, 0.0).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            # A scatter, not a masked index: the host never waits for the GPU inside the loop.
+            grad_logits.scatter_add_(1, safe_targets[part, None], -valid[part, None].float())
+            grad_logits.mul_(token_scale[part, None])
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(hidden.dtype)  # the dtype autograd would hand the head's matmuls
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[part])
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[part])
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.scaled, ctx.bias_dtype = False, None if bias is None else bias.dtype
+        return loss_sum / count
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, valid, log_normalizer, count = ctx.saved_tensors
-        tokens, vocab = hidden.shape[0], weight.shape[0]
-        columns = max(1, ctx.chunk_bytes // (4 * tokens))
-        # d loss / d logits = (softmax - one_hot(target)) * grad_loss / count on every token not ignored.
-        token_scale = (valid * (grad_loss / count)).float()[:, None]
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_bias = torch.empty_like(bias) if need_bias else None
-        token_index = torch.arange(tokens, device=hidden.device)
-        for start in range(0, vocab, columns):
-            part = slice(start, start + columns)
-            logits = F.linear(hidden, weight[part], None if bias is None else bias[part]).float()
-            grad_logits = torch.exp_(logits.sub_(log_normalizer[:, None]))
-            in_part = (targets >= start) & (targets < start + columns)
-            grad_logits[token_index[in_part], targets[in_part] - start] -= 1.0
-            grad_logits.mul_(token_scale)
-            if need_bias:
-                grad_bias[part] = grad_logits.sum(0)
-            grad_logits = grad_logits.to(hidden.dtype)  # the dtype autograd would hand the head's matmul
-            if need_hidden:
-                grad_hidden += (grad_logits @ weight[part]).float()
-            if need_weight:
-                grad_weight[part] = grad_logits.t() @ hidden
-        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype)), grad_weight, grad_bias, None, None, None
+        if ctx.scaled:
+            raise RuntimeError("`linear_cross_entropy` computes its gradients in forward: backward runs once per "
+                               "forward (`retain_graph=True` cannot run it again). Compute the loss again instead.")
+        ctx.scaled = True
+        # In place: a second copy of the head's weight gradient is the memory this function exists to avoid.
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss.to(g.dtype))
+                                               for g in ctx.saved_tensors)
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -96,9 +103,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad)
     with torch.autocast(device_type, enabled=False) if device_type != "meta" else nullcontext():
         return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                         ignore_index, chunk_bytes)
+                                         ignore_index, chunk_bytes, needs)
 
 
 class ChunkedLMHeadLoss(nn.Linear):

@@ -66,3 +66,20 @@ def test_deepspeed_is_refused_before_training() -> None:
 def test_a_model_without_repeated_blocks_is_refused() -> None:
     with pytest.raises(ValueError, match="found no repeated block in Linear"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_blocks_compile_in_this_process_unless_the_user_sized_the_worker_pool(monkeypatch) -> None:
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", 16)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    module = TinyLM()
+    module.configure_model()
+    compile_blocks(module, ())
+    assert inductor.compile_threads == 1
+    monkeypatch.setattr(inductor, "compile_threads", 8)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+    other = TinyLM()
+    other.configure_model()
+    compile_blocks(other, ())
+    assert inductor.compile_threads == 8

@@ -11,8 +11,7 @@ from lightning_offload.losses import ChunkedLMHeadLoss, linear_cross_entropy
 from lightning_offload.models import CausalLM
 
 TOKENS, FEATURES, VOCAB = 24, 16, 50
-# A chunk of fp32 logits holds 5 tokens of the vocabulary in forward and 10 vocabulary entries in backward (with
-# 24 tokens): both loops run several uneven slices.
+# A chunk of fp32 logits holds 5 tokens of the vocabulary: the loop runs several slices, the last one shorter.
 SMALL_CHUNK_BYTES = 4 * VOCAB * 5 + 4
 
 
@@ -86,6 +85,20 @@ def test_no_full_logits_are_kept_for_backward() -> None:
     assert plain >= full_logits
     # hidden + weight (the head's own inputs) + per-token targets, mask and log-sum-exp.
     assert chunked <= hidden.nbytes + weight.nbytes + tokens * (8 + 1 + 4) + 64
+
+
+def test_gradients_are_computed_only_for_backward_and_backward_runs_once() -> None:
+    hidden, weight, _, targets = _inputs(bias=False)
+    with torch.no_grad():
+        plain = F.cross_entropy(F.linear(hidden, weight), targets)
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), plain)
+    frozen_head = weight.detach()
+    saved = _saved_bytes(lambda: linear_cross_entropy(hidden, frozen_head, targets))
+    assert saved <= hidden.nbytes + 64  # the hidden states' gradient only: the frozen head gets none
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_bytes=SMALL_CHUNK_BYTES)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once per forward"):
+        loss.backward()
 
 
 def test_module_is_a_linear_without_targets_and_adopt_keeps_the_parameter() -> None:

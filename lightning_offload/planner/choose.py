@@ -134,9 +134,11 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                 for k in ([every_k] if every_k else [2, 4]) if policy == "every_k" else [2]:
                     base = Plan(backend=backend, optimizer=name, checkpointing=policy, every_k=k)
                     if backend == "stream":
+                        # Coarse steps show the trade in the table; None is sized to the most that fit (`choose`).
                         step = max(1, stats.blocks // 8)
                         plans += [dataclasses.replace(base, resident_blocks=r)
                                   for r in range(0, stats.blocks + 1, step)]
+                        plans.append(dataclasses.replace(base, resident_blocks=None))
                     elif backend == "host_adam":
                         plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
                     else:
@@ -169,16 +171,23 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     def missing(plan: Plan) -> dict[str, float]:
         memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
                                  world_size=world_size, ranks_per_host=ranks_per_host)
-        return shortfalls(memory, machine, margin)
+        # The streaming plan allocates its pinned arenas at exactly the sizes counted here: only the rest of its
+        # host estimate needs the margin.
+        exact_host = memory.pinned_bytes if plan.backend == "stream" else 0
+        return shortfalls(memory, machine, margin, exact_host_bytes=exact_host)
 
     candidates = []
+    seen: set[Plan] = set()
     for plan in plans:
-        if plan.backend == "host_adam" and plan.resident_blocks is None:
-            plan = most_gpu_state(stats, plan, missing)
+        if plan.backend in ("host_adam", "stream") and plan.resident_blocks is None:
+            plan = most_blocks_on_gpu(stats, plan, missing)
+        if plan in seen:  # a sized plan may repeat one of the coarse steps
+            continue
+        seen.add(plan)
         memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
                                  world_size=world_size, ranks_per_host=ranks_per_host)
         candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
-                                    shortfalls(memory, machine, margin)))
+                                    missing(plan)))
     fitting = [c for c in ordered(candidates) if c.fits]
     exact = [c for c in fitting if c.plan.exact_optimizer]
     if fitting and (allow_eight_bit or not exact):
@@ -191,9 +200,10 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
                       accumulate, world_size, ranks_per_host)
 
 
-def most_gpu_state(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
-    """A `host_adam` plan with the most blocks' optimizer state on the GPU that fit (an update there is never
-    slower than on the host, and each block moved frees host memory); when none fits, the nearest miss."""
+def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
+    """`plan` with the most blocks on the GPU that fit - `host_adam`: blocks whose optimizer state is updated there,
+    `stream`: blocks whose weights stay there. Either is never slower than the host's share (an update on the GPU,
+    no copies over PCIe) and each block moved frees host memory. When none fits, the nearest miss."""
     sized = [dataclasses.replace(plan, resident_blocks=blocks) for blocks in range(stats.blocks + 1)]
     return max(sized, key=lambda p: (-sum(missing(p).values()), p.resident_blocks))
 

@@ -269,15 +269,24 @@ class Machine:
         return f"{self.gpu_memory_gib:.0f} GiB GPU, {self.host_memory_gib:.0f} GiB host RAM"
 
 
-def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9) -> dict[str, float]:
-    """GiB missing per tier (empty when the plan fits), keeping `1 - margin` of each tier free."""
+# Host memory kept free beside allocations whose size is exact (the margin covers estimates, not these).
+EXACT_HOST_HEADROOM_GIB = 4.0
+
+
+def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9,
+               exact_host_bytes: int = 0) -> dict[str, float]:
+    """GiB missing per tier (empty when the plan fits), keeping `1 - margin` of each tier free.
+
+    `exact_host_bytes` of the host estimate are allocations of exactly that size (pinned arenas): the margin is
+    kept on the rest of the estimate, and `EXACT_HOST_HEADROOM_GIB` beside them."""
     if machine.unified:
         missing = {"host RAM": (estimate.gpu_bytes + estimate.host_bytes) / GIB - margin * machine.host_memory_gib}
     else:
-        missing = {
-            "GPU": estimate.gpu_bytes / GIB - margin * machine.gpu_memory_gib,
-            "host RAM": estimate.host_bytes / GIB - margin * machine.host_memory_gib,
-        }
+        host = estimate.host_bytes / GIB - margin * machine.host_memory_gib
+        if exact_host_bytes:
+            estimated = (estimate.host_bytes - exact_host_bytes) / GIB
+            host = exact_host_bytes / GIB + estimated / margin + EXACT_HOST_HEADROOM_GIB - machine.host_memory_gib
+        missing = {"GPU": estimate.gpu_bytes / GIB - margin * machine.gpu_memory_gib, "host RAM": host}
     return {tier: gib for tier, gib in missing.items() if gib > 0}
 
 

@@ -379,3 +379,25 @@ def test_consolidated_state_dict_loads_into_plain_module(tmp_path) -> None:
     plain.load_state_dict(torch.load(tmp_path / "model.pt"))
     with torch.no_grad():  # in bf16, as trained: the consolidated fp32 values are the bf16 weights exactly
         torch.testing.assert_close(plain.bfloat16()(inputs).float(), trained_logits, atol=1e-3, rtol=1e-3)
+
+
+def test_a_pinned_stream_backend_takes_the_planners_resident_blocks(monkeypatch) -> None:
+    # The planner counts the activations and the loss when it sizes the resident blocks; the backend's own fallback
+    # (fill the GPU up to `activation_reserve_gib`) must not override it. On the CPU the fallback keeps every block.
+    import dataclasses
+
+    import lightning_offload.strategy as strategy_module
+
+    planned = strategy_module.plan_for_trainer
+
+    def one_resident_block(*args, **kwargs):
+        report = planned(*args, **kwargs)
+        chosen = next(c for c in report.candidates if c.plan.resident_blocks == 1 and c.plan.checkpointing == "full")
+        return dataclasses.replace(report, chosen=chosen)
+
+    monkeypatch.setattr(strategy_module, "plan_for_trainer", one_resident_block)
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="stream", build_on_meta=False), num_batches=1,
+                     precision="bf16-true")
+    backend = backend_of(trainer)
+    assert backend.resident_blocks == 1
+    assert backend.placement.resident_blocks([UnitSize(0, 0, u.is_block) for u in backend.units]) == 1

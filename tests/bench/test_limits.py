@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.limits import COSTS, D2H, DUPLEX, H2D, MATMUL, Cost, limit_step, model_matmul_key
+from bench.limits import COSTS, D2H, DUPLEX, H2D, MATMUL, Cost, attention_key, limit_step, model_matmul_key
 from bench.report import PROBE_FIGURES
 
 PROBE = {
@@ -71,3 +71,23 @@ def test_a_size_s_own_matmul_rate_replaces_the_square_one_where_the_probe_has_it
     assert own.parts_s["compute"] == pytest.approx(8 * 1e10 * 8192 / 640e12 + 1e10 / 100e9)
     square = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, COSTS["gpu_adamw"], probe, size="3.6b")
     assert square.parts_s["compute"] == pytest.approx(8 * 1e10 * 8192 / 800e12 + 1e10 / 100e9)
+
+
+def test_the_attention_the_probe_timed_adds_to_compute_once_per_micro_batch():
+    probe = {**PROBE, model_matmul_key("8b"): 640, attention_key("8b"): 50.0}
+    r1 = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, COSTS["gpu_adamw"], probe, size="8b")
+    r2 = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 8, COSTS["gpu_adamw"], probe, size="8b")
+    gemms = 8 * 1e10 * 8192 / 640e12
+    assert r1.parts_s["compute"] == pytest.approx(gemms + 0.050 + 1e10 / 100e9)
+    assert r2.parts_s["compute"] == pytest.approx(8 * (gemms + 0.050) + 1e10 / 100e9)
+    without = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, COSTS["gpu_adamw"], probe, size="3.6b")
+    assert without.parts_s["compute"] == pytest.approx(8 * 1e10 * 8192 / 800e12 + 1e10 / 100e9)
+
+
+def test_recomputing_no_block_is_charged_six_passes_instead_of_eight():
+    from dataclasses import replace
+
+    probe = {**PROBE, model_matmul_key("8b"): 640, attention_key("8b"): 40.0}
+    no_recompute = replace(COSTS["gpu_adamw"], recompute_share=0.0)
+    limit = limit_step(PARAMS, MATMUL_PARAMS, TOKENS, 1, no_recompute, probe, size="8b")
+    assert limit.parts_s["compute"] == pytest.approx(6 * 1e10 * 8192 / 640e12 + 0.030 + 1e10 / 100e9)

@@ -37,7 +37,7 @@ def test_tables_per_regime_with_limits_and_causes(merged):
     assert "## R2: 65536 tokens per optimizer step (micro-batch 4 x 2048, accumulate 8)" in markdown
     plain = _row(markdown, "plain PyTorch loop", "3.6b")
     assert plain[2:6] == ["0.600", "0.610", "13653", "262"]
-    assert plain[6] == "0.30 (compute)" and plain[7] == "2.0x"
+    assert plain[6] == "0.30 (compute)" and plain[7] == "1.98x"
     assert plain[8:12] == ["59.0 GiB", "61.0 GiB", "2.0 GiB", "11.93 -> 11.9"]
     zenflow = _row(markdown, "DeepSpeed ZenFlow", "1.5b")
     assert zenflow[0].endswith("(stale updates)") and zenflow[3] == "0.520"
@@ -47,7 +47,7 @@ def test_tables_per_regime_with_limits_and_causes(merged):
     assert _row(markdown, "torchtune", "3.6b")[2] == "0.660"
     skipped = _row(markdown, "torchtune", "3.6b", "r2")
     assert skipped[2] == "cannot accumulate gradients (R1 only)" and skipped[6] == ""  # no limit for a cell not run
-    assert _row(markdown, "DeepSpeed ZeRO-2", "3.6b", "r2")[6:8] == ["2.18 (compute)", "4.1x"]
+    assert _row(markdown, "DeepSpeed ZeRO-2", "3.6b", "r2")[6:8] == ["2.18 (compute)", "4.13x"]
 
 
 def test_header_probe_and_commands(merged):
@@ -91,13 +91,24 @@ def test_a_planner_s_choice_is_charged_at_the_chosen_plan_s_cost():
     from bench.models import SIZES
     from bench.report import plan_cost
 
-    auto = {"cost": "zero3_offload", "size": "1.5b", "plan": "device + adamw + checkpointing=none"}
+    auto = {"cost": "zero3_offload", "size": "1.5b", "plan": "device + adamw + checkpointing=none",
+            "method": "single_gpu_offload_auto"}
+    # The module checkpoints every layer itself: the plan's policy does not change the recompute.
     assert plan_cost(auto) == COSTS["gpu_adamw"]
     assert plan_cost({**auto, "plan": None}) == COSTS["zero3_offload"]
     host_adam = {"cost": "host_adam", "size": "1.5b", "plan": "host_adam + adamw + checkpointing=none, 16 blocks' "
-                 "state on the GPU"}
+                 "state on the GPU", "method": "single_gpu_offload_host_adam"}
     shape = SIZES["1.5b"]
     # Every block's state on the GPU: the host updates the embedding, the output layer and the final norm.
     outside_blocks = 2 * shape.input_embedding_params + shape.hidden
     assert plan_cost(host_adam).updated_share == pytest.approx(outside_blocks / shape.params)
     assert plan_cost(host_adam).d2h_per_step == pytest.approx(4 * outside_blocks / shape.params)
+
+
+@pytest.mark.parametrize(("policy", "share"), [("none", 0.0), ("full", 1.0), ("every_4", 0.25), ("offload", 0.0)])
+def test_a_plan_that_checkpoints_fewer_blocks_is_charged_less_recompute(policy, share):
+    from bench.report import plan_cost
+
+    record = {"cost": "gpu_8bit_adamw", "size": "1.5b", "plan": f"gpu_8bit + adamw8bit_fused + checkpointing={policy}",
+              "method": "single_gpu_offload_gpu_8bit"}  # its module leaves checkpointing to the strategy
+    assert plan_cost(record).recompute_share == share

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.matrix import expand, load_config
+from bench.matrix import DEFAULT_CONFIG, expand, load_config
 from bench.run import ChildOutcome, cell_record, classify, main, parse_result, run_child, time_limit
 
 
@@ -116,3 +116,22 @@ def test_main_records_the_probe_then_every_cell_in_order(tmp_path, monkeypatch):
     assert records[0]["bf16_matmul_TFLOPs"] == 700 and "ok" not in records[0]
     assert [record["status"] for record in records[1:]] == ["ok", "ok", "ok", "skipped"]
     assert all(record["command"].startswith("python bench/run.py --probe") for record in records)
+
+
+def test_a_partial_probe_runs_only_the_named_measurements_without_the_deepspeed_allowance(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_child(argv, timeout_s, log_path, title):
+        calls.append((argv, timeout_s))
+        return outcome(result={"ok": True, "sdpa_causal_ms_8b": 40.0}, peak_rss_bytes=2**30)
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr("bench.run.deepspeed_cpu_adam_built", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--probe", "model_matmuls,model_attention", "--sizes", "1.5b",
+                                      "--methods", "plain", "--regimes", "r1", "--results", str(results)])
+    main()
+    (probe_argv, probe_limit), _cell = calls
+    assert probe_argv[-2:] == ["--only", "model_matmuls,model_attention"]
+    assert probe_limit == load_config(DEFAULT_CONFIG).probe_timeout_s
+    assert json.loads(results.read_text().splitlines()[0])["sdpa_causal_ms_8b"] == 40.0

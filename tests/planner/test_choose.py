@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from lightning_offload.planner import (SAFETY_MARGIN, Ceilings, Machine, Plan, PlanDoesNotFit, estimate_memory, plan,
-                                       shortfalls)
+from lightning_offload.planner import (SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
+                                       estimate_memory, plan, shortfalls)
 from lightning_offload.planner.choose import candidate_plans, choose
 from tests.planner.test_memory import LLAMA_8B
 
@@ -114,3 +114,25 @@ def test_host_adam_keeps_the_most_blocks_state_on_the_gpu_that_fit() -> None:
 def test_a_pinned_host_adam_share_is_taken_as_given() -> None:
     plans = candidate_plans(LLAMA_8B, backends=["host_adam"], on_cuda=True, gpu_state_blocks=0)
     assert {c.plan.resident_blocks for c in choose(LLAMA_8B, H100, Ceilings(), plans).candidates} == {0}
+
+
+def test_stream_keeps_the_most_blocks_resident_that_fit() -> None:
+    card_24gb = Machine(gpu_memory_gib=24, host_memory_gib=64)
+    plans = candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True, checkpointing="full")
+    sized = choose(LLAMA_8B, card_24gb, Ceilings(), plans)
+    blocks = sized.chosen.plan.resident_blocks
+    assert 0 < blocks < LLAMA_8B.blocks and blocks % (LLAMA_8B.blocks // 8)  # not one of the coarse steps
+    one_more = estimate_memory(LLAMA_8B, dataclasses.replace(sized.chosen.plan, resident_blocks=blocks + 1))
+    assert shortfalls(one_more, card_24gb, SAFETY_MARGIN).keys() == {"GPU"}
+
+
+def test_allocations_of_exact_size_keep_a_fixed_headroom_instead_of_the_margin() -> None:
+    gib = 2**30
+    estimate = MemoryEstimate(Plan(backend="stream"), gpu={"weights": 10 * gib},
+                              host={"arenas": 96 * gib, "process": 4 * gib}, host_pinned=frozenset({"arenas"}))
+    machine = Machine(gpu_memory_gib=80, host_memory_gib=105)
+    assert shortfalls(estimate, machine, 0.9).keys() == {"host RAM"}  # 100 GiB > 90% of 105
+    # 96 exact + 4 / 0.9 estimated + 4 kept free = 104.4 GiB
+    assert shortfalls(estimate, machine, 0.9, exact_host_bytes=96 * gib) == {}
+    tighter = Machine(gpu_memory_gib=80, host_memory_gib=104)
+    assert shortfalls(estimate, tighter, 0.9, exact_host_bytes=96 * gib)["host RAM"] == pytest.approx(0.444, abs=1e-3)

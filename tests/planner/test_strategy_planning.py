@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.checkpointing import recompute_in_backward
 from lightning_offload.planner import Machine, PlanDoesNotFit
 from tests.conftest import TinyLM, fit
 
@@ -67,3 +68,21 @@ def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_training(monkey
         fit("single_gpu_offload", module=module, num_batches=2, enable_checkpointing=True,
             callbacks=[ModelCheckpoint(dirpath=tmp_path)])
     assert module.net is None and not list(tmp_path.iterdir())
+
+
+class SelfCheckpointingLM(TinyLM):
+    """Every block recomputes itself, as `transformers`' `gradient_checkpointing_enable()` makes a model do."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        for block in self.net.blocks:
+            recompute_in_backward(block)
+
+
+def test_a_model_that_checkpoints_its_blocks_is_planned_as_fully_checkpointed() -> None:
+    # The policies leave such blocks alone, so a plan counted with `offload` or `none` would not be what runs.
+    _, trainer = fit("single_gpu_offload", module=SelfCheckpointingLM(), num_batches=2)
+    assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"full"}
+    with pytest.warns(UserWarning, match=r"`activation_checkpointing='offload'` does not apply: every block of "
+                                         r"SelfCheckpointingLM already checkpoints itself"):
+        fit(SingleGPUOffloadStrategy(activation_checkpointing="offload"), module=SelfCheckpointingLM(), num_batches=2)

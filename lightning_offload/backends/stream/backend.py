@@ -42,7 +42,8 @@ _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-tr
 @dataclass(kw_only=True)
 class StreamConfig(BackendConfig):
     resident_blocks: int | None = None
-    """Blocks whose weights stay on the GPU; None: as many as fit beside `activation_reserve_gib`."""
+    """Blocks whose weights stay on the GPU; None: the planner's choice (it counts the activations and the loss),
+    or without a plan (`check_memory=False`) as many as fit beside `activation_reserve_gib`."""
     activation_reserve_gib: float = 16.0
     """GPU memory kept for activations, the loss and the allocator's slack when choosing `resident_blocks`."""
     stream_outer: bool = False
@@ -88,6 +89,17 @@ class StreamBackend(Backend):
         self.optimizer: StreamAdamW | None = None
         self._arenas: list[HostArena] = []
         self._hooks: list[Any] = []
+        self._planned_resident_blocks: int | None = None
+
+    def adopt_plan(self, plan: Any) -> None:
+        if plan.backend == self.name:
+            self._planned_resident_blocks = plan.resident_blocks
+
+    @property
+    def resident_blocks(self) -> int | None:
+        """The configured count, else the planner's (None: fill the GPU up to `activation_reserve_gib`)."""
+        pinned = self.config.resident_blocks
+        return self._planned_resident_blocks if pinned is None else pinned
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,7 +163,7 @@ class StreamBackend(Backend):
             gpu_free = 2**62
         placement = place_units(sizes, gpu_free_bytes=gpu_free, weight_slots=self.config.weight_slots,
                                 state_slots=self.config.state_slots, accumulate=accumulate,
-                                resident_blocks=self.config.resident_blocks, stream_outer=self.config.stream_outer)
+                                resident_blocks=self.resident_blocks, stream_outer=self.config.stream_outer)
         if accumulate > 1 and placement.gpu_bytes > gpu_free:
             raise MemoryError(
                 f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches "
