@@ -111,7 +111,7 @@ def limit_step(params: int, matmul_params: int, tokens_per_micro_batch: int, acc
     matmul_rate = probe.get(model_matmul_key(size), probe[MATMUL]) if size else probe[MATMUL]
     attention = probe.get(attention_key(size), 0.0) / 1e3 * accumulate if size else 0.0
     passes = 6 + 2 * cost.recompute_share  # forward 2, backward 4, recomputed forward 2 per recomputed block
-    compute = (passes * matmul_params * tokens / (matmul_rate * 1e12) + attention * passes / 8)
+    compute = passes * matmul_params * tokens / (matmul_rate * 1e12) + attention * passes / 8
     optimizer = params * cost.updated_share / (probe[cost.optimizer_rate] * 1e9)
     d2h = params * (cost.d2h_per_micro_batch * accumulate + cost.d2h_per_step)
     h2d = params * (cost.h2d_per_micro_batch * accumulate + cost.h2d_per_step)

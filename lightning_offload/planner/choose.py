@@ -168,9 +168,12 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     if not plans:
         raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
 
-    def missing(plan: Plan) -> dict[str, float]:
-        memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
-                                 world_size=world_size, ranks_per_host=ranks_per_host)
+    def memory_of(plan: Plan) -> MemoryEstimate:
+        return estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
+                               world_size=world_size, ranks_per_host=ranks_per_host)
+
+    def missing(plan: Plan, memory: MemoryEstimate | None = None) -> dict[str, float]:
+        memory = memory or memory_of(plan)
         # The streaming plan allocates its pinned arenas at exactly the sizes counted here: only the rest of its
         # host estimate needs the margin.
         exact_host = memory.pinned_bytes if plan.backend == "stream" else 0
@@ -184,10 +187,9 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
         seen.add(plan)
-        memory = estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
-                                 world_size=world_size, ranks_per_host=ranks_per_host)
+        memory = memory_of(plan)
         candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
-                                    missing(plan)))
+                                    missing(plan, memory)))
     fitting = [c for c in ordered(candidates) if c.fits]
     exact = [c for c in fitting if c.plan.exact_optimizer]
     if fitting and (allow_eight_bit or not exact):
