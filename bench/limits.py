@@ -64,6 +64,8 @@ class Cost:
 COSTS = {
     "gpu_adamw": Cost(GPU_ADAMW_FUSED, optimizer_on_gpu=True),
     "gpu_8bit_adamw": Cost(GPU_BNB_ADAMW8BIT, optimizer_on_gpu=True),
+    # lightning_offload's fused 8-bit AdamW (bench/NOTES_kernel.md), inside backward on the GPU.
+    "gpu_fused_8bit_adamw": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True),
     # bf16 gradients out, bf16 parameters back, fused AdamW on the host's bf16 copy.
     "torchao_offload": Cost(CPU_ADAMW_FUSED, d2h_per_micro_batch=2, h2d_per_step=2),
     # Gradients are cast to fp32 on the GPU before the copy; fp32 master weights are copied back and cast there.

@@ -206,13 +206,14 @@ def plot(cells: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in cells.values() if r["status"] == "ok"]
     regimes = sorted({r["regime"] for r in ok}) or ["r1"]
     # One colour per method in every panel.
     colors = {method: plt.get_cmap("tab20")(index % 20)
               for index, method in enumerate(sorted({r["method"] for r in ok}, key=_method_rank))}
-    figure, axes = plt.subplots(len(regimes), 2, figsize=(14, 4.5 * len(regimes)), squeeze=False)
+    figure, axes = plt.subplots(len(regimes), 2, figsize=(17, 4.5 * len(regimes)), squeeze=False)
     for row, regime in zip(axes, regimes):
         methods = [method for method in colors if any(r["method"] == method for r in ok if r["regime"] == regime)]
         for method in methods:
@@ -225,10 +226,13 @@ def plot(cells: dict[str, dict], path: Path) -> None:
             row[1].plot(billions, [r.get("peak_host_rss_gib") or 0 for r in points], "s--", color=color)
         row[0].set(title=f"{regime.upper()}: tokens/s", ylabel="tokens/s", yscale="log")
         row[1].set(title=f"{regime.upper()}: peak GPU, device-wide (solid) and host RSS (dashed)", ylabel="GiB")
+        sizes = sorted({r["params"] / 1e9 for r in ok})
         for axis in row:
             axis.set(xlabel="parameters (B)", xscale="log")
-        if methods:
-            row[0].legend(fontsize=7)
+            axis.set_xticks(sizes, [f"{size:.3g}" for size in sizes])
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if methods:  # beside the panels: inside, the legend hides the largest sizes' points
+            row[1].legend(*row[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -161,3 +161,21 @@ def test_metric_state_and_buffers_follow_the_device_parameters_stay() -> None:
     _move_non_parameter_state(module, torch.device("meta"))
     assert module.metric.total_log_probs.device.type == "meta" and module.layer.running_mean.device.type == "meta"
     assert module.layer.weight.device.type == "cpu"
+
+
+def test_expandable_segments_only_for_cuda_and_only_when_the_user_left_the_allocator_alone(monkeypatch) -> None:
+    from lightning_offload import strategy
+    from lightning_offload.strategy import prefer_expandable_segments
+
+    settings: list[str] = []
+    monkeypatch.setattr(strategy, "set_allocator_settings", settings.append)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    prefer_expandable_segments(torch.device("cpu"))
+    assert settings == []
+    prefer_expandable_segments(torch.device("cuda", 0))
+    assert settings == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    prefer_expandable_segments(torch.device("cuda", 0))
+    assert settings == ["expandable_segments:True"]

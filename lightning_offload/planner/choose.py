@@ -16,6 +16,8 @@ from lightning_offload.planner.memory import (
     GIB,
     Machine,
     MemoryEstimate,
+    BACKENDS,
+    MULTI_PROCESS_BACKENDS,
     Plan,
     estimate_memory,
     shortfalls,
@@ -240,6 +242,12 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
     missing = ", ".join(f"{tier} short by {gib:.1f} GiB" for tier, gib in nearest.shortfalls.items())
     plans = [c.plan for c in report.candidates]
     hints = []
+    pinned = {p.backend for p in plans}
+    if len(pinned) == 1 and not report.machine.unified:
+        other = _other_backend(report, pinned.pop())
+        if other is not None:
+            hints.append(f"`backend='{other.plan.backend}'` fits ({other.plan}, ~{other.step_time_s:.3g} s/step); "
+                         "`backend='auto'` takes the fastest plan that fits")
     for fraction in (0.5, 0.25, 0.125):
         smaller = choose(scaled(report.stats, fraction), report.machine, report.ceilings, plans,
                          accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
@@ -262,3 +270,10 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         + ("What would help: " + "; ".join(hints) + "." if hints else "A machine with more memory is needed.")
     )
 
+
+def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
+    """The fastest plan of another backend that fits at the same batch, for the refusal of a pinned backend."""
+    backends = MULTI_PROCESS_BACKENDS if report.world_size > 1 else BACKENDS
+    plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True)
+    return choose(report.stats, report.machine, report.ceilings, plans, accumulate=report.accumulate,
+                  allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host).chosen

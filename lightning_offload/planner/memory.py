@@ -42,6 +42,10 @@ HOST_ADAM_STAGING_BYTES = 224 * 2**20
 # FSDP2 pins its host shards through torch's caching host allocator, which rounds every block up to a power of two:
 # 40% on top of the 8 pinned bytes/param at 3.6B (37.8 GiB pinned, 66.5 GiB RSS measured, bench/RESULTS.md).
 FSDP_PINNED_ROUNDING = 0.40
+# bitsandbytes' 8-bit optimizers on host tensors (FSDP's CPU-offloaded shards) dequantize the parameter being
+# stepped to fp32 state and temporaries: 20 bytes per element of it on top of the state, one parameter at a time
+# (measured on the CPU, bitsandbytes 0.50, 64M- and 256M-element parameters; the GPU kernels need none).
+HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT = 20
 # The streaming plan's weight and state rings hold this many units each (backends/stream, `weight_slots`).
 STREAM_SLOTS = 3
 # NCCL's communication buffers per GPU when several processes train together.
@@ -233,6 +237,9 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
         })
         host.update({"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * params,
                      "optimizer state": int(state_bytes * params)})
+        if plan.optimizer in EIGHT_BIT_OPTIMIZERS:
+            largest = max(block, stats.embedding_parameters)  # no parameter is larger than its block
+            host["8-bit update temporaries (largest parameter)"] = HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT * largest
         if plan.pin_memory:
             host["pinned block rounding"] = int(FSDP_PINNED_ROUNDING * 8 * params)
             pinned |= {"fp32 weight shards", "fp32 gradient shards", "pinned block rounding"}

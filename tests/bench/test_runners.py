@@ -81,7 +81,7 @@ def test_single_gpu_offload_row_trains_on_the_cpu():
 def test_gpu_8bit_row_trains_on_the_cpu_with_the_chunked_loss():
     from bench.methods import all_methods
 
-    method = all_methods({"gpu_8bit": "gpu_8bit_adamw"})["single_gpu_offload_gpu_8bit"]
+    method = all_methods({"gpu_8bit": "gpu_fused_8bit_adamw"})["single_gpu_offload_gpu_8bit"]
     assert method.options["loss"] == "chunked" and method.options["checkpointing"] == "by_strategy"
     clock = lightning(_cell(accumulate=2, steps=2), **method.options)
     assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)

@@ -70,6 +70,15 @@ def test_refusal_names_the_tier_the_shortfall_and_what_would_fit() -> None:
     assert "micro-batch" in message or "checkpointing" in message
 
 
+def test_refusal_of_a_pinned_backend_names_a_backend_that_fits() -> None:
+    # 8B on an 80 GB card: `device` cannot hold even 8-bit state (the benchmark's refused cell); gpu_8bit can.
+    pinned = choose(LLAMA_8B, H100, Ceilings(), candidate_plans(LLAMA_8B, backends=["device"], on_cuda=True))
+    assert pinned.chosen is None
+    fitting = report(H100, optimizer="adamw8bit_fused").chosen
+    assert f"`backend='{fitting.plan.backend}'` fits ({fitting.plan}" in str(pinned.error())
+    assert "`backend='" not in str(report(Machine(gpu_memory_gib=8, host_memory_gib=16)).error())
+
+
 def test_plan_front_end_on_a_module_for_another_machine() -> None:
     import torch
 

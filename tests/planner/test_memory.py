@@ -31,6 +31,15 @@ def test_deepspeed_offload_holds_23_bytes_per_parameter_in_pinned_host_memory() 
     assert estimate.gpu_bytes < 0.25 * estimate_memory(LLAMA_8B, Plan(backend="device")).gpu_bytes
 
 
+def test_fsdp_with_eight_bit_state_counts_bitsandbytes_host_temporaries_for_its_largest_parameter() -> None:
+    exact = estimate_memory(LLAMA_8B, Plan(backend="fsdp", optimizer="adamw", checkpointing="full"))
+    eight_bit = estimate_memory(LLAMA_8B, Plan(backend="fsdp", optimizer="adamw8bit", checkpointing="full"))
+    # 8.03B parameters: 6 bytes/param less state (2.03 instead of 8), plus 20 bytes for each of the embedding
+    # table's 525M elements (the largest parameter) while bitsandbytes steps it on the host.
+    saved = (8 - (2 + 8 / 256)) * LLAMA_8B.parameters
+    assert eight_bit.host_bytes - exact.host_bytes == pytest.approx(20 * 525_336_576 - saved, rel=1e-6)
+
+
 def test_plans_that_update_in_backward_hold_no_full_gradient_unless_accumulating() -> None:
     params = LLAMA_8B.parameters
     for backend in ("gpu_8bit", "host_adam"):
