@@ -197,6 +197,8 @@ class _SingleGPUOffloadCore:
                 self.backend.adopt_plan(report.chosen.plan)
                 if self.activation_checkpointing.policy == "auto":
                     self.activation_checkpointing = checkpointing_of(report.chosen.plan)
+                if self.optimizer_name is None:  # the 8-bit state the plan fits with, when nothing exact fits
+                    self.optimizer_name = optimizer_of(report.chosen.plan)
         self._setup_backend_environment()
 
     def _adopt_plan(self, plan: Plan) -> None:

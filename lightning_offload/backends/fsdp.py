@@ -127,6 +127,7 @@ class FSDPBackend(Backend):
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._local_shards = []  # a later fit brings a new optimizer: the previous one's shards are not stepped
         if type(optimizer).__module__.startswith("torch.optim"):
+            _fused_on_host(optimizer)
             return optimizer
         # The optimizer has not stepped yet, so its (empty) state needs no moving when its params are swapped.
         for group in optimizer.param_groups:
@@ -200,3 +201,20 @@ class FSDPBackend(Backend):
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         sharding = f"sharded across {ranks} processes" if ranks > 1 else "one unit per block"
         return f"FSDP2 ({self._precision}), {sharding}: parameters, gradients and optimizer state in {where}"
+
+
+def _fused_on_host(optimizer: Optimizer) -> None:
+    """Steps torch's Adam/AdamW with its fused kernel when the user left the implementation to torch.
+
+    torch defaults to its fused or foreach kernels only for CUDA tensors; for these host shards its default is the
+    per-parameter loop: 0.9 Gparam/s against the fused kernel's 4.9 on the H100 machine's host (bench/probe.py),
+    3.3 s of a 3.6B step. Same arithmetic; an optimizer that has stepped keeps its implementation.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        return
+    if any(group.get("fused") is not None or group.get("foreach") is not None or group.get("capturable")
+           or group.get("differentiable") for group in optimizer.param_groups):
+        return
+    for group in optimizer.param_groups:
+        group["fused"] = True
+    optimizer.defaults["fused"] = True

@@ -30,6 +30,15 @@ def test_bf16_mixed_tracks_fp32_plain_run() -> None:
     assert_losses_close(module.losses, reference.losses, BF16_RTOL)
 
 
+@pytest.mark.parametrize("user_choice", [{}, {"foreach": False}])
+def test_torch_adamw_steps_host_shards_with_its_fused_kernel_unless_the_user_chose(user_choice: dict) -> None:
+    reference, _ = fit("auto", module=TinyLM(optimizer_kwargs=user_choice))
+    module, trainer = fit(fsdp(), module=TinyLM(optimizer_kwargs=user_choice))
+    assert_losses_close(module.losses, reference.losses, FP32_RTOL)
+    groups = trainer.strategy.optimizers[0].param_groups
+    assert all(group["fused"] is (None if user_choice else True) for group in groups)
+
+
 @pytest.mark.parametrize("accumulate,clip", [(1, None), (2, 0.05)])
 def test_adamw8bit_steps_local_shards(accumulate: int, clip: float | None) -> None:
     reference, _ = fit("auto", accumulate_grad_batches=accumulate, gradient_clip_val=clip)

@@ -38,6 +38,21 @@ def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch
     assert module.net is None
 
 
+def test_a_pinned_backend_takes_the_planners_eight_bit_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 30K parameters bitsandbytes' per-parameter temporaries outweigh the 6 bytes/param its state saves.
+    monkeypatch.setattr("lightning_offload.planner.memory.HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT", 0)
+    _, roomy = fit(SingleGPUOffloadStrategy(backend="fsdp", activation_checkpointing="none"), num_batches=1)
+    needs = {c.plan.optimizer: c.memory.gpu_bytes + c.memory.host_bytes for c in roomy.strategy.plan_report.candidates}
+    assert needs["adamw8bit"] < needs["adamw"]
+    # A host where the 8-bit plan fits and the fp32 one does not (the planner keeps 10% free).
+    between = (needs["adamw8bit"] + needs["adamw"]) / 2 / 0.9 / 2**30
+    machine = Machine(gpu_memory_gib=between, host_memory_gib=between, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="fsdp", activation_checkpointing="none"), num_batches=2)
+    assert trainer.strategy.plan_report.chosen.plan.optimizer == "adamw8bit"
+    assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"
+
+
 def test_backend_options_need_a_pinned_backend() -> None:
     with pytest.raises(ValueError, match="backend='deepspeed'"):
         SingleGPUOffloadStrategy(offload_optimizer=False)
