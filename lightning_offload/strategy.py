@@ -191,20 +191,18 @@ class _SingleGPUOffloadCore:
             if report.chosen is None:
                 raise report.error()
             check_checkpoint_disk(trainer, report)
-            if self.backend is None:
-                self._adopt_plan(report.chosen.plan)
-            else:
-                self.backend.adopt_plan(report.chosen.plan)
-                if self.activation_checkpointing.policy == "auto":
-                    self.activation_checkpointing = checkpointing_of(report.chosen.plan)
-                if self.optimizer_name is None:  # the 8-bit state the plan fits with, when nothing exact fits
-                    self.optimizer_name = optimizer_of(report.chosen.plan)
+            self._adopt_plan(report.chosen.plan)
         self._setup_backend_environment()
 
     def _adopt_plan(self, plan: Plan) -> None:
-        self.backend_name = plan.backend
-        engine = backend_class(plan.backend)
-        self.backend = engine(engine.Config.from_options(backend_options_of(plan, engine.Config)))
+        """Takes the levers the user left open from `plan`: the backend (or a pinned one's planned options), the
+        checkpointing policy, and the optimizer (8-bit state when nothing with the module's own fits)."""
+        if self.backend is None:
+            self.backend_name = plan.backend
+            engine = backend_class(plan.backend)
+            self.backend = engine(engine.Config.from_options(backend_options_of(plan, engine.Config)))
+        else:
+            self.backend.adopt_plan(plan)
         if self.activation_checkpointing.policy == "auto":
             self.activation_checkpointing = checkpointing_of(plan)
         if self.optimizer_name is None:
