@@ -14,6 +14,7 @@ from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_tim
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import (
     GIB,
+    LOGIT_BYTES,
     Machine,
     MemoryEstimate,
     BACKENDS,
@@ -248,6 +249,11 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         if other is not None:
             hints.append(f"`backend='{other.plan.backend}'` fits ({other.plan}, ~{other.step_time_s:.3g} s/step); "
                          "`backend='auto'` takes the fastest plan that fits")
+    without_logits = _fits_without_logits(report, plans)
+    if without_logits is not None:
+        hints.append(f"a loss that never holds the full logits ({report.stats.logits * LOGIT_BYTES / GIB:.1f} GiB) "
+                     f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
+                     "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
     for fraction in (0.5, 0.25, 0.125):
         smaller = choose(scaled(report.stats, fraction), report.machine, report.ceilings, plans,
                          accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
@@ -269,6 +275,16 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         f"{nearest.memory.gpu_bytes / GIB:.1f} GiB GPU, {nearest.memory.host_bytes / GIB:.1f} GiB host). "
         + ("What would help: " + "; ".join(hints) + "." if hints else "A machine with more memory is needed.")
     )
+
+
+def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | None:
+    """The plan that fits once the loss stops materialising the logits. Only their own term is dropped (what the
+    loss saves of them stays counted), so a plan named here also fits with the chunked loss."""
+    if not report.stats.logits:
+        return None
+    return choose(dataclasses.replace(report.stats, logits=0), report.machine, report.ceilings, plans,
+                  accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
+                  ranks_per_host=report.ranks_per_host).chosen
 
 
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:

@@ -145,3 +145,18 @@ def test_allocations_of_exact_size_keep_a_fixed_headroom_instead_of_the_margin()
     assert shortfalls(estimate, machine, 0.9, exact_host_bytes=96 * gib) == {}
     tighter = Machine(gpu_memory_gib=80, host_memory_gib=104)
     assert shortfalls(estimate, tighter, 0.9, exact_host_bytes=96 * gib)["host RAM"] == pytest.approx(0.444, abs=1e-3)
+
+
+def test_refusal_names_a_loss_without_the_full_logits_where_that_fits() -> None:
+    # 8B's 128K-vocabulary logits (4 GiB in fp32) are what a 20 GB card lacks for streaming; the benchmark's
+    # 40.8B refusal on the H100 was the same case.
+    card = Machine(gpu_memory_gib=20, host_memory_gib=32)
+    plans = candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True)
+    refused = choose(LLAMA_8B, card, Ceilings(), plans, allow_eight_bit=True)
+    assert refused.chosen is None
+    without_logits = dataclasses.replace(LLAMA_8B, logits=0)
+    assert choose(without_logits, card, Ceilings(), plans, allow_eight_bit=True).chosen is not None
+    assert "full logits (3.9 GiB) fits with stream + adamw8bit_fused" in str(refused.error())
+    still_refused = choose(without_logits, Machine(gpu_memory_gib=12, host_memory_gib=32), Ceilings(),
+                           candidate_plans(without_logits, backends=["stream"], on_cuda=True), allow_eight_bit=True)
+    assert "full logits" not in str(still_refused.error())
