@@ -34,6 +34,11 @@ class FSDPConfig(BackendConfig):
     """Class names of the modules to shard as units (empty: the most repeated composite module)."""
     reshard_after_forward: bool = True
     """Free each block's gathered weights after its forward (re-gathered in backward): less memory, more copies."""
+    accumulate_on_gpu: bool | None = None
+    """While micro-batches accumulate, add their gradients up on the device in fp32 (4 bytes/param) and send them to
+    host memory once per step. FSDP2's CPU offload otherwise copies every micro-batch's gradients synchronously to
+    pageable memory and adds them there inside backward (~12 s per micro-batch at 3.6B). None: the planner's
+    choice (off without a plan)."""
 
 
 # Key of the per-rank optimizer states in a checkpoint (optimizers that step local shards).
@@ -62,6 +67,18 @@ class FSDPBackend(Backend):
         self._device = torch.device("cpu")
         self._precision = "32-true"
         self._local_shards: list[tuple[nn.Parameter, nn.Parameter]] = []
+        self._root: nn.Module | None = None
+        self._planned_accumulate_on_gpu = False
+
+    def adopt_plan(self, plan: Any) -> None:
+        if plan.backend == self.name:
+            self._planned_accumulate_on_gpu = plan.accumulate_on_gpu
+
+    @property
+    def accumulate_on_gpu(self) -> bool:
+        """The configured choice, else the planner's."""
+        pinned = self.config.accumulate_on_gpu
+        return self._planned_accumulate_on_gpu if pinned is None else pinned
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # FSDP2's MixedPrecisionPolicy casts parameters and inputs itself; Lightning must not autocast on top.
@@ -100,6 +117,7 @@ class FSDPBackend(Backend):
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if isinstance(module, FSDPModule):
+            self._root = module
             return module
         mixed = self._precision == "bf16-mixed"
         options = dict(
@@ -122,6 +140,7 @@ class FSDPBackend(Backend):
         for block in blocks:
             fully_shard(block, reshard_after_forward=self.config.reshard_after_forward, **options)
         fully_shard(module, **options)
+        self._root = module
         return module
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -143,6 +162,12 @@ class FSDPBackend(Backend):
 
         optimizer.zero_grad = zero_grad_everywhere  # type: ignore[method-assign]
         return optimizer
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        # FSDP2's own gradient accumulation without reduction: the unsharded gradients add up on the device in the
+        # reduce dtype, and the last micro-batch reduces (and offloads) the sum.
+        if self.accumulate_on_gpu and self._root is not None:
+            self._root.set_requires_gradient_sync(last_micro_batch)
 
     def after_backward(self) -> None:
         for sharded, local in self._local_shards:

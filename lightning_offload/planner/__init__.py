@@ -84,7 +84,8 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
-                            adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks)
+                            adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
+                            accumulate=accumulate)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
                   ranks_per_host=ranks_per_host, holds_gradients=clips_gradients)

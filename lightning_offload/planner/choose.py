@@ -120,9 +120,11 @@ def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
 
 def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
                     checkpointing: str | None = None, every_k: int | None = None,
-                    adamw_compatible: bool = True, gpu_state_blocks: int | None = None) -> list[Plan]:
+                    adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
+                    accumulate: int = 1) -> list[Plan]:
     """Every plan over the levers the user left open (`None`); pinned levers are taken as given. `host_adam`
-    candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit)."""
+    candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit); `fsdp` ones, when
+    `accumulate` > 1, come with the micro-batches' gradients added up on the GPU or in host memory."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     plans = []
@@ -144,6 +146,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                         plans.append(dataclasses.replace(base, resident_blocks=None))
                     elif backend == "host_adam":
                         plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
+                    elif backend == "fsdp" and accumulate > 1:
+                        plans += [dataclasses.replace(base, accumulate_on_gpu=True), base]
                     else:
                         plans.append(base)
     return plans
@@ -290,6 +294,7 @@ def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | N
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
     """The fastest plan of another backend that fits at the same batch, for the refusal of a pinned backend."""
     backends = MULTI_PROCESS_BACKENDS if report.world_size > 1 else BACKENDS
-    plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True)
+    plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True,
+                            accumulate=report.accumulate)
     return choose(report.stats, report.machine, report.ceilings, plans, accumulate=report.accumulate,
                   allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host).chosen

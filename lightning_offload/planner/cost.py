@@ -46,6 +46,11 @@ HOST_ADAM_PIPELINE_SHARE = 0.27
 # recomputed, 4 x 2048 tokens) at 3.33 s/step, ~2.45 s of it after the copies (bench/RESULTS.md); Lightning's own
 # FSDP offload preset needs 8.3 s (ANCHORS.md).
 FSDP_OFFLOAD_RATE = 1.46e9
+# FSDP2's CPU offload adds a micro-batch's gradients to those already in host memory inside backward: each one is
+# copied synchronously into fresh pageable memory, then added on the CPU (torch's `foreach_reduce`: the copy can
+# only overlap when nothing accumulates). lightning_offload's fsdp backend at 3.6B, 4 x 2048 tokens per micro-batch:
+# 1.92 s/step without accumulation, 89.8 s accumulating 8 (bench/RESULTS.md): ~12.6 s per added micro-batch.
+FSDP_HOST_ACCUMULATION_RATE = 0.29e9
 # bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
 # 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
 CPU_8BIT_UPDATE_RATE = 0.06e9
@@ -135,13 +140,15 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         optimizer = params / (cpu_adamw * DEEPSPEED_OPTIMIZER_PHASE_SHARE)
         return StepTime(compute, weights_in + gradients_out + offload, optimizer,
                         max(compute, weights_in + offload) + gradients_out + optimizer)
-    # fsdp: fp32 shards come in for every unshard, fp32 gradients go out; torch's AdamW steps on the CPU after.
+    # fsdp: fp32 shards come in for every unshard, fp32 gradients go out once per step (the earlier micro-batches'
+    # are added up on the GPU, or in host memory at FSDP's rate); torch's AdamW steps on the CPU after.
     weights_in = accumulate * passes * 4 * params / h2d
-    gradients_out = accumulate * 4 * params / d2h
+    gradients_out = 4 * params / d2h
+    added_on_host = 0 if plan.accumulate_on_gpu else (accumulate - 1) * params / FSDP_HOST_ACCUMULATION_RATE
     rate = CPU_8BIT_UPDATE_RATE if not plan.exact_optimizer else min(cpu_adamw, FSDP_OFFLOAD_RATE)
     optimizer = params / rate
-    return StepTime(compute, weights_in + gradients_out + offload, optimizer,
-                    max(compute, weights_in + offload) + gradients_out + optimizer)
+    return StepTime(compute, weights_in + gradients_out + added_on_host + offload, optimizer,
+                    max(compute, weights_in + offload) + gradients_out + added_on_host + optimizer)
 
 
 def _cache_path(device: torch.device) -> Path:

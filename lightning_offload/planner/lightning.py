@@ -110,10 +110,11 @@ def optimizer_of(chosen: Plan) -> str | None:
 
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
-    optimizer state stays on the GPU."""
+    optimizer state stays on the GPU, fsdp's accumulation on the GPU."""
     known = {f.name for f in dataclasses.fields(config)}
-    option = next((name for name in ("resident_blocks", "gpu_state_blocks") if name in known), None)
-    return {option: chosen.resident_blocks} if option else {}
+    levers = {"resident_blocks": chosen.resident_blocks, "gpu_state_blocks": chosen.resident_blocks,
+              "accumulate_on_gpu": chosen.accumulate_on_gpu}
+    return {name: value for name, value in levers.items() if name in known}
 
 
 def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:

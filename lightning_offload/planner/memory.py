@@ -72,12 +72,16 @@ class Plan:
     the front of the model whose fp32 master weights and AdamW state stay on the GPU, with the input embedding,
     updated there inside backward; the others' state is in host memory. None (a `host_adam` candidate before
     `choose`): the most that fit."""
+    accumulate_on_gpu: bool = False
+    """`fsdp` with gradient accumulation: the micro-batches' gradients add up on the GPU in fp32 and go to host
+    memory once per step, instead of once per micro-batch."""
 
     def __str__(self) -> str:
         policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
         resident = {"stream": f", {self.resident_blocks} resident blocks",
                     "host_adam": f", {self.resident_blocks} blocks' state on the GPU"}.get(self.backend, "")
-        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}"
+        accumulated = ", gradients accumulated on the GPU" if self.accumulate_on_gpu else ""
+        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}{accumulated}"
 
     @property
     def exact_optimizer(self) -> bool:
@@ -235,6 +239,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
             "root unit bf16 weights (embeddings, head)": 2 * stats.other_parameters,
             "fp32 gradients of one block before offload": 4 * block,
         })
+        if plan.accumulate_on_gpu and whole_gradients:
+            gpu["fp32 gradients accumulated over micro-batches"] = 4 * params
         host.update({"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * params,
                      "optimizer state": int(state_bytes * params)})
         if plan.optimizer in EIGHT_BIT_OPTIMIZERS:

@@ -49,6 +49,26 @@ def test_adamw8bit_steps_local_shards(accumulate: int, clip: float | None) -> No
     assert all(not isinstance(p, torch.distributed.tensor.DTensor) for g in optimizer.param_groups for p in g["params"])
 
 
+@pytest.mark.parametrize("on_gpu", [True, False])
+def test_accumulation_adds_up_on_the_device_or_in_host_memory_with_the_same_result(on_gpu: bool,
+                                                                                   monkeypatch) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    syncs: list[bool] = []
+    original = FSDPModule.set_requires_gradient_sync
+
+    def recording(self, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+        syncs.append(requires_gradient_sync)
+        original(self, requires_gradient_sync, recurse=recurse)
+
+    monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync", recording)
+    reference, _ = fit("auto", accumulate_grad_batches=2, precision="bf16-mixed")
+    module, _ = fit(fsdp(accumulate_on_gpu=on_gpu), accumulate_grad_batches=2, precision="bf16-mixed")
+    assert_losses_close(module.losses, reference.losses, BF16_RTOL)
+    # Only the last micro-batch of a step reduces and offloads.
+    assert syncs[:4] == ([False, True, False, True] if on_gpu else [])
+
+
 def test_checkpoint_is_plain_and_resumes(tmp_path) -> None:
     uninterrupted, _ = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=2)
     first, trainer = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=1)

@@ -160,3 +160,20 @@ def test_refusal_names_a_loss_without_the_full_logits_where_that_fits() -> None:
     still_refused = choose(without_logits, Machine(gpu_memory_gib=12, host_memory_gib=32), Ceilings(),
                            candidate_plans(without_logits, backends=["stream"], on_cuda=True), allow_eight_bit=True)
     assert "full logits" not in str(still_refused.error())
+
+
+def test_fsdp_adds_accumulated_gradients_up_on_the_gpu_where_they_fit() -> None:
+    def pinned_fsdp(machine: Machine, accumulate: int):
+        plans = candidate_plans(LLAMA_8B, backends=["fsdp"], on_cuda=True, optimizer="adamw",
+                                checkpointing="full", accumulate=accumulate)
+        return choose(LLAMA_8B, machine, Ceilings(), plans, accumulate=accumulate, allow_eight_bit=True)
+
+    assert not any(c.plan.accumulate_on_gpu for c in pinned_fsdp(H100, 1).candidates)
+    roomy = pinned_fsdp(Machine(gpu_memory_gib=80, host_memory_gib=256), 8)
+    on_gpu, on_host = sorted(roomy.candidates, key=lambda c: not c.plan.accumulate_on_gpu)
+    assert roomy.chosen.plan.accumulate_on_gpu and "gradients accumulated on the GPU" in str(roomy.chosen.plan)
+    # The sum lives on the GPU in fp32; in host memory FSDP adds each micro-batch's gradients inside backward.
+    assert on_gpu.memory.gpu_bytes - on_host.memory.gpu_bytes == 4 * LLAMA_8B.parameters
+    assert on_host.step_time_s - on_gpu.step_time_s > 7 * LLAMA_8B.parameters / 1e9
+    small_card = pinned_fsdp(Machine(gpu_memory_gib=24, host_memory_gib=256), 8)
+    assert small_card.chosen is not None and not small_card.chosen.plan.accumulate_on_gpu
