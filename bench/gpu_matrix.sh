@@ -2,12 +2,13 @@
 # One GPU call of the benchmark matrix (issue "The benchmark"): the cells asked for, until the call's deadline (a
 # cell's time limit is cut to it; one that cannot start is recorded as not run). Results go to $OUT/results.jsonl:
 # append them to bench/results.jsonl here, then `python bench/report.py bench/results.jsonl`.
-# Usage: SIZES=3.6b [REGIMES=r1] [METHODS=plain,torchtune,...] [PROBE=1] [DEADLINE_S=540] bash bench/gpu_matrix.sh
+# Usage: SIZES=3.6b [REGIMES=r1] [METHODS=plain,torchtune,...] [PROBE=1] [DEADLINE_S=540] [SKIP_KNOWN=1] bash bench/gpu_matrix.sh
+# SKIP_KNOWN=1 records the cells that a memory failure in bench/results.jsonl already answers instead of running them.
 set -uo pipefail
 source bench/device_setup.sh package || exit 1
 started=$SECONDS
 python3 bench/run.py ${PROBE:+--probe} --sizes "${SIZES:?name the sizes, e.g. SIZES=3.6b}" --regimes "${REGIMES:-r1}" \
-  ${METHODS:+--methods "$METHODS"} --deadline-s $(( ${DEADLINE_S:-540} - (SECONDS - started) )) \
+  ${METHODS:+--methods "$METHODS"} ${SKIP_KNOWN:+--skip-known-failures bench/results.jsonl} --deadline-s $(( ${DEADLINE_S:-540} - (SECONDS - started) )) \
   --results "$OUT/results.jsonl" > "$OUT/run.out" 2>&1
 grep -E "^[0-9.]+b/" "$OUT/run.out" | cut -c1-300
 echo "took $((SECONDS - started)) s"

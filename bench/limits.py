@@ -76,6 +76,9 @@ COSTS = {
     "zero3_offload": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_micro_batch=4),
     # FSDP keeps fp32 parameters on the host under bf16-mixed: 4 bytes in for the forward, 4 for the backward.
     "fsdp_cpu_offload": Cost(CPU_ADAMW_FOREACH, d2h_per_micro_batch=4, h2d_per_micro_batch=8),
+    # lightning_offload's fsdp backend steps a torch Adam/AdamW left at torch's defaults with the fused CPU kernel,
+    # and adds accumulated gradients up on the GPU: they leave once per step.
+    "fsdp_cpu_offload_fused": Cost(CPU_ADAMW_FUSED, d2h_per_step=4, h2d_per_micro_batch=8),
     # 8-bit state (2.0625 B/param) in and out once a step; streamed bf16 weights in for forward and again for
     # recompute + backward, updated ones back once (counted per micro-batch: R1 has one).
     "stream": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True, h2d_per_step=2.0625,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class PlannedCell:
     regime: Regime
     skip: str | None
     """Why the cell cannot run at all (it is recorded as such, never left out of the table)."""
+    inferred_from: str | None = None
+    """The measured cell whose failure `skip` is inferred from (`skip_known_failures`)."""
 
     @property
     def name(self) -> str:
@@ -82,6 +85,44 @@ def skip_reason(method: Method, regime: Regime, device: str) -> str | None:
     if device != "cuda" and not method.runs_on_cpu:
         return "needs CUDA"
     return None
+
+
+# Statuses that say a method ran out of memory at a size, and how a skipped larger cell names them.
+MEMORY_FAILURES = {"gpu_oom": "out of GPU memory", "host_oom": "out of host memory",
+                   "killed": "killed by the kernel (host memory)"}
+
+
+def memory_failure(record: dict) -> str | None:
+    """How a measured cell failed for memory: an OOM, a kernel kill, or the strategy's planner refusing."""
+    if "inferred_from" in record:
+        return None
+    if record["status"] == "error" and (record.get("cause") or "").startswith("PlanDoesNotFit"):
+        return "refused by the planner"
+    return MEMORY_FAILURES.get(record["status"])
+
+
+def _implies(failed: dict, cell: PlannedCell) -> bool:
+    """Whether `failed` (a measured record) shows that `cell` needs more memory than the machine has: the same
+    method, micro-batch and sequence, at least as many accumulated micro-batches (which only add gradients to
+    keep) and a model at least as large; never the failed cell itself, which is measured again when asked for."""
+    regime = cell.regime
+    return (failed["method"] == cell.method.name and failed["micro_batch"] == regime.micro_batch
+            and failed["seq"] == regime.seq and failed["accumulate"] <= regime.accumulate
+            and SIZES[failed["size"]].params <= SIZES[cell.size].params and failed["cell"] != cell.name)
+
+
+def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict]) -> list[PlannedCell]:
+    """`cells` with those that an earlier memory failure already answers marked to skip, naming it."""
+    failures = sorted((record for record in measured if memory_failure(record)),
+                      key=lambda record: (SIZES[record["size"]].params, record["accumulate"]))
+    marked = []
+    for cell in cells:
+        failed = next((record for record in failures if _implies(record, cell)), None) if not cell.skip else None
+        if failed is not None:
+            cell = replace(cell, inferred_from=failed["cell"],
+                           skip=f"not run: {memory_failure(failed)} at {failed['cell']} (needs more memory here)")
+        marked.append(cell)
+    return marked
 
 
 def _select(kind: str, asked: list[str] | None, known: list[str]) -> list[str]:

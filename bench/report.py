@@ -49,8 +49,8 @@ PROBE_FIGURES = {  # probe key -> row label, in the order shown
 def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
     """(the probe, one record per cell) over all lines of all files.
 
-    Per cell the newest record wins, except that a session which did not get to a cell ("not run") never hides a
-    measurement. The probe is the figures of every probe that succeeded, the newest value of each (a later call
+    Per cell the newest record wins, except that neither a session which did not get to a cell ("not run") nor a
+    skip inferred from another cell's failure (`run.py --skip-known-failures`) ever hides a measurement. The probe is the figures of every probe that succeeded, the newest value of each (a later call
     may measure figures an earlier one lacked); its `commands` are theirs.
     """
     records: dict[str, list[dict]] = defaultdict(list)
@@ -65,7 +65,7 @@ def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
     if succeeded:
         probe = {key: value for record in succeeded for key, value in record.items()}
         probe["commands"] = [record["command"] for record in succeeded]
-    cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", r["finished_at"]))
+    cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", "inferred_from" not in r, r["finished_at"]))
              for cell, runs in records.items()}
     return probe, cells
 

@@ -31,7 +31,7 @@ import psutil
 
 from bench import GIB, RESULT_PREFIX
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
-                          override_arguments, overrides_from, parse_list)
+                          override_arguments, overrides_from, parse_list, skip_known_failures)
 from bench.models import SIZES
 
 BENCH = Path(__file__).resolve().parent
@@ -202,7 +202,8 @@ def probe_record(config: Config, deadline: float | None, log_path: Path, only: s
 def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrides: dict[str, int],
             deadline: float | None, log_path: Path) -> dict:
     if cell.skip:
-        return cell_record(cell, "skipped", cell.skip)
+        record = cell_record(cell, "skipped", cell.skip)
+        return record | {"inferred_from": cell.inferred_from} if cell.inferred_from else record
     limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, deadline)
     if limit is None:
         return cell_record(cell, "not_run", NOT_RUN)
@@ -226,6 +227,10 @@ def main() -> None:
     parser.add_argument("--log", type=Path, help="every child's output (default: the results path, .log)")
     parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
     parser.add_argument("--deadline-s", type=float, help="stop starting cells once this many seconds have passed")
+    parser.add_argument("--skip-known-failures", nargs="?", const="results", metavar="RESULTS",
+                        help="skip the cells that a memory failure measured in RESULTS (default: --results) "
+                             "already answers: the same method out of memory, killed or refused at a smaller size, "
+                             "or at the same size without accumulation; the record names that cell")
     parser.add_argument("--report", type=Path, help="render this markdown file (and a .png beside it) at the end")
     add_override_arguments(parser)
     args = parser.parse_args()
@@ -233,6 +238,11 @@ def main() -> None:
     overrides = overrides_from(args)
     cells = expand(config, parse_list(args.sizes), parse_list(args.methods), parse_list(args.regimes), args.device,
                    overrides)
+    known = args.results if args.skip_known_failures == "results" else Path(args.skip_known_failures or "")
+    if args.skip_known_failures and known.exists():
+        from bench.report import load
+
+        cells = skip_known_failures(cells, load([known])[1].values())
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")
     args.results.parent.mkdir(parents=True, exist_ok=True)

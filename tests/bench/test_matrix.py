@@ -86,3 +86,44 @@ def test_a_backend_with_an_unknown_cost_profile_is_refused(tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match="unknown cost 'zero4'"):
         load_config(path)
+
+
+def _measured(cell: str, status: str, cause: str | None = None, accumulate: int = 1) -> dict:
+    size, method, regime = cell.split("/")
+    return {"cell": cell, "size": size, "method": method, "regime": regime, "micro_batch": 4, "seq": 2048,
+            "accumulate": accumulate, "status": status, "cause": cause}
+
+
+def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulating_regimes(config):
+    from bench.matrix import skip_known_failures
+
+    measured = [_measured("8b/plain/r1", "gpu_oom"), _measured("14.8b/plain/r1", "gpu_oom"),
+                _measured("3.6b/plain/r1", "ok"),
+                _measured("8b/single_gpu_offload_device/r1", "error", "PlanDoesNotFit: No plan fits ..."),
+                _measured("8b/deepspeed_zero2_offload/r1", "killed"),
+                _measured("8b/lightning_auto/r1", "timeout", "timeout after 420 s"),
+                _measured("8b/single_gpu_offload_fsdp/r1", "error", "RuntimeError: something else")]
+    names = "plain,single_gpu_offload_device,deepspeed_zero2_offload,lightning_auto,single_gpu_offload_fsdp"
+    cells = skip_known_failures(expand(config, methods=parse_list(names)), measured)
+    skipped = {cell.name: cell for cell in cells if cell.inferred_from}
+    # The smallest failure answers: 14.8B is skipped because of 8B; 8B itself is measured again when asked for.
+    assert skipped["14.8b/plain/r1"].skip == "not run: out of GPU memory at 8b/plain/r1 (needs more memory here)"
+    assert skipped["14.8b/plain/r1"].inferred_from == "8b/plain/r1"
+    assert "8b/plain/r1" not in skipped and "3.6b/plain/r1" not in skipped and "3.6b/plain/r2" not in skipped
+    # Accumulating the same micro-batches only adds memory: R2 at the failed size is answered too.
+    assert skipped["8b/plain/r2"].inferred_from == "8b/plain/r1"
+    assert skipped["40.8b/single_gpu_offload_device/r2"].skip.startswith("not run: refused by the planner at 8b")
+    assert skipped["19b/deepspeed_zero2_offload/r1"].skip.startswith("not run: killed by the kernel")
+    # A timeout or another error says nothing about memory.
+    assert not any(name.split("/")[1] in ("lightning_auto", "single_gpu_offload_fsdp") for name in skipped)
+    # A cell that cannot run for another reason keeps that reason.
+    assert all(cell.skip == "cannot accumulate gradients (R1 only)" for cell in skip_known_failures(
+        expand(config, methods=["torchtune"], regimes=["r2"]), [_measured("8b/torchtune/r1", "gpu_oom")]))
+
+
+def test_an_inferred_skip_is_not_a_failure_to_infer_from(config):
+    from bench.matrix import skip_known_failures
+
+    inferred = _measured("14.8b/plain/r1", "skipped", "not run: ...") | {"inferred_from": "8b/plain/r1"}
+    cells = skip_known_failures(expand(config, methods=["plain"]), [inferred])
+    assert not any(cell.skip and cell.inferred_from for cell in cells)

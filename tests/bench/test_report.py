@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,14 @@ def test_a_plan_that_checkpoints_fewer_blocks_is_charged_less_recompute(policy, 
     record = {"cost": "gpu_8bit_adamw", "size": "1.5b", "plan": f"gpu_8bit + adamw8bit_fused + checkpointing={policy}",
               "method": "single_gpu_offload_gpu_8bit"}  # its module leaves checkpointing to the strategy
     assert plan_cost(record).recompute_share == share
+
+
+def test_a_skip_inferred_later_never_hides_a_measurement(tmp_path):
+    measured = {"kind": "cell", "cell": "14.8b/plain/r1", "status": "gpu_oom", "finished_at": "2026-11-23T10:00:00"}
+    inferred = {"kind": "cell", "cell": "14.8b/plain/r1", "status": "skipped", "inferred_from": "8b/plain/r1",
+                "finished_at": "2026-11-24T10:00:00"}
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(record) for record in (measured, inferred)))
+    assert load([results])[1]["14.8b/plain/r1"]["status"] == "gpu_oom"
+    results.write_text(json.dumps(inferred))
+    assert load([results])[1]["14.8b/plain/r1"]["status"] == "skipped"

@@ -135,3 +135,25 @@ def test_a_partial_probe_runs_only_the_named_measurements_without_the_deepspeed_
     assert probe_argv[-2:] == ["--only", "model_matmuls,model_attention"]
     assert probe_limit == load_config(DEFAULT_CONFIG).probe_timeout_s
     assert json.loads(results.read_text().splitlines()[0])["sdpa_causal_ms_8b"] == 40.0
+
+
+def test_known_failures_in_the_results_are_recorded_as_inferred_skips(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_child(argv, timeout_s, log_path, title):
+        ran.append(title)
+        return outcome(result={"ok": True, "step_s_median": 1.0}, peak_rss_bytes=2**30)
+
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"kind": "cell", "cell": "8b/plain/r1", "size": "8b", "method": "plain",
+                                   "regime": "r1", "micro_batch": 4, "seq": 2048, "accumulate": 1,
+                                   "status": "gpu_oom", "cause": "GPU OOM: ...",
+                                   "finished_at": "2026-11-23T10:00:00"}) + "\n")
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "3.6b,14.8b", "--methods", "plain", "--regimes", "r1",
+                                      "--skip-known-failures", "--results", str(results)])
+    main()
+    records = [json.loads(line) for line in results.read_text().splitlines()][1:]
+    assert ran == ["3.6b/plain/r1"]
+    assert records[1]["status"] == "skipped" and records[1]["inferred_from"] == "8b/plain/r1"
+    assert "out of GPU memory at 8b/plain/r1" in records[1]["cause"]
