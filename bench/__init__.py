@@ -7,3 +7,13 @@ cell), `probe.py` (the machine's ceilings), `report.py` (MATRIX.md and its plot 
 # The line a cell or probe process prints its result on; bench/run.py reads the last one.
 RESULT_PREFIX = "RESULT "
 GIB = 2**30
+
+
+class PredictedTimeout(RuntimeError):
+    """A cell stopped at train start because the planner predicts its plan cannot run the regime's steps before
+    bench/run.py's time limit (bench/runners.py raises it; bench/run.py records a timeout). `planned` is what the
+    planner predicted, kept in the record as a measured cell keeps it."""
+
+    def __init__(self, message: str, planned: dict[str, object]) -> None:
+        super().__init__(message)
+        self.planned = planned

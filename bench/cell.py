@@ -20,9 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/cell.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil
 import torch
 
-from bench import GIB, RESULT_PREFIX
+from bench import GIB, RESULT_PREFIX, PredictedTimeout
 from bench.matrix import DEFAULT_CONFIG, add_override_arguments, load_config, overrides_from, skip_reason
 from bench.measure import device_name, summarise, versions
 from lightning_offload.telemetry import GpuMemorySampler
@@ -31,7 +32,7 @@ from bench.runners import RUNNERS, Cell
 
 
 def measure_cell(method_name: str, size: str, regime_name: str, device: str, config_path: Path,
-                 regime_overrides: dict[str, int]) -> dict:
+                 regime_overrides: dict[str, int], deadline: float | None = None) -> dict:
     config = load_config(config_path)
     method = config.methods[method_name]
     regime = replace(config.regimes[regime_name], **regime_overrides)
@@ -42,12 +43,14 @@ def measure_cell(method_name: str, size: str, regime_name: str, device: str, con
     with GpuMemorySampler() as gpu:
         try:
             result["device"] = device_name(torch.device(device))
-            clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device)), **method.options)
+            clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device), deadline), **method.options)
             result.update(ok=True, step_times=[round(t, 4) for t in clock.times], losses=clock.losses,
                           **summarise(clock.times, clock.losses, regime.warmup, regime.tokens_per_step,
                                       SIZES[size].matmul_params), **clock.planned)
         except BaseException as error:  # OOMs and kills are data
             result.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
+            if isinstance(error, PredictedTimeout):  # the refused plan, as a measured cell records the plan it ran
+                result.update(error.planned)
             traceback.print_exc()
     if torch.cuda.is_initialized():
         result["peak_gpu_torch_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
@@ -62,9 +65,15 @@ def main() -> None:
     parser.add_argument("--regime", default="r1")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--time-limit-s", type=float,
+                        help="the limit bench/run.py kills this cell at; lightning_offload's rows stop at train start "
+                             "when the planner predicts that their steps cannot finish before it")
     add_override_arguments(parser)
     args = parser.parse_args()
-    result = measure_cell(args.method, args.size, args.regime, args.device, args.config, overrides_from(args))
+    # Counted from the process start, as bench/run.py counts it: the imports and the model build spend it too.
+    deadline = psutil.Process().create_time() + args.time_limit_s if args.time_limit_s else None
+    result = measure_cell(args.method, args.size, args.regime, args.device, args.config, overrides_from(args),
+                          deadline)
     result["peak_rss_self_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     # Leave without interpreter shutdown: engines' worker threads and process groups can hang it, which would turn

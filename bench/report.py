@@ -3,7 +3,7 @@
     python bench/report.py bench/results.jsonl [more.jsonl ...] --out bench/MATRIX.md   # also bench/MATRIX.png
 
 Records of the same cell from several runs merge: the newest measurement wins, and a cell that a later session did
-not get to ("not run") keeps its earlier measurement.
+not get to ("not run") or skipped as answered by another cell's failure keeps its earlier measurement.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
     """(the probe, one record per cell) over all lines of all files.
 
     Per cell the newest record wins, except that neither a session which did not get to a cell ("not run") nor a
-    skip inferred from another cell's failure (`run.py --skip-known-failures`) ever hides a measurement. The probe is the figures of every probe that succeeded, the newest value of each (a later call
-    may measure figures an earlier one lacked); its `commands` are theirs.
+    skip inferred from another cell's failure (`run.py --skip-known-failures`) ever hides a measurement. The probe
+    is the figures of every probe that succeeded, the newest value of each (a later call may measure figures an
+    earlier one lacked); its `commands` are theirs.
     """
     records: dict[str, list[dict]] = defaultdict(list)
     for path in paths:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` 
 
 import psutil
 
-from bench import GIB, RESULT_PREFIX
+from bench import GIB, RESULT_PREFIX, PredictedTimeout
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
                           override_arguments, overrides_from, parse_list, skip_known_failures)
 from bench.models import SIZES
@@ -42,6 +42,7 @@ RSS_POLL_S = 0.2
 GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
 HOST_OOM_MARKERS = ("MemoryError", "can't allocate memory", "Cannot allocate memory")
 TAIL_CHARS = 4000
+PREDICTED_TIMEOUT = f"{PredictedTimeout.__name__}: "
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def classify(outcome: ChildOutcome, timeout_s: float) -> tuple[str, str | None]:
     if result.get("skipped"):
         return "skipped", result["skipped"]
     error = result.get("error", "")
+    if error.startswith(PREDICTED_TIMEOUT):
+        return "timeout", f"predicted timeout: {_first_line(error.removeprefix(PREDICTED_TIMEOUT))}"
     if not result and outcome.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
         return "killed", "killed by SIGKILL, no Python error (host OOM?)"
     evidence = error or outcome.tail
@@ -209,7 +212,7 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
         return cell_record(cell, "not_run", NOT_RUN)
     argv = [sys.executable, str(BENCH / "cell.py"), "--size", cell.size, "--method", cell.method.name,
             "--regime", cell.regime.name, "--device", args.device, "--config", str(args.config),
-            *override_arguments(overrides)]
+            "--time-limit-s", f"{limit:.1f}", *override_arguments(overrides)]
     outcome = run_child(argv, limit, log_path, cell.name)
     return cell_record(cell, *classify(outcome, limit), outcome, limit)
 

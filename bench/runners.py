@@ -9,6 +9,7 @@ missing one fails only its own cells.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from bench import PredictedTimeout
 from bench.matrix import Regime
 from bench.measure import StepClock
 from bench.methods import OURS
 from bench.models import SIZES, build_llama, enable_checkpointing
 
 LR = 1e-5
+# The planner's step time is its steady state and warm-up steps take longer: at 1.0 the guard refuses only plans
+# whose predicted steps alone overrun the time left, so a refused plan would have timed out unless the planner
+# overestimates it by more than the overrun.
+PREDICTION_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Cell:
     size: str
     regime: Regime
     device: torch.device
+    deadline: float | None = None
+    """`time.time()` at which bench/run.py kills the cell; None (bench/cell.py run by hand): no limit."""
 
 
 # Forward and backward of one micro-batch with the loss scaled by the given factor; returns the unscaled loss.
@@ -227,6 +235,36 @@ class _Clock(L.Callback):
             self.clock.stop(self.losses)
 
 
+def _planned(strategy: Any) -> dict[str, object]:
+    """What the planner predicted for the plan the strategy chose (lightning_offload's rows); else nothing."""
+    report = getattr(strategy, "plan_report", None)
+    if report is None or report.chosen is None:
+        return {}
+    chosen = report.chosen
+    return {"plan": str(chosen.plan), "predicted_step_s": round(chosen.step_time_s, 3),
+            "predicted_gpu_gib": round(chosen.memory.gpu_bytes / 2**30, 2),
+            "predicted_host_gib": round(chosen.memory.host_bytes / 2**30, 2)}
+
+
+class _PredictedTimeoutGuard(L.Callback):
+    """Stops the fit at train start when the planner predicts its plan cannot run `steps` steps before `deadline`:
+    a pinned plan far too slow for the cell (fsdp at 8B falls back to 8-bit AdamW on the host, ~133 s/step) would
+    otherwise spend the whole time limit before it is killed."""
+
+    def __init__(self, steps: int, deadline: float) -> None:
+        self.steps, self.deadline = steps, deadline
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        planned = _planned(trainer.strategy)
+        if not planned:
+            return
+        step_s = planned["predicted_step_s"]
+        needed_s, left_s = step_s * self.steps * PREDICTION_MARGIN, self.deadline - time.time()
+        if needed_s > left_s:
+            raise PredictedTimeout(f"{planned['plan']} at {step_s:.3g} s/step needs ~{needed_s:.0f} s for "
+                                   f"{self.steps} steps, {left_s:.0f} s left", planned)
+
+
 def _lightning_strategy(name: str, backend: str | None, backend_options: dict[str, Any]) -> Any:
     if name == "fsdp_cpu_offload":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -244,20 +282,18 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
               loss: str = "full", backend_options: dict[str, Any] | None = None) -> StepClock:
     """A Trainer with `strategy` and precision bf16-mixed, fitting `LlamaModule` on random tokens."""
     regime, clock = cell.regime, StepClock(cell.device)
+    callbacks: list[L.Callback] = [_Clock(clock, regime.accumulate)]
+    if cell.deadline is not None:
+        callbacks.append(_PredictedTimeoutGuard(regime.steps, cell.deadline))
     trainer = L.Trainer(accelerator=cell.device.type, devices=1,
                         strategy=_lightning_strategy(strategy, backend, backend_options or {}),
                         precision="bf16-mixed", max_steps=regime.steps, accumulate_grad_batches=regime.accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[_Clock(clock, regime.accumulate)])
+                        enable_model_summary=False, callbacks=callbacks)
     tokens = _RandomTokens(regime.steps * regime.accumulate * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
     trainer.fit(LlamaModule(cell.size, checkpointing, optimizer, loss),
                 DataLoader(tokens, batch_size=regime.micro_batch))
-    report = getattr(trainer.strategy, "plan_report", None)
-    if report is not None and report.chosen is not None:
-        chosen = report.chosen
-        clock.planned = {"plan": str(chosen.plan), "predicted_step_s": round(chosen.step_time_s, 3),
-                         "predicted_gpu_gib": round(chosen.memory.gpu_bytes / 2**30, 2),
-                         "predicted_host_gib": round(chosen.memory.host_bytes / 2**30, 2)}
+    clock.planned = _planned(trainer.strategy)
     return clock
 
 

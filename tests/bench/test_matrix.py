@@ -102,8 +102,10 @@ def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulatin
                 _measured("8b/single_gpu_offload_device/r1", "error", "PlanDoesNotFit: No plan fits ..."),
                 _measured("8b/deepspeed_zero2_offload/r1", "killed"),
                 _measured("8b/lightning_auto/r1", "timeout", "timeout after 420 s"),
-                _measured("8b/single_gpu_offload_fsdp/r1", "error", "RuntimeError: something else")]
-    names = "plain,single_gpu_offload_device,deepspeed_zero2_offload,lightning_auto,single_gpu_offload_fsdp"
+                _measured("8b/single_gpu_offload_fsdp/r1", "error", "RuntimeError: something else"),
+                _measured("8b/torchao_offload/r1", "crashed", "crashed: SIGSEGV")]
+    names = ("plain,single_gpu_offload_device,deepspeed_zero2_offload,lightning_auto,single_gpu_offload_fsdp,"
+             "torchao_offload")
     cells = skip_known_failures(expand(config, methods=parse_list(names)), measured)
     skipped = {cell.name: cell for cell in cells if cell.inferred_from}
     # The smallest failure answers: 14.8B is skipped because of 8B; 8B itself is measured again when asked for.
@@ -114,8 +116,9 @@ def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulatin
     assert skipped["8b/plain/r2"].inferred_from == "8b/plain/r1"
     assert skipped["40.8b/single_gpu_offload_device/r2"].skip.startswith("not run: refused by the planner at 8b")
     assert skipped["19b/deepspeed_zero2_offload/r1"].skip.startswith("not run: killed by the kernel")
-    # A timeout or another error says nothing about memory.
-    assert not any(name.split("/")[1] in ("lightning_auto", "single_gpu_offload_fsdp") for name in skipped)
+    # A timeout, a crash or another error says nothing about memory.
+    assert not any(name.split("/")[1] in ("lightning_auto", "single_gpu_offload_fsdp", "torchao_offload")
+                   for name in skipped)
     # A cell that cannot run for another reason keeps that reason.
     assert all(cell.skip == "cannot accumulate gradients (R1 only)" for cell in skip_known_failures(
         expand(config, methods=["torchtune"], regimes=["r2"]), [_measured("8b/torchtune/r1", "gpu_oom")]))

@@ -29,6 +29,10 @@ def outcome(returncode=0, result=None, tail="", timed_out=False, peak_rss_bytes=
      ("unavailable", "not available: ModuleNotFoundError: No module named 'lightning_offload'")),
     (outcome(1, {"ok": False, "skipped": "needs CUDA"}), ("skipped", "needs CUDA")),
     (outcome(1, {"ok": False, "error": "ValueError: bad config\nmore"}), ("error", "ValueError: bad config")),
+    (outcome(1, {"ok": False, "error": "PredictedTimeout: fsdp + adamw8bit + checkpointing=full at 133 s/step needs "
+                                       "~1064 s for 8 steps, 380 s left", "plan": "fsdp + adamw8bit"}),
+     ("timeout", "predicted timeout: fsdp + adamw8bit + checkpointing=full at 133 s/step needs ~1064 s for 8 steps, "
+                 "380 s left")),
     (outcome(-11, tail="Fatal Python error"), ("crashed", "crashed: SIGSEGV")),
     (outcome(-6, tail="terminate called after throwing\nRuntimeError: CUDA error: out of memory\n"),
      ("gpu_oom", "GPU OOM: see the log")),
@@ -157,3 +161,18 @@ def test_known_failures_in_the_results_are_recorded_as_inferred_skips(tmp_path, 
     assert ran == ["3.6b/plain/r1"]
     assert records[1]["status"] == "skipped" and records[1]["inferred_from"] == "8b/plain/r1"
     assert "out of GPU memory at 8b/plain/r1" in records[1]["cause"]
+
+
+def test_a_cell_is_told_the_time_limit_it_is_killed_at(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_child(argv, timeout_s, log_path, title):
+        calls.append((argv, timeout_s))
+        return outcome(result={"ok": True, "step_s_median": 1.0}, peak_rss_bytes=2**30)
+
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "1.5b", "--methods", "plain", "--regimes", "r1",
+                                      "--timeout-s", "123", "--results", str(tmp_path / "results.jsonl")])
+    main()
+    [(argv, timeout_s)] = calls
+    assert timeout_s == 123 and argv[argv.index("--time-limit-s") + 1] == "123.0"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from bench.matrix import Regime
+from bench import PredictedTimeout
+from bench.matrix import DEFAULT_CONFIG, Regime
 from bench.measure import StepClock, summarise
 from bench.probe import cpu_torch_adamw, disk, host_memory
-from bench.runners import Cell, Steps, deepspeed_config, lightning, run_loop
+from bench.runners import Cell, Steps, _PredictedTimeoutGuard, deepspeed_config, lightning, run_loop
 
 
 def _cell(**regime) -> Cell:
@@ -98,3 +102,36 @@ def test_host_adam_rows_leave_checkpointing_to_the_planner_and_one_keeps_every_s
     clock = lightning(_cell(accumulate=2, steps=2), **all_host.options)
     assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)
     assert "0 blocks' state on the GPU" in clock.planned["plan"]
+
+
+def _trainer_with_plan(step_time_s: float | None) -> SimpleNamespace:
+    chosen = SimpleNamespace(plan="fsdp + adamw8bit + checkpointing=full", step_time_s=step_time_s,
+                             memory=SimpleNamespace(gpu_bytes=30 * 2**30, host_bytes=90 * 2**30))
+    report = None if step_time_s is None else SimpleNamespace(chosen=chosen)
+    return SimpleNamespace(strategy=SimpleNamespace(plan_report=report))
+
+
+def test_the_guard_stops_a_plan_predicted_to_overrun_the_time_left_and_only_that():
+    guard = _PredictedTimeoutGuard(steps=8, deadline=time.time() + 380.4)
+    with pytest.raises(PredictedTimeout) as refused:
+        guard.on_train_start(_trainer_with_plan(133.0), None)
+    assert str(refused.value) == ("fsdp + adamw8bit + checkpointing=full at 133 s/step needs ~1064 s for 8 steps, "
+                                  "380 s left")
+    assert refused.value.planned == {"plan": "fsdp + adamw8bit + checkpointing=full", "predicted_step_s": 133.0,
+                                     "predicted_gpu_gib": 30.0, "predicted_host_gib": 90.0}
+    guard.on_train_start(_trainer_with_plan(47.0), None)  # 376 s of steps fit in 380 s
+    guard.on_train_start(_trainer_with_plan(None), None)  # no plan (not lightning_offload): nothing to predict
+    _PredictedTimeoutGuard(steps=8, deadline=time.time() + 1100).on_train_start(_trainer_with_plan(133.0), None)
+
+
+def test_a_cell_past_its_time_limit_is_stopped_at_train_start_and_recorded_as_a_timeout_with_its_plan():
+    from bench.cell import measure_cell
+    from bench.run import ChildOutcome, classify
+
+    overrides = {"steps": 2, "warmup": 1, "seq": 8, "micro_batch": 1}
+    result = measure_cell("single_gpu_offload_host_adam_all_host", "tiny", "r1", "cpu", DEFAULT_CONFIG, overrides,
+                          deadline=time.time())
+    assert not result["ok"] and "step_times" not in result
+    assert "0 blocks' state on the GPU" in result["plan"] and result["predicted_step_s"] > 0
+    status, cause = classify(ChildOutcome(1, False, result, "", 0, 1.0), 420)
+    assert status == "timeout" and cause.startswith("predicted timeout: host_adam + ")
