@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -115,6 +116,23 @@ def test_two_fits_in_one_process() -> None:
     assert first.losses == second.losses
     again, _ = fit("single_gpu_offload_deepspeed", module=first, num_batches=2)
     assert len(again.losses) == 4 and again.losses[2] < again.losses[0]
+
+
+def test_later_runs_in_the_process_get_torch_linear_back() -> None:
+    # zero.Init swaps DeepSpeed's linear into torch for the whole process: a later run would compute its linear
+    # layers through it, rounding differently and finishing their gradients in another order (the `host_adam`
+    # engine then stepped its buckets out of their layout's order).
+    torch_linear = torch.nn.functional.linear
+    linear_in_training: list[object] = []
+
+    class RecordLinear(pl.Callback):
+        def on_train_start(self, *args: object) -> None:
+            linear_in_training.append(torch.nn.functional.linear)
+
+    fit("single_gpu_offload_deepspeed", num_batches=1, callbacks=[RecordLinear()])
+    [linear_in_training_run] = linear_in_training
+    assert linear_in_training_run is not torch_linear, "the run itself keeps DeepSpeed's linear"
+    assert torch.nn.functional.linear is torch_linear
 
 
 def test_more_than_one_device_is_refused() -> None:

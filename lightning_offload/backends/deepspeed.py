@@ -167,6 +167,8 @@ class DeepSpeedBackend(Backend):
         self.config: DeepSpeedConfig = config
         self._engine: Any = None
         self._precision = "32-true"
+        self._torch_linear: Any = None
+        """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
@@ -258,6 +260,12 @@ class DeepSpeedBackend(Backend):
             return
         import deepspeed
 
+        # zero.Init replaces `torch.nn.functional.linear` with DeepSpeed's autograd function for the rest of the
+        # process ("This will persist unless manually reset"): every later run in it (plain Lightning, another
+        # backend) would compute its linear layers, and order their gradients, through DeepSpeed's. This run keeps
+        # it; `teardown` puts torch's back.
+        if self._torch_linear is None:
+            self._torch_linear = torch.nn.functional.linear
         with deepspeed.zero.Init(
             config_dict_or_path=self.engine_config(setup=None),
             remote_device="cpu" if self.config.offload_parameters else None,
@@ -314,6 +322,8 @@ class DeepSpeedBackend(Backend):
         return client_state or {}
 
     def teardown(self) -> None:
+        if self._torch_linear is not None:
+            torch.nn.functional.linear, self._torch_linear = self._torch_linear, None
         _empty_caches()
 
     def describe(self) -> str:
