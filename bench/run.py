@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--log", type=Path, help="every child's output (default: the results path, .log)")
     parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
     parser.add_argument("--deadline-s", type=float, help="stop starting cells once this many seconds have passed")
-    parser.add_argument("--skip-known-failures", nargs="?", const="results", metavar="RESULTS",
+    parser.add_argument("--skip-known-failures", nargs="?", const=True, type=Path, metavar="RESULTS",
                         help="skip the cells that a memory failure measured in RESULTS (default: --results) "
                              "already answers: the same method out of memory, killed or refused at a smaller size, "
                              "or at the same size without accumulation; the record names that cell")
@@ -241,8 +241,8 @@ def main() -> None:
     overrides = overrides_from(args)
     cells = expand(config, parse_list(args.sizes), parse_list(args.methods), parse_list(args.regimes), args.device,
                    overrides)
-    known = args.results if args.skip_known_failures == "results" else Path(args.skip_known_failures or "")
-    if args.skip_known_failures and known.exists():
+    known = args.results if args.skip_known_failures is True else args.skip_known_failures
+    if known is not None and known.exists():
         from bench.report import load
 
         cells = skip_known_failures(cells, load([known])[1].values())

@@ -54,13 +54,23 @@ class Backend(ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+        self._planned_options: dict[str, Any] = {}
 
     def setup_environment(self, device: torch.device) -> None:
         """Runs before `configure_model`: process groups, device selection, engine-global settings."""
 
     def adopt_plan(self, plan: Any) -> None:
-        """The planner's chosen plan (`lightning_offload.planner.Plan`) for this pinned backend: it may fill in the
-        options the user left to the planner."""
+        """The planner's chosen plan (`lightning_offload.planner.Plan`) for this pinned backend: it fills in the
+        options the user left to the planner (None in the config; read with `configured_or_planned`)."""
+        if plan.backend == self.name:
+            from lightning_offload.planner.lightning import backend_options_of
+
+            self._planned_options = backend_options_of(plan, type(self.config))
+
+    def configured_or_planned(self, option: str, default: Any) -> Any:
+        """The configured `option`, else the plan's, else `default` (no plan ran)."""
+        configured = getattr(self.config, option)
+        return configured if configured is not None else self._planned_options.get(option, default)
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         """The Lightning precision plugin to train with; `plugins` is the namespace's `plugins.precision` module and

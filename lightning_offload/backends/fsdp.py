@@ -68,17 +68,11 @@ class FSDPBackend(Backend):
         self._precision = "32-true"
         self._local_shards: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._root: nn.Module | None = None
-        self._planned_accumulate_on_gpu = False
-
-    def adopt_plan(self, plan: Any) -> None:
-        if plan.backend == self.name:
-            self._planned_accumulate_on_gpu = plan.accumulate_on_gpu
 
     @property
     def accumulate_on_gpu(self) -> bool:
-        """The configured choice, else the planner's."""
-        pinned = self.config.accumulate_on_gpu
-        return self._planned_accumulate_on_gpu if pinned is None else pinned
+        """The configured choice, else the planner's (off when no plan ran)."""
+        return self.configured_or_planned("accumulate_on_gpu", False)
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # FSDP2's MixedPrecisionPolicy casts parameters and inputs itself; Lightning must not autocast on top.

@@ -178,7 +178,6 @@ class HostAdamBackend(Backend):
         self._optimizer: HostAdamW | None = None
         self._module: torch.nn.Module | None = None
         self._clip: tuple[str, float] | None = None
-        self._planned_gpu_state_blocks = 0
 
     @property
     def engine(self) -> HostAdamEngine | None:
@@ -187,15 +186,10 @@ class HostAdamBackend(Backend):
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
 
-    def adopt_plan(self, plan: Any) -> None:
-        if plan.backend == self.name:
-            self._planned_gpu_state_blocks = plan.resident_blocks
-
     @property
     def gpu_state_blocks(self) -> int:
         """The configured share, else the planner's (0 when no plan ran)."""
-        pinned = self.config.gpu_state_blocks
-        return self._planned_gpu_state_blocks if pinned is None else pinned
+        return self.configured_or_planned("gpu_state_blocks", 0)
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # The engine clips gradients itself, on their way to the host (`Trainer(gradient_clip_val=...)` is read at

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import (
+    BACKENDS,
     GIB,
     LOGIT_BYTES,
+    MULTI_PROCESS_BACKENDS,
     Machine,
     MemoryEstimate,
-    BACKENDS,
-    MULTI_PROCESS_BACKENDS,
     Plan,
     estimate_memory,
     shortfalls,
@@ -259,11 +259,9 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
                      f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
                      "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
     for fraction in (0.5, 0.25, 0.125):
-        smaller = choose(scaled(report.stats, fraction), report.machine, report.ceilings, plans,
-                         accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
-                         ranks_per_host=report.ranks_per_host)
-        if smaller.chosen:
-            hints.append(f"a micro-batch {int(1 / fraction)}x smaller fits with {smaller.chosen.plan} (accumulate "
+        smaller = _fitting(report, scaled(report.stats, fraction), plans)
+        if smaller:
+            hints.append(f"a micro-batch {int(1 / fraction)}x smaller fits with {smaller.plan} (accumulate "
                          f"{int(1 / fraction)}x more batches to keep the step's tokens)")
             break
     if not any(p.checkpointing == "full" for p in plans):
@@ -286,9 +284,7 @@ def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | N
     loss saves of them stays counted), so a plan named here also fits with the chunked loss."""
     if not report.stats.logits:
         return None
-    return choose(dataclasses.replace(report.stats, logits=0), report.machine, report.ceilings, plans,
-                  accumulate=report.accumulate, allow_eight_bit=True, world_size=report.world_size,
-                  ranks_per_host=report.ranks_per_host).chosen
+    return _fitting(report, dataclasses.replace(report.stats, logits=0), plans)
 
 
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
@@ -296,5 +292,10 @@ def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
     backends = MULTI_PROCESS_BACKENDS if report.world_size > 1 else BACKENDS
     plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True,
                             accumulate=report.accumulate)
-    return choose(report.stats, report.machine, report.ceilings, plans, accumulate=report.accumulate,
-                  allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host).chosen
+    return _fitting(report, report.stats, plans)
+
+
+def _fitting(report: PlanReport, stats: ModelStats, plans: list[Plan]) -> Candidate | None:
+    """The plan `choose` takes for `stats` from `plans` on the report's machine and batch, 8-bit state allowed."""
+    return choose(stats, report.machine, report.ceilings, plans, accumulate=report.accumulate, allow_eight_bit=True,
+                  world_size=report.world_size, ranks_per_host=report.ranks_per_host).chosen

@@ -89,17 +89,11 @@ class StreamBackend(Backend):
         self.optimizer: StreamAdamW | None = None
         self._arenas: list[HostArena] = []
         self._hooks: list[Any] = []
-        self._planned_resident_blocks: int | None = None
-
-    def adopt_plan(self, plan: Any) -> None:
-        if plan.backend == self.name:
-            self._planned_resident_blocks = plan.resident_blocks
 
     @property
     def resident_blocks(self) -> int | None:
         """The configured count, else the planner's (None: fill the GPU up to `activation_reserve_gib`)."""
-        pinned = self.config.resident_blocks
-        return self._planned_resident_blocks if pinned is None else pinned
+        return self.configured_or_planned("resident_blocks", None)
 
     @property
     def dtype(self) -> torch.dtype:
