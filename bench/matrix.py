@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,32 @@ class Regime:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """Measurements of a row made before a change to its code: shown as out of date, never as the row's figure."""
+    method: str
+    before: str
+    """ISO time of the change; records of `method` (in `regime`, if named) that finished earlier are out of date."""
+    why: str
+    regime: str | None = None
+
+    def covers(self, record: dict) -> bool:
+        return (record.get("method") == self.method and self.regime in (None, record.get("regime"))
+                and _utc(record["finished_at"]) < _utc(self.before))
+
+
+def _utc(stamp: str) -> datetime:
+    """An ISO time; one without a zone (as YAML or an older record may give it) is UTC, as run.py writes them."""
+    moment = datetime.fromisoformat(str(stamp))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def mark_superseded(record: dict, rules: Iterable[Superseded]) -> dict:
+    """`record`, with `superseded` saying why where a rule makes it out of date."""
+    why = next((rule.why for rule in rules if rule.covers(record)), None)
+    return record | {"superseded": why} if why else record
+
+
+@dataclass(frozen=True)
 class Config:
     sizes: list[str]
     methods: dict[str, Method]
@@ -43,6 +70,7 @@ class Config:
     timeout_s: float
     probe_timeout_s: float
     deepspeed_build_s: float
+    superseded: tuple[Superseded, ...] = ()
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> Config:
@@ -57,10 +85,14 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
         timeout_s=float(raw["timeout_s"]),
         probe_timeout_s=float(raw["probe_timeout_s"]),
         deepspeed_build_s=float(raw["deepspeed_build_s"]),
+        superseded=tuple(Superseded(**rule | {"before": str(rule["before"])})
+                         for rule in raw.get("superseded") or ()),
     )
     # Names are checked here, so a typo in the config fails before any cell runs.
     _select("size", config.sizes, list(SIZES))
     _select("method", config.default_methods, list(methods))
+    _select("method", [rule.method for rule in config.superseded], list(methods))
+    _select("regime", [rule.regime for rule in config.superseded if rule.regime], list(config.regimes))
     return config
 
 
@@ -78,6 +110,16 @@ class PlannedCell:
     def name(self) -> str:
         return f"{self.size}/{self.method.name}/{self.regime.name}"
 
+    def record(self, status: str, cause: str | None) -> dict:
+        """What every record of this cell says about it, whatever its outcome."""
+        shape = SIZES[self.size]
+        regime = asdict(self.regime)
+        del regime["name"]
+        return {"kind": "cell", "cell": self.name, "size": self.size, "method": self.method.name,
+                "label": self.method.label, "note": self.method.note, "cost": self.method.cost,
+                "regime": self.regime.name, **regime, "tokens_per_step": self.regime.tokens_per_step,
+                "params": shape.params, "matmul_params": shape.matmul_params, "status": status, "cause": cause}
+
 
 def skip_reason(method: Method, regime: Regime, device: str) -> str | None:
     if regime.accumulate > 1 and not method.accumulates:
@@ -94,7 +136,7 @@ MEMORY_FAILURES = {"gpu_oom": "out of GPU memory", "host_oom": "out of host memo
 
 def memory_failure(record: dict) -> str | None:
     """How a measured cell failed for memory: an OOM, a kernel kill, or the strategy's planner refusing."""
-    if "inferred_from" in record:
+    if "inferred_from" in record or "superseded" in record:
         return None
     if record["status"] == "error" and (record.get("cause") or "").startswith("PlanDoesNotFit"):
         return "refused by the planner"

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +22,10 @@ if __package__ in (None, ""):  # run as `python bench/report.py`: make the `benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.limits import COSTS, Cost, attention_key, limit_step, model_matmul_key
-from bench.matrix import load_config
+from bench.matrix import Superseded, expand, load_config, mark_superseded
 from bench.methods import BASELINES, OURS
 from bench.models import SIZES
+from bench.schedule import UNANSWERED
 
 LIMIT_FORMULA = ("limit = max(8 x (params - input embedding) x tokens / matmul rate + attention time "
                  "[+ GPU optimizer time], "
@@ -46,19 +48,24 @@ PROBE_FIGURES = {  # probe key -> row label, in the order shown
 }
 
 
-def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
+def load(paths: list[Path], superseded: Iterable[Superseded] | None = None) -> tuple[dict | None, dict[str, dict]]:
     """(the probe, one record per cell) over all lines of all files.
 
-    Per cell the newest record wins, except that neither a session which did not get to a cell ("not run") nor a
-    skip inferred from another cell's failure (`run.py --skip-known-failures`) ever hides a measurement. The probe
-    is the figures of every probe that succeeded, the newest value of each (a later call may measure figures an
-    earlier one lacked); its `commands` are theirs.
+    Per cell the newest record wins, except that neither a session which did not get to a cell ("not run"), nor a
+    measurement made out of date by a later change to its row (`superseded`, default bench/matrix.yaml's; such a
+    record says why under `superseded`), nor a skip inferred from another cell's failure (`run.py
+    --skip-known-failures`) ever hides a current measurement. The probe is the figures of every probe that
+    succeeded, the newest value of each (a later call may measure figures an earlier one lacked); its `commands`
+    are theirs.
     """
+    rules = tuple(load_config().superseded if superseded is None else superseded)
     records: dict[str, list[dict]] = defaultdict(list)
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if record["kind"] == "cell":
+                    record = mark_superseded(record, rules)
                 records[record.get("cell", record["kind"])].append(record)
     probes = sorted(records.pop("probe", []), key=lambda r: r["finished_at"])
     succeeded = [r for r in probes if r["status"] == "ok"]
@@ -66,9 +73,20 @@ def load(paths: list[Path]) -> tuple[dict | None, dict[str, dict]]:
     if succeeded:
         probe = {key: value for record in succeeded for key, value in record.items()}
         probe["commands"] = [record["command"] for record in succeeded]
-    cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", "inferred_from" not in r, r["finished_at"]))
+    cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", "superseded" not in r,
+                                            "inferred_from" not in r, r["finished_at"]))
              for cell, runs in records.items()}
     return probe, cells
+
+
+def with_unmeasured(cells: dict[str, dict]) -> dict[str, dict]:
+    """`cells` and, for every size and regime they cover, the configured matrix's cells they lack, recorded as
+    not measured yet: a table never leaves a gap silently."""
+    config = load_config()
+    sizes = sorted({record["size"] for record in cells.values()}, key=list(SIZES).index)
+    regimes = sorted({record["regime"] for record in cells.values()})
+    missing = [cell for cell in expand(config, sizes, regimes=regimes) if cell.name not in cells]
+    return cells | {cell.name: cell.record("not_measured", "not measured yet") for cell in missing}
 
 
 def _method_rank(name: str) -> tuple[int, str]:
@@ -128,14 +146,15 @@ def plan_cost(record: dict) -> Cost:
 def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
     """(limit s/step with the part that sets it, measured/limit), blank where the probe lacks a figure or the cell
     could not run at all."""
-    if probe is None or probe.get("status") != "ok" or record["status"] in ("skipped", "not_run"):
+    if probe is None or probe.get("status") != "ok" or record["status"] in ("skipped", "not_run", "not_measured"):
         return "", ""
     try:
         limit = limit_step(record["params"], record["matmul_params"], record["micro_batch"] * record["seq"],
                            record["accumulate"], plan_cost(record), probe, size=record["size"])
     except KeyError:  # e.g. DeepSpeed's CPU Adam did not build in the probe, or no GPU
         return "", ""
-    ratio = f"{record['step_s_median'] / limit.step_s:.2f}x" if record["status"] == "ok" else ""
+    current = record["status"] == "ok" and "superseded" not in record
+    ratio = f"{record['step_s_median'] / limit.step_s:.2f}x" if current else ""
     return f"{limit.step_s:.2f} ({limit.bound})", ratio
 
 
@@ -147,16 +166,32 @@ def regime_table(records: list[dict], probe: dict | None) -> list[str]:
     for record in sorted(records, key=lambda r: (_method_rank(r["method"]), sizes.index(r["size"]))):
         limit, ratio = limit_columns(record, probe)
         label = record["label"] + (f" ({record['note']})" if record.get("note") else "")
-        if record["status"] == "ok":
+        peaks = [_gib(record.get(key)) for key in ("peak_gpu_torch_gib", "peak_gpu_device_gib", "peak_host_rss_gib")]
+        if "superseded" in record:
+            was = f"{record['step_s_median']:.3f} s/step" if record["status"] == "ok" else record["cause"]
+            figures, peaks, loss = [f"out of date, to be measured again ({record['superseded']}; was: {was})",
+                                    "", "", ""], ["", "", ""], ""
+        elif record["status"] == "ok":
             figures = [f"{record['step_s_median']:.3f}", f"{record['step_s_mean']:.3f}",
                        f"{record['tokens_per_s']:.0f}", f"{record['model_tflops']:.0f}"]
             loss = f"{record['loss_first']} -> {record['loss_last']}"
         else:
             figures, loss = [record["cause"] or record["status"], "", "", ""], ""
-        lines.append("| " + " | ".join([
-            label, record["size"], *figures, limit, ratio, _gib(record.get("peak_gpu_torch_gib")),
-            _gib(record.get("peak_gpu_device_gib")), _gib(record.get("peak_host_rss_gib")), loss]) + " |")
+        lines.append("| " + " | ".join([label, record["size"], *figures, limit, ratio, *peaks, loss]) + " |")
     return lines
+
+
+def coverage(records: list[dict]) -> str:
+    """How many cells each kind of record answers, and how many are left to measure."""
+    current = [r for r in records if "superseded" not in r]
+    inferred = sum("inferred_from" in r for r in current)
+    counts = {"measured": sum(r["status"] == "ok" for r in current),
+              "failed (each row says how)": sum(r["status"] not in ("ok", "skipped", *UNANSWERED) for r in current),
+              f"skipped (each row says why; {inferred} inferred from a measured failure)":
+                  sum(r["status"] == "skipped" for r in current),
+              "out of date": len(records) - len(current),
+              "not measured yet": sum(r["status"] in UNANSWERED for r in current)}
+    return f"- Cells: {len(records)}: " + "; ".join(f"{count} {kind}" for kind, count in counts.items() if count) + "."
 
 
 def _regime_title(record: dict) -> str:
@@ -170,7 +205,7 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
     measured = [r for r in records if "device" in r]
     devices = sorted({r["device"] for r in measured} | ({probe["device"]} if probe and "device" in probe else set()))
     versions = sorted({f"{name} {version}" for r in measured for name, version in r.get("versions", {}).items()})
-    dates = sorted(r["finished_at"][:10] for r in records)
+    dates = sorted(r["finished_at"][:10] for r in records if "finished_at" in r)
     lines = ["# Benchmark: single_gpu_offload beside the alternatives and the hardware's limit", "",
              f"- Device: {', '.join(devices) or 'none measured'}",
              f"- Dates: {dates[0]} to {dates[-1]}" if dates else "- Dates: none",
@@ -178,7 +213,7 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
              "- Llama-shaped models (random init, untied embeddings), random tokens, checkpointing on every decoder "
              "layer. Step times are over steady steps (the first few left out); model TFLOP/s = "
              "6 x (params - input embedding) x tokens / s.",
-             f"- {LIMIT_FORMULA}.", ""]
+             f"- {LIMIT_FORMULA}.", coverage(records), ""]
     if plot_name:
         lines += [f"![tokens/s and peak memory per method and size]({plot_name})", ""]
     for regime in sorted({r["regime"] for r in records}):
@@ -197,7 +232,8 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
         lines += [f"| {name} | failed: {error} |" for name, error in probe.get("errors", {}).items()]
         lines += [""]
     probe_commands = (probe.get("commands") or [probe["command"]]) if probe else []
-    lines += ["## Commands", "", *sorted({f"    {c}" for c in [r["command"] for r in records] + probe_commands})]
+    commands = [r["command"] for r in records if "command" in r] + probe_commands
+    lines += ["## Commands", "", *sorted({f"    {command}" for command in commands})]
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +245,7 @@ def plot(cells: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    ok = [r for r in cells.values() if r["status"] == "ok"]
+    ok = [r for r in cells.values() if r["status"] == "ok" and "superseded" not in r]
     regimes = sorted({r["regime"] for r in ok}) or ["r1"]
     # One colour per method in every panel.
     colors = {method: plt.get_cmap("tab20")(index % 20)
@@ -241,6 +277,7 @@ def plot(cells: dict[str, dict], path: Path) -> None:
 
 def write_report(paths: list[Path], out: Path) -> None:
     probe, cells = load(paths)
+    cells = with_unmeasured(cells)
     plot_path: Path | None = out.with_suffix(".png")
     try:
         plot(cells, plot_path)

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import psutil
 from bench import GIB, RESULT_PREFIX, PredictedTimeout
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
                           override_arguments, overrides_from, parse_list, skip_known_failures)
-from bench.models import SIZES
+from bench.schedule import estimate_s, unmeasured
 
 BENCH = Path(__file__).resolve().parent
 # A cell given less time than this cannot build a model and time its steps: it is recorded as not run instead.
@@ -171,13 +171,7 @@ def time_limit(base_s: float, builds_cpu_adam: bool, config: Config, deadline: f
 
 def cell_record(cell: PlannedCell, status: str, cause: str | None, outcome: ChildOutcome | None = None,
                 timeout_s: float | None = None) -> dict:
-    shape = SIZES[cell.size]
-    regime = asdict(cell.regime)
-    del regime["name"]
-    record = {"kind": "cell", "cell": cell.name, "size": cell.size, "method": cell.method.name,
-              "label": cell.method.label, "note": cell.method.note, "cost": cell.method.cost,
-              "regime": cell.regime.name, **regime, "tokens_per_step": cell.regime.tokens_per_step,
-              "params": shape.params, "matmul_params": shape.matmul_params, "status": status, "cause": cause}
+    record = cell.record(status, cause)
     if outcome is not None:
         result = dict(outcome.result or {})
         result.pop("ok", None)
@@ -203,18 +197,44 @@ def probe_record(config: Config, deadline: float | None, log_path: Path, only: s
 
 
 def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrides: dict[str, int],
-            deadline: float | None, log_path: Path) -> dict:
+            deadline: float | None, log_path: Path, estimate: float | None = None) -> dict:
+    """Runs one cell. Where the call's deadline leaves the cell less than its own time limit, the cell is not
+    started if its estimate says it cannot finish, and a cell the deadline cuts is recorded as not run (a later
+    call measures it), never as a timeout of its method."""
     if cell.skip:
         record = cell_record(cell, "skipped", cell.skip)
         return record | {"inferred_from": cell.inferred_from} if cell.inferred_from else record
+    own_limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, None)
     limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, deadline)
     if limit is None:
         return cell_record(cell, "not_run", NOT_RUN)
+    cut_by_deadline = limit < own_limit
+    if cut_by_deadline and estimate is not None and estimate > limit:
+        return cell_record(cell, "not_run", f"{NOT_RUN}: needs ~{estimate:.0f} s by its method's measured cells, "
+                                            f"{limit:.0f} s left")
     argv = [sys.executable, str(BENCH / "cell.py"), "--size", cell.size, "--method", cell.method.name,
             "--regime", cell.regime.name, "--device", args.device, "--config", str(args.config),
             "--time-limit-s", f"{limit:.1f}", *override_arguments(overrides)]
     outcome = run_child(argv, limit, log_path, cell.name)
-    return cell_record(cell, *classify(outcome, limit), outcome, limit)
+    status, cause = classify(outcome, limit)
+    if status == "timeout" and cut_by_deadline:
+        status, cause = "not_run", f"{NOT_RUN}: cut at {limit:.0f} s of its {own_limit:.0f} s ({cause})"
+    return cell_record(cell, status, cause, outcome, limit)
+
+
+def list_cells(cells: list[PlannedCell], measured: list[dict]) -> None:
+    """What a run would start, with each cell's estimate and the total, to split the rest into calls."""
+    estimates = [estimate_s(cell, measured) for cell in cells]
+    for cell, estimate in zip(cells, estimates):
+        print(f"{cell.name:<72} {cell.skip or ('?' if estimate is None else f'~{estimate:.0f} s')}")
+    known = [estimate for estimate in estimates if estimate is not None]
+    print(f"{len(cells)} cells, ~{sum(known):.0f} s ({len(cells) - len(known)} without an estimate: no measured "
+          f"cell of their method)")
+
+
+def _path_option(value: Path | bool | None, default: Path) -> Path | None:
+    """An option given as `--flag` (the results file) or `--flag PATH`."""
+    return default if value is True else value
 
 
 def main() -> None:
@@ -234,6 +254,12 @@ def main() -> None:
                         help="skip the cells that a memory failure measured in RESULTS (default: --results) "
                              "already answers: the same method out of memory, killed or refused at a smaller size, "
                              "or at the same size without accumulation; the record names that cell")
+    parser.add_argument("--unmeasured", nargs="?", const=True, type=Path, metavar="RESULTS",
+                        help="run only the cells that RESULTS (default: --results) does not answer yet: never "
+                             "measured, not reached by an earlier call, or measured before a change that made the "
+                             "figure out of date (matrix.yaml `superseded`)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the cells a run would start, each with its estimated time, and run nothing")
     parser.add_argument("--report", type=Path, help="render this markdown file (and a .png beside it) at the end")
     add_override_arguments(parser)
     args = parser.parse_args()
@@ -241,11 +267,19 @@ def main() -> None:
     overrides = overrides_from(args)
     cells = expand(config, parse_list(args.sizes), parse_list(args.methods), parse_list(args.regimes), args.device,
                    overrides)
-    known = args.results if args.skip_known_failures is True else args.skip_known_failures
-    if known is not None and known.exists():
+    history_paths = {path for path in (args.results, _path_option(args.skip_known_failures, args.results),
+                                       _path_option(args.unmeasured, args.results)) if path and path.exists()}
+    history = {}
+    if history_paths:
         from bench.report import load
 
-        cells = skip_known_failures(cells, load([known])[1].values())
+        history = load(sorted(history_paths), config.superseded)[1]
+    if args.unmeasured:
+        cells = unmeasured(cells, history)
+    measured = list(history.values())
+    if args.list:
+        list_cells(cells, measured)
+        return
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +295,11 @@ def main() -> None:
     if args.probe:
         append(probe_record(config, deadline, log_path, args.probe))
     for cell in cells:
-        append(measure(cell, config, args, overrides, deadline, log_path))
+        if args.skip_known_failures:  # also by the failures this call measures: 8B killed answers 14.8B at once
+            [cell] = skip_known_failures([cell], measured)
+        record = measure(cell, config, args, overrides, deadline, log_path, estimate_s(cell, measured))
+        append(record)
+        measured.append(record)
     if args.report:
         from bench.report import write_report
 

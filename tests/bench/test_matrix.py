@@ -130,3 +130,34 @@ def test_an_inferred_skip_is_not_a_failure_to_infer_from(config):
     inferred = _measured("14.8b/plain/r1", "skipped", "not run: ...") | {"inferred_from": "8b/plain/r1"}
     cells = skip_known_failures(expand(config, methods=["plain"]), [inferred])
     assert not any(cell.skip and cell.inferred_from for cell in cells)
+
+
+def test_a_superseded_rule_covers_its_method_and_regime_before_its_time():
+    from bench.matrix import Superseded, mark_superseded
+
+    rule = Superseded(method="single_gpu_offload_fsdp", regime="r2", before="2026-11-24T02:08:33+00:00",
+                      why="before the fix")
+    before = {**_measured("3.6b/single_gpu_offload_fsdp/r2", "timeout"), "finished_at": "2026-11-24T02:03:45+00:00"}
+    assert mark_superseded(before, [rule])["superseded"] == "before the fix"
+    after = before | {"finished_at": "2026-11-24T03:00:00+00:00"}
+    other_regime = {**_measured("3.6b/single_gpu_offload_fsdp/r1", "ok"), "finished_at": before["finished_at"]}
+    other_method = {**_measured("3.6b/plain/r2", "ok"), "finished_at": before["finished_at"]}
+    assert not any("superseded" in mark_superseded(record, [rule]) for record in (after, other_regime, other_method))
+    # A time without a zone is UTC, as run.py writes them.
+    assert "superseded" in mark_superseded(before | {"finished_at": "2026-11-24T02:03:45"}, [rule])
+
+
+def test_a_superseded_failure_answers_no_other_cell(config):
+    from bench.matrix import skip_known_failures
+
+    killed = _measured("8b/single_gpu_offload_fsdp/r1", "killed") | {"superseded": "before a fix"}
+    cells = skip_known_failures(expand(config, methods=["single_gpu_offload_fsdp"]), [killed])
+    assert not any(cell.inferred_from for cell in cells)
+
+
+def test_the_config_s_superseded_rules_name_known_methods_and_regimes(config, tmp_path):
+    assert {rule.method for rule in config.superseded} == {"single_gpu_offload_fsdp"}
+    bad = DEFAULT_CONFIG.read_text().replace("regime: r2", "regime: r9")
+    (tmp_path / "matrix.yaml").write_text(bad)
+    with pytest.raises(ValueError, match="Unknown regime"):
+        load_config(tmp_path / "matrix.yaml")

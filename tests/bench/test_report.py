@@ -124,3 +124,42 @@ def test_a_skip_inferred_later_never_hides_a_measurement(tmp_path):
     assert load([results])[1]["14.8b/plain/r1"]["status"] == "gpu_oom"
     results.write_text(json.dumps(inferred))
     assert load([results])[1]["14.8b/plain/r1"]["status"] == "skipped"
+
+
+def _fsdp_record(status: str, finished_at: str, **figures) -> dict:
+    from bench.matrix import expand, load_config
+
+    [cell] = expand(load_config(), sizes=["8b"], methods=["single_gpu_offload_fsdp"], regimes=["r1"])
+    return cell.record(status, figures.pop("cause", None)) | {"finished_at": finished_at, "command": "c"} | figures
+
+
+def test_a_measurement_out_of_date_shows_as_such_below_any_current_record(tmp_path):
+    from bench.matrix import Superseded
+
+    rules = [Superseded(method="single_gpu_offload_fsdp", before="2026-11-24T00:00:00+00:00", why="before the fix")]
+    old = _fsdp_record("killed", "2026-11-23T23:55:46+00:00", cause="killed by SIGKILL", peak_host_rss_gib=123.6)
+    later_gap = _fsdp_record("not_run", "2026-11-25T10:00:00+00:00", cause="not run: out of session time")
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(record) for record in (old, later_gap)))
+    _, cells = load([results], rules)
+    record = cells["8b/single_gpu_offload_fsdp/r1"]
+    assert record["status"] == "killed" and record["superseded"] == "before the fix"
+    row = _row(render_markdown(None, cells), "single_gpu_offload", "8b")
+    assert row[2] == "out of date, to be measured again (before the fix; was: killed by SIGKILL)"
+    assert row[10] == ""  # its old peaks are not the row's figures
+    new = _fsdp_record("timeout", "2026-11-25T11:00:00+00:00", cause="predicted timeout: ...")
+    results.write_text("\n".join(json.dumps(record) for record in (new, old)))
+    assert load([results], rules)[1]["8b/single_gpu_offload_fsdp/r1"]["status"] == "timeout"
+
+
+def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every_kind(tmp_path):
+    from bench.matrix import load_config
+
+    out = tmp_path / "MATRIX.md"
+    write_report([FIXTURE], out)
+    markdown = out.read_text()
+    methods = len(load_config().default_methods)
+    sizes, regimes = {"1.5b", "3.6b", "8b"}, 2  # those the fixture's records cover
+    assert markdown.count("| not measured yet |") == methods * len(sizes) * regimes - len(load([FIXTURE])[1])
+    assert _row(markdown, 'single_gpu_offload (backend="fsdp")', "1.5b")[2] == "not measured yet"
+    assert "- Cells: " in markdown and "not measured yet" in markdown.split("- Cells: ")[1].splitlines()[0]

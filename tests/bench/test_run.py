@@ -176,3 +176,73 @@ def test_a_cell_is_told_the_time_limit_it_is_killed_at(tmp_path, monkeypatch):
     main()
     [(argv, timeout_s)] = calls
     assert timeout_s == 123 and argv[argv.index("--time-limit-s") + 1] == "123.0"
+
+
+def _record_line(cell: str, status: str, **figures) -> str:
+    size, method, regime = cell.split("/")
+    return json.dumps({"kind": "cell", "cell": cell, "size": size, "method": method, "regime": regime,
+                       "micro_batch": 4, "seq": 2048, "accumulate": 8 if regime == "r2" else 1, "steps": 8,
+                       "params": 3.6e9, "status": status, "cause": None, "finished_at": "2026-11-23T10:00:00",
+                       **figures}) + "\n"
+
+
+def test_a_cell_the_call_s_deadline_cuts_is_not_run_not_a_timeout_of_its_method(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.run.run_child", lambda argv, timeout_s, log_path, title: outcome(-9, timed_out=True))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "1.5b", "--methods", "plain", "--regimes", "r1",
+                                      "--deadline-s", "100", "--results", str(tmp_path / "results.jsonl")])
+    main()
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    assert record["status"] == "not_run"
+    assert record["cause"].startswith("not run: out of session time: cut at 100 s of its 420 s (timeout after")
+
+
+def test_a_cell_whose_estimate_exceeds_the_time_left_is_not_started(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr("bench.run.run_child", lambda argv, timeout_s, log_path, title: ran.append(title) or
+                        outcome(result={"ok": True, "step_s_median": 1.0}))
+    results = tmp_path / "results.jsonl"
+    # 3.6B plain measured at 40 s/step: 8 steps at 1.5B would take ~130 s, more than this 100 s call has.
+    results.write_text(_record_line("3.6b/plain/r1", "ok", step_s_mean=40.0, wall_s=330.0) +
+                       _record_line("1.5b/torchtune/r1", "ok", step_s_mean=1.0, wall_s=20.0))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "1.5b", "--methods", "plain,torchtune", "--regimes", "r1",
+                                      "--deadline-s", "100", "--results", str(results)])
+    main()
+    plain, torchtune = [json.loads(line) for line in results.read_text().splitlines()[2:]]
+    assert ran == ["1.5b/torchtune/r1"] and torchtune["status"] == "ok"
+    assert plain["status"] == "not_run" and "by its method's measured cells" in plain["cause"]
+
+
+def test_a_failure_measured_in_the_call_answers_its_larger_cells_at_once(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_child(argv, timeout_s, log_path, title):
+        ran.append(title)
+        return outcome(-9)  # killed by the kernel
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "8b,14.8b", "--methods", "lightning_fsdp_cpu_offload",
+                                      "--skip-known-failures", "--results", str(results)])
+    main()
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert ran == ["8b/lightning_fsdp_cpu_offload/r1"]
+    assert [record["inferred_from"] for record in records[1:]] == ["8b/lightning_fsdp_cpu_offload/r1"] * 3
+
+
+def test_unmeasured_runs_only_what_the_results_do_not_answer_and_list_runs_nothing(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr("bench.run.run_child", lambda argv, timeout_s, log_path, title: ran.append(title) or
+                        outcome(result={"ok": True, "step_s_median": 1.0}))
+    known = tmp_path / "known.jsonl"
+    known.write_text(_record_line("1.5b/plain/r1", "ok", step_s_mean=0.25, wall_s=19.0) +
+                     _record_line("1.5b/torchtune/r1", "not_run"))
+    argv = ["run.py", "--sizes", "1.5b", "--methods", "plain,torchtune", "--regimes", "r1",
+            "--unmeasured", str(known), "--results", str(tmp_path / "results.jsonl")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--list"])
+    main()
+    listed = capsys.readouterr().out.splitlines()
+    assert ran == [] and listed[0].split() == ["1.5b/torchtune/r1", "?"]
+    assert listed[-1].startswith("1 cells, ~0 s (1 without an estimate")
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    assert ran == ["1.5b/torchtune/r1"]
