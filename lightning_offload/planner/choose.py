@@ -73,6 +73,7 @@ class PlanReport:
     accumulate: int = 1
     world_size: int = 1
     ranks_per_host: int | None = None
+    holds_gradients: bool = False
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -206,7 +207,7 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     else:
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
-                      accumulate, world_size, ranks_per_host)
+                      accumulate, world_size, ranks_per_host, holds_gradients)
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
@@ -258,6 +259,7 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         hints.append(f"a loss that never holds the full logits ({report.stats.logits * LOGIT_BYTES / GIB:.1f} GiB) "
                      f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
                      "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
+    hints += _accumulation_hints(report, nearest, plans)
     for fraction in (0.5, 0.25, 0.125):
         smaller = _fitting(report, scaled(report.stats, fraction), plans)
         if smaller:
@@ -268,8 +270,7 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         hints.append("activation checkpointing (`activation_checkpointing='full'`) is pinned off")
     if all(p.exact_optimizer for p in plans):
         hints.append("8-bit optimizer state (`optimizer='adamw8bit'`) saves 6 bytes/param")
-    tiers = {tier for tier, _ in nearest.shortfalls.items()}
-    if "host RAM" in tiers:
+    if set(nearest.shortfalls) == {"host RAM"}:  # freeing host RAM alone would not fit a plan short of GPU too
         hints.append(f"free {nearest.shortfalls['host RAM']:.1f} GiB more host RAM (close other processes)")
     return PlanDoesNotFit(
         f"No plan fits this machine ({report.machine.describe()}, {100 * (1 - SAFETY_MARGIN):.0f}% of each kept "
@@ -277,6 +278,33 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         f"{nearest.memory.gpu_bytes / GIB:.1f} GiB GPU, {nearest.memory.host_bytes / GIB:.1f} GiB host). "
         + ("What would help: " + "; ".join(hints) + "." if hints else "A machine with more memory is needed.")
     )
+
+
+def _accumulation_hints(report: PlanReport, nearest: Candidate, plans: list[Plan]) -> list[str]:
+    """Where accumulating is what does not fit: the micro-batches' gradients are kept whole until the optimizer
+    step, 2-4 bytes/param that a model this size cannot spare. The same tokens as one larger micro-batch keep the
+    step; one micro-batch per step keeps the model."""
+    if report.accumulate == 1 or report.holds_gradients:
+        return []
+    micro_batches, tokens = report.accumulate, report.stats.tokens
+
+    def total(accumulate: int) -> int:
+        memory = estimate_memory(report.stats, nearest.plan, accumulate=accumulate, world_size=report.world_size,
+                                 ranks_per_host=report.ranks_per_host)
+        return memory.gpu_bytes + memory.host_bytes
+
+    kept = (total(micro_batches) - total(1)) / GIB
+    why = (f"accumulating {micro_batches} micro-batches keeps every gradient until the step ({kept:.1f} GiB for "
+           f"{nearest.plan})")
+    one_batch = _fitting(report, scaled(report.stats, micro_batches), plans, accumulate=1)
+    if one_batch is not None:
+        return [f"the step's {micro_batches * tokens} tokens as one micro-batch {micro_batches}x larger fit with "
+                f"{one_batch.plan} (~{one_batch.step_time_s:.3g} s/step): {why}"]
+    unaccumulated = _fitting(report, report.stats, plans, accumulate=1)
+    if unaccumulated is not None:
+        return [f"without gradient accumulation (`accumulate_grad_batches=1`, {tokens} tokens per step) "
+                f"{unaccumulated.plan} fits: {why}"]
+    return []
 
 
 def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | None:
@@ -295,7 +323,10 @@ def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
     return _fitting(report, report.stats, plans)
 
 
-def _fitting(report: PlanReport, stats: ModelStats, plans: list[Plan]) -> Candidate | None:
-    """The plan `choose` takes for `stats` from `plans` on the report's machine and batch, 8-bit state allowed."""
-    return choose(stats, report.machine, report.ceilings, plans, accumulate=report.accumulate, allow_eight_bit=True,
-                  world_size=report.world_size, ranks_per_host=report.ranks_per_host).chosen
+def _fitting(report: PlanReport, stats: ModelStats, plans: list[Plan],
+             accumulate: int | None = None) -> Candidate | None:
+    """The plan `choose` takes for `stats` from `plans` on the report's machine and batch (or `accumulate`
+    micro-batches per step), 8-bit state allowed."""
+    return choose(stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
+                  accumulate=report.accumulate if accumulate is None else accumulate, world_size=report.world_size,
+                  ranks_per_host=report.ranks_per_host, holds_gradients=report.holds_gradients).chosen

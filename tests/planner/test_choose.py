@@ -177,3 +177,41 @@ def test_fsdp_adds_accumulated_gradients_up_on_the_gpu_where_they_fit() -> None:
     assert on_host.step_time_s - on_gpu.step_time_s > 7 * LLAMA_8B.parameters / 1e9
     small_card = pinned_fsdp(Machine(gpu_memory_gib=24, host_memory_gib=256), 8)
     assert small_card.chosen is not None and not small_card.chosen.plan.accumulate_on_gpu
+
+
+def test_refusal_of_an_accumulating_step_names_what_accumulation_keeps_and_what_fits_without() -> None:
+    # 32.8B at 8 x 8192 tokens on the 80 GB card (the benchmark's R2) was refused with only "free host RAM": every
+    # gradient kept across the micro-batches is what does not fit. Here 8B streamed on a 20 GB card.
+    card = Machine(gpu_memory_gib=20, host_memory_gib=64)
+    plans = candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True, accumulate=8)
+    accumulating = choose(LLAMA_8B, card, Ceilings(), plans, accumulate=8, allow_eight_bit=True)
+    one_micro_batch = choose(LLAMA_8B, card, Ceilings(), plans, allow_eight_bit=True)
+    assert accumulating.chosen is None and one_micro_batch.chosen is not None
+    message = str(accumulating.error())
+    assert (f"without gradient accumulation (`accumulate_grad_batches=1`, 8192 tokens per step) "
+            f"{one_micro_batch.chosen.plan} fits: accumulating 8 micro-batches keeps every gradient") in message
+    # With a gradient-norm clip the gradients are kept whole anyway: no such hint.
+    clipped = choose(LLAMA_8B, card, Ceilings(), plans, accumulate=8, allow_eight_bit=True, holds_gradients=True)
+    assert clipped.chosen is None and "accumulate_grad_batches" not in str(clipped.error())
+
+
+def test_refusal_of_an_accumulating_step_offers_the_same_tokens_as_one_larger_micro_batch() -> None:
+    from lightning_offload.planner.choose import scaled
+
+    short_sequences = dataclasses.replace(scaled(LLAMA_8B, 1 / 64), logits=0)  # 128 tokens per micro-batch
+    card = Machine(gpu_memory_gib=40, host_memory_gib=64)
+    plans = candidate_plans(short_sequences, backends=["gpu_8bit"], on_cuda=True, accumulate=8)
+    refused = choose(short_sequences, card, Ceilings(), plans, accumulate=8, allow_eight_bit=True)
+    assert refused.chosen is None
+    assert "the step's 1024 tokens as one micro-batch 8x larger fit with gpu_8bit" in str(refused.error())
+
+
+def test_refusal_offers_freeing_host_ram_only_where_that_alone_would_fit() -> None:
+    short_of_both = choose(LLAMA_8B, Machine(gpu_memory_gib=8, host_memory_gib=16), Ceilings(),
+                           candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True), allow_eight_bit=True)
+    nearest = min(short_of_both.candidates, key=lambda c: (sum(c.shortfalls.values()), c.step_time_s))
+    assert set(nearest.shortfalls) == {"GPU", "host RAM"}
+    assert "more host RAM" not in str(short_of_both.error())
+    short_of_host = choose(LLAMA_8B, Machine(gpu_memory_gib=80, host_memory_gib=16), Ceilings(),
+                           candidate_plans(LLAMA_8B, backends=["deepspeed"], on_cuda=True), allow_eight_bit=True)
+    assert "more host RAM (close other processes)" in str(short_of_host.error())
