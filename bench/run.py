@@ -32,7 +32,7 @@ import psutil
 from bench import GIB, RESULT_PREFIX, PredictedTimeout
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
                           override_arguments, overrides_from, parse_list, skip_known_failures)
-from bench.schedule import estimate_s, unmeasured
+from bench.schedule import calls, estimate_s, unmeasured
 
 BENCH = Path(__file__).resolve().parent
 # A cell given less time than this cannot build a model and time its steps: it is recorded as not run instead.
@@ -222,14 +222,25 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     return cell_record(cell, status, cause, outcome, limit)
 
 
-def list_cells(cells: list[PlannedCell], measured: list[dict]) -> None:
-    """What a run would start, with each cell's estimate and the total, to split the rest into calls."""
+def list_cells(cells: list[PlannedCell], measured: list[dict], config: Config, args: argparse.Namespace) -> None:
+    """What a run would start, with each cell's estimate, grouped into the calls of `--deadline-s` seconds that
+    would run them (a cell without an estimate counted at its time limit), to split the rest of the matrix."""
     estimates = [estimate_s(cell, measured) for cell in cells]
-    for cell, estimate in zip(cells, estimates):
-        print(f"{cell.name:<72} {cell.skip or ('?' if estimate is None else f'~{estimate:.0f} s')}")
-    known = [estimate for estimate in estimates if estimate is not None]
-    print(f"{len(cells)} cells, ~{sum(known):.0f} s ({len(cells) - len(known)} without an estimate: no measured "
-          f"cell of their method)")
+    limits = [time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, None)
+              for cell in cells]
+    costs = [limit if estimate is None else min(estimate, limit) for estimate, limit in zip(estimates, limits)]
+    groups = calls(costs, args.deadline_s) if args.deadline_s else [list(range(len(cells)))]
+    for number, group in enumerate(groups, 1):
+        if args.deadline_s:
+            print(f"call {number}: ~{sum(costs[index] for index in group):.0f} s")
+        for index in group:
+            estimate = estimates[index]
+            shown = cells[index].skip or ("?" if estimate is None else f"~{estimate:.0f} s")
+            print(f"  {cells[index].name:<70} {shown}")
+    unknown = sum(estimate is None for estimate in estimates)
+    print(f"{len(cells)} cells, ~{sum(costs):.0f} s ({unknown} without an estimate: no measured cell of their "
+          "method; counted at their time limit). A memory failure measured in a call answers its method's larger "
+          "cells, which then take no time.")
 
 
 def _path_option(value: Path | bool | None, default: Path) -> Path | None:
@@ -259,7 +270,8 @@ def main() -> None:
                              "measured, not reached by an earlier call, or measured before a change that made the "
                              "figure out of date (matrix.yaml `superseded`)")
     parser.add_argument("--list", action="store_true",
-                        help="print the cells a run would start, each with its estimated time, and run nothing")
+                        help="print the cells a run would start, each with its estimated time (grouped into calls "
+                             "of --deadline-s seconds), and run nothing")
     parser.add_argument("--report", type=Path, help="render this markdown file (and a .png beside it) at the end")
     add_override_arguments(parser)
     args = parser.parse_args()
@@ -278,7 +290,7 @@ def main() -> None:
         cells = unmeasured(cells, history)
     measured = list(history.values())
     if args.list:
-        list_cells(cells, measured)
+        list_cells(cells, measured, config, args)
         return
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")

@@ -48,3 +48,19 @@ def estimate_s(cell: PlannedCell, measured: Iterable[dict]) -> float | None:
     step_s = nearest["step_s_mean"] * scale * cell.regime.accumulate / nearest["accumulate"]
     setup_s = max(nearest["wall_s"] - nearest["step_s_mean"] * nearest["steps"], 0.0) * math.sqrt(scale)
     return setup_s + step_s * cell.regime.steps
+
+
+def calls(costs: list[float], call_s: float) -> list[list[int]]:
+    """Indices of the cells each call of `call_s` seconds would run, as `run.py --deadline-s` runs them: in order,
+    each cell started only if its cost fits the time left, the others left to the next call. A cell costlier than
+    a whole call gets a call of its own (its own time limit bounds it)."""
+    pending, planned = list(range(len(costs))), []
+    while pending:
+        left, taken = call_s, []
+        for index in pending:
+            if costs[index] <= max(left, 0) or not taken:
+                taken.append(index)
+                left -= costs[index]
+        planned.append(taken)
+        pending = [index for index in pending if index not in taken]
+    return planned

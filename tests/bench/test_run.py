@@ -241,8 +241,11 @@ def test_unmeasured_runs_only_what_the_results_do_not_answer_and_list_runs_nothi
     monkeypatch.setattr(sys, "argv", [*argv, "--list"])
     main()
     listed = capsys.readouterr().out.splitlines()
+    monkeypatch.setattr(sys, "argv", [*argv, "--list", "--deadline-s", "500"])
+    main()
+    assert capsys.readouterr().out.splitlines()[0] == "call 1: ~420 s"
     assert ran == [] and listed[0].split() == ["1.5b/torchtune/r1", "?"]
-    assert listed[-1].startswith("1 cells, ~0 s (1 without an estimate")
+    assert listed[-1].startswith("1 cells, ~420 s (1 without an estimate")  # counted at its time limit
     monkeypatch.setattr(sys, "argv", argv)
     main()
     assert ran == ["1.5b/torchtune/r1"]

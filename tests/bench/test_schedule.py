@@ -71,3 +71,13 @@ def test_no_estimate_without_a_current_measurement_of_the_method(config):
     other_method = _ok("3.6b/plain/r1", 0.6, 30)
     assert estimate_s(cell, [failed, out_of_date, other_method]) is None
     assert estimate_s(_cell(config, "3.6b/torchtune/r2"), []) == 0.0  # it cannot run: recorded at once
+
+
+def test_calls_take_cells_in_order_while_each_fits_the_time_left():
+    from bench.schedule import calls
+
+    # 300 fits; 400 does not fit the 200 left and waits; 150 fits; the next call starts with the 400.
+    assert calls([300, 400, 150, 100], call_s=500) == [[0, 2], [1, 3]]
+    # A cell longer than a whole call gets one to itself; cells already answered cost nothing.
+    assert calls([700, 0, 200], call_s=500) == [[0, 1], [2]]
+    assert calls([], call_s=500) == []
