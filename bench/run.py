@@ -169,6 +169,11 @@ def time_limit(base_s: float, builds_cpu_adam: bool, config: Config, deadline: f
     return min(limit, remaining)
 
 
+def cell_limit(cell: PlannedCell, config: Config, args: argparse.Namespace, deadline: float | None) -> float | None:
+    """`time_limit` of this cell under this run's options."""
+    return time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, deadline)
+
+
 def cell_record(cell: PlannedCell, status: str, cause: str | None, outcome: ChildOutcome | None = None,
                 timeout_s: float | None = None) -> dict:
     record = cell.record(status, cause)
@@ -204,8 +209,7 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     if cell.skip:
         record = cell_record(cell, "skipped", cell.skip)
         return record | {"inferred_from": cell.inferred_from} if cell.inferred_from else record
-    own_limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, None)
-    limit = time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, deadline)
+    own_limit, limit = cell_limit(cell, config, args, None), cell_limit(cell, config, args, deadline)
     if limit is None:
         return cell_record(cell, "not_run", NOT_RUN)
     cut_by_deadline = limit < own_limit
@@ -226,8 +230,7 @@ def list_cells(cells: list[PlannedCell], measured: list[dict], config: Config, a
     """What a run would start, with each cell's estimate, grouped into the calls of `--deadline-s` seconds that
     would run them (a cell without an estimate counted at its time limit), to split the rest of the matrix."""
     estimates = [estimate_s(cell, measured) for cell in cells]
-    limits = [time_limit(args.timeout_s or config.timeout_s, cell.method.builds_deepspeed_cpu_adam, config, None)
-              for cell in cells]
+    limits = [cell_limit(cell, config, args, None) for cell in cells]
     costs = [limit if estimate is None else min(estimate, limit) for estimate, limit in zip(estimates, limits)]
     groups = calls(costs, args.deadline_s) if args.deadline_s else [list(range(len(cells)))]
     for number, group in enumerate(groups, 1):
@@ -290,7 +293,7 @@ def main() -> None:
         cells = unmeasured(cells, history)
     measured = list(history.values())
     if args.list:
-        list_cells(cells, measured, config, args)
+        list_cells(skip_known_failures(cells, measured) if args.skip_known_failures else cells, measured, config, args)
         return
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")
