@@ -7,6 +7,10 @@ cell), `probe.py` (the machine's ceilings), `report.py` (MATRIX.md and its plot 
 # The line a cell or probe process prints its result on; bench/run.py reads the last one.
 RESULT_PREFIX = "RESULT "
 GIB = 2**30
+# The planner's step time is its steady state and warm-up steps take longer: at 1.0 the predicted-timeout guard
+# refuses only plans whose predicted steps alone overrun the time left, so a refused plan would have timed out unless
+# the planner overestimates it by more than the overrun.
+PREDICTION_MARGIN = 1.0
 
 
 class PredictedTimeout(RuntimeError):

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` 
 
 import psutil
 
-from bench import GIB, RESULT_PREFIX, PredictedTimeout
+from bench import GIB, PREDICTION_MARGIN, RESULT_PREFIX, PredictedTimeout
 from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
                           override_arguments, overrides_from, parse_list, skip_known_failures)
 from bench.schedule import calls, estimate_s, unmeasured
@@ -222,8 +222,19 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     outcome = run_child(argv, limit, log_path, cell.name)
     status, cause = classify(outcome, limit)
     if status == "timeout" and cut_by_deadline:
-        status, cause = "not_run", f"{NOT_RUN}: cut at {limit:.0f} s of its {own_limit:.0f} s ({cause})"
+        if _predicted_beyond(outcome, cell, own_limit):
+            cause += f" (and beyond its own {own_limit:.0f} s limit)"
+        else:
+            status, cause = "not_run", f"{NOT_RUN}: cut at {limit:.0f} s of its {own_limit:.0f} s ({cause})"
     return cell_record(cell, status, cause, outcome, limit)
+
+
+def _predicted_beyond(outcome: ChildOutcome, cell: PlannedCell, own_limit: float) -> bool:
+    """Whether a cell stopped by the predicted-timeout guard under the call's deadline would have been stopped
+    under its own time limit too: then the timeout is its method's, not the call's (a later call would only repeat
+    it)."""
+    step_s = (outcome.result or {}).get("predicted_step_s")
+    return step_s is not None and step_s * cell.regime.steps * PREDICTION_MARGIN > own_limit - outcome.wall_s
 
 
 def list_cells(cells: list[PlannedCell], measured: list[dict], config: Config, args: argparse.Namespace) -> None:

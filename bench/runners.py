@@ -18,17 +18,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bench import PredictedTimeout
+from bench import PREDICTION_MARGIN, PredictedTimeout
 from bench.matrix import Regime
 from bench.measure import StepClock
 from bench.methods import OURS
 from bench.models import SIZES, build_llama, enable_checkpointing
 
 LR = 1e-5
-# The planner's step time is its steady state and warm-up steps take longer: at 1.0 the guard refuses only plans
-# whose predicted steps alone overrun the time left, so a refused plan would have timed out unless the planner
-# overestimates it by more than the overrun.
-PREDICTION_MARGIN = 1.0
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,20 @@ def test_unmeasured_runs_only_what_the_results_do_not_answer_and_list_runs_nothi
     monkeypatch.setattr(sys, "argv", argv)
     main()
     assert ran == ["1.5b/torchtune/r1"]
+
+
+@pytest.mark.parametrize("predicted_step_s, expected", [(100.0, "timeout"), (10.0, "not_run")])
+def test_a_predicted_timeout_under_the_deadline_stands_only_if_the_cell_s_own_limit_would_not_fit_it_either(
+        tmp_path, monkeypatch, predicted_step_s, expected):
+    # 8 steps: 800 s are beyond the cell's own 420 s, so a later call would only repeat the refusal; 80 s fit in it.
+    error = f"PredictedTimeout: fsdp + adamw8bit at {predicted_step_s} s/step needs ~ s for 8 steps, 40 s left"
+    monkeypatch.setattr("bench.run.run_child", lambda argv, timeout_s, log_path, title: outcome(
+        1, {"ok": False, "error": error, "predicted_step_s": predicted_step_s}))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sizes", "8b", "--methods", "single_gpu_offload_fsdp",
+                                      "--regimes", "r1", "--deadline-s", "100",
+                                      "--results", str(tmp_path / "results.jsonl")])
+    main()
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    assert record["status"] == expected
+    if expected == "timeout":
+        assert record["cause"].endswith("(and beyond its own 420 s limit)")
