@@ -146,7 +146,7 @@ def plan_cost(record: dict) -> Cost:
 def limit_columns(record: dict, probe: dict | None) -> tuple[str, str]:
     """(limit s/step with the part that sets it, measured/limit), blank where the probe lacks a figure or the cell
     could not run at all."""
-    if probe is None or probe.get("status") != "ok" or record["status"] in ("skipped", "not_run", "not_measured"):
+    if probe is None or probe.get("status") != "ok" or record["status"] in ("skipped", *UNANSWERED):
         return "", ""
     try:
         limit = limit_step(record["params"], record["matmul_params"], record["micro_batch"] * record["seq"],
