@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,32 @@ def is_checkpointed(module: nn.Module) -> bool:
     decoder layer inside its call. Policies leave such blocks alone: a second checkpoint would recompute them twice,
     and offloading inside one would copy every recomputed activation out and back again."""
     return bool(getattr(module, _WRAPPED, False)) or getattr(module, "gradient_checkpointing", False) is True
+
+
+def unwrapped_forward(module: nn.Module) -> Any:
+    """`module.forward` without a policy's recompute wrapper (`recompute_in_backward`), if it has one."""
+    forward = module.forward
+    return getattr(forward, "__wrapped__", forward) if getattr(module, _WRAPPED, False) else forward
+
+
+@contextmanager
+def recompute_suspended(blocks: Sequence[nn.Module]) -> Generator[None, None, None]:
+    """The blocks run as if never checkpointed for the duration (their policy wrapper and transformers' own
+    checkpointing set aside), so a measurement sees what each saves without recompute."""
+    undo: list[Any] = []
+    for block in blocks:
+        if getattr(block, "gradient_checkpointing", False) is True:
+            block.gradient_checkpointing = False
+            undo.append(functools.partial(setattr, block, "gradient_checkpointing", True))
+        if getattr(block, _WRAPPED, False):
+            wrapped = block.forward
+            block.forward = unwrapped_forward(block)
+            undo.append(functools.partial(setattr, block, "forward", wrapped))
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
 
 
 def activation_offloader(model: nn.Module) -> ActivationOffloader | None:

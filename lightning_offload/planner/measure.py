@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.checkpointing import find_blocks, recompute_suspended
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +137,11 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
         handles.append(block.register_forward_pre_hook(enter(index), with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
     try:
-        with _meta_stand_ins(_is_meta(example_input)), \
+        # Blocks that checkpoint themselves are measured as if they did not: the plan's policy counts what they keep
+        # (their inputs) and the one block recomputed at a time. Measured through the checkpoint, a block's saved
+        # tensors would be its input alone, or none when transformers checkpoints around the block's hooks
+        # (`GradientCheckpointingLayer.__call__` before 5.2x), its input then counted outside the blocks as well.
+        with _meta_stand_ins(_is_meta(example_input)), recompute_suspended(blocks), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             forward(model, example_input) if forward else model(example_input)
     finally:

@@ -183,21 +183,28 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
     pinned = {"saved activations"}
     if plan.checkpointing == "offload":
         host["saved activations"] = stats.blocks * stats.activation_bytes_per_block
-    # Gradients of one block in flight while the previous block's update runs, for plans that update in backward.
-    in_flight_gradients = 2 * params if whole_gradients else 2 * 2 * block
+
+    def gradients_updated_in_backward(unit: int) -> dict[str, int]:
+        # One unit's gradients in flight while the previous unit's update runs; accumulating (or clipping by norm)
+        # keeps every gradient until the step besides them: R2 measured 2 B/param above R1 (bench/RESULTS.md:
+        # gpu_8bit and host_adam at 1.5B, gpu_8bit and stream at 3.6B).
+        terms = {"bf16 gradients (in flight)": 2 * 2 * unit}
+        if whole_gradients:
+            terms["bf16 gradients (kept until the step)"] = 2 * params
+        return terms
+
     if plan.backend == "device":
         gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
                     "optimizer state": int(state_bytes * params)})
     elif plan.backend == "gpu_8bit":
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
-                    "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
+                    **gradients_updated_in_backward(block)})
     elif plan.backend == "host_adam":
         # fp32 gradients land in a few pinned slots and bf16 weights leave from pinned staging; the master weights
         # and AdamW state are ordinary memory, since no copy starts or ends in them. The front blocks' master
         # weights and state are on the GPU instead.
         on_gpu = gpu_state_parameters(stats, plan)
-        gpu.update({"bf16 weights": 2 * params,
-                    "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)": in_flight_gradients})
+        gpu.update({"bf16 weights": 2 * params, **gradients_updated_in_backward(block)})
         if on_gpu:
             gpu["fp32 master weights and optimizer state (front blocks)"] = int((4 + state_bytes) * on_gpu)
         host.update({"fp32 master weights": 4 * (params - on_gpu),
@@ -213,8 +220,7 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
             "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
             "bf16 weight ring (three units)": 2 * STREAM_SLOTS * block,
             "optimizer state ring (three units)": int(STREAM_SLOTS * state_bytes * largest),
-            "bf16 gradients" if whole_gradients else "bf16 gradients (in flight)":
-                2 * params if whole_gradients else 2 * 2 * largest,
+            **gradients_updated_in_backward(largest),
         })
         host.update({"bf16 weights (streamed blocks)": 2 * streamed,
                      "optimizer state": int(state_bytes * params)})

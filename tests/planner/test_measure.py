@@ -60,6 +60,31 @@ def test_llama_measures_on_meta_without_memory() -> None:
         pytest.approx(real, rel=0.05)
 
 
+@pytest.mark.parametrize("checkpointed_by", ["transformers", "recompute_in_backward"])
+def test_blocks_that_checkpoint_themselves_are_measured_as_without_recompute_and_left_checkpointed(
+        checkpointed_by: str) -> None:
+    # Measured through the checkpoint a block saves only its input (or nothing, where transformers checkpoints
+    # around the block's hooks, the input then counted outside the blocks too): the plan's `full` policy would
+    # count every input twice and no recomputed block.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_offload.checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+
+    config = LlamaConfig(hidden_size=256, num_hidden_layers=3, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa")
+    tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")
+    with torch.device("meta"):
+        plain, checkpointed = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    if checkpointed_by == "transformers":
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for block in find_blocks(checkpointed):
+            recompute_in_backward(block)
+    checkpointed.train()
+    assert measure_model(checkpointed, tokens) == measure_model(plain, tokens)
+    assert all(is_checkpointed(block) for block in find_blocks(checkpointed))
+
+
 def test_module_built_in_configure_model_is_measured_and_left_unbuilt() -> None:
     module = CausalLM(arch="gpt", network=dict(TINY))
     stats = measure_module(module, (torch.zeros(4, 512, dtype=torch.long),) * 2, dtype=torch.bfloat16,

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_offload.backends.stream.lanes import COMPUTE, D2H, H2D, Lanes, Mark
 from lightning_offload.backends.stream.units import Unit
-from lightning_offload.checkpointing import _WRAPPED
+from lightning_offload.checkpointing import _WRAPPED, unwrapped_forward
 
 WEIGHTS, STATE = "weights", "state"
 
@@ -291,7 +291,4 @@ def _plain_forward(module: torch.nn.Module) -> Callable[..., Any]:
     second checkpoint around the same block would recompute it twice."""
     if getattr(module, "gradient_checkpointing", False):  # transformers checkpoints inside `__call__`
         module.gradient_checkpointing = False
-    forward = module.forward
-    if getattr(module, _WRAPPED, False):
-        forward = getattr(forward, "__wrapped__", forward)
-    return forward
+    return unwrapped_forward(module)
