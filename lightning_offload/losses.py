@@ -34,13 +34,23 @@ DEFAULT_CHUNK_BYTES = 2**30
 IGNORE_INDEX = -100
 
 
+def _slice_rows(vocab: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+def slice_workspace_bytes(tokens: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Peak bytes `linear_cross_entropy` allocates beyond its inputs and the gradients it keeps: one slice's fp32
+    logits and `logsumexp`'s temporary of the same size. Forward only: backward allocates none of it."""
+    return 2 * 4 * min(tokens, _slice_rows(vocab, chunk_bytes)) * vocab
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, ignore_index: int, chunk_bytes: int, needs: tuple[bool, bool, bool]
                 ) -> torch.Tensor:
         tokens, vocab = hidden.shape[0], weight.shape[0]
-        rows = max(1, chunk_bytes // (4 * vocab))
+        rows = _slice_rows(vocab, chunk_bytes)
         need_hidden, need_weight, need_bias = needs
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
@@ -58,19 +68,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             log_normalizer = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_targets[part, None])[:, 0]
             loss_sum += torch.where(valid[part], log_normalizer - target_logit, 0.0).sum()
-            if not (need_hidden or need_weight or need_bias):
-                continue
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-            # A scatter, not a masked index: the host never waits for the GPU inside the loop.
-            grad_logits.scatter_add_(1, safe_targets[part, None], -valid[part, None].float())
-            grad_logits.mul_(token_scale[part, None])
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(hidden.dtype)  # the dtype autograd would hand the head's matmuls
-            if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[part])
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden[part])
+            if need_hidden or need_weight or need_bias:
+                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+                # A scatter, not a masked index: the host never waits for the GPU inside the loop.
+                grad_logits.scatter_add_(1, safe_targets[part, None], -valid[part, None].float())
+                grad_logits.mul_(token_scale[part, None])
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                grad_logits = grad_logits.to(hidden.dtype)  # the dtype autograd would hand the head's matmuls
+                if need_hidden:
+                    torch.mm(grad_logits, weight, out=grad_hidden[part])
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), hidden[part])
+                del grad_logits
+            # Released before the next slice's logits exist, not when the names are rebound: this slice's fp32 logits
+            # and bf16 gradient would otherwise stay alive beside the next slice's (3x `chunk_bytes`, not 2x).
+            del logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.scaled, ctx.bias_dtype = False, None if bias is None else bias.dtype
         return loss_sum / count
@@ -128,6 +141,10 @@ class ChunkedLMHeadLoss(nn.Linear):
         linear.__class__ = cls
         linear.ignore_index, linear.chunk_bytes = ignore_index, chunk_bytes
         return linear  # type: ignore[return-value]
+
+    def workspace_bytes(self, tokens: int) -> int:
+        """What computing the loss of `tokens` tokens allocates at its peak besides its gradients (the planner's)."""
+        return slice_workspace_bytes(tokens, self.out_features, self.chunk_bytes)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:

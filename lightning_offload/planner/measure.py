@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_offload.checkpointing import find_blocks, recompute_suspended
+from lightning_offload.losses import ChunkedLMHeadLoss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,8 @@ class ModelStats:
     """Bytes of one block's input: what a checkpointed block keeps."""
     logits: int
     """Elements of the output logits (batch x sequence x vocabulary); 0 when the loss never materialises them."""
+    loss_workspace_bytes: int = 0
+    """Bytes a loss that never materialises the logits allocates at its peak in forward (one slice of them)."""
     embedding_parameters: int = 0
     """Parameters of embedding tables: excluded from the 6 x N x tokens FLOP count."""
     tokens: int = 0
@@ -94,7 +97,7 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     saved_outside = [0]
     block_inputs = [0] * len(blocks)
     logits = [0]
-
+    loss_workspace = [0]
     width = [0]
 
     def enter(index: int) -> Callable[..., None]:
@@ -111,10 +114,13 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     parameter_ids = {id(p) for p in model.parameters()}
     output_layers = _output_layers(model, blocks)
 
-    def count_logits(module: nn.Module, args: tuple, output: Any) -> None:
-        # An output layer fused with its loss (lightning_offload.losses) returns a scalar: no logits exist.
+    def count_logits(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.ndim >= 2:
             logits[0] = max(logits[0], output.numel())
+        elif isinstance(module, ChunkedLMHeadLoss):  # fused with its loss: a scalar, no logits exist
+            hidden = args[0] if args else kwargs["hidden"]
+            tokens = hidden.numel() // hidden.shape[-1]
+            loss_workspace[0] = max(loss_workspace[0], module.workspace_bytes(tokens))
 
     held: set[int] = set()
 
@@ -132,7 +138,7 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
                 saved_outside[0] += size
         return tensor
 
-    handles = [layer.register_forward_hook(count_logits) for layer in output_layers]
+    handles = [layer.register_forward_hook(count_logits, with_kwargs=True) for layer in output_layers]
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(enter(index), with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
@@ -154,6 +160,7 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
         activation_bytes_per_block=max(saved_per_block, default=0),
         block_input_bytes=max(block_inputs, default=0),
         logits=logits[0],
+        loss_workspace_bytes=loss_workspace[0],
         embedding_parameters=_count(m.weight for m in model.modules() if isinstance(m, nn.Embedding)),
         tokens=_tokens(example_input),
         outside_block_activation_bytes=saved_outside[0],

@@ -53,6 +53,8 @@ NCCL_BYTES = int(0.75 * GIB)
 # Plans that span several processes (the others drive one GPU); `device` becomes DDP.
 MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
 BACKENDS = ("device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream")
+# GPU terms alive only while backward runs.
+BACKWARD_ONLY_TERMS = ("activations (one block recomputed)", "bf16 gradients (in flight)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +257,12 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
         if plan.pin_memory:
             host["pinned block rounding"] = int(FSDP_PINNED_ROUNDING * 8 * params)
             pinned |= {"fp32 weight shards", "fp32 gradient shards", "pinned block rounding"}
+    # A chunked loss's slice of logits exists at the end of forward, when neither the recomputed block nor the
+    # gradients in flight do: only what it needs beyond those adds to the peak.
+    backward_only = sum(gpu.get(term, 0) for term in BACKWARD_ONLY_TERMS)
+    if stats.loss_workspace_bytes > backward_only:
+        gpu["loss workspace (one slice of logits, beyond backward's transients)"] = \
+            stats.loss_workspace_bytes - backward_only
     return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)))
 
 

@@ -90,8 +90,9 @@ def test_module_built_in_configure_model_is_measured_and_left_unbuilt() -> None:
     stats = measure_module(module, (torch.zeros(4, 512, dtype=torch.long),) * 2, dtype=torch.bfloat16,
                            step=lambda b: module.training_step(b, 0))
     assert module.net is None and not list(module.parameters())
-    # CausalLM's output layer computes the loss in chunks: no full logits exist to count.
+    # CausalLM's output layer computes the loss in chunks: no full logits exist to count, one slice of them does.
     assert stats.blocks == 4 and stats.tokens == 4 * 512 and stats.logits == 0
+    assert stats.loss_workspace_bytes == 2 * 4 * stats.tokens * 256  # fp32 logits of one slice (all the tokens) x 2
 
 
 def test_module_with_weights_is_measured_in_place_without_touching_them() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lightning_offload.planner import GIB, Machine, ModelStats, Plan, estimate_memory, shortfalls
@@ -137,3 +139,17 @@ def test_host_adam_front_blocks_move_twelve_bytes_per_parameter_from_host_to_gpu
     assert "fp32 master weights and optimizer state (front blocks)" not in all_host.gpu
     everything = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw", resident_blocks=99))
     assert everything.host["fp32 master weights"] == 4 * (LLAMA_8B.other_parameters - LLAMA_8B.embedding_parameters)
+
+
+def test_a_chunked_loss_s_workspace_counts_only_beyond_backward_s_transients() -> None:
+    # The loss's slice of logits lives at the end of forward; the recomputed block and the gradients in flight
+    # only in backward. Without checkpointing and with small blocks the workspace is the larger of the two.
+    chunked = dataclasses.replace(LLAMA_8B, logits=0, loss_workspace_bytes=2 * GIB)
+    term = "loss workspace (one slice of logits, beyond backward's transients)"
+    plan = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="none")
+    in_flight = estimate_memory(chunked, plan).gpu["bf16 gradients (in flight)"]
+    assert estimate_memory(chunked, plan).gpu[term] == 2 * GIB - in_flight
+    assert estimate_memory(chunked, plan).gpu_bytes - estimate_memory(LLAMA_8B, plan).gpu_bytes == \
+        2 * GIB - in_flight - LLAMA_8B.logits * 4
+    # Under `full` checkpointing one recomputed block (1.4 GB) and the gradients in flight outweigh it.
+    assert term not in estimate_memory(chunked, dataclasses.replace(plan, checkpointing="full")).gpu
