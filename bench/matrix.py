@@ -42,9 +42,12 @@ class Superseded:
     """ISO time of the change; records of `method` (in `regime`, if named) that finished earlier are out of date."""
     why: str
     regime: str | None = None
+    sizes: tuple[str, ...] = ()
+    """The sizes the change affects (a plan chosen differently there); empty: every size."""
 
     def covers(self, record: dict) -> bool:
         return (record.get("method") == self.method and self.regime in (None, record.get("regime"))
+                and (not self.sizes or record.get("size") in self.sizes)
                 and _utc(record["finished_at"]) < _utc(self.before))
 
 
@@ -85,7 +88,8 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
         timeout_s=float(raw["timeout_s"]),
         probe_timeout_s=float(raw["probe_timeout_s"]),
         deepspeed_build_s=float(raw["deepspeed_build_s"]),
-        superseded=tuple(Superseded(**rule | {"before": str(rule["before"])})
+        superseded=tuple(Superseded(**rule | {"before": str(rule["before"]),
+                                              "sizes": tuple(str(size) for size in rule.get("sizes") or ())})
                          for rule in raw.get("superseded") or ()),
     )
     # Names are checked here, so a typo in the config fails before any cell runs.
@@ -93,6 +97,7 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     _select("method", config.default_methods, list(methods))
     _select("method", [rule.method for rule in config.superseded], list(methods))
     _select("regime", [rule.regime for rule in config.superseded if rule.regime], list(config.regimes))
+    _select("size", [size for rule in config.superseded for size in rule.sizes], list(SIZES))
     return config
 
 

@@ -76,6 +76,10 @@ def load(paths: list[Path], superseded: Iterable[Superseded] | None = None) -> t
     cells = {cell: max(runs, key=lambda r: (r["status"] != "not_run", "superseded" not in r,
                                             "inferred_from" not in r, r["finished_at"]))
              for cell, runs in records.items()}
+    for cell, record in cells.items():
+        source = cells.get(record.get("inferred_from", ""), {})
+        if "superseded" in source and "superseded" not in record:
+            cells[cell] = record | {"superseded": f"inferred from {record['inferred_from']}, itself out of date"}
     return probe, cells
 
 

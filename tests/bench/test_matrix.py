@@ -147,6 +147,17 @@ def test_a_superseded_rule_covers_its_method_and_regime_before_its_time():
     assert "superseded" in mark_superseded(before | {"finished_at": "2026-11-24T02:03:45"}, [rule])
 
 
+def test_a_superseded_rule_with_sizes_covers_only_those():
+    from bench.matrix import Superseded, mark_superseded
+
+    rule = Superseded(method="single_gpu_offload_stream", regime="r1", sizes=("32.8b", "40.8b"),
+                      before="2026-12-05T08:45:12+00:00", why="plans more resident blocks")
+    record = {**_measured("40.8b/single_gpu_offload_stream/r1", "ok"), "finished_at": "2026-11-24T01:21:50+00:00"}
+    assert mark_superseded(record, [rule])["superseded"] == "plans more resident blocks"
+    smaller = {**_measured("19b/single_gpu_offload_stream/r1", "ok"), "finished_at": record["finished_at"]}
+    assert "superseded" not in mark_superseded(smaller, [rule])
+
+
 def test_a_superseded_failure_answers_no_other_cell(config):
     from bench.matrix import skip_known_failures
 
@@ -156,8 +167,9 @@ def test_a_superseded_failure_answers_no_other_cell(config):
 
 
 def test_the_config_s_superseded_rules_name_known_methods_and_regimes(config, tmp_path):
-    assert {rule.method for rule in config.superseded} == {"single_gpu_offload_fsdp"}
-    bad = DEFAULT_CONFIG.read_text().replace("regime: r2", "regime: r9")
-    (tmp_path / "matrix.yaml").write_text(bad)
-    with pytest.raises(ValueError, match="Unknown regime"):
-        load_config(tmp_path / "matrix.yaml")
+    assert {rule.method for rule in config.superseded} >= {"single_gpu_offload_fsdp", "single_gpu_offload_stream"}
+    for wrong, error in (("regime: r2", "Unknown regime"), ("sizes: [32.8b", "Unknown size")):
+        bad = DEFAULT_CONFIG.read_text().replace(wrong, wrong.replace("r2", "r9").replace("32.8b", "33b"))
+        (tmp_path / "matrix.yaml").write_text(bad)
+        with pytest.raises(ValueError, match=error):
+            load_config(tmp_path / "matrix.yaml")

@@ -152,6 +152,20 @@ def test_a_measurement_out_of_date_shows_as_such_below_any_current_record(tmp_pa
     assert load([results], rules)[1]["8b/single_gpu_offload_fsdp/r1"]["status"] == "timeout"
 
 
+def test_a_skip_inferred_from_a_measurement_out_of_date_is_out_of_date_too(tmp_path):
+    from bench.matrix import Superseded
+
+    rules = [Superseded(method="single_gpu_offload_fsdp", before="2026-11-24T00:00:00+00:00", why="before the fix")]
+    old = _fsdp_record("killed", "2026-11-23T23:55:46+00:00", cause="killed by SIGKILL")
+    inferred = old | {"cell": "14.8b/single_gpu_offload_fsdp/r1", "size": "14.8b", "status": "skipped",
+                      "inferred_from": old["cell"], "finished_at": "2026-11-25T10:00:00+00:00"}
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(record) for record in (old, inferred)))
+    cells = load([results], rules)[1]
+    assert cells[inferred["cell"]]["superseded"] == f"inferred from {old['cell']}, itself out of date"
+    assert "superseded" not in load([results], [])[1][inferred["cell"]]
+
+
 def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every_kind(tmp_path):
     from bench.matrix import load_config
 
