@@ -1,0 +1,90 @@
+"""The planner's GPU memory estimate, as the code stands now, beside the peaks the benchmark measured for our rows.
+
+    PYTHONPATH=. python bench/memory_check.py [bench/results.jsonl ...]
+
+One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimate of
+that plan for that model and batch now (measured on the meta device, as the strategy measures it), and the peaks
+torch and the device saw. Run it after a change to the memory model or after a GPU session: a plan estimated below
+its measured peak is one the planner may choose where it does not fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/memory_check.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.matrix import load_config
+from bench.methods import OURS
+from bench.report import load
+from lightning_offload.planner import GIB, ModelStats, Plan, estimate_memory, measure_module
+
+DEFAULT_RESULTS = Path(__file__).with_name("results.jsonl")
+_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
+                   r"(?:, (?P<blocks>\d+) (?:resident blocks|blocks' state on the GPU))?"
+                   r"(?P<accumulated>, gradients accumulated on the GPU)?$")
+
+
+@dataclass(frozen=True)
+class Check:
+    cell: str
+    plan: str
+    estimate_gib: float
+    torch_gib: float
+    device_gib: float
+
+
+def parse_plan(text: str) -> Plan:
+    """The `Plan` whose `str` is `text` (what a cell records as its `plan`)."""
+    match = _PLAN.match(text)
+    if match is None:
+        raise ValueError(f"Not a plan: {text!r}")
+    policy = "every_k" if match["k"] else match["policy"]
+    return Plan(backend=match["backend"], optimizer=match["optimizer"], checkpointing=policy,
+                every_k=int(match["k"] or 2), resident_blocks=int(match["blocks"] or 0),
+                accumulate_on_gpu=bool(match["accumulated"]))
+
+
+@functools.cache
+def cell_stats(method: str, size: str, micro_batch: int, seq: int) -> ModelStats:
+    """What the strategy measures of the cell's LightningModule at its batch shape (bf16)."""
+    from bench.runners import LlamaModule
+
+    options = load_config().methods[method].options
+    module = LlamaModule(size, options["checkpointing"], options["optimizer"], options.get("loss", "full"))
+    tokens = torch.zeros(micro_batch, seq, dtype=torch.long)
+    return measure_module(module, tokens, dtype=torch.bfloat16, step=lambda batch: module.training_step(batch, 0))
+
+
+def checks(paths: list[Path]) -> list[Check]:
+    """Every current measured cell of our rows that recorded its plan, with the plan's estimate now."""
+    found = []
+    for name, record in sorted(load(paths)[1].items()):
+        if (not record["method"].startswith(f"{OURS}_") or record["status"] != "ok" or "superseded" in record
+                or not record.get("plan")):
+            continue
+        stats = cell_stats(record["method"], record["size"], record["micro_batch"], record["seq"])
+        estimate = estimate_memory(stats, parse_plan(record["plan"]), accumulate=record["accumulate"])
+        found.append(Check(name, record["plan"], estimate.gpu_bytes / GIB, record["peak_gpu_torch_gib"],
+                           record["peak_gpu_device_gib"]))
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or [DEFAULT_RESULTS]
+    print(f"{'cell':60} {'plan':75} {'estimate':>8} {'torch':>7} {'device':>7} {'- torch':>8} {'- device':>8}")
+    for check in checks(paths):
+        print(f"{check.cell:60} {check.plan:75} {check.estimate_gib:8.2f} {check.torch_gib:7.2f} "
+              f"{check.device_gib:7.2f} {check.estimate_gib - check.torch_gib:+8.2f} "
+              f"{check.estimate_gib - check.device_gib:+8.2f}")
+
+
+if __name__ == "__main__":
+    main()
