@@ -26,8 +26,10 @@ def test_a_recorded_plan_parses_back(plan: Plan) -> None:
 
 
 def test_the_update_in_backward_plans_are_estimated_at_their_measured_peaks() -> None:
-    measured = [c for c in checks([DEFAULT_RESULTS]) if c.plan.startswith(("gpu_8bit", "stream"))]
-    assert len(measured) >= 20
+    # The rows pinned to the backends that update inside backward (the `auto` rows run transformers' own loss).
+    rows = tuple(f"/single_gpu_offload_{backend}" for backend in ("gpu_8bit", "host_adam", "stream"))
+    measured = [c for c in checks([DEFAULT_RESULTS]) if any(row in c.cell for row in rows)]
+    assert len(measured) >= 30
     below = [c for c in measured if c.estimate_gib < c.torch_gib - BELOW_TORCH_PEAK_GIB]
     assert not below, below
     wasteful = [c for c in measured if c.plan.startswith("stream") and "compiled" not in c.cell

@@ -49,8 +49,10 @@ def test_plans_that_update_in_backward_hold_no_full_gradient_unless_accumulating
         accumulating = estimate_memory(LLAMA_8B, Plan(backend=backend, optimizer="adamw8bit_fused"), accumulate=4)
         assert one.gpu["bf16 gradients (in flight)"] == 4 * LLAMA_8B.block_parameters
         assert accumulating.gpu["bf16 gradients (kept until the step)"] == 2 * params
-        # The micro-batch's own gradients are in flight on top of the kept ones, as measured (R2 - R1 = 2 B/param).
-        assert accumulating.gpu_bytes - one.gpu_bytes == 2 * params
+        # The micro-batch's own gradients are in flight on top of the kept ones, as measured (R2 - R1 = 2 B/param);
+        # host_adam's gradients waiting for the host are among the kept ones.
+        waiting = one.gpu.get("bf16 gradients waiting for the host", 0)
+        assert accumulating.gpu_bytes - one.gpu_bytes == 2 * params - waiting
     host_adam = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw"))
     assert host_adam.gpu["bf16 weights"] == 2 * params
     assert host_adam.host["fp32 master weights"] + host_adam.host["optimizer state"] == 12 * params
@@ -134,11 +136,29 @@ def test_host_adam_front_blocks_move_twelve_bytes_per_parameter_from_host_to_gpu
     # 8 blocks of 218,112,000 and the 525,336,576-parameter input embedding before them: 2,270,232,576 parameters,
     # with fp32 master weights (4 bytes) and two fp32 moments (8 bytes) each.
     assert front.gpu["fp32 master weights and optimizer state (front blocks)"] == 27_242_790_912
-    assert front.gpu_bytes - all_host.gpu_bytes == 27_242_790_912 == all_host.host_bytes - front.host_bytes
+    assert all_host.host_bytes - front.host_bytes == 27_242_790_912
+    # Eight blocks fewer stepped by the host: eight blocks' gradients fewer that may wait on the GPU for it, each
+    # 2 bytes per parameter less the input its checkpointed backward frees.
+    waiting = "bf16 gradients waiting for the host"
+    fewer = 8 * (2 * LLAMA_8B.block_parameters - LLAMA_8B.block_input_bytes)
+    assert all_host.gpu[waiting] - front.gpu[waiting] == fewer
+    assert front.gpu_bytes - all_host.gpu_bytes == 27_242_790_912 - fewer
     assert front.host["fp32 master weights"] == 4 * (LLAMA_8B.parameters - 2_270_232_576)
     assert "fp32 master weights and optimizer state (front blocks)" not in all_host.gpu
     everything = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw", resident_blocks=99))
     assert everything.host["fp32 master weights"] == 4 * (LLAMA_8B.other_parameters - LLAMA_8B.embedding_parameters)
+
+
+def test_host_adam_counts_gradients_waiting_for_the_host_where_backward_frees_less_than_it_produces() -> None:
+    waiting = "bf16 gradients waiting for the host"
+    plan = Plan(backend="host_adam", optimizer="adamw", resident_blocks=8)
+    full = estimate_memory(LLAMA_8B, plan)
+    # 24 blocks stepped by the host; two blocks' gradients in flight are counted already.
+    produced_less_freed = 2 * LLAMA_8B.block_parameters - LLAMA_8B.block_input_bytes
+    assert full.gpu[waiting] == 24 * produced_less_freed - 4 * LLAMA_8B.block_parameters
+    # Without checkpointing each block's backward frees its 1.4 GB of activations, more than its 436 MB of gradients.
+    assert waiting not in estimate_memory(LLAMA_8B, dataclasses.replace(plan, checkpointing="none")).gpu
+    assert waiting not in estimate_memory(LLAMA_8B, dataclasses.replace(plan, resident_blocks=32)).gpu
 
 
 def test_a_chunked_loss_s_workspace_counts_only_beyond_backward_s_transients() -> None:
