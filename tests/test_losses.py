@@ -120,6 +120,26 @@ def test_peak_allocation_is_the_gradients_kept_and_one_slice_s_workspace() -> No
     assert peak - kept == pytest.approx(workspace, rel=0.1)
 
 
+@pytest.mark.gpu
+def test_on_the_gpu_the_peak_is_the_gradients_kept_and_one_slice_s_workspace() -> None:
+    # The planner's `loss_workspace_bytes` on CUDA, where logsumexp and the casts use their CUDA kernels: a 152K
+    # vocabulary at the default 1 GiB slices, the 32.8B model's shapes.
+    tokens, features, vocab = 8192, 5120, 152064
+    device = torch.device("cuda")
+    hidden = torch.randn(tokens, features, dtype=torch.bfloat16, device=device, requires_grad=True)
+    weight = torch.randn(vocab, features, dtype=torch.bfloat16, device=device, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = linear_cross_entropy(hidden, weight, targets)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    assert loss.isfinite()
+    assert peak - kept == pytest.approx(slice_workspace_bytes(tokens, vocab), rel=0.1)
+
+
 def test_gradients_are_computed_only_for_backward_and_backward_runs_once() -> None:
     hidden, weight, _, targets = _inputs(bias=False)
     with torch.no_grad():
