@@ -96,3 +96,19 @@ def fit(strategy: Any, num_batches: int = 8, precision: str = "32-true", module:
     trainer = pl.Trainer(strategy=strategy, precision=precision, **options)
     trainer.fit(module, train_dataloaders=token_batches(num_batches, batch_size=batch_size), ckpt_path=ckpt_path)
     return module, trainer
+
+
+def peak_and_final_allocated_bytes(run: Any) -> tuple[int, int]:
+    """Host memory torch allocates while `run()` runs, at its peak and at the end, from the profiler's memory events
+    (the CPU has no allocator statistics)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    allocated = peak = 0
+    for _, change in changes:
+        allocated += change
+        peak = max(peak, allocated)
+    return peak, allocated

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_offload.losses import ChunkedLMHeadLoss, linear_cross_entropy, slice_workspace_bytes
 from lightning_offload.models import CausalLM
+from tests.conftest import peak_and_final_allocated_bytes
 
 TOKENS, FEATURES, VOCAB = 24, 16, 50
 # A chunk of fp32 logits holds 5 tokens of the vocabulary: the loop runs several slices, the last one shorter.
@@ -87,22 +88,6 @@ def test_no_full_logits_are_kept_for_backward() -> None:
     assert chunked <= hidden.nbytes + weight.nbytes + tokens * (8 + 1 + 4) + 64
 
 
-def _peak_and_final_allocated_bytes(run) -> tuple[int, int]:
-    """Host memory torch allocates while `run()` runs, at its peak and at the end, from the profiler's memory events
-    (the CPU has no allocator statistics)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
-    allocated = peak = 0
-    for _, change in changes:
-        allocated += change
-        peak = max(peak, allocated)
-    return peak, allocated
-
-
 def test_peak_allocation_is_the_gradients_kept_and_one_slice_s_workspace() -> None:
     # The planner counts `slice_workspace_bytes` for the loss: a slice's logits kept alive into the next slice
     # (3 slices' worth, not 2) would be memory it does not know of.
@@ -112,7 +97,7 @@ def test_peak_allocation_is_the_gradients_kept_and_one_slice_s_workspace() -> No
     targets = torch.randint(0, vocab, (tokens,))
     chunk_bytes = 4 * vocab * rows
     graph: list[torch.Tensor] = []  # the loss, and with it what its graph keeps for backward
-    peak, kept = _peak_and_final_allocated_bytes(
+    peak, kept = peak_and_final_allocated_bytes(
         lambda: graph.append(linear_cross_entropy(hidden, weight, targets, chunk_bytes=chunk_bytes)))
     assert kept >= 2 * (hidden.numel() + weight.numel())  # the gradients of both, kept for backward
     workspace = slice_workspace_bytes(tokens, vocab, chunk_bytes)

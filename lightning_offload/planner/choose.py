@@ -10,12 +10,12 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from lightning_offload.losses import slice_workspace_bytes
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import (
     BACKENDS,
     GIB,
-    LOGIT_BYTES,
     MULTI_PROCESS_BACKENDS,
     Machine,
     MemoryEstimate,
@@ -74,6 +74,9 @@ class PlanReport:
     world_size: int = 1
     ranks_per_host: int | None = None
     holds_gradients: bool = False
+    plans: tuple[Plan, ...] = ()
+    """The candidate plans as asked, before `choose` sized their blocks on the GPU: what a re-plan for another
+    batch (the refusal's hints) starts from."""
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -207,7 +210,7 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     else:
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
-                      accumulate, world_size, ranks_per_host, holds_gradients)
+                      accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans))
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
@@ -246,7 +249,7 @@ def scaled(stats: ModelStats, fraction: float) -> ModelStats:
 def _refusal(report: PlanReport) -> PlanDoesNotFit:
     nearest = min(report.candidates, key=lambda c: (sum(c.shortfalls.values()), c.step_time_s))
     missing = ", ".join(f"{tier} short by {gib:.1f} GiB" for tier, gib in nearest.shortfalls.items())
-    plans = [c.plan for c in report.candidates]
+    plans = list(report.plans)
     hints = []
     pinned = {p.backend for p in plans}
     if len(pinned) == 1 and not report.machine.unified:
@@ -256,7 +259,7 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
                          "`backend='auto'` takes the fastest plan that fits")
     without_logits = _fits_without_logits(report, plans)
     if without_logits is not None:
-        hints.append(f"a loss that never holds the full logits ({report.stats.logits * LOGIT_BYTES / GIB:.1f} GiB) "
+        hints.append(f"a loss that never holds the full logits ({4 * report.stats.logits / GIB:.1f} GiB in fp32) "
                      f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
                      "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
     hints += _accumulation_hints(report, nearest, plans)
@@ -308,11 +311,13 @@ def _accumulation_hints(report: PlanReport, nearest: Candidate, plans: list[Plan
 
 
 def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | None:
-    """The plan that fits once the loss stops materialising the logits. Only their own term is dropped (what the
-    loss saves of them stays counted), so a plan named here also fits with the chunked loss."""
-    if not report.stats.logits:
+    """The plan that fits once the loss stops materialising the logits: their backward's gradients are replaced by
+    the chunked loss's slice, and what the loss saves of them stays counted (more than the chunked loss keeps)."""
+    stats = report.stats
+    if not stats.logits or not stats.tokens:
         return None
-    return _fitting(report, dataclasses.replace(report.stats, logits=0), plans)
+    chunked = slice_workspace_bytes(stats.tokens, stats.logits // stats.tokens)
+    return _fitting(report, dataclasses.replace(stats, logits=0, loss_workspace_bytes=chunked), plans)
 
 
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:

@@ -30,9 +30,10 @@ CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and cuBLAS workspaces: o
 # nothing in host memory (bench/RESULTS.md: 1.8-2.0 GiB for gpu_8bit at 3.6B and 8B and `device` at 1.5B through
 # `single_gpu_offload`; ANCHORS.md: 1.7-2 GiB for the plain loop and torchtune's method).
 PROCESS_BASELINE_BYTES = int(2.0 * GIB)
-# What the loss saves for backward (bf16 logits, their fp32 upcast) is in the measured bytes outside the blocks;
-# backward adds the logits' fp32 gradient on top.
-LOGIT_BYTES = 4
+# A loss over the full logits (transformers' own) saves their fp32 log-softmax for backward, counted with the
+# measured bytes outside the blocks; its backward holds two fp32 gradients of that size beside it (the NLL's and
+# log-softmax's input's): 8 bytes per logit above what forward left, measured on the CPU with torch's profiler.
+LOGIT_BACKWARD_BYTES = 8
 # DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
 # fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions and swap buffers. Measured on the H100
 # machine (bench/RESULTS.md): 35.8 GiB RSS at 1.5B and 84 GiB at 3.6B, i.e. ~5 bytes/param above the 18.
@@ -53,7 +54,7 @@ NCCL_BYTES = int(0.75 * GIB)
 # Plans that span several processes (the others drive one GPU); `device` becomes DDP.
 MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
 BACKENDS = ("device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream")
-# GPU terms alive only while backward runs.
+# GPU terms alive only while the blocks' backward runs.
 BACKWARD_ONLY_TERMS = ("activations (one block recomputed)", "bf16 gradients (in flight)")
 
 
@@ -128,8 +129,7 @@ def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
 
 def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
     per_block, layers = stats.activation_bytes_per_block, stats.blocks
-    outside = {"activations outside the blocks": stats.outside_block_activation_bytes,
-               "logits and loss": stats.logits * LOGIT_BYTES}
+    outside = {"activations outside the blocks": stats.outside_block_activation_bytes}
     if plan.checkpointing == "none":
         return {"activations": layers * per_block, **outside}
     if plan.checkpointing == "offload":
@@ -176,7 +176,8 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
         raise ValueError(f"The {plan.backend!r} plan drives one GPU; across processes choose one of "
                          f"{list(MULTI_PROCESS_BACKENDS)}.")
     whole_gradients = accumulate > 1 or holds_gradients
-    single = _estimate_one_rank(stats, plan, whole_gradients, reduce_bucket_elements, prefetch_bucket_elements)
+    single = _estimate_one_rank(stats, plan, whole_gradients, accumulate > 1, reduce_bucket_elements,
+                                prefetch_bucket_elements)
     if world_size == 1:
         return single
     local = ranks_per_host or world_size
@@ -191,8 +192,8 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
     return MemoryEstimate(plan, gpu, host, single.host_pinned)
 
 
-def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, reduce_bucket_elements: int,
-                       prefetch_bucket_elements: int) -> MemoryEstimate:
+def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, accumulating: bool,
+                       reduce_bucket_elements: int, prefetch_bucket_elements: int) -> MemoryEstimate:
     params, block = stats.parameters, stats.block_parameters
     state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
     gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}
@@ -213,6 +214,10 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
     if plan.backend == "device":
         gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
                     "optimizer state": int(state_bytes * params)})
+        if accumulating:
+            # A later micro-batch's gradient of a parameter exists beside the sum it is added to: the largest
+            # parameter's (3.6B measured 1.85 GiB above one micro-batch; its embedding's fp32 gradient is 1.47).
+            gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(block, stats.embedding_parameters)
     elif plan.backend == "gpu_8bit":
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
                     **gradients_updated_in_backward(block)})
@@ -275,12 +280,13 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, red
         if plan.pin_memory:
             host["pinned block rounding"] = int(FSDP_PINNED_ROUNDING * 8 * params)
             pinned |= {"fp32 weight shards", "fp32 gradient shards", "pinned block rounding"}
-    # A chunked loss's slice of logits exists at the end of forward, when neither the recomputed block nor the
-    # gradients in flight do: only what it needs beyond those adds to the peak.
+    # The loss's transients (a chunked loss's slice of logits in forward, the full logits' gradients at the start
+    # of backward) exist while neither a recomputed block nor the blocks' gradients in flight do: only what they
+    # need beyond those adds to the peak.
+    loss_transient = stats.loss_workspace_bytes + LOGIT_BACKWARD_BYTES * stats.logits
     backward_only = sum(gpu.get(term, 0) for term in BACKWARD_ONLY_TERMS)
-    if stats.loss_workspace_bytes > backward_only:
-        gpu["loss workspace (one slice of logits, beyond backward's transients)"] = \
-            stats.loss_workspace_bytes - backward_only
+    if loss_transient > backward_only:
+        gpu["loss transients (beyond the blocks' backward)"] = loss_transient - backward_only
     return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)))
 
 

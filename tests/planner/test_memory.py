@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from lightning_offload.planner import GIB, Machine, ModelStats, Plan, estimate_memory, shortfalls
-from lightning_offload.planner.memory import PROCESS_BASELINE_BYTES
+from lightning_offload.planner.memory import LOGIT_BACKWARD_BYTES, PROCESS_BASELINE_BYTES
+from tests.conftest import peak_and_final_allocated_bytes
 
 # Llama 8B at micro-batch 4 x 2048 (activation figures: order of magnitude of a bf16 decoder layer).
 LLAMA_8B = ModelStats(parameters=8_030_261_248, block_parameters=218_112_000, blocks=32,
@@ -165,11 +168,23 @@ def test_a_chunked_loss_s_workspace_counts_only_beyond_backward_s_transients() -
     # The loss's slice of logits lives at the end of forward; the recomputed block and the gradients in flight
     # only in backward. Without checkpointing and with small blocks the workspace is the larger of the two.
     chunked = dataclasses.replace(LLAMA_8B, logits=0, loss_workspace_bytes=2 * GIB)
-    term = "loss workspace (one slice of logits, beyond backward's transients)"
+    term = "loss transients (beyond the blocks' backward)"
     plan = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="none")
     in_flight = estimate_memory(chunked, plan).gpu["bf16 gradients (in flight)"]
     assert estimate_memory(chunked, plan).gpu[term] == 2 * GIB - in_flight
+    # Instead of the full logits' two fp32 gradients at the start of backward.
     assert estimate_memory(chunked, plan).gpu_bytes - estimate_memory(LLAMA_8B, plan).gpu_bytes == \
-        2 * GIB - in_flight - LLAMA_8B.logits * 4
+        2 * GIB - 8 * LLAMA_8B.logits
     # Under `full` checkpointing one recomputed block (1.4 GB) and the gradients in flight outweigh it.
     assert term not in estimate_memory(chunked, dataclasses.replace(plan, checkpointing="full")).gpu
+
+
+def test_a_loss_over_the_full_logits_holds_logit_backward_bytes_per_logit_in_its_backward() -> None:
+    # transformers' causal-LM loss: the logits upcast to fp32, then cross-entropy (whose log-softmax output forward
+    # saved, counted with the activations outside the blocks).
+    tokens, vocab = 1024, 8000
+    logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    loss = F.cross_entropy(logits.float(), targets)
+    peak, _ = peak_and_final_allocated_bytes(loss.backward)
+    assert peak == pytest.approx(LOGIT_BACKWARD_BYTES * tokens * vocab, rel=0.05)
