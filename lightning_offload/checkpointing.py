@@ -79,6 +79,13 @@ def is_checkpointed(module: nn.Module) -> bool:
     return bool(getattr(module, _WRAPPED, False)) or getattr(module, "gradient_checkpointing", False) is True
 
 
+def checkpoints_itself(model: nn.Module) -> bool:
+    """Whether every repeated block of `model` recomputes itself (`is_checkpointed`): whatever policy a run asks
+    for, its blocks then run as under `full`."""
+    blocks = find_blocks(model)
+    return bool(blocks) and all(is_checkpointed(block) for block in blocks)
+
+
 def unwrapped_forward(module: nn.Module) -> Any:
     """`module.forward` without a policy's recompute wrapper (`recompute_in_backward`), if it has one."""
     forward = module.forward

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_offload.checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,
     Candidate,
@@ -76,7 +77,10 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                 f"`plan` needs a batch to measure {type(model).__name__} with: pass `example_input` or set the "
                 "module's `example_input_array`."
             )
-        stats = measure_module(model, batch, dtype=compute_dtype(precision))
+        with meta_network(model, compute_dtype(precision)):
+            stats = measure_module(model, batch, dtype=compute_dtype(precision))
+            if checkpointing is None and checkpoints_itself(model):
+                checkpointing = "full"  # every block recomputes itself, whatever a plan's policy would say
     machine = machine or Machine.detect(device)
     ceilings = ceilings or load_or_probe(device)
     backends = available_backends() if backend in (None, "auto") else [backend]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, find_blocks, is_checkpointed
+from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_itself
 from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
 from lightning_offload.planner.choose import parameter_count
 from lightning_offload.planner.measure import meta_network
@@ -38,8 +38,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         with meta_network(module, dtype):
             stats = measure_module(module, batch, dtype=dtype, step=step)
             adamw_compatible = _steps_adamw(module)
-            blocks = find_blocks(module)
-            checkpoints_itself = bool(blocks) and all(is_checkpointed(block) for block in blocks)
+            recomputes_itself = checkpoints_itself(module)
     except Exception as error:  # a user's model or loader the meta device cannot run: plan without it
         warnings.warn(
             f"The planner could not measure {type(module).__name__} on the meta device ({type(error).__name__}: "
@@ -48,7 +47,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         )
         return None
     pinned_policy = None if checkpointing.policy == "auto" else _PLANNED_POLICY[checkpointing.policy]
-    if checkpoints_itself:
+    if recomputes_itself:
         # The policies leave blocks that recompute themselves alone (`checkpointing.is_checkpointed`): whatever
         # the strategy's policy, every block runs as under `full`, and a plan counted otherwise would not fit.
         if pinned_policy not in (None, "full"):

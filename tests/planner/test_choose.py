@@ -94,6 +94,21 @@ def test_plan_front_end_on_a_module_for_another_machine() -> None:
         plan(model, machine=CARD_40GB, ceilings=Ceilings(), device="cuda")
 
 
+def test_plan_front_end_plans_a_model_whose_blocks_checkpoint_themselves_as_fully_checkpointed() -> None:
+    import torch
+
+    from lightning_offload.checkpointing import recompute_in_backward
+    from lightning_offload.models import TinyGPT
+
+    with torch.device("meta"):
+        model = TinyGPT(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=512)
+    for block in model.blocks:
+        recompute_in_backward(block)
+    result = plan(model, torch.zeros(4, 512, dtype=torch.long), machine=CARD_40GB, ceilings=Ceilings(),
+                  device="cuda")
+    assert {c.plan.checkpointing for c in result.candidates} == {"full"}
+
+
 def test_every_plan_in_the_table_has_a_plan_string() -> None:
     rows = report(H100).rows()
     assert all(isinstance(row["plan"], str) and row["step_time_s"] > 0 for row in rows)
