@@ -238,7 +238,9 @@ def _reason(chosen: Candidate | None, fitting: list[Candidate], allow_eight_bit:
 
 
 def scaled(stats: ModelStats, fraction: float) -> ModelStats:
-    """`stats` at a micro-batch `fraction` of the measured one: activations and logits scale with the tokens."""
+    """`stats` at a micro-batch `fraction` of the measured one: activations and logits scale with the tokens. A
+    chunked loss's workspace stays: it is one slice of logits, which reaches its `chunk_bytes` size at a few
+    thousand tokens."""
     return dataclasses.replace(
         stats, activation_bytes_per_block=int(stats.activation_bytes_per_block * fraction),
         block_input_bytes=int(stats.block_input_bytes * fraction), logits=int(stats.logits * fraction),
