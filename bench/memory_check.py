@@ -1,11 +1,11 @@
-"""The planner's GPU memory estimate, as the code stands now, beside the peaks the benchmark measured for our rows.
+"""The planner's memory estimates, as the code stands now, beside the peaks the benchmark measured for our rows.
 
     PYTHONPATH=. python bench/memory_check.py [bench/results.jsonl ...]
 
 One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimate of
-that plan for that model and batch now (measured on the meta device, as the strategy measures it), and the peaks
-torch and the device saw. Run it after a change to the memory model or after a GPU session: a plan estimated below
-its measured peak is one the planner may choose where it does not fit.
+that plan for that model and batch now (measured on the meta device, as the strategy measures it), beside the GPU
+peaks torch and the device saw and the host RSS. Run it after a change to the memory model or after a GPU session:
+a plan estimated below its measured peak is one the planner may choose where it does not fit.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class Check:
     estimate_gib: float
     torch_gib: float
     device_gib: float
+    host_estimate_gib: float
+    host_rss_gib: float
 
 
 def parse_plan(text: str) -> Plan:
@@ -73,17 +75,19 @@ def checks(paths: list[Path]) -> list[Check]:
         stats = cell_stats(record["method"], record["size"], record["micro_batch"], record["seq"])
         estimate = estimate_memory(stats, parse_plan(record["plan"]), accumulate=record["accumulate"])
         found.append(Check(name, record["plan"], estimate.gpu_bytes / GIB, record["peak_gpu_torch_gib"],
-                           record["peak_gpu_device_gib"]))
+                           record["peak_gpu_device_gib"], estimate.host_bytes / GIB, record["peak_host_rss_gib"]))
     return found
 
 
 def main(argv: list[str] | None = None) -> None:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or [DEFAULT_RESULTS]
-    print(f"{'cell':60} {'plan':75} {'estimate':>8} {'torch':>7} {'device':>7} {'- torch':>8} {'- device':>8}")
+    print(f"{'cell':60} {'plan':75} {'GPU est':>8} {'torch':>7} {'device':>7} {'- torch':>8} {'- device':>8} "
+          f"{'host est':>8} {'RSS':>7} {'- RSS':>7}")
     for check in checks(paths):
         print(f"{check.cell:60} {check.plan:75} {check.estimate_gib:8.2f} {check.torch_gib:7.2f} "
               f"{check.device_gib:7.2f} {check.estimate_gib - check.torch_gib:+8.2f} "
-              f"{check.estimate_gib - check.device_gib:+8.2f}")
+              f"{check.estimate_gib - check.device_gib:+8.2f} {check.host_estimate_gib:8.2f} "
+              f"{check.host_rss_gib:7.2f} {check.host_estimate_gib - check.host_rss_gib:+7.2f}")
 
 
 if __name__ == "__main__":
