@@ -164,6 +164,10 @@ def test_a_skip_inferred_from_a_measurement_out_of_date_is_out_of_date_too(tmp_p
     cells = load([results], rules)[1]
     assert cells[inferred["cell"]]["superseded"] == f"inferred from {old['cell']}, itself out of date"
     assert "superseded" not in load([results], [])[1][inferred["cell"]]
+    # Measured again and fitting: the inference no longer holds either.
+    ran = _fsdp_record("ok", "2026-11-26T10:00:00+00:00", step_s_median=2.0)
+    results.write_text("\n".join(json.dumps(record) for record in (old, inferred, ran)))
+    assert load([results], [])[1][inferred["cell"]]["superseded"] == f"inferred from {old['cell']}, which has run since"
 
 
 def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every_kind(tmp_path):
