@@ -216,8 +216,9 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
                     "optimizer state": int(state_bytes * params)})
         if accumulating:
-            # A later micro-batch's gradient of a parameter exists beside the sum it is added to: the largest
-            # parameter's (3.6B measured 1.85 GiB above one micro-batch; its embedding's fp32 gradient is 1.47).
+            # A later micro-batch's gradient of a parameter exists beside the sum it is added to: counted as a whole
+            # block's or the embedding's, whichever is larger (3.6B measured 1.85 GiB above one micro-batch; its
+            # embedding's fp32 gradient is 1.47).
             gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(block, stats.embedding_parameters)
     elif plan.backend == "gpu_8bit":
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
