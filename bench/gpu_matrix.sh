@@ -5,7 +5,7 @@
 # `python bench/report.py bench/results.jsonl`.
 # Usage: SIZES=3.6b [REGIMES=r1] [METHODS=plain,torchtune,...] [PROBE=1] [DEADLINE_S=540] [SKIP_KNOWN=1] bash bench/gpu_matrix.sh
 #        UNMEASURED=1 [SIZES=...] [REGIMES=r1,r2] [METHODS=...] ... bash bench/gpu_matrix.sh
-# SKIP_KNOWN=1 records the cells that a memory failure in bench/results.jsonl already answers instead of running them.
+# SKIP_KNOWN=1 records the cells that a failure (memory or timeout) in bench/results.jsonl already answers instead of running them.
 # UNMEASURED=1 runs only the cells bench/results.jsonl does not answer yet (every size and regime unless named);
 # `python bench/run.py --unmeasured --skip-known-failures --list` shows them here first, with their estimates.
 set -uo pipefail

@@ -137,6 +137,9 @@ def skip_reason(method: Method, regime: Regime, device: str) -> str | None:
 # Statuses that say a method ran out of memory at a size, and how a skipped larger cell names them.
 MEMORY_FAILURES = {"gpu_oom": "out of GPU memory", "host_oom": "out of host memory",
                    "killed": "killed by the kernel (host memory)"}
+# How bench/run.py marks a timeout that the call's deadline cut but that the planner predicts for the cell's own
+# time limit too: a timeout of its method, like one under the full limit.
+BEYOND_OWN_LIMIT = "and beyond its own"
 
 
 def memory_failure(record: dict) -> str | None:
@@ -148,26 +151,50 @@ def memory_failure(record: dict) -> str | None:
     return MEMORY_FAILURES.get(record["status"])
 
 
-def _implies(failed: dict, cell: PlannedCell) -> bool:
-    """Whether `failed` (a measured record) shows that `cell` needs more memory than the machine has: the same
-    method, micro-batch and sequence, at least as many accumulated micro-batches (which only add gradients to
-    keep) and a model at least as large; never the failed cell itself, which is measured again when asked for."""
+def time_failure(record: dict, timeout_s: float) -> str | None:
+    """How a measured cell ran out of a time limit of `timeout_s` or more: killed at it, or stopped at train start
+    because the planner predicted its steps overrun it. A cell the call's deadline cut says nothing of its method."""
+    if "inferred_from" in record or "superseded" in record or record["status"] != "timeout":
+        return None
+    cause = record.get("cause") or ""
+    if record.get("timeout_s", 0) < timeout_s and BEYOND_OWN_LIMIT not in cause:
+        return None
+    return "predicted to time out" if cause.startswith("predicted timeout") else "timed out"
+
+
+def _smallest_first(record: dict) -> tuple[int, int]:
+    return SIZES[record["size"]].params, record["accumulate"]
+
+
+def _implies(failed: dict, cell: PlannedCell, for_time: bool) -> bool:
+    """Whether `failed` (a measured record) shows that `cell` cannot run either: the same method, micro-batch and
+    sequence, a model at least as large, and at least as many accumulated micro-batches (which only add gradients
+    to keep) for a memory failure, at least as many micro-batches in all (more work) for a timeout; never the
+    failed cell itself, which is measured again when asked for."""
     regime = cell.regime
+    more_work = (failed["steps"] * failed["accumulate"] <= regime.steps * regime.accumulate if for_time
+                 else failed["accumulate"] <= regime.accumulate)
     return (failed["method"] == cell.method.name and failed["micro_batch"] == regime.micro_batch
-            and failed["seq"] == regime.seq and failed["accumulate"] <= regime.accumulate
+            and failed["seq"] == regime.seq and more_work
             and SIZES[failed["size"]].params <= SIZES[cell.size].params and failed["cell"] != cell.name)
 
 
-def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict]) -> list[PlannedCell]:
-    """`cells` with those that an earlier memory failure already answers marked to skip, naming it."""
-    failures = sorted((record for record in measured if memory_failure(record)),
-                      key=lambda record: (SIZES[record["size"]].params, record["accumulate"]))
+def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict], timeout_s: float) -> list[PlannedCell]:
+    """`cells` with those that an earlier failure already answers marked to skip, naming it: a memory failure, or a
+    timeout under a limit of at least `timeout_s` (the limit these cells would run under)."""
+    measured = list(measured)
+    memory = sorted((record for record in measured if memory_failure(record)), key=_smallest_first)
+    time = sorted((record for record in measured if time_failure(record, timeout_s)), key=_smallest_first)
     marked = []
     for cell in cells:
-        failed = next((record for record in failures if _implies(record, cell)), None) if not cell.skip else None
-        if failed is not None:
-            cell = replace(cell, inferred_from=failed["cell"],
-                           skip=f"not run: {memory_failure(failed)} at {failed['cell']} (needs more memory here)")
+        if not cell.skip:
+            if failed := next((record for record in memory if _implies(record, cell, for_time=False)), None):
+                cell = replace(cell, inferred_from=failed["cell"], skip=f"not run: {memory_failure(failed)} at "
+                                                                        f"{failed['cell']} (needs more memory here)")
+            elif failed := next((record for record in time if _implies(record, cell, for_time=True)), None):
+                cell = replace(cell, inferred_from=failed["cell"],
+                               skip=f"not run: {time_failure(failed, timeout_s)} at {failed['cell']} (more work here: "
+                                    f"a model as large or larger, as many micro-batches or more)")
         marked.append(cell)
     return marked
 

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python bench/report.py`: make the `benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.limits import COSTS, Cost, attention_key, limit_step, model_matmul_key
-from bench.matrix import Superseded, expand, load_config, mark_superseded, memory_failure
+from bench.matrix import Superseded, expand, load_config, mark_superseded, memory_failure, time_failure
 from bench.methods import BASELINES, OURS
 from bench.models import SIZES
 from bench.schedule import UNANSWERED
@@ -82,7 +82,7 @@ def load(paths: list[Path], superseded: Iterable[Superseded] | None = None) -> t
             continue
         if "superseded" in source:
             cells[cell] = record | {"superseded": f"inferred from {record['inferred_from']}, itself out of date"}
-        elif not memory_failure(source):
+        elif not (memory_failure(source) or time_failure(source, timeout_s=0)):
             cells[cell] = record | {"superseded": f"inferred from {record['inferred_from']}, which has run since"}
     return probe, cells
 

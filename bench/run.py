@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` 
 import psutil
 
 from bench import GIB, PREDICTION_MARGIN, RESULT_PREFIX, PredictedTimeout
-from bench.matrix import (DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand, load_config,
-                          override_arguments, overrides_from, parse_list, skip_known_failures)
+from bench.matrix import (BEYOND_OWN_LIMIT, DEFAULT_CONFIG, Config, PlannedCell, add_override_arguments, expand,
+                          load_config, override_arguments, overrides_from, parse_list, skip_known_failures)
 from bench.schedule import calls, estimate_s, unmeasured
 
 BENCH = Path(__file__).resolve().parent
@@ -223,7 +223,7 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     status, cause = classify(outcome, limit)
     if status == "timeout" and cut_by_deadline:
         if _predicted_beyond(outcome, cell, own_limit):
-            cause += f" (and beyond its own {own_limit:.0f} s limit)"
+            cause += f" ({BEYOND_OWN_LIMIT} {own_limit:.0f} s limit)"
         else:
             status, cause = "not_run", f"{NOT_RUN}: cut at {limit:.0f} s of its {own_limit:.0f} s ({cause})"
     return cell_record(cell, status, cause, outcome, limit)
@@ -253,7 +253,7 @@ def list_cells(cells: list[PlannedCell], measured: list[dict], config: Config, a
             print(f"  {cells[index].name:<70} {shown}")
     unknown = sum(estimate is None for estimate in estimates)
     print(f"{len(cells)} cells, ~{sum(costs):.0f} s ({unknown} without an estimate: no measured cell of their "
-          "method; counted at their time limit). A memory failure measured in a call answers its method's larger "
+          "method; counted at their time limit). A failure measured in a call answers its method's larger "
           "cells, which then take no time.")
 
 
@@ -276,9 +276,10 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
     parser.add_argument("--deadline-s", type=float, help="stop starting cells once this many seconds have passed")
     parser.add_argument("--skip-known-failures", nargs="?", const=True, type=Path, metavar="RESULTS",
-                        help="skip the cells that a memory failure measured in RESULTS (default: --results) "
-                             "already answers: the same method out of memory, killed or refused at a smaller size, "
-                             "or at the same size without accumulation; the record names that cell")
+                        help="skip the cells that a failure measured in RESULTS (default: --results) already "
+                             "answers: the same method out of memory, killed or refused at a smaller size or at the "
+                             "same size without accumulation, or timed out (or predicted to) under this time limit "
+                             "at a smaller size or with fewer micro-batches; the record names that cell")
     parser.add_argument("--unmeasured", nargs="?", const=True, type=Path, metavar="RESULTS",
                         help="run only the cells that RESULTS (default: --results) does not answer yet: never "
                              "measured, not reached by an earlier call, or measured before a change that made the "
@@ -303,8 +304,10 @@ def main() -> None:
     if args.unmeasured:
         cells = unmeasured(cells, history)
     measured = list(history.values())
+    timeout_s = args.timeout_s or config.timeout_s
     if args.list:
-        list_cells(skip_known_failures(cells, measured) if args.skip_known_failures else cells, measured, config, args)
+        listed = skip_known_failures(cells, measured, timeout_s) if args.skip_known_failures else cells
+        list_cells(listed, measured, config, args)
         return
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")
@@ -322,7 +325,7 @@ def main() -> None:
         append(probe_record(config, deadline, log_path, args.probe))
     for cell in cells:
         if args.skip_known_failures:  # also by the failures this call measures: 8B killed answers 14.8B at once
-            [cell] = skip_known_failures([cell], measured)
+            [cell] = skip_known_failures([cell], measured, timeout_s)
         record = measure(cell, config, args, overrides, deadline, log_path, estimate_s(cell, measured))
         append(record)
         measured.append(record)

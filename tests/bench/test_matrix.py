@@ -91,7 +91,7 @@ def test_a_backend_with_an_unknown_cost_profile_is_refused(tmp_path):
 def _measured(cell: str, status: str, cause: str | None = None, accumulate: int = 1) -> dict:
     size, method, regime = cell.split("/")
     return {"cell": cell, "size": size, "method": method, "regime": regime, "micro_batch": 4, "seq": 2048,
-            "accumulate": accumulate, "status": status, "cause": cause}
+            "accumulate": accumulate, "steps": 8 if accumulate == 1 else 5, "status": status, "cause": cause}
 
 
 def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulating_regimes(config):
@@ -106,7 +106,7 @@ def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulatin
                 _measured("8b/torchao_offload/r1", "crashed", "crashed: SIGSEGV")]
     names = ("plain,single_gpu_offload_device,deepspeed_zero2_offload,lightning_auto,single_gpu_offload_fsdp,"
              "torchao_offload")
-    cells = skip_known_failures(expand(config, methods=parse_list(names)), measured)
+    cells = skip_known_failures(expand(config, methods=parse_list(names)), measured, timeout_s=420)
     skipped = {cell.name: cell for cell in cells if cell.inferred_from}
     # The smallest failure answers: 14.8B is skipped because of 8B; 8B itself is measured again when asked for.
     assert skipped["14.8b/plain/r1"].skip == "not run: out of GPU memory at 8b/plain/r1 (needs more memory here)"
@@ -116,19 +116,50 @@ def test_a_memory_failure_answers_the_larger_cells_of_its_method_and_accumulatin
     assert skipped["8b/plain/r2"].inferred_from == "8b/plain/r1"
     assert skipped["40.8b/single_gpu_offload_device/r2"].skip.startswith("not run: refused by the planner at 8b")
     assert skipped["19b/deepspeed_zero2_offload/r1"].skip.startswith("not run: killed by the kernel")
-    # A timeout, a crash or another error says nothing about memory.
+    # A crash, another error, or a timeout under an unknown limit answers nothing.
     assert not any(name.split("/")[1] in ("lightning_auto", "single_gpu_offload_fsdp", "torchao_offload")
                    for name in skipped)
     # A cell that cannot run for another reason keeps that reason.
     assert all(cell.skip == "cannot accumulate gradients (R1 only)" for cell in skip_known_failures(
-        expand(config, methods=["torchtune"], regimes=["r2"]), [_measured("8b/torchtune/r1", "gpu_oom")]))
+        expand(config, methods=["torchtune"], regimes=["r2"]), [_measured("8b/torchtune/r1", "gpu_oom")], 420))
+
+
+def test_a_timeout_under_the_cells_limit_answers_the_cells_with_more_work(config):
+    from bench.matrix import skip_known_failures
+
+    predicted = _measured("8b/single_gpu_offload_fsdp/r1", "timeout",
+                          "predicted timeout: fsdp + adamw8bit at 136 s/step needs ~1089 s for 8 steps, 194 s left")
+    killed = _measured("3.6b/lightning_fsdp_cpu_offload/r2", "timeout", "timeout after 420 s", accumulate=8)
+    cut = _measured("3.6b/deepspeed_zenflow/r1", "timeout", "timeout after 67 s")
+    cut_but_beyond = _measured("3.6b/single_gpu_offload_deepspeed/r1", "timeout",
+                               "predicted timeout: ... (and beyond its own 420 s limit)")
+    measured = [predicted | {"timeout_s": 420}, killed | {"timeout_s": 420}, cut | {"timeout_s": 67},
+                cut_but_beyond | {"timeout_s": 200}]
+    names = "single_gpu_offload_fsdp,lightning_fsdp_cpu_offload,deepspeed_zenflow,single_gpu_offload_deepspeed"
+    cells = skip_known_failures(expand(config, methods=parse_list(names)), measured, timeout_s=420)
+    skipped = {cell.name: cell for cell in cells if cell.inferred_from}
+    assert skipped["14.8b/single_gpu_offload_fsdp/r1"].skip == (
+        "not run: predicted to time out at 8b/single_gpu_offload_fsdp/r1 (more work here: a model as large or "
+        "larger, as many micro-batches or more)")
+    # R2 steps 5 x 8 micro-batches, more than R1's 8: answered at the same size.
+    assert skipped["8b/single_gpu_offload_fsdp/r2"].inferred_from == "8b/single_gpu_offload_fsdp/r1"
+    assert "3.6b/single_gpu_offload_fsdp/r1" not in skipped and "8b/single_gpu_offload_fsdp/r1" not in skipped
+    # R1 is less work than R2: an R2 timeout answers only larger R2 cells.
+    assert skipped["8b/lightning_fsdp_cpu_offload/r2"].skip.startswith("not run: timed out at 3.6b")
+    assert not any(name.startswith(("3.6b/lightning_fsdp", "8b/lightning_fsdp_cpu_offload/r1")) for name in skipped)
+    # A timeout that the call's deadline cut says nothing of its method, unless the planner predicted it anyway.
+    assert not any("deepspeed_zenflow" in name for name in skipped)
+    assert skipped["8b/single_gpu_offload_deepspeed/r1"].inferred_from == "3.6b/single_gpu_offload_deepspeed/r1"
+    # A cell given a longer limit than the timeout's is not answered by it.
+    longer = skip_known_failures(expand(config, methods=["single_gpu_offload_fsdp"]), measured, timeout_s=3600)
+    assert not any(cell.inferred_from for cell in longer)
 
 
 def test_an_inferred_skip_is_not_a_failure_to_infer_from(config):
     from bench.matrix import skip_known_failures
 
     inferred = _measured("14.8b/plain/r1", "skipped", "not run: ...") | {"inferred_from": "8b/plain/r1"}
-    cells = skip_known_failures(expand(config, methods=["plain"]), [inferred])
+    cells = skip_known_failures(expand(config, methods=["plain"]), [inferred], 420)
     assert not any(cell.skip and cell.inferred_from for cell in cells)
 
 
@@ -162,7 +193,7 @@ def test_a_superseded_failure_answers_no_other_cell(config):
     from bench.matrix import skip_known_failures
 
     killed = _measured("8b/single_gpu_offload_fsdp/r1", "killed") | {"superseded": "before a fix"}
-    cells = skip_known_failures(expand(config, methods=["single_gpu_offload_fsdp"]), [killed])
+    cells = skip_known_failures(expand(config, methods=["single_gpu_offload_fsdp"]), [killed], 420)
     assert not any(cell.inferred_from for cell in cells)
 
 

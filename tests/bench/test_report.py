@@ -168,6 +168,10 @@ def test_a_skip_inferred_from_a_measurement_out_of_date_is_out_of_date_too(tmp_p
     ran = _fsdp_record("ok", "2026-11-26T10:00:00+00:00", step_s_median=2.0)
     results.write_text("\n".join(json.dumps(record) for record in (old, inferred, ran)))
     assert load([results], [])[1][inferred["cell"]]["superseded"] == f"inferred from {old['cell']}, which has run since"
+    # Run since and timed out: a timeout answers the larger cell as the kill did.
+    timed_out = _fsdp_record("timeout", "2026-11-26T10:00:00+00:00", cause="timeout after 420 s", timeout_s=420)
+    results.write_text("\n".join(json.dumps(record) for record in (old, inferred, timed_out)))
+    assert "superseded" not in load([results], [])[1][inferred["cell"]]
 
 
 def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every_kind(tmp_path):
