@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (~6 minutes), what the fourth session left: the per-phase timing of the in-backward plans (issue
+# One GPU call (~6 minutes): the per-phase timing of the in-backward plans (issue
 # "Optimizer inside backward": overlap shown in bench/RESULTS.md) - host_adam at 3.6B R1 with the planner's share
 # and with every state on the host, host_adam at 8B R2, gpu_8bit at 8B R1 - then the 3.6B gpu_only `none` run
 # again for the planner's activation estimate after storages are counted once (~49 GiB predicted, 45.5 measured

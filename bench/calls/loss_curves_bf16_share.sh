@@ -2,7 +2,7 @@
 # One GPU call (~7 minutes): how much of the plans' distance from fp32 AdamW is bf16 compute alone. Same starts,
 # deterministic kernels, four seeds: at lr 1e-3 the reference, the usual bf16 recipe (fp32 AdamW under bf16
 # autocast) and the three plans; at the main job's lr 3e-3 the reference and the bf16 recipe (the plans' rows at
-# 3e-3 come from bench/gpu_session10.sh). Logs in $OUT.
+# 3e-3 come from bench/calls/loss_curves_same_start.sh). Logs in $OUT.
 set -uo pipefail
 source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
