@@ -179,6 +179,16 @@ def _implies(failed: dict, cell: PlannedCell, for_time: bool) -> bool:
             and SIZES[failed["size"]].params <= SIZES[cell.size].params and failed["cell"] != cell.name)
 
 
+def _more_work(failed: dict, cell: PlannedCell) -> str:
+    """What makes `cell` at least as long as the `failed` cell it is inferred from."""
+    failed_micro_batches = failed["steps"] * failed["accumulate"]
+    micro_batches = cell.regime.steps * cell.regime.accumulate
+    more = ["a larger model"] if SIZES[cell.size].params > SIZES[failed["size"]].params else []
+    if micro_batches > failed_micro_batches:
+        more.append(f"{micro_batches} micro-batches, not {failed_micro_batches}")
+    return "needs as much time here" if not more else "needs more time here: " + " and ".join(more)
+
+
 def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict], timeout_s: float) -> list[PlannedCell]:
     """`cells` with those that an earlier failure already answers marked to skip, naming it: a memory failure, or a
     timeout under a limit of at least `timeout_s` (the limit these cells would run under)."""
@@ -192,9 +202,8 @@ def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict], time
                 cell = replace(cell, inferred_from=failed["cell"], skip=f"not run: {memory_failure(failed)} at "
                                                                         f"{failed['cell']} (needs more memory here)")
             elif failed := next((record for record in time if _implies(record, cell, for_time=True)), None):
-                cell = replace(cell, inferred_from=failed["cell"],
-                               skip=f"not run: {time_failure(failed, timeout_s)} at {failed['cell']} (more work here: "
-                                    f"a model as large or larger, as many micro-batches or more)")
+                cell = replace(cell, inferred_from=failed["cell"], skip=f"not run: {time_failure(failed, timeout_s)} "
+                                                                        f"at {failed['cell']} ({_more_work(failed, cell)})")
         marked.append(cell)
     return marked
 
