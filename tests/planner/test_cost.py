@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -56,6 +57,14 @@ def test_probe_result_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     (cache,) = tmp_path.glob("ceilings-*.json")
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "matmul_tflops": 123.0}))
     assert load_or_probe(torch.device("cpu")).matmul_tflops == 123.0
+
+
+def test_a_probed_rate_is_its_fastest_run_not_one_stalled_by_another_thread() -> None:
+    from lightning_offload.planner.cost import _rate
+
+    durations = iter([0.0, 0.06, 0.01, 0.06])  # the warm-up run, then one fast run among stalled ones
+    rate = _rate(lambda: time.sleep(next(durations)), work=1.0, repeats=3, synchronize=lambda: None)
+    assert 1 / 0.02 < rate <= 1 / 0.01
 
 
 def test_activation_offload_costs_only_the_copy_time_compute_does_not_hide() -> None:
