@@ -236,10 +236,16 @@ def _planned(strategy: Any) -> dict[str, object]:
     report = getattr(strategy, "plan_report", None)
     if report is None or report.chosen is None:
         return {}
-    chosen = report.chosen
+    chosen, ceilings = report.chosen, report.ceilings
+    # The ceilings the step time was costed at, probed at the fit's setup: calibrating the planner's cost model
+    # against the measured step needs them (they differ between machines of one kind, and from bench/probe.py's).
     return {"plan": str(chosen.plan), "predicted_step_s": round(chosen.step_time_s, 3),
             "predicted_gpu_gib": round(chosen.memory.gpu_bytes / 2**30, 2),
-            "predicted_host_gib": round(chosen.memory.host_bytes / 2**30, 2)}
+            "predicted_host_gib": round(chosen.memory.host_bytes / 2**30, 2),
+            "planner_ceilings": {"matmul_tflops": round(ceilings.matmul_tflops, 1),
+                                 "h2d_gbps": round(ceilings.h2d_gbps, 1), "d2h_gbps": round(ceilings.d2h_gbps, 1),
+                                 "duplex_gbps": round(ceilings.duplex_gbps, 1),
+                                 "cpu_adamw_gparams": round(ceilings.cpu_adamw_gparams, 2)}}
 
 
 class _PredictedTimeoutGuard(L.Callback):

@@ -101,6 +101,9 @@ def test_host_adam_rows_leave_checkpointing_to_the_planner_and_one_keeps_every_s
     assert all_host.options == {**planned.options, "backend_options": {"gpu_state_blocks": 0}}
     clock = lightning(_cell(accumulate=2, steps=2), **all_host.options)
     assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)
+    # The record keeps the plan's prediction and the ceilings it was costed at.
+    assert clock.planned["plan"].startswith("host_adam") and clock.planned["predicted_step_s"] > 0
+    assert clock.planned["planner_ceilings"]["cpu_adamw_gparams"] > 0
     assert "0 blocks' state on the GPU" in clock.planned["plan"]
 
 
