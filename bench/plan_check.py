@@ -1,11 +1,14 @@
-"""The planner's memory estimates, as the code stands now, beside the peaks the benchmark measured for our rows.
+"""The planner's estimates, as the code stands now, beside what the benchmark measured for our rows.
 
-    PYTHONPATH=. python bench/memory_check.py [bench/results.jsonl ...]
+    PYTHONPATH=. python bench/plan_check.py [bench/results.jsonl ...]
 
-One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimate of
-that plan for that model and batch now (measured on the meta device, as the strategy measures it), beside the GPU
-peaks torch and the device saw and the host RSS. Run it after a change to the memory model or after a GPU session:
-a plan estimated below its measured peak is one the planner may choose where it does not fit.
+One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimates of
+that plan for that model and batch now (measured on the meta device, as the strategy measures it) beside the GPU
+peaks torch and the device saw, the host RSS, and the median step. Run it after a change to the memory or cost model
+or after a GPU session: a plan estimated below its measured peak is one the planner may choose where it does not
+fit, and a step time far off the measured one ranks plans wrongly. Step times are costed at the ceilings the cell's
+planner probed (`planner_ceilings`), or at the H100 machine's defaults for cells recorded before those were kept;
+the planner does not model `torch.compile`, so compiled rows run faster than estimated.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/memory_check.py`: make the `bench` package importable
+if __package__ in (None, ""):  # run as `python bench/plan_check.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
@@ -24,7 +27,8 @@ import torch
 from bench.matrix import load_config
 from bench.methods import OURS
 from bench.report import load
-from lightning_offload.planner import GIB, ModelStats, Plan, estimate_memory, measure_module
+from lightning_offload.planner import (GIB, Ceilings, ModelStats, Plan, estimate_memory, estimate_step_time,
+                                      measure_module)
 
 DEFAULT_RESULTS = Path(__file__).with_name("results.jsonl")
 _PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
@@ -41,6 +45,8 @@ class Check:
     device_gib: float
     host_estimate_gib: float
     host_rss_gib: float
+    step_estimate_s: float
+    step_s: float
 
 
 def parse_plan(text: str) -> Plan:
@@ -66,28 +72,33 @@ def cell_stats(method: str, size: str, micro_batch: int, seq: int) -> ModelStats
 
 
 def checks(paths: list[Path]) -> list[Check]:
-    """Every current measured cell of our rows that recorded its plan, with the plan's estimate now."""
+    """Every current measured cell of our rows that recorded its plan, with the plan's estimates now."""
     found = []
     for name, record in sorted(load(paths)[1].items()):
         if (not record["method"].startswith(f"{OURS}_") or record["status"] != "ok" or "superseded" in record
                 or not record.get("plan")):
             continue
         stats = cell_stats(record["method"], record["size"], record["micro_batch"], record["seq"])
-        estimate = estimate_memory(stats, parse_plan(record["plan"]), accumulate=record["accumulate"])
+        plan, accumulate = parse_plan(record["plan"]), record["accumulate"]
+        estimate = estimate_memory(stats, plan, accumulate=accumulate)
+        ceilings = Ceilings(**record.get("planner_ceilings", {}))
+        step = estimate_step_time(stats, plan, ceilings, accumulate=accumulate)
         found.append(Check(name, record["plan"], estimate.gpu_bytes / GIB, record["peak_gpu_torch_gib"],
-                           record["peak_gpu_device_gib"], estimate.host_bytes / GIB, record["peak_host_rss_gib"]))
+                           record["peak_gpu_device_gib"], estimate.host_bytes / GIB, record["peak_host_rss_gib"],
+                           step.total, record["step_s_median"]))
     return found
 
 
 def main(argv: list[str] | None = None) -> None:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or [DEFAULT_RESULTS]
     print(f"{'cell':60} {'plan':75} {'GPU est':>8} {'torch':>7} {'device':>7} {'- torch':>8} {'- device':>8} "
-          f"{'host est':>8} {'RSS':>7} {'- RSS':>7}")
+          f"{'host est':>8} {'RSS':>7} {'- RSS':>7} {'step est':>8} {'step':>7} {'/ step':>6}")
     for check in checks(paths):
         print(f"{check.cell:60} {check.plan:75} {check.estimate_gib:8.2f} {check.torch_gib:7.2f} "
               f"{check.device_gib:7.2f} {check.estimate_gib - check.torch_gib:+8.2f} "
               f"{check.estimate_gib - check.device_gib:+8.2f} {check.host_estimate_gib:8.2f} "
-              f"{check.host_rss_gib:7.2f} {check.host_estimate_gib - check.host_rss_gib:+7.2f}")
+              f"{check.host_rss_gib:7.2f} {check.host_estimate_gib - check.host_rss_gib:+7.2f} "
+              f"{check.step_estimate_s:8.3f} {check.step_s:7.3f} {check.step_estimate_s / check.step_s:6.2f}")
 
 
 if __name__ == "__main__":
