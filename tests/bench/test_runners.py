@@ -13,6 +13,7 @@ from bench.matrix import DEFAULT_CONFIG, Regime
 from bench.measure import StepClock, summarise
 from bench.probe import cpu_torch_adamw, disk, host_memory
 from bench.runners import Cell, Steps, _PredictedTimeoutGuard, deepspeed_config, lightning, run_loop
+from lightning_offload.planner import Ceilings
 
 
 def _cell(**regime) -> Cell:
@@ -110,7 +111,7 @@ def test_host_adam_rows_leave_checkpointing_to_the_planner_and_one_keeps_every_s
 def _trainer_with_plan(step_time_s: float | None) -> SimpleNamespace:
     chosen = SimpleNamespace(plan="fsdp + adamw8bit + checkpointing=full", step_time_s=step_time_s,
                              memory=SimpleNamespace(gpu_bytes=30 * 2**30, host_bytes=90 * 2**30))
-    report = None if step_time_s is None else SimpleNamespace(chosen=chosen)
+    report = None if step_time_s is None else SimpleNamespace(chosen=chosen, ceilings=Ceilings())
     return SimpleNamespace(strategy=SimpleNamespace(plan_report=report))
 
 
@@ -120,8 +121,10 @@ def test_the_guard_stops_a_plan_predicted_to_overrun_the_time_left_and_only_that
         guard.on_train_start(_trainer_with_plan(133.0), None)
     assert str(refused.value) == ("fsdp + adamw8bit + checkpointing=full at 133 s/step needs ~1064 s for 8 steps, "
                                   "380 s left")
-    assert refused.value.planned == {"plan": "fsdp + adamw8bit + checkpointing=full", "predicted_step_s": 133.0,
-                                     "predicted_gpu_gib": 30.0, "predicted_host_gib": 90.0}
+    assert refused.value.planned == {
+        "plan": "fsdp + adamw8bit + checkpointing=full", "predicted_step_s": 133.0, "predicted_gpu_gib": 30.0,
+        "predicted_host_gib": 90.0, "planner_ceilings": {"matmul_tflops": 773.0, "h2d_gbps": 46.7, "d2h_gbps": 55.0,
+                                                         "duplex_gbps": 78.5, "cpu_adamw_gparams": 4.9}}
     guard.on_train_start(_trainer_with_plan(47.0), None)  # 376 s of steps fit in 380 s
     guard.on_train_start(_trainer_with_plan(None), None)  # no plan (not lightning_offload): nothing to predict
     _PredictedTimeoutGuard(steps=8, deadline=time.time() + 1100).on_train_start(_trainer_with_plan(133.0), None)
