@@ -7,8 +7,7 @@ that plan for that model and batch now (measured on the meta device, as the stra
 peaks torch and the device saw, the host RSS, and the median step. Run it after a change to the memory or cost model
 or after a GPU session: a plan estimated below its measured peak is one the planner may choose where it does not
 fit, and a step time far off the measured one ranks plans wrongly. Step times are costed at the ceilings the cell's
-planner probed (`planner_ceilings`), or at the H100 machine's defaults for cells recorded before those were kept;
-the planner does not model `torch.compile`, so compiled rows run faster than estimated.
+planner probed (`planner_ceilings`), or at the H100 machine's defaults for cells recorded before those were kept.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python bench/plan_check.py`: make the `bench` package importable
@@ -68,7 +67,8 @@ def cell_stats(method: str, size: str, micro_batch: int, seq: int) -> ModelStats
     options = load_config().methods[method].options
     module = LlamaModule(size, options["checkpointing"], options["optimizer"], options.get("loss", "full"))
     tokens = torch.zeros(micro_batch, seq, dtype=torch.long)
-    return measure_module(module, tokens, dtype=torch.bfloat16, step=lambda batch: module.training_step(batch, 0))
+    stats = measure_module(module, tokens, dtype=torch.bfloat16, step=lambda batch: module.training_step(batch, 0))
+    return replace(stats, compiled_blocks=options.get("backend_options", {}).get("compile_blocks", False))
 
 
 def checks(paths: list[Path]) -> list[Check]:

@@ -132,7 +132,8 @@ class _OffloadCore(_SingleGPUOffloadCore):
             report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
                                       backend=backend, optimizer=self.optimizer_name,
                                       checkpointing=self.activation_checkpointing, precision=self._precision_flag,
-                                      world_size=self.world_size, ranks_per_host=self.num_processes)
+                                      world_size=self.world_size, ranks_per_host=self.num_processes,
+                                      compiled_blocks=self.compile_blocks)
             if report is not None:
                 self.plan_report = report
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(report.table())

@@ -180,7 +180,8 @@ class _SingleGPUOffloadCore:
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
         report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                   optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                  precision=self._precision_flag, gpu_state_blocks=pinned_share)
+                                  precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                  compiled_blocks=self.compile_blocks)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         if report is None:
             if self.backend is None:

@@ -51,6 +51,10 @@ FSDP_HOST_ACCUMULATION_RATE = 0.29e9
 # bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
 # 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
 CPU_8BIT_UPDATE_RATE = 0.06e9
+# A compiled decoder layer's forward, recompute and backward against the eager layer's: Inductor fuses the
+# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/block_compute.py` on the
+# H100: 0.82 at 8B, 0.88 at 19B, 0.91 at 32.8B (bench/RESULTS.md).
+COMPILED_BLOCK_TIME = 0.87
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
 BACKWARD_SHARE = 0.7
 CACHE_ENV = "LIGHTNING_OFFLOAD_CACHE"
@@ -93,6 +97,8 @@ def training_flops(stats: ModelStats, plan: Plan) -> float:
 def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1) -> StepTime:
     params, bf16 = stats.parameters, 2
     compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops(stats.width)
+    if stats.compiled_blocks:
+        compute *= COMPILED_BLOCK_TIME
     backward_of_last = BACKWARD_SHARE * compute / accumulate
     h2d, d2h, duplex = (g * 1e9 for g in (ceilings.h2d_gbps, ceilings.d2h_gbps, ceilings.duplex_gbps))
     cpu_adamw = ceilings.cpu_adamw_gparams * 1e9

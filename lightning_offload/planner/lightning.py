@@ -26,9 +26,10 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
                      precision: str, world_size: int = 1, ranks_per_host: int | None = None,
-                     gpu_state_blocks: int | None = None) -> PlanReport | None:
+                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
-    reason is warned) or the Trainer is not fitting."""
+    reason is warned) or the Trainer is not fitting. `compiled_blocks`: the strategy compiles the blocks (costed
+    shorter)."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
     dtype = compute_dtype(precision)
@@ -36,7 +37,8 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         batch, step = _example_batch(module, trainer)
         # One meta build serves both questions: the model's measurements and its optimizer's class.
         with meta_network(module, dtype):
-            stats = measure_module(module, batch, dtype=dtype, step=step)
+            stats = dataclasses.replace(measure_module(module, batch, dtype=dtype, step=step),
+                                        compiled_blocks=compiled_blocks)
             adamw_compatible = _steps_adamw(module)
             recomputes_itself = checkpoints_itself(module)
     except Exception as error:  # a user's model or loader the meta device cannot run: plan without it

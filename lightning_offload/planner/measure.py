@@ -45,6 +45,8 @@ class ModelStats:
     """Bytes saved for backward outside the blocks (embedding output, final norm, output layer, loss)."""
     width: int = 0
     """Features per token of a block's input (the hidden size): narrow blocks reach less of the matmul rate."""
+    compiled_blocks: bool = False
+    """The blocks' forward runs under `torch.compile` (the strategy's `compile_blocks`): shorter compute."""
 
     @property
     def other_parameters(self) -> int:

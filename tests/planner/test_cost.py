@@ -59,6 +59,19 @@ def test_probe_result_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     assert load_or_probe(torch.device("cpu")).matmul_tflops == 123.0
 
 
+def test_compiled_blocks_shorten_the_compute_and_only_the_compute() -> None:
+    from dataclasses import replace
+
+    from lightning_offload.planner.cost import COMPILED_BLOCK_TIME
+
+    plan = Plan(backend="stream", optimizer="adamw8bit_fused", resident_blocks=32)
+    eager = estimate_step_time(LLAMA_8B, plan, H100)
+    compiled = estimate_step_time(replace(LLAMA_8B, compiled_blocks=True), plan, H100)
+    assert compiled.compute == pytest.approx(COMPILED_BLOCK_TIME * eager.compute)
+    assert (compiled.transfer, compiled.optimizer) == (eager.transfer, eager.optimizer)
+    assert compiled.total < eager.total
+
+
 def test_a_probed_rate_is_its_fastest_run_not_one_stalled_by_another_thread() -> None:
     from lightning_offload.planner.cost import _rate
 

@@ -101,3 +101,15 @@ def test_a_model_that_checkpoints_its_blocks_is_planned_as_fully_checkpointed() 
     with pytest.warns(UserWarning, match=r"`activation_checkpointing='offload'` does not apply: every block of "
                                          r"SelfCheckpointingLM already checkpoints itself"):
         fit(SingleGPUOffloadStrategy(activation_checkpointing="offload"), module=SelfCheckpointingLM(), num_batches=2)
+
+
+def test_compiled_blocks_are_costed_as_compiled() -> None:
+    from lightning_offload.planner.cost import COMPILED_BLOCK_TIME
+
+    _, eager = fit(SingleGPUOffloadStrategy(), num_batches=2)
+    _, compiled = fit(SingleGPUOffloadStrategy(compile_blocks=True), num_batches=2)
+    eager_report, compiled_report = eager.strategy.plan_report, compiled.strategy.plan_report
+    assert compiled_report.stats.compiled_blocks and not eager_report.stats.compiled_blocks
+    assert compiled_report.chosen.plan == eager_report.chosen.plan
+    assert compiled_report.chosen.step_time.compute == pytest.approx(
+        COMPILED_BLOCK_TIME * eager_report.chosen.step_time.compute)
