@@ -194,14 +194,14 @@ def skip_known_failures(cells: list[PlannedCell], measured: Iterable[dict], time
     timeout under a limit of at least `timeout_s` (the limit these cells would run under)."""
     measured = list(measured)
     memory = sorted((record for record in measured if memory_failure(record)), key=_smallest_first)
-    time = sorted((record for record in measured if time_failure(record, timeout_s)), key=_smallest_first)
+    timeouts = sorted((record for record in measured if time_failure(record, timeout_s)), key=_smallest_first)
     marked = []
     for cell in cells:
         if not cell.skip:
             if failed := next((record for record in memory if _implies(record, cell, for_time=False)), None):
                 cell = replace(cell, inferred_from=failed["cell"], skip=f"not run: {memory_failure(failed)} at "
                                                                         f"{failed['cell']} (needs more memory here)")
-            elif failed := next((record for record in time if _implies(record, cell, for_time=True)), None):
+            elif failed := next((record for record in timeouts if _implies(record, cell, for_time=True)), None):
                 cell = replace(cell, inferred_from=failed["cell"], skip=f"not run: {time_failure(failed, timeout_s)} "
                                                                         f"at {failed['cell']} ({_more_work(failed, cell)})")
         marked.append(cell)
