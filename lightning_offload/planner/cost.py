@@ -58,6 +58,9 @@ COMPILED_BLOCK_TIME = 0.87
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
 BACKWARD_SHARE = 0.7
 CACHE_ENV = "LIGHTNING_OFFLOAD_CACHE"
+# Part of the cache's file name: a machine probed by an earlier `probe` (the CPU AdamW rate over 256 MiB, read from
+# the CPU's cache) is probed again.
+PROBE_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +163,7 @@ def _cache_path(device: torch.device) -> Path:
     root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lightning_offload"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     key = "".join(c if c.isalnum() else "-" for c in f"{platform.node()}-{name}-{os.cpu_count()}")
-    return root / f"ceilings-{key}.json"
+    return root / f"ceilings-v{PROBE_VERSION}-{key}.json"
 
 
 def load_or_probe(device: torch.device) -> Ceilings:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lightning_offload.planner import Ceilings, Plan, estimate_step_time, load_or_probe
-from lightning_offload.planner.cost import ACHIEVED_MATMUL_FRACTION, BACKWARD_SHARE, CACHE_ENV, training_flops
+from lightning_offload.planner.cost import (ACHIEVED_MATMUL_FRACTION, BACKWARD_SHARE, CACHE_ENV, PROBE_VERSION,
+                                           training_flops)
 from tests.planner.test_memory import LLAMA_8B
 
 H100 = Ceilings()
@@ -57,6 +58,9 @@ def test_probe_result_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     (cache,) = tmp_path.glob("ceilings-*.json")
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "matmul_tflops": 123.0}))
     assert load_or_probe(torch.device("cpu")).matmul_tflops == 123.0
+    # A cache written by an earlier version of the probe is not read: the machine is probed again.
+    cache.rename(cache.with_name(cache.name.replace(f"-v{PROBE_VERSION}-", "-v1-")))
+    assert load_or_probe(torch.device("cpu")).matmul_tflops != 123.0
 
 
 def test_compiled_blocks_shorten_the_compute_and_only_the_compute() -> None:
