@@ -33,6 +33,11 @@ class Regime:
     def tokens_per_step(self) -> int:
         return self.micro_batch * self.seq * self.accumulate
 
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches a run trains, warm-up included: its work at a given model size."""
+        return self.steps * self.accumulate
+
 
 @dataclass(frozen=True)
 class Superseded:
@@ -166,13 +171,18 @@ def _smallest_first(record: dict) -> tuple[int, int]:
     return SIZES[record["size"]].params, record["accumulate"]
 
 
+def _micro_batches(record: dict) -> int:
+    """`Regime.micro_batches` of the regime a record ran."""
+    return record["steps"] * record["accumulate"]
+
+
 def _implies(failed: dict, cell: PlannedCell, for_time: bool) -> bool:
     """Whether `failed` (a measured record) shows that `cell` cannot run either: the same method, micro-batch and
     sequence, a model at least as large, and at least as many accumulated micro-batches (which only add gradients
     to keep) for a memory failure, at least as many micro-batches in all (more work) for a timeout; never the
     failed cell itself, which is measured again when asked for."""
     regime = cell.regime
-    more_work = (failed["steps"] * failed["accumulate"] <= regime.steps * regime.accumulate if for_time
+    more_work = (_micro_batches(failed) <= regime.micro_batches if for_time
                  else failed["accumulate"] <= regime.accumulate)
     return (failed["method"] == cell.method.name and failed["micro_batch"] == regime.micro_batch
             and failed["seq"] == regime.seq and more_work
@@ -181,11 +191,9 @@ def _implies(failed: dict, cell: PlannedCell, for_time: bool) -> bool:
 
 def _more_work(failed: dict, cell: PlannedCell) -> str:
     """What makes `cell` at least as long as the `failed` cell it is inferred from."""
-    failed_micro_batches = failed["steps"] * failed["accumulate"]
-    micro_batches = cell.regime.steps * cell.regime.accumulate
     more = ["a larger model"] if SIZES[cell.size].params > SIZES[failed["size"]].params else []
-    if micro_batches > failed_micro_batches:
-        more.append(f"{micro_batches} micro-batches, not {failed_micro_batches}")
+    if cell.regime.micro_batches > _micro_batches(failed):
+        more.append(f"{cell.regime.micro_batches} micro-batches, not {_micro_batches(failed)}")
     return "needs as much time here" if not more else "needs more time here: " + " and ".join(more)
 
 

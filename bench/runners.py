@@ -292,7 +292,7 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
                         precision="bf16-mixed", max_steps=regime.steps, accumulate_grad_batches=regime.accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)
-    tokens = _RandomTokens(regime.steps * regime.accumulate * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
+    tokens = _RandomTokens(regime.micro_batches * regime.micro_batch, regime.seq, SIZES[cell.size].vocab)
     trainer.fit(LlamaModule(cell.size, checkpointing, optimizer, loss),
                 DataLoader(tokens, batch_size=regime.micro_batch))
     clock.planned = _planned(trainer.strategy)
