@@ -138,16 +138,16 @@ def classify(outcome: ChildOutcome, timeout_s: float) -> tuple[str, str | None]:
         return "host_oom", f"host OOM: {_first_line(error) or 'see the log'}"
     if error.startswith(("ModuleNotFoundError", "ImportError")):
         return "unavailable", f"not available: {_first_line(error)}"
-    if error:
-        return "error", _first_line(error)
+    if error:  # whole, up to a bound: the planner's refusal says what would help at its end
+        return "error", _first_line(error, limit=1500)
     if outcome.returncode < 0:
         return "crashed", f"crashed: {signal.Signals(-outcome.returncode).name}"
     last_line = outcome.tail.strip().splitlines()[-1:] or ["no output"]
     return "crashed", f"exited {outcome.returncode} without a result: {last_line[0][:200]}"
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:300] if text.strip() else ""
+def _first_line(text: str, limit: int = 300) -> str:
+    return text.strip().splitlines()[0][:limit] if text.strip() else ""
 
 
 def deepspeed_cpu_adam_built() -> bool:

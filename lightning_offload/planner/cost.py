@@ -35,14 +35,14 @@ REFERENCE_WIDTH = 4096
 # torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
                    "lion8bit": 33e9}
-# The engines' host optimizer phases reach a share of the probed fused CPU AdamW rate (4.9 Gparam/s on the H100
-# machine's 16 cores: bench/probe.py measured 4.89, and the 8B host_adam cells' predictions imply 4.8 probed at the
-# fit's setup): DeepSpeed ZeRO-3 offload (CPU Adam plus copying fp32 gradients into partitions and bf16 weights
-# back) 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW, bf16
-# weights back) 1.7 Gparam/s, from 2.41 s/step at 8B with 16 blocks' state on the GPU and 2.71 s with 12
-# (bench/RESULTS.md). The shares were set against a 6.4 Gparam/s reading and predicted those cells 40-50% slow.
-DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.31
-HOST_ADAM_PIPELINE_SHARE = 0.35
+# The engines' host optimizer phases reach a share of the fused CPU AdamW rate the planner's probe reads at a fit's
+# setup (3.93 Gparam/s on the H100 machine's 16 cores, 2026-12-05; bench/probe.py reads 4.89 in a process of its
+# own): DeepSpeed ZeRO-3 offload (CPU Adam plus copying fp32 gradients into partitions and bf16 weights back)
+# 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW, bf16 weights
+# back) 1.7 Gparam/s, from 2.41 s/step at 8B with 16 blocks' state on the GPU and 2.71 s with 12 (bench/RESULTS.md).
+# The shares are of what the probe reads, so they change with the probe (PROBE_VERSION).
+DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.385
+HOST_ADAM_PIPELINE_SHARE = 0.44
 # FSDP2's CPU offload adds a micro-batch's gradients to those already in host memory inside backward: each one is
 # copied synchronously into fresh pageable memory, then added on the CPU (torch's `foreach_reduce`: the copy can
 # only overlap when nothing accumulates). lightning_offload's fsdp backend at 3.6B, 4 x 2048 tokens per micro-batch:
@@ -72,7 +72,7 @@ class Ceilings:
     h2d_gbps: float = 46.7
     d2h_gbps: float = 55.0
     duplex_gbps: float = 78.5
-    cpu_adamw_gparams: float = 4.9
+    cpu_adamw_gparams: float = 3.9
 
     def achieved_flops(self, width: int = REFERENCE_WIDTH) -> float:
         by_width = (width / REFERENCE_WIDTH) ** 0.6 if width else 1.0
@@ -212,7 +212,7 @@ def probe(device: torch.device) -> Ceilings:
     del a
     # 2 GiB of weights, gradients and moments: an update streams them from memory, as a model's does. At 256 MiB
     # the CPU's last-level cache held much of them between runs and the fastest run read 9.8 Gparam/s on the H100
-    # machine, where a model's update runs at 4.9 (bench/probe.py, 268M parameters).
+    # machine; over 2 GiB it reads 3.9 there at a fit's setup.
     elements = 2**27
     params = [torch.zeros(elements)]
     grads, exp_avg, exp_avg_sq = [torch.full_like(params[0], 1e-3)], [torch.zeros(elements)], [torch.zeros(elements)]

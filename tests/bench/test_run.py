@@ -43,6 +43,16 @@ def test_every_ending_is_classified(case, expected):
     assert classify(case, 420) == expected
 
 
+def test_a_refusal_keeps_what_would_help():
+    refusal = ("PlanDoesNotFit: No plan fits this machine (79 GiB GPU, 124 GiB host RAM, 10% of each kept free) for "
+               "32.76B parameters. Nearest: stream + adamw8bit_fused + checkpointing=full, 0 resident blocks: GPU "
+               "short by 12.6 GiB, host RAM short by 2.8 GiB (needs 83.9 GiB GPU, 123.1 GiB host). What would "
+               "help: without gradient accumulation (`accumulate_grad_batches=1`, 8192 tokens per step) stream + "
+               "adamw8bit_fused + checkpointing=full, 53 resident blocks fits: accumulating 8 micro-batches keeps "
+               "every gradient until the step (61.0 GiB for stream + adamw8bit_fused + checkpointing=full).")
+    assert classify(outcome(1, {"ok": False, "error": refusal}), 420) == ("error", refusal)
+
+
 def test_the_last_complete_result_line_counts():
     output = 'RESULT {"ok": false}\nnoise\nRESULT {"ok": true, "x": 1}\n'
     assert parse_result(output) == {"ok": True, "x": 1}

@@ -124,7 +124,7 @@ def test_the_guard_stops_a_plan_predicted_to_overrun_the_time_left_and_only_that
     assert refused.value.planned == {
         "plan": "fsdp + adamw8bit + checkpointing=full", "predicted_step_s": 133.0, "predicted_gpu_gib": 30.0,
         "predicted_host_gib": 90.0, "planner_ceilings": {"matmul_tflops": 773.0, "h2d_gbps": 46.7, "d2h_gbps": 55.0,
-                                                         "duplex_gbps": 78.5, "cpu_adamw_gparams": 4.9}}
+                                                         "duplex_gbps": 78.5, "cpu_adamw_gparams": 3.9}}
     guard.on_train_start(_trainer_with_plan(47.0), None)  # 376 s of steps fit in 380 s
     guard.on_train_start(_trainer_with_plan(None), None)  # no plan (not lightning_offload): nothing to predict
     _PredictedTimeoutGuard(steps=8, deadline=time.time() + 1100).on_train_start(_trainer_with_plan(133.0), None)
