@@ -26,6 +26,10 @@ from lightning_offload.planner.memory import (
 
 # Fraction of each memory tier a plan may fill: allocator fragmentation, the data loader, other processes.
 SAFETY_MARGIN = 0.9
+# Step times this close (a ratio) rank as one, the tie going to the plan with less memory: plans the cost model
+# cannot tell apart (the same compute, transfers hidden under it). A ratio, not 0.01 s: that tied a small model's
+# plans 8% apart.
+TIE = 1.001
 POLICIES = ("none", "every_k", "full", "offload")
 # The optimizer each backend steps when the user keeps their own AdamW ("exact") or wants 8-bit state.
 _EXACT_OPTIMIZER = {"device": "adamw", "deepspeed": "cpu_adam", "fsdp": "adamw", "host_adam": "adamw"}
@@ -117,9 +121,16 @@ def parameter_count(parameters: int) -> str:
 
 
 def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
-    # Step times within 1% are a tie, broken by host memory (slow to pin, shared with everything else) then GPU.
-    return sorted(candidates, key=lambda c: (not c.fits, round(c.step_time_s, 2), c.memory.host_bytes,
-                                             c.memory.gpu_bytes))
+    """Those that fit first, fastest first. A plan within `TIE` of the fastest of its group ties with it, and a tie
+    goes to the lesser host memory (slow to pin, shared with everything else), then GPU memory."""
+    groups: list[list[Candidate]] = []
+    for candidate in sorted(candidates, key=lambda c: (not c.fits, c.step_time_s)):
+        first = groups[-1][0] if groups else None
+        if first is not None and first.fits == candidate.fits and candidate.step_time_s <= TIE * first.step_time_s:
+            groups[-1].append(candidate)
+        else:
+            groups.append([candidate])
+    return [c for group in groups for c in sorted(group, key=lambda c: (c.memory.host_bytes, c.memory.gpu_bytes))]
 
 
 def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,

@@ -31,6 +31,11 @@ from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkp
 # formula gives 57% and 64% there, on the slow side.
 ACHIEVED_MATMUL_FRACTION = 0.50
 REFERENCE_WIDTH = 4096
+# On a CPU "device" the GPU's share and width scaling do not hold: the BLAS runs a model of the probe's width (512)
+# at ~0.8 of the probed 512^3 fp32 rate, and narrower ones lower. The main job's model on a 2-core CPU, 4 layers:
+# width 512 at 0.78, width 128 at 0.45 (the GPU formula gave 0.06 there and predicted its steps 12x slow).
+CPU_MATMUL_SHARE = 0.80
+CPU_REFERENCE_WIDTH = 512
 # Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
 # torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
@@ -58,9 +63,9 @@ COMPILED_BLOCK_TIME = 0.87
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
 BACKWARD_SHARE = 0.7
 CACHE_ENV = "LIGHTNING_OFFLOAD_CACHE"
-# Part of the cache's file name: a machine probed by an earlier `probe` (the CPU AdamW rate over 256 MiB, read from
-# the CPU's cache) is probed again.
-PROBE_VERSION = 2
+# Part of the cache's file name: a machine probed by an earlier `probe` is probed again (version 2: the CPU AdamW
+# rate over 2 GiB, not 256 MiB read from the CPU's cache; 3: whether the ceilings are a GPU's).
+PROBE_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +78,12 @@ class Ceilings:
     d2h_gbps: float = 55.0
     duplex_gbps: float = 78.5
     cpu_adamw_gparams: float = 3.9
+    on_gpu: bool = True
 
     def achieved_flops(self, width: int = REFERENCE_WIDTH) -> float:
+        if not self.on_gpu:
+            by_width = min(1.0, width / CPU_REFERENCE_WIDTH) ** 0.4 if width else 1.0
+            return self.matmul_tflops * 1e12 * CPU_MATMUL_SHARE * by_width
         by_width = (width / REFERENCE_WIDTH) ** 0.6 if width else 1.0
         return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION * by_width
 
@@ -225,7 +234,7 @@ def probe(device: torch.device) -> Ceilings:
     adamw = _rate(cpu_adamw, elements, 5, lambda: None) / 1e9
     if not on_gpu:
         return Ceilings(device=platform.processor() or "cpu", matmul_tflops=matmul, h2d_gbps=math.inf,
-                        d2h_gbps=math.inf, duplex_gbps=math.inf, cpu_adamw_gparams=adamw)
+                        d2h_gbps=math.inf, duplex_gbps=math.inf, cpu_adamw_gparams=adamw, on_gpu=False)
     nbytes = 512 * 2**20
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)

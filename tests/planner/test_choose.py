@@ -8,7 +8,8 @@ import pytest
 
 from lightning_offload.planner import (SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
                                        estimate_memory, plan, shortfalls)
-from lightning_offload.planner.choose import candidate_plans, choose
+from lightning_offload.planner.choose import Candidate, candidate_plans, choose, ordered
+from lightning_offload.planner.cost import StepTime
 from tests.planner.test_memory import LLAMA_8B
 
 BACKENDS = ("deepspeed", "device", "fsdp", "gpu_8bit", "host_adam", "stream")
@@ -26,6 +27,20 @@ def test_planning_for_a_machine_given_by_overrides_is_deterministic() -> None:
     first, second = report(CARD_40GB), report(CARD_40GB)
     assert first.chosen.plan == second.chosen.plan
     assert first.rows() == second.rows()
+
+
+def test_step_times_a_tenth_of_a_percent_apart_tie_and_the_leaner_plan_wins_at_any_scale() -> None:
+    def candidate(seconds: float, host_gib: float) -> Candidate:
+        memory = MemoryEstimate(Plan(backend="device"), gpu={"weights": 2**30}, host={"state": int(host_gib * 2**30)})
+        return Candidate(memory.plan, memory, StepTime(seconds, 0.0, 0.0, seconds), {})
+
+    for scale in (0.01, 1.0, 100.0):
+        fast_heavy, slow_lean = candidate(1.0000 * scale, host_gib=20), candidate(1.0005 * scale, host_gib=1)
+        assert ordered([fast_heavy, slow_lean])[0] is slow_lean
+        # 0.3% or 8% apart is no tie, however small the step (0.059 and 0.064 s rounded alike to 0.06 s).
+        for slower in (1.003, 1.085):
+            fast_heavy, slow_lean = candidate(0.059 * scale, host_gib=20), candidate(0.059 * slower * scale, host_gib=1)
+            assert ordered([slow_lean, fast_heavy])[0] is fast_heavy
 
 
 def test_keeps_the_users_optimizer_when_an_exact_plan_fits() -> None:

@@ -63,6 +63,18 @@ def test_probe_result_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     assert load_or_probe(torch.device("cpu")).matmul_tflops != 123.0
 
 
+def test_a_cpu_is_costed_at_its_blas_share_not_the_gpu_kernels(tmp_path, monkeypatch) -> None:
+    cpu = Ceilings(device="cpu", matmul_tflops=0.2, h2d_gbps=float("inf"), d2h_gbps=float("inf"),
+                   duplex_gbps=float("inf"), on_gpu=False)
+    assert cpu.achieved_flops(512) == pytest.approx(0.2e12 * 0.8)
+    assert cpu.achieved_flops(2048) == pytest.approx(0.2e12 * 0.8)  # no wider GEMM beats the probe's on a CPU
+    assert cpu.achieved_flops(128) == pytest.approx(0.2e12 * 0.8 * 0.25**0.4)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert load_or_probe(torch.device("cpu")).on_gpu is False
+    # The GPU formula at width 128 would cost a CPU step ~8x too slow.
+    assert Ceilings(matmul_tflops=0.2).achieved_flops(128) < cpu.achieved_flops(128) / 7
+
+
 def test_compiled_blocks_shorten_the_compute_and_only_the_compute() -> None:
     from dataclasses import replace
 
