@@ -25,6 +25,9 @@ from lightning_offload.activation_offload import ActivationOffloader
 POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
 _OFFLOADER = "_lightning_offload_activation_offloader"
+# The wrapper a fit installed (a policy's, or a backend's checkpointing as memory needs), kept on the block so the
+# next fit of the same model in the process (a notebook, a sweep) can take it off and apply its own settings.
+_INSTALLED_BY_FIT = "_lightning_offload_installed_by_fit"
 
 
 def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Module]:
@@ -48,7 +51,7 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
-def _wrap_forward(module: nn.Module, run: Any) -> None:
+def _wrap_forward(module: nn.Module, run: Any, *, by_fit: bool = False) -> None:
     if getattr(module, _WRAPPED, False):
         return
     forward = module.forward
@@ -59,6 +62,8 @@ def _wrap_forward(module: nn.Module, run: Any) -> None:
 
     module.forward = wrapped
     setattr(module, _WRAPPED, True)
+    if by_fit:
+        setattr(module, _INSTALLED_BY_FIT, wrapped)
 
 
 def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
@@ -66,9 +71,32 @@ def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def recompute_in_backward(block: nn.Module) -> None:
-    """Checkpoints one block: its activations are dropped after forward and recomputed in backward."""
-    _wrap_forward(block, _recompute)
+def recompute_in_backward(block: nn.Module, *, by_fit: bool = False) -> None:
+    """Checkpoints one block: its activations are dropped after forward and recomputed in backward. `by_fit`: a
+    fit's plan checkpoints it, and the next fit takes it off again (`remove_fit_checkpointing`); otherwise the block
+    counts as one that checkpoints itself, which the policies leave alone."""
+    _wrap_forward(block, _recompute, by_fit=by_fit)
+
+
+def remove_fit_checkpointing(model: nn.Module) -> int:
+    """Takes the checkpointing and activation-offload wrappers an earlier fit installed off `model`'s blocks (those
+    of the user's model, e.g. `gradient_checkpointing_enable()`, stay), so a new fit plans and applies its own
+    settings instead of inheriting the last fit's as if the model checkpointed itself. A wrapper that something
+    wrapped again afterwards (a streaming engine's) stays. Returns how many were taken off."""
+    removed = 0
+    for module in model.modules():
+        wrapper = module.__dict__.get(_INSTALLED_BY_FIT)
+        if wrapper is None or module.__dict__.get("forward") is not wrapper:
+            continue
+        original = wrapper.__wrapped__
+        if getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is type(module).forward:
+            del module.forward  # the class's own forward again, as before the first fit
+        else:
+            module.forward = original
+        for name in (_WRAPPED, _OFFLOADER, _INSTALLED_BY_FIT):
+            module.__dict__.pop(name, None)
+        removed += 1
+    return removed
 
 
 def is_checkpointed(module: nn.Module) -> bool:
@@ -150,11 +178,11 @@ class CheckpointingConfig:
         chosen = [block for block in chosen if not is_checkpointed(block)]
         if self.policy != "offload":
             for block in chosen:
-                _wrap_forward(block, _recompute)
+                _wrap_forward(block, _recompute, by_fit=True)
             return len(chosen)
         offloader = ActivationOffloader(min_bytes=self.offload_min_bytes)
         for index, block in enumerate(chosen):
-            _wrap_forward(block, functools.partial(offloader.run, block, index))
+            _wrap_forward(block, functools.partial(offloader.run, block, index), by_fit=True)
             setattr(block, _OFFLOADER, offloader)
         return len(chosen)
 

@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config
+from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.lightning import (
@@ -104,6 +104,7 @@ class _SingleGPUOffloadCore:
         self.check_memory = check_memory
         self.plan_report: PlanReport | None = None
         self._memory_checked = False
+        self._took_off_earlier_wrappers = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -168,6 +169,11 @@ class _SingleGPUOffloadCore:
 
     def _plan_and_setup_backend(self) -> None:
         """Runs once per fit, before the model is built (or, for a model built in `__init__`, before it is moved)."""
+        if not self._took_off_earlier_wrappers:
+            # A new strategy on a module an earlier fit wrapped (a notebook, a sweep): that fit's checkpointing is
+            # not the model's own, and this fit plans and applies its own settings.
+            self._took_off_earlier_wrappers = True
+            remove_fit_checkpointing(self.lightning_module)
         if self._planned:
             return
         if self._memory_checked:

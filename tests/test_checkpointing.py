@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader, find_blocks
+from lightning_offload.checkpointing import (
+    CheckpointingConfig,
+    activation_offloader,
+    find_blocks,
+    is_checkpointed,
+    recompute_in_backward,
+    remove_fit_checkpointing,
+)
 from lightning_offload.models import Block, TinyGPT
 
 
@@ -96,3 +103,29 @@ def test_blocks_that_transformers_checkpoints_are_left_alone(policy: str) -> Non
     assert activation_offloader(model) is None
     tokens = torch.randint(0, 64, (2, 8))
     model(input_ids=tokens, labels=tokens).loss.backward()
+
+
+def test_a_fits_wrappers_come_off_and_the_models_own_stay() -> None:
+    model = network()
+    blocks = find_blocks(model)
+    recompute_in_backward(blocks[0])  # the model's own checkpointing
+    plain_forward = type(blocks[1]).forward
+    assert CheckpointingConfig(policy="offload", offload_min_bytes=0).apply(model) == len(blocks) - 1
+    assert remove_fit_checkpointing(model) == len(blocks) - 1
+    assert is_checkpointed(blocks[0]) and not any(is_checkpointed(block) for block in blocks[1:])
+    assert activation_offloader(model) is None and blocks[1].forward.__func__ is plain_forward
+    assert saved_bytes(model) > 0
+
+
+def test_a_new_strategy_on_a_model_an_earlier_fit_wrapped_applies_its_own_policy(recwarn) -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import TinyLM, fit
+
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing="offload"), num_batches=2,
+                    module=TinyLM())
+    assert activation_offloader(module) is not None
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing="none"), num_batches=2,
+                     module=module)
+    assert not any(is_checkpointed(block) for block in find_blocks(module)) and activation_offloader(module) is None
+    assert not [w for w in recwarn if "does not apply" in str(w.message)]
+    assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"none"}

@@ -192,7 +192,7 @@ class GPU8bitBackend(Backend):
         from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
         for block in blocks[len(blocks) - count:] if count else []:
-            recompute_in_backward(block)
+            recompute_in_backward(block, by_fit=True)
             self._recomputed.add(block)
         self.checkpointed_blocks = min(count, len(blocks))
         rank_zero_info(f"`gpu_8bit`: {self.checkpointed_blocks} of {len(blocks)} blocks recompute their activations")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.backends.gpu_8bit import blocks_to_checkpoint
+from lightning_offload.checkpointing import find_blocks, is_checkpointed
 from lightning_offload.kernels.adamw8bit import RECORD_BYTES
 from tests.conftest import TinyLM, fit, token_batches
 from tests.test_optim import EIGHT_BIT_RTOL
@@ -192,6 +193,18 @@ def test_pinned_checkpointing_policy_is_used_as_it_is() -> None:
     assert_losses_close(module.losses, plain.losses, SAME_MATH_RTOL)
     with pytest.raises(ValueError, match="Set one of them"):
         fit(gpu_8bit(activation_checkpointing="full", checkpoint_blocks=1), precision="bf16-true")
+
+
+def test_a_later_fit_of_the_same_model_plans_its_own_checkpointing() -> None:
+    # The first fit checkpoints a block as memory needs; a new strategy on the same module must not take that for
+    # the model's own checkpointing (which refuses `checkpoint_blocks`).
+    module, first = fit(gpu_8bit(activation_budget_bytes=1, check_memory=False), precision="bf16-true",
+                        num_batches=2)
+    assert first.strategy.backend.checkpointed_blocks == 1
+    _, second = fit(gpu_8bit(checkpoint_blocks=0, check_memory=False), module=module, precision="bf16-true",
+                    num_batches=2)
+    assert second.strategy.backend.checkpointed_blocks == 0
+    assert not any(is_checkpointed(block) for block in find_blocks(module))
 
 
 def test_describe_is_one_line() -> None:
