@@ -79,9 +79,11 @@ _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss
 # More rows of a backend beside its default one: (name suffix, backend options, label).
 _VARIANTS = {
     "host_adam": [
-        ("all_host", {"gpu_state_blocks": 0}, "; every optimizer state in host memory"),
+        ("all_host", {"gpu_state_blocks": 0, "cast_on_device": False},
+         "; every optimizer state in host memory, weights cast on the host"),
         ("all_host_cast_on_device", {"gpu_state_blocks": 0, "cast_on_device": True},
          "; every optimizer state in host memory, weights cast on the GPU"),
+        ("cast_on_host", {"cast_on_device": False}, "; weights cast on the host"),
     ],
     "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
     "stream": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],

@@ -52,16 +52,20 @@ class RecordingLogger(Logger):
 
 
 class WallClock(pl.Callback):
-    """The independent clock: a timestamp at the start of training and at the end of every batch, and the RSS."""
+    """The independent clock: a timestamp at the end of every batch, and the RSS and pinned host memory there (the
+    engines free pinned buffers at teardown, so after the fit is too late to read them)."""
 
     def __init__(self) -> None:
         self.batch_ends: list[float] = []
         self.rss_bytes = 0
+        self.pinned_bytes = 0
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.batch_ends.append(time.perf_counter())
         status = Path("/proc/self/status").read_text()
         self.rss_bytes = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+        if torch.cuda.is_initialized():
+            self.pinned_bytes = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
 
 
 def monitors(trainer: pl.Trainer) -> list[Any]:
@@ -204,7 +208,7 @@ def test_gpu_figures_agree_with_torch_cuda() -> None:
     assert logger.column("mem/gpu_peak_gib")[-1] == pytest.approx(torch_peak, rel=TOLERANCE)
     device_peak = logger.column("mem/gpu_device_peak_gib")[-1]
     assert torch_peak <= device_peak <= torch.cuda.mem_get_info()[1] / GIB
-    pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / GIB
+    pinned = clock.pinned_bytes / GIB
     assert pinned > 0 and logger.column("mem/pinned_host_gib")[-1] == pytest.approx(pinned, rel=TOLERANCE)
     known_peak = bf16_peak_tflops(torch.cuda.get_device_name())
     assert ("perf/mfu" in logger.rows[-1]) == (known_peak is not None)

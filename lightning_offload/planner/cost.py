@@ -43,8 +43,10 @@ GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, 
 # The engines' host optimizer phases reach a share of the fused CPU AdamW rate the planner's probe reads at a fit's
 # setup (3.93 Gparam/s on the H100 machine's 16 cores, 2026-12-05; bench/probe.py reads 4.89 in a process of its
 # own): DeepSpeed ZeRO-3 offload (CPU Adam plus copying fp32 gradients into partitions and bf16 weights back)
-# 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW, bf16 weights
-# back) 1.7 Gparam/s, from 2.41 s/step at 8B with 16 blocks' state on the GPU and 2.71 s with 12 (bench/RESULTS.md).
+# 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW, fp32 weights
+# back and cast on the GPU, its default) 1.7 Gparam/s, from 2.41 s/step at 8B with 16 blocks' state on the GPU and
+# 2.71 s with 12 (bench/RESULTS.md; those cast on the host, and 2.09 s casting on the GPU read 2.07 at the 4.97
+# Gparam/s that session's probe read). `cast_on_device=False` is costed alike: 0.8x its measured 8B step.
 # The shares are of what the probe reads, so they change with the probe (PROBE_VERSION).
 DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.385
 HOST_ADAM_PIPELINE_SHARE = 0.44
@@ -131,12 +133,12 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         # back blocks, so the host work may also hide under that part of the next forward.
         on_gpu = gpu_state_parameters(stats, plan)
         on_host = params - on_gpu
-        pipeline = max(4 * on_host / d2h, on_host / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), bf16 * on_host / h2d)
+        pipeline = max(4 * on_host / d2h, on_host / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), 4 * on_host / h2d)
         front = min(plan.resident_blocks or 0, stats.blocks) / stats.blocks if stats.blocks else 0.0
         forward_of_front = (1 - BACKWARD_SHARE) * compute / accumulate * front
         exposed = max(0.0, pipeline - backward_of_last - forward_of_front)
         gpu_update = on_gpu / GPU_UPDATE_RATE["adamw"]
-        transfer = 4 * on_host / d2h + bf16 * on_host / h2d
+        transfer = 4 * on_host / d2h + 4 * on_host / h2d  # fp32 gradients out, fp32 weights back
         return StepTime(compute, transfer + offload, on_host / cpu_adamw + gpu_update,
                         compute + offload_exposed + exposed + gpu_update)
     if plan.backend == "stream":

@@ -62,11 +62,11 @@ def test_bf16_weights_track_plain_bf16_mixed_run() -> None:
 
 def test_cast_on_device_reaches_the_engine_and_the_cpu_path_ignores_it() -> None:
     # Sending fp32 back and casting there is a GPU choice; on a CPU the weights are cast in place as before.
-    default, _ = fit(host_adam(), precision="bf16-mixed")
-    cast, trainer = fit(host_adam(cast_on_device=True), precision="bf16-mixed")
-    assert trainer.strategy.backend.config.cast_on_device
+    on_host, _ = fit(host_adam(cast_on_device=False), precision="bf16-mixed")
+    cast, trainer = fit(host_adam(), precision="bf16-mixed")
+    assert trainer.strategy.backend.config.cast_on_device  # the default
     assert not trainer.strategy.backend.engine.cast_on_device
-    assert cast.losses == default.losses
+    assert cast.losses == on_host.losses
 
 
 def test_facade_is_an_optimizer_with_the_users_param_groups() -> None:

@@ -107,9 +107,10 @@ def test_gpu_cast_on_device_tracks_casting_on_the_host() -> None:
     # Both round fp32 to bf16 to nearest even, on either side of PCIe; the runs differ only by the GPU's atomic adds
     # (embedding backward). A piece sent before its update finished, or read by the next forward before it landed,
     # moves the losses far more than FP32_RTOL.
-    on_host, _ = fit(host_adam(gpu_state_blocks=0), accelerator="gpu", precision="bf16-mixed")
-    on_device, trainer = fit(host_adam(gpu_state_blocks=0, cast_on_device=True), accelerator="gpu",
-                             precision="bf16-mixed")
+    on_host, host_trainer = fit(host_adam(gpu_state_blocks=0, cast_on_device=False), accelerator="gpu",
+                                precision="bf16-mixed")
+    on_device, trainer = fit(host_adam(gpu_state_blocks=0), accelerator="gpu", precision="bf16-mixed")
+    assert not host_trainer.strategy.backend.engine.cast_on_device
     engine = trainer.strategy.backend.engine
-    assert engine.cast_on_device and engine._master_registered
+    assert engine.cast_on_device and engine._master_registered  # the default
     assert_losses_close(on_device.losses, on_host.losses, FP32_RTOL)

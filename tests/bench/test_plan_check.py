@@ -17,10 +17,11 @@ BELOW_HOST_RSS_GIB = 1.0
 # several blocks' worth of GPU left unused (and of host memory and PCIe traffic spent).
 ABOVE_DEVICE_PEAK_GIB = 4.0
 # Estimated step time over the measured median: the model errs on the slow side (its matmul efficiency is a floor),
-# and a plan far outside the band would be ranked wrongly against the others. Left out: host_adam's `cast_on_device`
-# row (an option the planner neither chooses nor costs).
+# and a plan far outside the band would be ranked wrongly against the others. Left out: host_adam's rows with all
+# state in host memory and the weights cast on the GPU (1.2-1.6x slow: the pipeline share is fitted where the
+# front blocks' state is on the GPU, as the planner plans it).
 STEP_RATIO_BAND = (0.75, 1.5)
-NOT_COSTED = ("cast_on_device",)
+NOT_COSTED = ("all_host_cast_on_device",)
 
 
 @pytest.mark.parametrize("plan", [

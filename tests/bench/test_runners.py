@@ -99,7 +99,10 @@ def test_host_adam_rows_leave_checkpointing_to_the_planner_and_one_keeps_every_s
     planned, all_host = methods["single_gpu_offload_host_adam"], methods["single_gpu_offload_host_adam_all_host"]
     assert planned.options["loss"] == "chunked" and planned.options["checkpointing"] == "by_strategy"
     assert "backend_options" not in planned.options
-    assert all_host.options == {**planned.options, "backend_options": {"gpu_state_blocks": 0}}
+    assert all_host.options == {**planned.options,
+                                "backend_options": {"gpu_state_blocks": 0, "cast_on_device": False}}
+    cast_on_host = methods["single_gpu_offload_host_adam_cast_on_host"]
+    assert cast_on_host.options == {**planned.options, "backend_options": {"cast_on_device": False}}
     clock = lightning(_cell(accumulate=2, steps=2), **all_host.options)
     assert len(clock.times) == 2 and all(10 < loss < 11 for loss in clock.losses)
     # The record keeps the plan's prediction and the ceilings it was costed at.
