@@ -89,7 +89,8 @@ def remove_fit_checkpointing(model: nn.Module) -> int:
         if wrapper is None or module.__dict__.get("forward") is not wrapper:
             continue
         original = wrapper.__wrapped__
-        if getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is type(module).forward:
+        bound_class_forward = getattr(original, "__func__", None) is type(module).forward
+        if bound_class_forward and getattr(original, "__self__", None) is module:
             del module.forward  # the class's own forward again, as before the first fit
         else:
             module.forward = original
