@@ -59,7 +59,10 @@ def test_gpu_bf16_tracks_plain_bf16_mixed_and_uses_streams_and_pinned_buffers(
     assert engine._d2h is not None and engine._h2d is not None
     assert all(isinstance(b.weights_back, torch.cuda.Event) for b in engine.buckets)
     slot = engine._free_slots.get()
-    assert slot.is_pinned() and all(staging.is_pinned() for staging, _ in engine._staging)
+    assert slot.is_pinned()
+    # By default fp32 weights leave the page-locked master weights and land in device buffers, cast there.
+    assert engine.cast_on_device and engine.master.is_pinned()
+    assert all(staging.is_cuda and staging.dtype == torch.float32 for staging, _ in engine._staging)
     first_updates = [t for what, index, t in timeline if what == "update" and index == 0]
     assert len(first_updates) == len(backward_ends) == 16
     assert all(update < end for update, end in zip(first_updates, backward_ends))
@@ -110,7 +113,9 @@ def test_gpu_cast_on_device_tracks_casting_on_the_host() -> None:
     on_host, host_trainer = fit(host_adam(gpu_state_blocks=0, cast_on_device=False), accelerator="gpu",
                                 precision="bf16-mixed")
     on_device, trainer = fit(host_adam(gpu_state_blocks=0), accelerator="gpu", precision="bf16-mixed")
-    assert not host_trainer.strategy.backend.engine.cast_on_device
+    host_engine = host_trainer.strategy.backend.engine
+    assert not host_engine.cast_on_device and not host_engine.master.is_pinned()
+    assert all(staging.is_pinned() and staging.dtype == torch.bfloat16 for staging, _ in host_engine._staging)
     engine = trainer.strategy.backend.engine
     assert engine.cast_on_device and engine._master_registered  # the default
     assert_losses_close(on_device.losses, on_host.losses, FP32_RTOL)
