@@ -40,6 +40,12 @@ RUNS: dict[str, tuple[str, str, str | None, str, dict[str, Any]]] = {
     "gpu_8bit": ("gpu_8bit: AdamW8bitFused inside backward, bf16 weights", "gpu_8bit", None, "bf16-true", {}),
     "host_adam": ("host_adam: fp32 master + AdamW in host memory inside backward, bf16 weights", "host_adam", None,
                   "bf16-true", {}),
+    # Every block's state in host memory (the tiny model's would all fit on the GPU), so every update crosses PCIe:
+    # the updated weights cast to bf16 on the GPU (the default) or on the host, both rounding to nearest even.
+    "host_adam_all_host": ("host_adam, all state in host memory, weights cast on the GPU", "host_adam", None,
+                           "bf16-true", {"gpu_state_blocks": 0}),
+    "host_adam_all_host_cast_on_host": ("host_adam, all state in host memory, weights cast on the host", "host_adam",
+                                        None, "bf16-true", {"gpu_state_blocks": 0, "cast_on_device": False}),
     # Every block and the final norm streamed; built for real (not on meta) so it can start from the runs' weights.
     "stream": ("stream: every block streamed, 8-bit state in host memory, bf16 weights", "stream", None, "bf16-true",
                {"resident_blocks": 0, "stream_outer": True, "build_on_meta": False, "check_memory": False}),
