@@ -9,13 +9,5 @@ timeout 400 python3 bench/optim_convergence.py --lr 1e-3 \
   --runs reference host_adam_all_host host_adam_all_host_cast_on_host --seeds 1 1234 2 3 --deterministic \
   --curves "$OUT/curves_host_adam_cast.json" > "$OUT/convergence_host_adam_cast.txt" 2>&1 || echo "exit $?"
 grep "^|" "$OUT/convergence_host_adam_cast.txt"
-python3 - "$OUT/curves_host_adam_cast.json" <<'PY'
-import json, sys
-for seed, curves in json.load(open(sys.argv[1])).items():
-    a, b = curves["host_adam_all_host"], curves.get("host_adam_all_host_cast_on_host", [])
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    gap = max((abs(x - y) for x, y in zip(a, b)), default=float("nan"))
-    print(f"seed {seed}: cast on the GPU vs on the host over {len(b)} steps: first differing step {first}, "
-          f"max |diff| {gap:.4g}")
-PY
+python3 bench/compare_curves.py "$OUT/curves_host_adam_cast.json" host_adam_all_host host_adam_all_host_cast_on_host
 echo "took $((SECONDS - started)) s"

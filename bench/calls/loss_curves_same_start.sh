@@ -9,12 +9,5 @@ started=$SECONDS
 timeout 420 python3 bench/optim_convergence.py --runs reference gpu_8bit host_adam stream --seeds 1 1234 2 3 \
   --deterministic --curves "$OUT/curves_seeds.json" > "$OUT/convergence_seeds.txt" 2>&1 || echo "exit $?"
 grep "^|" "$OUT/convergence_seeds.txt"
-python3 - "$OUT/curves_seeds.json" <<'PY'
-import json, sys
-for seed, curves in json.load(open(sys.argv[1])).items():
-    a, b = curves["gpu_8bit"], curves.get("stream", [])
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    gap = max((abs(x - y) for x, y in zip(a, b)), default=float("nan"))
-    print(f"seed {seed}: stream vs gpu_8bit over {len(b)} steps: first differing step {first}, max |diff| {gap:.4g}")
-PY
+python3 bench/compare_curves.py "$OUT/curves_seeds.json" gpu_8bit stream
 echo "took $((SECONDS - started)) s"
