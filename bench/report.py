@@ -255,20 +255,26 @@ def plot(cells: dict[str, dict], path: Path) -> None:
 
     ok = [r for r in cells.values() if r["status"] == "ok" and "superseded" not in r]
     regimes = sorted({r["regime"] for r in ok}) or ["r1"]
-    # One colour per method in every panel.
-    colors = {method: plt.get_cmap("tab20")(index % 20)
-              for index, method in enumerate(sorted({r["method"] for r in ok}, key=_method_rank))}
+    # One colour and marker per method in every panel: the alternatives as triangles in Set1's colours, our rows as
+    # circles in tab20's, so no two methods share a look (one palette of 20 gave the plain loop and a row of ours
+    # one colour).
+    ordered = sorted({r["method"] for r in ok}, key=_method_rank)
+    theirs = [method for method in ordered if not method.startswith(f"{OURS}_")]
+    ours = [method for method in ordered if method.startswith(f"{OURS}_")]
+    styles = {method: (plt.get_cmap("Set1")(index % 9), "^") for index, method in enumerate(theirs)}
+    styles |= {method: (plt.get_cmap("tab20")(index % 20), "o") for index, method in enumerate(ours)}
     figure, axes = plt.subplots(len(regimes), 2, figsize=(17, 4.5 * len(regimes)), squeeze=False)
     for row, regime in zip(axes, regimes):
-        methods = [method for method in colors if any(r["method"] == method for r in ok if r["regime"] == regime)]
+        methods = [method for method in styles if any(r["method"] == method for r in ok if r["regime"] == regime)]
         for method in methods:
             points = sorted((r for r in ok if r["regime"] == regime and r["method"] == method),
                             key=lambda r: r["params"])
             billions = [r["params"] / 1e9 for r in points]
-            color = colors[method]
-            row[0].plot(billions, [r["tokens_per_s"] for r in points], "o-", color=color, label=method)
-            row[1].plot(billions, [r.get("peak_gpu_device_gib") or 0 for r in points], "o-", color=color)
-            row[1].plot(billions, [r.get("peak_host_rss_gib") or 0 for r in points], "s--", color=color)
+            color, marker = styles[method]
+            row[0].plot(billions, [r["tokens_per_s"] for r in points], f"{marker}-", color=color, label=method)
+            row[1].plot(billions, [r.get("peak_gpu_device_gib") or 0 for r in points], f"{marker}-", color=color)
+            row[1].plot(billions, [r.get("peak_host_rss_gib") or 0 for r in points], f"{marker}--", color=color,
+                        fillstyle="none")
         row[0].set(title=f"{regime.upper()}: tokens/s", ylabel="tokens/s", yscale="log")
         row[1].set(title=f"{regime.upper()}: peak GPU, device-wide (solid) and host RSS (dashed)", ylabel="GiB")
         sizes = sorted({r["params"] / 1e9 for r in ok})
