@@ -47,8 +47,8 @@ if wants 8b-cells; then
   cells 150 --sizes 8b --methods $HOST_ADAM --regimes r2 --steps 3 --warmup 1
 fi
 if wants phases; then
+  phases share0_cast_on_host --gpu-state-blocks 0 --cast-on-host
   phases share0 --gpu-state-blocks 0
-  phases share0_cast_on_device --gpu-state-blocks 0 --cast-on-device
   phases planned
 fi
 [ -f "$RESULTS" ] && python3 - "$RESULTS" <<'PY'
