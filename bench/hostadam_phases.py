@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--host-threads", type=int, help="threads of the host AdamW (default: all cores but one)")
     parser.add_argument("--cast-on-host", action="store_true",
                         help="cast the weights to bf16 on the host (default: back as fp32, cast on the GPU)")
+    parser.add_argument("--chunk-numel", type=int, help="parameters per host AdamW call (default: the backend's)")
     parser.add_argument("--out", type=Path, default=Path("hostadam_phases.json"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def main() -> None:
     if args.backend == "host_adam":
         strategy = lightning_offload.SingleGPUOffloadStrategy(
             backend="host_adam", gpu_state_blocks=args.gpu_state_blocks, host_threads=args.host_threads,
-            cast_on_device=not args.cast_on_host)
+            cast_on_device=not args.cast_on_host,
+            **({"chunk_numel": args.chunk_numel} if args.chunk_numel else {}))
     else:
         strategy = lightning_offload.SingleGPUOffloadStrategy(backend="gpu_8bit")
     callback = ProfileOneStep(args.accumulate, args.out.with_suffix(".trace.json"))
