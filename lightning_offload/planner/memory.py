@@ -39,8 +39,11 @@ LOGIT_BACKWARD_BYTES = 8
 # rounding. Measured on the H100 machine (bench/RESULTS.md, `deepspeed` rows): 35.85 GiB RSS at 1.5B and 84.0 GiB at
 # 3.6B, i.e. 6.3 and 6.4 bytes/param above the 18 and the process's 2 GiB.
 DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM = 6.4
-# host_adam's pinned gradient slots and bf16 staging at its default bucket sizes (backends/host_adam.py).
-HOST_ADAM_STAGING_BYTES = 224 * 2**20
+# host_adam's buffers at its default sizes (backends/host_adam.py): three pinned fp32 gradient slots of a 16M-parameter
+# bucket, and eight fp32 staging pieces of 2M parameters on the GPU, where the updated weights land to be cast there
+# (`cast_on_device`, the default; casting on the host stages 32 MiB of bf16 in pinned host memory instead).
+HOST_ADAM_GRADIENT_SLOT_BYTES = 3 * 16_000_000 * 4
+HOST_ADAM_DEVICE_STAGING_BYTES = 8 * 2_000_000 * 4
 # FSDP2 pins its host shards through torch's caching host allocator, which rounds every block up to a power of two:
 # 40% on top of the 8 pinned bytes/param at 3.6B (37.8 GiB pinned, 66.5 GiB RSS measured, bench/RESULTS.md).
 FSDP_PINNED_ROUNDING = 0.40
@@ -224,11 +227,12 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
                     **gradients_updated_in_backward(block)})
     elif plan.backend == "host_adam":
-        # fp32 gradients land in a few pinned slots and bf16 weights leave from pinned staging; the master weights
-        # and AdamW state are ordinary memory, since no copy starts or ends in them. The front blocks' master
-        # weights and state are on the GPU instead.
+        # fp32 gradients land in a few pinned slots, and the updated weights leave as fp32 straight from the master
+        # weights, which are page-locked for it; the AdamW state is ordinary memory, since no copy starts or ends in
+        # it. The front blocks' master weights and state are on the GPU instead.
         on_gpu = gpu_state_parameters(stats, plan)
-        gpu.update({"bf16 weights": 2 * params, **gradients_updated_in_backward(block)})
+        gpu.update({"bf16 weights": 2 * params, **gradients_updated_in_backward(block),
+                    "weight staging (fp32, cast here)": HOST_ADAM_DEVICE_STAGING_BYTES})
         if on_gpu:
             gpu["fp32 master weights and optimizer state (front blocks)"] = int((4 + state_bytes) * on_gpu)
         waiting = _gradients_waiting_for_the_host(stats, plan) - 2 * 2 * block
@@ -236,8 +240,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
             gpu["bf16 gradients waiting for the host"] = waiting
         host.update({"fp32 master weights": 4 * (params - on_gpu),
                      "optimizer state": int(state_bytes * (params - on_gpu)),
-                     "gradient and weight staging": HOST_ADAM_STAGING_BYTES})
-        pinned |= {"gradient and weight staging"}
+                     "gradient slots": HOST_ADAM_GRADIENT_SLOT_BYTES})
+        pinned |= {"fp32 master weights", "gradient slots"}
     elif plan.backend == "stream":
         resident = min(plan.resident_blocks, stats.blocks)
         streamed = (stats.blocks - resident) * block

@@ -60,7 +60,9 @@ def test_plans_that_update_in_backward_hold_no_full_gradient_unless_accumulating
     host_adam = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw"))
     assert host_adam.gpu["bf16 weights"] == 2 * params
     assert host_adam.host["fp32 master weights"] + host_adam.host["optimizer state"] == 12 * params
-    assert host_adam.pinned_bytes < 2**30  # only the transfer slots are pinned
+    # The master weights are page-locked (the updated weights leave from them), the AdamW state is not.
+    assert host_adam.pinned_bytes == host_adam.host["fp32 master weights"] + host_adam.host["gradient slots"]
+    assert host_adam.host["fp32 master weights"] == 4 * params and host_adam.host["gradient slots"] < 2**30
     stream = estimate_memory(LLAMA_8B, Plan(backend="stream", optimizer="adamw8bit_fused"))
     # The embedding table is the largest unit through the rings: its gradient, and the one before it, in flight.
     assert stream.gpu["bf16 gradients (in flight)"] == 4 * LLAMA_8B.embedding_parameters
