@@ -24,12 +24,7 @@ cells() {  # per-cell time limit in seconds, then bench/run.py arguments (a cell
   local limit=$1; shift
   python3 bench/run.py --results "$RESULTS" --log "$OUT/hostadam_cells.log" --timeout-s "$limit" "$@" || true
 }
-phases() {  # name, then hostadam_phases.py arguments
-  local name=$1; shift
-  timeout 75 python3 bench/hostadam_phases.py --size 3.6b --out "$OUT/hostadam_phases_$name.json" "$@" \
-    > "$OUT/hostadam_phases_$name.log" 2>&1
-  grep -A8 "^host_adam one step" "$OUT/hostadam_phases_$name.log" || tail -5 "$OUT/hostadam_phases_$name.log"
-}
+source bench/phases.sh
 
 if wants tests; then
   timeout 55 python3 -m pytest -q -m gpu tests/backends/test_host_adam_gpu.py -p no:cacheprovider --tb=short \
@@ -47,9 +42,9 @@ if wants 8b-cells; then
   cells 150 --sizes 8b --methods $HOST_ADAM --regimes r2 --steps 3 --warmup 1
 fi
 if wants phases; then
-  phases share0_cast_on_host --gpu-state-blocks 0 --cast-on-host
-  phases share0 --gpu-state-blocks 0
-  phases planned
+  phases 75 share0_cast_on_host --size 3.6b --gpu-state-blocks 0 --cast-on-host
+  phases 75 share0 --size 3.6b --gpu-state-blocks 0
+  phases 75 planned --size 3.6b
 fi
 [ -f "$RESULTS" ] && python3 - "$RESULTS" <<'PY'
 import json, sys

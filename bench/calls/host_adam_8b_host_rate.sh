@@ -5,11 +5,7 @@
 set -uo pipefail
 source bench/device_setup.sh package || exit 1
 started=$SECONDS
-phases() {  # limit, name, then hostadam_phases.py arguments
-  local limit=$1 name=$2; shift 2
-  timeout "$limit" python3 bench/hostadam_phases.py --out "$OUT/phases_$name.json" "$@" > "$OUT/phases_$name.log" 2>&1
-  grep -E "step wall|host AdamW" "$OUT/phases_$name.log" || tail -3 "$OUT/phases_$name.log"
-}
+source bench/phases.sh
 phases 110 hostadam_8b --size 8b
 phases 110 hostadam_8b_chunk16m --size 8b --chunk-numel 16000000
 phases 110 hostadam_8b_16_threads --size 8b --host-threads 16

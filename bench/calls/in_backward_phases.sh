@@ -7,11 +7,7 @@
 set -uo pipefail
 source bench/device_setup.sh package || exit 1
 started=$SECONDS
-phases() {  # limit, name, then hostadam_phases.py arguments
-  local limit=$1 name=$2; shift 2
-  timeout "$limit" python3 bench/hostadam_phases.py --out "$OUT/phases_$name.json" "$@" > "$OUT/phases_$name.log" 2>&1
-  grep -A9 " one step" "$OUT/phases_$name.log" || tail -3 "$OUT/phases_$name.log"
-}
+source bench/phases.sh
 phases 75 hostadam_3.6b_planned --size 3.6b
 phases 75 hostadam_3.6b_all_host --size 3.6b --gpu-state-blocks 0
 phases 150 hostadam_8b_r2 --size 8b --accumulate 8
