@@ -8,6 +8,8 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,11 +18,29 @@ def test_configs_found_as_package_resources() -> None:
     assert (conf / "config.yaml").is_file() and (conf / "model" / "tiny_gpt.yaml").is_file()
 
 
-def test_wheel_contains_configs(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, timeout=300)
-    (wheel,) = tmp_path.glob("lightning_offload-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+                    str(folder), str(ROOT)], check=True, timeout=300)
+    (built,) = folder.glob("lightning_offload-*.whl")
+    return zipfile.ZipFile(built)
+
+
+def test_wheel_contains_configs(wheel) -> None:
+    names = set(wheel.namelist())
     expected = {str(p.relative_to(ROOT)).replace("conf/", "lightning_offload/conf/", 1)
                 for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected and expected <= names
+
+
+def test_wheel_declares_one_version_license_and_types(wheel) -> None:
+    import lightning_offload
+
+    names = set(wheel.namelist())
+    assert "lightning_offload/py.typed" in names
+    metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = wheel.read(metadata_name).decode()
+    assert f"Version: {lightning_offload.__version__}\n" in metadata
+    assert "License-Expression: Apache-2.0\n" in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
