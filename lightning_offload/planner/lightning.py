@@ -26,10 +26,12 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
                      precision: str, world_size: int = 1, ranks_per_host: int | None = None,
-                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
+                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False,
+                     max_gpu_memory_gib: float | None = None,
+                     max_host_memory_gib: float | None = None) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
     reason is warned) or the Trainer is not fitting. `compiled_blocks`: the strategy compiles the blocks (costed
-    shorter)."""
+    shorter). `max_gpu_memory_gib` / `max_host_memory_gib`: budgets below what the machine has free."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
     dtype = compute_dtype(precision)
@@ -60,15 +62,21 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
                 stacklevel=2,
             )
         pinned_policy = "full"
+    machine = Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib, max_host_memory_gib=max_host_memory_gib)
     return plan(
-        stats, machine=Machine.detect(device), ceilings=load_or_probe(device), device=device,
+        stats, machine=machine, ceilings=load_or_probe(device), device=device,
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=trainer.accumulate_grad_batches, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
-        clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
+        clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.gradient_clip_algorithm),
         gpu_state_blocks=gpu_state_blocks,
     )
+
+
+def clips_by_norm(gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> bool:
+    """Whether the Trainer's clipping needs the global norm of every gradient before the step."""
+    return bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
 
 
 def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
