@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import psutil
 import pytest
 import torch
@@ -132,3 +133,36 @@ def test_a_refusal_under_clipping_names_clipping_when_the_unclipped_plan_fits() 
     assert "without gradient clipping by norm (`gradient_clip_val=None`" in message
     assert f"{gpu_8bit} fits" in message
     assert plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit", checkpointing="full").chosen
+
+
+@pytest.mark.gpu
+def test_the_allocators_per_process_fraction_lowers_the_planners_gpu_memory() -> None:
+    device = torch.device("cuda")
+    _, total = torch.cuda.mem_get_info(device)
+    torch.cuda.set_per_process_memory_fraction(0.25, device)
+    try:
+        machine = Machine.detect(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert machine.gpu_memory_gib == pytest.approx(0.25 * total / GIB)
+    assert "set_per_process_memory_fraction(0.25)" in machine.gpu_limit
+
+
+@pytest.mark.gpu
+def test_a_gpu_budget_caps_the_allocator_during_the_fit_and_the_peak_keeps_to_it() -> None:
+    device = torch.device("cuda")
+    budget_gib = 4.0
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen["fraction"] = torch.cuda.get_per_process_memory_fraction(device)
+
+    torch.cuda.reset_peak_memory_stats(device)
+    _, trainer = fit(SingleGPUOffloadStrategy(max_gpu_memory_gib=budget_gib), num_batches=2, accelerator="gpu",
+                     precision="bf16-mixed", callbacks=[Watch()])
+    _, total = torch.cuda.mem_get_info(device)
+    assert trainer.strategy.plan_report.machine.gpu_memory_gib == pytest.approx(budget_gib)
+    assert seen["fraction"] * total <= budget_gib * GIB
+    assert torch.cuda.max_memory_reserved(device) <= budget_gib * GIB
+    assert torch.cuda.get_per_process_memory_fraction(device) == 1.0  # given back at teardown
