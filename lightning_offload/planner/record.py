@@ -64,9 +64,9 @@ def _plan_in(file: Path) -> dict[str, Any] | None:
     import torch
 
     try:
-        # The user's own checkpoint, which Lightning loads in full right after.
-        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # not a torch zip file (a legacy pickle, a foreign file): it holds no plan we wrote
+        # weights_only: reading the plan never runs code from a file, whatever Lightning's own load will allow.
+        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not a torch zip file, or objects beyond tensors and containers: no plan we could read
         return None
     if not isinstance(checkpoint, dict):
         return None

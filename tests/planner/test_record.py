@@ -22,7 +22,8 @@ def test_the_chosen_plan_is_logged_with_the_hyperparameters(tmp_path) -> None:
     assert hparams["lr"] == TinyLM().hparams.lr  # the module's own hyperparameters are still there
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "stream"])  # a Lightning file, a backend's own folder
+# A Lightning file, and each backend's own folder (the plan in a file of its own, nested, or among DeepSpeed's).
+@pytest.mark.parametrize("backend", ["fsdp", "stream", "host_adam", "deepspeed"])
 def test_each_checkpoint_holds_the_plan_it_was_trained_with(tmp_path, backend) -> None:
     _, trainer = fit(SingleGPUOffloadStrategy(backend=backend), num_batches=2)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
