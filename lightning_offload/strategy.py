@@ -171,9 +171,10 @@ class _SingleGPUOffloadCore:
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
-        self.backend.setup_environment(self.root_device)
         if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
+            # Before the engine sizes anything from the GPU's free memory.
             self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+        self.backend.setup_environment(self.root_device)
         if getattr(self, "world_size", 1) == 1:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
             warnings.filterwarnings("ignore", message=r".*`sync_dist=True`.*distributed setting")
