@@ -61,7 +61,9 @@ class _SingleGPUOffloadCore:
     At setup, before the model is built, the memory planner (``lightning_offload.planner``) measures the model on the
     meta device at the first training batch's shape and estimates every candidate plan's memory and step time on
     this machine: ``backend="auto"`` takes the fastest plan that fits, a pinned backend is checked the same way, and
-    a run that cannot fit is refused with the shortfall per memory tier before anything large is allocated.
+    a run that cannot fit is refused with the shortfall per memory tier before anything large is allocated. The plan
+    is logged with the hyperparameters and saved in each checkpoint; ``fit(ckpt_path=...)`` with ``backend="auto"``
+    resumes with the checkpoint's plan.
 
     Args:
         backend: the engine: ``"auto"`` (default: the planner chooses) or one of
