@@ -75,3 +75,13 @@ def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_ove
     assert preview.stats == trained.stats
     clipping = "trainer.gradient_clip_val=0.5" in trainer_overrides
     assert preview.holds_gradients is clipping and preview.accumulate == (2 if clipping else 1)
+
+
+@pytest.mark.parametrize("strategy", ["single_gpu_offload", "deepspeed_cpu", "fsdp_cpu", "gpu_only", "host_adam"])
+def test_the_main_jobs_machine_keys_are_the_strategys_budgets(tmp_path, strategy) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"strategy={strategy}", "machine.gpu_memory_gib=20", "machine.host_memory_gib=48"])
+    built = instantiate(cfg.strategy)
+    assert (built.max_gpu_memory_gib, built.max_host_memory_gib) == (20, 48)
+    assert instantiate(compose_config(tmp_path, [f"strategy={strategy}"]).strategy).max_host_memory_gib is None
