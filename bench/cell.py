@@ -32,8 +32,9 @@ from bench.runners import RUNNERS, Cell
 
 
 def measure_cell(method_name: str, size: str, regime_name: str, device: str, config_path: Path,
-                 regime_overrides: dict[str, int], deadline: float | None = None) -> dict:
+                 regime_overrides: dict[str, int], deadline: float | None = None, profile: str | None = None) -> dict:
     config = load_config(config_path)
+    machine = config.profiles[profile] if profile else None
     method = config.methods[method_name]
     regime = replace(config.regimes[regime_name], **regime_overrides)
     skipped = skip_reason(method, regime, device)
@@ -43,7 +44,13 @@ def measure_cell(method_name: str, size: str, regime_name: str, device: str, con
     with GpuMemorySampler() as gpu:
         try:
             result["device"] = device_name(torch.device(device))
-            clock = RUNNERS[method.runner](Cell(size, regime, torch.device(device), deadline), **method.options)
+            if machine is not None and device == "cuda":
+                # Every method's allocator gets the smaller card's memory; our planner reads the same cap.
+                total = torch.cuda.mem_get_info()[1]
+                torch.cuda.set_per_process_memory_fraction(min(1.0, machine.gpu_memory_gib * GIB / total))
+            host_memory_gib = machine.host_memory_gib if machine is not None else None
+            cell = Cell(size, regime, torch.device(device), deadline, host_memory_gib=host_memory_gib)
+            clock = RUNNERS[method.runner](cell, **method.options)
             result.update(ok=True, step_times=[round(t, 4) for t in clock.times], losses=clock.losses,
                           **summarise(clock.times, clock.losses, regime.warmup, regime.tokens_per_step,
                                       SIZES[size].matmul_params), **clock.planned)
@@ -68,12 +75,13 @@ def main() -> None:
     parser.add_argument("--time-limit-s", type=float,
                         help="the limit bench/run.py kills this cell at; lightning_offload's rows stop at train start "
                              "when the planner predicts that their steps cannot finish before it")
+    parser.add_argument("--profile", help="the smaller machine to run as (bench/matrix.yaml `profiles`)")
     add_override_arguments(parser)
     args = parser.parse_args()
     # Counted from the process start, as bench/run.py counts it: the imports and the model build spend it too.
     deadline = psutil.Process().create_time() + args.time_limit_s if args.time_limit_s else None
     result = measure_cell(args.method, args.size, args.regime, args.device, args.config, overrides_from(args),
-                          deadline)
+                          deadline, args.profile)
     result["peak_rss_self_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     # Leave without interpreter shutdown: engines' worker threads and process groups can hang it, which would turn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,18 @@ class Regime:
     def micro_batches(self) -> int:
         """Micro-batches a run trains, warm-up included: its work at a given model size."""
         return self.steps * self.accumulate
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A smaller machine, emulated on the benchmark's by memory budgets (bench/matrix.yaml `profiles`)."""
+    name: str
+    gpu_memory_gib: float
+    """GPU memory the cell may use: torch's allocator is capped at it, and our rows plan within it."""
+    host_memory_gib: float
+    """Host RAM the cell may use: our rows plan within it, and a cell whose process tree holds more is killed, as
+    the machine's (or a job's cgroup) limit would kill it."""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class Config:
     probe_timeout_s: float
     deepspeed_build_s: float
     superseded: tuple[Superseded, ...] = ()
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> Config:
@@ -96,6 +109,7 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
         superseded=tuple(Superseded(**rule | {"before": str(rule["before"]),
                                               "sizes": tuple(str(size) for size in rule.get("sizes") or ())})
                          for rule in raw.get("superseded") or ()),
+        profiles={name: Profile(name=name, **values) for name, values in (raw.get("profiles") or {}).items()},
     )
     # Names are checked here, so a typo in the config fails before any cell runs.
     _select("size", config.sizes, list(SIZES))
@@ -115,10 +129,12 @@ class PlannedCell:
     """Why the cell cannot run at all (it is recorded as such, never left out of the table)."""
     inferred_from: str | None = None
     """The measured cell whose failure `skip` is inferred from (`skip_known_failures`)."""
+    profile: Profile | None = None
+    """The smaller machine the cell runs as; None: the whole benchmark machine."""
 
     @property
     def name(self) -> str:
-        return f"{self.size}/{self.method.name}/{self.regime.name}"
+        return f"{self.size}/{self.method.name}/{self.regime.name}" + (f"@{self.profile.name}" if self.profile else "")
 
     def record(self, status: str, cause: str | None) -> dict:
         """What every record of this cell says about it, whatever its outcome."""
@@ -128,7 +144,9 @@ class PlannedCell:
         return {"kind": "cell", "cell": self.name, "size": self.size, "method": self.method.name,
                 "label": self.method.label, "note": self.method.note, "cost": self.method.cost,
                 "regime": self.regime.name, **regime, "tokens_per_step": self.regime.tokens_per_step,
-                "params": shape.params, "matmul_params": shape.matmul_params, "status": status, "cause": cause}
+                "params": shape.params, "matmul_params": shape.matmul_params, "status": status, "cause": cause,
+                **({"profile": self.profile.name, "profile_gpu_gib": self.profile.gpu_memory_gib,
+                    "profile_host_gib": self.profile.host_memory_gib} if self.profile else {})}
 
 
 def skip_reason(method: Method, regime: Regime, device: str) -> str | None:
@@ -184,7 +202,9 @@ def _implies(failed: dict, cell: PlannedCell, for_time: bool) -> bool:
     regime = cell.regime
     more_work = (_micro_batches(failed) <= regime.micro_batches if for_time
                  else failed["accumulate"] <= regime.accumulate)
+    profile = cell.profile.name if cell.profile else None
     return (failed["method"] == cell.method.name and failed["micro_batch"] == regime.micro_batch
+            and failed.get("profile") == profile
             and failed["seq"] == regime.seq and more_work
             and SIZES[failed["size"]].params <= SIZES[cell.size].params and failed["cell"] != cell.name)
 
@@ -231,11 +251,13 @@ def parse_list(text: str | None) -> list[str] | None:
 
 def expand(config: Config, sizes: list[str] | None = None, methods: list[str] | None = None,
            regimes: list[str] | None = None, device: str = "cuda",
-           overrides: dict[str, int] | None = None) -> list[PlannedCell]:
+           overrides: dict[str, int] | None = None, profile: str | None = None) -> list[PlannedCell]:
     """The cells to run, ordered regime by regime, then by size, then method (small and fast ones first).
 
-    `overrides` replaces regime fields (e.g. `steps`, `seq`) in every selected regime, for quick tries.
+    `overrides` replaces regime fields (e.g. `steps`, `seq`) in every selected regime, for quick tries; `profile`
+    names the smaller machine (`Config.profiles`) the cells run as.
     """
+    machine = config.profiles[_select("profile", [profile], list(config.profiles))[0]] if profile else None
     sizes = _select("size", sizes or config.sizes, list(SIZES))
     names = _select("method", methods or config.default_methods, list(config.methods))
     chosen = _select("regime", regimes, list(config.regimes))
@@ -245,7 +267,8 @@ def expand(config: Config, sizes: list[str] | None = None, methods: list[str] | 
         for size in sizes:
             for name in names:
                 method = config.methods[name]
-                cells.append(PlannedCell(size, method, regime, skip_reason(method, regime, device)))
+                cells.append(PlannedCell(size, method, regime, skip_reason(method, regime, device),
+                                         profile=machine))
     return cells
 
 

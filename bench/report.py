@@ -93,7 +93,12 @@ def with_unmeasured(cells: dict[str, dict]) -> dict[str, dict]:
     config = load_config()
     sizes = sorted({record["size"] for record in cells.values()}, key=list(SIZES).index)
     regimes = sorted({record["regime"] for record in cells.values()})
-    missing = [cell for cell in expand(config, sizes, regimes=regimes) if cell.name not in cells]
+    missing = []
+    for profile in {record.get("profile") for record in cells.values()}:
+        # A smaller machine's table holds the methods measured on it; the whole machine's, the configured matrix.
+        methods = sorted({r["method"] for r in cells.values() if r.get("profile") == profile}) if profile else None
+        missing += [cell for cell in expand(config, sizes, methods, regimes=regimes, profile=profile)
+                    if cell.name not in cells]
     return cells | {cell.name: cell.record("not_measured", "not measured yet") for cell in missing}
 
 
@@ -224,9 +229,11 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
              f"- {LIMIT_FORMULA}.", coverage(records), ""]
     if plot_name:
         lines += [f"![tokens/s and peak memory per method and size]({plot_name})", ""]
-    for regime in sorted({r["regime"] for r in records}):
-        in_regime = [r for r in records if r["regime"] == regime]
-        lines += [f"## {_regime_title(in_regime[0])}", "", *regime_table(in_regime, probe), ""]
+    profiles = load_config().profiles
+    for profile, regime in sorted({(r.get("profile") or "", r["regime"]) for r in records}):
+        in_regime = [r for r in records if r["regime"] == regime and (r.get("profile") or "") == profile]
+        machine = f", as a {profiles[profile].label}" if profile in profiles else ""
+        lines += [f"## {_regime_title(in_regime[0])}{machine}", "", *regime_table(in_regime, probe), ""]
     lines += ["## The machine's ceilings (bench/probe.py)", ""]
     if probe is None or probe.get("status") != "ok":
         lines += [f"No probe result{': ' + probe['cause'] if probe and probe.get('cause') else ''}.", ""]

@@ -55,6 +55,8 @@ class ChildOutcome:
     """The end of the child's output (stdout and stderr), for causes the child could not report itself."""
     peak_rss_bytes: int
     wall_s: float
+    over_host_limit: bool = False
+    """Killed because its process tree held more host memory than the profile's (`run_child`'s `host_limit_bytes`)."""
 
 
 def tree_rss(pid: int) -> int:
@@ -89,8 +91,10 @@ def parse_result(output: str) -> dict | None:
         return None
 
 
-def run_child(argv: list[str], timeout_s: float, log_path: Path, title: str) -> ChildOutcome:
-    """Runs `argv` in its own session, its output appended to `log_path`; kills the whole group at `timeout_s`."""
+def run_child(argv: list[str], timeout_s: float, log_path: Path, title: str,
+              host_limit_bytes: int | None = None) -> ChildOutcome:
+    """Runs `argv` in its own session, its output appended to `log_path`; kills the whole group at `timeout_s`, or
+    when its process tree holds more than `host_limit_bytes` of host memory (as a smaller machine's kernel would)."""
     with open(log_path, "ab") as log:
         log.write(f"\n===== {title}: {shlex.join(argv)}\n".encode())
         log.flush()
@@ -98,9 +102,12 @@ def run_child(argv: list[str], timeout_s: float, log_path: Path, title: str) -> 
         started = time.monotonic()
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
-        peak, timed_out = 0, False
+        peak, timed_out, over_host_limit = 0, False, False
         while child.poll() is None:
             peak = max(peak, tree_rss(child.pid))
+            if host_limit_bytes is not None and peak > host_limit_bytes:
+                over_host_limit = True
+                break
             if time.monotonic() - started > timeout_s:
                 timed_out = True
                 break
@@ -113,13 +120,17 @@ def run_child(argv: list[str], timeout_s: float, log_path: Path, title: str) -> 
     with open(log_path, "rb") as log:
         log.seek(offset)
         output = log.read().decode(errors="replace")
-    return ChildOutcome(returncode, timed_out, parse_result(output), output[-TAIL_CHARS:], peak, round(wall_s, 1))
+    return ChildOutcome(returncode, timed_out, parse_result(output), output[-TAIL_CHARS:], peak, round(wall_s, 1),
+                        over_host_limit)
 
 
 def classify(outcome: ChildOutcome, timeout_s: float) -> tuple[str, str | None]:
     """(status, cause) of a finished child: ok, timeout, killed, gpu_oom, host_oom, unavailable, skipped, crashed,
     error. The cause is what the table prints in place of numbers."""
     result = outcome.result or {}
+    if outcome.over_host_limit:
+        return "killed", (f"killed: host RSS {outcome.peak_rss_bytes / GIB:.1f} GiB above the profile's host memory "
+                          "(the smaller machine's kernel would kill it there)")
     if outcome.timed_out:
         return "timeout", f"timeout after {timeout_s:.0f} s"
     if result.get("ok"):
@@ -219,7 +230,11 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     argv = [sys.executable, str(BENCH / "cell.py"), "--size", cell.size, "--method", cell.method.name,
             "--regime", cell.regime.name, "--device", args.device, "--config", str(args.config),
             "--time-limit-s", f"{limit:.1f}", *override_arguments(overrides)]
-    outcome = run_child(argv, limit, log_path, cell.name)
+    limits = {}
+    if cell.profile is not None:
+        argv += ["--profile", cell.profile.name]
+        limits["host_limit_bytes"] = int(cell.profile.host_memory_gib * GIB)
+    outcome = run_child(argv, limit, log_path, cell.name, **limits)
     status, cause = classify(outcome, limit)
     if status == "timeout" and cut_by_deadline:
         if _predicted_beyond(outcome, cell, own_limit):
@@ -271,7 +286,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--probe", nargs="?", const="all", help="measure the machine's ceilings first; or only "
                         "the named measurements (bench/probe.py --only), e.g. --probe model_matmuls,model_attention")
-    parser.add_argument("--results", type=Path, default=BENCH / "results.jsonl", help="JSON lines, appended to")
+    parser.add_argument("--profile", help="run the cells as a smaller machine, emulated by memory budgets "
+                        "(bench/matrix.yaml `profiles`, e.g. 24gb_64gib); results default to results_<profile>.jsonl")
+    parser.add_argument("--results", type=Path, help="JSON lines, appended to (default: bench/results.jsonl)")
     parser.add_argument("--log", type=Path, help="every child's output (default: the results path, .log)")
     parser.add_argument("--timeout-s", type=float, help="per-cell time limit (default: the config's)")
     parser.add_argument("--deadline-s", type=float, help="stop starting cells once this many seconds have passed")
@@ -290,10 +307,11 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="render this markdown file (and a .png beside it) at the end")
     add_override_arguments(parser)
     args = parser.parse_args()
+    args.results = args.results or BENCH / (f"results_{args.profile}.jsonl" if args.profile else "results.jsonl")
     config = load_config(args.config)
     overrides = overrides_from(args)
     cells = expand(config, parse_list(args.sizes), parse_list(args.methods), parse_list(args.regimes), args.device,
-                   overrides)
+                   overrides, args.profile)
     history_paths = {path for path in (args.results, _path_option(args.skip_known_failures, args.results),
                                        _path_option(args.unmeasured, args.results)) if path and path.exists()}
     history = {}

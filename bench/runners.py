@@ -34,6 +34,8 @@ class Cell:
     device: torch.device
     deadline: float | None = None
     """`time.time()` at which bench/run.py kills the cell; None (bench/cell.py run by hand): no limit."""
+    host_memory_gib: float | None = None
+    """The profile's host RAM (`--profile`): our rows plan within it. None: the whole machine's."""
 
 
 # Forward and backward of one micro-batch with the loss scaled by the given factor; returns the unscaled loss.
@@ -267,7 +269,8 @@ class _PredictedTimeoutGuard(L.Callback):
                                    f"{self.steps} steps, {left_s:.0f} s left", planned)
 
 
-def _lightning_strategy(name: str, backend: str | None, backend_options: dict[str, Any]) -> Any:
+def _lightning_strategy(name: str, backend: str | None, backend_options: dict[str, Any],
+                        host_memory_gib: float | None = None) -> Any:
     if name == "fsdp_cpu_offload":
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -276,7 +279,12 @@ def _lightning_strategy(name: str, backend: str | None, backend_options: dict[st
     if name == OURS:
         import lightning_offload  # registers the strategy; a missing package makes the cell "not available"
 
-        return lightning_offload.SingleGPUOffloadStrategy(backend=backend, **backend_options)
+        return lightning_offload.SingleGPUOffloadStrategy(backend=backend, max_host_memory_gib=host_memory_gib,
+                                                          **backend_options)
+    if name == "deepspeed_stage_3_offload_pinned":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True, pin_memory=True)
     return name
 
 
@@ -288,7 +296,7 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
     if cell.deadline is not None:
         callbacks.append(_PredictedTimeoutGuard(regime.steps, cell.deadline))
     trainer = L.Trainer(accelerator=cell.device.type, devices=1,
-                        strategy=_lightning_strategy(strategy, backend, backend_options or {}),
+                        strategy=_lightning_strategy(strategy, backend, backend_options or {}, cell.host_memory_gib),
                         precision="bf16-mixed", max_steps=regime.steps, accumulate_grad_batches=regime.accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)

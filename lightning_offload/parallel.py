@@ -133,7 +133,9 @@ class _OffloadCore(_SingleGPUOffloadCore):
                                       backend=backend, optimizer=self.optimizer_name,
                                       checkpointing=self.activation_checkpointing, precision=self._precision_flag,
                                       world_size=self.world_size, ranks_per_host=self.num_processes,
-                                      compiled_blocks=self.compile_blocks)
+                                      compiled_blocks=self.compile_blocks,
+                                      max_gpu_memory_gib=self.max_gpu_memory_gib,
+                                      max_host_memory_gib=self.max_host_memory_gib)
             if report is not None:
                 self.plan_report = report
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(report.table())

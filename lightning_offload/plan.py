@@ -1,6 +1,7 @@
 """`python -m lightning_offload.plan model=<config> [machine.gpu_memory_gib=24 ...]`: the planner's table.
 
-Configs: `conf/plan.yaml` with the training app's `model` and `data` groups. From Python, call
+Configs: `conf/plan.yaml`, which reads the training app's whole config (`conf/config.yaml`), so the same overrides
+preview the plan training picks. From Python, call
 `lightning_offload.plan(module, example_input, ...)` instead (see `lightning_offload.planner.plan`).
 """
 

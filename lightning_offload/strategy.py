@@ -25,12 +25,22 @@ from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
+from lightning_offload.planner.budget import cap_gpu_allocator
 from lightning_offload.planner.lightning import (
     backend_options_of,
     check_checkpoint_disk,
     checkpointing_of,
     optimizer_of,
     plan_for_trainer,
+)
+from lightning_offload.planner.record import (
+    PLAN_KEY,
+    fit_ckpt_path,
+    plan_hyperparameters,
+    plan_state,
+    resume_report,
+    same_checkpoint_format,
+    saved_plan,
 )
 from lightning_offload.optim import (
     check_optimizer_device,
@@ -51,7 +61,9 @@ class _SingleGPUOffloadCore:
     At setup, before the model is built, the memory planner (``lightning_offload.planner``) measures the model on the
     meta device at the first training batch's shape and estimates every candidate plan's memory and step time on
     this machine: ``backend="auto"`` takes the fastest plan that fits, a pinned backend is checked the same way, and
-    a run that cannot fit is refused with the shortfall per memory tier before anything large is allocated.
+    a run that cannot fit is refused with the shortfall per memory tier before anything large is allocated. The plan
+    is logged with the hyperparameters and saved in each checkpoint; ``fit(ckpt_path=...)`` with ``backend="auto"``
+    resumes with the checkpoint's plan.
 
     Args:
         backend: the engine: ``"auto"`` (default: the planner chooses) or one of
@@ -68,6 +80,10 @@ class _SingleGPUOffloadCore:
         compile_blocks: compile each repeated block's forward with ``torch.compile`` (``lightning_offload.compile``):
             7-10% faster steps for the streaming plan at 19B-40.8B on an H100, for 10-15 s of compiling at the
             first step.
+        max_gpu_memory_gib: at most this much GPU memory for the run (the card is shared, or kept partly free): the
+            planner plans within it and the CUDA allocator is capped at it. ``None``: what is free on the GPU.
+        max_host_memory_gib: at most this much host RAM for the run. ``None``: what is available, within the job's
+            cgroup memory limit (SLURM ``--mem``, a container's limit), which the planner always honours.
         **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
@@ -82,6 +98,7 @@ class _SingleGPUOffloadCore:
     def __init__(self, backend: str = "auto", *, optimizer: str | None = None,
                  activation_checkpointing: str | dict[str, Any] | CheckpointingConfig | None = None,
                  check_memory: bool = True, telemetry: bool = True, compile_blocks: bool = False,
+                 max_gpu_memory_gib: float | None = None, max_host_memory_gib: float | None = None,
                  accelerator: Any = None,
                  checkpoint_io: Any = None,
                  precision_plugin: Any = None, **backend_options: Any) -> None:
@@ -96,6 +113,12 @@ class _SingleGPUOffloadCore:
                 f"Backend options {sorted(backend_options)} need a backend to belong to, but `backend='auto'` lets the "
                 "planner choose it. Pin the backend they are for, e.g. `backend='deepspeed'`."
             )
+        for name, budget in (("max_gpu_memory_gib", max_gpu_memory_gib), ("max_host_memory_gib", max_host_memory_gib)):
+            if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+                raise ValueError(f"`{name}={budget!r}` must be a positive number of GiB, or None for no budget.")
+        self.max_gpu_memory_gib = max_gpu_memory_gib
+        self.max_host_memory_gib = max_host_memory_gib
+        self._uncapped_gpu_fraction: float | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
         self.backend: Backend | None = None
         if self.backend_name is not None:
@@ -103,6 +126,8 @@ class _SingleGPUOffloadCore:
             self.backend = engine(engine.Config.from_options(backend_options))
         self.check_memory = check_memory
         self.plan_report: PlanReport | None = None
+        # The plan this fit trains with: logged, saved in each checkpoint, taken again on resume.
+        self.plan: Plan | None = None
         self._memory_checked = False
         self._took_off_earlier_wrappers = False
         check_optimizer_name(optimizer)
@@ -148,6 +173,9 @@ class _SingleGPUOffloadCore:
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
+        if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
+            # Before the engine sizes anything from the GPU's free memory.
+            self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
         self.backend.setup_environment(self.root_device)
         if getattr(self, "world_size", 1) == 1:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
@@ -187,23 +215,33 @@ class _SingleGPUOffloadCore:
         report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                   optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                   precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                  compiled_blocks=self.compile_blocks)
+                                  compiled_blocks=self.compile_blocks, max_gpu_memory_gib=self.max_gpu_memory_gib,
+                                  max_host_memory_gib=self.max_host_memory_gib)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
+        # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
+        resume_from = fit_ckpt_path(trainer) if self.backend is None else None
+        saved = saved_plan(resume_from) if resume_from else None
         if report is None:
             if self.backend is None:
-                self._adopt_plan(Plan(backend="device", checkpointing="none"))
+                self._adopt_plan(saved or Plan(backend="device", checkpointing="none"))
         else:
+            if saved is not None:
+                report = resume_report(report, saved, resume_from)
             self.plan_report = report
             info(report.table())
             if report.chosen is None:
                 raise report.error()
             check_checkpoint_disk(trainer, report)
             self._adopt_plan(report.chosen.plan)
+        if self.plan is not None:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(plan_hyperparameters(self.plan, self.plan_report))
         self._setup_backend_environment()
 
     def _adopt_plan(self, plan: Plan) -> None:
         """Takes the levers the user left open from `plan`: the backend (or a pinned one's planned options), the
         checkpointing policy, and the optimizer (8-bit state when nothing with the module's own fits)."""
+        self.plan = plan
         if self.backend is None:
             self.backend_name = plan.backend
             engine = backend_class(plan.backend)
@@ -322,6 +360,8 @@ class _SingleGPUOffloadCore:
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self.plan is not None:
+            checkpoint = {**checkpoint, PLAN_KEY: plan_state(self.plan)}
         if not self.backend.saves_own_state:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         if storage_options is not None:
@@ -331,6 +371,8 @@ class _SingleGPUOffloadCore:
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING:
+            self._refuse_other_checkpoint_format(checkpoint_path)
         if not self.backend.saves_own_state:
             return super().load_checkpoint(checkpoint_path, weights_only)
         assert self.lightning_module is not None
@@ -340,6 +382,18 @@ class _SingleGPUOffloadCore:
             load_optimizer_states=trainer_fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING,
             strict=self.lightning_module.strict_loading,
         )
+
+    def _refuse_other_checkpoint_format(self, checkpoint_path: Any) -> None:
+        saved = saved_plan(checkpoint_path)
+        if saved is None:
+            return
+        current = self.plan or Plan(backend=self.backend_name, optimizer=saved.optimizer)
+        if not same_checkpoint_format(saved, current):
+            raise ValueError(
+                f"The checkpoint {str(checkpoint_path)!r} was written by {saved}, but this fit trains with {current}, "
+                f"which cannot read it. Resume with `backend='auto'` (it takes the checkpoint's plan) or pin "
+                f"`backend={saved.backend!r}` with the optimizer the checkpoint was trained with."
+            )
 
     @property
     @override
@@ -388,6 +442,9 @@ class _SingleGPUOffloadCore:
         self.checkpoint_io.teardown()
         if self.backend is not None:
             self.backend.teardown()
+        if self._uncapped_gpu_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._uncapped_gpu_fraction, self.root_device)
+            self._uncapped_gpu_fraction = None
 
     @classmethod
     @override

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+from lightning_offload.planner.budget import gpu_free_bytes
 
 _PRECISIONS = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
 # Optimizers whose math is AdamW, by (module prefix, class name); their hyperparameters carry over.
@@ -238,8 +239,7 @@ class GPU8bitBackend(Backend):
 
 
 def _free_device_bytes(device: torch.device) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return gpu_free_bytes(device) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _refuse_other_math(optimizer: Optimizer) -> None:

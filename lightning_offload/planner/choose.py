@@ -276,6 +276,7 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
                      f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
                      "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
     hints += _accumulation_hints(report, nearest, plans)
+    hints += _clipping_hints(report, plans)
     for fraction in (0.5, 0.25, 0.125):
         smaller = _fitting(report, scaled(report.stats, fraction), plans)
         if smaller:
@@ -286,7 +287,12 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         hints.append("activation checkpointing (`activation_checkpointing='full'`) is pinned off")
     if all(p.exact_optimizer for p in plans):
         hints.append("8-bit optimizer state (`optimizer='adamw8bit'`) saves 6 bytes/param")
-    if set(nearest.shortfalls) == {"host RAM"}:  # freeing host RAM alone would not fit a plan short of GPU too
+    limited = {tier: limit for tier, limit in report.machine.limits.items() if tier in nearest.shortfalls}
+    for tier, limit in limited.items():
+        hints.append(f"{limit} limits the {tier}: {nearest.plan} needs "
+                     f"{nearest.shortfalls[tier] / SAFETY_MARGIN:.1f} GiB more of it")
+    # Freeing host RAM alone would not fit a plan short of GPU too; under a limit, the limit is the lever.
+    if set(nearest.shortfalls) == {"host RAM"} and not limited:
         hints.append(f"free {nearest.shortfalls['host RAM']:.1f} GiB more host RAM (close other processes)")
     return PlanDoesNotFit(
         f"No plan fits this machine ({report.machine.describe()}, {100 * (1 - SAFETY_MARGIN):.0f}% of each kept "
@@ -321,6 +327,21 @@ def _accumulation_hints(report: PlanReport, nearest: Candidate, plans: list[Plan
         return [f"without gradient accumulation (`accumulate_grad_batches=1`, {tokens} tokens per step) "
                 f"{unaccumulated.plan} fits: {why}"]
     return []
+
+
+def _clipping_hints(report: PlanReport, plans: list[Plan]) -> list[str]:
+    """Where clipping by global norm is what does not fit: the plans that update inside backward then keep every
+    gradient until backward ends."""
+    if not report.holds_gradients:
+        return []
+    unclipped = choose(report.stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
+                       accumulate=report.accumulate, world_size=report.world_size,
+                       ranks_per_host=report.ranks_per_host).chosen
+    if unclipped is None:
+        return []
+    return [f"without gradient clipping by norm (`gradient_clip_val=None`, or `gradient_clip_algorithm='value'`) "
+            f"{unclipped.plan} fits (~{unclipped.step_time_s:.3g} s/step): clipping by the global norm keeps every "
+            "gradient until backward ends"]
 
 
 def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | None:

@@ -6,48 +6,71 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_offload.planner import Ceilings, Machine, PlanReport, compute_dtype, load_or_probe, measure_module, plan
+from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
+from lightning_offload.planner.lightning import clips_by_norm, plan_for_module
 
 CEILINGS = {"h100": Ceilings()}
 
 
 def machine_of(cfg: DictConfig) -> tuple[Machine, Ceilings, torch.device]:
-    """The machine to plan for: this one, with any tier overridden; ceilings probed here or named."""
+    """The machine to plan for and its ceilings (probed here, or named). With a GPU here, `gpu_memory_gib` and
+    `host_memory_gib` are budgets as in training (they only lower what is free); without one they describe the GPU
+    machine to plan for (unset: an 80 GB card, and this machine's host RAM)."""
     here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overridden = cfg.gpu_memory_gib is not None or cfg.host_memory_gib is not None
-    detected = Machine.detect(here)
-    if overridden:
+    described = here.type != "cuda" and (cfg.gpu_memory_gib is not None or cfg.host_memory_gib is not None)
+    machine = Machine.detect(here, max_gpu_memory_gib=cfg.gpu_memory_gib, max_host_memory_gib=cfg.host_memory_gib)
+    if described:
         machine = Machine(
             gpu_memory_gib=float(cfg.gpu_memory_gib if cfg.gpu_memory_gib is not None else 79.2),
-            host_memory_gib=float(cfg.host_memory_gib if cfg.host_memory_gib is not None else detected.host_memory_gib),
+            host_memory_gib=float(cfg.host_memory_gib if cfg.host_memory_gib is not None else machine.host_memory_gib),
         )
-    else:
-        machine = detected
     if cfg.ceilings != "auto":
         if cfg.ceilings not in CEILINGS:
             raise ValueError(f"Unknown `machine.ceilings={cfg.ceilings}`. Choose 'auto' or one of {list(CEILINGS)}.")
         ceilings = CEILINGS[cfg.ceilings]
     else:
-        ceilings = load_or_probe(here) if here.type == "cuda" or not overridden else CEILINGS["h100"]
-    device = here if not overridden else torch.device("cuda")
-    return machine, ceilings, device
+        ceilings = CEILINGS["h100"] if described else load_or_probe(here)
+    return machine, ceilings, torch.device("cuda") if described else here
 
 
 def plan_from_config(cfg: DictConfig) -> PlanReport:
-    module = instantiate(cfg.model)
-    data = cfg.data
-    tokens = torch.zeros(int(data.batch_size), int(data.seq_len), dtype=torch.long)
-    stats = measure_module(module, (tokens, tokens), dtype=compute_dtype(cfg.precision),
-                           step=lambda batch: module.training_step(batch, 0))
+    """The plan `python -m lightning_offload.train` picks with the same overrides: the model, data, trainer
+    (precision, gradient clipping and accumulation) and strategy groups of the training config, planned as the
+    strategy plans them, on the machine `machine.*` describes."""
     machine, ceilings, device = machine_of(cfg.machine)
-    policy = cfg.checkpointing.policy
-    return plan(stats, machine=machine, ceilings=ceilings, device=device, backend=cfg.backend,
-                optimizer=cfg.optimizer.name, checkpointing=None if policy == "auto" else policy,
-                every_k=cfg.checkpointing.get("every_k") if policy == "every_k" else None,
-                accumulate=int(cfg.accumulate), precision=cfg.precision, gpu_state_blocks=cfg.get("gpu_state_blocks"))
+    module = instantiate(cfg.model)
+    strategy, trainer = cfg.strategy, cfg.trainer
+    precision = trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    report = plan_for_module(
+        module, lambda: _example_batch(module, cfg.data), device, backend=_auto_as_none(strategy.backend),
+        optimizer=strategy.get("optimizer"),
+        checkpointing=as_checkpointing_config(OmegaConf.to_container(strategy.activation_checkpointing)),
+        precision=precision, accumulate=int(trainer.accumulate_grad_batches),
+        clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.get("gradient_clip_algorithm")),
+        gpu_state_blocks=strategy.get("gpu_state_blocks"), compiled_blocks=bool(strategy.get("compile_blocks")),
+        machine=machine, ceilings=ceilings)
+    if report is None:
+        raise ValueError(f"The planner could not measure `model={cfg.model._target_}` (see the warning above).")
+    return report
+
+
+def _example_batch(module: Any, data: DictConfig) -> tuple[Any, Any]:
+    """What the strategy measures at `fit`: the module's `example_input_array` through `forward`, else the data
+    config's first training batch through `training_step`."""
+    example = getattr(module, "example_input_array", None)
+    if example is not None:
+        return example, None
+    datamodule = instantiate(data)
+    datamodule.setup("fit")
+    return next(iter(datamodule.train_dataloader())), lambda batch: module.training_step(batch, 0)
+
+
+def _auto_as_none(backend: str) -> str | None:
+    return None if backend == "auto" else backend
 
 
 def render(report: PlanReport, rows: int) -> Any:

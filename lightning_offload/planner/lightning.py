@@ -6,13 +6,23 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_itself
-from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
+from lightning_offload.planner import (
+    Ceilings,
+    Machine,
+    Plan,
+    PlanReport,
+    compute_dtype,
+    load_or_probe,
+    measure_module,
+    plan,
+)
 from lightning_offload.planner.choose import parameter_count
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
@@ -23,18 +33,31 @@ _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
 _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offload": "offload", "selective": "none"}
 
 
-def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
-                     optimizer: str | None, checkpointing: CheckpointingConfig,
-                     precision: str, world_size: int = 1, ranks_per_host: int | None = None,
-                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
-    """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
-    reason is warned) or the Trainer is not fitting. `compiled_blocks`: the strategy compiles the blocks (costed
-    shorter)."""
+def plan_for_trainer(module: Any, trainer: Any, device: torch.device, **levers: Any) -> PlanReport | None:
+    """The plan report for fitting `module` with `trainer` on `device` (`levers`: `plan_for_module`'s), or None
+    when the Trainer is not fitting or the module cannot be measured."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
+    return plan_for_module(module, lambda: _example_batch(module, trainer), device,
+                           accumulate=trainer.accumulate_grad_batches,
+                           clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.gradient_clip_algorithm),
+                           **levers)
+
+
+def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device: torch.device, *,
+                    backend: str | None, optimizer: str | None, checkpointing: CheckpointingConfig, precision: str,
+                    accumulate: int = 1, clips_gradients: bool = False, world_size: int = 1,
+                    ranks_per_host: int | None = None, gpu_state_blocks: int | None = None,
+                    compiled_blocks: bool = False, max_gpu_memory_gib: float | None = None,
+                    max_host_memory_gib: float | None = None, machine: Machine | None = None,
+                    ceilings: Ceilings | None = None) -> PlanReport | None:
+    """The plan report for training `module` on `device` as the strategy does, or None when it cannot be measured
+    (the reason is warned). `example()` gives the batch to measure and the step to measure it with (None:
+    `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
+    within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another."""
     dtype = compute_dtype(precision)
     try:
-        batch, step = _example_batch(module, trainer)
+        batch, step = example()
         # One meta build serves both questions: the model's measurements and its optimizer's class.
         with meta_network(module, dtype):
             stats = dataclasses.replace(measure_module(module, batch, dtype=dtype, step=step),
@@ -60,15 +83,21 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
                 stacklevel=2,
             )
         pinned_policy = "full"
+    machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
+                                        max_host_memory_gib=max_host_memory_gib)
     return plan(
-        stats, machine=Machine.detect(device), ceilings=load_or_probe(device), device=device,
+        stats, machine=machine, ceilings=ceilings or load_or_probe(device), device=device,
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
-        accumulate=trainer.accumulate_grad_batches, precision=precision,
+        accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
-        clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
-        gpu_state_blocks=gpu_state_blocks,
+        clips_gradients=clips_gradients, gpu_state_blocks=gpu_state_blocks,
     )
+
+
+def clips_by_norm(gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> bool:
+    """Whether the Trainer's clipping needs the global norm of every gradient before the step."""
+    return bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
 
 
 def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:

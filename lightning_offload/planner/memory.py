@@ -301,29 +301,47 @@ class Machine:
     """Memory a run may use. Defaults describe the project's H100 machine (80 GB card, 125 GiB RAM).
 
     `unified`: the device is the CPU, so the "GPU" terms and the host terms draw on one pool of host memory.
+    `gpu_limit` / `host_limit`: what holds a tier below what the machine has free (a budget, the job's cgroup
+    limit), named in the planner's table and refusals; None: nothing.
     """
 
     gpu_memory_gib: float = 79.2
     host_memory_gib: float = 125.0
     unified: bool = False
+    gpu_limit: str | None = None
+    host_limit: str | None = None
 
     @classmethod
-    def detect(cls, device: torch.device | None = None) -> Machine:
-        """What is free right now on `device` (default: CUDA if present) and in host memory."""
-        import psutil
+    def detect(cls, device: torch.device | None = None, *, max_gpu_memory_gib: float | None = None,
+               max_host_memory_gib: float | None = None) -> Machine:
+        """What this process may use right now on `device` (default: CUDA if present) and in host memory: what is
+        free, within the job's cgroup memory limit, the allocator's per-process fraction and the budgets given
+        (which only ever lower it)."""
+        from lightning_offload.planner.budget import gpu_memory_available, host_memory_available
 
-        host = psutil.virtual_memory().available / GIB
+        host = host_memory_available(max_host_memory_gib=max_host_memory_gib)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type != "cuda":
-            return cls(gpu_memory_gib=host, host_memory_gib=host, unified=True)
-        free, _ = torch.cuda.mem_get_info(device)
-        # Memory this process's allocator already caches is free for the run, though the driver counts it used.
-        return cls(gpu_memory_gib=(free + torch.cuda.memory_reserved(device)) / GIB, host_memory_gib=host)
+            return cls(gpu_memory_gib=host.bytes / GIB, host_memory_gib=host.bytes / GIB, unified=True,
+                       host_limit=host.limit)
+        gpu = gpu_memory_available(device, max_gpu_memory_gib=max_gpu_memory_gib)
+        return cls(gpu_memory_gib=gpu.bytes / GIB, host_memory_gib=host.bytes / GIB, gpu_limit=gpu.limit,
+                   host_limit=host.limit)
+
+    @property
+    def limits(self) -> dict[str, str]:
+        """What holds each tier below the machine's free memory, by the tier's name in shortfalls."""
+        tiers = {"host RAM": self.host_limit} if self.unified else {"GPU": self.gpu_limit, "host RAM": self.host_limit}
+        return {tier: limit for tier, limit in tiers.items() if limit}
 
     def describe(self) -> str:
+        def tier(gib: float, name: str, limit: str | None) -> str:
+            return f"{gib:.0f} GiB {name}" + (f" (held there by {limit})" if limit else "")
+
         if self.unified:
-            return f"{self.host_memory_gib:.0f} GiB of host RAM (training on the CPU)"
-        return f"{self.gpu_memory_gib:.0f} GiB GPU, {self.host_memory_gib:.0f} GiB host RAM"
+            return f"{tier(self.host_memory_gib, 'of host RAM', self.host_limit)} (training on the CPU)"
+        return (f"{tier(self.gpu_memory_gib, 'GPU', self.gpu_limit)}, "
+                f"{tier(self.host_memory_gib, 'host RAM', self.host_limit)}")
 
 
 # Host memory kept free beside allocations whose size is exact (the margin covers estimates, not these).

@@ -205,3 +205,23 @@ def test_the_config_s_superseded_rules_name_known_methods_and_regimes(config, tm
         (tmp_path / "matrix.yaml").write_text(bad)
         with pytest.raises(ValueError, match=error):
             load_config(tmp_path / "matrix.yaml")
+
+
+def test_a_profile_names_its_cells_and_its_failures_answer_only_its_own(config):
+    from bench.matrix import skip_known_failures
+
+    cells = expand(config, ["8b", "14.8b"], ["single_gpu_offload_auto", "lightning_deepspeed_stage_3_offload_pinned"],
+                   ["r1"], profile="24gb_64gib")
+    assert [cell.name for cell in cells][:2] == ["8b/single_gpu_offload_auto/r1@24gb_64gib",
+                                                  "8b/lightning_deepspeed_stage_3_offload_pinned/r1@24gb_64gib"]
+    record = cells[0].record("ok", None)
+    assert record["profile"] == "24gb_64gib"
+    assert record["profile_host_gib"] == config.profiles["24gb_64gib"].host_memory_gib
+    on_the_whole_machine = _measured("8b/lightning_deepspeed_stage_3_offload_pinned/r1", "killed")
+    assert not any(cell.skip for cell in skip_known_failures(cells, [on_the_whole_machine], 420))
+    on_the_profile = on_the_whole_machine | {"cell": f"{on_the_whole_machine['cell']}@24gb_64gib",
+                                             "profile": "24gb_64gib"}
+    skipped = [cell.name for cell in skip_known_failures(cells, [on_the_profile], 420) if cell.skip]
+    assert skipped == ["14.8b/lightning_deepspeed_stage_3_offload_pinned/r1@24gb_64gib"]
+    with pytest.raises(ValueError, match=r"Unknown profile\(s\) \['16gb'\]"):
+        expand(config, profile="16gb")

@@ -276,3 +276,32 @@ def test_a_predicted_timeout_under_the_deadline_stands_only_if_the_cell_s_own_li
     assert record["status"] == expected
     if expected == "timeout":
         assert record["cause"].endswith("(and beyond its own 420 s limit)")
+
+
+def test_a_child_above_the_profiles_host_memory_is_killed_as_the_smaller_machine_would(tmp_path):
+    code = "import time; x = bytearray(400 * 2**20); x[::4096] = b'x' * len(x[::4096]); time.sleep(30)"
+    started = time.monotonic()
+    result = run_child(_child(code), 60, tmp_path / "cells.log", "over", host_limit_bytes=200 * 2**20)
+    assert result.over_host_limit and time.monotonic() - started < 30
+    status, cause = classify(result, 60)
+    assert status == "killed" and cause.startswith("killed: host RSS") and "above the profile's host memory" in cause
+
+
+def test_a_profile_runs_its_cells_as_the_smaller_machine_into_its_own_results(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_child(argv, timeout_s, log_path, title, host_limit_bytes=None):
+        runs.append((title, argv, host_limit_bytes))
+        return outcome(result={"ok": True, "step_s_median": 1.0}, peak_rss_bytes=2**30)
+
+    monkeypatch.setattr("bench.run.run_child", fake_child)
+    monkeypatch.setattr("bench.run.BENCH", tmp_path)
+    profile = load_config().profiles["24gb_64gib"]
+    monkeypatch.setattr(sys, "argv", ["run.py", "--profile", "24gb_64gib", "--sizes", "8b",
+                                      "--methods", "single_gpu_offload_auto", "--regimes", "r1"])
+    main()
+    [(title, argv, host_limit)] = runs
+    assert title == "8b/single_gpu_offload_auto/r1@24gb_64gib"
+    assert argv[argv.index("--profile") + 1] == "24gb_64gib" and host_limit == profile.host_memory_gib * 2**30
+    [record] = [json.loads(line) for line in (tmp_path / "results_24gb_64gib.jsonl").read_text().splitlines()]
+    assert record["profile"] == "24gb_64gib" and record["profile_gpu_gib"] == profile.gpu_memory_gib

@@ -5,6 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import lightning.pytorch as pl
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+
+from lightning_offload.planner.cli import plan_from_config
+from lightning_offload.train import train
+from tests.test_train import SHORT_RUN, compose_config
+
 
 def test_plans_a_model_config_for_another_machine(tmp_path) -> None:
     command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
@@ -29,9 +39,49 @@ def test_a_typo_in_a_value_is_refused_with_the_allowed_ones(tmp_path) -> None:
 def test_levers_are_pinned_with_the_training_apps_config_groups(tmp_path) -> None:
     command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
                "machine.gpu_memory_gib=80", "machine.host_memory_gib=125", "machine.ceilings=h100",
-               "backend=fsdp", "optimizer=adamw", "checkpointing=every_k", "checkpointing.every_k=4",
+               "strategy=fsdp_cpu", "optimizer=adamw", "checkpointing=every_k", "checkpointing.every_k=4",
                f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     chosen = next(line for line in done.stdout.splitlines() if "->" in line)
     assert "fsdp + adamw + checkpointing=every_4" in chosen
+
+
+class KeepPlan(pl.Callback):
+    """Keeps the plan report the strategy trained with."""
+
+    report = None
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.report = trainer.strategy.plan_report
+
+
+@pytest.mark.parametrize("trainer_overrides", [
+    ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"],
+    ["trainer.gradient_clip_val=null"],
+])
+def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_overrides) -> None:
+    overrides = [*SHORT_RUN, "trainer.max_steps=1", "trainer.limit_val_batches=0", *trainer_overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
+        preview = plan_from_config(compose(config_name="plan", overrides=overrides))
+    kept = KeepPlan()
+    cfg = compose_config(tmp_path, overrides)
+    HydraConfig.instance().set_config(cfg)
+    train(cfg, extra_callbacks=[kept])
+    trained = kept.report
+    assert preview.chosen.plan == trained.chosen.plan
+    assert (preview.accumulate, preview.holds_gradients) == (trained.accumulate, trained.holds_gradients)
+    assert preview.stats == trained.stats
+    clipping = "trainer.gradient_clip_val=0.5" in trainer_overrides
+    assert preview.holds_gradients is clipping and preview.accumulate == (2 if clipping else 1)
+
+
+@pytest.mark.parametrize("strategy", ["single_gpu_offload", "deepspeed_cpu", "fsdp_cpu", "gpu_only", "host_adam"])
+def test_the_main_jobs_machine_keys_are_the_strategys_budgets(tmp_path, strategy) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"strategy={strategy}", "machine.gpu_memory_gib=20", "machine.host_memory_gib=48"])
+    built = instantiate(cfg.strategy)
+    assert (built.max_gpu_memory_gib, built.max_host_memory_gib) == (20, 48)
+    assert instantiate(compose_config(tmp_path, [f"strategy={strategy}"]).strategy).max_host_memory_gib is None

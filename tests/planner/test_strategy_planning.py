@@ -31,7 +31,7 @@ def test_pinned_levers_are_kept_by_the_plan() -> None:
 
 def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = Machine(gpu_memory_gib=0.01, host_memory_gib=0.01, unified=True)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: tiny))
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: tiny))
     module = TinyLM()
     with pytest.raises(PlanDoesNotFit, match=r"host RAM short by \d+\.\d GiB"):
         fit(SingleGPUOffloadStrategy(backend="deepspeed"), module=module, num_batches=2)
@@ -47,7 +47,7 @@ def test_a_pinned_backend_takes_the_planners_eight_bit_fallback(monkeypatch: pyt
     # A host where the 8-bit plan fits and the fp32 one does not (the planner keeps 10% free).
     between = (needs["adamw8bit"] + needs["adamw"]) / 2 / 0.9 / 2**30
     machine = Machine(gpu_memory_gib=between, host_memory_gib=between, unified=True)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: machine))
     _, trainer = fit(SingleGPUOffloadStrategy(backend="fsdp", activation_checkpointing="none"), num_batches=2)
     assert trainer.strategy.plan_report.chosen.plan.optimizer == "adamw8bit"
     assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"

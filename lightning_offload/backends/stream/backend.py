@@ -33,6 +33,7 @@ from lightning_offload.backends.stream.units import (
     replace_parameters,
 )
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -151,8 +152,7 @@ class StreamBackend(Backend):
         sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block, can_stream=len(u.modules) == 1)
                  for u in self.units]
         if self._device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self._device)
-            gpu_free = free - int(self.config.activation_reserve_gib * GIB)
+            gpu_free = gpu_free_bytes(self._device) - int(self.config.activation_reserve_gib * GIB)
         else:  # the CPU stands in for the device: everything fits unless `resident_blocks` says otherwise
             gpu_free = 2**62
         placement = place_units(sizes, gpu_free_bytes=gpu_free, weight_slots=self.config.weight_slots,
@@ -165,9 +165,7 @@ class StreamBackend(Backend):
                 f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
                 "larger micro-batch, or fewer `resident_blocks`."
             )
-        import psutil
-
-        check_host_memory(placement, available_bytes=psutil.virtual_memory().available,
+        check_host_memory(placement, available_bytes=host_memory_available().bytes,
                           reserve_bytes=int(self.config.host_reserve_gib * GIB))
         return placement
 
@@ -260,7 +258,7 @@ class StreamBackend(Backend):
             sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block) for u in self.units]
             need = measure(sizes, self.placement.streamed, weight_slots=self.config.weight_slots,
                            state_slots=self.config.state_slots, accumulate=accumulate).gpu_bytes
-            free = torch.cuda.mem_get_info(self._device)[0] - int(self.config.activation_reserve_gib * GIB)
+            free = gpu_free_bytes(self._device) - int(self.config.activation_reserve_gib * GIB)
             if need - self.placement.gpu_bytes > free:
                 raise MemoryError(
                     f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches; "
