@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from lightning_offload.backends.stream.units import (
     replace_parameters,
 )
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.pretrained import weight_source
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -111,8 +113,23 @@ class StreamBackend(Backend):
             )
         self._precision = precision
 
-    def model_init_context(self) -> AbstractContextManager:
-        return torch.device("meta") if self.config.build_on_meta else nullcontext()
+    @contextmanager
+    def model_init_context(self) -> Iterator[None]:
+        if not self.config.build_on_meta:
+            yield
+            return
+        try:
+            with torch.device("meta"):
+                yield
+        except RuntimeError as error:
+            if "from_pretrained" not in str(error):
+                raise
+            raise ValueError(
+                "`from_pretrained` in `configure_model` cannot load weights while the `stream` backend builds the "
+                "model on the meta device. Call `lightning_offload.pretrained(path)` instead (it reads each weight "
+                "straight into the place the streaming plan keeps it), or pass `build_on_meta=False` to build the "
+                "model in host memory first."
+            ) from error
 
     # ------------------------------------------------------------------ building
     def prepare_module(self, module: nn.Module) -> nn.Module:
@@ -192,6 +209,7 @@ class StreamBackend(Backend):
             targets = unit.views(weights.slots[0].buffer, self.dtype) if meta else homes
         else:
             homes = targets = [torch.empty(p.shape, dtype=self.dtype, device=self._device) for p in unit.params]
+        sources = [weight_source(p) for p in unit.params]
         new = {}
         for param, target in zip(unit.params, targets):
             if not param.is_floating_point():
@@ -203,10 +221,16 @@ class StreamBackend(Backend):
         replace_parameters(root, new)
         unit.params = [new[id(p)] for p in unit.params]
         if meta:
+            # Weights `lightning_offload.pretrained` found in a checkpoint are read here, into their place; the
+            # rest are initialised.
+            loaded = {id(p) for p, source in zip(unit.params, sources) if source is not None}
             for module in unit.modules:
                 for sub in module.modules():
-                    if any(True for _ in sub.parameters(recurse=False)):
+                    if any(id(p) not in loaded for p in sub.parameters(recurse=False)):
                         initialiser(sub, root)()  # type: ignore[operator]
+            for target, source in zip(targets, sources):
+                if source is not None:
+                    source.read_into(target)
             if unit.streamed:
                 for home, target, param in zip(homes, targets, unit.params):
                     home.copy_(target)
