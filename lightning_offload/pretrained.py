@@ -38,13 +38,26 @@ class WeightSource:
         self.reader.read_into(self.entry, target)
 
 
-def weight_source(param: torch.Tensor) -> WeightSource | None:
+@dataclass
+class InitialSource:
+    """A parameter that is in no checkpoint (a LoRA adapter), initialised by `initialise(tensor)` in fp32 when the
+    parameter gets memory."""
+
+    initialise: Any
+
+    def read_into(self, target: torch.Tensor) -> None:
+        value = torch.empty(target.shape, dtype=torch.float32)
+        self.initialise(value)
+        target.copy_(value)
+
+
+def weight_source(param: torch.Tensor) -> WeightSource | InitialSource | None:
     """The checkpoint weights `pretrained` left on a meta parameter, for the backend that materialises it."""
     return getattr(param, _SOURCE, None)
 
 
 def pretrained(path: str | os.PathLike, model_class: Any = None, *, dtype: torch.dtype | None = None,
-               strict: bool = True, **model_kwargs: Any) -> nn.Module:
+               strict: bool = True, lora: Any = None, **model_kwargs: Any) -> nn.Module:
     """A `transformers` model with the weights of the checkpoint folder `path`, built for the backend that trains it.
 
     Args:
@@ -56,6 +69,8 @@ def pretrained(path: str | os.PathLike, model_class: Any = None, *, dtype: torch
             bf16 for `"bf16-true"`). The checkpoint's own dtype (bf16, fp16, fp32) is cast on the way.
         strict: raise when the model has parameters the checkpoint lacks, or the checkpoint tensors the model does
             not use; False warns, and leaves the missing parameters as the model initialises them.
+        lora: a `peft.LoraConfig`: the model comes back as `peft.get_peft_model(model, lora)`, its pretrained
+            weights frozen and only the adapters trainable (give the optimizer `p.requires_grad` parameters only).
         **model_kwargs: passed to `from_config` (e.g. `attn_implementation="sdpa"`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -79,6 +94,8 @@ def pretrained(path: str | os.PathLike, model_class: Any = None, *, dtype: torch
         _fill(owner._buffers[name], WeightSource(entries[key], reader))
     if not plan.deferred:
         reader.close()
+    if lora is not None:
+        model = _with_lora(model, lora)
     log.info("Loaded %d tensors from %s%s", len(plan.params) + len(plan.buffers), folder,
              " (read as the backend materialises each unit)" if plan.deferred else "")
     return model
@@ -172,3 +189,19 @@ def _no_init_weights() -> Any:
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
     return no_init_weights()
+
+
+def _with_lora(model: nn.Module, lora: Any) -> nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if param.is_meta and "lora_" in name:
+            # PEFT's own initialisation, run when the backend gives the adapter memory: A as a Linear's weight,
+            # B zero, so the adapted model starts as the pretrained one.
+            setattr(param, _SOURCE, InitialSource(_lora_a_init if "lora_A" in name else nn.init.zeros_))
+    return model
+
+
+def _lora_a_init(tensor: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(tensor, a=5**0.5)
