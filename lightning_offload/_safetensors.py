@@ -128,9 +128,12 @@ def write_file(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]
     """Writes the tensors that `tensors` yields, in `layout`'s order, each one held only while it is written."""
     with open(path, "wb") as handle:
         write_header(handle, layout, metadata)
-        for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
+        # Not `zip`: its reused result tuple would keep each tensor alive while the next one is made.
+        for name, dtype, shape in layout:
+            tensor = next(tensors)
             assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
             handle.write(tensor_bytes(tensor))
+            del tensor
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -203,13 +203,15 @@ class StreamBackend(Backend):
         """Gives the unit real weights where they will live: on the device, or in the host arena (built on the
         device in a slot first, where the initialisers run fast)."""
         meta = any(p.is_meta for p in unit.params)
+        sources = [weight_source(p) for p in unit.params]
+        # Weights read from a checkpoint (`lightning_offload.pretrained`) go straight to the host arena.
+        initialised = meta and any(source is None for source in sources)
         if unit.streamed:
             unit.host_weights = self._arenas[-1].take(unit.weight_bytes)
             homes = unit.views(unit.host_weights, self.dtype)
-            targets = unit.views(weights.slots[0].buffer, self.dtype) if meta else homes
+            targets = unit.views(weights.slots[0].buffer, self.dtype) if initialised else homes
         else:
             homes = targets = [torch.empty(p.shape, dtype=self.dtype, device=self._device) for p in unit.params]
-        sources = [weight_source(p) for p in unit.params]
         new = {}
         for param, target in zip(unit.params, targets):
             if not param.is_floating_point():
@@ -231,7 +233,7 @@ class StreamBackend(Backend):
             for target, source in zip(targets, sources):
                 if source is not None:
                     source.read_into(target)
-            if unit.streamed:
+            if unit.streamed and initialised:
                 for home, target, param in zip(homes, targets, unit.params):
                     home.copy_(target)
                     param.data = home
