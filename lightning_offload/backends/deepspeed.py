@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import gc
 import functools
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -129,7 +129,7 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
 def _transformers_sees_zero3(config: dict[str, Any]) -> Iterator[None]:
     """Lets `from_pretrained` in `configure_model` load into partitioned parameters: `transformers` gathers each
     module's weights while it loads them only while a `HfDeepSpeedConfig` of stage 3 is alive."""
-    if "transformers" not in sys.modules:  # a model without `transformers` does not pay for importing it
+    if find_spec("transformers") is None:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
