@@ -75,10 +75,13 @@ def read_folder(folder: Path) -> dict[str, Entry]:
 
 
 class Reader:
-    """Reads entries into tensors; keeps one open file per shard until closed."""
+    """Reads entries into tensors; keeps one open file per shard, and one staging buffer, until closed."""
 
     def __init__(self) -> None:
         self._files: dict[Path, BinaryIO] = {}
+        # Pageable, reused for every tensor: the disk, not the copy to the GPU, limits loading, and page-locked
+        # staging would stay cached by torch's pinned allocator after loading.
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     def read_into(self, entry: Entry, target: torch.Tensor) -> None:
         """Copies the entry into `target` (same shape; any dtype and device: cast and moved on the way)."""
@@ -87,8 +90,10 @@ class Reader:
         if target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous():
             self._read_bytes(entry, target)
             return
-        # One tensor of staging, page-locked when bound for an accelerator so the copy runs at full speed.
-        staging = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=target.device.type == "cuda")
+        if self._staging.numel() < entry.end - entry.start:
+            self._staging = torch.empty(0, dtype=torch.uint8)  # the old buffer goes before the larger one comes
+            self._staging = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        staging = self._staging[: entry.end - entry.start].view(entry.dtype).view(entry.shape)
         self._read_bytes(entry, staging)
         target.copy_(staging)
 
@@ -117,6 +122,7 @@ class Reader:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
