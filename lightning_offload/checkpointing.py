@@ -31,20 +31,21 @@ _INSTALLED_BY_FIT = "_lightning_offload_installed_by_fit"
 
 
 def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Module]:
-    """The repeated blocks of `model`: instances of `class_names`, or else of the composite module class that occurs
-    most often (ties go to the class with more parameters per instance, i.e. the decoder layer over its MLP)."""
+    """The repeated blocks of `model`: instances of `class_names`, or else of the repeated composite module class
+    whose instances hold the most parameters together (the decoder layer over its MLP, and over the more numerous
+    but small LoRA layers and containers inside it)."""
     if class_names:
         blocks = [m for m in model.modules() if type(m).__name__ in set(class_names)]
         if not blocks:
             raise ValueError(f"No module of class {list(class_names)} in {type(model).__name__}.")
         return blocks
     composites = [m for m in model.modules() if m is not model and any(True for _ in m.children())]
-    counts = Counter(type(m) for m in composites)
+    counts = {cls: count for cls, count in Counter(type(m) for m in composites).items() if count > 1}
     if not counts:
         return []
     size = {cls: _parameter_count(next(m for m in composites if type(m) is cls)) for cls in counts}
-    best = max(counts, key=lambda cls: (counts[cls], size[cls]))
-    return [m for m in composites if type(m) is best] if counts[best] > 1 else []
+    best = max(counts, key=lambda cls: (counts[cls] * size[cls], counts[cls]))
+    return [m for m in composites if type(m) is best]
 
 
 def _parameter_count(module: nn.Module) -> int:

@@ -88,12 +88,17 @@ def _replace(staging: Path, path: Path) -> None:
         previous.unlink()
 
 
-def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> dict[str, Any]:
+def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
+                prefix: str = "") -> dict[str, Any]:
     """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
 
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
     present under every name they had. Written atomically to `out_path` with `torch.save` when given.
+
+    `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
+    loads into that model outside Lightning. A model of `transformers` goes out whole with
+    `lightning_offload.export.export_hf`, tensor by tensor, as a folder `from_pretrained` loads.
     """
     from lightning_offload.backends import host_adam
 
@@ -118,6 +123,10 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
             f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or written by "
             "`ModelCheckpoint`."
         )
+    if prefix:
+        state_dict = {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
+        if not state_dict:
+            raise ValueError(f"No name in {str(checkpoint_dir)!r} starts with `prefix={prefix!r}`.")
     if out_path is not None:
         with atomic_file(out_path) as staging:
             torch.save(state_dict, staging)

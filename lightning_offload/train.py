@@ -40,7 +40,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data)
-    log.info("Model: %s (%s)", cfg.model._target_, cfg.model.arch)
+    log.info("Model: %s (%s)", cfg.model._target_, cfg.model.get("arch") or cfg.model.get("pretrained"))
     model = instantiate(cfg.model)
     log.info("Strategy: %s", OmegaConf.to_container(cfg.strategy))
     strategy = instantiate(cfg.strategy)

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -122,6 +123,22 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
     finally:
         for name, function in originals.items():
             setattr(torch.nn.init, name, function)
+
+
+@contextmanager
+def _transformers_sees_zero3(config: dict[str, Any]) -> Iterator[None]:
+    """Lets `from_pretrained` in `configure_model` load into partitioned parameters: `transformers` gathers each
+    module's weights while it loads them only while a `HfDeepSpeedConfig` of stage 3 is alive."""
+    if find_spec("transformers") is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(config)  # transformers holds a weak reference: it lasts as long as this name
+    try:
+        yield
+    finally:
+        del alive
 
 
 def _precision_config(precision: str) -> dict[str, Any]:
@@ -266,11 +283,12 @@ class DeepSpeedBackend(Backend):
         # it; `teardown` puts torch's back.
         if self._torch_linear is None:
             self._torch_linear = torch.nn.functional.linear
+        config = self.engine_config(setup=None)
         with deepspeed.zero.Init(
-            config_dict_or_path=self.engine_config(setup=None),
+            config_dict_or_path=config,
             remote_device="cpu" if self.config.offload_parameters else None,
             pin_memory=self.config.pin_memory,
-        ), _init_functions_reach_partitioned_parameters():
+        ), _init_functions_reach_partitioned_parameters(), _transformers_sees_zero3(config):
             yield
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ from lightning_offload.backends.stream.units import (
 )
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
 from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
+from lightning_offload.pretrained import weight_source
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -112,8 +114,23 @@ class StreamBackend(Backend):
             )
         self._precision = precision
 
-    def model_init_context(self) -> AbstractContextManager:
-        return torch.device("meta") if self.config.build_on_meta else nullcontext()
+    @contextmanager
+    def model_init_context(self) -> Iterator[None]:
+        if not self.config.build_on_meta:
+            yield
+            return
+        try:
+            with torch.device("meta"):
+                yield
+        except RuntimeError as error:
+            if "from_pretrained" not in str(error):
+                raise
+            raise ValueError(
+                "`from_pretrained` in `configure_model` cannot load weights while the `stream` backend builds the "
+                "model on the meta device. Call `lightning_offload.pretrained(path)` instead (it reads each weight "
+                "straight into the place the streaming plan keeps it), or pass `build_on_meta=False` to build the "
+                "model in host memory first."
+            ) from error
 
     # ------------------------------------------------------------------ building
     def prepare_module(self, module: nn.Module) -> nn.Module:
@@ -184,10 +201,13 @@ class StreamBackend(Backend):
         """Gives the unit real weights where they will live: on the device, or in the host arena (built on the
         device in a slot first, where the initialisers run fast)."""
         meta = any(p.is_meta for p in unit.params)
+        sources = [weight_source(p) for p in unit.params]
+        # Weights read from a checkpoint (`lightning_offload.pretrained`) go straight to the host arena.
+        initialised = meta and any(source is None for source in sources)
         if unit.streamed:
             unit.host_weights = self._arenas[-1].take(unit.weight_bytes)
             homes = unit.views(unit.host_weights, self.dtype)
-            targets = unit.views(weights.slots[0].buffer, self.dtype) if meta else homes
+            targets = unit.views(weights.slots[0].buffer, self.dtype) if initialised else homes
         else:
             homes = targets = [torch.empty(p.shape, dtype=self.dtype, device=self._device) for p in unit.params]
         new = {}
@@ -201,11 +221,17 @@ class StreamBackend(Backend):
         replace_parameters(root, new)
         unit.params = [new[id(p)] for p in unit.params]
         if meta:
+            # Weights `lightning_offload.pretrained` found in a checkpoint are read here, into their place; the
+            # rest are initialised.
+            loaded = {id(p) for p, source in zip(unit.params, sources) if source is not None}
             for module in unit.modules:
                 for sub in module.modules():
-                    if any(True for _ in sub.parameters(recurse=False)):
+                    if any(id(p) not in loaded for p in sub.parameters(recurse=False)):
                         initialiser(sub, root)()  # type: ignore[operator]
-            if unit.streamed:
+            for target, source in zip(targets, sources):
+                if source is not None:
+                    source.read_into(target)
+            if unit.streamed and initialised:
                 for home, target, param in zip(homes, targets, unit.params):
                     home.copy_(target)
                     param.data = home

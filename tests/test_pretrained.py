@@ -1,0 +1,169 @@
+"""`lightning_offload.pretrained`: a Hugging Face checkpoint loaded under every backend that runs on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import lightning_offload
+from lightning_offload import SingleGPUOffloadStrategy
+from tests.conftest import VOCAB, fit, token_batches
+
+transformers = pytest.importorskip("transformers")
+
+# Every backend on the CPU, fp32 weights: the first step's loss is the checkpoint's, to float rounding.
+CPU_BACKENDS = {
+    "device": {},
+    "gpu_8bit": {},
+    "host_adam": dict(check_memory=False, bucket_numel=3000, chunk_numel=700),
+    "deepspeed": {},
+    "fsdp": {},
+    "stream": dict(check_memory=False, resident_blocks=0, stream_outer=True),
+    "stream_built_in_host_memory": dict(check_memory=False, resident_blocks=0, build_on_meta=False),
+}
+SAME_WEIGHTS_RTOL = 1e-6
+
+
+def tiny_config(arch: str) -> Any:
+    # Weights drawn wider than usual, so a model that kept its random initialisation has a clearly other loss.
+    if arch == "llama":
+        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                        tie_word_embeddings=True, initializer_range=0.3)
+    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                   initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def save_tiny(folder: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0,
+              max_shard_size: str | None = None, **config_overrides: Any) -> Path:
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config.update(config_overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return folder
+
+
+def reference_loss(folder: Path, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    with torch.no_grad():
+        return model(input_ids=tokens, labels=tokens).loss.item()
+
+
+class FineTune(pl.LightningModule):
+    """A causal LM from a checkpoint folder, built in `configure_model` by `load(folder)`."""
+
+    def __init__(self, folder: Path, load: Any = lightning_offload.pretrained, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.folder, self.load, self.lr = folder, load, lr
+        self.model: torch.nn.Module | None = None
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.load(self.folder)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def first_tokens(num_batches: int) -> torch.Tensor:
+    return next(iter(token_batches(num_batches)))[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("backend", sorted(CPU_BACKENDS))
+def test_first_loss_is_the_checkpoints_under_every_cpu_backend(tmp_path: Path, backend: str, arch: str) -> None:
+    folder = save_tiny(tmp_path / arch, arch)
+    options = CPU_BACKENDS[backend]
+    strategy = SingleGPUOffloadStrategy(backend=backend.removesuffix("_built_in_host_memory"), **options)
+    module, _ = fit(strategy, num_batches=2, module=FineTune(folder))
+    expected = reference_loss(folder, first_tokens(2))
+    other_init = reference_loss(save_tiny(tmp_path / "other", arch, seed=1), first_tokens(2))
+    assert abs(other_init - expected) > 100 * SAME_WEIGHTS_RTOL * expected  # the check below can tell them apart
+    assert module.losses[0] == pytest.approx(expected, rel=SAME_WEIGHTS_RTOL)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sharded_checkpoint_is_cast_on_the_way(tmp_path: Path, source_dtype: torch.dtype) -> None:
+    folder = save_tiny(tmp_path / "half", dtype=source_dtype, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device"), num_batches=1, module=FineTune(folder))
+    assert module.losses[0] == pytest.approx(reference_loss(folder, first_tokens(1)), rel=SAME_WEIGHTS_RTOL)
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+
+
+def test_tied_weights_stay_tied(tmp_path: Path) -> None:
+    model = lightning_offload.pretrained(save_tiny(tmp_path / "llama"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    torch.testing.assert_close(model.lm_head.weight, reference.lm_head.weight, rtol=0, atol=0)
+
+
+def test_bf16_true_builds_bf16_weights_rounded_from_the_checkpoint(tmp_path: Path) -> None:
+    folder = save_tiny(tmp_path / "llama")
+    # lr=0 leaves the weights as loaded, to compare with those `from_pretrained` rounds to bf16.
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device"), num_batches=1, module=FineTune(folder, lr=0.0),
+                    precision="bf16-true")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    for (name, loaded), expected in zip(module.model.named_parameters(), reference.parameters(), strict=True):
+        assert loaded.dtype == torch.bfloat16
+        assert torch.equal(loaded, expected), name
+
+
+def test_mismatched_checkpoint_names_what_is_missing_and_unexpected(tmp_path: Path) -> None:
+    llama, gpt2 = save_tiny(tmp_path / "llama"), save_tiny(tmp_path / "gpt2", "gpt2")
+    (llama / "model.safetensors").replace(tmp_path / "llama.safetensors")
+    (gpt2 / "model.safetensors").rename(llama / "model.safetensors")
+    with pytest.raises(ValueError, match=r"parameter\(s\) missing from it \(model\.embed_tokens\.weight.*"
+                                         r"tensor\(s\) the model does not have \(transformer\..*strict=False"):
+        lightning_offload.pretrained(llama)
+    with pytest.warns(UserWarning, match="keep their initialisation"):
+        model = lightning_offload.pretrained(llama, strict=False)
+    assert torch.isfinite(model.model.embed_tokens.weight).all()
+
+
+def test_folder_without_safetensors_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        lightning_offload.pretrained(tmp_path)
+
+
+def from_pretrained(folder: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", sorted(CPU_BACKENDS))
+def test_from_pretrained_in_configure_model_under_every_cpu_backend(tmp_path: Path, backend: str) -> None:
+    folder = save_tiny(tmp_path / "llama")
+    strategy = SingleGPUOffloadStrategy(backend=backend.removesuffix("_built_in_host_memory"), **CPU_BACKENDS[backend])
+    if backend == "stream":  # builds on the meta device, where `from_pretrained` refuses to load
+        with pytest.raises(ValueError, match=r"lightning_offload\.pretrained\(path\)`.*build_on_meta=False"):
+            fit(strategy, num_batches=2, module=FineTune(folder, load=from_pretrained))
+        return
+    module, _ = fit(strategy, num_batches=2, module=FineTune(folder, load=from_pretrained))
+    assert module.losses[0] == pytest.approx(reference_loss(folder, first_tokens(2)), rel=SAME_WEIGHTS_RTOL)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_loading_holds_the_model_and_at_most_one_staged_tensor(tmp_path: Path, source_dtype: torch.dtype) -> None:
+    from tests.conftest import peak_and_final_allocated_bytes
+
+    # Untied: a tied output layer is built, then tied away, before any weight is read.
+    folder = save_tiny(tmp_path / "llama", dtype=source_dtype, max_shard_size="20KB", tie_word_embeddings=False)
+    loaded = []
+    peak, final = peak_and_final_allocated_bytes(lambda: loaded.append(lightning_offload.pretrained(folder)))
+    model_bytes = sum(t.numel() * t.element_size() for t in [*loaded[0].parameters(), *loaded[0].buffers()])
+    largest_source = max(p.numel() for p in loaded[0].parameters()) * source_dtype.itemsize
+    assert final >= model_bytes
+    # fp32 reads land in the parameters themselves; a bf16 source is staged one tensor at a time for the cast.
+    assert peak - final <= (0 if source_dtype == torch.float32 else largest_source)
