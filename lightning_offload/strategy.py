@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +25,7 @@ from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
+from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
     backend_options_of,
     check_checkpoint_disk,
@@ -104,6 +105,9 @@ class _SingleGPUOffloadCore:
         self.check_memory = check_memory
         self.plan_report: PlanReport | None = None
         self._memory_checked = False
+        # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
+        # the plan is made from the built model at `setup`.
+        self._building_unplanned = False
         self._took_off_earlier_wrappers = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
@@ -184,11 +188,17 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
-        report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
-                                  optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                  precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                  compiled_blocks=self.compile_blocks)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
+        try:
+            report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                                      optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
+                                      precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                      compiled_blocks=self.compile_blocks)
+        except BuildBeforePlanning as pending:
+            info(pending.message)
+            self._memory_checked, self._building_unplanned = False, True
+            return
+        self._building_unplanned = False
         if report is None:
             if self.backend is None:
                 self._adopt_plan(Plan(backend="device", checkpointing="none"))
@@ -243,7 +253,8 @@ class _SingleGPUOffloadCore:
     @contextmanager
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
-        with self.backend.model_init_context():
+        # Built before a plan exists: in host memory, as a model built in `__init__` is, for the engine to place.
+        with nullcontext() if self._building_unplanned else self.backend.model_init_context():
             yield
 
     @override

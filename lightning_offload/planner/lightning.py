@@ -13,7 +13,8 @@ import torch
 
 from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_itself
 from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
-from lightning_offload.planner.choose import parameter_count
+from lightning_offload.planner.choose import SAFETY_MARGIN, parameter_count
+from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, estimate_stats, unmeasured_note
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
 
@@ -27,28 +28,34 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
                      optimizer: str | None, checkpointing: CheckpointingConfig,
                      precision: str, world_size: int = 1, ranks_per_host: int | None = None,
                      gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
-    """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
-    reason is warned) or the Trainer is not fitting. `compiled_blocks`: the strategy compiles the blocks (costed
-    shorter)."""
+    """The plan report for fitting `module` with `trainer` on `device`, or None when the Trainer is not fitting.
+    `compiled_blocks`: the strategy compiles the blocks (costed shorter). A model whose forward cannot run on the
+    meta device is planned from `fallback.estimate_stats`; one that cannot even be built there raises
+    `fallback.BuildBeforePlanning`."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
     dtype = compute_dtype(precision)
+    batch, unmeasured = None, None
     try:
         batch, step = _example_batch(module, trainer)
         # One meta build serves both questions: the model's measurements and its optimizer's class.
         with meta_network(module, dtype):
-            stats = dataclasses.replace(measure_module(module, batch, dtype=dtype, step=step),
-                                        compiled_blocks=compiled_blocks)
+            try:
+                stats = measure_module(module, batch, dtype=dtype, step=step)
+            except Exception as error:  # a custom op without a meta kernel, a shape read from tensor values
+                stats, unmeasured = estimate_stats(module, batch), error
             adamw_compatible = _steps_adamw(module)
             recomputes_itself = checkpoints_itself(module)
-    except Exception as error:  # a user's model or loader the meta device cannot run: plan without it
-        warnings.warn(
-            f"The planner could not measure {type(module).__name__} on the meta device ({type(error).__name__}: "
-            f"{error}), so no memory check ran. Set `example_input_array` on the module to help it.",
-            stacklevel=2,
-        )
-        return None
+    except Exception as error:  # the meta device cannot build the model (`from_pretrained`), or no batch came
+        if not any(True for _ in module.parameters()):
+            raise build_first(module, error, device) from error
+        # Nothing to know the optimizer by without running it on the real weights: the backend checks it at setup.
+        stats, unmeasured, adamw_compatible = estimate_stats(module, batch), error, True
+        recomputes_itself = checkpoints_itself(module)
+    stats = dataclasses.replace(stats, compiled_blocks=compiled_blocks)
     pinned_policy = None if checkpointing.policy == "auto" else _PLANNED_POLICY[checkpointing.policy]
+    if unmeasured is not None and pinned_policy is None and stats.blocks:
+        pinned_policy = "full"  # estimated activations: only one block's (recomputed) counts in full
     if recomputes_itself:
         # The policies leave blocks that recompute themselves alone (`checkpointing.is_checkpointed`): whatever
         # the strategy's policy, every block runs as under `full`, and a plan counted otherwise would not fit.
@@ -60,15 +67,20 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
                 stacklevel=2,
             )
         pinned_policy = "full"
-    return plan(
+    report = plan(
         stats, machine=Machine.detect(device), ceilings=load_or_probe(device), device=device,
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=trainer.accumulate_grad_batches, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
-        gpu_state_blocks=gpu_state_blocks,
+        gpu_state_blocks=gpu_state_blocks, margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
     )
+    if unmeasured is None:
+        return report
+    note = unmeasured_note(module, unmeasured, batch)
+    warnings.warn(note, stacklevel=2)
+    return dataclasses.replace(report, reason=f"{note}\n{report.reason}")
 
 
 def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
