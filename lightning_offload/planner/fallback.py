@@ -65,24 +65,26 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
     checkpoint that ``from_pretrained`` was loading is sized first, and refused when host memory cannot hold it."""
     name = type(module).__name__
     why = f"{name} cannot be built on the meta device ({type(error).__name__}: {_first_line(error)})"
-    checkpoint = _checkpoint_loaded_by(error)
+    checkpoint, dtype = _checkpoint_loaded_by(error)
     if checkpoint is None:
         return BuildBeforePlanning(why,
             f"{why}: it is built in host memory first and planned from the built model; its host memory is not "
             "checked before it is built (no safetensors checkpoint was found behind the failure)."
         )
+    # Loaded in the dtype the hook asks for, else (`dtype="auto"`) in the checkpoint's own.
+    needed = checkpoint.bytes if dtype is None else checkpoint.parameters * dtype.itemsize
     machine = Machine.detect(device)
     room = UNMEASURED_MARGIN * machine.host_memory_gib * GIB
-    if checkpoint.bytes > room:
+    if needed > room:
         raise ValueError(
-            f"{why}, and building it in host memory would need {checkpoint.bytes / GIB:.1f} GiB for the "
+            f"{why}, and building it in host memory would need {needed / GIB:.1f} GiB for the "
             f"{parameter_count(checkpoint.parameters)} parameters of {str(checkpoint.folder)!r}, more than "
             f"{100 * UNMEASURED_MARGIN:.0f}% of the {machine.host_memory_gib:.1f} GiB of host RAM free. Build the "
             "network from its config in `configure_model` (`AutoModelForCausalLM.from_config(...)`, which the "
             "meta device can run) and load the weights in `on_fit_start`, or free host RAM."
         )
     return BuildBeforePlanning(why,
-        f"{why}: it is built in host memory first ({checkpoint.bytes / GIB:.1f} GiB for the "
+        f"{why}: it is built in host memory first ({needed / GIB:.1f} GiB for the "
         f"{parameter_count(checkpoint.parameters)} parameters in {str(checkpoint.folder)!r}, which fits) and planned from "
         "the built model."
     )
@@ -109,16 +111,24 @@ def checkpoint_size(folder: Path) -> CheckpointSize | None:
     return CheckpointSize(folder, parameters, size)
 
 
-def _checkpoint_loaded_by(error: BaseException) -> CheckpointSize | None:
-    # transformers' `from_pretrained(pretrained_model_name_or_path, ...)` is on the failure's stack: its argument
-    # names the folder the hook was loading.
+def _checkpoint_loaded_by(error: BaseException) -> tuple[CheckpointSize | None, torch.dtype | None]:
+    """The checkpoint a failed `from_pretrained` was loading and the dtype it was asked for (None: its own).
+
+    transformers' `from_pretrained(pretrained_model_name_or_path, ..., dtype=...)` is on the failure's stack: its
+    arguments name the folder and the dtype."""
+    checkpoint, dtype = None, None
     traceback = error.__traceback__
     while traceback is not None:
-        source = traceback.tb_frame.f_locals.get("pretrained_model_name_or_path")
+        frame = traceback.tb_frame.f_locals
+        source = frame.get("pretrained_model_name_or_path")
         if isinstance(source, (str, Path)) and Path(source).is_dir():
-            return checkpoint_size(Path(source))
+            checkpoint = checkpoint or checkpoint_size(Path(source))
+            arguments = {**frame, **(frame.get("kwargs") if isinstance(frame.get("kwargs"), dict) else {})}
+            asked = next((arguments[k] for k in ("dtype", "torch_dtype") if isinstance(arguments.get(k), torch.dtype)),
+                         None)
+            dtype = dtype or asked
         traceback = traceback.tb_next
-    return None
+    return checkpoint, dtype
 
 
 def estimate_stats(module: nn.Module, batch: Any) -> ModelStats:
@@ -140,6 +150,7 @@ def estimate_stats(module: nn.Module, batch: Any) -> ModelStats:
     vocabulary = max((m.out_features for m in _output_layers(module, blocks)), default=0)
     block_parameters = list(blocks[0].parameters()) if blocks else []
     parameters = list(module.parameters())
+    embeddings = [m.weight for m in module.modules() if isinstance(m, nn.Embedding)]
     return ModelStats(
         parameters=_count(parameters),
         block_parameters=_count(block_parameters),
@@ -149,7 +160,8 @@ def estimate_stats(module: nn.Module, batch: Any) -> ModelStats:
         activation_bytes_per_block=positions * per_token * ESTIMATE_ELEMENT_BYTES,
         block_input_bytes=positions * width * ESTIMATE_ELEMENT_BYTES,
         logits=positions * vocabulary,
-        embedding_parameters=_count(m.weight for m in module.modules() if isinstance(m, nn.Embedding)),
+        embedding_parameters=_count(embeddings),
+        frozen_embedding_parameters=_count(p for p in embeddings if not p.requires_grad),
         tokens=_tokens(batch) if batch is not None else 0,
         outside_block_activation_bytes=positions * (ELEMENTWISE_WIDTHS * width * ESTIMATE_ELEMENT_BYTES
                                                     + LOGIT_SAVED_BYTES * vocabulary),

@@ -52,6 +52,8 @@ class ModelStats:
     weights count, their gradients and optimizer state do not."""
     frozen_block_parameters: int = 0
     """Frozen parameters of one repeated block."""
+    frozen_embedding_parameters: int = 0
+    """Frozen parameters of embedding tables."""
 
     @property
     def other_parameters(self) -> int:
@@ -66,6 +68,10 @@ class ModelStats:
     @property
     def trainable_block_parameters(self) -> int:
         return self.block_parameters - self.frozen_block_parameters
+
+    @property
+    def trainable_embedding_parameters(self) -> int:
+        return self.embedding_parameters - self.frozen_embedding_parameters
 
     @property
     def compute_parameters(self) -> int:
@@ -169,6 +175,7 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     finally:
         for handle in handles:
             handle.remove()
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     return ModelStats(
         parameters=_count(model.parameters()),
         block_parameters=_count(blocks[0].parameters()) if blocks else 0,
@@ -179,7 +186,8 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
         block_input_bytes=max(block_inputs, default=0),
         logits=logits[0],
         loss_workspace_bytes=loss_workspace[0],
-        embedding_parameters=_count(m.weight for m in model.modules() if isinstance(m, nn.Embedding)),
+        embedding_parameters=_count(embeddings),
+        frozen_embedding_parameters=_count(p for p in embeddings if not p.requires_grad),
         tokens=_tokens(example_input),
         outside_block_activation_bytes=saved_outside[0],
         width=width[0],

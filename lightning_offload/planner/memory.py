@@ -119,10 +119,10 @@ class MemoryEstimate:
 
 
 def gpu_state_parameters(stats: ModelStats, plan: Plan) -> int:
-    """`host_adam`: parameters whose optimizer state stays on the GPU: the first `resident_blocks` blocks and the
-    input embedding before them (the backend's `gpu_state_blocks`)."""
+    """`host_adam`: trainable parameters whose optimizer state stays on the GPU: those of the first
+    `resident_blocks` blocks and of the input embedding before them (the backend's `gpu_state_blocks`)."""
     blocks = min(plan.resident_blocks or 0, stats.blocks)
-    return blocks * stats.block_parameters + (stats.embedding_parameters if blocks else 0)
+    return blocks * stats.trainable_block_parameters + (stats.trainable_embedding_parameters if blocks else 0)
 
 
 def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
@@ -199,9 +199,9 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
 def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, accumulating: bool,
                        reduce_bucket_elements: int, prefetch_bucket_elements: int) -> MemoryEstimate:
     params, block = stats.parameters, stats.block_parameters
-    # Frozen parameters take no gradient, and the engines stepping torch optimizers (device, DeepSpeed, FSDP) or
-    # their own state per trainable parameter (stream) keep no optimizer state for them. gpu_8bit's and host_adam's
-    # optimizers keep state for every parameter they hold: charged for all.
+    # Frozen parameters take no gradient and no optimizer state: torch's optimizers (device, DeepSpeed, FSDP) skip
+    # what gets no gradient, the stream and host_adam engines keep state for trainable parameters only (host_adam
+    # cannot hook a frozen one). gpu_8bit's 8-bit AdamW keeps state for every parameter it holds: charged for all.
     trained, trained_block = stats.trainable_parameters, stats.trainable_block_parameters
     state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
     gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}
@@ -242,8 +242,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         waiting = _gradients_waiting_for_the_host(stats, plan) - 2 * 2 * trained_block
         if waiting > 0 and not whole_gradients:
             gpu["bf16 gradients waiting for the host"] = waiting
-        host.update({"fp32 master weights": 4 * (params - on_gpu),
-                     "optimizer state": int(state_bytes * (params - on_gpu)),
+        host.update({"fp32 master weights": 4 * (trained - on_gpu),
+                     "optimizer state": int(state_bytes * (trained - on_gpu)),
                      "gradient slots": HOST_ADAM_GRADIENT_SLOT_BYTES})
         pinned |= {"fp32 master weights", "gradient slots"}
     elif plan.backend == "stream":

@@ -79,9 +79,11 @@ def test_frozen_parameters_are_counted_and_charged_weights_only() -> None:
     head = model.lm_head.weight.numel()
     assert stats.trainable_parameters == head and stats.trainable_block_parameters == 0
     assert dataclasses.replace(estimate_stats(model, None), tokens=0).frozen_parameters == stats.frozen_parameters
-    trained = dataclasses.replace(stats, frozen_parameters=0, frozen_block_parameters=0)
+    assert stats.frozen_embedding_parameters == stats.embedding_parameters
+    trained = dataclasses.replace(stats, frozen_parameters=0, frozen_block_parameters=0,
+                                  frozen_embedding_parameters=0)
     for backend, optimizer in (("device", "adamw"), ("deepspeed", "cpu_adam"), ("fsdp", "adamw"),
-                               ("stream", "adamw8bit_fused")):
+                               ("stream", "adamw8bit_fused"), ("host_adam", "adamw")):
         frozen, whole = (estimate_memory(s, Plan(backend=backend, optimizer=optimizer, checkpointing="full"))
                          for s in (stats, trained))
         # The weights of every parameter; gradients and optimizer state of the head only.
@@ -90,3 +92,38 @@ def test_frozen_parameters_are_counted_and_charged_weights_only() -> None:
     device = estimate_memory(stats, Plan(backend="device", optimizer="adamw"))
     assert device.gpu["fp32 gradients"] == 4 * head and device.gpu["optimizer state"] == 8 * head
     assert device.gpu["fp32 weights"] == 4 * stats.parameters
+    host_adam = estimate_memory(stats, Plan(backend="host_adam", optimizer="adamw", resident_blocks=0))
+    assert host_adam.host["fp32 master weights"] == 4 * head and host_adam.host["optimizer state"] == 8 * head
+    # gpu_8bit's 8-bit AdamW allocates state for every parameter it holds.
+    gpu_8bit = estimate_memory(stats, Plan(backend="gpu_8bit", optimizer="adamw8bit_fused"))
+    assert gpu_8bit.gpu["optimizer state"] == estimate_memory(trained, gpu_8bit.plan).gpu["optimizer state"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_host_memory_for_a_from_pretrained_build_is_checked_at_the_dtype_it_loads_in(tmp_path, monkeypatch,
+                                                                                      dtype) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from lightning_offload.planner import GIB, Machine
+    from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first
+
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    size = checkpoint_size(tmp_path)
+    # Room for the checkpoint's bf16 weights with the margin kept free, not for them in fp32.
+    machine = Machine(gpu_memory_gib=80, host_memory_gib=3 * size.parameters / UNMEASURED_MARGIN / GIB)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
+    with pytest.raises(RuntimeError) as failure, torch.device("meta"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, **({"dtype": dtype} if dtype else {}))
+    if dtype is None:
+        pending = build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
+        assert f"for the {size.parameters / 1e6:.2f}M parameters in {str(tmp_path)!r}, which fits" in pending.message
+    else:
+        with pytest.raises(ValueError, match="building it in host memory would need"):
+            build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
+
+
+def test_a_failure_with_no_checkpoint_behind_it_says_its_host_memory_is_not_checked() -> None:
+    from lightning_offload.planner.fallback import build_first
+
+    pending = build_first(torch.nn.Module(), RuntimeError("a custom init"), torch.device("cpu"))
+    assert "not checked before it is built" in pending.message
