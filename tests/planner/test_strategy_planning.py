@@ -204,3 +204,19 @@ def test_a_budget_too_small_for_the_built_model_is_refused_before_training(monke
         fit("single_gpu_offload", module=module, num_batches=2)
     assert module.builds_in_host_memory == 1 and module.steps == 0
     assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+@pytest.mark.parametrize("backend", ["device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream"])
+def test_every_backend_trains_a_model_built_in_host_memory_from_its_loaded_weights(pretrained, backend) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import token_batches
+
+    inputs, targets = next(iter(token_batches(2)))
+    loaded = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(loaded(inputs).logits.flatten(0, 1), targets.flatten()).item()
+    module, trainer = fit(SingleGPUOffloadStrategy(backend=backend), module=PretrainedLM(pretrained), num_batches=2)
+    assert trainer.strategy.plan_report.chosen.plan.backend == backend and module.steps == 2
+    # The first step ran on the checkpoint's weights: no engine re-initialised or lost them.
+    assert module.losses[0] == pytest.approx(expected, rel=1e-6)
