@@ -141,6 +141,8 @@ class _OffloadCore(_SingleGPUOffloadCore):
                     f"{unbuildable.reason}: no memory check ran across {self.world_size} processes."
                 )
                 report = None
+            except PlanDoesNotFit as refusal:  # its checkpoint cannot be built in host memory: refused on every rank
+                report, outcome = None, (None, str(refusal))
             if report is not None:
                 self.plan_report = report
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(report.table())

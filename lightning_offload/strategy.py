@@ -172,7 +172,8 @@ class _SingleGPUOffloadCore:
         refuse_running_group(1, STRATEGY_NAME)
 
     def _plan_and_setup_backend(self) -> None:
-        """Runs once per fit, before the model is built (or, for a model built in `__init__`, before it is moved)."""
+        """Runs once per fit, before the model is built (or, for a model built in `__init__` or one the meta device
+        cannot build, before it is moved)."""
         if not self._took_off_earlier_wrappers:
             # A new strategy on a module an earlier fit wrapped (a notebook, a sweep): that fit's checkpointing is
             # not the model's own, and this fit plans and applies its own settings.

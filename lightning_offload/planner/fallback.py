@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_offload.checkpointing import find_blocks
-from lightning_offload.planner.choose import parameter_count
+from lightning_offload.planner.choose import PlanDoesNotFit, parameter_count
 from lightning_offload.planner.measure import ModelStats, _output_layers, _tensors, _tokens
 from lightning_offload.planner.memory import GIB, Machine
 
@@ -76,18 +76,18 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
     machine = Machine.detect(device)
     room = UNMEASURED_MARGIN * machine.host_memory_gib * GIB
     if needed > room:
-        raise ValueError(
+        raise PlanDoesNotFit(
             f"{why}, and building it in host memory would need {needed / GIB:.1f} GiB for the "
             f"{parameter_count(checkpoint.parameters)} parameters of {str(checkpoint.folder)!r}, more than "
-            f"{100 * UNMEASURED_MARGIN:.0f}% of the {machine.host_memory_gib:.1f} GiB of host RAM free. Build the "
-            "network from its config in `configure_model` (`AutoModelForCausalLM.from_config(...)`, which the "
-            "meta device can run) and load the weights in `on_fit_start`, or free host RAM."
+            f"{100 * UNMEASURED_MARGIN:.0f}% of the {machine.host_memory_gib:.1f} GiB of host RAM free. Free host "
+            "RAM, or build the network from its config in `configure_model` (`AutoModelForCausalLM.from_config(...)`, "
+            "which the meta device can run and the engine places without a host copy) and load the weights after."
         )
-    return BuildBeforePlanning(why,
+    return BuildBeforePlanning(why, (
         f"{why}: it is built in host memory first ({needed / GIB:.1f} GiB for the "
-        f"{parameter_count(checkpoint.parameters)} parameters in {str(checkpoint.folder)!r}, which fits) and planned from "
-        "the built model."
-    )
+        f"{parameter_count(checkpoint.parameters)} parameters in {str(checkpoint.folder)!r}, which fits) and planned "
+        "from the built model."
+    ))
 
 
 def checkpoint_size(folder: Path) -> CheckpointSize | None:

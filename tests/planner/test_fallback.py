@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_offload.models import TinyGPT
-from lightning_offload.planner import Plan, estimate_memory, measure_model
+from lightning_offload.planner import Plan, PlanDoesNotFit, estimate_memory, measure_model
 from lightning_offload.planner.fallback import checkpoint_size, estimate_stats
 
 
@@ -118,7 +118,7 @@ def test_host_memory_for_a_from_pretrained_build_is_checked_at_the_dtype_it_load
         pending = build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
         assert f"for the {size.parameters / 1e6:.2f}M parameters in {str(tmp_path)!r}, which fits" in pending.message
     else:
-        with pytest.raises(ValueError, match="building it in host memory would need"):
+        with pytest.raises(PlanDoesNotFit, match="building it in host memory would need"):
             build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
 
 

@@ -190,7 +190,8 @@ def test_a_checkpoint_too_large_for_host_memory_is_refused_before_it_is_read(mon
     small_host = Machine(gpu_memory_gib=80, host_memory_gib=1e-5)
     monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: small_host))
     module = PretrainedLM(pretrained)
-    with pytest.raises(ValueError, match=r"building it in host memory would need 0\.0 GiB for the 0\.0\dM parameters .*from_config"):
+    with pytest.raises(PlanDoesNotFit, match=r"building it in host memory would need 0\.0 GiB for the 0\.0\dM "
+                                             r"parameters .*from_config"):
         fit("single_gpu_offload", module=module, num_batches=2)
     assert module.net is None and module.builds_in_host_memory == 0
 
