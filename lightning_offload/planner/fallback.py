@@ -67,10 +67,10 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
     why = f"{name} cannot be built on the meta device ({type(error).__name__}: {_first_line(error)})"
     checkpoint, dtype = _checkpoint_loaded_by(error)
     if checkpoint is None:
-        return BuildBeforePlanning(why,
+        return BuildBeforePlanning(why, (
             f"{why}: it is built in host memory first and planned from the built model; its host memory is not "
             "checked before it is built (no safetensors checkpoint was found behind the failure)."
-        )
+        ))
     # Loaded in the dtype the hook asks for, else (`dtype="auto"`) in the checkpoint's own.
     needed = checkpoint.bytes if dtype is None else checkpoint.parameters * dtype.itemsize
     machine = Machine.detect(device)
@@ -91,8 +91,16 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
 
 
 def checkpoint_size(folder: Path) -> CheckpointSize | None:
-    """The tensors of the ``*.safetensors`` files in `folder`, from their headers; None when there are none."""
-    files = sorted(folder.glob("*.safetensors"))
+    """The tensors of the checkpoint in `folder`, from its files' headers: the shards its
+    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors`` file; None when
+    there are none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
     parameters = size = 0

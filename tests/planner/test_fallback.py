@@ -127,3 +127,14 @@ def test_a_failure_with_no_checkpoint_behind_it_says_its_host_memory_is_not_chec
 
     pending = build_first(torch.nn.Module(), RuntimeError("a custom init"), torch.device("cpu"))
     assert "not checked before it is built" in pending.message
+
+
+def test_a_sharded_checkpoint_is_counted_once_from_its_index(tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    # A second format of the same weights beside the shards (as some repositories ship) is not counted.
+    (tmp_path / "consolidated.safetensors").write_bytes(sorted(tmp_path.glob("model-*"))[0].read_bytes())
+    assert checkpoint_size(tmp_path).parameters == sum(p.numel() for p in model.parameters())
