@@ -108,6 +108,8 @@ class _SingleGPUOffloadCore:
         # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
         # the plan is made from the built model at `setup`.
         self._building_unplanned = False
+        # The batch (on meta) and step fetched before the build, measured with once the model is built.
+        self._fetched_example: tuple[Any, Any] | None = None
         self._took_off_earlier_wrappers = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
@@ -194,12 +196,13 @@ class _SingleGPUOffloadCore:
             report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                       optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                       precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                      compiled_blocks=self.compile_blocks)
+                                      compiled_blocks=self.compile_blocks, example=self._fetched_example)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._memory_checked, self._building_unplanned = False, True
+            self._fetched_example = pending.example
             return
-        self._building_unplanned = False
+        self._building_unplanned, self._fetched_example = False, None
         if report is None:
             if self.backend is None:
                 self._adopt_plan(Plan(backend="device", checkpointing="none"))

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_offload.checkpointing import find_blocks
 from lightning_offload.planner.choose import PlanDoesNotFit, parameter_count
-from lightning_offload.planner.measure import ModelStats, _output_layers, _tensors, _tokens
+from lightning_offload.planner.measure import ModelStats, _output_layers, _tensors, _to_meta, _tokens
 from lightning_offload.planner.memory import GIB, Machine
 
 # Fraction of each memory tier a plan from estimated activations may fill: the measured plans' 0.9, less 0.1 for
@@ -44,11 +44,13 @@ _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
 class BuildBeforePlanning(Exception):
     """The module builds its network in ``configure_model`` and cannot do so on the meta device: build it in host
     memory first, then plan from the built model. `reason`: why; `message`: that and what was checked before
-    building."""
+    building; `example`: the batch (on meta) and step fetched for the measurement, to measure with once built
+    rather than fetch the first batch again."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, example: tuple[Any, Any] | None = None) -> None:
         super().__init__(message)
         self.reason, self.message = reason, message
+        self.example = None if example is None else (_to_meta(example[0]), example[1])
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,11 @@ class CheckpointSize:
     bytes: int
 
 
-def build_first(module: nn.Module, error: Exception, device: torch.device) -> BuildBeforePlanning:
-    """What the strategy is told when `module`'s ``configure_model`` failed on the meta device with `error`; a
-    checkpoint that ``from_pretrained`` was loading is sized first, and refused when host memory cannot hold it."""
+def build_first(module: nn.Module, error: Exception, device: torch.device,
+                example: tuple[Any, Any] | None = None) -> BuildBeforePlanning:
+    """What the strategy is told when `module`'s ``configure_model`` failed on the meta device with `error` (while
+    measuring with `example`, a batch and step); a checkpoint that ``from_pretrained`` was loading is sized first,
+    and refused when host memory cannot hold it."""
     name = type(module).__name__
     why = f"{name} cannot be built on the meta device ({type(error).__name__}: {_first_line(error)})"
     checkpoint, dtype = _checkpoint_loaded_by(error)
@@ -70,7 +74,7 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
         return BuildBeforePlanning(why, (
             f"{why}: it is built in host memory first and planned from the built model; its host memory is not "
             "checked before it is built (no safetensors checkpoint was found behind the failure)."
-        ))
+        ), example)
     # Loaded in the dtype the hook asks for, else (`dtype="auto"`) in the checkpoint's own.
     needed = checkpoint.bytes if dtype is None else checkpoint.parameters * dtype.itemsize
     machine = Machine.detect(device)
@@ -87,7 +91,7 @@ def build_first(module: nn.Module, error: Exception, device: torch.device) -> Bu
         f"{why}: it is built in host memory first ({needed / GIB:.1f} GiB for the "
         f"{parameter_count(checkpoint.parameters)} parameters in {str(checkpoint.folder)!r}, which fits) and planned "
         "from the built model."
-    ))
+    ), example)
 
 
 def checkpoint_size(folder: Path) -> CheckpointSize | None:

@@ -27,17 +27,19 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
                      precision: str, world_size: int = 1, ranks_per_host: int | None = None,
-                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
+                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False,
+                     example: tuple[Any, Any] | None = None) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when the Trainer is not fitting.
     `compiled_blocks`: the strategy compiles the blocks (costed shorter). A model whose forward cannot run on the
     meta device is planned from `fallback.estimate_stats`; one that cannot even be built there raises
-    `fallback.BuildBeforePlanning`."""
+    `fallback.BuildBeforePlanning`, whose `example` (the batch and step already fetched) comes back as `example`."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
     dtype = compute_dtype(precision)
-    batch, unmeasured = None, None
+    batch, step, unmeasured = *(example or (None, None)), None
     try:
-        batch, step = _example_batch(module, trainer)
+        if batch is None:
+            batch, step = _example_batch(module, trainer)
         # One meta build serves both questions: the model's measurements and its optimizer's class.
         with meta_network(module, dtype):
             try:
@@ -48,7 +50,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
             recomputes_itself = checkpoints_itself(module)
     except Exception as error:  # the meta device cannot build the model (`from_pretrained`), or no batch came
         if not any(True for _ in module.parameters()):
-            raise build_first(module, error, device) from error
+            raise build_first(module, error, device, None if batch is None else (batch, step)) from error
         # Nothing to know the optimizer by without running it on the real weights: the backend checks it at setup.
         stats, unmeasured, adamw_compatible = estimate_stats(module, batch), error, True
         recomputes_itself = checkpoints_itself(module)

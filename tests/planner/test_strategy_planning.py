@@ -221,3 +221,26 @@ def test_every_backend_trains_a_model_built_in_host_memory_from_its_loaded_weigh
     assert trainer.strategy.plan_report.chosen.plan.backend == backend and module.steps == 2
     # The first step ran on the checkpoint's weights: no engine re-initialised or lost them.
     assert module.losses[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_building_first_fetches_the_first_batch_no_more_often_than_planning_before_the_build(pretrained) -> None:
+    import lightning.pytorch as pl
+
+    from tests.conftest import token_batches
+
+    def counting(cls: type) -> type:
+        class Counting(cls):
+            loaders = 0
+
+            def train_dataloader(self):
+                self.loaders += 1
+                return token_batches(2)
+
+        return Counting
+
+    planned_before, built_first = counting(TinyLM)(), counting(PretrainedLM)(pretrained)
+    for module in (planned_before, built_first):
+        pl.Trainer(strategy="single_gpu_offload", accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module)
+    assert built_first.builds_in_host_memory == 1 and built_first.steps == 2
+    assert built_first.loaders == planned_before.loaders
