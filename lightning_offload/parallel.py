@@ -25,6 +25,7 @@ from lightning_offload._distributed import join_process_group, refuse_running_gr
 from lightning_offload.backends import available_backends
 from lightning_offload.checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
+from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import plan_for_trainer
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
@@ -129,13 +130,21 @@ class _OffloadCore(_SingleGPUOffloadCore):
         outcome: tuple[Plan | None, str | None] = (None, None)
         if self.global_rank == 0:
             backend = self.backend_name
-            report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
-                                      backend=backend, optimizer=self.optimizer_name,
-                                      checkpointing=self.activation_checkpointing, precision=self._precision_flag,
-                                      world_size=self.world_size, ranks_per_host=self.num_processes,
-                                      compiled_blocks=self.compile_blocks,
-                                      max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                      max_host_memory_gib=self.max_host_memory_gib)
+            try:
+                report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
+                                          backend=backend, optimizer=self.optimizer_name,
+                                          checkpointing=self.activation_checkpointing,
+                                          precision=self._precision_flag, world_size=self.world_size,
+                                          ranks_per_host=self.num_processes, compiled_blocks=self.compile_blocks,
+                                          max_gpu_memory_gib=self.max_gpu_memory_gib,
+                                          max_host_memory_gib=self.max_host_memory_gib)
+            except BuildBeforePlanning as unbuildable:  # every rank builds its shard under the engine: no plan
+                self._lightning_attr("utilities.rank_zero", "rank_zero_warn")(
+                    f"{unbuildable.reason}: no memory check ran across {self.world_size} processes."
+                )
+                report = None
+            except PlanDoesNotFit as refusal:  # its checkpoint cannot be built in host memory: refused on every rank
+                report, outcome = None, (None, str(refusal))
             if report is not None:
                 self.plan_report = report
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(report.table())

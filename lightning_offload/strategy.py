@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +26,7 @@ from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointin
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import cap_gpu_allocator
+from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
     backend_options_of,
     check_checkpoint_disk,
@@ -129,6 +130,11 @@ class _SingleGPUOffloadCore:
         # The plan this fit trains with: logged, saved in each checkpoint, taken again on resume.
         self.plan: Plan | None = None
         self._memory_checked = False
+        # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
+        # the plan is made from the built model at `setup`.
+        self._building_unplanned = False
+        # The batch (on meta) and step fetched before the build, measured with once the model is built.
+        self._fetched_example: tuple[Any, Any] | None = None
         self._took_off_earlier_wrappers = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
@@ -196,7 +202,8 @@ class _SingleGPUOffloadCore:
         refuse_running_group(1, STRATEGY_NAME)
 
     def _plan_and_setup_backend(self) -> None:
-        """Runs once per fit, before the model is built (or, for a model built in `__init__`, before it is moved)."""
+        """Runs once per fit, before the model is built (or, for a model built in `__init__` or one the meta device
+        cannot build, before it is moved)."""
         if not self._took_off_earlier_wrappers:
             # A new strategy on a module an earlier fit wrapped (a notebook, a sweep): that fit's checkpointing is
             # not the model's own, and this fit plans and applies its own settings.
@@ -212,12 +219,20 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
-        report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
-                                  optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                  precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                  compiled_blocks=self.compile_blocks, max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                  max_host_memory_gib=self.max_host_memory_gib)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
+        try:
+            report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                                      optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
+                                      precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                      compiled_blocks=self.compile_blocks, example=self._fetched_example,
+                                      max_gpu_memory_gib=self.max_gpu_memory_gib,
+                                      max_host_memory_gib=self.max_host_memory_gib)
+        except BuildBeforePlanning as pending:
+            info(pending.message)
+            self._memory_checked, self._building_unplanned = False, True
+            self._fetched_example = pending.example
+            return
+        self._building_unplanned, self._fetched_example = False, None
         # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
         resume_from = fit_ckpt_path(trainer) if self.backend is None else None
         saved = saved_plan(resume_from) if resume_from else None
@@ -281,7 +296,8 @@ class _SingleGPUOffloadCore:
     @contextmanager
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
-        with self.backend.model_init_context():
+        # Built before a plan exists: in host memory, as a model built in `__init__` is, for the engine to place.
+        with nullcontext() if self._building_unplanned else self.backend.model_init_context():
             yield
 
     @override

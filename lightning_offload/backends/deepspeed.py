@@ -192,6 +192,8 @@ class DeepSpeedBackend(Backend):
 
         if DeepSpeedBackend._live is not None:
             DeepSpeedBackend._live.release()
+        if self._torch_linear is None:  # ZeRO-3 partitions a model built outside zero.Init through it: the same swap
+            self._torch_linear = torch.nn.functional.linear
         engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
         self._engine = engine
         DeepSpeedBackend._live = self

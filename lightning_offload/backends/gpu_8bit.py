@@ -213,7 +213,8 @@ class GPU8bitBackend(Backend):
             return tensor
 
         def before(block: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled() and block.training:
+            # Grad mode, not `block.training`: `from_pretrained` gives a model in eval mode, which Lightning keeps.
+            if torch.is_grad_enabled():
                 counting.append(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
                 counting[-1].__enter__()
 

@@ -53,13 +53,14 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
          ranks_per_host: int | None = None, clips_gradients: bool = False,
-         gpu_state_blocks: int | None = None) -> PlanReport:
+         gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
     `checkpointing` pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam`
-    (None: the most blocks whose optimizer state fits on the GPU). With `world_size` processes
+    (None: the most blocks whose optimizer state fits on the GPU). `margin`: the fraction of each memory tier a
+    plan may fill. With `world_size` processes
     (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
     Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
@@ -92,4 +93,4 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                             accumulate=accumulate)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
-                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients)
+                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin)

@@ -132,7 +132,7 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         # the GPU's rate on the compute stream, and the next forward runs through them while the host finishes the
         # back blocks, so the host work may also hide under that part of the next forward.
         on_gpu = gpu_state_parameters(stats, plan)
-        on_host = params - on_gpu
+        on_host = stats.trainable_parameters - on_gpu
         pipeline = max(4 * on_host / d2h, on_host / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), 4 * on_host / h2d)
         front = min(plan.resident_blocks or 0, stats.blocks) / stats.blocks if stats.blocks else 0.0
         forward_of_front = (1 - BACKWARD_SHARE) * compute / accumulate * front

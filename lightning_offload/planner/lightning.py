@@ -23,7 +23,8 @@ from lightning_offload.planner import (
     measure_module,
     plan,
 )
-from lightning_offload.planner.choose import parameter_count
+from lightning_offload.planner.choose import SAFETY_MARGIN, parameter_count
+from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, estimate_stats, unmeasured_note
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
 
@@ -33,12 +34,14 @@ _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
 _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offload": "offload", "selective": "none"}
 
 
-def plan_for_trainer(module: Any, trainer: Any, device: torch.device, **levers: Any) -> PlanReport | None:
+def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example: tuple[Any, Any] | None = None,
+                     **levers: Any) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device` (`levers`: `plan_for_module`'s), or None
-    when the Trainer is not fitting or the module cannot be measured."""
+    when the Trainer is not fitting. `example`: the batch and step already fetched (`fallback.BuildBeforePlanning`
+    hands them back), else the first training batch is fetched."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
-    return plan_for_module(module, lambda: _example_batch(module, trainer), device,
+    return plan_for_module(module, (lambda: example) if example else (lambda: _example_batch(module, trainer)), device,
                            accumulate=trainer.accumulate_grad_batches,
                            clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.gradient_clip_algorithm),
                            **levers)
@@ -51,27 +54,33 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
                     compiled_blocks: bool = False, max_gpu_memory_gib: float | None = None,
                     max_host_memory_gib: float | None = None, machine: Machine | None = None,
                     ceilings: Ceilings | None = None) -> PlanReport | None:
-    """The plan report for training `module` on `device` as the strategy does, or None when it cannot be measured
-    (the reason is warned). `example()` gives the batch to measure and the step to measure it with (None:
+    """The plan report for training `module` on `device` as the strategy does. A model whose forward cannot run on
+    the meta device is planned from `fallback.estimate_stats` (the reason is warned); one that cannot even be built
+    there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another."""
     dtype = compute_dtype(precision)
+    batch, step, unmeasured = None, None, None
     try:
         batch, step = example()
         # One meta build serves both questions: the model's measurements and its optimizer's class.
         with meta_network(module, dtype):
-            stats = dataclasses.replace(measure_module(module, batch, dtype=dtype, step=step),
-                                        compiled_blocks=compiled_blocks)
+            try:
+                stats = measure_module(module, batch, dtype=dtype, step=step)
+            except Exception as error:  # a custom op without a meta kernel, a shape read from tensor values
+                stats, unmeasured = estimate_stats(module, batch), error
             adamw_compatible = _steps_adamw(module)
             recomputes_itself = checkpoints_itself(module)
-    except Exception as error:  # a user's model or loader the meta device cannot run: plan without it
-        warnings.warn(
-            f"The planner could not measure {type(module).__name__} on the meta device ({type(error).__name__}: "
-            f"{error}), so no memory check ran. Set `example_input_array` on the module to help it.",
-            stacklevel=2,
-        )
-        return None
+    except Exception as error:  # the meta device cannot build the model (`from_pretrained`), or no batch came
+        if not any(True for _ in module.parameters()):
+            raise build_first(module, error, device, None if batch is None else (batch, step)) from error
+        # Nothing to know the optimizer by without running it on the real weights: the backend checks it at setup.
+        stats, unmeasured, adamw_compatible = estimate_stats(module, batch), error, True
+        recomputes_itself = checkpoints_itself(module)
+    stats = dataclasses.replace(stats, compiled_blocks=compiled_blocks)
     pinned_policy = None if checkpointing.policy == "auto" else _PLANNED_POLICY[checkpointing.policy]
+    if unmeasured is not None and pinned_policy is None and stats.blocks:
+        pinned_policy = "full"  # estimated activations: only one block's (recomputed) counts in full
     if recomputes_itself:
         # The policies leave blocks that recompute themselves alone (`checkpointing.is_checkpointed`): whatever
         # the strategy's policy, every block runs as under `full`, and a plan counted otherwise would not fit.
@@ -85,14 +94,20 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         pinned_policy = "full"
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
-    return plan(
+    report = plan(
         stats, machine=machine, ceilings=ceilings or load_or_probe(device), device=device,
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=clips_gradients, gpu_state_blocks=gpu_state_blocks,
+        margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
     )
+    if unmeasured is None:
+        return report
+    note = unmeasured_note(module, unmeasured, batch)
+    warnings.warn(note, stacklevel=2)
+    return dataclasses.replace(report, reason=f"{note}\n{report.reason}")
 
 
 def clips_by_norm(gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> bool:

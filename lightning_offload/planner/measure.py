@@ -47,11 +47,31 @@ class ModelStats:
     """Features per token of a block's input (the hidden size): narrow blocks reach less of the matmul rate."""
     compiled_blocks: bool = False
     """The blocks' forward runs under `torch.compile` (the strategy's `compile_blocks`): shorter compute."""
+    frozen_parameters: int = 0
+    """Parameters that take no gradient (`requires_grad=False`: a frozen trunk, a LoRA model's base weights): their
+    weights count, their gradients and optimizer state do not."""
+    frozen_block_parameters: int = 0
+    """Frozen parameters of one repeated block."""
+    frozen_embedding_parameters: int = 0
+    """Frozen parameters of embedding tables."""
 
     @property
     def other_parameters(self) -> int:
         """Embeddings, final norm and output layer: outside the blocks."""
         return self.parameters - self.blocks * self.block_parameters
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters that take gradients and optimizer state."""
+        return self.parameters - self.frozen_parameters
+
+    @property
+    def trainable_block_parameters(self) -> int:
+        return self.block_parameters - self.frozen_block_parameters
+
+    @property
+    def trainable_embedding_parameters(self) -> int:
+        return self.embedding_parameters - self.frozen_embedding_parameters
 
     @property
     def compute_parameters(self) -> int:
@@ -155,15 +175,19 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     finally:
         for handle in handles:
             handle.remove()
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     return ModelStats(
         parameters=_count(model.parameters()),
         block_parameters=_count(blocks[0].parameters()) if blocks else 0,
+        frozen_parameters=_count(p for p in model.parameters() if not p.requires_grad),
+        frozen_block_parameters=_count(p for p in blocks[0].parameters() if not p.requires_grad) if blocks else 0,
         blocks=len(blocks),
         activation_bytes_per_block=max(saved_per_block, default=0),
         block_input_bytes=max(block_inputs, default=0),
         logits=logits[0],
         loss_workspace_bytes=loss_workspace[0],
-        embedding_parameters=_count(m.weight for m in model.modules() if isinstance(m, nn.Embedding)),
+        embedding_parameters=_count(embeddings),
+        frozen_embedding_parameters=_count(p for p in embeddings if not p.requires_grad),
         tokens=_tokens(example_input),
         outside_block_activation_bytes=saved_outside[0],
         width=width[0],

@@ -119,10 +119,10 @@ class MemoryEstimate:
 
 
 def gpu_state_parameters(stats: ModelStats, plan: Plan) -> int:
-    """`host_adam`: parameters whose optimizer state stays on the GPU: the first `resident_blocks` blocks and the
-    input embedding before them (the backend's `gpu_state_blocks`)."""
+    """`host_adam`: trainable parameters whose optimizer state stays on the GPU: those of the first
+    `resident_blocks` blocks and of the input embedding before them (the backend's `gpu_state_blocks`)."""
     blocks = min(plan.resident_blocks or 0, stats.blocks)
-    return blocks * stats.block_parameters + (stats.embedding_parameters if blocks else 0)
+    return blocks * stats.trainable_block_parameters + (stats.trainable_embedding_parameters if blocks else 0)
 
 
 def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
@@ -160,7 +160,7 @@ def _gradients_waiting_for_the_host(stats: ModelStats, plan: Plan) -> int:
     checkpointed = checkpointed_blocks(stats, plan) / stats.blocks if stats.blocks else 0.0
     freed = (0 if plan.checkpointing == "offload" else
              checkpointed * stats.block_input_bytes + (1 - checkpointed) * stats.activation_bytes_per_block)
-    return int(host_blocks * max(0.0, 2 * stats.block_parameters - freed))
+    return int(host_blocks * max(0.0, 2 * stats.trainable_block_parameters - freed))
 
 
 def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds_gradients: bool = False,
@@ -192,13 +192,17 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
         host[term] = int(size * local / world_size) if sharded else size * local
     gpu["NCCL buffers"] = NCCL_BYTES
     if plan.backend == "device":
-        gpu["DDP gradient buckets"] = 4 * stats.parameters
+        gpu["DDP gradient buckets"] = 4 * stats.trainable_parameters
     return MemoryEstimate(plan, gpu, host, single.host_pinned)
 
 
 def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, accumulating: bool,
                        reduce_bucket_elements: int, prefetch_bucket_elements: int) -> MemoryEstimate:
     params, block = stats.parameters, stats.block_parameters
+    # Frozen parameters take no gradient and no optimizer state: torch's optimizers (device, DeepSpeed, FSDP) skip
+    # what gets no gradient, the stream and host_adam engines keep state for trainable parameters only (host_adam
+    # cannot hook a frozen one). gpu_8bit's 8-bit AdamW keeps state for every parameter it holds: charged for all.
+    trained, trained_block = stats.trainable_parameters, stats.trainable_block_parameters
     state_bytes = OPTIMIZER_STATE_BYTES[plan.optimizer]
     gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}
     host: dict[str, int] = {"process baseline": PROCESS_BASELINE_BYTES}
@@ -212,34 +216,34 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         # gpu_8bit and host_adam at 1.5B, gpu_8bit and stream at 3.6B).
         terms = {"bf16 gradients (in flight)": 2 * 2 * unit}
         if whole_gradients:
-            terms["bf16 gradients (kept until the step)"] = 2 * params
+            terms["bf16 gradients (kept until the step)"] = 2 * trained
         return terms
 
     if plan.backend == "device":
-        gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * params,
-                    "optimizer state": int(state_bytes * params)})
+        gpu.update({"fp32 weights": 4 * params, "fp32 gradients": 4 * trained,
+                    "optimizer state": int(state_bytes * trained)})
         if accumulating:
             # A later micro-batch's gradient of a parameter exists beside the sum it is added to: counted as a whole
             # block's or the embedding's, whichever is larger (3.6B measured 1.85 GiB above one micro-batch; its
             # embedding's fp32 gradient is 1.47).
-            gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(block, stats.embedding_parameters)
+            gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(trained_block, stats.embedding_parameters)
     elif plan.backend == "gpu_8bit":
         gpu.update({"bf16 weights": 2 * params, "optimizer state": int(state_bytes * params),
-                    **gradients_updated_in_backward(block)})
+                    **gradients_updated_in_backward(trained_block)})
     elif plan.backend == "host_adam":
         # fp32 gradients land in a few pinned slots, and the updated weights leave as fp32 straight from the master
         # weights, which are page-locked for it; the AdamW state is ordinary memory, since no copy starts or ends in
         # it. The front blocks' master weights and state are on the GPU instead.
         on_gpu = gpu_state_parameters(stats, plan)
-        gpu.update({"bf16 weights": 2 * params, **gradients_updated_in_backward(block),
+        gpu.update({"bf16 weights": 2 * params, **gradients_updated_in_backward(trained_block),
                     "weight staging (fp32, cast here)": HOST_ADAM_DEVICE_STAGING_BYTES})
         if on_gpu:
             gpu["fp32 master weights and optimizer state (front blocks)"] = int((4 + state_bytes) * on_gpu)
-        waiting = _gradients_waiting_for_the_host(stats, plan) - 2 * 2 * block
+        waiting = _gradients_waiting_for_the_host(stats, plan) - 2 * 2 * trained_block
         if waiting > 0 and not whole_gradients:
             gpu["bf16 gradients waiting for the host"] = waiting
-        host.update({"fp32 master weights": 4 * (params - on_gpu),
-                     "optimizer state": int(state_bytes * (params - on_gpu)),
+        host.update({"fp32 master weights": 4 * (trained - on_gpu),
+                     "optimizer state": int(state_bytes * (trained - on_gpu)),
                      "gradient slots": HOST_ADAM_GRADIENT_SLOT_BYTES})
         pinned |= {"fp32 master weights", "gradient slots"}
     elif plan.backend == "stream":
@@ -251,10 +255,10 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
             "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
             "bf16 weight ring (three units)": 2 * STREAM_SLOTS * block,
             "optimizer state ring (three units)": int(STREAM_SLOTS * state_bytes * largest),
-            **gradients_updated_in_backward(largest),
+            **gradients_updated_in_backward(max(trained_block, stats.embedding_parameters)),
         })
         host.update({"bf16 weights (streamed blocks)": 2 * streamed,
-                     "optimizer state": int(state_bytes * params)})
+                     "optimizer state": int(state_bytes * trained)})
         pinned |= {"bf16 weights (streamed blocks)", "optimizer state"}
     elif plan.backend == "deepspeed":
         gathered = 2 * max(block, stats.other_parameters)
@@ -263,10 +267,11 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
             "prefetch bucket": 2 * prefetch_bucket_elements,
             "gradient reduce buckets (bf16, double-buffered)": 2 * 2 * reduce_bucket_elements,
         })
-        engine_terms = {"bf16 weight partitions": 2 * params, "fp32 master weights": 4 * params,
-                        "fp32 gradients": 4 * params, "optimizer state": int(state_bytes * params),
+        # ZeRO-3 keeps fp32 partitions of the trainable parameters only; every parameter has a bf16 partition.
+        engine_terms = {"bf16 weight partitions": 2 * params, "fp32 master weights": 4 * trained,
+                        "fp32 gradients": 4 * trained, "optimizer state": int(state_bytes * trained),
                         "engine buffers (bf16 gradient partitions, swap)":
-                            int(DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM * params)}
+                            int(DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM * trained)}
         host.update(engine_terms)
         if plan.pin_memory:
             pinned |= set(engine_terms)
@@ -274,12 +279,12 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         gpu.update({
             "gathered bf16 weights (two blocks)": 2 * 2 * block,
             "root unit bf16 weights (embeddings, head)": 2 * stats.other_parameters,
-            "fp32 gradients of one block before offload": 4 * block,
+            "fp32 gradients of one block before offload": 4 * trained_block,
         })
         if plan.accumulate_on_gpu and whole_gradients:
-            gpu["fp32 gradients accumulated over micro-batches"] = 4 * params
-        host.update({"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * params,
-                     "optimizer state": int(state_bytes * params)})
+            gpu["fp32 gradients accumulated over micro-batches"] = 4 * trained
+        host.update({"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * trained,
+                     "optimizer state": int(state_bytes * trained)})
         if plan.optimizer in EIGHT_BIT_OPTIMIZERS:
             largest = max(block, stats.embedding_parameters)  # no parameter is larger than its block
             host["8-bit update temporaries (largest parameter)"] = HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT * largest

@@ -185,6 +185,18 @@ def test_checkpoints_as_many_blocks_as_the_budget_needs(budget: int, expected: i
     assert trainer.strategy.backend.checkpointed_blocks == expected
 
 
+def test_a_model_left_in_eval_mode_is_measured_as_it_trains() -> None:
+    # `from_pretrained` returns a model in eval mode and Lightning trains it in that mode.
+    class EvalModeLM(TinyLM):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.net.eval()
+
+    _, trainer = fit(gpu_8bit(activation_budget_bytes=1, check_memory=False), module=EvalModeLM(),
+                     precision="bf16-true", num_batches=2)
+    assert trainer.strategy.backend.checkpointed_blocks == 1
+
+
 def test_pinned_checkpointing_policy_is_used_as_it_is() -> None:
     strategy = gpu_8bit(activation_checkpointing="full")
     module, trainer = fit(strategy, precision="bf16-true", num_batches=4)

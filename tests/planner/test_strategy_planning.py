@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.checkpointing import recompute_in_backward
 from lightning_offload.planner import Machine, PlanDoesNotFit
-from tests.conftest import TinyLM, fit
+from tests.conftest import VOCAB, TinyLM, fit
 
 
 def test_auto_plans_from_the_first_batch_and_trains_on_the_cpu() -> None:
@@ -58,16 +61,39 @@ def test_backend_options_need_a_pinned_backend() -> None:
         SingleGPUOffloadStrategy(offload_optimizer=False)
 
 
-def test_a_model_the_meta_device_cannot_run_trains_without_a_plan_and_says_why() -> None:
-    class OpaqueLM(TinyLM):
-        def forward(self, tokens):
-            if tokens.is_meta:
-                raise NotImplementedError("data-dependent control flow")
-            return super().forward(tokens)
+class OpaqueLM(TinyLM):
+    def forward(self, tokens):
+        if tokens.is_meta:
+            raise NotImplementedError("data-dependent control flow")
+        return super().forward(tokens)
 
-    with pytest.warns(UserWarning, match="could not measure OpaqueLM"):
+
+def test_a_model_the_meta_device_cannot_run_is_planned_from_an_estimate_and_says_so() -> None:
+    from lightning_offload.planner.fallback import UNMEASURED_MARGIN
+
+    with pytest.warns(UserWarning, match=r"No measured memory check ran: OpaqueLM's forward cannot run on the meta "
+                                         r"device \(NotImplementedError: data-dependent control flow\)"):
         module, trainer = fit("single_gpu_offload", module=OpaqueLM(), num_batches=2)
-    assert trainer.strategy.plan_report is None and trainer.strategy.backend_name == "device"
+    report = trainer.strategy.plan_report
+    assert report.stats.parameters == sum(p.numel() for p in module.parameters()) and report.stats.tokens == 4 * 16
+    assert report.reason.startswith("No measured memory check ran")
+    # Only one block's estimated activations count in full, and the plan keeps 20% of memory free, not 10%.
+    assert {c.plan.checkpointing for c in report.candidates} == {"full"}
+    assert trainer.strategy.activation_checkpointing.policy == "full"
+    chosen = report.chosen.memory
+    assert chosen.gpu_bytes + chosen.host_bytes <= UNMEASURED_MARGIN * report.machine.host_memory_gib * 2**30
+
+
+def test_a_budget_too_small_for_the_estimate_is_refused_before_training(monkeypatch) -> None:
+    _, roomy = fit("single_gpu_offload", module=OpaqueLM(), num_batches=1)
+    needs = min(c.memory.gpu_bytes + c.memory.host_bytes for c in roomy.strategy.plan_report.candidates)
+    # Room for the smallest plan with 10% kept free (a measured plan's margin), not with the estimate's 20%.
+    machine = Machine(gpu_memory_gib=needs / 0.85 / 2**30, host_memory_gib=needs / 0.85 / 2**30, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
+    module = OpaqueLM()
+    with pytest.raises(PlanDoesNotFit, match="No plan fits"):
+        fit("single_gpu_offload", module=module, num_batches=2)
+    assert module.losses == []
 
 
 def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_training(monkeypatch, tmp_path) -> None:
@@ -113,3 +139,111 @@ def test_compiled_blocks_are_costed_as_compiled() -> None:
     assert compiled_report.chosen.plan == eager_report.chosen.plan
     assert compiled_report.chosen.step_time.compute == pytest.approx(
         COMPILED_BLOCK_TIME * eager_report.chosen.step_time.compute)
+
+
+class PretrainedLM(TinyLM):
+    """Fine-tunes a checkpoint that `configure_model` loads with `from_pretrained`, which refuses a meta context."""
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.builds_in_host_memory = 0
+        self.steps = 0
+
+    def configure_model(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if self.net is None:
+            self.net = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32)
+            self.builds_in_host_memory += 1
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += not batch[0].is_meta  # the planner measures the step on meta tensors
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_model_loaded_with_from_pretrained_is_built_in_host_memory_once_and_planned_from_it(pretrained) -> None:
+    module, trainer = fit("single_gpu_offload", module=PretrainedLM(pretrained), num_batches=2)
+    report = trainer.strategy.plan_report
+    assert report is not None and report.chosen is not None
+    assert "No measured memory check" not in report.reason  # measured: the built model runs on meta twins
+    assert report.stats.parameters == sum(p.numel() for p in module.parameters()) and report.stats.blocks == 2
+    assert module.builds_in_host_memory == 1 and module.steps == 2
+
+
+def test_a_checkpoint_too_large_for_host_memory_is_refused_before_it_is_read(monkeypatch, pretrained) -> None:
+    small_host = Machine(gpu_memory_gib=80, host_memory_gib=1e-5)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: small_host))
+    module = PretrainedLM(pretrained)
+    with pytest.raises(PlanDoesNotFit, match=r"building it in host memory would need 0\.0 GiB for the 0\.0\dM "
+                                             r"parameters .*from_config"):
+        fit("single_gpu_offload", module=module, num_batches=2)
+    assert module.net is None and module.builds_in_host_memory == 0
+
+
+def test_a_budget_too_small_for_the_built_model_is_refused_before_training(monkeypatch, pretrained) -> None:
+    # Room in host memory for the checkpoint, not on the (faked) GPU for any plan of it.
+    small_card = Machine(gpu_memory_gib=1e-4, host_memory_gib=1)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: small_card))
+    module = PretrainedLM(pretrained)
+    with pytest.raises(PlanDoesNotFit, match=r"No plan fits .* for 0\.0\dM parameters"):
+        fit("single_gpu_offload", module=module, num_batches=2)
+    assert module.builds_in_host_memory == 1 and module.steps == 0
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+@pytest.mark.parametrize("backend", ["device", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream"])
+def test_every_backend_trains_a_model_built_in_host_memory_from_its_loaded_weights(pretrained, backend) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import token_batches
+
+    inputs, targets = next(iter(token_batches(2)))
+    loaded = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(loaded(inputs).logits.flatten(0, 1), targets.flatten()).item()
+    torch_linear = torch.nn.functional.linear
+    module, trainer = fit(SingleGPUOffloadStrategy(backend=backend), module=PretrainedLM(pretrained), num_batches=2)
+    assert trainer.strategy.plan_report.chosen.plan.backend == backend and module.steps == 2
+    # ZeRO-3 partitions a model built outside zero.Init by swapping torch's linear too: put back at teardown.
+    assert torch.nn.functional.linear is torch_linear
+    # The first step ran on the checkpoint's weights: no engine re-initialised or lost them.
+    assert module.losses[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_building_first_fetches_the_first_batch_no_more_often_than_planning_before_the_build(pretrained) -> None:
+    import lightning.pytorch as pl
+
+    from tests.conftest import token_batches
+
+    def counting(cls: type) -> type:
+        class Counting(cls):
+            loaders = 0
+
+            def train_dataloader(self):
+                self.loaders += 1
+                return token_batches(2)
+
+        return Counting
+
+    planned_before, built_first = counting(TinyLM)(), counting(PretrainedLM)(pretrained)
+    for module in (planned_before, built_first):
+        pl.Trainer(strategy="single_gpu_offload", accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module)
+    assert built_first.builds_in_host_memory == 1 and built_first.steps == 2
+    assert built_first.loaders == planned_before.loaders
