@@ -60,7 +60,7 @@ class CheckpointSize:
     bytes: int
 
 
-def build_first(module: nn.Module, error: Exception, device: torch.device,
+def build_first(module: nn.Module, error: Exception, machine: Machine,
                 example: tuple[Any, Any] | None = None) -> BuildBeforePlanning:
     """What the strategy is told when `module`'s ``configure_model`` failed on the meta device with `error` (while
     measuring with `example`, a batch and step); a checkpoint that ``from_pretrained`` was loading is sized first,
@@ -75,7 +75,6 @@ def build_first(module: nn.Module, error: Exception, device: torch.device,
         ), example)
     # Loaded in the dtype the hook asks for, else (`dtype="auto"`) in the checkpoint's own.
     needed = checkpoint.bytes if dtype is None else checkpoint.parameters * dtype.itemsize
-    machine = Machine.detect(device)
     room = UNMEASURED_MARGIN * machine.host_memory_gib * GIB
     if needed > room:
         raise PlanDoesNotFit(

@@ -60,6 +60,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another."""
     dtype = compute_dtype(precision)
+    machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
+                                        max_host_memory_gib=max_host_memory_gib)
     batch, step, unmeasured = None, None, None
     try:
         batch, step = example()
@@ -73,7 +75,7 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
             recomputes_itself = checkpoints_itself(module)
     except Exception as error:  # the meta device cannot build the model (`from_pretrained`), or no batch came
         if not any(True for _ in module.parameters()):
-            raise build_first(module, error, device, None if batch is None else (batch, step)) from error
+            raise build_first(module, error, machine, None if batch is None else (batch, step)) from error
         # Nothing to know the optimizer by without running it on the real weights: the backend checks it at setup.
         stats, unmeasured, adamw_compatible = estimate_stats(module, batch), error, True
         recomputes_itself = checkpoints_itself(module)
@@ -92,8 +94,6 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
                 stacklevel=2,
             )
         pinned_policy = "full"
-    machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
-                                        max_host_memory_gib=max_host_memory_gib)
     report = plan(
         stats, machine=machine, ceilings=ceilings or load_or_probe(device), device=device,
         backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,

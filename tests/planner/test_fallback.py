@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_offload.models import TinyGPT
-from lightning_offload.planner import Plan, PlanDoesNotFit, estimate_memory, measure_model
+from lightning_offload.planner import Machine, Plan, PlanDoesNotFit, estimate_memory, measure_model
 from lightning_offload.planner.fallback import checkpoint_size, estimate_stats
 
 
@@ -104,28 +104,27 @@ def test_host_memory_for_a_from_pretrained_build_is_checked_at_the_dtype_it_load
                                                                                       dtype) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from lightning_offload.planner import GIB, Machine
+    from lightning_offload.planner import GIB
     from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first
 
     LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path)
     size = checkpoint_size(tmp_path)
     # Room for the checkpoint's bf16 weights with the margin kept free, not for them in fp32.
     machine = Machine(gpu_memory_gib=80, host_memory_gib=3 * size.parameters / UNMEASURED_MARGIN / GIB)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
     with pytest.raises(RuntimeError) as failure, torch.device("meta"):
         AutoModelForCausalLM.from_pretrained(tmp_path, **({"dtype": dtype} if dtype else {}))
     if dtype is None:
-        pending = build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
+        pending = build_first(torch.nn.Module(), failure.value, machine)
         assert f"for the {size.parameters / 1e6:.2f}M parameters in {str(tmp_path)!r}, which fits" in pending.message
     else:
         with pytest.raises(PlanDoesNotFit, match="building it in host memory would need"):
-            build_first(torch.nn.Module(), failure.value, torch.device("cpu"))
+            build_first(torch.nn.Module(), failure.value, machine)
 
 
 def test_a_failure_with_no_checkpoint_behind_it_says_its_host_memory_is_not_checked() -> None:
     from lightning_offload.planner.fallback import build_first
 
-    pending = build_first(torch.nn.Module(), RuntimeError("a custom init"), torch.device("cpu"))
+    pending = build_first(torch.nn.Module(), RuntimeError("a custom init"), Machine.detect())
     assert "not checked before it is built" in pending.message
 
 

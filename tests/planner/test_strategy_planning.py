@@ -89,7 +89,7 @@ def test_a_budget_too_small_for_the_estimate_is_refused_before_training(monkeypa
     needs = min(c.memory.gpu_bytes + c.memory.host_bytes for c in roomy.strategy.plan_report.candidates)
     # Room for the smallest plan with 10% kept free (a measured plan's margin), not with the estimate's 20%.
     machine = Machine(gpu_memory_gib=needs / 0.85 / 2**30, host_memory_gib=needs / 0.85 / 2**30, unified=True)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: machine))
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: machine))
     module = OpaqueLM()
     with pytest.raises(PlanDoesNotFit, match="No plan fits"):
         fit("single_gpu_offload", module=module, num_batches=2)
@@ -188,7 +188,7 @@ def test_a_model_loaded_with_from_pretrained_is_built_in_host_memory_once_and_pl
 
 def test_a_checkpoint_too_large_for_host_memory_is_refused_before_it_is_read(monkeypatch, pretrained) -> None:
     small_host = Machine(gpu_memory_gib=80, host_memory_gib=1e-5)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: small_host))
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: small_host))
     module = PretrainedLM(pretrained)
     with pytest.raises(PlanDoesNotFit, match=r"building it in host memory would need 0\.0 GiB for the 0\.0\dM "
                                              r"parameters .*from_config"):
@@ -199,7 +199,7 @@ def test_a_checkpoint_too_large_for_host_memory_is_refused_before_it_is_read(mon
 def test_a_budget_too_small_for_the_built_model_is_refused_before_training(monkeypatch, pretrained) -> None:
     # Room in host memory for the checkpoint, not on the (faked) GPU for any plan of it.
     small_card = Machine(gpu_memory_gib=1e-4, host_memory_gib=1)
-    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None: small_card))
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: small_card))
     module = PretrainedLM(pretrained)
     with pytest.raises(PlanDoesNotFit, match=r"No plan fits .* for 0\.0\dM parameters"):
         fit("single_gpu_offload", module=module, num_batches=2)
