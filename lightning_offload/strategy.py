@@ -32,6 +32,7 @@ from lightning_offload.planner.lightning import (
     optimizer_of,
     plan_for_trainer,
 )
+from lightning_offload.planner.preflight import user_program_preserved
 from lightning_offload.optim import (
     check_optimizer_device,
     check_optimizer_name,
@@ -184,10 +185,12 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
-        report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
-                                  optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                  precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                  compiled_blocks=self.compile_blocks)
+        # The user's run must not notice the pre-flight: its random numbers, data order and module stay as they were.
+        with user_program_preserved(self.lightning_module, trainer, self.root_device):
+            report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                                      optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
+                                      precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                      compiled_blocks=self.compile_blocks)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         if report is None:
             if self.backend is None:

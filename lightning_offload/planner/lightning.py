@@ -15,6 +15,7 @@ from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_its
 from lightning_offload.planner import Machine, Plan, PlanReport, compute_dtype, load_or_probe, measure_module, plan
 from lightning_offload.planner.choose import parameter_count
 from lightning_offload.planner.measure import meta_network
+from lightning_offload.planner.preflight import loader_untouched
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
 
 _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
@@ -80,7 +81,8 @@ def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
     # Lightning keeps what `fit(...)` was given (a DataLoader, a datamodule's hook) in the fit loop's data source;
     # the datamodule's `setup` has run by now.
     loader = trainer.fit_loop._data_source.dataloader()
-    batch = next(iter(loader))
+    with loader_untouched(loader):
+        batch = next(iter(loader))
     return batch, lambda meta_batch: module.training_step(meta_batch, 0)
 
 
