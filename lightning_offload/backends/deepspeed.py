@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
 from lightning_offload.saving import atomic_directory
 
@@ -275,6 +276,10 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu") if self.config.offload_optimizer else device
+
+    def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        refuse_compiled_submodules(module, self.name, "gathers their weights")
+        return module
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return to_cpu_adam(optimizer) if self.config.offload_optimizer else optimizer
