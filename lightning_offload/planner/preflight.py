@@ -17,10 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# The tables `nn.Module` keeps its children, parameters and buffers in: restored by content, the dicts kept.
-_MODULE_TABLES = ("_modules", "_parameters", "_buffers")
-
-
 @contextmanager
 def user_program_preserved(module: nn.Module, trainer: Any, device: torch.device) -> Generator[None, None, None]:
     """Runs the pre-flight with the user's random streams (torch CPU and every CUDA device, numpy, Python's
@@ -58,32 +54,32 @@ def random_streams_kept(device: torch.device) -> Generator[None, None, None]:
 
 @contextmanager
 def module_state_kept(module: nn.Module) -> Generator[None, None, None]:
-    """Every submodule's attributes (plain tensors cached in a forward, the hook-set `_current_fx_name`) and its
-    children, parameters and buffers as they were, on exit; submodules added meanwhile are dropped with them."""
-    saved = [(submodule, dict(submodule.__dict__),
-              {name: dict(submodule.__dict__[name]) for name in _MODULE_TABLES if name in submodule.__dict__})
-             for submodule in module.modules()]
-    try:
+    """Every submodule's attributes as they were on exit: plain tensors cached in a forward, what a hook set, and its
+    children, parameters and buffers (submodules added meanwhile are dropped with them)."""
+    with attributes_kept(list(module.modules())):
         yield
-    finally:
-        for submodule, attributes, tables in saved:
-            submodule.__dict__.clear()
-            submodule.__dict__.update(attributes)
-            for name, content in tables.items():
-                table = submodule.__dict__[name]
-                table.clear()
-                table.update(content)
 
 
 @contextmanager
 def attributes_kept(objects: Iterable[Any]) -> Generator[None, None, None]:
-    saved = [(obj, dict(obj.__dict__)) for obj in objects]
+    """`objects`' attributes as they were on exit, and the contents of those that are lists, dicts or sets (a hook
+    counting its calls, a list of drawn values), put back in place so that references to them stay valid."""
+    saved = [(obj, dict(obj.__dict__), {name: _contents(value) for name, value in obj.__dict__.items()
+                                         if isinstance(value, (list, dict, set))})
+             for obj in objects]
     try:
         yield
     finally:
-        for obj, attributes in saved:
+        for obj, attributes, contents in saved:
             obj.__dict__.clear()
             obj.__dict__.update(attributes)
+            for name, content in contents.items():
+                container = attributes[name]
+                if isinstance(container, list):
+                    container[:] = content
+                else:
+                    container.clear()
+                    container.update(content)
 
 
 @contextmanager
@@ -100,6 +96,12 @@ def loader_untouched(loader: Any) -> Generator[None, None, None]:
             generator.set_state(state)
         if hasattr(loader, "_iterator"):
             loader.__dict__["_iterator"] = cached_iterator
+
+
+def _contents(container: list | dict | set) -> list | dict | set:
+    if isinstance(container, list):
+        return list(container)
+    return dict(container) if isinstance(container, dict) else set(container)
 
 
 def _generators_of(loader: Any) -> list[Any]:
