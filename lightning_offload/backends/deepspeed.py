@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,13 +117,18 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
         name: function for name, function in vars(torch.nn.init).items()
         if name.endswith("_") and not name.startswith("_") and callable(function)
     }
+    # transformers initialises through torch's functions as they were when it was imported, kept in a table.
+    transformers_init = getattr(sys.modules.get("transformers.initialization"), "TORCH_INIT_FUNCTIONS", {})
+    transformers_originals = dict(transformers_init)
     try:
         for name, function in originals.items():
             setattr(torch.nn.init, name, gathering(function))
+        transformers_init.update({name: gathering(function) for name, function in transformers_originals.items()})
         yield
     finally:
         for name, function in originals.items():
             setattr(torch.nn.init, name, function)
+        transformers_init.update(transformers_originals)
 
 
 def _precision_config(precision: str) -> dict[str, Any]:
