@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 @contextmanager
 def user_program_preserved(module: nn.Module, trainer: Any, device: torch.device) -> Generator[None, None, None]:
     """Runs the pre-flight with the user's random streams (torch CPU and every CUDA device, numpy, Python's
