@@ -39,7 +39,9 @@ def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Mo
         if not blocks:
             raise ValueError(f"No module of class {list(class_names)} in {type(model).__name__}.")
         return blocks
-    composites = [m for m in model.modules() if m is not model and any(True for _ in m.children())]
+    # Containers without a forward (a T5 block's list of layers) cannot be run, sharded or recomputed as a unit.
+    composites = [m for m in model.modules() if m is not model and any(True for _ in m.children())
+                  and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
     counts = {cls: count for cls, count in Counter(type(m) for m in composites).items() if count > 1}
     if not counts:
         return []

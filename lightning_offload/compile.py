@@ -52,3 +52,18 @@ def compile_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> int:
 
 def is_compiled(module: nn.Module) -> bool:
     return bool(getattr(module, _COMPILED, False))
+
+
+def refuse_compiled_submodules(module: nn.Module, backend: str, reason: str) -> None:
+    """Refuses a module the user compiled (`torch.compile(layer)`) for a backend that hooks the layers inside it:
+    hooks registered after compiling never run in the compiled graph."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = [name for name, submodule in module.named_modules() if isinstance(submodule, OptimizedModule)]
+    if compiled:
+        raise ValueError(
+            f"`{compiled[0] or type(module).__name__}` is compiled with `torch.compile`, which hides its layers from "
+            f"the hooks in which the `{backend}` backend {reason}. Leave the module uncompiled (the strategy's "
+            "`compile_blocks=True` compiles blocks where the backend allows it), or pick `backend='device'` or "
+            "`'fsdp'`, which run compiled modules."
+        )

@@ -56,6 +56,11 @@ def rebind_lr_schedulers(schedulers: list[Any], old: Optimizer, new: Optimizer) 
     """Points the user's LR schedulers at the optimizer that replaced the one they were built on."""
     if new is old:
         return
+    if len(new.param_groups) == len(old.param_groups):
+        # Schedulers keep their own keys in the groups at construction (`OneCycleLR`'s `max_lr`, `initial_lr`).
+        for old_group, new_group in zip(old.param_groups, new.param_groups):
+            for key, value in old_group.items():
+                new_group.setdefault(key, value)
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is old:
             scheduler.optimizer = new

@@ -34,6 +34,7 @@ from lightning_offload.planner.lightning import (
     optimizer_of,
     plan_for_trainer,
 )
+from lightning_offload.planner.preflight import user_program_preserved
 from lightning_offload.planner.record import (
     PLAN_KEY,
     fit_ckpt_path,
@@ -221,12 +222,15 @@ class _SingleGPUOffloadCore:
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         try:
-            report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
-                                      optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                      precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                      compiled_blocks=self.compile_blocks, example=self._fetched_example,
-                                      max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                      max_host_memory_gib=self.max_host_memory_gib)
+            # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
+            # they were.
+            with user_program_preserved(self.lightning_module, trainer, self.root_device):
+                report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                                          optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
+                                          precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                          compiled_blocks=self.compile_blocks, example=self._fetched_example,
+                                          max_gpu_memory_gib=self.max_gpu_memory_gib,
+                                          max_host_memory_gib=self.max_host_memory_gib)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._memory_checked, self._building_unplanned = False, True

@@ -14,6 +14,9 @@ from tests.conftest import TinyLM, fit
 # slowly over steps; 1e-3 relative per step holds with a wide margin yet catches any real mismatch (a dropped
 # param group, a doubled loss scale, a missing clip), which moves losses by >1e-2 within a few steps.
 FP32_RTOL = 1e-3
+# On the CPU the same comparison holds far tighter: measured at most 3.5e-6 relative per step over 8 steps
+# (tests/conformance).
+CPU_ADAM_RTOL = 1e-5
 # bf16 weights: each step's loss within 3% of the fp32 reference (measured: <1%).
 BF16_RTOL = 3e-2
 
@@ -26,7 +29,7 @@ def assert_losses_close(actual: list[float], expected: list[float], rtol: float)
 def test_fp32_losses_track_plain_run() -> None:
     reference, _ = fit("auto")
     offloaded, _ = fit("single_gpu_offload_deepspeed")
-    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(offloaded.losses, reference.losses, CPU_ADAM_RTOL)
     assert offloaded.losses[-1] < 0.9 * offloaded.losses[0]
 
 
@@ -63,7 +66,7 @@ def test_sgd_matches_plain_run(accumulate: int) -> None:
     options = dict(optimizer="sgd", lr=0.5, optimizer_kwargs={"momentum": 0.9})
     reference, ref_trainer = fit("auto", module=TinyLM(**options), accumulate_grad_batches=accumulate)
     offloaded, trainer = fit("single_gpu_offload_deepspeed", module=TinyLM(**options), accumulate_grad_batches=accumulate)
-    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(offloaded.losses, reference.losses, CPU_ADAM_RTOL)
     assert trainer.global_step == ref_trainer.global_step == 8 // accumulate
     assert type(trainer.strategy.optimizers[0].optimizer) is torch.optim.SGD
 
@@ -71,7 +74,7 @@ def test_sgd_matches_plain_run(accumulate: int) -> None:
 def test_step_interval_lr_schedule_takes_effect() -> None:
     reference, _ = fit("auto", module=TinyLM(scheduler="step"))
     offloaded, trainer = fit("single_gpu_offload_deepspeed", module=TinyLM(scheduler="step"))
-    assert_losses_close(offloaded.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(offloaded.losses, reference.losses, CPU_ADAM_RTOL)
     # StepLR(step_size=2, gamma=0.5) over 8 optimizer steps: 4 halvings.
     assert trainer.strategy.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 / 16)
 
@@ -81,7 +84,7 @@ def test_gradient_clipping_takes_effect() -> None:
     reference, _ = fit("auto", module=TinyLM(**options), gradient_clip_val=0.05)
     clipped, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(**options), gradient_clip_val=0.05)
     unclipped, _ = fit("single_gpu_offload_deepspeed", module=TinyLM(**options))
-    assert_losses_close(clipped.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(clipped.losses, reference.losses, CPU_ADAM_RTOL)
     assert abs(clipped.losses[-1] - unclipped.losses[-1]) > 1e-2
 
 

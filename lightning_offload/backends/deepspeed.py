@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
 from lightning_offload.saving import atomic_directory
 
@@ -116,13 +118,18 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
         name: function for name, function in vars(torch.nn.init).items()
         if name.endswith("_") and not name.startswith("_") and callable(function)
     }
+    # transformers initialises through torch's functions as they were when it was imported, kept in a table.
+    transformers_init = getattr(sys.modules.get("transformers.initialization"), "TORCH_INIT_FUNCTIONS", {})
+    transformers_originals = dict(transformers_init)
     try:
         for name, function in originals.items():
             setattr(torch.nn.init, name, gathering(function))
+        transformers_init.update({name: gathering(function) for name, function in transformers_originals.items()})
         yield
     finally:
         for name, function in originals.items():
             setattr(torch.nn.init, name, function)
+        transformers_init.update(transformers_originals)
 
 
 @contextmanager
@@ -295,6 +302,10 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu") if self.config.offload_optimizer else device
+
+    def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        refuse_compiled_submodules(module, self.name, "gathers their weights")
+        return module
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return to_cpu_adam(optimizer) if self.config.offload_optimizer else optimizer

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks
+from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.saving import atomic_directory
 
 CHECKPOINT_FILE = "host_adam.pt"
@@ -213,6 +214,10 @@ class HostAdamBackend(Backend):
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu")
+
+    def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        refuse_compiled_submodules(module, self.name, "waits for each layer's update before it runs")
+        return module
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._optimizer = HostAdamW(optimizer)

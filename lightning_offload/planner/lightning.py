@@ -26,6 +26,7 @@ from lightning_offload.planner import (
 from lightning_offload.planner.choose import SAFETY_MARGIN, parameter_count
 from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, estimate_stats, unmeasured_note
 from lightning_offload.planner.measure import meta_network
+from lightning_offload.planner.preflight import loader_untouched
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
 
 _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
@@ -124,7 +125,8 @@ def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
     # Lightning keeps what `fit(...)` was given (a DataLoader, a datamodule's hook) in the fit loop's data source;
     # the datamodule's `setup` has run by now.
     loader = trainer.fit_loop._data_source.dataloader()
-    batch = next(iter(loader))
+    with loader_untouched(loader):
+        batch = next(iter(loader))
     return batch, lambda meta_batch: module.training_step(meta_batch, 0)
 
 

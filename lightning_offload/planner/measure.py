@@ -223,8 +223,11 @@ def measure_module(module: nn.Module, batch: Any, *, dtype: torch.dtype,
     `step(meta_batch)` runs what training runs (e.g. a LightningModule's `training_step`); when it cannot run on
     meta tensors (it calls `.item()`, say), `module(first tensor of the batch)` is measured instead.
     """
+    from lightning_offload.planner.preflight import module_state_kept
+
     meta_batch = _to_meta(batch)
-    with meta_network(module, dtype), _silenced_logging(module):
+    # A forward may cache tensors in plain attributes (a lazily built positional table): on the meta device here.
+    with module_state_kept(module), meta_network(module, dtype), _silenced_logging(module):
         step_error: Exception | None = None
         if step is not None:
             try:

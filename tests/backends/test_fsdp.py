@@ -8,7 +8,11 @@ import torch
 from lightning_offload import SingleGPUOffloadStrategy
 from tests.conftest import TinyLM, fit
 from tests.test_optim import EIGHT_BIT_RTOL
-from tests.test_strategy import BF16_RTOL, FP32_RTOL, assert_losses_close
+from tests.test_strategy import BF16_RTOL, assert_losses_close
+
+# torch's fused AdamW on the host shards against the foreach AdamW of the plain run: measured at most 1.5e-7
+# relative per step (tests/conformance).
+FUSED_ADAMW_RTOL = 1e-6
 
 
 def fsdp(**options) -> SingleGPUOffloadStrategy:
@@ -20,7 +24,7 @@ def test_fp32_matches_plain_run_and_shards_blocks() -> None:
 
     reference, _ = fit("auto")
     module, _ = fit(fsdp())
-    assert_losses_close(module.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
     assert all(isinstance(block, FSDPModule) for block in module.net.blocks)
 
 
@@ -34,7 +38,7 @@ def test_bf16_mixed_tracks_fp32_plain_run() -> None:
 def test_torch_adamw_steps_host_shards_with_its_fused_kernel_unless_the_user_chose(user_choice: dict) -> None:
     reference, _ = fit("auto", module=TinyLM(optimizer_kwargs=user_choice))
     module, trainer = fit(fsdp(), module=TinyLM(optimizer_kwargs=user_choice))
-    assert_losses_close(module.losses, reference.losses, FP32_RTOL)
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
     groups = trainer.strategy.optimizers[0].param_groups
     assert all(group["fused"] is (None if user_choice else True) for group in groups)
 
