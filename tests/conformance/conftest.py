@@ -16,8 +16,8 @@ CPU_MACHINE = Machine(gpu_memory_gib=16.0, host_memory_gib=16.0, unified=True)
 def _fixed_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     detect = Machine.detect.__func__
 
-    def fixed_on_cpu(cls: type[Machine], device: torch.device | None = None) -> Machine:
+    def fixed_on_cpu(cls: type[Machine], device: torch.device | None = None, **budgets: float | None) -> Machine:
         on_gpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-        return detect(cls, device) if on_gpu else CPU_MACHINE
+        return detect(cls, device, **budgets) if on_gpu else CPU_MACHINE
 
     monkeypatch.setattr(Machine, "detect", classmethod(fixed_on_cpu))
