@@ -184,10 +184,13 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
+        # A pinned deepspeed's disk: plans keep state there only where the user gave one.
+        disk_options = {option: getattr(self.backend.config, option) for option in ("nvme_path", "offload_device",
+                        "nvme_state") if hasattr(self.backend.config, option)} if self.backend is not None else None
         report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                   optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                   precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                  compiled_blocks=self.compile_blocks)
+                                  compiled_blocks=self.compile_blocks, disk_options=disk_options)
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         if report is None:
             if self.backend is None:

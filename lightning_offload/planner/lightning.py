@@ -26,10 +26,11 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend: str | None,
                      optimizer: str | None, checkpointing: CheckpointingConfig,
                      precision: str, world_size: int = 1, ranks_per_host: int | None = None,
-                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False) -> PlanReport | None:
+                     gpu_state_blocks: int | None = None, compiled_blocks: bool = False,
+                     disk_options: dict[str, Any] | None = None) -> PlanReport | None:
     """The plan report for fitting `module` with `trainer` on `device`, or None when it cannot be measured (the
     reason is warned) or the Trainer is not fitting. `compiled_blocks`: the strategy compiles the blocks (costed
-    shorter)."""
+    shorter). `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`."""
     if trainer.state.fn is None or trainer.state.fn.value != "fit":
         return None
     dtype = compute_dtype(precision)
@@ -67,7 +68,7 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, backend
         accumulate=trainer.accumulate_grad_batches, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm"),
-        gpu_state_blocks=gpu_state_blocks,
+        gpu_state_blocks=gpu_state_blocks, **(disk_options or {}),
     )
 
 
@@ -111,10 +112,11 @@ def optimizer_of(chosen: Plan) -> str | None:
 
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
-    optimizer state stays on the GPU, fsdp's accumulation on the GPU."""
+    optimizer state stays on the GPU, fsdp's accumulation on the GPU, deepspeed's state on disk."""
     known = {f.name for f in dataclasses.fields(config)}
     levers = {"resident_blocks": chosen.resident_blocks, "gpu_state_blocks": chosen.resident_blocks,
-              "accumulate_on_gpu": chosen.accumulate_on_gpu}
+              "accumulate_on_gpu": chosen.accumulate_on_gpu, "offload_device": chosen.offload_device,
+              "nvme_state": chosen.nvme_state}
     return {name: value for name, value in levers.items() if name in known}
 
 
