@@ -13,6 +13,7 @@ import gc
 import functools
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,12 @@ _TRAINER_OWNED_KEYS = {
     "scheduler": "LightningModule.configure_optimizers",
 }
 _CHECKPOINT_TAG = "checkpoint"
+_SWAPPED_OPTIMIZER_CHECKPOINT = (
+    "DeepSpeed ZeRO-3 checkpoints leave out the optimizer state it swaps to NVMe (its fp32 weights are saved empty "
+    "and cannot be loaded), so the `deepspeed` backend cannot checkpoint with `nvme_state={state!r}`. To save and "
+    "resume, keep the optimizer state in host memory: `nvme_state='parameters'` (bf16 weights on disk) or "
+    "`offload_device='cpu'`."
+)
 # DeepSpeed's async I/O settings for swap files: 1 MiB requests, 8 in flight per thread (its tuning tool's usual
 # best on one NVMe drive); `config={"aio": {...}}` overrides them.
 _AIO = {"block_size": 1_048_576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
@@ -84,6 +91,9 @@ class DeepSpeedConfig(BackendConfig):
     """On `nvme`: `all` state, only the `parameters` (bf16 weights, 2 bytes/param on disk, read at every gather) or
     only the `optimizer` (fp32 master weights, gradients and Adam state, 16 bytes/param, read and written once per
     step). None: the planner's choice (`all` without a plan)."""
+    nvme_buffer_numel: int = DEEPSPEED_NVME_BUFFER_NUMEL
+    """Parameters on NVMe: elements of each of the five pinned bf16 swap buffers; a larger parameter stays in host
+    memory. The default covers every matrix of a 70B Llama block (the planner counts it)."""
     config: dict[str, Any] | None = None
     """A raw DeepSpeed config merged over the one built from the fields above (the user's keys win)."""
 
@@ -260,6 +270,9 @@ class DeepSpeedBackend(Backend):
         device = self.configured_or_planned("offload_device", "nvme" if self.config.nvme_path else "cpu")
         return self.configured_or_planned("nvme_state", "all") if device == "nvme" else None
 
+    def _optimizer_on_disk(self) -> bool:
+        return self.config.offload_optimizer and self._nvme_state() in ("all", "optimizer")
+
     def _parameter_device(self) -> str:
         return "nvme" if self._nvme_state() in ("all", "parameters") else "cpu"
 
@@ -290,7 +303,7 @@ class DeepSpeedBackend(Backend):
             zero["offload_param"] = dict(offload)
             if on_disk in ("all", "parameters"):
                 zero["offload_param"] = dict(swap, buffer_count=DEEPSPEED_NVME_BUFFER_COUNT,
-                                             buffer_size=DEEPSPEED_NVME_BUFFER_NUMEL,
+                                             buffer_size=cfg.nvme_buffer_numel,
                                              max_in_cpu=DEEPSPEED_NVME_PARAMS_IN_HOST)
         if cfg.offload_optimizer and setup is not None:
             zero["offload_optimizer"] = dict(offload)
@@ -352,8 +365,10 @@ class DeepSpeedBackend(Backend):
                 f"`Trainer(gradient_clip_algorithm={setup.gradient_clip_algorithm!r})`: the `deepspeed` backend "
                 "clips by global norm only. Use `gradient_clip_algorithm='norm'`."
             )
-        if self.config.offload_optimizer and self._nvme_state() in ("all", "optimizer"):
+        if self._optimizer_on_disk():
             from lightning_offload.planner.disk import check_disk_room
+
+            warnings.warn(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()), stacklevel=2)
 
             params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             check_disk_room(self._swap_folder(), 16 * params, what=f"the optimizer state of {params:,} parameters "
@@ -367,6 +382,8 @@ class DeepSpeedBackend(Backend):
         return engine
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        if self._optimizer_on_disk():
+            raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
         with atomic_directory(path, ranks=checkpoint_ranks()) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)

@@ -96,6 +96,7 @@ def probe_disk(path: str | os.PathLike, nbytes: int = PROBE_BYTES) -> tuple[floa
     """O_DIRECT (read, write) bandwidth in GB/s of the folder's filesystem: `nbytes` written from several threads,
     synced, then read back, in a file removed afterwards."""
     folder = check_disk_path(path)
+    nbytes = min(nbytes, shutil.disk_usage(folder).free // 2)  # a nearly full disk is probed, not filled
     request = min(PROBE_REQUEST_BYTES, max(mmap.PAGESIZE, nbytes // PROBE_THREADS // mmap.PAGESIZE * mmap.PAGESIZE))
     requests = max(PROBE_THREADS, nbytes // request)
     # Anonymous maps are page-aligned, as O_DIRECT needs; one buffer per thread.
@@ -151,6 +152,8 @@ def load_or_probe_disk(path: str | os.PathLike) -> Disk:
         read, write = float(rates["read_gbps"]), float(rates["write_gbps"])
     except (OSError, KeyError, TypeError, ValueError):
         read, write = probe_disk(folder)
+        if shutil.disk_usage(folder).free < 2 * PROBE_BYTES:  # probed with less than the plateau needs
+            return Disk(path=str(folder), read_gbps=read, write_gbps=write, free_bytes=shutil.disk_usage(folder).free)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             temporary = cache.with_suffix(".tmp")

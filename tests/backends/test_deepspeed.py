@@ -37,11 +37,10 @@ def _async_io() -> None:
 
 
 def on_disk(folder: Path, **options) -> SingleGPUOffloadStrategy:
-    # Training runs skip the planner: it counts DeepSpeed's 2.5 GB of parameter swap buffers, which a CPU test
-    # machine shared with other jobs may not have free (the refusals below run it).
-    options = {"check_memory": False, **options}
-    return SingleGPUOffloadStrategy(backend="deepspeed", offload_device="nvme", nvme_path=str(folder),
-                                    nvme_state="all", **options)
+    # Swap buffers of 1M elements (the test models' largest parameter is 262K) instead of the default 2.5 GB, which
+    # the planner counts: training runs skip it (the refusals below run it).
+    options = {"check_memory": False, "nvme_state": "all", "nvme_buffer_numel": 2**20, **options}
+    return SingleGPUOffloadStrategy(backend="deepspeed", offload_device="nvme", nvme_path=str(folder), **options)
 
 
 def swapped_bytes(folder: Path) -> int:
@@ -61,15 +60,26 @@ def test_state_on_disk_trains_with_the_host_offload_arithmetic(tmp_path) -> None
     assert "NVMe" in trainer.strategy.backend.describe()
 
 
-def test_state_on_disk_resumes_exactly(tmp_path) -> None:
+def test_parameters_on_disk_resume_exactly(tmp_path) -> None:
     swap = tmp_path / "swap"
     swap.mkdir()
-    uninterrupted, _ = fit(on_disk(swap), module=WideLM(lr=1e-3, scheduler="step"), max_epochs=2)
-    first, trainer = fit(on_disk(swap), module=WideLM(lr=1e-3, scheduler="step"), max_epochs=1)
+    uninterrupted, _ = fit(on_disk(swap, nvme_state="parameters"), module=WideLM(lr=1e-3, scheduler="step"),
+                           max_epochs=2)
+    first, trainer = fit(on_disk(swap, nvme_state="parameters"), module=WideLM(lr=1e-3, scheduler="step"),
+                         max_epochs=1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed, _ = fit(on_disk(swap), module=WideLM(lr=1e-3, scheduler="step"), max_epochs=2,
-                     ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    resumed, _ = fit(on_disk(swap, nvme_state="parameters"), module=WideLM(lr=1e-3, scheduler="step"),
+                     max_epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
     assert first.losses + resumed.losses == uninterrupted.losses
+
+
+def test_checkpointing_optimizer_state_on_disk_is_refused_and_warned_at_setup(tmp_path) -> None:
+    # DeepSpeed would write a checkpoint whose fp32 weights are empty: refused rather than written unloadable.
+    with pytest.warns(UserWarning, match="cannot checkpoint with `nvme_state='optimizer'`"):
+        _, trainer = fit(on_disk(tmp_path, nvme_state="optimizer"), module=WideLM(lr=1e-3), num_batches=1)
+    with pytest.raises(RuntimeError, match="nvme_state='parameters'"):
+        trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert not (tmp_path / "last.ckpt").exists()
 
 
 @contextlib.contextmanager
@@ -108,9 +118,15 @@ def test_a_filesystem_without_o_direct_is_refused(tmp_path) -> None:
         assert "without O_DIRECT" in refusal(folder)
 
 
-@pytest.mark.parametrize("check_memory", [True, False])
-def test_a_disk_too_small_is_refused_with_the_numbers(tmp_path, check_memory: bool) -> None:
-    # A 256 KiB filesystem: the optimizer state of the test model (16 bytes x ~30K parameters) needs ~0.5 MiB.
+def test_a_disk_too_small_is_refused_with_the_numbers(tmp_path) -> None:
+    # A 256 KiB filesystem: the optimizer state of the test model (16 bytes x ~30K parameters) needs ~0.5 MiB. The
+    # planner refuses it before the model is built.
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=256k", "tmpfs") as folder:
-        message = refusal(folder, check_memory=check_memory)
-    assert ("disk short by" if check_memory else "GiB free but") in message
+        message = refusal(folder)
+    assert "disk short by" in message and "GiB disk" in message
+
+
+def test_without_the_planner_a_disk_too_small_for_the_optimizer_is_refused_before_it_is_written(tmp_path) -> None:
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=256k", "tmpfs") as folder:
+        with pytest.raises(UnusableDisk, match=r"has 0\.00 GiB free but the optimizer state of [\d,]+ parameters"):
+            fit(on_disk(folder, nvme_state="optimizer"), num_batches=1)
