@@ -52,10 +52,10 @@ _TRAINER_OWNED_KEYS = {
 }
 _CHECKPOINT_TAG = "checkpoint"
 _SWAPPED_OPTIMIZER_CHECKPOINT = (
-    "DeepSpeed ZeRO-3 checkpoints leave out the optimizer state it swaps to NVMe (its fp32 weights are saved empty "
-    "and cannot be loaded), so the `deepspeed` backend cannot checkpoint with `nvme_state={state!r}`. To save and "
-    "resume, keep the optimizer state in host memory: `nvme_state='parameters'` (bf16 weights on disk) or "
-    "`offload_device='cpu'`."
+    "DeepSpeed ZeRO-3 checkpoints leave out the optimizer state it swaps to NVMe (its fp32 weights are saved empty, "
+    "and no checkpoint loads into it), so the `deepspeed` backend cannot save or resume with "
+    "`nvme_state={state!r}`. To checkpoint, keep the optimizer state in host memory: `nvme_state='parameters'` "
+    "(bf16 weights on disk) or `offload_device='cpu'`."
 )
 # DeepSpeed's async I/O settings for swap files: 1 MiB requests, 8 in flight per thread (its tuning tool's usual
 # best on one NVMe drive); `config={"aio": {...}}` overrides them.
@@ -93,7 +93,7 @@ class DeepSpeedConfig(BackendConfig):
     step). None: the planner's choice (`all` without a plan)."""
     nvme_buffer_numel: int = DEEPSPEED_NVME_BUFFER_NUMEL
     """Parameters on NVMe: elements of each of the five pinned bf16 swap buffers; a larger parameter stays in host
-    memory. The default covers every matrix of a 70B Llama block (the planner counts it)."""
+    memory. The default covers every matrix of a 70B Llama block (the planner counts the default)."""
     config: dict[str, Any] | None = None
     """A raw DeepSpeed config merged over the one built from the fields above (the user's keys win)."""
 
@@ -282,7 +282,8 @@ class DeepSpeedBackend(Backend):
         if self._swap is None:
             from lightning_offload.planner.disk import check_disk_path
 
-            folder = Path(tempfile.mkdtemp(prefix="lightning_offload-deepspeed-", dir=check_disk_path(self.config.nvme_path)))
+            disk = check_disk_path(self.config.nvme_path)
+            folder = Path(tempfile.mkdtemp(prefix="lightning_offload-deepspeed-", dir=disk))
             self._swap = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
             self._swap_path = str(folder)
         return self._swap_path
@@ -393,6 +394,8 @@ class DeepSpeedBackend(Backend):
                 (staging / script).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        if self._optimizer_on_disk():
+            raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         if not (path / "latest").is_file():
             raise FileNotFoundError(
                 f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "

@@ -63,8 +63,8 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     `checkpointing` pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam`
     (None: the most blocks whose optimizer state fits on the GPU). `nvme_path` is a folder where `deepspeed` plans
     may keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`); `offload_device` and
-    `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds it). With `world_size` processes
-    (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
+    `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds it). With `world_size`
+    processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
     Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
     """

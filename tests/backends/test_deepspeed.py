@@ -73,13 +73,18 @@ def test_parameters_on_disk_resume_exactly(tmp_path) -> None:
     assert first.losses + resumed.losses == uninterrupted.losses
 
 
-def test_checkpointing_optimizer_state_on_disk_is_refused_and_warned_at_setup(tmp_path) -> None:
+def test_checkpoints_of_optimizer_state_on_disk_are_refused_and_warned_at_setup(tmp_path) -> None:
     # DeepSpeed would write a checkpoint whose fp32 weights are empty: refused rather than written unloadable.
-    with pytest.warns(UserWarning, match="cannot checkpoint with `nvme_state='optimizer'`"):
+    with pytest.warns(UserWarning, match="cannot save or resume with `nvme_state='optimizer'`"):
         _, trainer = fit(on_disk(tmp_path, nvme_state="optimizer"), module=WideLM(lr=1e-3), num_batches=1)
     with pytest.raises(RuntimeError, match="nvme_state='parameters'"):
         trainer.save_checkpoint(tmp_path / "last.ckpt")
     assert not (tmp_path / "last.ckpt").exists()
+    _, in_host = fit("single_gpu_offload_deepspeed", module=WideLM(lr=1e-3), num_batches=1)
+    in_host.save_checkpoint(tmp_path / "in_host.ckpt")
+    with pytest.raises(RuntimeError, match="cannot save or resume"):
+        fit(on_disk(tmp_path, nvme_state="optimizer"), module=WideLM(lr=1e-3), num_batches=1,
+            ckpt_path=str(tmp_path / "in_host.ckpt"))
 
 
 @contextlib.contextmanager
