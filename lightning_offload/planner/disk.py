@@ -87,9 +87,12 @@ def check_disk_room(path: str | os.PathLike, needed_bytes: int, *, what: str, op
     """Refuses a folder whose filesystem has less free space than `needed_bytes` (for `what`)."""
     free = shutil.disk_usage(path).free
     if needed_bytes > free:
-        raise UnusableDisk(f"`{option}={str(path)!r}` has {free / GIB:.2f} GiB free but {what} needs "
-                           f"{needed_bytes / GIB:.2f} GiB. Free {(needed_bytes - free) / GIB:.2f} GiB there or "
-                           f"point `{option}` at a larger drive.")
+        raise UnusableDisk(f"`{option}={str(path)!r}` has {_size(free)} free but {what} needs {_size(needed_bytes)}. "
+                           f"Free {_size(needed_bytes - free)} there or point `{option}` at a larger drive.")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def probe_disk(path: str | os.PathLike, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
@@ -125,6 +128,11 @@ def probe_disk(path: str | os.PathLike, nbytes: int = PROBE_BYTES) -> tuple[floa
     try:
         write = run("write")
         read = run("read")
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        check_disk_room(folder, requests * request, what="probing its bandwidth")
+        raise
     finally:
         os.close(descriptor)
         os.unlink(name)

@@ -133,5 +133,5 @@ def test_a_disk_too_small_is_refused_with_the_numbers(tmp_path) -> None:
 
 def test_without_the_planner_a_disk_too_small_for_the_optimizer_is_refused_before_it_is_written(tmp_path) -> None:
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=256k", "tmpfs") as folder:
-        with pytest.raises(UnusableDisk, match=r"has 0\.00 GiB free but the optimizer state of [\d,]+ parameters"):
+        with pytest.raises(UnusableDisk, match=r"has 0\.\d\d MiB free but the optimizer state of [\d,]+ parameters"):
             fit(on_disk(folder, nvme_state="optimizer"), num_batches=1)
