@@ -6,6 +6,7 @@ rows that share a mechanism (the Lightning Trainer, DeepSpeed's engine) share it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,11 @@ _VARIANTS = {
          "; every optimizer state in host memory, weights cast on the GPU"),
         ("cast_on_host", {"cast_on_device": False}, "; weights cast on the host"),
     ],
+    # ZeRO-Infinity: the bf16 weights on NVMe under $BENCH_NVME_PATH (a folder the calling script makes); all state
+    # (18 bytes/param) would not fit the benchmark machine's 64 GiB disk at 3.6B.
+    "deepspeed": [("nvme_parameters", {"offload_device": "nvme", "nvme_state": "parameters",
+                                       "nvme_path": os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_swap")},
+                   "; bf16 weights on NVMe (ZeRO-Infinity)")],
     "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
     "stream": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
 }

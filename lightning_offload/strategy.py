@@ -220,6 +220,9 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
+        # A pinned deepspeed's disk: plans keep state there only where the user gave one.
+        disk_options = {option: getattr(self.backend.config, option) for option in ("nvme_path", "offload_device",
+                        "nvme_state") if hasattr(self.backend.config, option)} if self.backend is not None else None
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
@@ -230,7 +233,8 @@ class _SingleGPUOffloadCore:
                                           precision=self._precision_flag, gpu_state_blocks=pinned_share,
                                           compiled_blocks=self.compile_blocks, example=self._fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                          max_host_memory_gib=self.max_host_memory_gib)
+                                          max_host_memory_gib=self.max_host_memory_gib,
+                                          disk_options=disk_options)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._memory_checked, self._building_unplanned = False, True

@@ -9,9 +9,13 @@ Lightning's accumulation, LR scheduling and step counting behave exactly as in a
 from __future__ import annotations
 
 import copy
-import gc
-import sys
 import functools
+import gc
+import shutil
+import sys
+import tempfile
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +31,14 @@ from lightning_offload._distributed import checkpoint_ranks, ensure_process_grou
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
+from lightning_offload.planner.memory import (
+    DEEPSPEED_NVME_BUFFER_COUNT,
+    DEEPSPEED_NVME_BUFFER_NUMEL,
+    DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT,
+    DEEPSPEED_NVME_PARAMS_IN_HOST,
+    DEEPSPEED_NVME_SUB_GROUP_NUMEL,
+    NVME_STATES,
+)
 from lightning_offload.saving import atomic_directory
 
 # Keys of a DeepSpeed config that the Trainer's own flags decide; a user config may not set them.
@@ -42,6 +54,16 @@ _TRAINER_OWNED_KEYS = {
     "scheduler": "LightningModule.configure_optimizers",
 }
 _CHECKPOINT_TAG = "checkpoint"
+_SWAPPED_OPTIMIZER_CHECKPOINT = (
+    "DeepSpeed ZeRO-3 checkpoints leave out the optimizer state it swaps to NVMe (its fp32 weights are saved empty, "
+    "and no checkpoint loads into it), so the `deepspeed` backend cannot save or resume with "
+    "`nvme_state={state!r}`. To checkpoint, keep the optimizer state in host memory: `nvme_state='parameters'` "
+    "(bf16 weights on disk) or `offload_device='cpu'`."
+)
+# DeepSpeed's async I/O settings for swap files: 1 MiB requests, 8 in flight per thread (its tuning tool's usual
+# best on one NVMe drive); `config={"aio": {...}}` overrides them.
+_AIO = {"block_size": 1_048_576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+        "overlap_events": True}
 
 
 @dataclass(kw_only=True)
@@ -62,10 +84,29 @@ class DeepSpeedConfig(BackendConfig):
     """Upper bound of gathered parameters on the GPU at once."""
     reduce_bucket_size: int = 200_000_000
     """Gradient elements moved to the host per bucket."""
+    offload_device: str | None = None
+    """Where offloaded state lives: `cpu` (host memory) or `nvme` (ZeRO-Infinity: files under `nvme_path`, read
+    and written with DeepSpeed's async I/O, which needs libaio). None: host memory, unless `nvme_path` is given
+    and the planner finds host memory short (without a plan: `nvme` whenever `nvme_path` is given)."""
+    nvme_path: str | None = None
+    """A folder on a local NVMe drive for state on disk; the engine's swap files go to a subfolder removed at exit."""
+    nvme_state: str | None = None
+    """On `nvme`: `all` state, only the `parameters` (bf16 weights, 2 bytes/param on disk, read at every gather) or
+    only the `optimizer` (fp32 master weights, gradients and Adam state, 16 bytes/param, read and written once per
+    step). None: the planner's choice (`all` without a plan)."""
+    nvme_buffer_numel: int = DEEPSPEED_NVME_BUFFER_NUMEL
+    """Parameters on NVMe: elements of each of the five pinned bf16 swap buffers; a larger parameter stays in host
+    memory. The default covers every matrix of a 70B Llama block (the planner counts the default)."""
     config: dict[str, Any] | None = None
     """A raw DeepSpeed config merged over the one built from the fields above (the user's keys win)."""
 
     def __post_init__(self) -> None:
+        if self.offload_device not in (None, "cpu", "nvme"):
+            raise ValueError(f"`offload_device={self.offload_device!r}` is unknown. Choose 'cpu' or 'nvme'.")
+        if self.nvme_state not in (None, *NVME_STATES):
+            raise ValueError(f"`nvme_state={self.nvme_state!r}` is unknown. Choose one of {list(NVME_STATES)}.")
+        if self.offload_device == "nvme" and self.nvme_path is None:
+            raise ValueError("`offload_device='nvme'` needs a folder on a local NVMe drive: pass `nvme_path=...`.")
         owned = sorted(set(self.config or {}) & set(_TRAINER_OWNED_KEYS))
         if owned:
             hints = "; ".join(f"`{key}` comes from {_TRAINER_OWNED_KEYS[key]}" for key in owned)
@@ -193,6 +234,8 @@ class DeepSpeedBackend(Backend):
         self._precision = "32-true"
         self._torch_linear: Any = None
         """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
+        self._swap: weakref.finalize | None = None
+        self._swap_path = ""
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
@@ -237,6 +280,8 @@ class DeepSpeedBackend(Backend):
                 from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
             set_accelerator(Accelerator())
         ensure_process_group(device)
+        if self._nvme_state():
+            self._swap_folder()  # a missing, unwritable or O_DIRECT-less `nvme_path` is refused before any work
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # Lightning's DeepSpeed precision plugin routes backward and step through the engine and leaves clipping to it.
@@ -246,9 +291,34 @@ class DeepSpeedBackend(Backend):
         _precision_config(precision)
         self._precision = precision
 
+    def _nvme_state(self) -> str | None:
+        """The state kept on disk (`all`, `parameters`, `optimizer`), or None for host memory."""
+        device = self.configured_or_planned("offload_device", "nvme" if self.config.nvme_path else "cpu")
+        return self.configured_or_planned("nvme_state", "all") if device == "nvme" else None
+
+    def _optimizer_on_disk(self) -> bool:
+        return self.config.offload_optimizer and self._nvme_state() in ("all", "optimizer")
+
+    def _parameter_device(self) -> str:
+        return "nvme" if self._nvme_state() in ("all", "parameters") else "cpu"
+
+    def _swap_folder(self) -> str:
+        """This backend's folder for swap files under `nvme_path`, checked and made on first use; removed when the
+        backend is collected or the process exits (the files are scratch: checkpoints hold the state)."""
+        if self._swap is None:
+            from lightning_offload.planner.disk import check_disk_path
+
+            disk = check_disk_path(self.config.nvme_path)
+            folder = Path(tempfile.mkdtemp(prefix="lightning_offload-deepspeed-", dir=disk))
+            self._swap = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+            self._swap_path = str(folder)
+        return self._swap_path
+
     def engine_config(self, setup: TrainingSetup | None) -> dict[str, Any]:
         cfg = self.config
         offload = {"device": "cpu", "pin_memory": cfg.pin_memory}
+        on_disk = self._nvme_state()
+        swap = {"device": "nvme", "nvme_path": self._swap_folder(), "pin_memory": cfg.pin_memory} if on_disk else {}
         zero: dict[str, Any] = {
             "stage": 3,
             "stage3_prefetch_bucket_size": cfg.prefetch_bucket_size,
@@ -258,8 +328,15 @@ class DeepSpeedBackend(Backend):
         }
         if cfg.offload_parameters:
             zero["offload_param"] = dict(offload)
+            if on_disk in ("all", "parameters"):
+                zero["offload_param"] = dict(swap, buffer_count=DEEPSPEED_NVME_BUFFER_COUNT,
+                                             buffer_size=cfg.nvme_buffer_numel,
+                                             max_in_cpu=DEEPSPEED_NVME_PARAMS_IN_HOST)
         if cfg.offload_optimizer and setup is not None:
             zero["offload_optimizer"] = dict(offload)
+            if on_disk in ("all", "optimizer"):
+                zero["offload_optimizer"] = dict(swap, buffer_count=DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT)
+                zero["sub_group_size"] = DEEPSPEED_NVME_SUB_GROUP_NUMEL
         config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -268,6 +345,8 @@ class DeepSpeedBackend(Backend):
             "wall_clock_breakdown": False,
             **_precision_config(self._precision),
         }
+        if on_disk:
+            config["aio"] = dict(_AIO)
         if setup is not None:
             config.update(
                 # Lightning divides the loss by `accumulate_grad_batches` and calls `step()` at the boundary.
@@ -295,7 +374,7 @@ class DeepSpeedBackend(Backend):
         config = self.engine_config(setup=None)
         with deepspeed.zero.Init(
             config_dict_or_path=config,
-            remote_device="cpu" if self.config.offload_parameters else None,
+            remote_device=self._parameter_device() if self.config.offload_parameters else None,
             pin_memory=self.config.pin_memory,
         ), _init_functions_reach_partitioned_parameters(), _transformers_sees_zero3(config):
             yield
@@ -318,6 +397,14 @@ class DeepSpeedBackend(Backend):
                 f"`Trainer(gradient_clip_algorithm={setup.gradient_clip_algorithm!r})`: the `deepspeed` backend "
                 "clips by global norm only. Use `gradient_clip_algorithm='norm'`."
             )
+        if self._optimizer_on_disk():
+            from lightning_offload.planner.disk import check_disk_room
+
+            warnings.warn(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()), stacklevel=2)
+
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+            check_disk_room(self._swap_folder(), 16 * params, what=f"the optimizer state of {params:,} parameters "
+                            "(fp32 master weights, gradients and Adam moments: 16 bytes each)")
         engine, zero_optimizer, _, _ = self._initialize(module, optimizer=optimizer, config=self.engine_config(setup))
         return engine, zero_optimizer
 
@@ -327,6 +414,8 @@ class DeepSpeedBackend(Backend):
         return engine
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        if self._optimizer_on_disk():
+            raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
         with atomic_directory(path, ranks=checkpoint_ranks()) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
@@ -336,6 +425,8 @@ class DeepSpeedBackend(Backend):
                 (staging / script).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+        if self._optimizer_on_disk():
+            raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         if not (path / "latest").is_file():
             raise FileNotFoundError(
                 f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "
@@ -359,8 +450,12 @@ class DeepSpeedBackend(Backend):
 
     def describe(self) -> str:
         cfg = self.config
-        where_params = "host memory" if cfg.offload_parameters else "the device"
-        where_optim = "host memory (DeepSpeed CPU Adam for Adam/AdamW)" if cfg.offload_optimizer else "the device"
+        on_disk = self._nvme_state()
+        disk = f"NVMe under {cfg.nvme_path!r}"
+        where_params = (disk if on_disk in ("all", "parameters") else "host memory") if cfg.offload_parameters \
+            else "the device"
+        where_optim = (f"{disk if on_disk in ('all', 'optimizer') else 'host memory'} (DeepSpeed CPU Adam for "
+                       "Adam/AdamW)") if cfg.offload_optimizer else "the device"
         pinned = "pinned" if cfg.pin_memory else "pageable"
         return (
             f"DeepSpeed ZeRO-3 ({self._precision}): parameters partitioned in {where_params}; "

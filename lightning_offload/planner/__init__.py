@@ -22,6 +22,7 @@ from lightning_offload.planner.choose import (
     choose,
 )
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time, load_or_probe, probe
+from lightning_offload.planner.disk import Disk, UnusableDisk, load_or_probe_disk
 from lightning_offload.planner.measure import ModelStats, measure_model, measure_module, meta_network
 from lightning_offload.planner.memory import (
     EIGHT_BIT_OPTIMIZERS,
@@ -35,10 +36,10 @@ from lightning_offload.planner.memory import (
 )
 
 __all__ = [
-    "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Machine", "MemoryEstimate", "ModelStats", "Plan",
+    "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
     "PlanDoesNotFit", "PlanReport", "StepTime", "candidate_plans", "choose", "compute_dtype", "estimate_memory",
     "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network", "plan", "probe",
-    "shortfalls",
+    "shortfalls", "UnusableDisk", "load_or_probe_disk",
 ]
 
 
@@ -53,15 +54,18 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
          ranks_per_host: int | None = None, clips_gradients: bool = False,
-         gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN) -> PlanReport:
+         gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN, nvme_path: str | None = None,
+         offload_device: str | None = None, nvme_state: str | None = None, disk: Disk | None = None) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
     `checkpointing` pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam`
     (None: the most blocks whose optimizer state fits on the GPU). `margin`: the fraction of each memory tier a
-    plan may fill. With `world_size` processes
-    (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and per host.
+    plan may fill. `nvme_path` is a folder where `deepspeed` plans may keep state (probed for its O_DIRECT bandwidth
+    and free space, or described by `disk`); `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is
+    taken however its disk traffic bounds it). With `world_size` processes (`ranks_per_host` per machine) only the
+    engines that span processes are candidates, memory per GPU and per host.
     Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
     """
@@ -87,10 +91,14 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     backends = available_backends() if backend in (None, "auto") else [backend]
     if world_size > 1:
         backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
+    if disk is None and nvme_path is not None and offload_device != "cpu":
+        disk = load_or_probe_disk(nvme_path)
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
                             adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
-                            accumulate=accumulate)
+                            accumulate=accumulate, offload_device=offload_device, nvme_state=nvme_state,
+                            disk_given=disk is not None)
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
-                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin)
+                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin, disk=disk,
+                  disk_pinned=offload_device == "nvme")

@@ -9,14 +9,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lightning_offload.losses import slice_workspace_bytes
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
+
+if TYPE_CHECKING:
+    from lightning_offload.planner.disk import Disk
 from lightning_offload.planner.memory import (
     BACKENDS,
     GIB,
     MULTI_PROCESS_BACKENDS,
+    NVME_STATES,
     Machine,
     MemoryEstimate,
     Plan,
@@ -31,6 +36,9 @@ SAFETY_MARGIN = 0.9
 # plans 8% apart.
 TIE = 1.001
 POLICIES = ("none", "every_k", "full", "offload")
+# A plan whose disk traffic would make its step more than this many times its compute time is refused, unless the
+# user pinned the disk (`offload_device="nvme"`).
+DISK_BOUND_FACTOR = 2.0
 # The optimizer each backend steps when the user keeps their own AdamW ("exact") or wants 8-bit state.
 _EXACT_OPTIMIZER = {"device": "adamw", "deepspeed": "cpu_adam", "fsdp": "adamw", "host_adam": "adamw"}
 _EIGHT_BIT_OPTIMIZER = {"device": "adamw8bit", "gpu_8bit": "adamw8bit_fused", "stream": "adamw8bit_fused",
@@ -54,10 +62,12 @@ class Candidate:
     memory: MemoryEstimate
     step_time: StepTime
     shortfalls: dict[str, float]
+    refused: str = ""
+    """Why a plan that fits memory is not taken (disk traffic that would dominate its step); empty: it is not."""
 
     @property
     def fits(self) -> bool:
-        return not self.shortfalls
+        return not self.shortfalls and not self.refused
 
     @property
     def step_time_s(self) -> float:
@@ -81,6 +91,9 @@ class PlanReport:
     plans: tuple[Plan, ...] = ()
     """The candidate plans as asked, before `choose` sized their blocks on the GPU: what a re-plan for another
     batch (the refusal's hints) starts from."""
+    disk: Disk | None = None
+    """The disk the user gave for state (`nvme_path`), probed; None: no plan keeps state on disk."""
+    disk_pinned: bool = False
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -94,19 +107,26 @@ class PlanReport:
             "plan": str(c.plan), "backend": c.plan.backend, "optimizer": c.plan.optimizer,
             "checkpointing": c.plan.checkpointing, "fits": c.fits, "chosen": c is self.chosen,
             "step_time_s": c.step_time_s, "gpu_gib": c.memory.gpu_bytes / GIB, "host_gib": c.memory.host_bytes / GIB,
-            "pinned_gib": c.memory.pinned_bytes / GIB,
+            "pinned_gib": c.memory.pinned_bytes / GIB, "disk_gib": c.memory.disk_bytes / GIB,
+            "disk_written_gb_per_step": c.step_time.disk_write_bytes / 1e9,
             "short": ", ".join(f"{tier} {gib:.1f} GiB" for tier, gib in c.shortfalls.items()),
+            "refused": c.refused,
         } for c in candidates]
 
     def table(self, limit: int = 12) -> str:
-        header = f"{'':2}{'plan':66} {'s/step':>7} {'GPU GiB':>8} {'host GiB':>9}  fits"
-        lines = [f"Plans for {parameter_count(self.stats.parameters)} parameters on {self.machine.describe()} "
-                 f"({self.ceilings.device}):", header]
+        # The disk columns only when a disk was given: bytes written wear an SSD out (its TBW rating).
+        on_disk = self.disk is not None
+        header = f"{'':2}{'plan':66} {'s/step':>7} {'GPU GiB':>8} {'host GiB':>9}"
+        header += f" {'disk GiB':>9} {'written GB/step = TB/1k steps':>29}" if on_disk else ""
+        where = f"{self.machine.describe()}" + (f", disk {self.disk.describe()}" if on_disk else "")
+        lines = [f"Plans for {parameter_count(self.stats.parameters)} parameters on {where} "
+                 f"({self.ceilings.device}):", header + "  fits"]
         for row in self.rows()[:limit]:
             mark = "->" if row["chosen"] else ""
-            fits = "yes" if row["fits"] else f"no: {row['short']} short"
+            fits = "yes" if row["fits"] else f"no: {row['refused'] or row['short'] + ' short'}"
+            disk = f" {row['disk_gib']:9.1f} {row['disk_written_gb_per_step']:29.1f}" if on_disk else ""
             lines.append(f"{mark:2}{row['plan']:66} {row['step_time_s']:7.3g} {row['gpu_gib']:8.1f} "
-                         f"{row['host_gib']:9.1f}  {fits}")
+                         f"{row['host_gib']:9.1f}{disk}  {fits}")
         if len(self.candidates) > limit:
             lines.append(f"  ... {len(self.candidates) - limit} more")
         lines.append(self.reason)
@@ -136,10 +156,12 @@ def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
 def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
                     checkpointing: str | None = None, every_k: int | None = None,
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
-                    accumulate: int = 1) -> list[Plan]:
+                    accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
+                    disk_given: bool = False) -> list[Plan]:
     """Every plan over the levers the user left open (`None`); pinned levers are taken as given. `host_adam`
     candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit); `fsdp` ones, when
-    `accumulate` > 1, come with the micro-batches' gradients added up on the GPU or in host memory."""
+    `accumulate` > 1, come with the micro-batches' gradients added up on the GPU or in host memory; `deepspeed`
+    ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited)."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     plans = []
@@ -163,6 +185,11 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                         plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
                     elif backend == "fsdp" and accumulate > 1:
                         plans += [dataclasses.replace(base, accumulate_on_gpu=True), base]
+                    elif backend == "deepspeed":
+                        devices = [offload_device] if offload_device else ["cpu", "nvme"] if disk_given else ["cpu"]
+                        states = [nvme_state] if nvme_state else list(NVME_STATES)
+                        plans += [dataclasses.replace(base, offload_device=device, nvme_state=state)
+                                  for device in devices for state in (states if device == "nvme" else ["all"])]
                     else:
                         plans.append(base)
     return plans
@@ -184,9 +211,12 @@ def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
 
 def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
            allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN, world_size: int = 1,
-           ranks_per_host: int | None = None, holds_gradients: bool = False) -> PlanReport:
+           ranks_per_host: int | None = None, holds_gradients: bool = False, disk: Disk | None = None,
+           disk_pinned: bool = False) -> PlanReport:
     """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`. With `world_size` > 1 the
-    memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate."""
+    memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate. Plans with
+    state on `disk` must fit its free space, and unless `disk_pinned` their disk traffic must not make the step
+    more than `DISK_BOUND_FACTOR` times its compute."""
     if not plans:
         raise ValueError("No candidate plan: the pinned levers exclude every backend (see the planner's table).")
 
@@ -199,7 +229,8 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
         # The streaming plan allocates its pinned arenas at exactly the sizes counted here: only the rest of its
         # host estimate needs the margin.
         exact_host = memory.pinned_bytes if plan.backend == "stream" else 0
-        return shortfalls(memory, machine, margin, exact_host_bytes=exact_host)
+        return shortfalls(memory, machine, margin, exact_host_bytes=exact_host,
+                          disk_free_bytes=disk.free_bytes if disk is not None else None)
 
     candidates = []
     seen: set[Plan] = set()
@@ -210,8 +241,8 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
             continue
         seen.add(plan)
         memory = memory_of(plan)
-        candidates.append(Candidate(plan, memory, estimate_step_time(stats, plan, ceilings, accumulate=accumulate),
-                                    missing(plan, memory)))
+        step = estimate_step_time(stats, plan, ceilings, accumulate=accumulate, disk=disk)
+        candidates.append(Candidate(plan, memory, step, missing(plan, memory), _disk_refusal(step, disk_pinned)))
     fitting = [c for c in ordered(candidates) if c.fits]
     exact = [c for c in fitting if c.plan.exact_optimizer]
     if fitting and (allow_eight_bit or not exact):
@@ -221,7 +252,15 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     else:
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
-                      accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans))
+                      accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans), disk, disk_pinned)
+
+
+def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
+    if disk_pinned or step.disk <= (DISK_BOUND_FACTOR - 1) * step.compute:
+        return ""
+    return (f"disk traffic ({step.disk_read_bytes / 1e9:.1f} GB read, {step.disk_write_bytes / 1e9:.1f} GB written "
+            f"per step) adds {step.disk:.3g} s to {step.compute:.3g} s of compute, over {DISK_BOUND_FACTOR:g}x; pin "
+            "`offload_device='nvme'` to accept it")
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
@@ -261,7 +300,7 @@ def scaled(stats: ModelStats, fraction: float) -> ModelStats:
 
 def _refusal(report: PlanReport) -> PlanDoesNotFit:
     nearest = min(report.candidates, key=lambda c: (sum(c.shortfalls.values()), c.step_time_s))
-    missing = ", ".join(f"{tier} short by {gib:.1f} GiB" for tier, gib in nearest.shortfalls.items())
+    missing = nearest.refused or ", ".join(f"{tier} short by {gib:.1f} GiB" for tier, gib in nearest.shortfalls.items())
     plans = list(report.plans)
     hints = []
     pinned = {p.backend for p in plans}
@@ -294,10 +333,14 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
     # Freeing host RAM alone would not fit a plan short of GPU too; under a limit, the limit is the lever.
     if set(nearest.shortfalls) == {"host RAM"} and not limited:
         hints.append(f"free {nearest.shortfalls['host RAM']:.1f} GiB more host RAM (close other processes)")
+    if "disk" in nearest.shortfalls and report.disk is not None:
+        hints.append(f"free {nearest.shortfalls['disk']:.1f} GiB more on {report.disk.path} or point `nvme_path` "
+                     "at a larger drive")
     return PlanDoesNotFit(
         f"No plan fits this machine ({report.machine.describe()}, {100 * (1 - SAFETY_MARGIN):.0f}% of each kept "
         f"free) for {parameter_count(report.stats.parameters)} parameters. Nearest: {nearest.plan}: {missing} (needs "
-        f"{nearest.memory.gpu_bytes / GIB:.1f} GiB GPU, {nearest.memory.host_bytes / GIB:.1f} GiB host). "
+        f"{nearest.memory.gpu_bytes / GIB:.1f} GiB GPU, {nearest.memory.host_bytes / GIB:.1f} GiB host"
+        + (f", {nearest.memory.disk_bytes / GIB:.1f} GiB disk" if nearest.memory.disk else "") + "). "
         + ("What would help: " + "; ".join(hints) + "." if hints else "A machine with more memory is needed.")
     )
 
@@ -368,4 +411,5 @@ def _fitting(report: PlanReport, stats: ModelStats, plans: list[Plan],
     micro-batches per step), 8-bit state allowed."""
     return choose(stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
                   accumulate=report.accumulate if accumulate is None else accumulate, world_size=report.world_size,
-                  ranks_per_host=report.ranks_per_host, holds_gradients=report.holds_gradients).chosen
+                  ranks_per_host=report.ranks_per_host, holds_gradients=report.holds_gradients, disk=report.disk,
+                  disk_pinned=report.disk_pinned).chosen

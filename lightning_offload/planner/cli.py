@@ -52,7 +52,8 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
         precision=precision, accumulate=int(trainer.accumulate_grad_batches),
         clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.get("gradient_clip_algorithm")),
         gpu_state_blocks=strategy.get("gpu_state_blocks"), compiled_blocks=bool(strategy.get("compile_blocks")),
-        machine=machine, ceilings=ceilings)
+        machine=machine, ceilings=ceilings,
+        disk_options={key: strategy[key] for key in ("nvme_path", "offload_device", "nvme_state") if key in strategy})
     if report is None:
         raise ValueError(f"The planner could not measure `model={cfg.model._target_}` (see the warning above).")
     return report
@@ -78,11 +79,15 @@ def render(report: PlanReport, rows: int) -> Any:
     from rich.table import Table
 
     stats = report.stats
+    disk = f", disk {report.disk.describe()}" if report.disk else ""
     table = Table(title=f"{parameter_count(stats.parameters)} parameters, {stats.tokens * report.accumulate} tokens/step "
-                        f"on {report.machine.describe()} ({report.ceilings.device})",
+                        f"on {report.machine.describe()}{disk} ({report.ceilings.device})",
                   caption=report.reason, caption_justify="left")
+    # Bytes written wear an SSD out (its endurance is rated in TB written): GB per step = TB per 1,000 steps.
+    disk_columns = (("disk GiB", "right"), ("written GB/step = TB/1k steps", "right")) if report.disk else ()
     for column, justify in (("", "left"), ("plan", "left"), ("s/step", "right"), ("tokens/s", "right"),
-                            ("GPU GiB", "right"), ("host GiB", "right"), ("pinned GiB", "right"), ("fits", "left")):
+                            ("GPU GiB", "right"), ("host GiB", "right"), ("pinned GiB", "right"), *disk_columns,
+                            ("fits", "left")):
         table.add_column(column, justify=justify)
     shown = ([report.chosen] if report.chosen else []) + [
         c for c in ordered(report.candidates) if c is not report.chosen][: rows - (1 if report.chosen else 0)]
@@ -92,7 +97,9 @@ def render(report: PlanReport, rows: int) -> Any:
                       f"{candidate.step_time_s:.3g}", f"{report.tokens_per_second(candidate):,.0f}",
                       f"{memory.gpu_bytes / 2**30:.1f}", f"{memory.host_bytes / 2**30:.1f}",
                       f"{memory.pinned_bytes / 2**30:.1f}",
-                      "yes" if candidate.fits else "short: " + ", ".join(
+                      *((f"{memory.disk_bytes / 2**30:.1f}", f"{candidate.step_time.disk_write_bytes / 1e9:.1f}")
+                        if report.disk else ()),
+                      "yes" if candidate.fits else candidate.refused or "short: " + ", ".join(
                           f"{tier} {gib:.1f} GiB" for tier, gib in candidate.shortfalls.items()))
     return table
 

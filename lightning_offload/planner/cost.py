@@ -16,11 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_offload.planner.measure import ModelStats
-from lightning_offload.planner.memory import OPTIMIZER_STATE_BYTES, Plan, checkpointed_blocks, gpu_state_parameters
+from lightning_offload.planner.memory import (
+    DEEPSPEED_NVME_PARAMS_IN_HOST,
+    OPTIMIZER_STATE_BYTES,
+    Plan,
+    checkpointed_blocks,
+    gpu_state_parameters,
+)
+
+if TYPE_CHECKING:
+    from lightning_offload.planner.disk import Disk
 
 # Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included) at
 # block width 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step with every block recomputed
@@ -98,6 +108,10 @@ class StepTime:
     transfer: float
     optimizer: float
     total: float
+    disk: float = 0.0
+    """Seconds of disk traffic the step cannot hide under compute (state on NVMe)."""
+    disk_read_bytes: int = 0
+    disk_write_bytes: int = 0
 
 
 def training_flops(stats: ModelStats, plan: Plan) -> float:
@@ -108,7 +122,27 @@ def training_flops(stats: ModelStats, plan: Plan) -> float:
     return (6 + 2 * recomputed) * stats.compute_parameters * stats.tokens
 
 
-def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1) -> StepTime:
+def disk_traffic(stats: ModelStats, plan: Plan, *, accumulate: int = 1) -> tuple[int, int, int]:
+    """Bytes a `deepspeed` plan on NVMe moves per optimizer step: (parameter reads under forward and backward,
+    optimizer reads, writes). Parameters on disk are read at every gather (forward, recompute, backward) and
+    written once after the update; the optimizer's sub-groups read their fp32 master weights, state and gradients
+    and write the first two back, after the gradients were written at the step's boundary."""
+    if not plan.on_disk:
+        return 0, 0, 0
+    params = stats.parameters
+    passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)
+    on_disk = max(0, params - DEEPSPEED_NVME_PARAMS_IN_HOST - stats.other_parameters) if plan.parameters_on_disk else 0
+    parameter_reads = accumulate * passes * 2 * on_disk
+    optimizer_bytes = (4 + OPTIMIZER_STATE_BYTES[plan.optimizer]) * params if plan.optimizer_on_disk else 0
+    gradient_bytes = 4 * params if plan.optimizer_on_disk else 0
+    reads = int(optimizer_bytes + gradient_bytes)
+    writes = int(2 * on_disk + optimizer_bytes + gradient_bytes)
+    return parameter_reads, reads, writes
+
+
+def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1,
+                       disk: Disk | None = None) -> StepTime:
+    """Seconds per step by phase; `disk` (its probed bandwidths) for the plans that keep state on it."""
     params, bf16 = stats.parameters, 2
     compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops(stats.width)
     if stats.compiled_blocks:
@@ -155,8 +189,19 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         weights_in = accumulate * passes * bf16 * params / h2d
         gradients_out = accumulate * bf16 * params / d2h
         optimizer = params / (cpu_adamw * DEEPSPEED_OPTIMIZER_PHASE_SHARE)
-        return StepTime(compute, weights_in + gradients_out + offload, optimizer,
-                        max(compute, weights_in + offload) + gradients_out + optimizer)
+        total = max(compute, weights_in + offload) + gradients_out + optimizer
+        if not plan.on_disk:
+            return StepTime(compute, weights_in + gradients_out + offload, optimizer, total)
+        if disk is None:
+            raise ValueError(f"The plan {plan} keeps state on disk: pass the `Disk` it uses (`load_or_probe_disk`).")
+        # Parameter reads are prefetched under forward and backward; the optimizer's sub-groups wait for their
+        # reads and writes (DeepSpeed's swapper without pipelining).
+        parameter_reads, reads, writes = disk_traffic(stats, plan, accumulate=accumulate)
+        read, write = disk.read_gbps * 1e9, disk.write_gbps * 1e9
+        under_compute = max(compute, weights_in + offload, parameter_reads / read)
+        on_disk = under_compute - max(compute, weights_in + offload) + reads / read + writes / write
+        return StepTime(compute, weights_in + gradients_out + offload, optimizer, total + on_disk, on_disk,
+                        parameter_reads + reads, writes)
     # fsdp: fp32 shards come in for every unshard, fp32 gradients go out once per step (the earlier micro-batches'
     # are added up on the GPU, or in host memory at FSDP's rate); torch's AdamW steps on the CPU after.
     weights_in = accumulate * passes * 4 * params / h2d

@@ -54,12 +54,13 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
                     ranks_per_host: int | None = None, gpu_state_blocks: int | None = None,
                     compiled_blocks: bool = False, max_gpu_memory_gib: float | None = None,
                     max_host_memory_gib: float | None = None, machine: Machine | None = None,
-                    ceilings: Ceilings | None = None) -> PlanReport | None:
+                    ceilings: Ceilings | None = None, disk_options: dict[str, Any] | None = None) -> PlanReport | None:
     """The plan report for training `module` on `device` as the strategy does. A model whose forward cannot run on
     the meta device is planned from `fallback.estimate_stats` (the reason is warned); one that cannot even be built
     there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
-    within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another."""
+    within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
+    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`."""
     dtype = compute_dtype(precision)
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
@@ -102,7 +103,7 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         clips_gradients=clips_gradients, gpu_state_blocks=gpu_state_blocks,
-        margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
+        margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN, **(disk_options or {}),
     )
     if unmeasured is None:
         return report
@@ -157,10 +158,11 @@ def optimizer_of(chosen: Plan) -> str | None:
 
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
-    optimizer state stays on the GPU, fsdp's accumulation on the GPU."""
+    optimizer state stays on the GPU, fsdp's accumulation on the GPU, deepspeed's state on disk."""
     known = {f.name for f in dataclasses.fields(config)}
     levers = {"resident_blocks": chosen.resident_blocks, "gpu_state_blocks": chosen.resident_blocks,
-              "accumulate_on_gpu": chosen.accumulate_on_gpu}
+              "accumulate_on_gpu": chosen.accumulate_on_gpu, "offload_device": chosen.offload_device,
+              "nvme_state": chosen.nvme_state}
     return {name: value for name, value in levers.items() if name in known}
 
 

@@ -39,6 +39,20 @@ LOGIT_BACKWARD_BYTES = 8
 # rounding. Measured on the H100 machine (bench/RESULTS.md, `deepspeed` rows): 35.85 GiB RSS at 1.5B and 84.0 GiB at
 # 3.6B, i.e. 6.3 and 6.4 bytes/param above the 18 and the process's 2 GiB.
 DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM = 6.4
+# ZeRO-Infinity's buffers as the `deepspeed` backend configures them with state on NVMe (`offload_device="nvme"`):
+# five pinned bf16 parameter swap buffers of `DEEPSPEED_NVME_BUFFER_NUMEL` elements (a parameter larger than one
+# stays in host memory: 250M covers every matrix of a 70B Llama block, 8192 x 28672), the bf16 partitions of the
+# first billion parameters kept in host memory (DeepSpeed's `max_in_cpu`), and four pinned fp32 optimizer swap
+# buffers of one sub-group (`sub_group_size`) each. The fp32 gradient partitions stay in host memory as with CPU
+# offload, and are written to disk once per step for the sub-group updates to read back.
+DEEPSPEED_NVME_BUFFER_COUNT = 5
+DEEPSPEED_NVME_BUFFER_NUMEL = 250_000_000
+DEEPSPEED_NVME_PARAMS_IN_HOST = 1_000_000_000
+DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT = 4
+DEEPSPEED_NVME_SUB_GROUP_NUMEL = 100_000_000
+# Which state a `deepspeed` plan on NVMe keeps there.
+NVME_STATES = ("all", "parameters", "optimizer")
+_ON_DISK = {"all": "all state", "parameters": "parameters", "optimizer": "optimizer state"}
 # host_adam's buffers at its default sizes (backends/host_adam.py): three pinned fp32 gradient slots of a 16M-parameter
 # bucket, and eight fp32 staging pieces of 2M parameters on the GPU, where the updated weights land to be cast there
 # (`cast_on_device`, the default; casting on the host stages 32 MiB of bf16 in pinned host memory instead).
@@ -82,13 +96,31 @@ class Plan:
     accumulate_on_gpu: bool = False
     """`fsdp` with gradient accumulation: the micro-batches' gradients add up on the GPU in fp32 and go to host
     memory once per step, instead of once per micro-batch."""
+    offload_device: str = "cpu"
+    """`deepspeed`: `cpu` (state in host memory) or `nvme` (ZeRO-Infinity: `nvme_state` in files on a disk)."""
+    nvme_state: str = "all"
+    """`deepspeed` on `nvme`: the state kept on disk: `all`, `parameters` (bf16 weights) or `optimizer` (fp32
+    master weights, gradients and optimizer state)."""
 
     def __str__(self) -> str:
         policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
         resident = {"stream": f", {self.resident_blocks} resident blocks",
                     "host_adam": f", {self.resident_blocks} blocks' state on the GPU"}.get(self.backend, "")
         accumulated = ", gradients accumulated on the GPU" if self.accumulate_on_gpu else ""
-        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}{accumulated}"
+        on_disk = f", {_ON_DISK[self.nvme_state]} on NVMe" if self.on_disk else ""
+        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}{accumulated}{on_disk}"
+
+    @property
+    def on_disk(self) -> bool:
+        return self.backend == "deepspeed" and self.offload_device == "nvme"
+
+    @property
+    def parameters_on_disk(self) -> bool:
+        return self.on_disk and self.nvme_state in ("all", "parameters")
+
+    @property
+    def optimizer_on_disk(self) -> bool:
+        return self.on_disk and self.nvme_state in ("all", "optimizer")
 
     @property
     def exact_optimizer(self) -> bool:
@@ -98,12 +130,18 @@ class Plan:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per tier, term by term (`gpu`, `host`), for one plan; `host_pinned` says which host terms are pinned."""
+    """Bytes per tier, term by term (`gpu`, `host`, `disk`), for one plan; `host_pinned` says which host terms are
+    pinned."""
 
     plan: Plan
     gpu: dict[str, int]
     host: dict[str, int]
     host_pinned: frozenset[str] = field(default_factory=frozenset)
+    disk: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.disk.values())
 
     @property
     def gpu_bytes(self) -> int:
@@ -193,7 +231,7 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
     gpu["NCCL buffers"] = NCCL_BYTES
     if plan.backend == "device":
         gpu["DDP gradient buckets"] = 4 * stats.trainable_parameters
-    return MemoryEstimate(plan, gpu, host, single.host_pinned)
+    return MemoryEstimate(plan, gpu, host, single.host_pinned, single.disk)
 
 
 def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, accumulating: bool,
@@ -207,6 +245,7 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
     gpu: dict[str, int] = {"CUDA context": CUDA_CONTEXT_BYTES, **_activation_terms(stats, plan)}
     host: dict[str, int] = {"process baseline": PROCESS_BASELINE_BYTES}
     pinned = {"saved activations"}
+    disk: dict[str, int] = {}
     if plan.checkpointing == "offload":
         host["saved activations"] = stats.blocks * stats.activation_bytes_per_block
 
@@ -272,6 +311,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
                         "fp32 gradients": 4 * trained, "optimizer state": int(state_bytes * trained),
                         "engine buffers (bf16 gradient partitions, swap)":
                             int(DEEPSPEED_ENGINE_HOST_BYTES_PER_PARAM * trained)}
+        if plan.on_disk:
+            engine_terms, disk = _deepspeed_nvme_terms(stats, plan, engine_terms)
         host.update(engine_terms)
         if plan.pin_memory:
             pinned |= set(engine_terms)
@@ -298,7 +339,28 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
     backward_only = sum(gpu.get(term, 0) for term in BACKWARD_ONLY_TERMS)
     if loss_transient > backward_only:
         gpu["loss transients (beyond the blocks' backward)"] = loss_transient - backward_only
-    return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)))
+    return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)), disk)
+
+
+def _deepspeed_nvme_terms(stats: ModelStats, plan: Plan,
+                          in_host: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """ZeRO-Infinity: the host terms that move to disk (the `DEEPSPEED_NVME_*` buffers take their place in host
+    memory), and the disk's terms. The engine's own buffers are kept at their host-offload size until measured."""
+    params, host, disk = stats.parameters, dict(in_host), {}
+    if plan.parameters_on_disk:
+        # Parameters outside the blocks (embeddings, output layer) may be larger than a swap buffer: counted in host
+        # memory, like the partitions DeepSpeed keeps there.
+        kept = min(params, DEEPSPEED_NVME_PARAMS_IN_HOST + stats.other_parameters)
+        host["bf16 weight partitions"] = 2 * kept
+        host["parameter swap buffers"] = 2 * DEEPSPEED_NVME_BUFFER_COUNT * DEEPSPEED_NVME_BUFFER_NUMEL
+        disk["bf16 weight partitions"] = 2 * (params - kept)
+    if plan.optimizer_on_disk:
+        for term in ("fp32 master weights", "optimizer state"):
+            disk[term] = host.pop(term)
+        disk["fp32 gradients"] = host["fp32 gradients"]  # written once per step for the sub-group updates
+        sub_group = min(params, DEEPSPEED_NVME_SUB_GROUP_NUMEL)
+        host["optimizer swap buffers"] = 4 * DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT * sub_group
+    return host, disk
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -354,8 +416,9 @@ EXACT_HOST_HEADROOM_GIB = 4.0
 
 
 def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9,
-               exact_host_bytes: int = 0) -> dict[str, float]:
-    """GiB missing per tier (empty when the plan fits), keeping `1 - margin` of each tier free.
+               exact_host_bytes: int = 0, disk_free_bytes: int | None = None) -> dict[str, float]:
+    """GiB missing per tier (empty when the plan fits), keeping `1 - margin` of each tier free; the disk's tier
+    (`disk_free_bytes` free, None: no disk given) for the plans that keep state there.
 
     `exact_host_bytes` of the host estimate are allocations of exactly that size (pinned arenas): the margin is
     kept on the rest of the estimate, and `EXACT_HOST_HEADROOM_GIB` beside them."""
@@ -367,6 +430,9 @@ def shortfalls(estimate: MemoryEstimate, machine: Machine, margin: float = 0.9,
             estimated = (estimate.host_bytes - exact_host_bytes) / GIB
             host = exact_host_bytes / GIB + estimated / margin + EXACT_HOST_HEADROOM_GIB - machine.host_memory_gib
         missing = {"GPU": estimate.gpu_bytes / GIB - margin * machine.gpu_memory_gib, "host RAM": host}
+    if estimate.disk:
+        free = disk_free_bytes or 0
+        missing["disk"] = (estimate.disk_bytes - margin * free) / GIB
     return {tier: gib for tier, gib in missing.items() if gib > 0}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,19 @@ def test_the_main_jobs_machine_keys_are_the_strategys_budgets(tmp_path, strategy
     built = instantiate(cfg.strategy)
     assert (built.max_gpu_memory_gib, built.max_host_memory_gib) == (20, 48)
     assert instantiate(compose_config(tmp_path, [f"strategy={strategy}"]).strategy).max_host_memory_gib is None
+
+
+def test_a_disk_given_adds_its_columns_and_the_plans_that_keep_state_there(tmp_path) -> None:
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+               "machine.gpu_memory_gib=80", "machine.host_memory_gib=16", "machine.ceilings=h100",
+               "strategy=deepspeed_nvme", "strategy.offload_device=null", "strategy.nvme_state=null",
+               f"strategy.nvme_path={swap}", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LIGHTNING_OFFLOAD_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = " ".join(done.stdout.split())
+    assert "disk GiB" in out and "written GB/step" in out and "O_DIRECT" in out
+    assert "parameters on NVMe" in out and "optimizer state on NVMe" in out
+    assert list(swap.iterdir()) == []  # the probe leaves nothing behind
