@@ -379,7 +379,7 @@ def _clipping_hints(report: PlanReport, plans: list[Plan]) -> list[str]:
         return []
     unclipped = choose(report.stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
                        accumulate=report.accumulate, world_size=report.world_size,
-                       ranks_per_host=report.ranks_per_host).chosen
+                       ranks_per_host=report.ranks_per_host, disk=report.disk, disk_pinned=report.disk_pinned).chosen
     if unclipped is None:
         return []
     return [f"without gradient clipping by norm (`gradient_clip_val=None`, or `gradient_clip_algorithm='value'`) "

@@ -94,7 +94,7 @@ def test_a_disk_given_adds_its_columns_and_the_plans_that_keep_state_there(tmp_p
     command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
                "machine.gpu_memory_gib=80", "machine.host_memory_gib=16", "machine.ceilings=h100",
                "strategy=deepspeed_nvme", "strategy.offload_device=null", "strategy.nvme_state=null",
-               f"strategy.nvme_path={swap}", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]
+               f"strategy.nvme_path={swap}", "trainer.gradient_clip_val=null", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "LIGHTNING_OFFLOAD_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
