@@ -38,6 +38,7 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
+from lightning_offload.saving import save_with_checkpoint_io
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -258,6 +259,13 @@ class _SingleGPUOffloadCore:
         self.activation_checkpointing.apply(module)
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
+            raise ValueError(
+                f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "
+                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin `backend='device'` (steps "
+                "exactly when you call `opt.step()`), or use automatic optimization with "
+                "`Trainer(accumulate_grad_batches=...)`."
+            )
         if fitting:
             self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
@@ -323,7 +331,9 @@ class _SingleGPUOffloadCore:
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if not self.backend.saves_own_state:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if self.is_global_zero:
+                save_with_checkpoint_io(self.checkpoint_io, checkpoint, filepath, storage_options)
+            return None
         if storage_options is not None:
             raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
         lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}

@@ -39,9 +39,10 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
 
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data)
+    # Plain containers, not Hydra's: the hyperparameters Lightning saves must load with `weights_only=True`.
+    datamodule = instantiate(cfg.data, _convert_="all")
     log.info("Model: %s (%s)", cfg.model._target_, cfg.model.arch)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, _convert_="all")
     log.info("Strategy: %s", OmegaConf.to_container(cfg.strategy))
     strategy = instantiate(cfg.strategy)
     throughput = ThroughputMonitor()

@@ -51,6 +51,9 @@ class Backend(ABC):
     # Why `compile_blocks=True` cannot work with this engine (it hooks modules inside a block, where a compiled
     # block's graph would not call them); None: it can.
     compile_blocks_refusal: ClassVar[str | None] = None
+    # Why this engine cannot honour manual optimization (`automatic_optimization = False`: the module calls
+    # `manual_backward`, `opt.step()` and `opt.zero_grad()` itself) exactly; None: it can.
+    manual_optimization_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

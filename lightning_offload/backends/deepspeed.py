@@ -156,6 +156,9 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
     saves_own_state = True
+    manual_optimization_refusal = (
+        "DeepSpeed reduces and partitions gradients inside backward and steps on its own accumulation boundary."
+    )
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is

@@ -167,6 +167,7 @@ class HostAdamBackend(Backend):
     name = "host_adam"
     Config = HostAdamConfig
     saves_own_state = True
+    manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
     # closed when the next one is built in this process, which starts from its master weights.
