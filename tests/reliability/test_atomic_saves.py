@@ -198,3 +198,43 @@ def test_consolidate_refuses_to_write_over_a_folder_or_its_own_input(tmp_path) -
     assert torch.equal(torch.load(checkpoint)["state_dict"]["w"], torch.ones(2))
     consolidate(checkpoint, tmp_path / "model.pt")
     assert torch.equal(torch.load(tmp_path / "model.pt")["w"], torch.ones(2))
+
+
+def test_trainer_save_checkpoint_of_an_engine_never_replaces_a_users_folder(tmp_path) -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, bucket_numel=3000,
+                                              chunk_numel=700), num_batches=2)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a checkpoint folder written by `lightning_offload`"):
+        trainer.save_checkpoint(project)
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # its own checkpoint is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "project"]
+
+
+def test_single_file_checkpoints_go_through_the_trainers_checkpoint_io(tmp_path) -> None:
+    from lightning.pytorch.plugins import TorchCheckpointIO as LightningTorchCheckpointIO
+
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    class RecordingIO(LightningTorchCheckpointIO):
+        written: list[Path] = []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            self.written.append(Path(path))
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), num_batches=2,
+                     plugins=[RecordingIO()])
+    target = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(target)
+    [written] = RecordingIO.written
+    assert written.parent == target.parent and written != target  # staged beside the target, then renamed
+    assert "state_dict" in torch.load(target, weights_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
