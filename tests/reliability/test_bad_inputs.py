@@ -1,0 +1,64 @@
+"""Bad input gets one clear message naming the problem and the fix, before anything is built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+
+from lightning_offload.data import StdlibText
+from lightning_offload.train import train
+from tests.test_train import SHORT_RUN, compose_config
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=abc", r"`trainer.max_steps` must be an integer >= -1, got 'abc' \(e.g. trainer.max_steps="),
+    ("data.batch_size=0", r"`data.batch_size` must be an integer >= 1, got 0"),
+    ("trainer.accumulate_grad_batches=0", r"`trainer.accumulate_grad_batches` must be an integer >= 1, got 0"),
+    ("trainer.gradient_clip_val=-1", r"`trainer.gradient_clip_val` must be null or a number >= 0.0, got -1"),
+    ("data.val_fraction=1.5", r"`data.val_fraction` must be a number between 0 and 1, got 1.5"),
+    ("data.seq_len=true", r"`data.seq_len` must be an integer >= 1, got True"),
+])
+def test_bad_trainer_and_data_values_are_refused_by_name(tmp_path, override: str, message: str) -> None:
+    cfg = compose_config(tmp_path, [*SHORT_RUN, override])
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+
+
+def test_too_little_text_for_one_batch_is_refused_with_the_size_needed() -> None:
+    data = StdlibText(max_bytes=100, seq_len=128, batch_size=16)
+    with pytest.raises(ValueError, match=r"`max_bytes=100` holds 0 training .* Raise `max_bytes` to at least \d+"):
+        data.setup("fit")
+
+
+def test_the_size_it_names_is_enough() -> None:
+    data = StdlibText(max_bytes=100, seq_len=16, batch_size=2)
+    with pytest.raises(ValueError) as refused:
+        data.setup("fit")
+    needed = int(str(refused.value).split("at least ")[1].split(",")[0])
+    enough = StdlibText(max_bytes=needed, seq_len=16, batch_size=2)
+    enough.setup("fit")
+    assert len(enough.train_dataloader()) >= 1 and len(enough.val_dataloader()) >= 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_output_folder_is_refused(tmp_path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cfg = compose_config(locked / "run", SHORT_RUN)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(PermissionError, match="cannot be written.*hydra.run.dir="):
+        train(cfg)
+
+
+def test_an_unwritable_output_folder_is_refused_even_as_root(tmp_path) -> None:
+    file_in_the_way = tmp_path / "a_file"
+    file_in_the_way.write_text("")
+    cfg = compose_config(file_in_the_way / "run", SHORT_RUN)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(PermissionError, match="cannot be written.*hydra.run.dir="):
+        train(cfg)
