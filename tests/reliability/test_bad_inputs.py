@@ -62,3 +62,22 @@ def test_an_unwritable_output_folder_is_refused_even_as_root(tmp_path) -> None:
     HydraConfig.instance().set_config(cfg)
     with pytest.raises(PermissionError, match="cannot be written.*hydra.run.dir="):
         train(cfg)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(backend="deepspeed", pin_memory="yes please"), r"`pin_memory='yes please'` \(expected bool\)"),
+    (dict(backend="host_adam", bucket_numel=1.5), r"`bucket_numel=1.5` \(expected int\)"),
+    (dict(backend="fsdp", reshard_after_forward=None), r"`reshard_after_forward=None` \(expected bool\)"),
+])
+def test_strategy_options_of_the_wrong_type_are_refused_by_name(options, message: str) -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+
+    with pytest.raises(TypeError, match=rf"Wrong type for backend option\(s\): {message}"):
+        SingleGPUOffloadStrategy(**options)
+
+
+def test_strategy_options_of_the_right_type_are_accepted() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+
+    strategy = SingleGPUOffloadStrategy(backend="host_adam", host_threads=None, gpu_state_blocks=3, pin_memory=False)
+    assert strategy.backend.config.gpu_state_blocks == 3
