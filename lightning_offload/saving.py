@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -299,6 +300,30 @@ def save_with_checkpoint_io(checkpoint_io: Any, checkpoint: dict[str, Any], path
             checkpoint_io.save_checkpoint(checkpoint, staging, storage_options=storage_options)
 
 
+def load_whole(path: str | os.PathLike, **load_options: Any) -> Any:
+    """`torch.load(path)`, with a truncated or corrupt file reported by its name instead of the zip reader's."""
+    try:
+        return torch.load(path, **load_options)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        if "weights_only" in str(error) or not _looks_damaged(error):
+            raise
+        raise ValueError(
+            f"The checkpoint file {str(path)!r} is truncated or corrupt ({os.path.getsize(path)} bytes: "
+            f"{_first_sentence(error)}). "
+            "It was not written by a complete save: resume from an earlier checkpoint."
+        ) from error
+
+
+def _first_sentence(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+
+
+def _looks_damaged(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, (EOFError, pickle.UnpicklingError)) or any(
+        sign in text for sign in ("zip archive", "central directory", "PytorchStreamReader", "file not found"))
+
+
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
 
@@ -317,7 +342,7 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
             )
         _refuse_foreign(Path(out_path), "file")
     if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
-        checkpoint = torch.load(checkpoint_dir, map_location="cpu", weights_only=False)
+        checkpoint = load_whole(checkpoint_dir, map_location="cpu", weights_only=False)
         state_dict = {name: value.float() if value.is_floating_point() else value
                       for name, value in checkpoint["state_dict"].items()}
     elif (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend

@@ -38,7 +38,7 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
-from lightning_offload.saving import save_with_checkpoint_io
+from lightning_offload.saving import _first_sentence, _looks_damaged, save_with_checkpoint_io
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -342,7 +342,15 @@ class _SingleGPUOffloadCore:
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if not self.backend.saves_own_state:
-            return super().load_checkpoint(checkpoint_path, weights_only)
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            except (RuntimeError, EOFError) as error:
+                if not _looks_damaged(error):
+                    raise
+                raise ValueError(
+                    f"The checkpoint file {str(checkpoint_path)!r} is truncated or corrupt ({_first_sentence(error)}). It was not "
+                    "written by a complete save: resume from an earlier checkpoint."
+                ) from error
         assert self.lightning_module is not None
         trainer_fn = self.lightning_module.trainer.state.fn
         return self.backend.load_checkpoint(

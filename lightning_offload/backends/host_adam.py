@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks
-from lightning_offload.saving import atomic_directory
+from lightning_offload.saving import atomic_directory, load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
 _FORMAT = "lightning_offload.host_adam/2"
@@ -436,7 +436,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a checkpoint written by the `host_adam` backend (a folder with {CHECKPOINT_FILE}). "
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
-    state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
     if state.get("format") not in _READABLE_FORMATS:
         raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
     return state

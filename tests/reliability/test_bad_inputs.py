@@ -81,3 +81,42 @@ def test_strategy_options_of_the_right_type_are_accepted() -> None:
 
     strategy = SingleGPUOffloadStrategy(backend="host_adam", host_threads=None, gpu_state_blocks=3, pin_memory=False)
     assert strategy.backend.config.gpu_state_blocks == 3
+
+
+def _truncate(file) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_engine_checkpoint_is_named(tmp_path) -> None:
+    from lightning_offload.backends.host_adam import CHECKPOINT_FILE, read_checkpoint
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    import torch
+
+    torch.save({"format": 1, "arena": torch.ones(1000)}, folder / CHECKPOINT_FILE)
+    _truncate(folder / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=rf"{CHECKPOINT_FILE}' is truncated or corrupt .* resume from an earlier"):
+        read_checkpoint(folder)
+
+
+def test_a_truncated_single_file_checkpoint_is_named_on_resume(tmp_path) -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), num_batches=2)
+    checkpoint = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    _truncate(checkpoint)
+    with pytest.raises(ValueError, match=r"last.ckpt' is truncated or corrupt .* resume from an earlier"):
+        fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), num_batches=4, ckpt_path=str(checkpoint))
+
+
+def test_a_garbage_deepspeed_latest_file_is_named(tmp_path) -> None:
+    from lightning_offload.backends.deepspeed import _refuse_other_world_size
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "latest").write_bytes(b"\x00\xffgarbage")
+    with pytest.raises(ValueError, match=r"is damaged: its `latest` file names .* Resume from an earlier"):
+        _refuse_other_world_size(tmp_path, 1)
