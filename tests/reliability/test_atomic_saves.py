@@ -238,3 +238,32 @@ def test_single_file_checkpoints_go_through_the_trainers_checkpoint_io(tmp_path)
     assert written.parent == target.parent and written != target  # staged beside the target, then renamed
     assert "state_dict" in torch.load(target, weights_only=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def _checkpoint_folder_check(folder: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_offload.planner import lightning as planner_lightning
+
+    monkeypatch.setattr(planner_lightning, "checkpoint_bytes", lambda stats, plan: 2**20)
+    report = SimpleNamespace(chosen=SimpleNamespace(plan="a plan"), stats=SimpleNamespace(parameters=1))
+    trainer = SimpleNamespace(callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=1)], default_root_dir=folder)
+    planner_lightning.check_checkpoint_disk(trainer, report)
+
+
+def test_a_fit_removes_what_killed_saves_left_in_its_checkpoint_folder(tmp_path, monkeypatch) -> None:
+    dead_pid = _exited_process_id()
+    leftover = tmp_path / f".last.ckpt.partial-{saving.socket.gethostname()}-{dead_pid}-0123abcd"
+    leftover.mkdir()
+    (leftover / "state.pt").write_bytes(b"0" * 1000)
+    _checkpoint_folder_check(tmp_path, monkeypatch)
+    assert not leftover.exists()
+
+
+def test_an_unwritable_checkpoint_folder_is_named_before_training(tmp_path, monkeypatch) -> None:
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    with pytest.raises(PermissionError, match=r"cannot write its checkpoints into .* Point `dirpath` at a writable"):
+        _checkpoint_folder_check(in_the_way / "checkpoints", monkeypatch)
