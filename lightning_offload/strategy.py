@@ -226,8 +226,9 @@ class _SingleGPUOffloadCore:
         )
         if type(plugin) is not plain and not isinstance(plugin, known):
             raise ValueError(
-                f"`{self.strategy_name}` chooses its precision plugin from `Trainer(precision=...)` and cannot run "
-                f"`{type(plugin).__name__}`. Remove it from `plugins=` and pass e.g. `precision='bf16-mixed'`."
+                f"`{self.strategy_name}` cannot train with `{type(plugin).__name__}` (precision {precision!r}, from "
+                "`Trainer(precision=...)` or `plugins=`). Pass `precision='bf16-mixed'`, 'bf16-true', '16-mixed' or "
+                "'32-true', and no precision plugin in `plugins=`."
             )
         return str(precision)
 
@@ -259,6 +260,12 @@ class _SingleGPUOffloadCore:
         self.activation_checkpointing.apply(module)
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if fitting and not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"`{type(module).__name__}` has no trainable parameter (every `requires_grad` is False), so there is "
+                "nothing to fit. Unfreeze the parameters to train (`p.requires_grad_(True)`), or call "
+                "`trainer.validate` / `trainer.predict` instead."
+            )
         if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
             raise ValueError(
                 f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "

@@ -120,3 +120,25 @@ def test_a_garbage_deepspeed_latest_file_is_named(tmp_path) -> None:
     (tmp_path / "latest").write_bytes(b"\x00\xffgarbage")
     with pytest.raises(ValueError, match=r"is damaged: its `latest` file names .* Resume from an earlier"):
         _refuse_other_world_size(tmp_path, 1)
+
+
+def test_a_module_with_nothing_to_train_is_refused_by_name() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import TinyLM, fit
+
+    class FrozenLM(TinyLM):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.net.requires_grad_(False)
+
+    with pytest.raises(ValueError, match=r"`FrozenLM` has no trainable parameter .* Unfreeze"):
+        fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), module=FrozenLM(), num_batches=2)
+
+
+def test_an_unsupported_precision_names_the_flag_and_the_choices() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    with pytest.raises(ValueError, match=r"cannot train with `DoublePrecision` \(precision '64-true'.*Pass "
+                                         r"`precision='bf16-mixed'`"):
+        fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), precision="64-true", num_batches=2)
