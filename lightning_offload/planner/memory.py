@@ -320,6 +320,12 @@ class Machine:
         # Memory this process's allocator already caches is free for the run, though the driver counts it used.
         return cls(gpu_memory_gib=(free + torch.cuda.memory_reserved(device)) / GIB, host_memory_gib=host)
 
+    def __post_init__(self) -> None:
+        for name in ("gpu_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`machine.{name}` must be a number of GiB (at least 0), got {value!r} (e.g. 80).")
+
     def describe(self) -> str:
         if self.unified:
             return f"{self.host_memory_gib:.0f} GiB of host RAM (training on the CPU)"

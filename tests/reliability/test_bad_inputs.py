@@ -142,3 +142,11 @@ def test_an_unsupported_precision_names_the_flag_and_the_choices() -> None:
     with pytest.raises(ValueError, match=r"cannot train with `DoublePrecision` \(precision '64-true'.*Pass "
                                          r"`precision='bf16-mixed'`"):
         fit(SingleGPUOffloadStrategy(backend="device", check_memory=False), precision="64-true", num_batches=2)
+
+
+@pytest.mark.parametrize("field,value", [("gpu_memory_gib", -1), ("host_memory_gib", "lots"), ("gpu_memory_gib", None)])
+def test_a_planner_machine_with_impossible_memory_is_refused_by_name(field: str, value) -> None:
+    from lightning_offload.planner import Machine
+
+    with pytest.raises(ValueError, match=rf"`machine.{field}` must be a number of GiB \(at least 0\), got"):
+        Machine(**{field: value})
