@@ -150,3 +150,22 @@ def test_a_planner_machine_with_impossible_memory_is_refused_by_name(field: str,
 
     with pytest.raises(ValueError, match=rf"`machine.{field}` must be a number of GiB \(at least 0\), got"):
         Machine(**{field: value})
+
+
+@pytest.mark.parametrize("matmul_tflops,reprobed", [(0.0, True), (-3.0, True), (12.5, False)])
+def test_a_probe_cache_with_a_zero_rate_is_probed_again(tmp_path, monkeypatch, matmul_tflops, reprobed) -> None:
+    import dataclasses
+    import json
+
+    import torch
+
+    from lightning_offload.planner import cost
+
+    monkeypatch.setenv(cost.CACHE_ENV, str(tmp_path))
+    cpu = torch.device("cpu")
+    cached = dataclasses.replace(cost.Ceilings(), matmul_tflops=matmul_tflops)
+    cost._cache_path(cpu).parent.mkdir(parents=True, exist_ok=True)
+    cost._cache_path(cpu).write_text(json.dumps(dataclasses.asdict(cached)))
+    probed = dataclasses.replace(cost.Ceilings(), matmul_tflops=7.0)
+    monkeypatch.setattr(cost, "probe", lambda device: probed)
+    assert cost.load_or_probe(cpu) == (probed if reprobed else cached)
