@@ -169,3 +169,12 @@ def test_a_probe_cache_with_a_zero_rate_is_probed_again(tmp_path, monkeypatch, m
     probed = dataclasses.replace(cost.Ceilings(), matmul_tflops=7.0)
     monkeypatch.setattr(cost, "probe", lambda device: probed)
     assert cost.load_or_probe(cpu) == (probed if reprobed else cached)
+
+
+@pytest.mark.parametrize("accumulate", [0, -2, 1.5])
+def test_the_planner_refuses_an_impossible_accumulation(accumulate) -> None:
+    from lightning_offload.planner import plan
+    from tests.conftest import TinyLM
+
+    with pytest.raises(ValueError, match=r"`accumulate` \(micro-batches per optimizer step\) must be an integer >= 1"):
+        plan(TinyLM(), accumulate=accumulate)
