@@ -229,6 +229,13 @@ class HostAdamBackend(Backend):
         group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
         # Gradients become final in roughly the reverse of the order modules register their parameters.
         ordered = [p for p in reversed(list(module.parameters())) if p in in_optimizer]
+        frozen = [name for name, p in module.named_parameters() if p in in_optimizer and not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{len(frozen)} parameter(s) given to the optimizer do not require gradients (e.g. {frozen[0]!r}); the "
+                "`host_adam` backend steps every parameter it is given during backward. Give the optimizer only the "
+                "trainable ones: `AdamW([p for p in self.parameters() if p.requires_grad], ...)`."
+            )
         missing = len(in_optimizer) - len(ordered)
         if missing:
             raise ValueError(

@@ -178,3 +178,22 @@ def test_the_planner_refuses_an_impossible_accumulation(accumulate) -> None:
 
     with pytest.raises(ValueError, match=r"`accumulate` \(micro-batches per optimizer step\) must be an integer >= 1"):
         plan(TinyLM(), accumulate=accumulate)
+
+
+def test_host_adam_names_frozen_parameters_given_to_the_optimizer() -> None:
+    import torch
+
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import TinyLM, fit
+
+    class FrozenBlock(TinyLM):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.net.blocks[0].requires_grad_(False)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    strategy = SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, bucket_numel=3000, chunk_numel=700)
+    with pytest.raises(ValueError, match=r"do not require gradients \(e.g. 'net.blocks.0.*Give the optimizer only"):
+        fit(strategy, module=FrozenBlock(), num_batches=2)
