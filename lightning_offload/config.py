@@ -6,7 +6,10 @@ Each YAML file of those groups starts from its schema, so a misspelt key fails a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -23,3 +26,55 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="optimizer", name="schema", node=OptimizerChoice)
     store.store(group="checkpointing", name="schema", node=CheckpointingConfig)
+
+
+# (key, smallest allowed value, an example) of the numbers the main job's config must hold; None: may be null.
+_INTEGERS = (
+    ("trainer.max_steps", -1, 400), ("trainer.accumulate_grad_batches", 1, 4), ("trainer.num_nodes", 1, 1),
+    ("trainer.log_every_n_steps", 1, 10), ("data.batch_size", 1, 16), ("data.seq_len", 1, 128),
+    ("data.max_bytes", 1, 2_000_000), ("data.num_batches", 1, 64), ("data.num_workers", 0, 2),
+)
+_NUMBERS = (("trainer.gradient_clip_val", 0.0, 1.0),)
+_FRACTIONS = (("data.val_fraction", 0.05),)
+
+
+def _lookup(cfg: Any, key: str) -> tuple[bool, Any]:
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_run_config(cfg: Any) -> None:
+    """Refuses, before anything is built, a main-job config whose trainer or data settings have the wrong type or
+    range, or whose output folder cannot be written, with one message naming the key and a valid value."""
+    problems = []
+    for key, smallest, example in _INTEGERS:
+        present, value = _lookup(cfg, key)
+        if present and (isinstance(value, bool) or not isinstance(value, int) or value < smallest):
+            problems.append(f"`{key}` must be an integer >= {smallest}, got {value!r} (e.g. {key}={example})")
+    for key, smallest, example in _NUMBERS:
+        present, value = _lookup(cfg, key)
+        if present and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                              or value < smallest):
+            problems.append(f"`{key}` must be null or a number >= {smallest}, got {value!r} (e.g. {key}={example})")
+    for key, example in _FRACTIONS:
+        present, value = _lookup(cfg, key)
+        if present and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            problems.append(f"`{key}` must be a number between 0 and 1, got {value!r} (e.g. {key}={example})")
+    if problems:
+        raise ValueError("Invalid config: " + "; ".join(problems) + ".")
+    present, root = _lookup(cfg, "trainer.default_root_dir")
+    if present and root:
+        _check_writable(Path(str(root)))
+
+
+def _check_writable(folder: Path) -> None:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"The run's output folder {str(folder)!r} cannot be written ({str(existing)!r} is not a writable "
+            "folder). Pass a writable one, e.g. `hydra.run.dir=outputs/my_run`."
+        )

@@ -60,8 +60,18 @@ class StdlibText(pl.LightningDataModule):
             return
         data = stdlib_bytes(self.hparams.max_bytes)
         split = int(len(data) * (1 - self.hparams.val_fraction))
-        self.train_set = _Windows(data[:split], self.hparams.seq_len)
-        self.val_set = _Windows(data[split:], self.hparams.seq_len)
+        train_set, val_set = _Windows(data[:split], self.hparams.seq_len), _Windows(data[split:], self.hparams.seq_len)
+        if len(train_set) < self.hparams.batch_size or len(val_set) < 1:
+            # One full training batch and one validation window: fewer would train on nothing without a word.
+            needed = int((self.hparams.batch_size * self.hparams.seq_len + 1) / (1 - self.hparams.val_fraction)) + 1
+            needed = max(needed, int((self.hparams.seq_len + 1) / self.hparams.val_fraction) + 1)
+            raise ValueError(
+                f"`max_bytes={self.hparams.max_bytes}` holds {len(train_set)} training and {len(val_set)} validation "
+                f"windows of `seq_len={self.hparams.seq_len}` bytes, fewer than one batch of `batch_size="
+                f"{self.hparams.batch_size}` and one validation window. Raise `max_bytes` to at least {needed}, or "
+                "lower `seq_len` / `batch_size`."
+            )
+        self.train_set, self.val_set = train_set, val_set
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)

@@ -1,13 +1,21 @@
 """Checkpoints on disk: written atomically, and consolidated into one plain state dict.
 
-A checkpoint is first written next to its destination and moved into place only when complete, so a crash or a
-full disk mid-save never leaves a half-written checkpoint under the user's name, and never destroys the previous one.
+A checkpoint is first written next to its destination (same folder, so the same file system), flushed to disk, and
+renamed into place only when complete: a crash, Ctrl+C or a full disk mid-save never leaves a half-written checkpoint
+under the user's name and never destroys the previous one. Nothing a save did not write is ever replaced, and what a
+killed save left beside its destination is removed by the next save or fit (`remove_stale_leftovers`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import pickle
+import re
 import shutil
+import signal
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +23,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+# Written into every checkpoint folder: a later save may replace a folder only if it carries this (or one of the
+# engines' own files, for folders written before it existed).
+FOLDER_MARKER = ".lightning_offload-checkpoint"
+_ENGINE_FILES = ("latest", "manifest.json", "host_adam.pt")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_RENAME_EXCHANGE = 2
 
 
 class Ranks(Protocol):
@@ -28,64 +43,285 @@ class Ranks(Protocol):
     def barrier(self, name: str | None = None) -> None: ...
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one under the same name is unchanged."""
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    # Host and process id in the name: a later run removes only what a process that no longer runs left behind.
+    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def stale_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Staging and set-aside copies in `folder` that a save killed mid-way (SIGKILL, power loss) left behind."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, found = socket.gethostname(), []
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match is None or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _process_running(pid):
+            continue
+        found.append(entry)
+    return found
+
+
+def remove_stale_leftovers(folder: str | os.PathLike) -> int:
+    """Removes `stale_leftovers(folder)`; a set-aside previous checkpoint whose replacement never arrived is put
+    back under its name instead. Returns the bytes freed."""
+    freed = 0
+    for entry in stale_leftovers(folder):
+        match = _LEFTOVER.match(entry.name)
+        assert match is not None
+        target = entry.with_name(match["name"])
+        if match["kind"] == "previous" and not target.exists() and not target.is_symlink():
+            os.replace(entry, target)
+            continue
+        freed += _size(entry)
+        _remove(entry)
+    return freed
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether `path` is a folder a save of this package wrote (which a later save may replace)."""
+    return path.is_dir() and any((path / name).is_file() for name in (FOLDER_MARKER, *_ENGINE_FILES))
+
+
+def _refuse_foreign(path: Path, what: str) -> None:
+    if path.is_symlink() or not path.exists():
+        return
+    if what == "folder" and path.is_dir() and (not any(path.iterdir()) or is_checkpoint_folder(path)):
+        return
+    if what == "file" and path.is_file():
+        return
+    kind = "folder" if path.is_dir() else "file"
+    raise FileExistsError(
+        f"{str(path)!r} is an existing {kind} that is not a checkpoint {what} written by `lightning_offload`; saving "
+        f"there would replace it and everything in it. Choose a new path (e.g. {str(path / 'last.ckpt')!r}) "
+        "or move the existing one away."
+    )
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    # torch.save's C++ writer reports a full disk as a bare stream error, so the disk itself is asked too.
+    if isinstance(error, (OSError, RuntimeError)) and folder.is_dir() and shutil.disk_usage(folder).free < 2**20:
+        return True
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen) or "file write failed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _write_error(path: Path, staging: Path, error: BaseException) -> CheckpointWriteError:
+    written = _size(staging) if staging.exists() else 0
+    free = shutil.disk_usage(path.parent).free
+    return CheckpointWriteError(
+        errno.ENOSPC,
+        f"The disk of {str(path.parent)!r} is full: the checkpoint {str(path)!r} stopped after "
+        f"{written / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free). Nothing was replaced: the previous checkpoint "
+        "under that name, if any, is unchanged. Free space, point the checkpoint folder (`ModelCheckpoint(dirpath=)`) "
+        "at a larger disk, or keep fewer checkpoints (`save_top_k=1`).",
+    )
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file():
+                _fsync(child)
+            elif child.is_dir():
+                _fsync(child)
+    _fsync(path)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Iterator[Path]:
-    """Yields an empty staging folder beside `path`; on success it replaces `path` (file or folder) in one rename.
+    """Yields an empty staging folder beside `path`; on success it replaces `path` in one rename.
 
-    With `ranks`, every process gets the same staging folder (on a file system they share) to write its shards
-    into; rank 0 creates it and moves it into place once every rank has finished writing.
+    `path` must be new, an empty folder, or a checkpoint folder an earlier save wrote: anything else is refused
+    before anything is written. With `ranks`, every process gets the same staging folder (on a file system they
+    share) to write its shards into; rank 0 creates it and moves it into place once every rank has finished writing.
     """
     path = Path(path)
     lead = ranks is None or ranks.is_global_zero
-    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = _sibling(path, "partial")
     if ranks is not None:
         staging = Path(ranks.broadcast(str(staging)))
     if lead:
+        _refuse_foreign(path, "folder")
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    if ranks is not None:
-        ranks.barrier("atomic_directory:staged")
+        remove_stale_leftovers(path.parent)
     try:
-        yield staging
-    except BaseException:
         if lead:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            (staging / FOLDER_MARKER).touch()
+        if ranks is not None:
+            ranks.barrier("atomic_directory:staged")
+        yield staging
+        if ranks is not None:
+            ranks.barrier("atomic_directory:written")
+        if lead:
+            _fsync_tree(staging)
+            with _interrupts_deferred():
+                _replace(staging, path)
+    except BaseException as error:
+        failure = _write_error(path, staging, error) if lead and _disk_full(error, path.parent) else None
+        if lead:
+            _remove(staging)
+        if failure is not None:
+            raise failure from error
         raise
-    if ranks is not None:
-        ranks.barrier("atomic_directory:written")
-    if lead:
-        _replace(staging, path)
     if ranks is not None:
         ranks.barrier("atomic_directory:replaced")
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a staging file path beside `path`; on success it replaces `path` in one rename."""
+    """Yields a staging file path beside `path`; once the caller has written it, it is flushed to disk and replaces
+    `path` in one rename. An existing folder at `path` is refused, never replaced."""
     path = Path(path)
+    _refuse_foreign(path, "file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_leftovers(path.parent)
+    staging = _sibling(path, "partial")
     try:
         yield staging
-    except BaseException:
-        staging.unlink(missing_ok=True)
+        if not staging.is_file():
+            raise FileNotFoundError(f"Nothing was written to {str(staging)!r} for the checkpoint {str(path)!r}.")
+        _fsync(staging)
+        with _interrupts_deferred():
+            os.replace(staging, path)
+            _fsync(path.parent)
+    except BaseException as error:
+        failure = _write_error(path, staging, error) if _disk_full(error, path.parent) else None
+        _remove(staging)
+        if failure is not None:
+            raise failure from error
         raise
-    _replace(staging, path)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl+C (or SIGTERM) during the renames that put a checkpoint in place takes effect right after them."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _replace(staging: Path, path: Path) -> None:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         os.replace(staging, path)
-        return
-    # A folder cannot be renamed over a non-empty folder: move the old one aside first, and delete it only
-    # once the new one is in place.
-    previous = path.with_name(f".{path.name}.previous-{uuid.uuid4().hex[:8]}")
-    os.replace(path, previous)
-    os.replace(staging, path)
-    if previous.is_dir():
-        shutil.rmtree(previous)
+    elif not _exchange(staging, path):
+        # No atomic exchange on this file system: move the old folder aside (a later start puts it back if the
+        # process dies before the new one is in place), then move the new one in.
+        previous = _sibling(path, "previous")
+        os.replace(path, previous)
+        os.replace(staging, path)
+        _remove(previous)
     else:
-        previous.unlink()
+        _remove(staging)  # the previous checkpoint, swapped out
+    _fsync(path.parent)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def save_with_checkpoint_io(checkpoint_io: Any, checkpoint: dict[str, Any], path: str | os.PathLike,
+                            storage_options: Any = None) -> None:
+    """Lightning's single-file checkpoint, written by the Trainer's `CheckpointIO` into a staging file beside `path`
+    and renamed into place (Lightning's own writer stages in the system temp folder, which is not atomic when that
+    is another file system). Remote paths (`s3://...`) and asynchronous writers are left to the `CheckpointIO`."""
+    text = str(path)
+    if ("://" in text and not text.startswith("file://")) or type(checkpoint_io).__name__ == "AsyncCheckpointIO":
+        checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        return
+    path = Path(text.removeprefix("file://"))
+    default_writer = (type(checkpoint_io).__name__ == "TorchCheckpointIO"
+                      and type(checkpoint_io).__module__.endswith("plugins.io.torch_io"))
+    if default_writer and storage_options is not None:
+        # Lightning's own message for the default writer.
+        checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+    with atomic_file(path) as staging:
+        if default_writer:
+            with open(staging, "wb") as file:
+                torch.save(checkpoint, file)
+        else:
+            checkpoint_io.save_checkpoint(checkpoint, staging, storage_options=storage_options)
+
+
+def load_whole(path: str | os.PathLike, **load_options: Any) -> Any:
+    """`torch.load(path)`, with a truncated or corrupt file reported by its name instead of the zip reader's."""
+    try:
+        return torch.load(path, **load_options)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        if "weights_only" in str(error) or not _looks_damaged(error):
+            raise
+        raise ValueError(
+            f"The checkpoint file {str(path)!r} is truncated or corrupt ({os.path.getsize(path)} bytes: "
+            f"{_first_sentence(error)}). "
+            "It was not written by a complete save: resume from an earlier checkpoint."
+        ) from error
+
+
+def _first_sentence(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+
+
+def _looks_damaged(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, (EOFError, pickle.UnpicklingError)) or any(
+        sign in text for sign in ("zip archive", "central directory", "PytorchStreamReader", "file not found"))
 
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
@@ -103,8 +339,15 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     from lightning_offload.backends import host_adam
 
     checkpoint_dir = Path(checkpoint_dir)
+    if out_path is not None:  # refused before the (long) read
+        if Path(out_path).resolve() == checkpoint_dir.resolve():
+            raise FileExistsError(
+                f"`consolidate` would write over the checkpoint it reads ({str(checkpoint_dir)!r}). Pass another "
+                "`out_path`, e.g. 'model.pt'."
+            )
+        _refuse_foreign(Path(out_path), "file")
     if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
-        checkpoint = torch.load(checkpoint_dir, map_location="cpu", weights_only=False)
+        checkpoint = load_whole(checkpoint_dir, map_location="cpu", weights_only=False)
         state_dict = {name: value.float() if value.is_floating_point() else value
                       for name, value in checkpoint["state_dict"].items()}
     elif (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend

@@ -50,6 +50,7 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
+from lightning_offload.saving import _first_sentence, _looks_damaged, save_with_checkpoint_io
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -286,8 +287,9 @@ class _SingleGPUOffloadCore:
         )
         if type(plugin) is not plain and not isinstance(plugin, known):
             raise ValueError(
-                f"`{self.strategy_name}` chooses its precision plugin from `Trainer(precision=...)` and cannot run "
-                f"`{type(plugin).__name__}`. Remove it from `plugins=` and pass e.g. `precision='bf16-mixed'`."
+                f"`{self.strategy_name}` cannot train with `{type(plugin).__name__}` (precision {precision!r}, from "
+                "`Trainer(precision=...)` or `plugins=`). Pass `precision='bf16-mixed'`, 'bf16-true', '16-mixed' or "
+                "'32-true', and no precision plugin in `plugins=`."
             )
         return str(precision)
 
@@ -320,6 +322,19 @@ class _SingleGPUOffloadCore:
         self.activation_checkpointing.apply(module)
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if fitting and not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"`{type(module).__name__}` has no trainable parameter (every `requires_grad` is False), so there is "
+                "nothing to fit. Unfreeze the parameters to train (`p.requires_grad_(True)`), or call "
+                "`trainer.validate` / `trainer.predict` instead."
+            )
+        if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
+            raise ValueError(
+                f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "
+                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin `backend='device'` (steps "
+                "exactly when you call `opt.step()`), or use automatic optimization with "
+                "`Trainer(accumulate_grad_batches=...)`."
+            )
         if fitting:
             self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
@@ -387,7 +402,9 @@ class _SingleGPUOffloadCore:
         if self.plan is not None:
             checkpoint = {**checkpoint, PLAN_KEY: plan_state(self.plan)}
         if not self.backend.saves_own_state:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            if self.is_global_zero:
+                save_with_checkpoint_io(self.checkpoint_io, checkpoint, filepath, storage_options)
+            return None
         if storage_options is not None:
             raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
         lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
@@ -398,7 +415,15 @@ class _SingleGPUOffloadCore:
         if self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING:
             self._refuse_other_checkpoint_format(checkpoint_path)
         if not self.backend.saves_own_state:
-            return super().load_checkpoint(checkpoint_path, weights_only)
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            except (RuntimeError, EOFError) as error:
+                if not _looks_damaged(error):
+                    raise
+                raise ValueError(
+                    f"The checkpoint file {str(checkpoint_path)!r} is truncated or corrupt ({_first_sentence(error)}). It was not "
+                    "written by a complete save: resume from an earlier checkpoint."
+                ) from error
         assert self.lightning_module is not None
         trainer_fn = self.lightning_module.trainer.state.fn
         return self.backend.load_checkpoint(

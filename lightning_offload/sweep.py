@@ -29,8 +29,12 @@ class SweepSummary(Callback):
             row["status"] = "ok"
             row.update(job_return.return_value or {})
         else:
-            row["status"] = f"failed: {type(job_return._return_value).__name__}"
+            row["status"] = f"failed: {type(job_return._return_value).__name__}: {job_return._return_value}"
         self.rows.append(row)
+        # Written after every job: Hydra ends a sweep with a failed job by raising, before `on_multirun_end`.
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(self.rows, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_offload  # noqa: F401  registers the strategy names before any Trainer is built
-from lightning_offload.config import register_configs
+from lightning_offload.config import check_run_config, register_configs
 from lightning_offload.telemetry import ThroughputMonitor
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,13 @@ def default_precision() -> str:
 def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:
     import lightning.pytorch as pl
 
+    check_run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data)
+    # Plain containers, not Hydra's: the hyperparameters Lightning saves must load with `weights_only=True`.
+    datamodule = instantiate(cfg.data, _convert_="all")
     log.info("Model: %s (%s)", cfg.model._target_, cfg.model.get("arch") or cfg.model.get("pretrained"))
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, _convert_="all")
     log.info("Strategy: %s", OmegaConf.to_container(cfg.strategy))
     strategy = instantiate(cfg.strategy)
     throughput = ThroughputMonitor()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_offload.saving import atomic_directory, atomic_file, consolidate
+from lightning_offload.saving import FOLDER_MARKER, atomic_directory, atomic_file, consolidate
 
 
 def test_failed_directory_save_keeps_previous_checkpoint(tmp_path) -> None:
@@ -66,5 +66,5 @@ def test_ranks_write_into_one_staging_folder_that_rank_zero_moves(tmp_path) -> N
             (follower / "shard1").write_text("1")
         assert not target.exists()  # a rank other than 0 never moves the folder
         (lead / "shard0").write_text("0")
-    assert sorted(p.name for p in target.iterdir()) == ["shard0", "shard1"]
+    assert sorted(p.name for p in target.iterdir()) == sorted([FOLDER_MARKER, "shard0", "shard1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

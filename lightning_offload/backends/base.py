@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import ModuleType
-from typing import Any, ClassVar
+from types import ModuleType, UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch.optim import Optimizer
@@ -30,7 +30,32 @@ class BackendConfig:
             raise ValueError(
                 f"Unknown option(s) {unknown} for this backend. Allowed: {sorted(known)}."
             )
+        hints = get_type_hints(cls)
+        wrong = [f"`{name}={value!r}` (expected {_type_name(hints[name])})"
+                 for name, value in options.items() if not _matches(value, hints[name])]
+        if wrong:
+            raise TypeError(f"Wrong type for backend option(s): {', '.join(wrong)}. Pass values of those types.")
         return cls(**options)
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a scalar type hint (`bool`, `int | None`, ...); other hints are the backend's to check."""
+    members = get_args(hint) if isinstance(hint, UnionType) or get_origin(hint) is Union else (hint,)
+    if value is None:
+        return type(None) in members or not all(m in _SCALARS or m is type(None) for m in members)
+    for member in members:
+        if member not in _SCALARS:
+            return True
+        if isinstance(value, _SCALARS[member]) and (member is bool or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,9 @@ class Backend(ABC):
     # Why `compile_blocks=True` cannot work with this engine (it hooks modules inside a block, where a compiled
     # block's graph would not call them); None: it can.
     compile_blocks_refusal: ClassVar[str | None] = None
+    # Why this engine cannot honour manual optimization (`automatic_optimization = False`: the module calls
+    # `manual_backward`, `opt.step()` and `opt.zero_grad()` itself) exactly; None: it can.
+    manual_optimization_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

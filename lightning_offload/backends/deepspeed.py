@@ -205,7 +205,12 @@ def _precision_config(precision: str) -> dict[str, Any]:
 def _refuse_other_world_size(path: Path, world_size: int) -> None:
     # ZeRO-3 keeps one file of fp32 weights and optimizer state per rank, cut for that many ranks; DeepSpeed would
     # fail later with a less helpful message (or, when loading weights only, read the wrong slices).
-    tag = (path / "latest").read_text().strip()
+    tag = (path / "latest").read_text(errors="replace").strip()
+    if not tag or "/" in tag or not (path / tag).is_dir():
+        raise ValueError(
+            f"The checkpoint {str(path)!r} is damaged: its `latest` file names {tag[:80]!r}, which is not a folder "
+            f"of the checkpoint (a complete one names {_CHECKPOINT_TAG!r}). Resume from an earlier checkpoint."
+        )
     saved = len(list((path / tag).glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")))
     if saved and saved != world_size:
         raise ValueError(
@@ -221,6 +226,9 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     Config = DeepSpeedConfig
     saves_own_state = True
+    manual_optimization_refusal = (
+        "DeepSpeed reduces and partitions gradients inside backward and steps on its own accumulation boundary."
+    )
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is

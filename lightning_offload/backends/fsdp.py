@@ -60,6 +60,9 @@ class _CallThrough(nn.Module):
 class FSDPBackend(Backend):
     name = "fsdp"
     Config = FSDPConfig
+    manual_optimization_refusal = (
+        "its gradient accumulation and clipping run on sharded gradients in hooks Lightning's manual loop bypasses."
+    )
 
     def __init__(self, config: FSDPConfig) -> None:
         super().__init__(config)

@@ -85,6 +85,7 @@ class GPU8bitConfig(BackendConfig):
 class GPU8bitBackend(Backend):
     name = "gpu_8bit"
     Config = GPU8bitConfig
+    manual_optimization_refusal = "it updates each parameter inside backward (or at its end), not at `opt.step()`."
 
     def __init__(self, config: GPU8bitConfig) -> None:
         super().__init__(config)

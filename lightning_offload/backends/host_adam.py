@@ -31,7 +31,7 @@ from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
-from lightning_offload.saving import atomic_directory
+from lightning_offload.saving import atomic_directory, load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
 _FORMAT = "lightning_offload.host_adam/2"
@@ -168,6 +168,7 @@ class HostAdamBackend(Backend):
     name = "host_adam"
     Config = HostAdamConfig
     saves_own_state = True
+    manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
 
     # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
     # closed when the next one is built in this process, which starts from its master weights.
@@ -233,6 +234,13 @@ class HostAdamBackend(Backend):
         group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
         # Gradients become final in roughly the reverse of the order modules register their parameters.
         ordered = [p for p in reversed(list(module.parameters())) if p in in_optimizer]
+        frozen = [name for name, p in module.named_parameters() if p in in_optimizer and not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{len(frozen)} parameter(s) given to the optimizer do not require gradients (e.g. {frozen[0]!r}); the "
+                "`host_adam` backend steps every parameter it is given during backward. Give the optimizer only the "
+                "trainable ones: `AdamW([p for p in self.parameters() if p.requires_grad], ...)`."
+            )
         missing = len(in_optimizer) - len(ordered)
         if missing:
             raise ValueError(
@@ -440,7 +448,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a checkpoint written by the `host_adam` backend (a folder with {CHECKPOINT_FILE}). "
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
-    state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
     if state.get("format") not in _READABLE_FORMATS:
         raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
     return state

@@ -222,14 +222,22 @@ def _cache_path(device: torch.device) -> Path:
     return root / f"ceilings-v{PROBE_VERSION}-{key}.json"
 
 
+def _positive_rates(ceilings: Ceilings) -> bool:
+    rates = [value for value in asdict(ceilings).values() if not isinstance(value, (str, bool))]
+    return all(isinstance(value, (int, float)) and value > 0 for value in rates)
+
+
 def load_or_probe(device: torch.device) -> Ceilings:
     """This machine's ceilings: from the cache when this machine was probed before, else probed now and cached."""
     path = _cache_path(device)
     if path.exists():
         try:
-            return Ceilings(**json.loads(path.read_text()))
+            cached = Ceilings(**json.loads(path.read_text()))
         except (TypeError, ValueError):
-            pass
+            cached = None
+        if cached is not None and _positive_rates(cached):
+            return cached
+        # A damaged cache (a zero or negative rate would divide by zero or plan backwards) is probed again.
     # The probe draws random tensors: the run's random streams (weight init, dropout) must not see it happen.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ceilings = probe(device)

@@ -4,6 +4,7 @@ chosen plan back into strategy settings."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, e
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.preflight import loader_untouched
 from lightning_offload.planner.memory import GIB, checkpoint_bytes
+from lightning_offload.saving import remove_stale_leftovers
 
 _OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
 # Policies the memory model knows; `selective` keeps more than `full` and less than `none`: planned as `none`, so
@@ -179,6 +181,12 @@ def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
             continue
         folder = Path(callback.dirpath or trainer.default_root_dir)
         existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"`ModelCheckpoint` cannot write its checkpoints into {str(folder)!r} ({str(existing)!r} is not a "
+                "writable folder). Point `dirpath` at a writable folder, or pass `enable_checkpointing=False`."
+            )
+        remove_stale_leftovers(folder)  # what killed saves left there is space this run may use
         free = shutil.disk_usage(existing).free
         kept = callback.save_top_k if callback.save_top_k > 0 else (2 if callback.save_top_k < 0 else 0)
         copies = kept + bool(callback.save_last) + 1 if kept or callback.save_last else 0

@@ -401,6 +401,12 @@ class Machine:
         tiers = {"host RAM": self.host_limit} if self.unified else {"GPU": self.gpu_limit, "host RAM": self.host_limit}
         return {tier: limit for tier, limit in tiers.items() if limit}
 
+    def __post_init__(self) -> None:
+        for name in ("gpu_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`machine.{name}` must be a number of GiB (at least 0), got {value!r} (e.g. 80).")
+
     def describe(self) -> str:
         def tier(gib: float, name: str, limit: str | None) -> str:
             return f"{gib:.0f} GiB {name}" + (f" (held there by {limit})" if limit else "")

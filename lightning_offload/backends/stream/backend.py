@@ -78,6 +78,7 @@ class StreamBackend(Backend):
     name = "stream"
     Config = StreamConfig
     saves_own_state = True
+    manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
     _live: ClassVar[StreamBackend | None] = None
 
     def __init__(self, config: StreamConfig) -> None:
