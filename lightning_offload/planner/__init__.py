@@ -20,6 +20,7 @@ from lightning_offload.planner.choose import (
     PlanReport,
     candidate_plans,
     choose,
+    exclusions,
 )
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time, load_or_probe, probe
 from lightning_offload.planner.disk import Disk, UnusableDisk, load_or_probe_disk
@@ -100,6 +101,15 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                             adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
                             accumulate=accumulate, offload_device=offload_device, nvme_state=nvme_state,
                             disk_given=disk is not None)
+    if not plans:
+        reasons = exclusions(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
+                             optimizer=optimizer, checkpointing=checkpointing, adamw_compatible=adamw_compatible)
+        raise PlanDoesNotFit(
+            "No plan runs with these settings: "
+            + "; ".join(f"`{name}`: {reasons.get(name, 'no plan of it matches the pinned levers')}" for name in backends)
+            + ". Pin another backend, or leave the optimizer and checkpointing to the planner (`optimizer=None`, "
+            "`activation_checkpointing=None`)."
+        )
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
                   ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin, disk=disk,

@@ -195,6 +195,25 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
     return plans
 
 
+def exclusions(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
+               checkpointing: str | None = None, adamw_compatible: bool = True) -> dict[str, str]:
+    """Why each of `backends` has no candidate plan under the pinned levers (`candidate_plans`' rules, in words)."""
+    reasons = {}
+    for backend in backends:
+        if backend in _GPU_PLANS and not on_cuda and len(backends) > 1:
+            reasons[backend] = "it needs a CUDA GPU"
+        elif backend in _ADAMW_ONLY and not adamw_compatible:
+            reasons[backend] = ("it updates with AdamW inside backward, and `configure_optimizers` returns another "
+                                "optimizer (return `torch.optim.AdamW`)")
+        elif not _optimizers_for(backend, optimizer):
+            reasons[backend] = f"it cannot step `optimizer={optimizer!r}`"
+        elif backend == "stream" and checkpointing not in (None, "full", "offload"):
+            reasons[backend] = f"it streams blocks under `full` or `offload` checkpointing, not {checkpointing!r}"
+        elif not stats.blocks and backend == "stream":
+            reasons[backend] = "the model has no repeated block to stream"
+    return reasons
+
+
 def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
     """The optimizer state a backend would keep: its own conversions of the user's optimizer, or the pinned one
     where the backend can step it."""

@@ -41,8 +41,8 @@ EIGHT_BIT_PRECISION = "bf16-true"
 
 # Refusals by what the module does, as (a part of the message, the reason in the README's table). A module with an
 # optimizer a backend cannot run is refused by the backend, or by the planner when it measured the module first.
-_SGD = ("returned `SGD`|not SGD|No candidate plan", "SGD: the backend runs AdamW")
-_NO_BLOCK = ("no repeated block was found|No candidate plan", "no repeated block")
+_SGD = ("returned `SGD`|not SGD|returns another optimizer", "SGD: the backend runs AdamW")
+_NO_BLOCK = ("no repeated block", "no repeated block")
 _COMPILED = ("compiled with `torch.compile`", "`torch.compile`d")
 # What the strategy refuses at setup, by (kind, backend).
 REFUSED = {

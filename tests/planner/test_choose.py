@@ -247,3 +247,14 @@ def test_refusal_offers_freeing_host_ram_only_where_that_alone_would_fit() -> No
     short_of_host = choose(LLAMA_8B, Machine(gpu_memory_gib=80, host_memory_gib=16), Ceilings(),
                            candidate_plans(LLAMA_8B, backends=["deepspeed"], on_cuda=True), allow_eight_bit=True)
     assert "more host RAM (close other processes)" in str(short_of_host.error())
+
+
+@pytest.mark.parametrize(("levers", "said"), [
+    ({"backend": "host_adam", "optimizer": "lion8bit"}, "`host_adam`: it cannot step `optimizer='lion8bit'`"),
+    ({"backend": "gpu_8bit", "adamw_compatible": False}, "`gpu_8bit`: it updates with AdamW inside backward"),
+    ({"backend": "stream", "checkpointing": "none"}, "`stream`: it streams blocks under `full` or `offload`"),
+])
+def test_pinned_levers_that_exclude_every_plan_are_refused_with_each_reason(levers, said) -> None:
+    with pytest.raises(PlanDoesNotFit, match="No plan runs with these settings") as refusal:
+        plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", **levers)
+    assert said in str(refusal.value)
