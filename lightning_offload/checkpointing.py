@@ -32,8 +32,8 @@ _INSTALLED_BY_FIT = "_lightning_offload_installed_by_fit"
 
 def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Module]:
     """The repeated blocks of `model`: instances of `class_names`, or else of the repeated composite module class
-    whose instances hold the most parameters together (the decoder layer over its MLP, and over the more numerous
-    but small LoRA layers and containers inside it)."""
+    whose instances hold the most parameters together and share none (the decoder layer over its MLP, and over the
+    more numerous but small LoRA layers and containers inside it)."""
     if class_names:
         blocks = [m for m in model.modules() if type(m).__name__ in set(class_names)]
         if not blocks:
@@ -42,12 +42,25 @@ def find_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> list[nn.Mo
     # Containers without a forward (a T5 block's list of layers) cannot be run, sharded or recomputed as a unit.
     composites = [m for m in model.modules() if m is not model and any(True for _ in m.children())
                   and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
-    counts = {cls: count for cls, count in Counter(type(m) for m in composites).items() if count > 1}
+    counts = {cls: count for cls, count in Counter(type(m) for m in composites).items()
+              if count > 1 and not _instances_share_parameters([m for m in composites if type(m) is cls])}
     if not counts:
         return []
     size = {cls: _parameter_count(next(m for m in composites if type(m) is cls)) for cls in counts}
     best = max(counts, key=lambda cls: (counts[cls] * size[cls], counts[cls]))
     return [m for m in composites if type(m) is best]
+
+
+def _instances_share_parameters(instances: list[nn.Module]) -> bool:
+    # Units that share a weight (T5's encoder and decoder stacks share the embedding) cannot be sharded, streamed or
+    # recomputed one at a time.
+    seen: set[int] = set()
+    for module in instances:
+        own = {id(p) for p in module.parameters()}
+        if own & seen:
+            return True
+        seen |= own
+    return False
 
 
 def _parameter_count(module: nn.Module) -> int:
