@@ -44,6 +44,7 @@ EIGHT_BIT_PRECISION = "bf16-true"
 _SGD = ("returned `SGD`|not SGD|returns another optimizer", "SGD: the backend runs AdamW")
 _NO_BLOCK = ("no repeated block", "no repeated block")
 _COMPILED = ("compiled with `torch.compile`", "`torch.compile`d")
+_MANUAL = ("Manual optimization .* cannot be honoured", "manual optimization: updates outside `opt.step()`")
 # What the strategy refuses at setup, by (kind, backend).
 REFUSED = {
     **{(kind, backend): _SGD for kind in ("boring_model", "lightning_transformer")
@@ -52,6 +53,7 @@ REFUSED = {
         "cnn_batchnorm", "frozen_trunk", "shared_parameter", "param_groups", "reduce_lr_on_plateau", "one_cycle_lr",
         "evaluation_loops", "user_compiled", "manual_optimization")},
     **{("user_compiled", backend): _COMPILED for backend in ("deepspeed", "host_adam")},
+    **{("manual_optimization", backend): _MANUAL for backend in ("host_adam", "deepspeed", "fsdp", "gpu_8bit")},
 }
 # Cells that train but not yet as auto does.
 KNOWN_DIFFERENCES = {
