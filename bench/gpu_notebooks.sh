@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: notebooks 01 (quickstart) and 02 (planner) end to end, about 3 minutes. Writes to $OUT the
-# executed notebooks, their logs and the rendered plots (quickstart.png is the one the README shows).
+# executed notebooks, their logs and the rendered plots (quickstart.png is the one docs/telemetry.md shows).
 # Wheels for what the machine lacks are in .whl/ (as for bench/gpu_issue2.sh), plus nbclient, nbformat and
 # ipykernel with their dependencies; without them each notebook's code cells run in one plain Python process
 # instead (the same code, the plots are still written, only the executed .ipynb is missing).

@@ -284,7 +284,7 @@ def manual_optimization() -> pl.LightningModule:
     return _Manual()
 
 
-# Each kind's label in the README table, by the factory's name (the test id).
+# Each kind's label in docs/conformance.md's table, by the factory's name (the test id).
 LABELS: dict[str, str] = {
     "boring_model": "Lightning `BoringModel`",
     "lightning_transformer": "Lightning `LightningTransformer` (local tokens)",

@@ -1,4 +1,4 @@
-"""Runs the CPU conformance suite and prints its outcomes as the README's table (module kind x backend):
+"""Runs the CPU conformance suite and prints its outcomes as the table in docs/conformance.md (module kind x backend):
 
     python -m tests.conformance.table
 """

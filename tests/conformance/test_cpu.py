@@ -39,7 +39,7 @@ BACKEND_RTOL = {"device": BITWISE, "host_adam": FUSED_ADAMW_RTOL, "fsdp": FUSED_
 EIGHT_BIT = ("gpu_8bit", "stream")
 EIGHT_BIT_PRECISION = "bf16-true"
 
-# Refusals by what the module does, as (a part of the message, the reason in the README's table). A module with an
+# Refusals by what the module does, as (a part of the message, the reason in docs/conformance.md's table). A module with an
 # optimizer a backend cannot run is refused by the backend, or by the planner when it measured the module first.
 _SGD = ("returned `SGD`|not SGD|returns another optimizer", "SGD: the backend runs AdamW")
 _NO_BLOCK = ("no repeated block", "no repeated block")
