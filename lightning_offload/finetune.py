@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_offload.models import adamw_with_warmup_cosine
 from lightning_offload.pretrained import pretrained
 
 log = logging.getLogger(__name__)
@@ -69,30 +69,9 @@ class FineTuneLM(pl.LightningModule):
         self.log("val/loss", self._loss(batch), prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Frozen weights (a LoRA base) get no optimizer state; decay on matrices only, chosen by module type
-        # because parameters built under DeepSpeed's zero.Init are 0-element placeholders until gathered.
-        decay, no_decay, seen = [], [], set()
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) in seen or not param.requires_grad:
-                    continue
-                seen.add(id(param))
-                is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
-                (decay if is_matrix else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
-                                      betas=tuple(self.hparams.betas))
-        warmup, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup_cosine(self, lr=self.hparams.lr, betas=self.hparams.betas,
+                                        weight_decay=self.hparams.weight_decay,
+                                        warmup_steps=self.hparams.warmup_steps, max_steps=self.hparams.max_steps)
 
 
 class ExportHF(pl.Callback):

@@ -127,30 +127,9 @@ class CausalLM(pl.LightningModule):
         self.val_token_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Grouped by module type, not by `p.ndim`: parameters built under DeepSpeed's zero.Init are 0-element
-        # placeholders until gathered.
-        decay, no_decay, seen = [], [], set()
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
-                (decay if is_matrix else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-        )
-        warmup, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup_cosine(self, lr=self.hparams.lr, betas=self.hparams.betas,
+                                        weight_decay=self.hparams.weight_decay,
+                                        warmup_steps=self.hparams.warmup_steps, max_steps=self.hparams.max_steps)
 
     @torch.no_grad()
     def generate(self, prompt: bytes, max_new_bytes: int = 64, temperature: float = 0.0) -> bytes:
@@ -168,3 +147,31 @@ class CausalLM(pl.LightningModule):
     def _context_length(self) -> int:
         network = dict(self.hparams.network or {})
         return int(network.get("max_seq_len", network.get("max_position_embeddings", 256)))
+
+
+def adamw_with_warmup_cosine(model: nn.Module, *, lr: float, betas: Any, weight_decay: float, warmup_steps: int,
+                             max_steps: int) -> dict[str, Any]:
+    """`configure_optimizers`' answer: AdamW with weight decay on matrices only, a linear warmup into a cosine decay
+    to 10% of `lr`, stepped every optimizer step. Frozen weights (a LoRA base) get no optimizer state."""
+    # Grouped by module type, not by `p.ndim`: parameters built under DeepSpeed's zero.Init are 0-element
+    # placeholders until gathered.
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
+            (decay if is_matrix else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+    total = max(max_steps, 1)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
