@@ -44,3 +44,8 @@ def test_wheel_declares_one_version_license_and_types(wheel) -> None:
     assert f"Version: {lightning_offload.__version__}\n" in metadata
     assert "License-Expression: Apache-2.0\n" in metadata
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+
+
+def test_wheel_declares_the_command(wheel) -> None:
+    entry_points = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "lightning-offload = lightning_offload.cli:main" in entry_points

@@ -97,7 +97,8 @@ def test_a_disk_given_adds_its_columns_and_the_plans_that_keep_state_there(tmp_p
                f"strategy.nvme_path={swap}", "trainer.gradient_clip_val=null", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "LIGHTNING_OFFLOAD_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The table is printed whether or not a plan fits this little host RAM; the exit status says which.
+    assert done.returncode == (0 if "Chosen:" in done.stdout else 1), done.stderr[-3000:]
     out = " ".join(done.stdout.split())
     assert "disk GiB" in out and "written GB/step" in out and "O_DIRECT" in out
     assert "parameters on NVMe" in out and "optimizer state on NVMe" in out
