@@ -72,3 +72,11 @@ def test_export_runs_the_exporters_command_line(tmp_path) -> None:
     assert done.returncode != 0 and "Should have a `model_type` key in its config.json" in done.stderr
     usage = command("export", "--help", cwd=tmp_path)
     assert usage.returncode == 0 and "usage: lightning-offload export" in usage.stdout
+
+
+def test_the_former_train_script_warns_and_runs_the_app(tmp_path) -> None:
+    code = "import sys; from lightning_offload.cli import deprecated_train; sys.argv = ['x', '--help']; deprecated_train()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "`lightning-offload-train` is deprecated" in done.stderr and "trainer" in done.stdout
