@@ -21,9 +21,12 @@ PLAN_FITS, NOTHING_FITS, BAD_CONFIG = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else BAD_CONFIG
+        print(__doc__.strip(), file=sys.stderr)
+        return BAD_CONFIG
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train(rest)
@@ -55,6 +58,7 @@ def plan(args: list[str]) -> int:
 
     from lightning_offload.config import register_configs
     from lightning_offload.planner import cli
+    from lightning_offload.planner.choose import PlanDoesNotFit
 
     parser = argparse.ArgumentParser(prog="lightning-offload plan", description=cli.__doc__)
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
@@ -65,6 +69,9 @@ def plan(args: list[str]) -> int:
         with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
             cfg = compose(config_name="plan", overrides=options.overrides)
         report = cli.plan_from_config(cfg)
+    except PlanDoesNotFit as refusal:  # pinned levers that leave no plan to compare
+        print(f"lightning-offload plan: {refusal}", file=sys.stderr)
+        return NOTHING_FITS
     except (ValueError, HydraException, OmegaConfBaseException) as error:
         print(f"lightning-offload plan: {error}", file=sys.stderr)
         return BAD_CONFIG

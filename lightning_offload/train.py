@@ -58,16 +58,22 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(node) for node in configs.values()]
 
 
+# The run's log files we attached to Lightning's loggers: replaced by the next job's in a multirun.
+_RUN_LOG_HANDLERS: list[logging.Handler] = []
+
+
 def _lightning_messages_to_run_log() -> None:
     """Lightning's messages (the planner's table among them) go to its own console handler, not to the root
     logger; the run's log file (Hydra's file handler on the root logger) gets them too."""
-    files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
-    for name in ("lightning.pytorch", "pytorch_lightning"):
-        lightning_log = logging.getLogger(name)
+    lightning_logs = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    for handler in _RUN_LOG_HANDLERS:  # an earlier job's file
+        for lightning_log in lightning_logs:
+            lightning_log.removeHandler(handler)
+    _RUN_LOG_HANDLERS[:] = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for lightning_log in lightning_logs:
         if not lightning_log.propagate:
-            for handler in files:
-                if handler not in lightning_log.handlers:
-                    lightning_log.addHandler(handler)
+            for handler in _RUN_LOG_HANDLERS:
+                lightning_log.addHandler(handler)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> dict[str, float]:

@@ -38,3 +38,5 @@ def test_an_optuna_search_from_the_command_line_optimizes_the_returned_metric(tm
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(perplexities), rel=1e-4)
     assert (tmp_path / "summary.md").read_text().count("| ok |") == trials
+    # Each trial's log file has its own plan table, not the later trials' too.
+    assert all((tmp_path / str(trial) / "train.log").read_text().count("Plans for") == 1 for trial in range(trials))
