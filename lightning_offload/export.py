@@ -241,8 +241,8 @@ def _write_shards(staging: Path, layout: list[tuple[str, tuple[int, ...], SavedT
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_offload.export", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m lightning_offload.export") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint of any backend (file or folder)")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--config", required=True, help="the pretrained folder the model started from, or a "

@@ -1,8 +1,10 @@
-"""Summary of a Hydra multirun (`python -m lightning_offload.train -m ...`): one row per job, in the sweep folder."""
+"""Summary of a Hydra multirun (`python -m lightning_offload.train -m ...`, a grid or an Optuna search): one row per
+job, in the sweep folder."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from lightning_offload.train import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,10 @@ class SweepSummary(Callback):
         row: dict[str, Any] = {"overrides": " ".join(job_return.overrides or []) or "(defaults)"}
         if job_return.status == JobStatus.COMPLETED:
             row["status"] = "ok"
-            row.update(job_return.return_value or {})
+            # The app returns one number (the sweeper's objective) and leaves all its metrics in the run's folder.
+            metrics = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / METRICS_FILE
+            if metrics.is_file():
+                row.update(json.loads(metrics.read_text()))
         else:
             row["status"] = f"failed: {type(job_return._return_value).__name__}: {job_return._return_value}"
         self.rows.append(row)

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from lightning_offload.train import train
+from lightning_offload.train import build_loggers, train
 
 SHORT_RUN = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
              "data.max_bytes=100000", "data.batch_size=4", "data.seq_len=32", "model.network.d_model=32",
@@ -41,7 +41,12 @@ def test_every_config_option_composes_and_instantiates(tmp_path, group: str, opt
 
     cfg = compose_config(tmp_path, [f"{group}={option}"])
     HydraConfig.instance().set_config(cfg)
-    if group == "callbacks" or "_target_" in cfg.get(group, {}):  # `experiment` options are global overrides
+    if group == "logger":
+        try:
+            assert build_loggers(cfg.logger)
+        except ModuleNotFoundError as missing:  # an optional logger's package: named with the extra to install
+            assert f"pip install 'lightning_offload[{option}]'" in str(missing)
+    elif group == "callbacks" or "_target_" in cfg.get(group, {}):  # `experiment` options are global overrides
         instantiate(cfg[group])
     instantiate(cfg.strategy)
 
@@ -113,3 +118,39 @@ def test_sweep_from_command_line_writes_one_row_per_job(tmp_path) -> None:
               for row in rows}
     assert len(combos) == 4
     assert (tmp_path / "summary.md").read_text().count("| ok |") == 4
+
+
+def test_two_loggers_receive_the_same_metrics_the_config_and_the_plan(tmp_path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_config(tmp_path, [*SHORT_RUN, "logger=many"])
+    HydraConfig.instance().set_config(cfg)
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    from_csv = {(name, int(row["step"]), float(value)) for row in rows for name, value in row.items()
+                if name not in ("step", "epoch") and value}
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    from_tensorboard = {(name, event.step, event.value) for name in events.Tags()["scalars"] if name != "epoch"
+                        for event in events.Scalars(name)}
+    assert {name for name, _, _ in from_csv} >= {"train/loss", "val/perplexity"}
+    # The same names, steps and values (TensorBoard keeps float32).
+    assert {(n, s, round(v, 3)) for n, s, v in from_csv} == {(n, s, round(v, 3)) for n, s, v in from_tensorboard}
+
+    # Both hold the resolved config, the module's and the plan's hyperparameters.
+    for folder in ("csv", "tensorboard"):
+        hparams = yaml.safe_load((tmp_path / folder / "hparams.yaml").read_text())
+        assert hparams["plan/backend"] == "device" and hparams["optimized_metric"] == cfg.optimized_metric
+        assert hparams["trainer"]["max_steps"] == cfg.trainer.max_steps and hparams["lr"] == cfg.model.lr
+
+
+def test_the_plan_table_reaches_the_runs_log_file(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.train", f"hydra.run.dir={tmp_path}", *SHORT_RUN,
+               "trainer.max_steps=2", "trainer.limit_val_batches=0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_log = (tmp_path / "train.log").read_text()
+    assert "Plans for" in run_log and "Chosen: device" in run_log
+    # Once on the console: the run's log file is not a second console handler.
+    assert (done.stdout + done.stderr).count("Plans for") == 1

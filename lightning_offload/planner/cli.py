@@ -1,4 +1,4 @@
-"""`python -m lightning_offload.plan`: the planner's table for a model config, on this or another machine."""
+"""`lightning-offload plan`: the planner's table for a model config, on this or another machine."""
 
 from __future__ import annotations
 
@@ -12,28 +12,43 @@ from lightning_offload.checkpointing import as_checkpointing_config
 from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
 from lightning_offload.planner.lightning import clips_by_norm, plan_for_module
+from lightning_offload.planner.memory import GIB
+from lightning_offload.planner.record import plan_state
 
 CEILINGS = {"h100": Ceilings()}
+# The GPUs `machine=` names (conf/machine/*.yaml): memory and rates, measured or scaled from datasheets.
+MACHINE_PRESETS = ("h100_80gb", "a100_80gb", "a6000", "rtx4090")
 
 
 def machine_of(cfg: DictConfig) -> tuple[Machine, Ceilings, torch.device]:
-    """The machine to plan for and its ceilings (probed here, or named). With a GPU here, `gpu_memory_gib` and
-    `host_memory_gib` are budgets as in training (they only lower what is free); without one they describe the GPU
-    machine to plan for (unset: an 80 GB card, and this machine's host RAM)."""
+    """The machine to plan for and its ceilings (probed here, or a preset's). With a GPU here, `gpu_memory_gib` and
+    `host_memory_gib` are budgets as in training (they only lower what is free); without one, planning for a GPU
+    needs it named (`machine=<preset>`, or `machine.ceilings=h100`) and they describe that GPU machine."""
     here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     described = here.type != "cuda" and (cfg.gpu_memory_gib is not None or cfg.host_memory_gib is not None)
+    if described and cfg.ceilings == "auto":
+        raise ValueError(
+            "There is no GPU here, so the GPU to plan for must be named (its rates are not probed): pass one of "
+            f"machine={','.join(MACHINE_PRESETS)} (conf/machine/), with machine.gpu_memory_gib=... to lower its "
+            "memory. Without machine keys the plan is for training on this machine's CPU.")
     machine = Machine.detect(here, max_gpu_memory_gib=cfg.gpu_memory_gib, max_host_memory_gib=cfg.host_memory_gib)
     if described:
+        if cfg.gpu_memory_gib is None:
+            raise ValueError("Planning for a GPU machine needs its memory: pass machine=<preset> (conf/machine/) "
+                             "or machine.gpu_memory_gib=<GiB>.")
         machine = Machine(
-            gpu_memory_gib=float(cfg.gpu_memory_gib if cfg.gpu_memory_gib is not None else 79.2),
+            gpu_memory_gib=float(cfg.gpu_memory_gib),
             host_memory_gib=float(cfg.host_memory_gib if cfg.host_memory_gib is not None else machine.host_memory_gib),
         )
-    if cfg.ceilings != "auto":
+    if isinstance(cfg.ceilings, DictConfig):  # a preset's rates
+        ceilings = Ceilings(**OmegaConf.to_container(cfg.ceilings))
+    elif cfg.ceilings != "auto":
         if cfg.ceilings not in CEILINGS:
-            raise ValueError(f"Unknown `machine.ceilings={cfg.ceilings}`. Choose 'auto' or one of {list(CEILINGS)}.")
+            raise ValueError(f"Unknown `machine.ceilings={cfg.ceilings}`. Choose 'auto' or one of {list(CEILINGS)}, "
+                             f"or a GPU: machine={','.join(MACHINE_PRESETS)}.")
         ceilings = CEILINGS[cfg.ceilings]
     else:
-        ceilings = CEILINGS["h100"] if described else load_or_probe(here)
+        ceilings = load_or_probe(here)
     return machine, ceilings, torch.device("cuda") if described else here
 
 
@@ -104,12 +119,29 @@ def render(report: PlanReport, rows: int) -> Any:
     return table
 
 
-def main(cfg: DictConfig) -> PlanReport:
+def show(report: PlanReport, rows: int) -> None:
+    """The table on the console, and why nothing fits when nothing does."""
     from rich.console import Console
 
-    report = plan_from_config(cfg)
     console = Console(width=160)
-    console.print(render(report, int(cfg.rows)))
+    console.print(render(report, rows))
     if report.chosen is None:
         console.print(f"[bold red]{report.error()}")
-    return report
+
+
+def report_as_dict(report: PlanReport) -> dict[str, Any]:
+    """The report for `--json`: the machine, the chosen plan (None when nothing fits) and every candidate."""
+
+    def candidate(c: Any) -> dict[str, Any]:
+        return {"plan": str(c.plan), "levers": plan_state(c.plan), "fits": c.fits, "refused": c.refused or None,
+                "step_s": c.step_time_s, "tokens_per_s": report.tokens_per_second(c),
+                "gpu_gib": c.memory.gpu_bytes / GIB, "host_gib": c.memory.host_bytes / GIB,
+                "pinned_gib": c.memory.pinned_bytes / GIB, "disk_gib": c.memory.disk_bytes / GIB,
+                "shortfalls_gib": dict(c.shortfalls)}
+
+    return {"parameters": report.stats.parameters, "tokens_per_step": report.stats.tokens * report.accumulate,
+            "machine": report.machine.describe(), "device": report.ceilings.device,
+            "disk": report.disk.describe() if report.disk else None,
+            "chosen": candidate(report.chosen) if report.chosen else None, "reason": report.reason,
+            "error": None if report.chosen else str(report.error()),
+            "candidates": [candidate(c) for c in ordered(report.candidates)]}

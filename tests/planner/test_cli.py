@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -97,8 +98,24 @@ def test_a_disk_given_adds_its_columns_and_the_plans_that_keep_state_there(tmp_p
                f"strategy.nvme_path={swap}", "trainer.gradient_clip_val=null", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "LIGHTNING_OFFLOAD_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The table is printed whether or not a plan fits this little host RAM; the exit status says which.
+    assert done.returncode == (0 if "Chosen:" in done.stdout else 1), done.stderr[-3000:]
     out = " ".join(done.stdout.split())
     assert "disk GiB" in out and "written GB/step" in out and "O_DIRECT" in out
     assert "parameters on NVMe" in out and "optimizer state on NVMe" in out
     assert list(swap.iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_the_h100_preset_is_the_measured_machine() -> None:
+    import yaml
+
+    from lightning_offload.planner import Ceilings, Machine
+    from lightning_offload.planner.cli import MACHINE_PRESETS
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "machine"
+    assert {file.stem for file in conf.glob("*.yaml")} == set(MACHINE_PRESETS)
+    h100 = yaml.safe_load((conf / "h100_80gb.yaml").read_text())
+    assert Ceilings(**h100["ceilings"]) == Ceilings() and h100["gpu_memory_gib"] == Machine().gpu_memory_gib
+    for preset in MACHINE_PRESETS:  # every preset's rates are the planner's fields, and slower than the H100's
+        ceilings = Ceilings(**yaml.safe_load((conf / f"{preset}.yaml").read_text())["ceilings"])
+        assert ceilings.matmul_tflops <= Ceilings().matmul_tflops
