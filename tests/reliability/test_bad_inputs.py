@@ -197,3 +197,16 @@ def test_host_adam_names_frozen_parameters_given_to_the_optimizer() -> None:
     strategy = SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, bucket_numel=3000, chunk_numel=700)
     with pytest.raises(ValueError, match=r"do not require gradients \(e.g. 'net.blocks.0.*Give the optimizer only"):
         fit(strategy, module=FrozenBlock(), num_batches=2)
+
+
+
+def test_stream_names_a_weight_shared_by_two_blocks_and_the_fix() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.backends.test_fsdp import BlocksSharingAWeight
+    from tests.conftest import fit
+
+    strategy = SingleGPUOffloadStrategy(backend="stream", check_memory=False, block_classes=["Block"])
+    with pytest.raises(ValueError, match=r"Blocks 'net.blocks.0' and 'net.blocks.1' share the parameter "
+                                         r"net.blocks.0.proj.weight = net.blocks.1.proj.weight.*Give each block its "
+                                         r"own weight, or .*`backend='fsdp'`"):
+        fit(strategy, module=BlocksSharingAWeight(), precision="bf16-mixed", num_batches=2)
