@@ -134,8 +134,9 @@ class FSDPBackend(Backend):
                 f"No repeated block found in {type(module).__name__}: the `fsdp` backend shards it as one unit, so "
                 "all its weights are gathered on the device at once. Name the block class with `block_classes=`."
             )
-        for block in blocks:
-            fully_shard(block, reshard_after_forward=self.config.reshard_after_forward, **options)
+        for group in _blocks_sharing_no_parameter_across(blocks):
+            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
+                        **options)
         fully_shard(module, **options)
         self._root = module
         return module
@@ -216,6 +217,13 @@ class FSDPBackend(Backend):
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if not optimizer.state:
+            # torch builds the empty state it loads into by a zero step, which it skips while gradients an earlier
+            # `fit` of this module left are there; training clears them before its first backward anyway.
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def describe(self) -> str:
@@ -223,6 +231,21 @@ class FSDPBackend(Backend):
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         sharding = f"sharded across {ranks} processes" if ranks > 1 else "one unit per block"
         return f"FSDP2 ({self._precision}), {sharding}: parameters, gradients and optimizer state in {where}"
+
+
+def _blocks_sharing_no_parameter_across(blocks: list[nn.Module]) -> list[list[nn.Module]]:
+    """The blocks in groups such that no parameter is in two groups: FSDP2 manages a weight in one unit only, so
+    blocks that share one (a weight tied across layers) are sharded together."""
+    groups: list[tuple[list[nn.Module], set[int]]] = []
+    for block in blocks:
+        ids = {id(p) for p in block.parameters()}
+        sharing = [group for group in groups if group[1] & ids]
+        merged = ([m for modules, _ in sharing for m in modules] + [block],
+                  ids.union(*(held for _, held in sharing)))
+        groups = [group for group in groups if all(group is not other for other in sharing)] + [merged]
+    order = {id(block): index for index, block in enumerate(blocks)}
+    return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, _ in groups),
+                  key=lambda modules: order[id(modules[0])])
 
 
 def _fused_on_host(optimizer: Optimizer) -> None:
