@@ -64,6 +64,28 @@ def test_an_unwritable_output_folder_is_refused_even_as_root(tmp_path) -> None:
         train(cfg)
 
 
+def test_an_unwritable_hydra_run_dir_is_refused_before_hydra_creates_it(tmp_path) -> None:
+    file_in_the_way = tmp_path / "a_file"
+    file_in_the_way.write_text("")
+    run = subprocess.run([sys.executable, "-m", "lightning_offload.train", f"hydra.run.dir={file_in_the_way}/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert f"'{file_in_the_way}/run' cannot be written" in run.stderr and "hydra.run.dir=" in run.stderr
+
+
+def test_an_unwritable_hydra_sweep_dir_is_refused_by_its_key(tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_offload.config import OutputFolderCheck
+
+    file_in_the_way = tmp_path / "a_file"
+    file_in_the_way.write_text("")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(file_in_the_way / "sweep")}}})
+    with pytest.raises(SystemExit, match=r"cannot be written.*`hydra.sweep.dir="):
+        OutputFolderCheck().on_multirun_start(config=config)
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(backend="deepspeed", pin_memory="yes please"), r"`pin_memory='yes please'` \(expected bool\)"),
     (dict(backend="host_adam", bucket_numel=1.5), r"`bucket_numel=1.5` \(expected int\)"),
