@@ -202,6 +202,14 @@ def test_the_planner_refuses_an_impossible_accumulation(accumulate) -> None:
         plan(TinyLM(), accumulate=accumulate)
 
 
+def test_the_planner_refuses_an_unknown_backend_with_the_choices() -> None:
+    from lightning_offload.planner import plan
+    from tests.conftest import TinyLM
+
+    with pytest.raises(ValueError, match=r"`backend='deepspeedd'` is unknown. Choose one of \['auto', .*'deepspeed'"):
+        plan(TinyLM(), backend="deepspeedd")
+
+
 def test_host_adam_names_frozen_parameters_given_to_the_optimizer() -> None:
     import torch
 
