@@ -134,7 +134,7 @@ class FSDPBackend(Backend):
                 f"No repeated block found in {type(module).__name__}: the `fsdp` backend shards it as one unit, so "
                 "all its weights are gathered on the device at once. Name the block class with `block_classes=`."
             )
-        for group in _blocks_sharing_no_parameter_across(blocks):
+        for group in _shardable_block_groups(module, blocks):
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
                         **options)
         fully_shard(module, **options)
@@ -233,9 +233,10 @@ class FSDPBackend(Backend):
         return f"FSDP2 ({self._precision}), {sharding}: parameters, gradients and optimizer state in {where}"
 
 
-def _blocks_sharing_no_parameter_across(blocks: list[nn.Module]) -> list[list[nn.Module]]:
-    """The blocks in groups such that no parameter is in two groups: FSDP2 manages a weight in one unit only, so
-    blocks that share one (a weight tied across layers) are sharded together."""
+def _shardable_block_groups(root: nn.Module, blocks: list[nn.Module]) -> list[list[nn.Module]]:
+    """The blocks in groups such that no parameter is in two units: FSDP2 manages a weight in one unit only, so
+    blocks that share one (a weight tied across layers) are sharded together, and blocks that share one with a
+    module outside the blocks are left to the root unit."""
     groups: list[tuple[list[nn.Module], set[int]]] = []
     for block in blocks:
         ids = {id(p) for p in block.parameters()}
@@ -243,8 +244,17 @@ def _blocks_sharing_no_parameter_across(blocks: list[nn.Module]) -> list[list[nn
         merged = ([m for modules, _ in sharing for m in modules] + [block],
                   ids.union(*(held for _, held in sharing)))
         groups = [group for group in groups if all(group is not other for other in sharing)] + [merged]
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    outside = {id(p) for m in root.modules() if id(m) not in inside_blocks for p in m.parameters(recurse=False)}
+    names = {id(m): name for name, m in root.named_modules()}
+    for modules, held in groups:
+        if held & outside:
+            warnings.warn(
+                f"{[names[id(m)] for m in modules]} share a weight with a module outside the blocks: the `fsdp` "
+                "backend shards them with the rest of the model as one unit, so their weights are gathered together."
+            )
     order = {id(block): index for index, block in enumerate(blocks)}
-    return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, _ in groups),
+    return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, held in groups if not held & outside),
                   key=lambda modules: order[id(modules[0])])
 
 

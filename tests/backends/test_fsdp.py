@@ -110,6 +110,23 @@ def test_blocks_sharing_a_weight_are_sharded_together_and_match_the_plain_run() 
     assert all(isinstance(block, FSDPModule) for block in module.net.blocks)
 
 
+class BlockSharingAWeightWithTheFinalNorm(TinyLM):
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            self.net.norm.weight = self.net.blocks[0].attn_norm.weight
+
+
+def test_a_block_sharing_a_weight_outside_the_blocks_is_left_to_the_root_unit_and_matches_the_plain_run() -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    reference, _ = fit("auto", module=BlockSharingAWeightWithTheFinalNorm())
+    with pytest.warns(UserWarning, match=r"\['net.blocks.0'\] share a weight with a module outside the blocks"):
+        module, _ = fit(fsdp(block_classes=["Block"]), module=BlockSharingAWeightWithTheFinalNorm())
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
+    assert not isinstance(module.net.blocks[0], FSDPModule) and isinstance(module.net.blocks[1], FSDPModule)
+
+
 def test_second_fit_on_the_same_trainer_keeps_bf16() -> None:
     from tests.conftest import token_batches
 
