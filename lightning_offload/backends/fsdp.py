@@ -41,6 +41,9 @@ class FSDPConfig(BackendConfig):
     choice (off without a plan)."""
 
 
+# Attribute naming the precision a module was sharded for (its mixed-precision policy stays with it).
+_SHARDED_PRECISION = "_lightning_offload_sharded_precision"
+
 # Key of the per-rank optimizer states in a checkpoint (optimizers that step local shards).
 _LOCAL_SHARD_STATES = "local_shard_states"
 
@@ -114,6 +117,13 @@ class FSDPBackend(Backend):
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if isinstance(module, FSDPModule):
+            sharded_for = getattr(module, _SHARDED_PRECISION, self._precision)
+            if sharded_for != self._precision:
+                raise ValueError(
+                    f"{type(module).__name__} was sharded by an earlier `fit` for `precision={sharded_for!r}`, which "
+                    f"FSDP2 keeps: it cannot train with {self._precision!r}. Fit it with `precision={sharded_for!r}`, "
+                    "or build a fresh module."
+                )
             self._root = module
             return module
         mixed = self._precision == "bf16-mixed"
@@ -138,6 +148,7 @@ class FSDPBackend(Backend):
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
                         **options)
         fully_shard(module, **options)
+        setattr(module, _SHARDED_PRECISION, self._precision)
         self._root = module
         return module
 

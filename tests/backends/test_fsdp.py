@@ -136,6 +136,13 @@ def test_second_fit_on_the_same_trainer_keeps_bf16() -> None:
     assert trainer.strategy.backend._precision == "bf16-mixed" and len(module.losses) == 16
 
 
+def test_a_module_sharded_by_an_earlier_fit_refuses_another_precision_by_name() -> None:
+    module, _ = fit(fsdp(), num_batches=2)
+    with pytest.raises(ValueError, match=r"sharded by an earlier `fit` for `precision='32-true'`.*cannot train with "
+                                         r"'bf16-mixed'. Fit it with `precision='32-true'`, or build a fresh module"):
+        fit(fsdp(), module=module, precision="bf16-mixed", num_batches=2)
+
+
 def test_unsupported_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="not supported by the `fsdp` backend"):
         fit(fsdp(), precision="bf16-true")
