@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 
 from lightning_offload.checkpointing import CheckpointingConfig
 
@@ -71,10 +72,29 @@ def check_run_config(cfg: Any) -> None:
         _check_writable(Path(str(root)))
 
 
-def _check_writable(folder: Path) -> None:
+def _check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(
             f"The run's output folder {str(folder)!r} cannot be written ({str(existing)!r} is not a writable "
-            "folder). Pass a writable one, e.g. `hydra.run.dir=outputs/my_run`."
+            f"folder). Pass a writable one, e.g. `{key}=outputs/my_run`."
         )
+
+
+class OutputFolderCheck(Callback):
+    """Refuses an unwritable output folder before Hydra creates it, which would fail with a bare `mkdir` error.
+
+    It exits with the message: Hydra turns a callback's exceptions into warnings and goes on."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        _exit_unless_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        _exit_unless_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _exit_unless_writable(folder: Path, key: str) -> None:
+    try:
+        _check_writable(folder, key)
+    except PermissionError as error:
+        raise SystemExit(f"Error: {error}") from None

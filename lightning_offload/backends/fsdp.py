@@ -41,6 +41,9 @@ class FSDPConfig(BackendConfig):
     choice (off without a plan)."""
 
 
+# Attribute naming the precision a module was sharded for (its mixed-precision policy stays with it).
+_SHARDED_PRECISION = "_lightning_offload_sharded_precision"
+
 # Key of the per-rank optimizer states in a checkpoint (optimizers that step local shards).
 _LOCAL_SHARD_STATES = "local_shard_states"
 
@@ -114,6 +117,13 @@ class FSDPBackend(Backend):
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if isinstance(module, FSDPModule):
+            sharded_for = getattr(module, _SHARDED_PRECISION, self._precision)
+            if sharded_for != self._precision:
+                raise ValueError(
+                    f"{type(module).__name__} was sharded by an earlier `fit` for `precision={sharded_for!r}`, which "
+                    f"FSDP2 keeps: it cannot train with {self._precision!r}. Fit it with `precision={sharded_for!r}`, "
+                    "or build a fresh module."
+                )
             self._root = module
             return module
         mixed = self._precision == "bf16-mixed"
@@ -134,9 +144,11 @@ class FSDPBackend(Backend):
                 f"No repeated block found in {type(module).__name__}: the `fsdp` backend shards it as one unit, so "
                 "all its weights are gathered on the device at once. Name the block class with `block_classes=`."
             )
-        for block in blocks:
-            fully_shard(block, reshard_after_forward=self.config.reshard_after_forward, **options)
+        for group in _shardable_block_groups(module, blocks):
+            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
+                        **options)
         fully_shard(module, **options)
+        setattr(module, _SHARDED_PRECISION, self._precision)
         self._root = module
         return module
 
@@ -216,6 +228,13 @@ class FSDPBackend(Backend):
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if not optimizer.state:
+            # torch builds the empty state it loads into by a zero step, which it skips while gradients an earlier
+            # `fit` of this module left are there; training clears them before its first backward anyway.
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def describe(self) -> str:
@@ -223,6 +242,31 @@ class FSDPBackend(Backend):
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         sharding = f"sharded across {ranks} processes" if ranks > 1 else "one unit per block"
         return f"FSDP2 ({self._precision}), {sharding}: parameters, gradients and optimizer state in {where}"
+
+
+def _shardable_block_groups(root: nn.Module, blocks: list[nn.Module]) -> list[list[nn.Module]]:
+    """The blocks in groups such that no parameter is in two units: FSDP2 manages a weight in one unit only, so
+    blocks that share one (a weight tied across layers) are sharded together, and blocks that share one with a
+    module outside the blocks are left to the root unit."""
+    groups: list[tuple[list[nn.Module], set[int]]] = []
+    for block in blocks:
+        ids = {id(p) for p in block.parameters()}
+        sharing = [group for group in groups if group[1] & ids]
+        merged = ([m for modules, _ in sharing for m in modules] + [block],
+                  ids.union(*(held for _, held in sharing)))
+        groups = [group for group in groups if all(group is not other for other in sharing)] + [merged]
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    outside = {id(p) for m in root.modules() if id(m) not in inside_blocks for p in m.parameters(recurse=False)}
+    names = {id(m): name for name, m in root.named_modules()}
+    for modules, held in groups:
+        if held & outside:
+            warnings.warn(
+                f"{[names[id(m)] for m in modules]} share a weight with a module outside the blocks: the `fsdp` "
+                "backend shards them with the rest of the model as one unit, so their weights are gathered together."
+            )
+    order = {id(block): index for index, block in enumerate(blocks)}
+    return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, held in groups if not held & outside),
+                  key=lambda modules: order[id(modules[0])])
 
 
 def _fused_on_host(optimizer: Optimizer) -> None:

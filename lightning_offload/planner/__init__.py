@@ -74,6 +74,8 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
 
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
+    if backend not in (None, "auto", *available_backends()):
+        raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *available_backends()]}.")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, ModelStats):

@@ -85,6 +85,48 @@ def test_checkpoint_is_plain_and_resumes(tmp_path) -> None:
     assert_losses_close(first.losses + resumed.losses, uninterrupted.losses, 1e-5)
 
 
+def test_a_second_fit_of_the_sharded_module_resumes_in_the_same_process(tmp_path) -> None:
+    uninterrupted, _ = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=2)
+    module, trainer = fit(fsdp(), module=TinyLM(scheduler="step"), max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    fit(fsdp(), module=module, max_epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert_losses_close(module.losses, uninterrupted.losses, 1e-5)
+
+
+class BlocksSharingAWeight(TinyLM):
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            self.net.blocks[1].proj.weight = self.net.blocks[0].proj.weight
+
+
+def test_blocks_sharing_a_weight_are_sharded_together_and_match_the_plain_run() -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    reference, _ = fit("auto", module=BlocksSharingAWeight())
+    module, _ = fit(fsdp(block_classes=["Block"]), module=BlocksSharingAWeight())
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
+    assert module.net.blocks[1].proj.weight is module.net.blocks[0].proj.weight
+    assert all(isinstance(block, FSDPModule) for block in module.net.blocks)
+
+
+class BlockSharingAWeightWithTheFinalNorm(TinyLM):
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            self.net.norm.weight = self.net.blocks[0].attn_norm.weight
+
+
+def test_a_block_sharing_a_weight_outside_the_blocks_is_left_to_the_root_unit_and_matches_the_plain_run() -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    reference, _ = fit("auto", module=BlockSharingAWeightWithTheFinalNorm())
+    with pytest.warns(UserWarning, match=r"\['net.blocks.0'\] share a weight with a module outside the blocks"):
+        module, _ = fit(fsdp(block_classes=["Block"]), module=BlockSharingAWeightWithTheFinalNorm())
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
+    assert not isinstance(module.net.blocks[0], FSDPModule) and isinstance(module.net.blocks[1], FSDPModule)
+
+
 def test_second_fit_on_the_same_trainer_keeps_bf16() -> None:
     from tests.conftest import token_batches
 
@@ -92,6 +134,13 @@ def test_second_fit_on_the_same_trainer_keeps_bf16() -> None:
     trainer.fit_loop.max_epochs = 2
     trainer.fit(module, train_dataloaders=token_batches(8))
     assert trainer.strategy.backend._precision == "bf16-mixed" and len(module.losses) == 16
+
+
+def test_a_module_sharded_by_an_earlier_fit_refuses_another_precision_by_name() -> None:
+    module, _ = fit(fsdp(), num_batches=2)
+    with pytest.raises(ValueError, match=r"sharded by an earlier `fit` for `precision='32-true'`.*cannot train with "
+                                         r"'bf16-mixed'. Fit it with `precision='32-true'`, or build a fresh module"):
+        fit(fsdp(), module=module, precision="bf16-mixed", num_batches=2)
 
 
 def test_unsupported_precision_is_refused() -> None:

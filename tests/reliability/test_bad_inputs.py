@@ -64,6 +64,28 @@ def test_an_unwritable_output_folder_is_refused_even_as_root(tmp_path) -> None:
         train(cfg)
 
 
+def test_an_unwritable_hydra_run_dir_is_refused_before_hydra_creates_it(tmp_path) -> None:
+    file_in_the_way = tmp_path / "a_file"
+    file_in_the_way.write_text("")
+    run = subprocess.run([sys.executable, "-m", "lightning_offload.train", f"hydra.run.dir={file_in_the_way}/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert f"'{file_in_the_way}/run' cannot be written" in run.stderr and "hydra.run.dir=" in run.stderr
+
+
+def test_an_unwritable_hydra_sweep_dir_is_refused_by_its_key(tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_offload.config import OutputFolderCheck
+
+    file_in_the_way = tmp_path / "a_file"
+    file_in_the_way.write_text("")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(file_in_the_way / "sweep")}}})
+    with pytest.raises(SystemExit, match=r"cannot be written.*`hydra.sweep.dir="):
+        OutputFolderCheck().on_multirun_start(config=config)
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(backend="deepspeed", pin_memory="yes please"), r"`pin_memory='yes please'` \(expected bool\)"),
     (dict(backend="host_adam", bucket_numel=1.5), r"`bucket_numel=1.5` \(expected int\)"),
@@ -180,6 +202,14 @@ def test_the_planner_refuses_an_impossible_accumulation(accumulate) -> None:
         plan(TinyLM(), accumulate=accumulate)
 
 
+def test_the_planner_refuses_an_unknown_backend_with_the_choices() -> None:
+    from lightning_offload.planner import plan
+    from tests.conftest import TinyLM
+
+    with pytest.raises(ValueError, match=r"`backend='deepspeedd'` is unknown. Choose one of \['auto', .*'deepspeed'"):
+        plan(TinyLM(), backend="deepspeedd")
+
+
 def test_host_adam_names_frozen_parameters_given_to_the_optimizer() -> None:
     import torch
 
@@ -197,3 +227,16 @@ def test_host_adam_names_frozen_parameters_given_to_the_optimizer() -> None:
     strategy = SingleGPUOffloadStrategy(backend="host_adam", check_memory=False, bucket_numel=3000, chunk_numel=700)
     with pytest.raises(ValueError, match=r"do not require gradients \(e.g. 'net.blocks.0.*Give the optimizer only"):
         fit(strategy, module=FrozenBlock(), num_batches=2)
+
+
+
+def test_stream_names_a_weight_shared_by_two_blocks_and_the_fix() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.backends.test_fsdp import BlocksSharingAWeight
+    from tests.conftest import fit
+
+    strategy = SingleGPUOffloadStrategy(backend="stream", check_memory=False, block_classes=["Block"])
+    with pytest.raises(ValueError, match=r"Blocks 'net.blocks.0' and 'net.blocks.1' share the parameter "
+                                         r"net.blocks.0.proj.weight = net.blocks.1.proj.weight.*Give each block its "
+                                         r"own weight, or .*`backend='fsdp'`"):
+        fit(strategy, module=BlocksSharingAWeight(), precision="bf16-mixed", num_batches=2)

@@ -75,7 +75,18 @@ def find_units(root: nn.Module, block_classes: list[str] | tuple[str, ...] = ())
     for name, param in root.named_parameters(remove_duplicate=False):
         names_of[id(param)].append(name)
     inside_blocks = {id(m) for block in blocks for m in block.modules()}
-    block_params = {id(p) for block in blocks for p in block.parameters()}
+    block_of: dict[int, nn.Module] = {}
+    for block in blocks:
+        for param in block.parameters():
+            other = block_of.setdefault(id(param), block)
+            if other is not block:
+                raise ValueError(
+                    f"Blocks {module_names[id(other)]!r} and {module_names[id(block)]!r} share the parameter "
+                    f"{' = '.join(names_of[id(param)])}: the `stream` backend moves each block separately and cannot "
+                    "tie a weight across blocks. Give each block its own weight, or train this model with another "
+                    "backend (`backend='fsdp'` shards the blocks that share it together)."
+                )
+    block_params = set(block_of)
 
     groups: list[tuple[list[nn.Module], list[nn.Parameter]]] = []
     owner: dict[int, int] = {}
@@ -89,7 +100,8 @@ def find_units(root: nn.Module, block_classes: list[str] | tuple[str, ...] = ())
         if shared:
             raise ValueError(
                 f"Module {module_names[id(module)]!r} shares a parameter with a block ({names_of[id(shared[0])]}); "
-                "the `stream` backend moves blocks separately and cannot tie weights across them."
+                "the `stream` backend moves blocks separately and cannot tie weights across them. Give each its own "
+                "weight, or train this model with another backend (`backend='fsdp'`)."
             )
         target = next((owner[id(p)] for p in own if id(p) in owner), None)
         if target is None:
