@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_offload.planner.cache import cache_root
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import (
     DEEPSPEED_NVME_PARAMS_IN_HOST,
@@ -74,7 +75,6 @@ CPU_8BIT_UPDATE_RATE = 0.06e9
 COMPILED_BLOCK_TIME = 0.87
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
 BACKWARD_SHARE = 0.7
-CACHE_ENV = "LIGHTNING_OFFLOAD_CACHE"
 # Part of the cache's file name: a machine probed by an earlier `probe` is probed again (version 2: the CPU AdamW
 # rate over 2 GiB, not 256 MiB read from the CPU's cache; 3: whether the ceilings are a GPU's).
 PROBE_VERSION = 3
@@ -216,7 +216,7 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
 
 
 def _cache_path(device: torch.device) -> Path:
-    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lightning_offload"))
+    root = cache_root()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     key = "".join(c if c.isalnum() else "-" for c in f"{platform.node()}-{name}-{os.cpu_count()}")
     return root / f"ceilings-v{PROBE_VERSION}-{key}.json"

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_offload.planner.cache import cache_root
 from lightning_offload.planner.memory import GIB
 
 # Bytes a probe writes and reads back: past the drive's write cache, seconds at NVMe speeds.
@@ -142,9 +143,7 @@ def probe_disk(path: str | os.PathLike, nbytes: int = PROBE_BYTES) -> tuple[floa
 
 
 def _cache_path(folder: Path) -> Path:
-    from lightning_offload.planner.cost import CACHE_ENV
-
-    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lightning_offload"))
+    root = cache_root()
     # One entry per filesystem: folders on one drive share its bandwidth.
     key = "".join(c if c.isalnum() else "-" for c in f"{platform.node()}-{os.stat(folder).st_dev}")
     return root / f"disk-v{DISK_PROBE_VERSION}-{key}.json"

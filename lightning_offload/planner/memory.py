@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_offload.planner.budget import CUDA_CONTEXT_BYTES, GIB, gpu_memory_available, host_memory_available
 from lightning_offload.planner.measure import ModelStats
 
-GIB = 2**30
 # Bytes of optimizer state per parameter. bitsandbytes keeps one fp32 absmax per 256-element block per moment;
 # the fused kernel's record is 528 bytes per 256 elements (bench/NOTES_kernel.md).
 OPTIMIZER_STATE_BYTES = {
@@ -25,7 +25,6 @@ OPTIMIZER_STATE_BYTES = {
     "lion8bit": 1 + 4 / 256,
 }
 EIGHT_BIT_OPTIMIZERS = frozenset(name for name, size in OPTIMIZER_STATE_BYTES.items() if size < 4)
-CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and cuBLAS workspaces: outside torch's allocator
 # Python, torch, the CUDA runtime and Lightning in host memory before any model: the peak RSS of runs that keep
 # nothing in host memory (bench/RESULTS.md: 1.8-2.0 GiB for gpu_8bit at 3.6B and 8B and `device` at 1.5B through
 # `single_gpu_offload`; ANCHORS.md: 1.7-2 GiB for the plain loop and torchtune's method).
@@ -384,8 +383,6 @@ class Machine:
         """What this process may use right now on `device` (default: CUDA if present) and in host memory: what is
         free, within the job's cgroup memory limit, the allocator's per-process fraction and the budgets given
         (which only ever lower it)."""
-        from lightning_offload.planner.budget import gpu_memory_available, host_memory_available
-
         host = host_memory_available(max_host_memory_gib=max_host_memory_gib)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type != "cuda":

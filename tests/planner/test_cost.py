@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_offload.planner import Ceilings, Plan, estimate_step_time, load_or_probe
-from lightning_offload.planner.cost import (ACHIEVED_MATMUL_FRACTION, BACKWARD_SHARE, CACHE_ENV, PROBE_VERSION,
-                                           training_flops)
+from lightning_offload.planner.cache import CACHE_ENV
+from lightning_offload.planner.cost import ACHIEVED_MATMUL_FRACTION, BACKWARD_SHARE, PROBE_VERSION, training_flops
 from tests.planner.test_memory import LLAMA_8B
 
 H100 = Ceilings()

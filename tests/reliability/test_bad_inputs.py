@@ -182,8 +182,9 @@ def test_a_probe_cache_with_a_zero_rate_is_probed_again(tmp_path, monkeypatch, m
     import torch
 
     from lightning_offload.planner import cost
+    from lightning_offload.planner.cache import CACHE_ENV
 
-    monkeypatch.setenv(cost.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     cpu = torch.device("cpu")
     cached = dataclasses.replace(cost.Ceilings(), matmul_tflops=matmul_tflops)
     cost._cache_path(cpu).parent.mkdir(parents=True, exist_ok=True)
