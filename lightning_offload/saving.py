@@ -166,9 +166,7 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(path: Path) -> None:
     if path.is_dir():
         for child in path.rglob("*"):
-            if child.is_file():
-                _fsync(child)
-            elif child.is_dir():
+            if child.is_file() or child.is_dir():
                 _fsync(child)
     _fsync(path)
 
@@ -302,8 +300,15 @@ def save_with_checkpoint_io(checkpoint_io: Any, checkpoint: dict[str, Any], path
 
 def load_whole(path: str | os.PathLike, **load_options: Any) -> Any:
     """`torch.load(path)`, with a truncated or corrupt file reported by its name instead of the zip reader's."""
-    try:
+    with damage_reported(path):
         return torch.load(path, **load_options)
+
+
+@contextmanager
+def damage_reported(path: str | os.PathLike) -> Iterator[None]:
+    """Reads of the checkpoint file `path` inside fail on a truncated or corrupt file with one message naming it."""
+    try:
+        yield
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         if "weights_only" in str(error) or not _looks_damaged(error):
             raise

@@ -50,7 +50,7 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
-from lightning_offload.saving import _first_sentence, _looks_damaged, save_with_checkpoint_io
+from lightning_offload.saving import damage_reported, save_with_checkpoint_io
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -415,15 +415,8 @@ class _SingleGPUOffloadCore:
         if self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING:
             self._refuse_other_checkpoint_format(checkpoint_path)
         if not self.backend.saves_own_state:
-            try:
+            with damage_reported(checkpoint_path):
                 return super().load_checkpoint(checkpoint_path, weights_only)
-            except (RuntimeError, EOFError) as error:
-                if not _looks_damaged(error):
-                    raise
-                raise ValueError(
-                    f"The checkpoint file {str(checkpoint_path)!r} is truncated or corrupt ({_first_sentence(error)}). It was not "
-                    "written by a complete save: resume from an earlier checkpoint."
-                ) from error
         assert self.lightning_module is not None
         trainer_fn = self.lightning_module.trainer.state.fn
         return self.backend.load_checkpoint(
