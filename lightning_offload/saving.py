@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
 import pickle
 import re
 import shutil
 import signal
 import socket
+import sys
 import uuid
-from collections.abc import Iterator
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.serialization import get_crc32_options, skip_data
 
 # Written into every checkpoint folder: a later save may replace a folder only if it carries this (or one of the
 # engines' own files, for folders written before it existed).
@@ -335,14 +340,14 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
 
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
-    present under every name they had. Written atomically to `out_path` with `torch.save` when given.
+    present under every name they had. With `out_path`, the state dict is written there atomically, one tensor at a
+    time (`torch.load` reads it), and returned memory-mapped from that file: memory holds about one tensor, not the
+    model. Without it, the state dict is built in memory.
 
     `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
     loads into that model outside Lightning. A model of `transformers` goes out whole with
     `lightning_offload.export.export_hf`, tensor by tensor, as a folder `from_pretrained` loads.
     """
-    from lightning_offload.backends import host_adam
-
     checkpoint_dir = Path(checkpoint_dir)
     if out_path is not None:  # refused before the (long) read
         if Path(out_path).resolve() == checkpoint_dir.resolve():
@@ -351,31 +356,134 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
                 "`out_path`, e.g. 'model.pt'."
             )
         _refuse_foreign(Path(out_path), "file")
+    tensors = _under_prefix(_fp32_tensors(checkpoint_dir), prefix, checkpoint_dir)
+    if out_path is None:
+        return dict(tensors)
+    with atomic_file(out_path) as staging:
+        write_state_dict(staging, tensors)
+    return torch.load(out_path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _fp32_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 weight or buffer) of any backend's checkpoint, one at a time."""
+    from lightning_offload.backends import host_adam
+
     if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
-        checkpoint = load_whole(checkpoint_dir, map_location="cpu", weights_only=False)
-        state_dict = {name: value.float() if value.is_floating_point() else value
-                      for name, value in checkpoint["state_dict"].items()}
-    elif (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
-        from lightning_offload.backends.stream.checkpoint import consolidate as consolidate_stream
+        return _lightning_file_tensors(checkpoint_dir)
+    if (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
+        from lightning_offload.backends.stream.checkpoint import fp32_tensors
 
-        state_dict = consolidate_stream(checkpoint_dir)
-    elif (checkpoint_dir / host_adam.CHECKPOINT_FILE).is_file():
-        state_dict = host_adam.fp32_state_dict(host_adam.read_checkpoint(checkpoint_dir))
-    elif (checkpoint_dir / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return fp32_tensors(checkpoint_dir)
+    if (checkpoint_dir / host_adam.CHECKPOINT_FILE).is_file():
+        return host_adam.fp32_tensors(host_adam.read_checkpoint(checkpoint_dir))
+    if (checkpoint_dir / "latest").is_file():
+        return _zero_checkpoint_tensors(checkpoint_dir)
+    raise FileNotFoundError(
+        f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest`, "
+        f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or "
+        "written by `ModelCheckpoint`."
+    )
 
-        state_dict = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)))
-    else:
-        raise FileNotFoundError(
-            f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest`, "
-            f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or written by "
-            "`ModelCheckpoint`."
-        )
-    if prefix:
-        state_dict = {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
-        if not state_dict:
-            raise ValueError(f"No name in {str(checkpoint_dir)!r} starts with `prefix={prefix!r}`.")
-    if out_path is not None:
-        with atomic_file(out_path) as staging:
-            torch.save(state_dict, staging)
-    return state_dict
+
+def _lightning_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    state_dict = load_whole(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    for name, value in state_dict.items():
+        yield name, value.float() if value.is_floating_point() else value
+
+
+def _zero_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """DeepSpeed ZeRO-3's fp32 weights, each gathered from the ranks' partitions when it is reached."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
+    # A tied weight is gathered once and kept until its last name, so every name shares one tensor.
+    names_left = Counter(id(value) for value in lazy.values())
+    tied: dict[int, torch.Tensor] = {}
+    for name, value in lazy.items():
+        tensor = tied.pop(id(value), None)
+        if tensor is None:
+            tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
+        names_left[id(value)] -= 1
+        if names_left[id(value)]:
+            tied[id(value)] = tensor
+        yield name, tensor
+        del tensor
+
+
+def _under_prefix(tensors: Iterator[tuple[str, torch.Tensor]], prefix: str,
+                  checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if not prefix:
+        yield from tensors
+        return
+    kept = 0
+    for name, tensor in tensors:
+        if name.startswith(prefix):
+            kept += 1
+            yield name[len(prefix):], tensor
+        del tensor
+    if not kept:
+        raise ValueError(f"No name in {str(checkpoint_dir)!r} starts with `prefix={prefix!r}`.")
+
+
+def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Writes the (name, tensor) pairs `tensors` yields as the state dict `torch.save(dict(tensors), path)` would,
+    holding one tensor at a time: each tensor's bytes go to the file as it comes, the names and shapes last.
+
+    A name whose tensor views the same memory as an earlier one's (a tied weight) is stored once and shared on
+    load, as `torch.save` does. Returns the number of names written.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.serialization import config
+
+    # torch.save's own zip writer, with its alignment: `torch.load(mmap=True)` maps each tensor aligned.
+    alignment = config.save.storage_alignment
+    writer = torch._C.PyTorchFileWriter(str(path), get_crc32_options(), alignment)
+    # Shape-only stand-ins of the written tensors, pickled at the end exactly as torch.save pickles tensors.
+    stand_ins: dict[str, torch.Tensor] = {}
+    keys: dict[int, str] = {}
+    # What was written, by the memory it came from: a name that views the same bytes (a tied weight) shares it.
+    written: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}
+    shapes_only = FakeTensorMode()
+    for name, tensor in tensors:
+        storage = tensor.untyped_storage()
+        view = (id(storage), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        seen = written.get(view)
+        if seen is not None and seen[0]() is storage:  # alive, so its memory was not reused
+            stand_ins[name] = seen[1]
+            continue
+        whole = tensor.detach().contiguous()
+        nbytes = whole.numel() * whole.element_size()
+        if whole.storage_offset() or whole.untyped_storage().nbytes() != nbytes:  # a view: its own bytes only
+            whole = whole.clone()
+        key = str(len(keys))
+        writer.write_record(f"data/{key}", whole.untyped_storage(), nbytes)
+        with shapes_only:
+            stand_in = torch.empty(whole.shape, dtype=whole.dtype)
+        keys[stand_in.untyped_storage()._cdata] = key
+        written[view] = (weakref.ref(storage), stand_in)
+        stand_ins[name] = stand_in
+        del tensor, storage, whole
+    with skip_data(materialize_fake_tensors=True):
+        pickled = io.BytesIO()
+        _StandInPickler(pickled, keys).dump(stand_ins)
+    for record, value in (("data.pkl", pickled.getvalue()), (".format_version", "1"),
+                          (".storage_alignment", str(alignment)), ("byteorder", sys.byteorder)):
+        writer.write_record(record, value, len(value))
+    writer.write_end_of_file()
+    return len(stand_ins)
+
+
+class _StandInPickler(pickle.Pickler):
+    """torch.save's pickling of tensors, with each storage named by the record its bytes were written to."""
+
+    def __init__(self, file: io.BytesIO, keys: dict[int, str]) -> None:
+        super().__init__(file, protocol=2)
+        self.keys = keys
+
+    def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
+        if isinstance(obj, torch.storage.TypedStorage):
+            return ("storage", getattr(torch, obj._pickle_storage_type()), self.keys[obj._untyped_storage._cdata],
+                    "cpu", obj._size())
+        if isinstance(obj, torch.UntypedStorage):
+            return ("storage", torch.UntypedStorage, self.keys[obj._cdata], "cpu", obj.nbytes())
+        return None

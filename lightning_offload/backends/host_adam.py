@@ -18,6 +18,7 @@ offloaded gradients; DeepSpeed's ZeRO offload steps after backward too. This bac
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,20 +472,20 @@ def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Te
     return views
 
 
-def fp32_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A plain state dict from a `host_adam` checkpoint: fp32 master weights under every name, and the buffers."""
-    result: dict[str, torch.Tensor] = {}
+def fp32_tensors(state: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a `host_adam` checkpoint, one at a time: each fp32 master weight under every name, then
+    the buffers."""
     for names, (master, _, _) in zip(state["names"], saved_parameters(state)):
-        weight = master.clone()
+        weight = master.clone()  # its own storage, not a view that keeps the whole arena
         for name in names:
-            result[name] = weight
-    return {**result, **state["buffers"]}
+            yield name, weight
+        del weight
+    yield from state["buffers"].items()
 
 
 def _load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -> None:
-    weights = fp32_state_dict(state)
     own = dict(module.named_parameters(remove_duplicate=False))
-    for name, value in weights.items():
+    for name, value in fp32_tensors(state):
         if name in own:
             own[name].data.copy_(value)
     _load_buffers(module, state["buffers"], strict)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +97,15 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
     return torch.load(path / "trainer.pt", weights_only=False)
 
 
-def consolidate(path: Path) -> dict[str, torch.Tensor]:
-    """A plain fp32 state dict, every name of a tied parameter included."""
+def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 weight) of every parameter, under every name of a tied one, read one unit file at a time."""
     manifest = read_manifest(path)
-    state_dict: dict[str, torch.Tensor] = {}
     for entry in manifest["units"]:
-        content = torch.load(path / entry["file"], mmap=True, weights_only=True)
-        for names, weight in zip(entry["names"], content["weights"]):
+        weights = torch.load(path / entry["file"], mmap=True, weights_only=True)["weights"]
+        for names, weight in zip(entry["names"], weights):
             value = weight.float()
+            del weight  # the unit's file stays mapped only while its own weights are read
             for name in names:
-                state_dict[name] = value
-    return state_dict
+                yield name, value
+            del value
+        del weights
