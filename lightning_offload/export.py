@@ -15,6 +15,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def saved_tensors(checkpoint: str | os.PathLike) -> list[SavedTensor]:
 
         saved = []
         for unit in read_manifest(path)["units"]:
-            weights = torch.load(path / unit["file"], mmap=True, weights_only=True)["weights"]
-            saved += [SavedTensor(list(names), tuple(w.shape), lambda w=w: w) for names, w in zip(unit["names"], weights)]
+            file = path / unit["file"]
+            shapes = [tuple(w.shape) for w in torch.load(file, mmap=True, weights_only=True)["weights"]]
+            saved += [SavedTensor(list(names), shape, partial(_unit_weight, file, index))
+                      for index, (names, shape) in enumerate(zip(unit["names"], shapes))]
         return saved
     if (path / host_adam.CHECKPOINT_FILE).is_file():
         state = host_adam.read_checkpoint(path)
@@ -69,6 +72,11 @@ def saved_tensors(checkpoint: str | os.PathLike) -> list[SavedTensor]:
         "`manifest.json`, `latest` or `host_adam.pt`). Pass the path given to `trainer.save_checkpoint` or written by "
         "`ModelCheckpoint`."
     )
+
+
+def _unit_weight(file: Path, index: int) -> torch.Tensor:
+    # The unit's file stays mapped only while this tensor lives: its pages leave the process's memory once written.
+    return torch.load(file, mmap=True, weights_only=True)["weights"][index]
 
 
 def _grouped(items: Any, key: Callable[[Any], Any]) -> list[SavedTensor]:

@@ -341,8 +341,8 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
     of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
     present under every name they had. With `out_path`, the state dict is written there atomically, one tensor at a
-    time (`torch.load` reads it), and returned memory-mapped from that file: memory holds about one tensor, not the
-    model. Without it, the state dict is built in memory.
+    time (`torch.load` reads it), and returned memory-mapped from that file: memory holds one tensor and the pages of
+    the checkpoint file being read, not the fp32 model. Without it, the state dict is built in memory.
 
     `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
     loads into that model outside Lightning. A model of `transformers` goes out whole with
