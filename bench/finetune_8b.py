@@ -1,8 +1,11 @@
-"""Fine-tuning at 8B: a pretrained checkpoint in with `lightning_offload.pretrained`, a Hugging Face folder out.
+"""Fine-tuning at 8B and 19B: a pretrained checkpoint in with `lightning_offload.pretrained`, a Hugging Face folder
+out.
 
     python bench/finetune_8b.py create --folder /tmp/llama8b            # random init, bf16, save_pretrained
     python bench/finetune_8b.py train --folder /tmp/llama8b --backend auto [--source random] [--save CKPT]
     python bench/finetune_8b.py export --checkpoint CKPT --config /tmp/llama8b --out /tmp/llama8b-tuned
+    python bench/finetune_8b.py train --size 19b --folder /tmp/llama19b --backend stream --delete-source \
+        --save-stream-weights CKPT                                      # 19B: the disk holds one copy at a time
 
 Each phase runs in a process of its own (bench/calls/finetune_8b.sh), so each peak host RSS is its own. `train`
 samples the process's RSS (and its anonymous part, which excludes page cache mapped from files) every 20 ms while
@@ -81,7 +84,27 @@ def drop_from_page_cache(folder: Path) -> None:
     """So the next read of these files comes from the disk, not from the memory the write left them in."""
     for file in folder.iterdir():
         with open(file, "rb") as handle:
+            os.fsync(handle.fileno())  # pages not yet written back would stay cached
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def save_stream_weights(backend: Any, path: Path) -> None:
+    """The `stream` backend's checkpoint folder without its 8-bit optimizer state (2 B/param, which a 19B run's disk
+    cannot hold beside the weights): what `export_hf` and `consolidate` read of it, written as the backend writes it."""
+    from lightning_offload.backends.stream.checkpoint import FORMAT, MANIFEST
+    from lightning_offload.saving import atomic_directory
+
+    backend.lanes.synchronize()
+    manifest: dict[str, Any] = {"format": FORMAT, "dtype": str(backend.dtype).removeprefix("torch."), "units": []}
+    with atomic_directory(path) as staging:
+        torch.save({}, staging / "trainer.pt")
+        for unit in backend.units:
+            name = f"unit_{unit.index:04d}.pt"
+            weights = [p.detach().to("cpu", copy=True) for p in unit.params]
+            torch.save({"weights": weights, "state": [], "steps": []}, staging / name)
+            del weights
+            manifest["units"].append({"file": name, "module": unit.name, "names": unit.names})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def create(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,14 +129,20 @@ class FineTune8B(LlamaModule):
     def __init__(self, size: str, folder: str, source: str) -> None:
         super().__init__(size, "by_strategy", "adamw")
         self.folder, self.source = folder, source
-        self.load_s = 0.0
+        self.load_s = self.setup_s = 0.0
         self.peak: PeakRss | None = None
+        # From `configure_model` to the first batch: where a backend that builds on the meta device (`stream`) reads
+        # the weights, as it materialises each unit.
+        self.setup_peak = PeakRss()
+        self._setup_start = 0.0
         self.step_s: list[float] = []
         self._step_start = 0.0
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self._setup_start = time.perf_counter()
+        self.setup_peak.__enter__()
         with PeakRss() as peak:
             started = time.perf_counter()
             if self.source == "pretrained":
@@ -124,6 +153,11 @@ class FineTune8B(LlamaModule):
             self.load_s = time.perf_counter() - started
         self.peak = peak
 
+    def on_train_start(self) -> None:
+        synchronize()
+        self.setup_s = time.perf_counter() - self._setup_start
+        self.setup_peak.__exit__(None, None, None)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         synchronize()
         self._step_start = time.perf_counter()
@@ -133,11 +167,28 @@ class FineTune8B(LlamaModule):
         self.step_s.append(time.perf_counter() - self._step_start)
 
 
+def count_read_seconds() -> list[float]:
+    """Seconds spent reading checkpoint tensors into place, wherever the backend does it, summed from now on."""
+    from lightning_offload.pretrained import WeightSource
+
+    total = [0.0]
+    read_into = WeightSource.read_into
+
+    def timed(self: WeightSource, target: torch.Tensor) -> None:
+        started = time.perf_counter()
+        read_into(self, target)
+        total[0] += time.perf_counter() - started
+
+    WeightSource.read_into = timed  # type: ignore[method-assign]
+    return total
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     vocab = SIZES[args.size].vocab
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (args.steps * args.micro_batch, args.seq + 1), generator=generator)
     module = FineTune8B(args.size, args.folder, args.source)
+    read_s = count_read_seconds()
     strategy = lightning_offload.SingleGPUOffloadStrategy(backend=args.backend)
     trainer = L.Trainer(strategy=strategy, accelerator=DEVICE, devices=1, precision="bf16-mixed",
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -153,6 +204,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "load_s": module.load_s,
         "rss_before_load_gib": module.peak.before / GIB,
         "peak_rss_load_gib": module.peak.rss / GIB, "peak_anon_rss_load_gib": module.peak.anon / GIB,
+        "setup_s": module.setup_s, "peak_rss_setup_gib": module.setup_peak.rss / GIB,
+        "peak_anon_rss_setup_gib": module.setup_peak.anon / GIB, "read_s": read_s[0],
         # The first step compiles and warms the allocator: the median of the rest.
         "step_s": module.step_s, "median_step_s": statistics.median(module.step_s[1:]) if len(module.step_s) > 1
         else None,
@@ -160,9 +213,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.source == "pretrained":
         result["load_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / module.load_s
+        result["read_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / read_s[0] if read_s[0] else None
+        result["setup_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / module.setup_s
+    if args.delete_source:
+        for file in Path(args.folder).glob("*.safetensors"):
+            file.unlink()
     if args.save:
         started = time.perf_counter()
         trainer.save_checkpoint(args.save, weights_only=True)
+        result["save_s"] = time.perf_counter() - started
+    if args.save_stream_weights:
+        started = time.perf_counter()
+        save_stream_weights(trainer.strategy.backend, Path(args.save_stream_weights))
         result["save_s"] = time.perf_counter() - started
     return result
 
@@ -203,6 +265,10 @@ def main() -> None:
     train_args.add_argument("--micro-batch", type=int, default=1)
     train_args.add_argument("--seq", type=int, default=2048)
     train_args.add_argument("--save", default=None, help="save the trained weights here (Lightning's weights_only)")
+    train_args.add_argument("--save-stream-weights", default=None,
+                            help="`stream` only: save its checkpoint folder here without the optimizer state")
+    train_args.add_argument("--delete-source", action="store_true",
+                            help="delete the pretrained weights once trained, before saving (the config stays)")
     export_args = phases.add_parser("export")
     export_args.add_argument("--checkpoint", required=True)
     export_args.add_argument("--config", required=True)
