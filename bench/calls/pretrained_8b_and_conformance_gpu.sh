@@ -10,7 +10,7 @@ timeout 300 python3 bench/pretrained.py --size 8b --folder /tmp/llama_8b_pretrai
   --steps 6 --warmup 2 --timeout-s 120 --results "$OUT/pretrained_8b.jsonl" > "$OUT/pretrained_8b.log" 2>&1
 echo "pretrained rc $? at $((SECONDS - started)) s"; grep -v '^step ' "$OUT/pretrained_8b.log" | tail -25 | cut -c1-600
 rm -rf /tmp/llama_8b_pretrained
-timeout $((480 - (SECONDS - started))) python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+CONFORMANCE_GPU_RECORD=$OUT/conformance_gpu.jsonl timeout $((480 - (SECONDS - started))) python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
   tests/conformance/test_gpu.py > "$OUT/conformance_gpu.log" 2>&1
 echo "conformance rc $? at $((SECONDS - started)) s"
 grep -E "passed|failed|FAILED|ERROR" "$OUT/conformance_gpu.log" | tail -30 | cut -c1-300
