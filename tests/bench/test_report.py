@@ -57,7 +57,7 @@ def test_header_probe_and_commands(merged):
     assert "torch 2.11.0" in markdown and "2026-11-24" in markdown
     assert "| both ways at once, pinned (GB/s, total) | 78.5 |" in markdown
     assert "| cpu_bnb_8bit | failed: RuntimeError: no CPU kernel |" in markdown
-    assert "    python bench/run.py --probe" in markdown
+    assert "    python -m bench run --probe" in markdown  # the fixture records `python bench/run.py`
 
 
 def test_rows_follow_the_method_order_then_size(merged):

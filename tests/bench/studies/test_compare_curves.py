@@ -1,4 +1,4 @@
-from bench.compare_curves import compare
+from bench.studies.compare_curves import compare
 
 
 def test_equal_curves_have_no_differing_step_and_a_differing_one_is_named() -> None:

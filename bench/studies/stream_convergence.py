@@ -1,6 +1,6 @@
 """Loss curve of the `stream` backend against fp32 AdamW without offload, on the main job's data (CPU, tiny model).
 
-    python bench/stream_convergence.py [--steps 300] [--seed 1234]
+    python -m bench.studies.stream_convergence [--steps 300] [--seed 1234]
 
 Same seed, same batches, same initial weights (`build_on_meta=False`): fp32 weights with torch AdamW on
 `backend="device"` as the reference; bf16 weights, 8-bit AdamW state and updates inside backward on

@@ -1,6 +1,6 @@
 """One `stream` backend run of a benchmark size, with the per-phase timing of its last step.
 
-    python bench/stream_step.py --size 3.6b --steps 6 [--resident-blocks 14] [--micro-batch 4 --seq 2048]
+    python -m bench.studies.stream_step --size 3.6b --steps 6 [--resident-blocks 14] [--micro-batch 4 --seq 2048]
 
 Prints one line: seconds per step (median after the first 2), model TFLOP/s (6 x (params - input embedding) x
 tokens / s), each step's time and loss, the busy seconds of the last step's host-to-device copies, device-to-host copies and updates (each

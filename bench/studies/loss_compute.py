@@ -2,18 +2,14 @@
 fp32 logits, `F.cross_entropy`) against `lightning_offload.losses.linear_cross_entropy` (chunked), with the time
 and the peak GPU memory of each.
 
-    python bench/loss_compute.py --sizes 19b,32.8b
+    python -m bench.studies.loss_compute --sizes 19b,32.8b
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/loss_compute.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,7 @@
 """The main job on one GPU and on several of one machine (`strategy="offload"`): throughput, memory, scaling.
 
-    python bench/multi_gpu.py run --size 8b --strategy deepspeed_cpu --devices 2 --out $OUT [overrides ...]
-    python bench/multi_gpu.py report $OUT/multi_gpu.jsonl
+    python -m bench.studies.multi_gpu run --size 8b --strategy deepspeed_cpu --devices 2 --out $OUT [overrides ...]
+    python -m bench.studies.multi_gpu report $OUT/multi_gpu.jsonl
 
 `run` starts `python -m lightning_offload.train` (Lightning's launcher starts the other ranks, as for a user) with
 micro-batch 4 x 2048 tokens per GPU (the global batch grows with the GPUs: weak scaling) and every decoder layer

@@ -1,6 +1,6 @@
 """Loss curves of the 8-bit optimizers against fp32 AdamW on the main job's data (the standard library's text).
 
-    python bench/optim_convergence.py [--steps 300] [--seeds 1234 1 2] [--lr 3e-3] [--runs reference gpu_8bit]
+    python -m bench.studies.optim_convergence [--steps 300] [--seeds 1234 1 2] [--lr 3e-3] [--runs reference gpu_8bit]
 
 Trains the main job's byte-level GPT with `single_gpu_offload` from the same initial weights (drawn on the CPU from
 the seed) on the same batches: fp32 weights with torch AdamW (`backend="device"`) as the reference; the usual bf16

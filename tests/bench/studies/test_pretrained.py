@@ -1,9 +1,9 @@
-"""bench/pretrained.py on the CPU at the tiny size: a saved checkpoint fine-tuned through `from_pretrained` gets the
+"""bench/studies/pretrained.py on the CPU at the tiny size: a saved checkpoint fine-tuned through `from_pretrained` gets the
 plan the same model built from its config gets."""
 
 from __future__ import annotations
 
-from bench.pretrained import fit_one, save_checkpoint
+from bench.studies.pretrained import fit_one, save_checkpoint
 
 
 def test_a_checkpoint_loaded_in_configure_model_is_planned_as_its_config_built_twin(tmp_path) -> None:

@@ -1,6 +1,6 @@
 """Forward + backward of a Llama block stack under each activation-checkpointing policy: seconds and peak GPU memory.
 
-    python bench/offload_checkpointing.py [--hidden 2048 --layers 16 --micro-batch 4 --seq 2048 --steps 3]
+    python -m bench.studies.offload_checkpointing [--hidden 2048 --layers 16 --micro-batch 4 --seq 2048 --steps 3]
 
 Rows: `none`, `full` (recompute), `offload` (lightning_offload: side-stream copies, prefetch, pooled host buffers)
 and `offload (save_on_cpu)`, torch's `save_on_cpu(pin_memory=True)` around each block as `offload` was before:

@@ -1,10 +1,10 @@
 """Fine-tuning at 8B: a pretrained checkpoint in with `lightning_offload.pretrained`, a Hugging Face folder out.
 
-    python bench/finetune_8b.py create --folder /tmp/llama8b            # random init, bf16, save_pretrained
-    python bench/finetune_8b.py train --folder /tmp/llama8b --backend auto [--source random] [--save CKPT]
-    python bench/finetune_8b.py export --checkpoint CKPT --config /tmp/llama8b --out /tmp/llama8b-tuned
+    python -m bench.studies.finetune_8b create --folder /tmp/llama8b            # random init, bf16, save_pretrained
+    python -m bench.studies.finetune_8b train --folder /tmp/llama8b --backend auto [--source random] [--save CKPT]
+    python -m bench.studies.finetune_8b export --checkpoint CKPT --config /tmp/llama8b --out /tmp/llama8b-tuned
 
-Each phase runs in a process of its own (bench/calls/finetune_8b.sh), so each peak host RSS is its own. `train`
+Each phase runs in a process of its own (`python -m bench call finetune_8b`), so each peak host RSS is its own. `train`
 samples the process's RSS (and its anonymous part, which excludes page cache mapped from files) every 20 ms while
 `configure_model` loads the weights, beside the planner's host-memory estimate of the chosen plan, and times each
 optimizer step. Every phase prints one `RESULT {...}` line.

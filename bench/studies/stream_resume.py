@@ -1,7 +1,7 @@
 """Resume exactness of the `stream` backend at a benchmark size: 4 steps in one run against 2 steps, a checkpoint
 and 2 resumed steps.
 
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 python bench/stream_resume.py --size 1.5b [--resident-blocks 8] \
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 python -m bench.studies.stream_resume --size 1.5b [--resident-blocks 8] \
         [--micro-batch 2 --seq 512 --lr 1e-4]
 
 Two epochs of 2 steps each, the same batches in both runs (a plain DataLoader resumes only at an epoch boundary,

@@ -9,18 +9,14 @@ bench/limits.py charges a block (8 x matmul params x tokens at the 8192^3 bf16 m
 - `compiled_cudnn`: compiled, with SDPA held to cuDNN's attention kernel instead of the default flash kernel;
 - `attention_flash`, `attention_cudnn`: the layer's attention alone (causal SDPA, forward twice and backward).
 
-    python bench/block_compute.py --sizes 19b,32.8b
+    python -m bench.studies.block_compute --sizes 19b,32.8b
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/block_compute.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,11 +1,11 @@
 """Where one `host_adam` step's time goes: GPU compute, gradient copies out, weight copies in, host AdamW.
 With `--backend gpu_8bit`: GPU compute and the fused 8-bit AdamW launches that run inside backward.
 
-    python bench/hostadam_phases.py --size 3.6b                 # R1: 4 x 2048 tokens, no accumulation
-    python bench/hostadam_phases.py --size 3.6b --accumulate 8  # R2
-    python bench/hostadam_phases.py --size 3.6b --gpu-state-blocks 0 --host-threads 8   # every state on the host
-    python bench/hostadam_phases.py --size tiny --device cpu --seq 64   # a smoke test
-    python bench/hostadam_phases.py --size 8b --backend gpu_8bit        # the update's share of a gpu_8bit step
+    python -m bench.studies.hostadam_phases --size 3.6b                 # R1: 4 x 2048 tokens, no accumulation
+    python -m bench.studies.hostadam_phases --size 3.6b --accumulate 8  # R2
+    python -m bench.studies.hostadam_phases --size 3.6b --gpu-state-blocks 0 --host-threads 8   # every state on the host
+    python -m bench.studies.hostadam_phases --size tiny --device cpu --seq 64   # a smoke test
+    python -m bench.studies.hostadam_phases --size 8b --backend gpu_8bit        # the update's share of a gpu_8bit step
 
 Profiles (torch.profiler) from the start of one optimizer step to the start of the next, so the host updates that
 run into the next forward are inside the window, and prints per phase its busy time and when it starts and ends
@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L
 import torch

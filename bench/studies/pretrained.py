@@ -1,7 +1,7 @@
 """A fine-tune of a `from_pretrained` checkpoint beside the same model built from its config, under
 `single_gpu_offload`: the plan each gets and its step time (R1: micro-batch 4 x 2048 tokens, bf16-mixed, AdamW lr 1e-5).
 
-    python bench/pretrained.py --size 8b --folder /tmp/llama_8b_pretrained --steps 6 --warmup 2
+    python -m bench.studies.pretrained --size 8b --folder /tmp/llama_8b_pretrained --steps 6 --warmup 2
 
 Saves the size's Llama at random init (bf16 safetensors, `save_pretrained`) in `--folder` unless one is there, then
 fits each (variant, source) in its own process, so each starts on a clean GPU, and prints one `RESULT {json}` line
@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/pretrained.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -114,7 +112,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         for source in args.sources.split(","):
-            command = [sys.executable, __file__, "--one", source, variant, "--size", args.size, "--folder",
+            command = [sys.executable, "-m", "bench.studies.pretrained", "--one", source, variant, "--size", args.size, "--folder",
                        str(folder), "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch",
                        str(args.micro_batch), "--seq", str(args.seq)]
             try:

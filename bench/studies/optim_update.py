@@ -1,7 +1,7 @@
 """Optimizer-update throughput on one GPU: the table of issue #12, every row re-measured in one run.
 
-    python3 bench/optim_update.py                  # both cases, all rows
-    python3 bench/optim_update.py --cases square   # only 64 x 4096 x 4096
+    python -m bench.studies.optim_update                  # both cases, all rows
+    python -m bench.studies.optim_update --cases square   # only 64 x 4096 x 4096
 
 bf16 parameters with bf16 gradients present; Gparam/s = parameters updated per second, the median of `--steps`
 optimizer steps after warm-up, each timed with CUDA events. Cases: `square`, 64 tensors of 4096 x 4096 (1.07 B
@@ -18,13 +18,11 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The least an 8-bit AdamW moves: param read + written and grad read (bf16), both codes read + written, and two
 # fp32 scales a block of 256 read + written.

@@ -1,6 +1,6 @@
-"""Where two runs' train-loss curves (from `bench/optim_convergence.py --curves FILE`) first differ, per seed.
+"""Where two runs' train-loss curves (from `bench/studies/optim_convergence.py --curves FILE`) first differ, per seed.
 
-    python bench/compare_curves.py FILE RUN OTHER_RUN
+    python -m bench.studies.compare_curves FILE RUN OTHER_RUN
 
 Runs of the same update arithmetic under deterministic kernels must print "first differing step None, max |diff| 0".
 """
