@@ -291,7 +291,7 @@ def run_call(call: Call, dry_run: bool = False, only: list[str] = (), skip: list
             prefix = [*(f"-u {key}" for key in step.spec.get("unset_env") or ()), *prefix]
             timeout = f"timeout {limit:.0f} " if limit is not None else ""
             env = f"env {' '.join(prefix)} " if prefix else ""
-            log = f" > {out}/{step.spec.get('log', step.name + '.log')} 2>&1" if step.kind not in ("summary",
+            log = f" >> {out}/{step.spec.get('log', step.name + '.log')} 2>&1" if step.kind not in ("summary",
                                                                                                  "remove") else ""
             print(f"# {step.name}" + (f" (until {step.spec['until_s']} s into the call)" if "until_s" in step.spec
                                       else ""))

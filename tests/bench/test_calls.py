@@ -54,13 +54,13 @@ def test_a_dry_run_shows_limits_substitutions_and_the_arguments_after_the_separa
     main(["call", "matrix", "--dry-run", "--", "--sizes", "3.6b", "--probe"])
     printed = capsys.readouterr().out
     assert ("timeout" not in printed and "python3 -m bench run --regimes r1 --deadline-s 540 --results "
-            "/tmp/out/results.jsonl --sizes 3.6b --probe > /tmp/out/run.out 2>&1") in printed
+            "/tmp/out/results.jsonl --sizes 3.6b --probe >> /tmp/out/run.out 2>&1") in printed
     main(["call", "finetune_8b", "--dry-run", "--only", "create"])
     printed = capsys.readouterr().out
     assert "timeout 100 python3 -m bench.studies.finetune_8b create --folder /tmp/finetune_8b/pretrained" in printed
     assert "# auto_random" not in printed
     main(["call", "gpu_tests", "--dry-run", "--set", "TESTS=tests/test_losses.py tests/backends"])
-    assert "-m gpu --durations=15 tests/test_losses.py tests/backends >" in capsys.readouterr().out
+    assert "-m gpu --durations=15 tests/test_losses.py tests/backends >>" in capsys.readouterr().out
 
 
 def test_every_subset_is_a_valid_selection_of_run_options(tmp_path, monkeypatch, capsys):
