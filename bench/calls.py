@@ -158,10 +158,10 @@ class Substitution:
         return result
 
 
-def step_argv(step: Step, substitution: Substitution, subsets: dict[str, dict[str, Any]],
-              extra: list[str]) -> list[str]:
+def step_argv(step: Step, substitution: Substitution, subsets: dict[str, dict[str, Any]], extra: list[str],
+              python: str = "python3") -> list[str]:
     """The command a step runs (for `summary` and `remove`, the equivalent command this module runs in-process)."""
-    spec, python = step.spec, "python3"
+    spec = step.spec
     args = substitution.words(spec.get("args") or []) + (extra if spec.get("extra_args") else [])
     kind = step.kind
     if kind == "cells":
@@ -299,7 +299,7 @@ def run_call(call: Call, dry_run: bool = False, only: list[str] = (), skip: list
         return 0
     started = time.monotonic()
     env = device_environment(call.setup)
-    out = env.get("OUT", "/tmp/out")
+    out = env.setdefault("OUT", "/tmp/out")
     Path(out).mkdir(parents=True, exist_ok=True)
     if call.libaio_from:
         env = libaio_environment(call.libaio_from, env)
@@ -327,7 +327,7 @@ def run_call(call: Call, dry_run: bool = False, only: list[str] = (), skip: list
                 for path in glob.glob(pattern):
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             continue
-        argv = step_argv(step, substitution, subsets, list(extra))
+        argv = step_argv(step, substitution, subsets, list(extra), sys.executable)
         step_env = {key: value for key, value in env.items() if key not in (step.spec.get("unset_env") or ())}
         step_env |= {key: substitution.word(str(value)) for key, value in (step.spec.get("env") or {}).items()}
         log = Path(out) / step.spec.get("log", f"{step.name}.log")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import load, render_markdown, write_report
+from bench.report import as_module_command, load, render_markdown, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.jsonl"
 
@@ -83,6 +83,14 @@ def test_probe_figures_of_later_calls_join_the_earlier_probe(tmp_path):
     markdown = render_markdown(probe, cells, plot_name="RESULTS.png")
     assert "| bf16 matmul, the 8b model's own GEMMs at 8192 tokens (TFLOP/s) | 640 |" in markdown
     assert "    python -c model_matmuls" in markdown
+
+
+def test_recorded_commands_render_as_they_are_typed_today():
+    assert as_module_command("python bench/run.py --sizes 8b") == "python -m bench run --sizes 8b"
+    assert as_module_command("python bench/probe.py") == "python -m bench probe"
+    assert as_module_command("python3 -c x  (last step of bash bench/calls/stream_8b.sh)") == \
+        "python3 -c x  (last step of python -m bench call stream_8b)"
+    assert as_module_command("python -m bench run --probe") == "python -m bench run --probe"
     # The 8B cells' compute limit is now at 640 TFLOP/s: 8 x matmul params x 8192 tokens over it.
     assert _row(markdown, "plain", "8b")[6] != _row(render_markdown(*load([FIXTURE]), plot_name="R.png"), "plain", "8b")[6]
 
