@@ -83,14 +83,6 @@ def test_probe_figures_of_later_calls_join_the_earlier_probe(tmp_path):
     markdown = render_markdown(probe, cells, plot_name="RESULTS.png")
     assert "| bf16 matmul, the 8b model's own GEMMs at 8192 tokens (TFLOP/s) | 640 |" in markdown
     assert "    python -c model_matmuls" in markdown
-
-
-def test_recorded_commands_render_as_they_are_typed_today():
-    assert as_module_command("python bench/run.py --sizes 8b") == "python -m bench run --sizes 8b"
-    assert as_module_command("python bench/probe.py") == "python -m bench probe"
-    assert as_module_command("python3 -c x  (last step of bash bench/calls/stream_8b.sh)") == \
-        "python3 -c x  (last step of python -m bench call stream_8b)"
-    assert as_module_command("python -m bench run --probe") == "python -m bench run --probe"
     # The 8B cells' compute limit is now at 640 TFLOP/s: 8 x matmul params x 8192 tokens over it.
     assert _row(markdown, "plain", "8b")[6] != _row(render_markdown(*load([FIXTURE]), plot_name="R.png"), "plain", "8b")[6]
 
@@ -193,3 +185,11 @@ def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every
     assert markdown.count("| not measured yet |") == methods * len(sizes) * regimes - len(load([FIXTURE])[1])
     assert _row(markdown, 'single_gpu_offload (backend="fsdp")', "1.5b")[2] == "not measured yet"
     assert "- Cells: " in markdown and "not measured yet" in markdown.split("- Cells: ")[1].splitlines()[0]
+
+
+def test_recorded_commands_render_as_they_are_typed_today():
+    assert as_module_command("python bench/run.py --sizes 8b") == "python -m bench run --sizes 8b"
+    assert as_module_command("python bench/probe.py") == "python -m bench probe"
+    assert as_module_command("python3 -c x  (last step of bash bench/calls/stream_8b.sh)") == \
+        "python3 -c x  (last step of python -m bench call stream_8b)"
+    assert as_module_command("python -m bench run --probe") == "python -m bench run --probe"
