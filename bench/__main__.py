@@ -44,6 +44,8 @@ def call(argv: list[str]) -> int:
     parser.add_argument("--skip", default="", help="comma-separated step names to skip")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a param of the call")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.set):
+        parser.error(f"--set takes KEY=VALUE, not {next(item for item in args.set if '=' not in item)!r}")
     params = dict(item.split("=", 1) for item in args.set)
     try:
         failures = run_call(calls[args.name], args.dry_run, [s for s in args.only.split(",") if s],

@@ -269,41 +269,46 @@ def selected(call: Call, only: list[str], skip: list[str]) -> list[Step]:
     return [step for step in call.steps if (not only or step.name in only) and step.name not in skip]
 
 
+def print_call(call: Call, steps: list[Step], params: dict[str, str], extra: list[str]) -> None:
+    """The commands a call would run, as shell lines, with each step's limit as the call starts."""
+    subsets, out = load_subsets(), os.environ.get("OUT", "/tmp/out")
+    substitution = Substitution(params, out, 0)
+    if call.setup != "none":
+        print(f"source {SETUP} {call.setup}")
+    if call.libaio_from:
+        print(f"# libaio unpacked from {call.libaio_from}/*.deb into /tmp/libaio (CFLAGS, LDFLAGS, CPATH, "
+              "LIBRARY_PATH, LD_LIBRARY_PATH)")
+    for key, value in call.env.items():
+        print(f"export {key}={shlex.quote(substitution.word(value))}")
+    for step in steps:
+        spec, limit = step.spec, step_limit(step, 0)
+        conditions = [f"{key} {spec[key]}" for key in ("until_s", "min_s", "skip_after_s", "gpus") if key in spec]
+        print(f"# {step.name}" + (f" ({', '.join(conditions)})" if conditions else ""))
+        settings = [*(f"-u {key}" for key in spec.get("unset_env") or ()),
+                    *(f"{key}={value}" for key, value in (spec.get("env") or {}).items())]
+        env = f"env {' '.join(settings)} " if settings else ""
+        timeout = f"timeout {limit:.0f} " if limit is not None else ""
+        log = "" if step.kind in ("summary", "remove") else f" >> {out}/{spec.get('log', step.name + '.log')} 2>&1"
+        print(f"{env}{timeout}{shlex.join(step_argv(step, substitution, subsets, extra))}{log}")
+
+
 def run_call(call: Call, dry_run: bool = False, only: list[str] = (), skip: list[str] = (),
              params: dict[str, str] | None = None, extra: list[str] = ()) -> int:
-    """Runs (or, dry, prints) the call's steps; returns the number of steps that failed or were cut by their limit."""
-    subsets = load_subsets()
+    """Runs (or, dry, prints) the call's steps; returns the number of steps that failed or were cut by their limit.
+    The call's clock (`until_s`, `skip_after_s`) starts once the device is set up."""
     params = call.params | (params or {})
     steps = selected(call, list(only), list(skip))
     if dry_run:
-        out = os.environ.get("OUT", "/tmp/out")
-        if call.setup != "none":
-            print(f"source {SETUP} {call.setup}")
-        if call.libaio_from:
-            print(f"# libaio unpacked from {call.libaio_from}/*.deb into /tmp/libaio (CFLAGS, LDFLAGS, CPATH, "
-                  "LIBRARY_PATH, LD_LIBRARY_PATH)")
-        for key, value in call.env.items():
-            print(f"export {key}={shlex.quote(Substitution(params, out, 0).word(value))}")
-        for step in steps:
-            argv = step_argv(step, Substitution(params, out, 0), subsets, list(extra))
-            limit = step_limit(step, 0)
-            prefix = [f"{key}={value}" for key, value in (step.spec.get("env") or {}).items()]
-            prefix = [*(f"-u {key}" for key in step.spec.get("unset_env") or ()), *prefix]
-            timeout = f"timeout {limit:.0f} " if limit is not None else ""
-            env = f"env {' '.join(prefix)} " if prefix else ""
-            log = f" >> {out}/{step.spec.get('log', step.name + '.log')} 2>&1" if step.kind not in ("summary",
-                                                                                                 "remove") else ""
-            print(f"# {step.name}" + (f" (until {step.spec['until_s']} s into the call)" if "until_s" in step.spec
-                                      else ""))
-            print(f"{env}{timeout}{shlex.join(argv)}{log}")
+        print_call(call, steps, params, list(extra))
         return 0
-    started = time.monotonic()
+    subsets = load_subsets()
     env = device_environment(call.setup)
     out = env.setdefault("OUT", "/tmp/out")
     Path(out).mkdir(parents=True, exist_ok=True)
     if call.libaio_from:
         env = libaio_environment(call.libaio_from, env)
     env |= {key: Substitution(params, out, 0).word(value) for key, value in call.env.items()}
+    started = time.monotonic()
     failures = 0
     for step in steps:
         elapsed = time.monotonic() - started

@@ -142,3 +142,17 @@ def test_only_and_skip_name_steps_of_the_call(tmp_path):
     calls = write_calls(tmp_path, "calls:\n  c:\n    setup: none\n    steps:\n      - {name: a, python: pass}\n")
     with pytest.raises(CallError, match="has no step 'b'"):
         run_call(calls["c"], dry_run=True, only=["b"])
+
+
+def test_a_call_keeps_what_the_device_setup_exports(tmp_path, monkeypatch, capsys):
+    setup = tmp_path / "setup.sh"
+    setup.write_text('[[ $1 == package ]] || return 1\necho "installing" \nexport BENCH_TEST_MODE=$1\n')
+    monkeypatch.setattr("bench.calls.SETUP", str(setup))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    calls = write_calls(tmp_path, "calls:\n  c:\n    setup: package\n    steps:\n"
+                                  "      - {name: a, python: \"import os; print('mode', os.environ['BENCH_TEST_MODE'])\"}\n"
+                                  "  d:\n    setup: checkout\n    steps:\n      - {name: a, python: pass}\n")
+    assert run_call(calls["c"]) == 0
+    assert "mode package" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="failed"):
+        run_call(calls["d"])
