@@ -253,7 +253,8 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
 def as_module_command(command: str) -> str:
     """A recorded command as it is typed today: records made before `python -m bench` name the scripts (the matrix's,
     the probe's, a GPU call's)."""
-    for script, module in (("python bench/run.py", "python -m bench run"), ("python bench/probe.py", "python -m bench probe")):
+    for script, module in (("python bench/run.py", "python -m bench run"),
+                           ("python bench/probe.py", "python -m bench probe")):
         if command == script or command.startswith(script + " "):
             return module + command[len(script):]
     return re.sub(r"bash bench/calls/([\w.]+)\.sh", r"python -m bench call \1", command)

@@ -111,7 +111,11 @@ calls:
         python: "import sys; print('args', sys.argv[1:])"
         args: [a, "{{WORDS}}", "{{OUT}}/x"]
       - name: slow
-        python: "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('child', child.pid, flush=True); time.sleep(60)"
+        python: |
+          import subprocess, sys, time
+          child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+          print("child", child.pid, flush=True)
+          time.sleep(60)
         timeout_s: 1
       - name: late
         python: "print('never')"
@@ -150,7 +154,8 @@ def test_a_call_keeps_what_the_device_setup_exports(tmp_path, monkeypatch, capsy
     monkeypatch.setattr("bench.calls.SETUP", str(setup))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     calls = write_calls(tmp_path, "calls:\n  c:\n    setup: package\n    steps:\n"
-                                  "      - {name: a, python: \"import os; print('mode', os.environ['BENCH_TEST_MODE'])\"}\n"
+                                  "      - name: a\n"
+                                  "        python: \"import os; print('mode', os.environ['BENCH_TEST_MODE'])\"\n"
                                   "  d:\n    setup: checkout\n    steps:\n      - {name: a, python: pass}\n")
     assert run_call(calls["c"]) == 0
     assert "mode package" in capsys.readouterr().out

@@ -18,7 +18,8 @@ def test_code_cells_run_in_order_in_one_process_beside_the_notebook(tmp_path):
     folder.mkdir()
     cells = [{"cell_type": "markdown", "source": ["# not run"]},
              {"cell_type": "code", "source": ["value = 6\n"]},
-             {"cell_type": "code", "source": ["from pathlib import Path\n", "Path('ran.txt').write_text(str(value * 7))"]}]
+             {"cell_type": "code",
+              "source": ["from pathlib import Path\n", "Path('ran.txt').write_text(str(value * 7))"]}]
     (folder / "t.ipynb").write_text(json.dumps({"cells": cells}))
     code = "import sys; from pathlib import Path; from bench.studies.notebooks import run_in_process; " \
            "run_in_process(Path(sys.argv[1]))"
