@@ -1,6 +1,6 @@
 """The planner's estimates, as the code stands now, beside what the benchmark measured for our rows.
 
-    PYTHONPATH=. python bench/plan_check.py [bench/results.jsonl ...]
+    python -m bench.plan_check [bench/results.jsonl ...]
 
 One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimates of
 that plan for that model and batch now (measured on the meta device, as the strategy measures it) beside the GPU
@@ -18,8 +18,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/plan_check.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -2,7 +2,7 @@
 
 Why: in an eager `transformers` decoder layer the elementwise work around the GEMMs (RMSNorm in fp32, rotary
 embeddings, SiLU x up, residual adds, dtype casts) is a string of memory-bound kernels. Measured on the H100 at
-micro-batch 4 x 2048 (`bench/block_compute.py`), one checkpointed layer takes 1.16-1.46x the time of its GEMMs
+micro-batch 4 x 2048 (`bench/studies/block_compute.py`), one checkpointed layer takes 1.16-1.46x the time of its GEMMs
 alone; under `torch.compile` (Inductor fuses those kernels) 1.05-1.20x. Lightning compiles a whole LightningModule
 or nothing; compiling the whole model breaks at every engine hook, so the strategy compiles each block instead.
 

@@ -29,7 +29,7 @@ from lightning_offload.kernels.adamw8bit import (
     _f32_bits,
 )
 
-# The tile of one program: BLOCKS_PER_PROGRAM blocks of 256 elements, NUM_WARPS warps (bench/optim_update.py
+# The tile of one program: BLOCKS_PER_PROGRAM blocks of 256 elements, NUM_WARPS warps (bench/studies/optim_update.py
 # sweeps both; read at each launch).
 BLOCKS_PER_PROGRAM = 4
 NUM_WARPS = 4

@@ -70,7 +70,7 @@ FSDP_HOST_ACCUMULATION_RATE = 0.29e9
 # 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
 CPU_8BIT_UPDATE_RATE = 0.06e9
 # A compiled decoder layer's forward, recompute and backward against the eager layer's: Inductor fuses the
-# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/block_compute.py` on the
+# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/studies/block_compute.py` on the
 # H100: 0.82 at 8B, 0.88 at 19B, 0.91 at 32.8B (bench/RESULTS.md).
 COMPILED_BLOCK_TIME = 0.87
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.

@@ -347,7 +347,7 @@ def optimizer_state(trainer) -> list[tuple[torch.Tensor, list[list[int]]]]:
 
 
 def test_model_checkpoint_written_during_fit_resumes_exactly(tmp_path) -> None:
-    # The GPU run's shape (bench/stream_resume.py): built on meta, some units resident and some streamed, the
+    # The GPU run's shape (bench/studies/stream_resume.py): built on meta, some units resident and some streamed, the
     # checkpoint written by `ModelCheckpoint` between steps (slots still holding units) rather than after `fit`.
     options = dict(precision="bf16-true", num_batches=2, max_epochs=2)
     callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
