@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as `python bench/rival_losses.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from lightning_offload.losses import IGNORE_INDEX, ChunkedLMHeadLoss
+
 # torchtune's default: the sequence is split into this many chunks, each projected and reduced on its own.
 TORCHTUNE_OUTPUT_CHUNKS = 8
 
@@ -65,27 +67,30 @@ def torchtune_labels(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 1:], pad], dim=1)
 
 
-class LigerLMHeadLoss(nn.Linear):
+class LigerLMHeadLoss(ChunkedLMHeadLoss):
     """A language model's output layer whose `forward(hidden, targets)` is Liger-Kernel's fused linear
-    cross-entropy (mean over the tokens not ignored); `forward(hidden)` gives the logits, as a Linear does."""
+    cross-entropy (mean over the tokens not ignored); `forward(hidden)` gives the logits, as a Linear does.
+
+    A `ChunkedLMHeadLoss` to our memory planner, so the row plans as our chunked-loss row does (Liger's own
+    workspace, one slice of logits in the head's dtype, is smaller) and only the loss differs; on the meta device,
+    where the planner measures the model, ours computes the shapes."""
 
     @classmethod
-    def adopt(cls, linear: nn.Linear) -> LigerLMHeadLoss:
+    def adopt(cls, linear: nn.Linear, **loss_options: Any) -> LigerLMHeadLoss:
         """Turns `linear` itself into a `LigerLMHeadLoss`, keeping its very Parameter (see `ChunkedLMHeadLoss.adopt`).
         Raises ImportError at once when liger-kernel is missing, so the cell is recorded as not available."""
         import liger_kernel.transformers.functional  # noqa: F401
 
-        linear.__class__ = cls
-        return linear  # type: ignore[return-value]
+        return super().adopt(linear, **loss_options)  # type: ignore[return-value]
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        if targets is None:
-            return super().forward(hidden)
+        if targets is None or hidden.device.type == "meta":
+            return super().forward(hidden, targets)
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         # Liger reads the autocast state itself (its matmuls follow AMP's casts).
         return liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight,
-                                                targets.reshape(-1), self.bias, ignore_index=IGNORE_INDEX)
+                                                targets.reshape(-1), self.bias, ignore_index=self.ignore_index)
 
 
 def main() -> None:

@@ -211,3 +211,15 @@ def test_liger_row_is_ours_compiled_with_ligers_loss_and_needs_cuda(methods, mon
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed: the cell is "not available"
     with pytest.raises(ImportError):
         LigerLMHeadLoss.adopt(torch.nn.Linear(4, 8, bias=False))
+
+
+def test_liger_head_plans_as_our_chunked_head_and_measures_on_the_meta_device_without_liger():
+    from bench.rival_losses import LigerLMHeadLoss
+    from lightning_offload.losses import ChunkedLMHeadLoss
+
+    head = ChunkedLMHeadLoss.adopt(torch.nn.Linear(16, 50, bias=False, device="meta"))
+    head.__class__ = LigerLMHeadLoss  # what `adopt` does once liger-kernel imports
+    hidden = torch.empty(2, 8, 16, device="meta", requires_grad=True)
+    loss = head(hidden, torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert isinstance(head, ChunkedLMHeadLoss) and loss.shape == () and loss.device.type == "meta"
+    assert head(hidden).shape == (2, 8, 50)
