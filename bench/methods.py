@@ -49,7 +49,6 @@ _DEEPSPEED_TUNED = "tuned: pin_memory=True, non-reentrant checkpointing"
 BASELINES = [
     Method("plain", "plain PyTorch loop: fp32 weights, bf16 autocast, fused AdamW, no offload",
            runner="plain", cost="gpu_adamw", runs_on_cpu=True),
-    # Defaults: eager, transformers' full fp32 logits, the optimizer stepped in backward.
     Method("torchtune", f"{_TORCHTUNE} stepped in backward; defaults: eager, full fp32 logits",
            runner="torchtune", cost="gpu_8bit_adamw", accumulates=False),
     # torchtune recipes/configs/llama3_1/8B_full_single_device.yaml: `loss: LinearCrossEntropyLoss`,

@@ -283,8 +283,8 @@ class LlamaModule(L.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(self.parameters(), lr=LR)
-        # FSDP's CPU offload steps on host tensors: torch's default there is the slow for-each kernel.
-        fused = True if self.optimizer_name == "adamw_fused" else None  # None: torch's default kernel
+        # None: torch picks its kernel (for-each on the host tensors FSDP's CPU offload steps).
+        fused = True if self.optimizer_name == "adamw_fused" else None
         return torch.optim.AdamW(self.parameters(), lr=LR, fused=fused)
 
 
