@@ -1,8 +1,8 @@
 """The output-layer losses that rival `lightning_offload.losses`: torchtune's `LinearCrossEntropyLoss` (reimplemented
 here step for step: `import torchtune` loads its datasets, tokenizers and pinned torchdata, which would not fit the
 GPU machine's carried wheels) and Liger-Kernel's fused linear cross-entropy (imported: `pip install liger-kernel`,
-CUDA only). Both run inside a module's forward, as
-ours does, so engines that gather weights on module hooks see the head's weight.
+CUDA only). Both run inside a module's forward, as ours does, so engines that gather weights on module hooks see the
+head's weight.
 
     python bench/rival_losses.py --sizes 8b,14.8b     # the output layer and loss alone, each way: time and GPU peak
 """
