@@ -11,7 +11,7 @@ timeout 260 python3 bench/run.py --sizes 14.8b --regimes r1 --timeout-s 150 --de
   --methods single_gpu_offload_gpu_8bit_compiled,torchtune_compiled,torchtune \
   --results "$OUT/rivals_14b.jsonl" --log "$OUT/rivals_14b_cells.log" > "$OUT/rivals_14b_r1_run.txt" 2>&1
 echo "R1 done at $((SECONDS - started)) s"
-left=$(( 530 - (SECONDS - started) ))
+left=$(( 500 - (SECONDS - started) ))
 timeout "$left" python3 bench/run.py --sizes 14.8b --regimes r2 --timeout-s 220 --deadline-s $(( left - 20 )) \
   --methods single_gpu_offload_stream_compiled,torchtune_accumulating,single_gpu_offload_gpu_8bit_compiled \
   --results "$OUT/rivals_14b.jsonl" --log "$OUT/rivals_14b_cells.log" > "$OUT/rivals_14b_r2_run.txt" 2>&1

@@ -8,7 +8,7 @@ started=$SECONDS
 methods=single_gpu_offload_fsdp,lightning_fsdp_cpu_offload_fused,single_gpu_offload_gpu_8bit_compiled
 methods+=,torchtune_compiled,torchtune,torchao_offload_accumulating,torchao_offload,single_gpu_offload_auto
 methods+=,lightning_fsdp_cpu_offload
-timeout 530 python3 bench/run.py --sizes 3.6b --regimes r1 --methods "$methods" --timeout-s 200 --deadline-s 510 \
+timeout 500 python3 bench/run.py --sizes 3.6b --regimes r1 --methods "$methods" --timeout-s 200 --deadline-s 480 \
   --results "$OUT/rivals_3.6b.jsonl" --log "$OUT/rivals_3.6b_cells.log" > "$OUT/rivals_3.6b_run.txt" 2>&1
 echo "cells done at $((SECONDS - started)) s"
 for ours in single_gpu_offload_fsdp single_gpu_offload_gpu_8bit_compiled; do

@@ -11,11 +11,11 @@ started=$SECONDS
 methods=single_gpu_offload_gpu_8bit_compiled,torchtune_compiled,torchtune,single_gpu_offload_gpu_8bit
 methods+=,single_gpu_offload_gpu_8bit_compiled_liger,single_gpu_offload_auto,torchao_offload
 methods+=,torchao_offload_accumulating,single_gpu_offload_host_adam
-timeout 470 python3 bench/run.py --sizes 8b --regimes r1 --methods "$methods" --timeout-s 180 --deadline-s 450 \
+timeout 450 python3 bench/run.py --sizes 8b --regimes r1 --methods "$methods" --timeout-s 180 --deadline-s 430 \
   --results "$OUT/rivals_8b_r1.jsonl" --log "$OUT/rivals_8b_r1_cells.log" > "$OUT/rivals_8b_r1_run.txt" 2>&1
 echo "cells done at $((SECONDS - started)) s"
-if (( SECONDS - started < 500 )); then
-  timeout 70 python3 bench/rival_losses.py --sizes 8b > "$OUT/rival_losses_8b.txt" 2>&1
+if (( SECONDS - started < 470 )); then
+  timeout 60 python3 bench/rival_losses.py --sizes 8b > "$OUT/rival_losses_8b.txt" 2>&1
   grep RESULT "$OUT/rival_losses_8b.txt" || tail -3 "$OUT/rival_losses_8b.txt"
 fi
 # Compiled against compiled, eager against eager, and the exact-AdamW rows against torchao's.
