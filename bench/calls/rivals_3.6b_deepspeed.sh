@@ -6,7 +6,8 @@
 set -uo pipefail
 source bench/device_setup.sh checkout || exit 1
 started=$SECONDS
-timeout 300 python3 -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
+timeout 300 python3 -c \
+  "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
   > "$OUT/cpu_adam_build.txt" 2>&1
 echo "CPU Adam built at $((SECONDS - started)) s"
 methods=single_gpu_offload_deepspeed,lightning_deepspeed_stage_2_offload_tuned,deepspeed_zero2_offload
