@@ -51,8 +51,13 @@ BASELINES = [
            runner="plain", cost="gpu_adamw", runs_on_cpu=True),
     Method("torchtune", f"{_TORCHTUNE} stepped in backward; defaults: eager, full fp32 logits",
            runner="torchtune", cost="gpu_8bit_adamw", accumulates=False),
-    # torchtune recipes/configs/llama3_1/8B_full_single_device.yaml: `loss: LinearCrossEntropyLoss`,
-    # `optimizer_in_bwd: True`, `compile` ("True increases speed + decreases memory"; training/_compile.py).
+    # torchtune recipes/configs/llama3_1/8B_full_single_device.yaml as shipped: `loss: LinearCrossEntropyLoss`,
+    # `compile: False`, `optimizer_in_bwd: True`.
+    Method("torchtune_linear", f"{_TORCHTUNE} stepped in backward; its 8B config as shipped: eager, "
+                               "LinearCrossEntropyLoss (8 chunks)",
+           runner="torchtune", cost="gpu_8bit_adamw", accumulates=False,
+           options={"compiled": False, "loss": "linear", "optimizer_in_backward": True}),
+    # The same config with `compile: True` ("True increases speed + decreases memory"; training/_compile.py).
     Method("torchtune_compiled", f"{_TORCHTUNE} stepped in backward; tuned: layers and loss compiled, "
                                  "LinearCrossEntropyLoss (8 chunks)",
            runner="torchtune", cost="gpu_8bit_adamw", accumulates=False,

@@ -86,6 +86,7 @@ def test_torchtune_rows_name_its_recipe_settings(methods):
     assert not tuned.accumulates and not defaults.accumulates
     assert accumulating.options == {**tuned.options, "optimizer_in_backward": False} and accumulating.accumulates
     assert defaults.options == {}  # the runner's defaults: eager, transformers' full loss, stepped in backward
+    assert methods["torchtune_linear"].options == {**tuned.options, "compiled": False}
 
 
 def test_torchtune_tuned_model_compiles_every_layer_and_the_loss_of_its_chunks():
