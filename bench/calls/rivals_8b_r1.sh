@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call (~9 minutes): 8B R1, our rows beside torchtune's method (eager with the full logits, compiled with its
 # linear cross-entropy, and last, if time remains, its config as shipped) and torchao's CPU offload (both modes), all
-# in this call; then the output layer's loss alone each way
-# (ours, Liger-Kernel's, torchtune's), time and peak. Tables of tokens/s and ratios at the end; logs in $OUT.
+# in this call; then the output layer's loss alone each way (ours, Liger-Kernel's, torchtune's), time and peak.
+# Tables of tokens/s and ratios at the end; logs in $OUT.
 # Lightning's FSDP and DeepSpeed presets are not here: at 8B each runs out of the host's 125 GiB (their fp32 state),
 # measured with the defaults, and the tuned rows keep the same state.
 set -uo pipefail
