@@ -66,10 +66,9 @@ COSTS = {
     "gpu_8bit_adamw": Cost(GPU_BNB_ADAMW8BIT, optimizer_on_gpu=True),
     # lightning_offload's fused 8-bit AdamW (bench/NOTES_kernel.md), inside backward on the GPU.
     "gpu_fused_8bit_adamw": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True),
-    # bf16 gradients out, bf16 parameters back, fused AdamW on the host's bf16 copy.
+    # bf16 gradients out, bf16 parameters back, fused AdamW on the host's bf16 copy. With offload_gradients=False
+    # the gradients accumulate on the GPU and each micro-batch's backward still copies their running sum out.
     "torchao_offload": Cost(CPU_ADAMW_FUSED, d2h_per_micro_batch=2, h2d_per_step=2),
-    # offload_gradients=False: the gradients accumulate on the GPU and leave once per step.
-    "torchao_offload_accumulating": Cost(CPU_ADAMW_FUSED, d2h_per_step=2, h2d_per_step=2),
     # Gradients are cast to fp32 on the GPU before the copy; fp32 master weights are copied back and cast there.
     "zero2_offload": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_step=4),
     "zenflow": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_step=1, updated_share=0.25),

@@ -74,7 +74,7 @@ BASELINES = [
     # accumulation"; the default (False) keeps gradients on the GPU, which accumulates.
     Method("torchao_offload_accumulating",
            "torchao CPUOffloadOptimizer (fused CPU AdamW, gradients accumulated on the GPU), bf16",
-           runner="torchao_offload", cost="torchao_offload_accumulating", options={"offload_gradients": False}),
+           runner="torchao_offload", cost="torchao_offload", options={"offload_gradients": False}),
     Method("deepspeed_zero2_offload", "DeepSpeed ZeRO-2 + CPU optimizer offload, driven directly",
            runner="deepspeed", cost="zero2_offload", options={"zenflow": False}),
     Method("deepspeed_zenflow", "DeepSpeed ZenFlow (ZeRO-2 offload, top-k 0.05, update interval 4)",

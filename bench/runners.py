@@ -178,9 +178,9 @@ def torchtune(cell: Cell, compiled: bool = False, loss: str = "full", optimizer_
 
 
 def torchao_offload(cell: Cell, offload_gradients: bool = True) -> StepClock:
-    """bf16 weights on the GPU, torch's fused AdamW on a host copy (torchao's CPUOffloadOptimizer). With
-    `offload_gradients` each gradient moves to pinned host memory as backward produces it (no accumulation);
-    without it gradients accumulate on the GPU and move once per step."""
+    """bf16 weights on the GPU, torch's fused AdamW on a host copy (torchao's CPUOffloadOptimizer): each gradient
+    is copied to pinned host memory as backward completes it. `offload_gradients` then frees it on the GPU (no
+    accumulation); without it the GPU gradient accumulates and each copy carries the running sum."""
     from torchao.optim import CPUOffloadOptimizer
 
     model = _model(cell, torch.bfloat16)

@@ -170,7 +170,7 @@ def _fake_torchao(monkeypatch) -> list[dict]:
     return made
 
 
-def test_torchao_accumulating_row_keeps_gradients_on_the_gpu_and_steps_torchs_fused_adamw(monkeypatch, methods):
+def test_torchao_accumulating_row_keeps_its_gradients_on_the_gpu_and_steps_torchs_fused_adamw(monkeypatch, methods):
     made = _fake_torchao(monkeypatch)
     accumulating, defaults = methods["torchao_offload_accumulating"], methods["torchao_offload"]
     assert accumulating.accumulates and not defaults.accumulates
@@ -179,7 +179,6 @@ def test_torchao_accumulating_row_keeps_gradients_on_the_gpu_and_steps_torchs_fu
     assert len(clock.times) == 1 and 10 < clock.losses[0] < 11
     assert [(call["offload_gradients"], call["fused"], call["optimizer_class"]) for call in made] == [
         (False, True, torch.optim.AdamW)]
-    assert COSTS[accumulating.cost].d2h_per_micro_batch == 0 and COSTS[accumulating.cost].d2h_per_step > 0
 
 
 def test_r2_runs_every_rival_in_a_mode_that_accumulates(methods):
