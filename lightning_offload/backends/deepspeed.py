@@ -413,8 +413,25 @@ class DeepSpeedBackend(Backend):
             params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             check_disk_room(self._swap_folder(), 16 * params, what=f"the optimizer state of {params:,} parameters "
                             "(fp32 master weights, gradients and Adam moments: 16 bytes each)")
+        elif self.config.offload_optimizer:
+            self._refuse_optimizer_state_beyond_host_room(module)
         engine, zero_optimizer, _, _ = self._initialize(module, optimizer=optimizer, config=self.engine_config(setup))
         return engine, zero_optimizer
+
+    def _refuse_optimizer_state_beyond_host_room(self, module: torch.nn.Module) -> None:
+        """Refuses, before DeepSpeed allocates it, optimizer state in host memory beyond what this process may use
+        (its budget, the job's cgroup limit): this process's share of the fp32 master weights, gradients and Adam
+        moments, 16 bytes per parameter."""
+        from lightning_offload.planner.budget import refuse_beyond_host_room
+
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        share = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad) // ranks
+        refuse_beyond_host_room(
+            16 * share, self.host_memory_available(),
+            what=f"The `deepspeed` backend's optimizer state of {share:,} parameters (this process's share)",
+            fix="Keep it on disk (`offload_device='nvme'`, `nvme_path=...`), train across more processes, or let "
+                "`backend='auto'` choose a plan with less host memory.",
+        )
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         self.set_precision(precision)

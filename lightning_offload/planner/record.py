@@ -108,8 +108,7 @@ def fit_ckpt_path(trainer: Any) -> str | Path | None:
     (and keeps an earlier fit's path). The strategy's setup runs inside `_run`, so the path is that call's argument,
     found by the code of the Trainer class's own `_run` (either Lightning namespace, a subclass's override
     included); outside a `_run`, the path the user set on the Trainer."""
-    runs = {klass.__dict__["_run"].__code__ for klass in type(trainer).__mro__
-            if callable(klass.__dict__.get("_run")) and hasattr(klass.__dict__["_run"], "__code__")}
+    runs = {run.__code__ for klass in type(trainer).__mro__ if hasattr(run := vars(klass).get("_run"), "__code__")}
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code in runs and frame.f_locals.get("self") is trainer and "ckpt_path" in frame.f_locals:
