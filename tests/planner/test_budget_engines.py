@@ -155,3 +155,23 @@ def test_the_activation_pool_grows_only_within_the_budget(steady_rss) -> None:
                                      check_memory=False, max_host_memory_gib=peak / 2 / GIB),
             module=module, num_batches=2)
     assert module.losses == []
+
+
+def test_deepspeed_keeps_nvme_parameters_in_host_memory_only_within_the_budget(steady_rss, tmp_path) -> None:
+    from lightning_offload.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfig
+    from lightning_offload.planner.memory import DEEPSPEED_NVME_PARAMS_IN_HOST
+
+    module = TinyLM()
+    module.configure_model()
+    state = 16 * parameter_count()  # this process's optimizer state, kept in host memory beside them
+    backend = DeepSpeedBackend(DeepSpeedConfig(offload_device="nvme", nvme_path=str(tmp_path),
+                                               nvme_state="parameters"))
+    kept = {}
+    for spare in (GIB // 2, GIB):
+        backend.host_budget = HostBudget((state + spare) / GIB)
+        kept[spare] = backend.params_in_host_within_budget(module)
+    assert kept == pytest.approx({GIB // 2: GIB // 4, GIB: GIB // 2}, abs=1)  # bf16: 2 bytes per parameter
+    backend.host_budget = HostBudget(state / GIB)
+    assert backend.params_in_host_within_budget(module) == pytest.approx(0, abs=1)
+    backend.host_budget = None  # no budget: DeepSpeed's default where the machine has the room
+    assert backend.params_in_host_within_budget(module) <= DEEPSPEED_NVME_PARAMS_IN_HOST
