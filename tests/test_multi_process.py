@@ -145,6 +145,9 @@ def test_auto_resumes_every_process_with_the_checkpoints_plan(two_processes, one
     fresh = two_processes.plans("auto")
     assert fresh[0] == fresh[1] and fresh[0].backend != "fsdp"  # what `auto` chooses for a new run
     assert two_processes.plans("auto_resumed") == [saved, saved]
+    # A pinned backend's plan is saved across processes too, for a later resume under `auto`.
+    assert saved_plan(two_processes.out / "fsdp.ckpt") == two_processes.plans("fsdp")[0]
+    assert two_processes.plans("fsdp")[0].backend == "fsdp"
     assert_losses_close(one_process_runs["fsdp"][0] + two_processes.losses("auto_resumed"), fsdp_two_epochs,
                         WORLD_SIZE_RTOL)
 
