@@ -27,6 +27,7 @@ from lightning_offload.checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import plan_for_trainer
+from lightning_offload.planner.record import fit_ckpt_path, resume_report, saved_plan
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
 
@@ -117,8 +118,11 @@ class _OffloadCore(_SingleGPUOffloadCore):
                 )
                 chosen = Plan(backend=_MULTI_PROCESS_AUTO, optimizer="cpu_adam", checkpointing="full")
             self._adopt_plan(chosen)
-        elif self.activation_checkpointing.policy == "auto":
-            self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
+        else:
+            if chosen is not None:  # saved in each checkpoint, for a resume under `backend="auto"`
+                self.plan = chosen
+            if self.activation_checkpointing.policy == "auto":
+                self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
         self._setup_backend_environment()
 
     def _plan_on_rank_zero(self) -> Plan | None:
@@ -129,21 +133,25 @@ class _OffloadCore(_SingleGPUOffloadCore):
         self._memory_checked = True
         outcome: tuple[Plan | None, str | None] = (None, None)
         if self.global_rank == 0:
-            backend = self.backend_name
+            # Every rank resumes with the checkpoint's plan: another backend could not read what it wrote.
+            resume_from = fit_ckpt_path(self.lightning_module.trainer) if self.backend is None else None
+            saved = saved_plan(resume_from) if resume_from else None
             try:
                 report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
-                                          backend=backend, optimizer=self.optimizer_name,
+                                          backend=self.backend_name, optimizer=self.optimizer_name,
                                           checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, world_size=self.world_size,
                                           ranks_per_host=self.num_processes, compiled_blocks=self.compile_blocks,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
                                           max_host_memory_gib=self.max_host_memory_gib)
+                if report is not None and saved is not None:
+                    report = resume_report(report, saved, resume_from)
             except BuildBeforePlanning as unbuildable:  # every rank builds its shard under the engine: no plan
                 self._lightning_attr("utilities.rank_zero", "rank_zero_warn")(
                     f"{unbuildable.reason}: no memory check ran across {self.world_size} processes."
                 )
-                report = None
-            except PlanDoesNotFit as refusal:  # its checkpoint cannot be built in host memory: refused on every rank
+                report, outcome = None, (saved, None)
+            except PlanDoesNotFit as refusal:  # unfit to build, or the checkpoint's plan no longer fits: every rank
                 report, outcome = None, (None, str(refusal))
             if report is not None:
                 self.plan_report = report

@@ -22,10 +22,15 @@ from typing_extensions import override
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
+from lightning_offload.checkpointing import (
+    CheckpointingConfig,
+    activation_offloader,
+    as_checkpointing_config,
+    remove_fit_checkpointing,
+)
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
-from lightning_offload.planner.budget import cap_gpu_allocator
+from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
     backend_options_of,
@@ -56,6 +61,8 @@ from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCor
 STRATEGY_NAME = "single_gpu_offload"
 # The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
 MULTI_DEVICE_NAME = "offload"
+# Host memory is looked at every this many batches (each epoch's first included) and at each checkpoint.
+HOST_WATCH_EVERY_BATCHES = 50
 
 
 class _SingleGPUOffloadCore:
@@ -85,8 +92,10 @@ class _SingleGPUOffloadCore:
             first step.
         max_gpu_memory_gib: at most this much GPU memory for the run (the card is shared, or kept partly free): the
             planner plans within it and the CUDA allocator is capped at it. ``None``: what is free on the GPU.
-        max_host_memory_gib: at most this much host RAM for the run. ``None``: what is available, within the job's
-            cgroup memory limit (SLURM ``--mem``, a container's limit), which the planner always honours.
+        max_host_memory_gib: at most this much host RAM for the process (what it holds already included): the
+            planner plans within it, the engines size their host buffers within it and refuse beyond it, and the run
+            warns once when it comes within 5%. ``None``: what is available, within the job's cgroup memory limit
+            (SLURM ``--mem``, a container's limit), which is always honoured the same way.
         **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
             (see its ``Config`` dataclass for every option and its trade-off).
     """
@@ -122,6 +131,7 @@ class _SingleGPUOffloadCore:
         self.max_gpu_memory_gib = max_gpu_memory_gib
         self.max_host_memory_gib = max_host_memory_gib
         self._uncapped_gpu_fraction: float | None = None
+        self._host_budget: HostBudget | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
         self.backend: Backend | None = None
         if self.backend_name is not None:
@@ -184,6 +194,9 @@ class _SingleGPUOffloadCore:
         if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
             # Before the engine sizes anything from the GPU's free memory.
             self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+        # Engines size and check their host allocations within the same budget the planner planned with.
+        self._host_budget = HostBudget(self.max_host_memory_gib)
+        self.backend.host_budget = self._host_budget
         self.backend.setup_environment(self.root_device)
         if getattr(self, "world_size", 1) == 1:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
@@ -320,6 +333,9 @@ class _SingleGPUOffloadCore:
         if self.compile_blocks:
             self._compile_blocks(module)
         self.activation_checkpointing.apply(module)
+        offloader = activation_offloader(module)
+        if offloader is not None:
+            offloader.host_budget = self._host_budget
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting and not any(p.requires_grad for p in module.parameters()):
@@ -398,7 +414,19 @@ class _SingleGPUOffloadCore:
         return self.backend.optimizer_state_dict(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if batch_idx % HOST_WATCH_EVERY_BATCHES == 0:
+            self._watch_host_memory()
+
+    def _watch_host_memory(self) -> None:
+        warning = self._host_budget.warning_once() if self._host_budget is not None else None
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        self._watch_host_memory()
         if self.plan is not None:
             checkpoint = {**checkpoint, PLAN_KEY: plan_state(self.plan)}
         if not self.backend.saves_own_state:

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 import torch
 from torch.optim import Optimizer
 
+from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
+
 
 @dataclass(kw_only=True)
 class BackendConfig:
@@ -83,6 +85,13 @@ class Backend(ABC):
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self._planned_options: dict[str, Any] = {}
+        self.host_budget: HostBudget | None = None
+        """The run's host budget (the strategy's `max_host_memory_gib`), which the engine's host allocations keep to."""
+
+    def host_memory_available(self) -> Available:
+        """Host memory the engine may still allocate: what is available, within the job's cgroup memory limit and
+        what is left of the run's host budget."""
+        return self.host_budget.room() if self.host_budget is not None else host_memory_available()
 
     def setup_environment(self, device: torch.device) -> None:
         """Runs before `configure_model`: process groups, device selection, engine-global settings."""

@@ -202,6 +202,12 @@ def _precision_config(precision: str) -> dict[str, Any]:
     )
 
 
+def _trainable_share(module: torch.nn.Module) -> int:
+    """Trainable parameters in this process's partition (ZeRO-3 cuts each parameter across the processes)."""
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad) // ranks
+
+
 def _refuse_other_world_size(path: Path, world_size: int) -> None:
     # ZeRO-3 keeps one file of fp32 weights and optimizer state per rank, cut for that many ranks; DeepSpeed would
     # fail later with a less helpful message (or, when loading weights only, read the wrong slices).
@@ -244,6 +250,8 @@ class DeepSpeedBackend(Backend):
         """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
         self._swap: weakref.finalize | None = None
         self._swap_path = ""
+        self._params_in_host = DEEPSPEED_NVME_PARAMS_IN_HOST
+        """With parameters on NVMe: how many DeepSpeed keeps in pinned host memory too (`max_in_cpu`)."""
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
@@ -339,7 +347,7 @@ class DeepSpeedBackend(Backend):
             if on_disk in ("all", "parameters"):
                 zero["offload_param"] = dict(swap, buffer_count=DEEPSPEED_NVME_BUFFER_COUNT,
                                              buffer_size=cfg.nvme_buffer_numel,
-                                             max_in_cpu=DEEPSPEED_NVME_PARAMS_IN_HOST)
+                                             max_in_cpu=self._params_in_host)
         if cfg.offload_optimizer and setup is not None:
             zero["offload_optimizer"] = dict(offload)
             if on_disk in ("all", "optimizer"):
@@ -413,8 +421,34 @@ class DeepSpeedBackend(Backend):
             params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             check_disk_room(self._swap_folder(), 16 * params, what=f"the optimizer state of {params:,} parameters "
                             "(fp32 master weights, gradients and Adam moments: 16 bytes each)")
+        elif self.config.offload_optimizer:
+            self._refuse_optimizer_state_beyond_host_room(module)
+        if self._parameter_device() == "nvme":
+            self._params_in_host = self.params_in_host_within_budget(module)
         engine, zero_optimizer, _, _ = self._initialize(module, optimizer=optimizer, config=self.engine_config(setup))
         return engine, zero_optimizer
+
+    def params_in_host_within_budget(self, module: torch.nn.Module) -> int:
+        """With parameters on NVMe, how many DeepSpeed may also keep in pinned host memory (bf16, `max_in_cpu`): its
+        default, within what the host budget leaves after this process's optimizer state kept there."""
+        room = self.host_memory_available().bytes
+        if self.config.offload_optimizer and not self._optimizer_on_disk():
+            room -= 16 * _trainable_share(module)
+        return max(0, min(DEEPSPEED_NVME_PARAMS_IN_HOST, room // 2))
+
+    def _refuse_optimizer_state_beyond_host_room(self, module: torch.nn.Module) -> None:
+        """Refuses, before DeepSpeed allocates it, optimizer state in host memory beyond what this process may use
+        (its budget, the job's cgroup limit): this process's share of the fp32 master weights, gradients and Adam
+        moments, 16 bytes per parameter."""
+        from lightning_offload.planner.budget import refuse_beyond_host_room
+
+        share = _trainable_share(module)
+        refuse_beyond_host_room(
+            16 * share, self.host_memory_available(),
+            what=f"The `deepspeed` backend's optimizer state of {share:,} parameters (this process's share)",
+            fix="Keep it on disk (`offload_device='nvme'`, `nvme_path=...`), train across more processes, or let "
+                "`backend='auto'` choose a plan with less host memory.",
+        )
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         self.set_precision(precision)

@@ -27,10 +27,11 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
+from lightning_offload.backends._host_adam_engine import _STAGING_SLOTS, HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
+from lightning_offload.planner.budget import refuse_beyond_host_room
 from lightning_offload.saving import atomic_directory, load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
@@ -259,6 +260,7 @@ class HostAdamBackend(Backend):
         if threads is None and self._device.type == "cuda":
             threads = max(1, torch.get_num_threads() - 1)
         front = self._front_parameters(module)
+        self._refuse_beyond_host_room([p for p in ordered if p not in front], weight_dtype)
         engine = HostAdamEngine(
             ordered, [group_of[p] for p in ordered], self._device, weight_dtype,
             bucket_numel=self.config.bucket_numel, chunk_numel=self.config.chunk_numel,
@@ -277,6 +279,21 @@ class HostAdamBackend(Backend):
         self._module = module
         engine.wait_in_forward(module)
         return module, self._optimizer
+
+    def _refuse_beyond_host_room(self, host_params: list[torch.nn.Parameter], weight_dtype: torch.dtype) -> None:
+        """Refuses, before the engine allocates it, host memory the run may not use: the arena (fp32 master weights
+        and both AdamW moments, 12 bytes per parameter stepped on the host), the pinned gradient slots and, when
+        weights are cast on the host, the pinned staging buffers."""
+        numel = sum(p.numel() for p in host_params)
+        slots = self.config.grad_slots * min(self.config.bucket_numel, numel) * 4
+        casts_on_host = not (self.config.cast_on_device and self._device.type == "cuda")
+        staging = _STAGING_SLOTS * min(self.config.chunk_numel, numel) * weight_dtype.itemsize if casts_on_host else 0
+        refuse_beyond_host_room(
+            12 * numel + slots + staging, self.host_memory_available(),
+            what=f"The `host_adam` backend's optimizer state of {numel:,} parameters and its pinned buffers",
+            fix="Keep more blocks' optimizer state on the GPU (`gpu_state_blocks`), or let `backend='auto'` choose a "
+                "plan with less host memory.",
+        )
 
     def _front_parameters(self, module: torch.nn.Module) -> set[torch.nn.Parameter]:
         """The parameters whose optimizer state stays on the device: the first `gpu_state_blocks` blocks and every

@@ -87,8 +87,11 @@ def test_a_budget_only_ever_lowers_what_the_system_reports(tmp_path, monkeypatch
     monkeypatch.setattr(budget, "PROC_SELF_CGROUP", tmp_path / "no_cgroup")
     above = host_memory_available(max_host_memory_gib=10 * psutil.virtual_memory().total / GIB)
     assert above.limit is None and above.bytes <= psutil.virtual_memory().total
+    held = GIB // 8
+    monkeypatch.setattr(budget, "_rss", lambda: held)
     below = host_memory_available(max_host_memory_gib=0.5)
-    assert below.bytes == GIB // 2 and below.limit == "the budget `max_host_memory_gib=0.5`"
+    # The budget is all the process may hold: what it holds already is not room.
+    assert below.bytes == GIB // 2 - held and below.limit == "the budget `max_host_memory_gib=0.5`"
 
 
 def test_budgets_must_be_positive() -> None:
@@ -98,7 +101,8 @@ def test_budgets_must_be_positive() -> None:
         SingleGPUOffloadStrategy(max_gpu_memory_gib="24")
 
 
-def test_an_explicit_host_budget_changes_the_plan_and_a_refusal_names_it() -> None:
+def test_an_explicit_host_budget_changes_the_plan_and_a_refusal_names_it(monkeypatch) -> None:
+    monkeypatch.setattr(budget, "_rss", lambda: 0)  # the whole budget is room: the test's arithmetic is exact
     _, roomy = fit(SingleGPUOffloadStrategy(), num_batches=1)
     report = roomy.strategy.plan_report
     chosen = report.chosen

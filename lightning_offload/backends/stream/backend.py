@@ -34,7 +34,7 @@ from lightning_offload.backends.stream.units import (
     replace_parameters,
 )
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
-from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
+from lightning_offload.planner.budget import gpu_free_bytes
 from lightning_offload.pretrained import weight_source
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
@@ -183,8 +183,9 @@ class StreamBackend(Backend):
                 f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
                 "larger micro-batch, or fewer `resident_blocks`."
             )
-        check_host_memory(placement, available_bytes=host_memory_available().bytes,
-                          reserve_bytes=int(self.config.host_reserve_gib * GIB))
+        room = self.host_memory_available()
+        check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=int(self.config.host_reserve_gib * GIB),
+                          limit=room.limit)
         return placement
 
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:

@@ -112,16 +112,22 @@ def place_units(units: Sequence[UnitSize], *, gpu_free_bytes: int, weight_slots:
     )
 
 
-def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int) -> None:
-    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available."""
+def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int,
+                      limit: str | None = None) -> None:
+    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available
+    (`limit`: what holds that below the machine's free memory, e.g. the budget `max_host_memory_gib`)."""
     needed = placement.host_pinned_bytes + reserve_bytes
     if needed > available_bytes:
+        held = f" (held there by {limit})" if limit else ""
+        lift = ("raise `max_host_memory_gib`" if limit and "max_host_memory_gib" in limit else
+                "ask the job for more memory (SLURM `--mem`, the container's memory limit)" if limit else
+                "free host memory")
         raise MemoryError(
             f"The `stream` backend needs {placement.host_pinned_bytes / GIB:.1f} GiB of pinned host memory "
             f"(8-bit optimizer state of every parameter and the weights of {len(placement.streamed)} streamed units) "
             f"plus {reserve_bytes / GIB:.1f} GiB kept free, {(needed - available_bytes) / GIB:.1f} GiB more than the "
-            f"{available_bytes / GIB:.1f} GiB available. Keep more blocks on the GPU (`resident_blocks`, a smaller "
-            "`activation_reserve_gib`), free host memory, or use a machine with more RAM."
+            f"{available_bytes / GIB:.1f} GiB available{held}. Keep more blocks on the GPU (`resident_blocks`, a "
+            f"smaller `activation_reserve_gib`), a smaller `host_reserve_gib`, {lift}, or use a machine with more RAM."
         )
 
 
