@@ -83,7 +83,7 @@ def plan(args: list[str]) -> int:
 
 
 def consolidate(args: list[str]) -> int:
-    from lightning_offload.saving import consolidate as consolidate_checkpoint
+    from lightning_offload.consolidation import consolidate as consolidate_checkpoint
 
     parser = argparse.ArgumentParser(prog="lightning-offload consolidate",
                                      description="A checkpoint of any backend as one plain fp32 state dict, which "

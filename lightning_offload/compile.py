@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_offload.backends import registry
 from lightning_offload.checkpointing import find_blocks
 
 _COMPILED = "_lightning_offload_compiled"
@@ -61,9 +62,11 @@ def refuse_compiled_submodules(module: nn.Module, backend: str, reason: str) -> 
 
     compiled = [name for name, submodule in module.named_modules() if isinstance(submodule, OptimizedModule)]
     if compiled:
+        running = " or ".join(f"`backend={name!r}`" for name in registry.available_backends()
+                              if registry.spec(name).runs_compiled_modules)
         raise ValueError(
             f"`{compiled[0] or type(module).__name__}` is compiled with `torch.compile`, which hides its layers from "
             f"the hooks in which the `{backend}` backend {reason}. Leave the module uncompiled (the strategy's "
-            "`compile_blocks=True` compiles blocks where the backend allows it), or pick `backend='device'` or "
-            "`'fsdp'`, which run compiled modules."
+            f"`compile_blocks=True` compiles blocks where the backend allows it), or pick {running}, which run "
+            "compiled modules."
         )

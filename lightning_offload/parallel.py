@@ -22,7 +22,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
-from lightning_offload.backends import available_backends
+from lightning_offload.backends import available_backends, registry
 from lightning_offload.checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
@@ -30,12 +30,6 @@ from lightning_offload.planner.lightning import plan_for_trainer
 from lightning_offload.planner.record import fit_ckpt_path, resume_report, saved_plan
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
-
-# Engines that shard across processes (`device` replicates, with DDP); the others drive one GPU.
-MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
-# `backend="auto"` across processes when the model cannot be measured: the engine that trains anything that fits in
-# the machines' memory, with every block checkpointed.
-_MULTI_PROCESS_AUTO = "deepspeed"
 
 
 class _OffloadCore(_SingleGPUOffloadCore):
@@ -91,11 +85,12 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             refuse_running_group(1, self.strategy_name)
             return
-        if self.backend_name is not None and self.backend_name not in MULTI_PROCESS_BACKENDS:
+        if self.backend_name is not None and registry.spec(self.backend_name).multi_process is None:
+            across = " or ".join(f"`backend={name!r}`" for name in registry.multi_process_backends()
+                                 if registry.spec(name).multi_process.shards_state)
             raise ValueError(
                 f"`{self.strategy_name}` with `backend={self.backend_name!r}` trains on one device, but this run has "
-                f"{self.world_size} processes. Across processes use `backend='deepspeed'` or `'fsdp'` (configs "
-                "`strategy=deepspeed_cpu` / `fsdp_cpu`), or train with `devices=1`."
+                f"{self.world_size} processes. Across processes use {across}, or train with `devices=1`."
             )
         refuse_running_group(self.world_size, self.strategy_name)
         # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
@@ -113,10 +108,11 @@ class _OffloadCore(_SingleGPUOffloadCore):
         chosen = self._plan_on_rank_zero() if self.check_memory or self.backend is None else None
         if self.backend is None:
             if chosen is None:
+                fallback = registry.spec(registry.UNMEASURED_MULTI_PROCESS)
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
-                    f"`backend='auto'` across {self.world_size} processes without a plan: {_MULTI_PROCESS_AUTO!r}."
+                    f"`backend='auto'` across {self.world_size} processes without a plan: {fallback.name!r}."
                 )
-                chosen = Plan(backend=_MULTI_PROCESS_AUTO, optimizer="cpu_adam", checkpointing="full")
+                chosen = Plan(backend=fallback.name, optimizer=fallback.exact_optimizer, checkpointing="full")
             self._adopt_plan(chosen)
         else:
             if chosen is not None:  # saved in each checkpoint, for a resume under `backend="auto"`

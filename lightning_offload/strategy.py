@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
+from dataclasses import fields
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +21,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_offload._distributed import refuse_running_group
-from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.backends import available_backends, backend_class, registry
 from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.checkpointing import (
     CheckpointingConfig,
@@ -33,7 +34,6 @@ from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
-    backend_options_of,
     check_checkpoint_disk,
     checkpointing_of,
     optimizer_of,
@@ -96,7 +96,7 @@ class _SingleGPUOffloadCore:
             planner plans within it, the engines size their host buffers within it and refuse beyond it, and the run
             warns once when it comes within 5%. ``None``: what is available, within the job's cgroup memory limit
             (SLURM ``--mem``, a container's limit), which is always honoured the same way.
-        **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
+        **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for the ``deepspeed`` backend
             (see its ``Config`` dataclass for every option and its trade-off).
     """
 
@@ -121,9 +121,11 @@ class _SingleGPUOffloadCore:
                 f"Choose one of {['auto', *available_backends()]}."
             )
         if backend == "auto" and backend_options:
+            owners = [f"`backend={name!r}`" for name in available_backends()
+                      if set(backend_options) <= {f.name for f in fields(backend_class(name).Config)}]
             raise ValueError(
                 f"Backend options {sorted(backend_options)} need a backend to belong to, but `backend='auto'` lets the "
-                "planner choose it. Pin the backend they are for, e.g. `backend='deepspeed'`."
+                f"planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'})."
             )
         for name, budget in (("max_gpu_memory_gib", max_gpu_memory_gib), ("max_host_memory_gib", max_host_memory_gib)):
             if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
@@ -260,7 +262,7 @@ class _SingleGPUOffloadCore:
         saved = saved_plan(resume_from) if resume_from else None
         if report is None:
             if self.backend is None:
-                self._adopt_plan(saved or Plan(backend="device", checkpointing="none"))
+                self._adopt_plan(saved or Plan(backend=registry.NO_OFFLOAD, checkpointing="none"))
         else:
             if saved is not None:
                 report = resume_report(report, saved, resume_from)
@@ -282,7 +284,7 @@ class _SingleGPUOffloadCore:
         if self.backend is None:
             self.backend_name = plan.backend
             engine = backend_class(plan.backend)
-            self.backend = engine(engine.Config.from_options(backend_options_of(plan, engine.Config)))
+            self.backend = engine(engine.Config.from_options(registry.spec(plan.backend).options_of(plan)))
         else:
             self.backend.adopt_plan(plan)
         if self.activation_checkpointing.policy == "auto":
@@ -347,7 +349,8 @@ class _SingleGPUOffloadCore:
         if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
             raise ValueError(
                 f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "
-                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin `backend='device'` (steps "
+                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin "
+                f"`backend={registry.NO_OFFLOAD!r}` (steps "
                 "exactly when you call `opt.step()`), or use automatic optimization with "
                 "`Trainer(accumulate_grad_batches=...)`."
             )

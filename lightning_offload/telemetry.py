@@ -18,7 +18,8 @@ import lightning.pytorch as pl
 import psutil
 import torch
 
-GIB = 2**30
+from lightning_offload.planner.budget import GIB
+
 
 # Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulate) from NVIDIA's datasheets, matched by a fragment of
 # `torch.cuda.get_device_name()`, first match wins. Our own table because Lightning's `get_available_flops` has no

@@ -195,7 +195,7 @@ def test_one_gpu_engines_are_refused_across_processes(monkeypatch) -> None:
     for variable in _RANK_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     trainer = pl.Trainer(strategy="offload_host_adam", accelerator="cpu", devices=2, logger=False)
-    refused = r"`backend='host_adam'` trains on one device.*`backend='deepspeed'` or `'fsdp'`"
+    refused = r"`backend='host_adam'` trains on one device.*`backend='deepspeed'` or `backend='fsdp'`"
     with pytest.raises(ValueError, match=refused):
         trainer.strategy._setup_processes()
 

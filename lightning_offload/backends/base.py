@@ -2,7 +2,8 @@
 
 `SingleGPUOffloadStrategy` owns everything Lightning expects of a strategy; a `Backend` owns one engine: how the
 model is built and wrapped, how backward and the optimizer step run, and how state is saved and restored. A new
-engine is a new module in this package with a subclass of `Backend`, registered in `backends/__init__.py`.
+engine is a new module (or package) in this folder with a subclass of `Backend` and its `SPEC`
+(`backends/spec.py`), named in `backends/registry.py`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType, UnionType
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch.optim import Optimizer
 
+from lightning_offload.backends import registry
 from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
+
+EngineT = TypeVar("EngineT")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +64,27 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint)
 
 
+class LastEngine(Generic[EngineT]):
+    """The engine of the last fit in this process. It stays alive after `fit` returns, so `trainer.save_checkpoint`
+    still works, and is handed over when the next one is built (one GPU trains one model at a time)."""
+
+    def __init__(self) -> None:
+        self._engine: EngineT | None = None
+
+    def take(self) -> EngineT | None:
+        """The previous engine, for the caller to release; none is kept until `keep`."""
+        previous, self._engine = self._engine, None
+        return previous
+
+    def keep(self, engine: EngineT) -> None:
+        self._engine = engine
+
+    def forget(self, engine: EngineT) -> None:
+        """`engine` was released: it is no longer the one to hand over."""
+        if self._engine is engine:
+            self._engine = None
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     """What a backend needs from the Trainer to build its training engine."""
@@ -100,9 +125,7 @@ class Backend(ABC):
         """The planner's chosen plan (`lightning_offload.planner.Plan`) for this pinned backend: it fills in the
         options the user left to the planner (None in the config; read with `configured_or_planned`)."""
         if plan.backend == self.name:
-            from lightning_offload.planner.lightning import backend_options_of
-
-            self._planned_options = backend_options_of(plan, type(self.config))
+            self._planned_options = registry.spec(self.name).options_of(plan)
 
     def configured_or_planned(self, option: str, default: Any) -> Any:
         """The configured `option`, else the plan's, else `default` (no plan ran)."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_offload.backends import registry
 from lightning_offload.checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,
@@ -22,19 +23,12 @@ from lightning_offload.planner.choose import (
     choose,
     exclusions,
 )
-from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time, load_or_probe, probe
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.cost import Ceilings, estimate_step_time, load_or_probe, probe
 from lightning_offload.planner.disk import Disk, UnusableDisk, load_or_probe_disk
 from lightning_offload.planner.measure import ModelStats, measure_model, measure_module, meta_network
-from lightning_offload.planner.memory import (
-    EIGHT_BIT_OPTIMIZERS,
-    MULTI_PROCESS_BACKENDS,
-    GIB,
-    Machine,
-    MemoryEstimate,
-    Plan,
-    estimate_memory,
-    shortfalls,
-)
+from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_memory, shortfalls
+from lightning_offload.planner.terms import EIGHT_BIT_OPTIMIZERS, Plan, StepTime
 
 __all__ = [
     "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
@@ -70,12 +64,10 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     Returns the report; `report.chosen` is None
     when nothing fits, and `report.error()` is the exception that says why.
     """
-    from lightning_offload.backends import available_backends
-
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
-    if backend not in (None, "auto", *available_backends()):
-        raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *available_backends()]}.")
+    if backend not in (None, "auto", *registry.available_backends()):
+        raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *registry.available_backends()]}.")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, ModelStats):
@@ -93,9 +85,9 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                 checkpointing = "full"  # every block recomputes itself, whatever a plan's policy would say
     machine = machine or Machine.detect(device)
     ceilings = ceilings or load_or_probe(device)
-    backends = available_backends() if backend in (None, "auto") else [backend]
+    backends = registry.available_backends() if backend in (None, "auto") else [backend]
     if world_size > 1:
-        backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
+        backends = [b for b in backends if b in registry.multi_process_backends()]
     if disk is None and nvme_path is not None and offload_device != "cpu":
         disk = load_or_probe_disk(nvme_path)
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,

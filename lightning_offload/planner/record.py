@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_offload.planner.choose import PlanDoesNotFit, PlanReport, choose
-from lightning_offload.planner.memory import GIB, Plan
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.terms import Plan
 
 # The checkpoint key that holds the plan a run trained with (its `Plan` fields).
 PLAN_KEY = "lightning_offload_plan"

@@ -159,7 +159,7 @@ def test_the_activation_pool_grows_only_within_the_budget(steady_rss) -> None:
 
 def test_deepspeed_keeps_nvme_parameters_in_host_memory_only_within_the_budget(steady_rss, tmp_path) -> None:
     from lightning_offload.backends.deepspeed import DeepSpeedBackend, DeepSpeedConfig
-    from lightning_offload.planner.memory import DEEPSPEED_NVME_PARAMS_IN_HOST
+    from lightning_offload.backends.deepspeed import NVME_PARAMS_IN_HOST
 
     module = TinyLM()
     module.configure_model()
@@ -174,4 +174,4 @@ def test_deepspeed_keeps_nvme_parameters_in_host_memory_only_within_the_budget(s
     backend.host_budget = HostBudget(state / GIB)
     assert backend.params_in_host_within_budget(module) == pytest.approx(0, abs=1)
     backend.host_budget = None  # no budget: DeepSpeed's default where the machine has the room
-    assert backend.params_in_host_within_budget(module) <= DEEPSPEED_NVME_PARAMS_IN_HOST
+    assert backend.params_in_host_within_budget(module) <= NVME_PARAMS_IN_HOST

@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
 from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
-    GIB,
     Placement,
     UnitSize,
     check_host_memory,
@@ -34,8 +33,9 @@ from lightning_offload.backends.stream.units import (
     replace_parameters,
 )
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
-from lightning_offload.planner.budget import gpu_free_bytes
+from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
+from lightning_offload.saving import checkpoints_on_disk_at_once
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -79,7 +79,7 @@ class StreamBackend(Backend):
     Config = StreamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
-    _live: ClassVar[StreamBackend | None] = None
+    _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
         super().__init__(config)
@@ -137,8 +137,9 @@ class StreamBackend(Backend):
     def prepare_module(self, module: nn.Module) -> nn.Module:
         if self._root is module:
             return module
-        if StreamBackend._live is not None:
-            StreamBackend._live.release()
+        previous = StreamBackend._live.take()
+        if previous is not None:
+            previous.release()
         trainer = getattr(module, "_trainer", None)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         self.units = find_units(module, self.config.block_classes)
@@ -160,7 +161,7 @@ class StreamBackend(Backend):
         self.scheduler = Scheduler(self.units, self.lanes, self.dtype, weights, states, self._update)
         self.scheduler.install()
         self._root = module
-        StreamBackend._live = self
+        StreamBackend._live.keep(self)
         return module
 
     def _pinning(self) -> bool:
@@ -191,9 +192,8 @@ class StreamBackend(Backend):
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:
         for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
             dirpath = getattr(callback, "dirpath", None)
-            top_k = getattr(callback, "save_top_k", 1)
-            copies = (top_k + 1 if top_k > 0 else 2 if top_k == -1 else 0) + int(bool(getattr(callback, "save_last",
-                                                                                            False)))
+            copies = checkpoints_on_disk_at_once(getattr(callback, "save_top_k", 1),
+                                                 getattr(callback, "save_last", False))
             if dirpath and copies:
                 needed = copies * sum(u.weight_bytes + _state_bytes(u.params) for u in self.units)
                 stream_checkpoint.check_disk(Path(dirpath), needed,
@@ -351,8 +351,7 @@ class StreamBackend(Backend):
         self._arenas.clear()
         self.scheduler = None
         self._root = None
-        if StreamBackend._live is self:
-            StreamBackend._live = None
+        StreamBackend._live.forget(self)
 
     def describe(self) -> str:
         if self.placement is None:

@@ -3,7 +3,7 @@
 The plan for models whose bf16 weights and activations fit on the GPU but whose fp32 master weights and AdamW state
 (12 bytes per parameter) do not. Each bucket of gradients leaves the GPU as soon as backward has finished it, and
 torch's fused CPU AdamW steps it on a worker thread while backward goes on; the new weights come back on a side
-stream and the next forward waits only for the buckets it is about to use (`_host_adam_engine.py` has the
+stream and the next forward waits only for the buckets it is about to use (`engine.py` has the
 mechanics). Gradients accumulate on the GPU; the update happens inside the last micro-batch's backward.
 
 The front of the model (input embedding, first blocks) finishes its gradients last in backward and is needed first
@@ -27,17 +27,24 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from lightning_offload.backends._host_adam_engine import _STAGING_SLOTS, HostAdamEngine, Hyper
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
+from lightning_offload.backends.host_adam.checkpoint import (
+    CHECKPOINT_FILE,
+    FORMAT,
+    load_buffers,
+    load_weights,
+    parameter_names,
+    persistent_buffers,
+    read_checkpoint,
+    saved_parameters,
+)
+from lightning_offload.backends.host_adam.engine import STAGING_SLOTS, HostAdamEngine, Hyper
 from lightning_offload.checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
+from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import refuse_beyond_host_room
-from lightning_offload.saving import atomic_directory, load_whole
+from lightning_offload.saving import atomic_directory
 
-CHECKPOINT_FILE = "host_adam.pt"
-_FORMAT = "lightning_offload.host_adam/2"
-# Format 1 kept every parameter's state in the host arena: it reads as format 2 with nothing on the device.
-_READABLE_FORMATS = ("lightning_offload.host_adam/1", _FORMAT)
 _WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 # Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
 _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -91,7 +98,7 @@ class HostAdamW(Optimizer):
 
     def __init__(self, optimizer: Optimizer) -> None:
         _refuse_unsupported(optimizer)
-        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
+        self.decoupled = decouples_weight_decay(optimizer)
         groups = [{k: v for k, v in g.items() if k not in _IMPLEMENTATION_FLAGS} for g in optimizer.param_groups]
         defaults = {k: v for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_FLAGS}
         super().__init__(groups, defaults)
@@ -152,7 +159,7 @@ class HostAdamW(Optimizer):
 
 
 def _refuse_unsupported(optimizer: Optimizer) -> None:
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+    if not is_adam(optimizer, exact=True):
         raise ValueError(
             f"The `host_adam` backend steps exact Adam/AdamW on the host, but `configure_optimizers` returned "
             f"`{type(optimizer).__name__}`. Return `torch.optim.AdamW` (or `Adam`), or pick a backend that runs any "
@@ -171,9 +178,8 @@ class HostAdamBackend(Backend):
     saves_own_state = True
     manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
 
-    # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
-    # closed when the next one is built in this process, which starts from its master weights.
-    _live: ClassVar[HostAdamEngine | None] = None
+    # The next engine built in this process starts from this one's master weights.
+    _live: ClassVar[LastEngine[HostAdamEngine]] = LastEngine()
 
     def __init__(self, config: HostAdamConfig) -> None:
         super().__init__(config)
@@ -250,7 +256,7 @@ class HostAdamBackend(Backend):
             )
         # A second fit of the same module starts from the previous run's fp32 master weights, not from their bf16
         # cast; the previous engine is released once they are copied (its checkpoints must be saved before).
-        previous, HostAdamBackend._live = HostAdamBackend._live, None
+        previous = HostAdamBackend._live.take()
         masters = {}
         if previous is not None:
             previous.close()
@@ -274,7 +280,7 @@ class HostAdamBackend(Backend):
         for param in module.parameters():  # frozen parameters and those the optimizer does not hold
             if param not in in_optimizer:
                 param.data = param.data.to(self._device, weight_dtype if param.is_floating_point() else None)
-        HostAdamBackend._live = engine
+        HostAdamBackend._live.keep(engine)
         self._optimizer.engine = engine
         self._module = module
         engine.wait_in_forward(module)
@@ -287,7 +293,7 @@ class HostAdamBackend(Backend):
         numel = sum(p.numel() for p in host_params)
         slots = self.config.grad_slots * min(self.config.bucket_numel, numel) * 4
         casts_on_host = not (self.config.cast_on_device and self._device.type == "cuda")
-        staging = _STAGING_SLOTS * min(self.config.chunk_numel, numel) * weight_dtype.itemsize if casts_on_host else 0
+        staging = STAGING_SLOTS * min(self.config.chunk_numel, numel) * weight_dtype.itemsize if casts_on_host else 0
         refuse_beyond_host_room(
             12 * numel + slots + staging, self.host_memory_available(),
             what=f"The `host_adam` backend's optimizer state of {numel:,} parameters and its pinned buffers",
@@ -333,9 +339,9 @@ class HostAdamBackend(Backend):
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         engine = self._require_engine("save a checkpoint")
         engine.wait_all()
-        names = _parameter_names(self._module, engine.params)
+        names = parameter_names(self._module, engine.params)
         state = {
-            "format": _FORMAT,
+            "format": FORMAT,
             "names": names,
             "shapes": [tuple(p.shape) for p in engine.params],
             # One tensor holding master weights, exp_avg and exp_avg_sq: written without a copy. The device weights
@@ -347,7 +353,7 @@ class HostAdamBackend(Backend):
             "host_params": engine.host_count,
             "steps": list(engine.steps),
             "param_groups": self._optimizer.state_dict()["param_groups"],
-            "buffers": {k: v.detach().cpu() for k, v in _persistent_buffers(self._module).items()},
+            "buffers": {k: v.detach().cpu() for k, v in persistent_buffers(self._module).items()},
             "client_state": client_state,
         }
         with atomic_directory(path) as staging:
@@ -357,9 +363,9 @@ class HostAdamBackend(Backend):
         state = read_checkpoint(path)
         engine = self.engine
         if engine is None:  # validate / test / predict from a checkpoint: weights only
-            _load_weights(self._module_for_inference(), state, strict)
+            load_weights(self._module_for_inference(), state, strict)
             return state["client_state"]
-        names = _parameter_names(self._module, engine.params)
+        names = parameter_names(self._module, engine.params)
         if names != state["names"] or [tuple(p.shape) for p in engine.params] != state["shapes"]:
             raise ValueError(
                 f"The checkpoint in {str(path)!r} holds other parameters than this model (names or shapes differ). "
@@ -378,7 +384,7 @@ class HostAdamBackend(Backend):
             for group, saved_group in zip(self._optimizer.param_groups, state["param_groups"]):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
         engine.refresh_device_weights()
-        _load_buffers(self._module, state["buffers"], strict)
+        load_buffers(self._module, state["buffers"], strict)
         return state["client_state"]
 
     def _module_for_inference(self) -> torch.nn.Module:
@@ -428,80 +434,3 @@ def _clipping(setup: TrainingSetup) -> tuple[str, float] | None:
             stacklevel=2,
         )
     return algorithm, float(setup.gradient_clip_val)
-
-
-def _parameter_names(module: torch.nn.Module | None, params: list[torch.nn.Parameter]) -> list[list[str]]:
-    """Every name each parameter has in the module (a tied weight has several)."""
-    assert module is not None
-    names: dict[torch.nn.Parameter, list[str]] = {p: [] for p in params}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if param in names:
-            names[param].append(name)
-    return [names[p] for p in params]
-
-
-def _persistent_buffers(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    assert module is not None
-    parameter_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    return {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in parameter_names}
-
-
-def _load_buffers(module: torch.nn.Module | None, buffers: dict[str, torch.Tensor], strict: bool) -> None:
-    current = _persistent_buffers(module)
-    unknown = sorted(set(buffers) - set(current))
-    if strict and unknown:
-        raise ValueError(f"The checkpoint has buffers this model lacks: {unknown}. Pass `strict_loading=False`.")
-    for name, value in buffers.items():
-        if name in current:
-            current[name].data.copy_(value)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The state a `host_adam` checkpoint folder holds; its arena is memory-mapped, not read into memory."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} is not a checkpoint written by the `host_adam` backend (a folder with {CHECKPOINT_FILE}). "
-            "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
-        )
-    state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
-    if state.get("format") not in _READABLE_FORMATS:
-        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
-    return state
-
-
-def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(master, exp_avg, exp_avg_sq) of every parameter of a `host_adam` checkpoint, in the engine's order: views
-    of the host arena for the first `host_params`, of the device arena for the rest."""
-    shapes = state["shapes"]
-    host_params = state.get("host_params", len(shapes))
-    parts = ((state["arena"], shapes[:host_params]), (state.get("device_arena", torch.empty(0)), shapes[host_params:]))
-    views = []
-    for arena, part in parts:
-        thirds = arena.view(3, arena.numel() // 3).unbind(0)
-        offset = 0
-        for shape in part:
-            numel = int(torch.Size(shape).numel())
-            views.append(tuple(t[offset:offset + numel].view(shape) for t in thirds))
-            offset += numel
-    return views
-
-
-def fp32_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A plain state dict from a `host_adam` checkpoint: fp32 master weights under every name, and the buffers."""
-    result: dict[str, torch.Tensor] = {}
-    for names, (master, _, _) in zip(state["names"], saved_parameters(state)):
-        weight = master.clone()
-        for name in names:
-            result[name] = weight
-    return {**result, **state["buffers"]}
-
-
-def _load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -> None:
-    weights = fp32_state_dict(state)
-    own = dict(module.named_parameters(remove_duplicate=False))
-    for name, value in weights.items():
-        if name in own:
-            own[name].data.copy_(value)
-    _load_buffers(module, state["buffers"], strict)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 _FP32 = torch.float32
-_STAGING_SLOTS = 8
+STAGING_SLOTS = 8
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class HostAdamEngine:
             torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(self.master.data_ptr(), 4 * self.total, 0))
             self._master_registered = True
         self._staging = deque((self._staging_buffer(min(chunk_numel, self.total)), None)
-                              for _ in range(_STAGING_SLOTS))
+                              for _ in range(STAGING_SLOTS))
         self._d2h = torch.cuda.Stream(device) if self.cuda else None
         self._h2d = torch.cuda.Stream(device) if self.cuda else None
         self.hyper: list[Hyper] = []

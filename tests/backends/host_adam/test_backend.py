@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_offload import SingleGPUOffloadStrategy, consolidate
-from lightning_offload.backends._host_adam_engine import Bucket, HostAdamEngine, layout
+from lightning_offload.backends.host_adam.engine import Bucket, HostAdamEngine, layout
 from lightning_offload.backends.host_adam import HostAdamBackend, HostAdamW
 from tests.conftest import TinyLM, fit, token_batches
 from tests.test_strategy import BF16_RTOL, assert_losses_close
@@ -204,7 +204,7 @@ def test_refuses_what_it_cannot_run_exactly() -> None:
 
 
 def test_worker_failure_surfaces_in_the_training_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_offload.backends._host_adam_engine as engine_module
+    import lightning_offload.backends.host_adam.engine as engine_module
 
     def broken(*args: Any) -> None:
         raise RuntimeError("host step broke")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy, consolidate
-from lightning_offload.backends._host_adam_engine import HostAdamEngine
+from lightning_offload.backends.host_adam.engine import HostAdamEngine
 from lightning_offload.backends.host_adam import HostAdamBackend, HostAdamConfig
-from tests.backends.test_host_adam import SMALL
+from tests.backends.host_adam.test_backend import SMALL
 from tests.conftest import TinyLM, fit
 
 ATOL = 1e-6
