@@ -4,20 +4,15 @@ GPU machine's carried wheels) and Liger-Kernel's fused linear cross-entropy (imp
 CUDA only). Both run inside a module's forward, as ours does, so engines that gather weights on module hooks see the
 head's weight.
 
-    python bench/rival_losses.py --sizes 8b,14.8b     # the output layer and loss alone, each way: time and GPU peak
+    python -m bench.rival_losses --sizes 8b,14.8b    # the output layer and loss alone, each way: time and GPU peak
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python bench/rival_losses.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +91,7 @@ class LigerLMHeadLoss(ChunkedLMHeadLoss):
 
 def main() -> None:
     from bench import RESULT_PREFIX
-    from bench.loss_compute import MICRO_BATCH, SEQ, full_loss, measure
+    from bench.studies.loss_compute import MICRO_BATCH, SEQ, full_loss, measure
     from bench.models import SIZES
     from lightning_offload.losses import linear_cross_entropy
 

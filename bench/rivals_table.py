@@ -1,6 +1,6 @@
 """Our rows beside the rivals measured in the same call: tokens/s of each cell and how many times faster our row is.
 
-    python bench/rivals_table.py $OUT/rivals_8b.jsonl --ours single_gpu_offload_gpu_8bit_compiled
+    python -m bench.rivals_table $OUT/rivals_8b.jsonl --ours single_gpu_offload_gpu_8bit_compiled
 
 One table per size and regime; `--ours` names the row each ratio divides by (the first of the names measured in
 that table), and the last line names the best rival and our row's ratio against it.
@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/rivals_table.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.methods import OURS
 

@@ -161,3 +161,43 @@ def test_a_call_keeps_what_the_device_setup_exports(tmp_path, monkeypatch, capsy
     assert "mode package" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="failed"):
         run_call(calls["d"])
+
+
+RIVALS = sorted(name for name in CALLS if name.startswith("rivals_"))
+
+
+def test_the_rivals_calls_exist():
+    assert RIVALS == ["rivals_14b_r1_r2", "rivals_3.6b", "rivals_3.6b_deepspeed", "rivals_8b_r1", "rivals_8b_r2"]
+
+
+@pytest.mark.parametrize("name", RIVALS)
+def test_a_rivals_call_measures_our_reference_row_first_and_prints_ratio_tables_of_its_own_results(name, capsys):
+    assert main(["call", name, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [line for line in lines if " -m bench run " in line]
+    tables = [line for line in lines if " -m bench.rivals_table " in line]
+    assert cells and tables
+    steps = CALLS[name].steps
+    assert steps[-1].spec.get("module") == "bench.rivals_table"  # the tables last, after every cell
+    written = set()
+    for line in cells:
+        limit = re.match(r"timeout (\d+) ", line)
+        deadline = re.search(r"--deadline-s (\d+)", line)
+        assert limit and deadline and int(deadline.group(1)) < int(limit.group(1)), line  # the run records its cells
+        written.add(re.search(r"--results (\S+)", line).group(1))
+    ours = set()
+    for line in tables:
+        read, rows = re.search(r"rivals_table (\S+) --ours (\S+)", line).groups()
+        assert read in written, line
+        ours |= set(rows.split(","))
+    for step in steps:
+        if step.kind == "cells":  # the deadline stops starting cells: one of the rows the tables divide by goes first
+            assert SUBSETS[step.spec["cells"]]["methods"][0] in ours, step.name
+
+
+def test_deepspeed_s_cpu_adam_is_built_before_the_rivals_cells_without_a_time_limit(capsys):
+    main(["call", "rivals_3.6b_deepspeed", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    build = next(index for index, line in enumerate(lines) if "build-ops CPUAdamBuilder" in line)
+    assert not lines[build].startswith("timeout")
+    assert build < next(index for index, line in enumerate(lines) if " -m bench run " in line)

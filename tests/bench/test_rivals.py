@@ -223,3 +223,13 @@ def test_liger_head_plans_as_our_chunked_head_and_measures_on_the_meta_device_wi
     loss = head(hidden, torch.zeros(2, 8, dtype=torch.long, device="meta"))
     assert isinstance(head, ChunkedLMHeadLoss) and loss.shape == () and loss.device.type == "meta"
     assert head(hidden).shape == (2, 8, 50)
+
+
+
+def test_the_rival_losses_timing_resolves_its_imports_before_reading_its_arguments(monkeypatch, capsys):
+    from bench import rival_losses
+
+    monkeypatch.setattr(sys, "argv", ["python -m bench.rival_losses", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        rival_losses.main()
+    assert exited.value.code == 0 and "--sizes" in capsys.readouterr().out

@@ -1,8 +1,11 @@
-"""The call scripts' table: our row's tokens/s over each rival's measured in the same call, and the best rival."""
+"""The rivals calls' table: our row's tokens/s over each rival's measured in the same call, and the best rival."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from bench.rivals_table import load, table
 
@@ -33,3 +36,13 @@ def test_ratios_divide_our_rate_by_each_rivals_and_name_the_best_rival(tmp_path)
     assert "ratios are single_gpu_offload_gpu_8bit_compiled's" in lines[0]
     assert lines[-1] == ("best rival: torchtune_compiled (8000.0 tokens/s); single_gpu_offload_gpu_8bit_compiled "
                          "1.25x")
+
+
+def test_it_runs_as_a_module_from_the_repository_root(tmp_path):
+    results = tmp_path / "rivals.jsonl"
+    results.write_text("\n".join(map(json.dumps, [_record("3.6b/single_gpu_offload_fsdp/r1", 300.0),
+                                                   _record("3.6b/lightning_fsdp_cpu_offload/r1", 200.0)])) + "\n")
+    done = subprocess.run([sys.executable, "-m", "bench.rivals_table", str(results), "--ours",
+                           "single_gpu_offload_fsdp"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert "best rival: lightning_fsdp_cpu_offload (200.0 tokens/s); single_gpu_offload_fsdp 1.50x" in done.stdout
