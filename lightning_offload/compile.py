@@ -24,13 +24,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 
 _COMPILED = "_lightning_offload_compiled"
 
 
 def compile_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> int:
-    """Replaces the `forward` of each block of `model` (`checkpointing.find_blocks`) with its compiled version, in
+    """Replaces the `forward` of each block of `model` (`find_blocks`) with its compiled version, in
     place (parameter names and checkpoints do not change); returns how many blocks were compiled."""
     blocks = find_blocks(model, class_names)
     if not blocks:

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
 from lightning_offload.backends import available_backends
-from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import plan_for_trainer

@@ -22,7 +22,11 @@ from typing_extensions import override
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
+from lightning_offload.activation_checkpointing import (
+    CheckpointingConfig,
+    as_checkpointing_config,
+    remove_fit_checkpointing,
+)
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import cap_gpu_allocator
@@ -75,7 +79,7 @@ class _SingleGPUOffloadCore:
             state only when no plan with it fits, and says so); a name from ``lightning_offload.optim.OPTIMIZERS``
             (e.g. ``"adamw8bit"``) swaps its implementation and keeps its param groups and hyperparameters.
         activation_checkpointing: ``None`` (default: the planner chooses), a policy name from
-            ``lightning_offload.checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
+            ``lightning_offload.activation_checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
         check_memory: ``False`` skips the planner's pre-flight check of a pinned backend (the planner still runs
             for ``backend="auto"``).
         telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none

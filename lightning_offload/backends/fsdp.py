@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from lightning_offload._distributed import ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_offload.backends._host_adam_engine import HostAdamEngine, Hyper
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.saving import atomic_directory, load_whole
 

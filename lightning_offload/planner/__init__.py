@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import checkpoints_itself
+from lightning_offload.activation_checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,
     Candidate,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_itself
+from lightning_offload.activation_checkpointing import CheckpointingConfig, checkpoints_itself
 from lightning_offload.planner import (
     Ceilings,
     Machine,

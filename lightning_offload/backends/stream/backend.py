@@ -66,7 +66,7 @@ class StreamConfig(BackendConfig):
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
-    """Class names of the repeated blocks; empty: detected (`checkpointing.find_blocks`)."""
+    """Class names of the repeated blocks; empty: detected (`activation_checkpointing.find_blocks`)."""
     stochastic_rounding: bool = True
     seed: int = 0
     """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
