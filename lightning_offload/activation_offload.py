@@ -1,5 +1,5 @@
-"""`checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and come back
-ahead of its backward, both copies on side CUDA streams so that they run under compute.
+"""`activation_checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and
+come back ahead of its backward, both copies on side CUDA streams so that they run under compute.
 
 torch's `torch.autograd.graph.save_on_cpu` copies on the compute stream in both directions (every copy adds to the
 step), allocates host memory on every save, and copies weights too; these `saved_tensors_hooks` fill that gap with
@@ -166,9 +166,9 @@ class _Group:
 
 
 class ActivationOffloader:
-    """The `saved_tensors_hooks` of `checkpointing="offload"`, shared by all blocks of one model (`run` wraps each
-    block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block index,
-    how) in order, for tests."""
+    """The `saved_tensors_hooks` of `activation_checkpointing="offload"`, shared by all blocks of one model (`run`
+    wraps each block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block
+    index, how) in order, for tests."""
 
     def __init__(self, *, min_bytes: int) -> None:
         self.min_bytes = min_bytes

@@ -94,7 +94,7 @@ class _OffloadCore(_SingleGPUOffloadCore):
             raise ValueError(
                 f"`{self.strategy_name}` with `backend={self.backend_name!r}` trains on one device, but this run has "
                 f"{self.world_size} processes. Across processes use `backend='deepspeed'` or `'fsdp'` (configs "
-                "`strategy=deepspeed_cpu` / `fsdp_cpu`), or train with `devices=1`."
+                "`strategy=deepspeed` / `fsdp`), or train with `devices=1`."
             )
         refuse_running_group(self.world_size, self.strategy_name)
         # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
