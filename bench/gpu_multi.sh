@@ -2,8 +2,8 @@
 # On nvidia-h200-x2 (2 GPUs, 256 GiB RAM): the main job with `strategy="offload"` on 1 and on 2 GPUs of one
 # machine, Llama-shaped 8B and 14.8B, DeepSpeed ZeRO-3 offload and FSDP2 offload; table printed last.
 #     bash bench/gpu_multi.sh                      # every cell (~50 min: more than one device call allows)
-#     bash bench/gpu_multi.sh 8b deepspeed_cpu     # only the cells matching the filters (size, strategy, GPUs)
-#     bash bench/gpu_multi.sh 14.8b fsdp_cpu 2
+#     bash bench/gpu_multi.sh 8b deepspeed     # only the cells matching the filters (size, strategy, GPUs)
+#     bash bench/gpu_multi.sh 14.8b fsdp 2
 # Cells: 8B ~3-4 min each, 14.8B ~5-8 min each (host memory pinning ~1.7 GiB/s dominates start-up), so one device
 # call (10 min) takes one 8B pair or one 14.8B cell. Results accumulate in $OUT/multi_gpu.jsonl (copy it between
 # calls to keep earlier cells in the table); logs of each cell in $OUT/<cell>.log.
@@ -25,10 +25,10 @@ AVAILABLE_GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 # size strategy optimizer extra-overrides. 14.8B: CPU Adam's 16 B/param plus the offloaded bf16 weights (18 B/param,
 # 266 GB) exceed 256 GiB, so DeepSpeed keeps its bf16 partitions on the GPUs; FSDP2 steps 8-bit state (10 B/param).
 CELLS=(
-  "8b deepspeed_cpu user"
-  "8b fsdp_cpu adamw"
-  "14.8b deepspeed_cpu user strategy.offload_parameters=false"
-  "14.8b fsdp_cpu adamw8bit"
+  "8b deepspeed user"
+  "8b fsdp adamw"
+  "14.8b deepspeed user strategy.offload_parameters=false"
+  "14.8b fsdp adamw8bit"
 )
 for cell in "${CELLS[@]}"; do
   read -r size strategy optimizer extra <<< "$cell"

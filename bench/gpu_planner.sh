@@ -18,12 +18,12 @@ run() {  # run <seconds> <overrides...>: skipped when the call's time would run 
   grep -h -A3 "^Chosen\|Plans for" "$OUT/run.log" | head -4
   cat "$OUT/run.log" >> "$OUT/all.log"
 }
-run 120 model=llama_1b strategy=single_gpu_offload
-run 150 model=llama_1b strategy=fsdp_cpu checkpointing=full
-run 60 model=llama_8b strategy=deepspeed_cpu checkpointing=full
-run 150 model=llama_3b strategy=single_gpu_offload
-run 150 model=llama_3b strategy=gpu_only optimizer=adamw8bit checkpointing=full
-run 150 model=llama_3b strategy=fsdp_cpu checkpointing=full
-run 150 model=llama_3b strategy=gpu_only optimizer=adamw8bit checkpointing=offload
-run 150 model=llama_3b strategy=gpu_only optimizer=adamw8bit checkpointing=none
+run 120 model=llama_1b strategy=auto
+run 150 model=llama_1b strategy=fsdp activation_checkpointing=full
+run 60 model=llama_8b strategy=deepspeed activation_checkpointing=full
+run 150 model=llama_3b strategy=auto
+run 150 model=llama_3b strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=full
+run 150 model=llama_3b strategy=fsdp activation_checkpointing=full
+run 150 model=llama_3b strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=offload
+run 150 model=llama_3b strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=none
 echo "took $((SECONDS - started)) s"

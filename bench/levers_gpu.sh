@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # On the GPU machine: the memory levers on a 3.6B Llama (micro-batch 4 x 2048), one process per combination, in
 # order, each skipped once the call's budget (BUDGET_S, default 540 s) would run out; one RESULT line each.
-# Usage: [BUDGET_S=540] [COMBOS="strategy=... optimizer=... checkpointing=...;..."] bash bench/levers_gpu.sh [overrides]
+# Usage: [BUDGET_S=540] [COMBOS="strategy=... optimizer=... activation_checkpointing=...;..."] bash bench/levers_gpu.sh [overrides]
 set -uo pipefail
 source bench/device_setup.sh package || exit 1
 started=$SECONDS
 COMMON=(model=llama_3b data=random_tokens trainer.max_steps=5 trainer.limit_val_batches=0 data.num_batches=5
         trainer.enable_progress_bar=false +trainer.enable_checkpointing=false "~callbacks.model_checkpoint" "$@")
-DEFAULT_COMBOS="strategy=gpu_only optimizer=adamw8bit checkpointing=full;strategy=gpu_only optimizer=adamw8bit checkpointing=none;\
-strategy=gpu_only optimizer=adamw8bit checkpointing=offload;strategy=fsdp_cpu optimizer=adamw checkpointing=full;\
-strategy=fsdp_cpu optimizer=adamw8bit checkpointing=full;strategy=deepspeed_cpu optimizer=cpu_adam checkpointing=full;\
-strategy=deepspeed_cpu optimizer=cpu_adam checkpointing=offload;strategy=deepspeed_cpu optimizer=adamw8bit checkpointing=full"
+DEFAULT_COMBOS="strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=full;strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=none;\
+strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=offload;strategy=fsdp optimizer=adamw activation_checkpointing=full;\
+strategy=fsdp optimizer=adamw8bit activation_checkpointing=full;strategy=deepspeed optimizer=cpu_adam activation_checkpointing=full;\
+strategy=deepspeed optimizer=cpu_adam activation_checkpointing=offload;strategy=deepspeed optimizer=adamw8bit activation_checkpointing=full"
 [[ ${COMBOS:-$DEFAULT_COMBOS} == *deepspeed* ]] && python3 -c "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" > /dev/null 2>&1
 IFS=';' read -ra combos <<< "${COMBOS:-$DEFAULT_COMBOS}"
 for combo in "${combos[@]}"; do

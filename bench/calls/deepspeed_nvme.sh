@@ -33,7 +33,7 @@ import sys
 from lightning_offload.planner import load_or_probe_disk
 print("disk:", load_or_probe_disk(sys.argv[1]).describe())
 PY
-python3 -m lightning_offload.plan model=llama_3b data=random_tokens data.batch_size=4 data.seq_len=2048 \
+python3 -m lightning_offload plan model=llama_3b data=random_tokens data.batch_size=4 data.seq_len=2048 \
   backend=deepspeed nvme_path="$BENCH_NVME_PATH" rows=8 2>&1 | tail -16
 LOGS=/tmp/work/logs; mkdir -p "$LOGS"; RESULTS="$LOGS/cells.jsonl"
 # Cells stop starting at the deadline (the ops are built, so no build is cut short); each has 200 s.

@@ -13,5 +13,5 @@ phases 75 hostadam_3.6b_all_host --size 3.6b --gpu-state-blocks 0
 phases 150 hostadam_8b_r2 --size 8b --accumulate 8
 phases 75 gpu8bit_8b --backend gpu_8bit --size 8b
 echo "phases done at $((SECONDS - started)) s"
-COMBOS="strategy=gpu_only optimizer=adamw8bit checkpointing=none" BUDGET_S=90 bash bench/levers_gpu.sh | tail -2
+COMBOS="strategy=gpu_8bit optimizer=adamw8bit activation_checkpointing=none" BUDGET_S=90 bash bench/levers_gpu.sh | tail -2
 echo "took $((SECONDS - started)) s"

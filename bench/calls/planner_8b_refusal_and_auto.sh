@@ -17,8 +17,8 @@ main_job() {  # main_job <seconds> <name> <overrides...>
   grep -h RESULT "$OUT/$name.log" || grep -E 'PlanDoesNotFit|Error' "$OUT/$name.log" | tail -1 | cut -c1-700
   grep -h -A2 "^Chosen" "$OUT/$name.log" | head -3
 }
-[[ ${SKIP_REFUSAL:-} ]] || main_job 60 refused_8b_deepspeed model=llama_8b strategy=deepspeed_cpu checkpointing=full
-main_job 200 auto_8b model=llama_8b strategy=single_gpu_offload
+[[ ${SKIP_REFUSAL:-} ]] || main_job 60 refused_8b_deepspeed model=llama_8b strategy=deepspeed activation_checkpointing=full
+main_job 200 auto_8b model=llama_8b strategy=auto
 [[ ${SKIP_CELL:-} ]] || PYTHONPATH=/tmp/site:$PWD timeout 200 python3 bench/run.py --sizes 8b --regimes r1 \
   --methods single_gpu_offload_gpu_8bit --steps 6 --warmup 2 --timeout-s 180 \
   --results "$OUT/planner8b.jsonl" --log "$OUT/planner8b_cells.log" > "$OUT/planner8b_run.txt" 2>&1

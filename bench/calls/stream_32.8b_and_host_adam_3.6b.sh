@@ -6,7 +6,7 @@ source bench/device_setup.sh package || exit 1
 started=$SECONDS
 timeout 80 python3 -m pytest -q -m gpu tests/backends/test_stream_gpu.py -p no:cacheprovider --tb=short \
   > "$OUT/stream_gpu_tests.txt" 2>&1; tail -4 "$OUT/stream_gpu_tests.txt"
-timeout 60 python3 -m lightning_offload.plan model=llama_32b data=random_tokens backend=stream rows=4 \
+timeout 60 python3 -m lightning_offload plan model=llama_32b data=random_tokens backend=stream rows=4 \
   hydra.run.dir=/tmp/plan > "$OUT/plan_32b.txt" 2>&1; tail -12 "$OUT/plan_32b.txt" | cut -c1-170
 timeout 150 python3 bench/stream_step.py --size 32.8b --steps 6 --activation-reserve-gib 24 --no-planner-check \
   > "$OUT/stream_32.8b.log" 2>&1; grep -E "^RESULT|phase|Error" "$OUT/stream_32.8b.log" | tail -6 | cut -c1-1500
