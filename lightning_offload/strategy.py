@@ -20,13 +20,13 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_offload._distributed import refuse_running_group
-from lightning_offload.backends import available_backends, backend_class
-from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
     as_checkpointing_config,
     remove_fit_checkpointing,
 )
+from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.backends.base import Backend, TrainingSetup
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import cap_gpu_allocator

@@ -20,8 +20,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import ensure_process_group
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.activation_checkpointing import find_blocks
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 
 
 @dataclass(kw_only=True)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.planner.budget import gpu_free_bytes
 
 _PRECISIONS = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}

@@ -33,7 +33,7 @@ from lightning_offload.backends.stream.units import (
     materialise_buffers,
     replace_parameters,
 )
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
 from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
 from lightning_offload.pretrained import weight_source
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
 
 GIB = 2**30
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_offload.backends.stream.lanes import aligned
 from lightning_offload.activation_checkpointing import find_blocks
-from lightning_offload.kernels.adamw8bit import RECORD_BYTES
+from lightning_offload.backends.stream.lanes import aligned
+from lightning_offload.kernels.format import RECORD_BYTES
 
 
 @dataclass(eq=False)
