@@ -50,11 +50,10 @@ class HostBuffer:
 
 
 class HostPool:
-    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (~6 GiB/s
-    after zeroing, where torch's `pin_memory` runs at ~1.7 GiB/s: see `backends/stream/lanes.HostArena`) at its
-    exact size (torch's pinned-block cache rounds up to a power of two and never gives memory back). The pool holds
-    at most the most bytes ever in use at once (one forward's offloaded activations): a new size evicts free
-    buffers beyond that."""
+    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (faster than
+    torch's `pin_memory`: see `backends/stream/lanes.HostArena`) at its exact size (torch's pinned-block cache rounds
+    up to a power of two and never gives memory back). The pool holds at most the most bytes ever in use at once
+    (one forward's offloaded activations): a new size evicts free buffers beyond that."""
 
     def __init__(self, *, pin: bool) -> None:
         self.pin = pin

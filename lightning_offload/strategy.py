@@ -85,8 +85,8 @@ class _SingleGPUOffloadCore:
         telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none
             (tokens/s, MFU and memory per step, to the loggers and the progress bar); ``False`` leaves it out.
         compile_blocks: compile each repeated block's forward with ``torch.compile`` (``lightning_offload.compile``):
-            7-10% faster steps for the streaming plan at 19B-40.8B on an H100, for 10-15 s of compiling at the
-            first step.
+            faster steps for large models, for seconds of compiling at the first step (bench/RESULTS.md,
+            "Compiled blocks").
         max_gpu_memory_gib: at most this much GPU memory for the run (the card is shared, or kept partly free): the
             planner plans within it and the CUDA allocator is capped at it. ``None``: what is free on the GPU.
         max_host_memory_gib: at most this much host RAM for the run. ``None``: what is available, within the job's
@@ -480,8 +480,8 @@ class _SingleGPUOffloadCore:
     @override
     def teardown(self) -> None:
         # Lightning's teardown copies the module and its optimizer state to host memory to free the GPU: up to
-        # 16 bytes per parameter of host RAM that no plan accounted for (32 GiB at the end of an 8B `gpu_8bit` fit,
-        # more than some machines have). Everything stays where it trained, ready for a checkpoint or another fit.
+        # 16 bytes per parameter of host RAM that no plan accounted for. Everything stays where it trained, ready for
+        # a checkpoint or another fit.
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()
@@ -511,8 +511,7 @@ def prefer_expandable_segments(device: torch.device) -> None:
     or this process already holds GPU memory.
 
     A plan fills the GPU to within 10% of its memory, and the default allocator can strand more than that between
-    segments: an 8B `host_adam` plan estimated at 68.4 GiB ran out of a 79 GiB card with 65.1 GiB allocated and 10.5
-    GiB reserved but unused (bench/RESULTS.md). Expandable segments grow one mapping instead of carving fixed ones
+    fixed segments (bench/RESULTS.md, "Notes moved from the changelog"). Expandable segments grow one mapping instead
     (torchtitan's launcher sets the same).
     """
     if device.type != "cuda" or {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & os.environ.keys():

@@ -273,8 +273,8 @@ def _fused_on_host(optimizer: Optimizer) -> None:
     """Steps torch's Adam/AdamW with its fused kernel when the user left the implementation to torch.
 
     torch defaults to its fused or foreach kernels only for CUDA tensors; for these host shards its default is the
-    per-parameter loop: 0.9 Gparam/s against the fused kernel's 4.9 on the H100 machine's host (bench/probe.py),
-    3.3 s of a 3.6B step. Same arithmetic; an optimizer that has stepped keeps its implementation.
+    per-parameter loop, several times slower (bench/RESULTS.md, "Notes moved from the changelog"). Same
+    arithmetic; an optimizer that has stepped keeps its implementation.
     """
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
         return

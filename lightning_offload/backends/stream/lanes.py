@@ -121,9 +121,9 @@ def aligned(nbytes: int) -> int:
 class HostArena:
     """One host buffer, page-locked in one call, handed out in aligned pieces.
 
-    `cudaHostRegister` over a buffer already touched runs at ~6 GiB/s where `pin_memory()` / cudaHostAlloc runs
-    at ~1.7 GiB/s (bench/RESULTS.md), and one registration avoids torch's pinned-block cache, which keeps freed
-    pinned memory (counted as shared memory by the OOM killer) until emptied.
+    `cudaHostRegister` over a buffer already touched is several times faster than `pin_memory()` / cudaHostAlloc
+    (bench/RESULTS.md, "Figures moved out of the code"), and one registration avoids torch's pinned-block cache,
+    which keeps freed pinned memory (counted as shared memory by the OOM killer) until emptied.
     """
 
     def __init__(self, nbytes: int, *, pin: bool) -> None:
