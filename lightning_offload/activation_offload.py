@@ -176,6 +176,8 @@ class ActivationOffloader:
         """Bytes of every tensor a block saved (each save counted)."""
         self.offloaded_bytes = 0
         """Bytes whose device memory was freed once their host copy was complete."""
+        self.copied_out_bytes = self.copied_back_bytes = 0
+        """Bytes copied to host memory, and back to the device (telemetry's transfer counts)."""
         self.trace: list[tuple[str, int, str]] | None = None
         self._pending: _Group | None = None
         self._copying: _Group | None = None
@@ -245,6 +247,7 @@ class ActivationOffloader:
                 if streams and item.host.free_after is not None:
                     streams[0].wait_event(item.host.free_after)
                 item.host_view().copy_(item.tensor(), non_blocking=bool(streams))
+                self.copied_out_bytes += item.nbytes
             group.copied_out = streams[0].record_event() if streams else None
 
     def _free_device_copies(self, group: _Group) -> None:
@@ -305,6 +308,7 @@ class ActivationOffloader:
         with torch.no_grad(), torch.cuda.stream(streams[1]) if streams else nullcontext():
             for item in saved:
                 item.restored.copy_(item.host_view(), non_blocking=bool(streams))
+                self.copied_back_bytes += item.nbytes
             group.copied_back = streams[1].record_event() if streams else None
         for item in saved:
             item.release_host(group.copied_back)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.activation_offload import HostPool
 from lightning_offload.activation_checkpointing import CheckpointingConfig, activation_offloader
+from lightning_offload.activation_offload import HostPool
 from lightning_offload.models import TinyGPT
 from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit
 from tests.test_activation_checkpointing import network, saved_bytes

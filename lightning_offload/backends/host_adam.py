@@ -187,6 +187,9 @@ class HostAdamBackend(Backend):
     def engine(self) -> HostAdamEngine | None:
         return self._optimizer.engine if self._optimizer is not None else None
 
+    def transfer_counters(self) -> dict[str, int]:
+        return dict(self.engine.copied_bytes) if self.engine is not None else {}
+
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
-from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
+from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
     GIB,
@@ -310,6 +310,11 @@ class StreamBackend(Backend):
     def phase_seconds(self) -> dict[str, float]:
         """Busy seconds of each copy direction and of the updates since the last step's backward began."""
         return self.lanes.phase_seconds()
+
+    def transfer_counters(self) -> dict[str, int]:
+        if self.scheduler is None:
+            return {}
+        return {HOST_TO_DEVICE: self.lanes.copied_bytes[H2D], DEVICE_TO_HOST: self.lanes.copied_bytes[D2H]}
 
     def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
         return module

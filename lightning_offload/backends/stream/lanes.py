@@ -36,6 +36,8 @@ class Lanes:
     log: list[tuple[str, str, str]] = field(default_factory=list)
     """(action, lane, label): 'copy', 'record', 'wait', 'update', and 'read' / 'write' with a buffer's name as the
     label (see `touch`). Cleared by `start_step`."""
+    copied_bytes: dict[str, int] = field(default_factory=lambda: {H2D: 0, D2H: 0})
+    """Bytes copied on each copy lane since the lanes were built (the backend's `transfer_counters`)."""
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -68,6 +70,7 @@ class Lanes:
         """`reads` and `writes` name the source and destination buffers for `touch`."""
         with self.stream(lane), self.timed(lane, label):
             destination.copy_(source, non_blocking=self.cuda)
+        self.copied_bytes[lane] += source.numel() * source.element_size()
         self.log.append(("copy", lane, label))
         self.touch(lane, reads=(reads,), writes=(writes,))
 

@@ -123,16 +123,3 @@ def check_host_memory(placement: Placement, *, available_bytes: int, reserve_byt
             f"{available_bytes / GIB:.1f} GiB available. Keep more blocks on the GPU (`resident_blocks`, a smaller "
             "`activation_reserve_gib`), free host memory, or use a machine with more RAM."
         )
-
-
-def pcie_bytes_per_step(parameters: int, streamed_parameters: int, *, weight_bytes: int = 2,
-                        accumulate: int = 1) -> tuple[float, float]:
-    """(host-to-device, device-to-host) bytes of one optimizer step: the planner's cost terms.
-
-    Streamed weights come in for every forward and again for every recompute and backward; every unit's 8-bit
-    state comes in and goes back once; updated streamed weights go back once.
-    """
-    state = STATE_BYTES_PER_PARAM * parameters
-    h2d = state + 2 * weight_bytes * streamed_parameters * accumulate
-    d2h = state + weight_bytes * streamed_parameters
-    return h2d, d2h
