@@ -35,8 +35,6 @@ from lightning_offload.saving import atomic_directory, load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
 _FORMAT = "lightning_offload.host_adam/2"
-# Format 1 kept every parameter's state in the host arena: it reads as format 2 with nothing on the device.
-_READABLE_FORMATS = ("lightning_offload.host_adam/1", _FORMAT)
 _WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 # Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
 _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -452,8 +450,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
     state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
-    if state.get("format") not in _READABLE_FORMATS:
-        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
+    if state.get("format") != _FORMAT:
+        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_FORMAT!r}.")
     return state
 
 
@@ -461,8 +459,8 @@ def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Te
     """(master, exp_avg, exp_avg_sq) of every parameter of a `host_adam` checkpoint, in the engine's order: views
     of the host arena for the first `host_params`, of the device arena for the rest."""
     shapes = state["shapes"]
-    host_params = state.get("host_params", len(shapes))
-    parts = ((state["arena"], shapes[:host_params]), (state.get("device_arena", torch.empty(0)), shapes[host_params:]))
+    host_params = state["host_params"]
+    parts = ((state["arena"], shapes[:host_params]), (state["device_arena"], shapes[host_params:]))
     views = []
     for arena, part in parts:
         thirds = arena.view(3, arena.numel() // 3).unbind(0)
