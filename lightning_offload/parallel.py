@@ -107,7 +107,7 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             super()._plan_and_setup_backend()
             return
-        if self._planned:
+        if self._fit.backend_ready:
             return
         chosen = self._plan_on_rank_zero() if self.check_memory or self.backend is None else None
         if self.backend is None:

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,6 +61,21 @@ from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCor
 STRATEGY_NAME = "single_gpu_offload"
 # The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
 MULTI_DEVICE_NAME = "offload"
+
+
+@dataclass
+class _FitSetup:
+    """What one fit (or validate, test, predict) has set up: made at `setup_environment`, dropped at `teardown`."""
+
+    backend_ready: bool = False
+    """The plan is adopted and the backend's environment (precision, allocator cap, engine) is set up."""
+    building_unplanned: bool = False
+    """The meta device could not build the model: `configure_model` builds it in host memory, and the plan is made
+    from the built model at `setup`."""
+    fetched_example: tuple[Any, Any] | None = None
+    """The batch (on meta) and step fetched before that build, measured with once the model is built."""
+    uncapped_gpu_fraction: float | None = None
+    """The allocator's fraction before `max_gpu_memory_gib` capped it, restored at `teardown`."""
 
 
 class _SingleGPUOffloadCore:
@@ -125,7 +141,6 @@ class _SingleGPUOffloadCore:
                 raise ValueError(f"`{name}={budget!r}` must be a positive number of GiB, or None for no budget.")
         self.max_gpu_memory_gib = max_gpu_memory_gib
         self.max_host_memory_gib = max_host_memory_gib
-        self._uncapped_gpu_fraction: float | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
         self.backend: Backend | None = None
         if self.backend_name is not None:
@@ -135,13 +150,10 @@ class _SingleGPUOffloadCore:
         self.plan_report: PlanReport | None = None
         # The plan this fit trains with: logged, saved in each checkpoint, taken again on resume.
         self.plan: Plan | None = None
+        # Whether this strategy has planned (its first fit did): later fits reuse the engine that plan built.
         self._memory_checked = False
-        # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
-        # the plan is made from the built model at `setup`.
-        self._building_unplanned = False
-        # The batch (on meta) and step fetched before the build, measured with once the model is built.
-        self._fetched_example: tuple[Any, Any] | None = None
         self._took_off_earlier_wrappers = False
+        self._fit = _FitSetup()
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -170,13 +182,13 @@ class _SingleGPUOffloadCore:
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
-        self._planned = False
+        self._fit = _FitSetup()
         if self.backend is not None and not self.check_memory:
             self._setup_backend_environment()
 
     def _setup_backend_environment(self) -> None:
         assert self.backend is not None
-        self._planned = True
+        self._fit.backend_ready = True
         if self.precision_plugin is not self._engine_precision_plugin:
             plugins = import_module(f"{self._lightning}.plugins.precision")
             self.precision_plugin = self.backend.precision_plugin(plugins, self._precision_flag, self.precision_plugin)
@@ -185,9 +197,9 @@ class _SingleGPUOffloadCore:
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
-        if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
+        if self.max_gpu_memory_gib is not None and self._fit.uncapped_gpu_fraction is None:
             # Before the engine sizes anything from the GPU's free memory.
-            self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+            self._fit.uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
         self.backend.setup_environment(self.root_device)
         if getattr(self, "world_size", 1) == 1:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
@@ -215,7 +227,7 @@ class _SingleGPUOffloadCore:
             # not the model's own, and this fit plans and applies its own settings.
             self._took_off_earlier_wrappers = True
             remove_fit_checkpointing(self.lightning_module)
-        if self._planned:
+        if self._fit.backend_ready:
             return
         if self._memory_checked:
             # A later fit of the same module: it is already built and wrapped by the engine the first fit planned.
@@ -236,16 +248,16 @@ class _SingleGPUOffloadCore:
                 report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                           optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                          compiled_blocks=self.compile_blocks, example=self._fetched_example,
+                                          compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
                                           max_host_memory_gib=self.max_host_memory_gib,
                                           disk_options=disk_options)
         except BuildBeforePlanning as pending:
             info(pending.message)
-            self._memory_checked, self._building_unplanned = False, True
-            self._fetched_example = pending.example
+            self._memory_checked = False
+            self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
-        self._building_unplanned, self._fetched_example = False, None
+        self._fit.building_unplanned, self._fit.fetched_example = False, None
         # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
         resume_from = fit_ckpt_path(trainer) if self.backend is None else None
         saved = saved_plan(resume_from) if resume_from else None
@@ -311,7 +323,7 @@ class _SingleGPUOffloadCore:
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
         # Built before a plan exists: in host memory, as a model built in `__init__` is, for the engine to place.
-        with nullcontext() if self._building_unplanned else self.backend.model_init_context():
+        with nullcontext() if self._fit.building_unplanned else self.backend.model_init_context():
             yield
 
     @override
@@ -488,9 +500,9 @@ class _SingleGPUOffloadCore:
         self.checkpoint_io.teardown()
         if self.backend is not None:
             self.backend.teardown()
-        if self._uncapped_gpu_fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(self._uncapped_gpu_fraction, self.root_device)
-            self._uncapped_gpu_fraction = None
+        if self._fit.uncapped_gpu_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._fit.uncapped_gpu_fraction, self.root_device)
+        self._fit = _FitSetup()
 
     @classmethod
     @override
