@@ -1,5 +1,5 @@
-"""`checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and come back
-ahead of its backward, both copies on side CUDA streams so that they run under compute.
+"""`activation_checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and
+come back ahead of its backward, both copies on side CUDA streams so that they run under compute.
 
 torch's `torch.autograd.graph.save_on_cpu` copies on the compute stream in both directions (every copy adds to the
 step), allocates host memory on every save, and copies weights too; these `saved_tensors_hooks` fill that gap with
@@ -53,12 +53,12 @@ class HostBuffer:
 
 
 class HostPool:
-    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (~6 GiB/s
-    after zeroing, where torch's `pin_memory` runs at ~1.7 GiB/s: see `backends/stream/lanes.HostArena`) at its
-    exact size (torch's pinned-block cache rounds up to a power of two and never gives memory back). The pool holds
-    at most the most bytes ever in use at once (one forward's offloaded activations): a new size evicts free
-    buffers beyond that. `room`: the host memory the run may still use when the pool starts (its budget, the job's
-    cgroup limit); the pool refuses to grow beyond it, naming the limit, instead of being killed by the kernel."""
+    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (faster than
+    torch's `pin_memory`: see `backends/stream/lanes.HostArena`) at its exact size (torch's pinned-block cache rounds
+    up to a power of two and never gives memory back). The pool holds at most the most bytes ever in use at once
+    (one forward's offloaded activations): a new size evicts free buffers beyond that. `room`: the host memory the
+    run may still use when the pool starts (its budget, the job's cgroup limit); the pool refuses to grow beyond it,
+    naming the limit, instead of being killed by the kernel."""
 
     def __init__(self, *, pin: bool, room: Available | None = None) -> None:
         self.pin = pin
@@ -184,9 +184,9 @@ class _Group:
 
 
 class ActivationOffloader:
-    """The `saved_tensors_hooks` of `checkpointing="offload"`, shared by all blocks of one model (`run` wraps each
-    block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block index,
-    how) in order, for tests."""
+    """The `saved_tensors_hooks` of `activation_checkpointing="offload"`, shared by all blocks of one model (`run`
+    wraps each block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block
+    index, how) in order, for tests."""
 
     def __init__(self, *, min_bytes: int) -> None:
         self.min_bytes = min_bytes
@@ -197,6 +197,8 @@ class ActivationOffloader:
         """Bytes of every tensor a block saved (each save counted)."""
         self.offloaded_bytes = 0
         """Bytes whose device memory was freed once their host copy was complete."""
+        self.copied_out_bytes = self.copied_back_bytes = 0
+        """Bytes copied to host memory, and back to the device (telemetry's transfer counts)."""
         self.trace: list[tuple[str, int, str]] | None = None
         self._pending: _Group | None = None
         self._copying: _Group | None = None
@@ -266,6 +268,7 @@ class ActivationOffloader:
                 if streams and item.host.free_after is not None:
                     streams[0].wait_event(item.host.free_after)
                 item.host_view().copy_(item.tensor(), non_blocking=bool(streams))
+                self.copied_out_bytes += item.nbytes
             group.copied_out = streams[0].record_event() if streams else None
 
     def _free_device_copies(self, group: _Group) -> None:
@@ -326,6 +329,7 @@ class ActivationOffloader:
         with torch.no_grad(), torch.cuda.stream(streams[1]) if streams else nullcontext():
             for item in saved:
                 item.restored.copy_(item.host_view(), non_blocking=bool(streams))
+                self.copied_back_bytes += item.nbytes
             group.copied_back = streams[1].record_event() if streams else None
         for item in saved:
             item.release_host(group.copied_back)

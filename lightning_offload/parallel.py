@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
 from lightning_offload.backends import available_backends, registry
-from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import plan_for_trainer
@@ -103,7 +103,7 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             super()._plan_and_setup_backend()
             return
-        if self._planned:
+        if self._fit.backend_ready:
             return
         chosen = self._plan_on_rank_zero() if self.check_memory or self.backend is None else None
         if self.backend is None:

@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class, registry
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.checkpointing import (
+from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
     activation_offloader,
     as_checkpointing_config,
@@ -65,6 +65,21 @@ MULTI_DEVICE_NAME = "offload"
 HOST_WATCH_EVERY_BATCHES = 50
 
 
+@dataclass
+class _FitSetup:
+    """What one fit (or validate, test, predict) has set up: made at `setup_environment`, dropped at `teardown`."""
+
+    backend_ready: bool = False
+    """The plan is adopted and the backend's environment (precision, allocator cap, engine) is set up."""
+    building_unplanned: bool = False
+    """The meta device could not build the model: `configure_model` builds it in host memory, and the plan is made
+    from the built model at `setup`."""
+    fetched_example: tuple[Any, Any] | None = None
+    """The batch (on meta) and step fetched before that build, measured with once the model is built."""
+    uncapped_gpu_fraction: float | None = None
+    """The allocator's fraction before `max_gpu_memory_gib` capped it, restored at `teardown`."""
+
+
 class _SingleGPUOffloadCore:
     """Trains one LightningModule on one device with parameters and optimizer state wherever the backend keeps them.
 
@@ -82,14 +97,14 @@ class _SingleGPUOffloadCore:
             state only when no plan with it fits, and says so); a name from ``lightning_offload.optim.OPTIMIZERS``
             (e.g. ``"adamw8bit"``) swaps its implementation and keeps its param groups and hyperparameters.
         activation_checkpointing: ``None`` (default: the planner chooses), a policy name from
-            ``lightning_offload.checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
+            ``lightning_offload.activation_checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
         check_memory: ``False`` skips the planner's pre-flight check of a pinned backend (the planner still runs
             for ``backend="auto"``).
         telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none
             (tokens/s, MFU and memory per step, to the loggers and the progress bar); ``False`` leaves it out.
         compile_blocks: compile each repeated block's forward with ``torch.compile`` (``lightning_offload.compile``):
-            7-10% faster steps for the streaming plan at 19B-40.8B on an H100, for 10-15 s of compiling at the
-            first step.
+            faster steps for large models, for seconds of compiling at the first step (bench/RESULTS.md,
+            "Compiled blocks").
         max_gpu_memory_gib: at most this much GPU memory for the run (the card is shared, or kept partly free): the
             planner plans within it and the CUDA allocator is capped at it. ``None``: what is free on the GPU.
         max_host_memory_gib: at most this much host RAM for the process (what it holds already included): the
@@ -132,7 +147,6 @@ class _SingleGPUOffloadCore:
                 raise ValueError(f"`{name}={budget!r}` must be a positive number of GiB, or None for no budget.")
         self.max_gpu_memory_gib = max_gpu_memory_gib
         self.max_host_memory_gib = max_host_memory_gib
-        self._uncapped_gpu_fraction: float | None = None
         self._host_budget: HostBudget | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
         self.backend: Backend | None = None
@@ -143,13 +157,10 @@ class _SingleGPUOffloadCore:
         self.plan_report: PlanReport | None = None
         # The plan this fit trains with: logged, saved in each checkpoint, taken again on resume.
         self.plan: Plan | None = None
+        # Whether this strategy has planned (its first fit did): later fits reuse the engine that plan built.
         self._memory_checked = False
-        # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
-        # the plan is made from the built model at `setup`.
-        self._building_unplanned = False
-        # The batch (on meta) and step fetched before the build, measured with once the model is built.
-        self._fetched_example: tuple[Any, Any] | None = None
         self._took_off_earlier_wrappers = False
+        self._fit = _FitSetup()
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -178,13 +189,13 @@ class _SingleGPUOffloadCore:
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
-        self._planned = False
+        self._fit = _FitSetup()
         if self.backend is not None and not self.check_memory:
             self._setup_backend_environment()
 
     def _setup_backend_environment(self) -> None:
         assert self.backend is not None
-        self._planned = True
+        self._fit.backend_ready = True
         if self.precision_plugin is not self._engine_precision_plugin:
             plugins = import_module(f"{self._lightning}.plugins.precision")
             self.precision_plugin = self.backend.precision_plugin(plugins, self._precision_flag, self.precision_plugin)
@@ -193,9 +204,9 @@ class _SingleGPUOffloadCore:
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
-        if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
+        if self.max_gpu_memory_gib is not None and self._fit.uncapped_gpu_fraction is None:
             # Before the engine sizes anything from the GPU's free memory.
-            self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+            self._fit.uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
         # Engines size and check their host allocations within the same budget the planner planned with.
         self._host_budget = HostBudget(self.max_host_memory_gib)
         self.backend.host_budget = self._host_budget
@@ -226,7 +237,7 @@ class _SingleGPUOffloadCore:
             # not the model's own, and this fit plans and applies its own settings.
             self._took_off_earlier_wrappers = True
             remove_fit_checkpointing(self.lightning_module)
-        if self._planned:
+        if self._fit.backend_ready:
             return
         if self._memory_checked:
             # A later fit of the same module: it is already built and wrapped by the engine the first fit planned.
@@ -247,16 +258,16 @@ class _SingleGPUOffloadCore:
                 report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                           optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                          compiled_blocks=self.compile_blocks, example=self._fetched_example,
+                                          compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
                                           max_host_memory_gib=self.max_host_memory_gib,
                                           disk_options=disk_options)
         except BuildBeforePlanning as pending:
             info(pending.message)
-            self._memory_checked, self._building_unplanned = False, True
-            self._fetched_example = pending.example
+            self._memory_checked = False
+            self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
-        self._building_unplanned, self._fetched_example = False, None
+        self._fit.building_unplanned, self._fit.fetched_example = False, None
         # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
         resume_from = fit_ckpt_path(trainer) if self.backend is None else None
         saved = saved_plan(resume_from) if resume_from else None
@@ -322,7 +333,7 @@ class _SingleGPUOffloadCore:
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
         # Built before a plan exists: in host memory, as a model built in `__init__` is, for the engine to place.
-        with nullcontext() if self._building_unplanned else self.backend.model_init_context():
+        with nullcontext() if self._fit.building_unplanned else self.backend.model_init_context():
             yield
 
     @override
@@ -507,17 +518,17 @@ class _SingleGPUOffloadCore:
     @override
     def teardown(self) -> None:
         # Lightning's teardown copies the module and its optimizer state to host memory to free the GPU: up to
-        # 16 bytes per parameter of host RAM that no plan accounted for (32 GiB at the end of an 8B `gpu_8bit` fit,
-        # more than some machines have). Everything stays where it trained, ready for a checkpoint or another fit.
+        # 16 bytes per parameter of host RAM that no plan accounted for. Everything stays where it trained, ready for
+        # a checkpoint or another fit.
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
         if self.backend is not None:
             self.backend.teardown()
-        if self._uncapped_gpu_fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(self._uncapped_gpu_fraction, self.root_device)
-            self._uncapped_gpu_fraction = None
+        if self._fit.uncapped_gpu_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._fit.uncapped_gpu_fraction, self.root_device)
+        self._fit = _FitSetup()
 
     @classmethod
     @override
@@ -538,8 +549,7 @@ def prefer_expandable_segments(device: torch.device) -> None:
     or this process already holds GPU memory.
 
     A plan fills the GPU to within 10% of its memory, and the default allocator can strand more than that between
-    segments: an 8B `host_adam` plan estimated at 68.4 GiB ran out of a 79 GiB card with 65.1 GiB allocated and 10.5
-    GiB reserved but unused (bench/RESULTS.md). Expandable segments grow one mapping instead of carving fixed ones
+    fixed segments (bench/RESULTS.md, "Notes moved from the changelog"). Expandable segments grow one mapping instead
     (torchtitan's launcher sets the same).
     """
     if device.type != "cuda" or {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & os.environ.keys():

@@ -1,6 +1,6 @@
 """The main job on one GPU and on several of one machine (`strategy="offload"`): throughput, memory, scaling.
 
-    python -m bench.studies.multi_gpu run --size 8b --strategy deepspeed_cpu --devices 2 --out $OUT [overrides ...]
+    python -m bench.studies.multi_gpu run --size 8b --strategy deepspeed --devices 2 --out $OUT [overrides ...]
     python -m bench.studies.multi_gpu report $OUT/multi_gpu.jsonl
 
 `run` starts `python -m lightning_offload.train` (Lightning's launcher starts the other ranks, as for a user) with
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
                f"model={MODELS[args.size]}", "data=random_tokens", "data.batch_size=4", f"data.seq_len={args.seq_len}",
                f"data.num_batches={STEPS * args.devices}", f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0",
                f"trainer.devices={args.devices}", "trainer.enable_progress_bar=false", "~callbacks.model_checkpoint",
-               f"strategy={args.strategy}", f"optimizer={args.optimizer}", "checkpointing=full", *overrides]
+               f"strategy={args.strategy}", f"optimizer={args.optimizer}", "activation_checkpointing=full", *overrides]
     sampler = MemorySampler()
     sampler.start()
     started = time.perf_counter()
@@ -137,7 +137,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     cell = commands.add_parser("run")
     cell.add_argument("--size", choices=sorted(MODELS), required=True)
-    cell.add_argument("--strategy", required=True, help="a conf/strategy option, e.g. deepspeed_cpu or fsdp_cpu")
+    cell.add_argument("--strategy", required=True, help="a conf/strategy option, e.g. deepspeed or fsdp")
     cell.add_argument("--optimizer", default="user", help="a conf/optimizer option")
     cell.add_argument("--devices", type=int, required=True)
     cell.add_argument("--seq-len", type=int, default=2048)

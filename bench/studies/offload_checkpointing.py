@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader, find_blocks
+from lightning_offload.activation_checkpointing import CheckpointingConfig, activation_offloader, find_blocks
 
 GIB = 2**30
 

@@ -23,6 +23,9 @@ from lightning_offload.planner.budget import Available, HostBudget, host_memory_
 
 EngineT = TypeVar("EngineT")
 
+# The directions of `Backend.transfer_counters`: bytes copied from host to device memory, and back.
+HOST_TO_DEVICE, DEVICE_TO_HOST = "host_to_device", "device_to_host"
+
 
 @dataclass(kw_only=True)
 class BackendConfig:
@@ -194,8 +197,8 @@ class Backend(ABC):
         raise NotImplementedError(f"The {self.name!r} backend does not load its own state.")
 
     def transfer_counters(self) -> dict[str, int]:
-        """Bytes the engine has moved between host and device so far, by direction (e.g. ``"host_to_device"``),
-        for telemetry; empty when the engine does not count them."""
+        """Bytes the engine has copied between host and device memory so far, by direction (`HOST_TO_DEVICE`,
+        `DEVICE_TO_HOST`), for telemetry; empty for an engine that keeps everything on the device."""
         return {}
 
     def teardown(self) -> None:

@@ -21,9 +21,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import ensure_process_group
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.backends.spec import BackendSpec, MultiProcess
-from lightning_offload.checkpointing import find_blocks
 from lightning_offload.optim import is_adam
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (EIGHT_BIT_OPTIMIZERS, CandidateLevers, MemoryInputs, MemoryTerms, Plan,
@@ -279,8 +279,8 @@ def _fused_on_host(optimizer: Optimizer) -> None:
     """Steps torch's Adam/AdamW with its fused kernel when the user left the implementation to torch.
 
     torch defaults to its fused or foreach kernels only for CUDA tensors; for these host shards its default is the
-    per-parameter loop: 0.9 Gparam/s against the fused kernel's 4.9 on the H100 machine's host (bench/probe.py),
-    3.3 s of a 3.6B step. Same arithmetic; an optimizer that has stepped keeps its implementation.
+    per-parameter loop, several times slower (bench/RESULTS.md, "Notes moved from the changelog"). Same
+    arithmetic; an optimizer that has stepped keeps its implementation.
     """
     if not is_adam(optimizer, exact=True) or optimizer.state:
         return

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.backends.spec import BackendSpec
-from lightning_offload.checkpointing import find_blocks, is_checkpointed, recompute_in_backward
 from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import gpu_free_bytes
 from lightning_offload.planner.terms import ADAMW_8BIT, MemoryInputs, MemoryTerms, step_updated_on_the_gpu

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_offload._safetensors import read_folder
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.planner.choose import PlanDoesNotFit, parameter_count
 from lightning_offload.planner.measure import ModelStats, _output_layers, _tensors, _to_meta, _tokens
 from lightning_offload.planner.budget import GIB

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader
+from lightning_offload.activation_checkpointing import CheckpointingConfig, activation_offloader
 from lightning_offload.planner import GIB
 from lightning_offload.planner import budget
 from lightning_offload.planner.budget import HOST_WARNING_FRACTION, Available, HostBudget, refuse_beyond_host_room

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.checkpointing import recompute_in_backward
+from lightning_offload.activation_checkpointing import recompute_in_backward
 from lightning_offload.planner import Machine, PlanDoesNotFit
 from tests.conftest import VOCAB, TinyLM, fit
 

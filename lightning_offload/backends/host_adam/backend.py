@@ -39,7 +39,7 @@ from lightning_offload.backends.host_adam.checkpoint import (
     saved_parameters,
 )
 from lightning_offload.backends.host_adam.engine import STAGING_SLOTS, HostAdamEngine, Hyper
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import refuse_beyond_host_room
@@ -193,6 +193,9 @@ class HostAdamBackend(Backend):
     @property
     def engine(self) -> HostAdamEngine | None:
         return self._optimizer.engine if self._optimizer is not None else None
+
+    def transfer_counters(self) -> dict[str, int]:
+        return dict(self.engine.copied_bytes) if self.engine is not None else {}
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device

@@ -12,8 +12,6 @@ from lightning_offload.saving import load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
 FORMAT = "lightning_offload.host_adam/2"
-# Format 1 kept every parameter's state in the host arena: it reads as format 2 with nothing on the device.
-_READABLE_FORMATS = ("lightning_offload.host_adam/1", FORMAT)
 
 
 def parameter_names(module: torch.nn.Module | None, params: list[torch.nn.Parameter]) -> list[list[str]]:
@@ -52,8 +50,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
     state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
-    if state.get("format") not in _READABLE_FORMATS:
-        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {_READABLE_FORMATS}.")
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {FORMAT!r}.")
     return state
 
 
@@ -62,7 +60,7 @@ def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Te
     of the host arena for the first `host_params`, of the device arena for the rest."""
     shapes = state["shapes"]
     host_params = state.get("host_params", len(shapes))
-    parts = ((state["arena"], shapes[:host_params]), (state.get("device_arena", torch.empty(0)), shapes[host_params:]))
+    parts = ((state["arena"], shapes[:host_params]), (state["device_arena"], shapes[host_params:]))
     views = []
     for arena, part in parts:
         thirds = arena.view(3, arena.numel() // 3).unbind(0)

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE
+
 _FP32 = torch.float32
 STAGING_SLOTS = 8
 
@@ -168,6 +170,8 @@ class HostAdamEngine:
         self.clip: tuple[str, float] | None = None
         self.timeline: list[tuple[str, int, float]] | None = None
         """Set to a list to record (what, bucket, time.perf_counter()) of every bucket's host work (tests, traces)."""
+        self.copied_bytes = {HOST_TO_DEVICE: 0, DEVICE_TO_HOST: 0}
+        """Bytes of gradients copied out and of updated weights copied back (the backend's `transfer_counters`)."""
         self.released = False
         self._armed = False
         self._final = [True] * len(params)
@@ -472,6 +476,7 @@ class HostAdamEngine:
                 if self.clip is not None:
                     grad = self._clipped(grad.float())
                 slot[piece.start - bucket.start:piece.start - bucket.start + piece.numel].copy_(grad, non_blocking=True)
+                self.copied_bytes[DEVICE_TO_HOST] += piece.numel * slot.element_size()
             event = None
             if self.cuda:
                 event = torch.cuda.Event()
@@ -541,6 +546,7 @@ class HostAdamEngine:
                 used = torch.cuda.Event()
                 used.record(self._h2d)
         self._staging.append((staging, used))
+        self.copied_bytes[HOST_TO_DEVICE] += (end - start) * staging.element_size()
 
     # --- state ---------------------------------------------------------------------------------------------------
 

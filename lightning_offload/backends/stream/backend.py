@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
-from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
+from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
     Placement,
@@ -32,7 +32,7 @@ from lightning_offload.backends.stream.units import (
     materialise_buffers,
     replace_parameters,
 )
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
 from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
 from lightning_offload.saving import checkpoints_on_disk_at_once
@@ -66,7 +66,7 @@ class StreamConfig(BackendConfig):
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
-    """Class names of the repeated blocks; empty: detected (`checkpointing.find_blocks`)."""
+    """Class names of the repeated blocks; empty: detected (`activation_checkpointing.find_blocks`)."""
     stochastic_rounding: bool = True
     seed: int = 0
     """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
@@ -311,6 +311,11 @@ class StreamBackend(Backend):
     def phase_seconds(self) -> dict[str, float]:
         """Busy seconds of each copy direction and of the updates since the last step's backward began."""
         return self.lanes.phase_seconds()
+
+    def transfer_counters(self) -> dict[str, int]:
+        if self.scheduler is None:
+            return {}
+        return {HOST_TO_DEVICE: self.lanes.copied_bytes[H2D], DEVICE_TO_HOST: self.lanes.copied_bytes[D2H]}
 
     def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
         return module

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
 from lightning_offload.planner.budget import GIB
 
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements
@@ -129,16 +129,3 @@ def check_host_memory(placement: Placement, *, available_bytes: int, reserve_byt
             f"{available_bytes / GIB:.1f} GiB available{held}. Keep more blocks on the GPU (`resident_blocks`, a "
             f"smaller `activation_reserve_gib`), a smaller `host_reserve_gib`, {lift}, or use a machine with more RAM."
         )
-
-
-def pcie_bytes_per_step(parameters: int, streamed_parameters: int, *, weight_bytes: int = 2,
-                        accumulate: int = 1) -> tuple[float, float]:
-    """(host-to-device, device-to-host) bytes of one optimizer step: the planner's cost terms.
-
-    Streamed weights come in for every forward and again for every recompute and backward; every unit's 8-bit
-    state comes in and goes back once; updated streamed weights go back once.
-    """
-    state = STATE_BYTES_PER_PARAM * parameters
-    h2d = state + 2 * weight_bytes * streamed_parameters * accumulate
-    d2h = state + weight_bytes * streamed_parameters
-    return h2d, d2h

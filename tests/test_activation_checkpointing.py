@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_offload.checkpointing import (
+from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
     activation_offloader,
     find_blocks,
@@ -131,3 +131,15 @@ def test_a_new_strategy_on_a_model_an_earlier_fit_wrapped_applies_its_own_policy
     assert not any(is_checkpointed(block) for block in find_blocks(module)) and activation_offloader(module) is None
     assert not [w for w in recwarn if "does not apply" in str(w.message)]
     assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"none"}
+
+
+def test_former_module_name_warns_and_is_the_same_module() -> None:
+    import importlib
+    import sys
+
+    import lightning_offload.activation_checkpointing as current
+
+    sys.modules.pop("lightning_offload.checkpointing", None)
+    with pytest.warns(DeprecationWarning, match="lightning_offload.activation_checkpointing"):
+        former = importlib.import_module("lightning_offload.checkpointing")
+    assert former is current
