@@ -1,9 +1,10 @@
-"""Checkpoints on disk: written atomically, and consolidated into one plain state dict.
+"""Checkpoints on disk, written atomically (`consolidation.py` reads them back as one plain state dict).
 
 A checkpoint is first written next to its destination (same folder, so the same file system), flushed to disk, and
 renamed into place only when complete: a crash, Ctrl+C or a full disk mid-save never leaves a half-written checkpoint
 under the user's name and never destroys the previous one. Nothing a save did not write is ever replaced, and what a
 killed save left beside its destination is removed by the next save or fit (`remove_stale_leftovers`).
+`write_state_dict` writes a state dict that `torch.load` reads while holding one of its tensors at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import socket
 import sys
 import uuid
 import weakref
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +118,7 @@ def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in (FOLDER_MARKER, *_ENGINE_FILES))
 
 
-def _refuse_foreign(path: Path, what: str) -> None:
+def refuse_foreign(path: Path, what: str) -> None:
     if path.is_symlink() or not path.exists():
         return
     if what == "folder" and path.is_dir() and (not any(path.iterdir()) or is_checkpoint_folder(path)):
@@ -190,7 +190,7 @@ def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Ite
     if ranks is not None:
         staging = Path(ranks.broadcast(str(staging)))
     if lead:
-        _refuse_foreign(path, "folder")
+        refuse_foreign(path, "folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_leftovers(path.parent)
     try:
@@ -222,7 +222,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a staging file path beside `path`; once the caller has written it, it is flushed to disk and replaces
     `path` in one rename. An existing folder at `path` is refused, never replaced."""
     path = Path(path)
-    _refuse_foreign(path, "file")
+    refuse_foreign(path, "file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_leftovers(path.parent)
     staging = _sibling(path, "partial")
@@ -334,95 +334,12 @@ def _looks_damaged(error: BaseException) -> bool:
         sign in text for sign in ("zip archive", "central directory", "PytorchStreamReader", "file not found"))
 
 
-def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
-                prefix: str = "") -> dict[str, Any]:
-    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
-
-    The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
-    of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
-    present under every name they had. With `out_path`, the state dict is written there atomically, one tensor at a
-    time (`torch.load` reads it), and returned memory-mapped from that file: memory holds one tensor and the pages of
-    the checkpoint file being read, not the fp32 model. Without it, the state dict is built in memory.
-
-    `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
-    loads into that model outside Lightning. A model of `transformers` goes out whole with
-    `lightning_offload.export.export_hf`, tensor by tensor, as a folder `from_pretrained` loads.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    if out_path is not None:  # refused before the (long) read
-        if Path(out_path).resolve() == checkpoint_dir.resolve():
-            raise FileExistsError(
-                f"`consolidate` would write over the checkpoint it reads ({str(checkpoint_dir)!r}). Pass another "
-                "`out_path`, e.g. 'model.pt'."
-            )
-        _refuse_foreign(Path(out_path), "file")
-    tensors = _under_prefix(_fp32_tensors(checkpoint_dir), prefix, checkpoint_dir)
-    if out_path is None:
-        return dict(tensors)
-    with atomic_file(out_path) as staging:
-        write_state_dict(staging, tensors)
-    return torch.load(out_path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def _fp32_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, fp32 weight or buffer) of any backend's checkpoint, one at a time."""
-    from lightning_offload.backends import host_adam
-
-    if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
-        return _lightning_file_tensors(checkpoint_dir)
-    if (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
-        from lightning_offload.backends.stream.checkpoint import fp32_tensors
-
-        return fp32_tensors(checkpoint_dir)
-    if (checkpoint_dir / host_adam.CHECKPOINT_FILE).is_file():
-        return host_adam.fp32_tensors(host_adam.read_checkpoint(checkpoint_dir))
-    if (checkpoint_dir / "latest").is_file():
-        return _zero_checkpoint_tensors(checkpoint_dir)
-    raise FileNotFoundError(
-        f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest`, "
-        f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or "
-        "written by `ModelCheckpoint`."
-    )
-
-
-def _lightning_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    state_dict = load_whole(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-    for name, value in state_dict.items():
-        yield name, value.float() if value.is_floating_point() else value
-
-
-def _zero_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """DeepSpeed ZeRO-3's fp32 weights, each gathered from the ranks' partitions when it is reached."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
-    # A tied weight is gathered once and kept until its last name, so every name shares one tensor.
-    names_left = Counter(id(value) for value in lazy.values())
-    tied: dict[int, torch.Tensor] = {}
-    for name, value in lazy.items():
-        tensor = tied.pop(id(value), None)
-        if tensor is None:
-            tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
-        names_left[id(value)] -= 1
-        if names_left[id(value)]:
-            tied[id(value)] = tensor
-        yield name, tensor
-        del tensor
-
-
-def _under_prefix(tensors: Iterator[tuple[str, torch.Tensor]], prefix: str,
-                  checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if not prefix:
-        yield from tensors
-        return
-    kept = 0
-    for name, tensor in tensors:
-        if name.startswith(prefix):
-            kept += 1
-            yield name[len(prefix):], tensor
-        del tensor
-    if not kept:
-        raise ValueError(f"No name in {str(checkpoint_dir)!r} starts with `prefix={prefix!r}`.")
+def checkpoints_on_disk_at_once(save_top_k: int, save_last: Any) -> int:
+    """Checkpoints a `ModelCheckpoint` with these settings holds on disk at its peak: those it keeps (`save_top_k`;
+    -1, keep all, counted as two), `last` beside them, and one more while a save is written beside the checkpoint it
+    replaces (atomic). 0 when it saves nothing."""
+    kept = save_top_k if save_top_k > 0 else (2 if save_top_k < 0 else 0)
+    return kept + bool(save_last) + 1 if kept or save_last else 0
 
 
 def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -12,6 +12,7 @@ the fused 8-bit AdamW kernel as soon as its gradients are final. No full-model g
     optimizer.py  the `torch.optim.Optimizer` Lightning steps, and the per-unit 8-bit buckets
     checkpoint.py save / resume one unit at a time, consolidation, disk pre-flight
     backend.py    the `Backend` the strategy drives
+    spec.py       the planner's terms and candidate plans, and how its checkpoint consolidates
 """
 
 from lightning_offload.backends.stream.backend import StreamBackend, StreamConfig

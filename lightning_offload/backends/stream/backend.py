@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
-from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
+from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
-    GIB,
     Placement,
     UnitSize,
     check_host_memory,
@@ -33,9 +32,10 @@ from lightning_offload.backends.stream.units import (
     materialise_buffers,
     replace_parameters,
 )
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
-from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
+from lightning_offload.saving import checkpoints_on_disk_at_once
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -66,7 +66,7 @@ class StreamConfig(BackendConfig):
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
-    """Class names of the repeated blocks; empty: detected (`checkpointing.find_blocks`)."""
+    """Class names of the repeated blocks; empty: detected (`activation_checkpointing.find_blocks`)."""
     stochastic_rounding: bool = True
     seed: int = 0
     """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
@@ -79,7 +79,7 @@ class StreamBackend(Backend):
     Config = StreamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
-    _live: ClassVar[StreamBackend | None] = None
+    _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
         super().__init__(config)
@@ -137,8 +137,9 @@ class StreamBackend(Backend):
     def prepare_module(self, module: nn.Module) -> nn.Module:
         if self._root is module:
             return module
-        if StreamBackend._live is not None:
-            StreamBackend._live.release()
+        previous = StreamBackend._live.take()
+        if previous is not None:
+            previous.release()
         trainer = getattr(module, "_trainer", None)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         self.units = find_units(module, self.config.block_classes)
@@ -160,7 +161,7 @@ class StreamBackend(Backend):
         self.scheduler = Scheduler(self.units, self.lanes, self.dtype, weights, states, self._update)
         self.scheduler.install()
         self._root = module
-        StreamBackend._live = self
+        StreamBackend._live.keep(self)
         return module
 
     def _pinning(self) -> bool:
@@ -183,16 +184,16 @@ class StreamBackend(Backend):
                 f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
                 "larger micro-batch, or fewer `resident_blocks`."
             )
-        check_host_memory(placement, available_bytes=host_memory_available().bytes,
-                          reserve_bytes=int(self.config.host_reserve_gib * GIB))
+        room = self.host_memory_available()
+        check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=int(self.config.host_reserve_gib * GIB),
+                          limit=room.limit)
         return placement
 
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:
         for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
             dirpath = getattr(callback, "dirpath", None)
-            top_k = getattr(callback, "save_top_k", 1)
-            copies = (top_k + 1 if top_k > 0 else 2 if top_k == -1 else 0) + int(bool(getattr(callback, "save_last",
-                                                                                            False)))
+            copies = checkpoints_on_disk_at_once(getattr(callback, "save_top_k", 1),
+                                                 getattr(callback, "save_last", False))
             if dirpath and copies:
                 needed = copies * sum(u.weight_bytes + _state_bytes(u.params) for u in self.units)
                 stream_checkpoint.check_disk(Path(dirpath), needed,
@@ -311,6 +312,11 @@ class StreamBackend(Backend):
         """Busy seconds of each copy direction and of the updates since the last step's backward began."""
         return self.lanes.phase_seconds()
 
+    def transfer_counters(self) -> dict[str, int]:
+        if self.scheduler is None:
+            return {}
+        return {HOST_TO_DEVICE: self.lanes.copied_bytes[H2D], DEVICE_TO_HOST: self.lanes.copied_bytes[D2H]}
+
     def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
         return module
 
@@ -350,8 +356,7 @@ class StreamBackend(Backend):
         self._arenas.clear()
         self.scheduler = None
         self._root = None
-        if StreamBackend._live is self:
-            StreamBackend._live = None
+        StreamBackend._live.forget(self)
 
     def describe(self) -> str:
         if self.placement is None:

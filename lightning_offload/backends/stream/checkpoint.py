@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from lightning_offload.backends.stream.units import Unit
+from lightning_offload.planner.budget import GIB
 from lightning_offload.saving import atomic_directory
 
 FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
-GIB = 2**30
 
 
 def checkpoint_bytes(units: list[Unit]) -> int:

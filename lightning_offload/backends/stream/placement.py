@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.planner.budget import GIB
 
-GIB = 2**30
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements
 GRADIENT_UNITS_ALIVE = 2  # a unit's gradients wait for its update while the next unit's backward runs
 
@@ -112,27 +112,20 @@ def place_units(units: Sequence[UnitSize], *, gpu_free_bytes: int, weight_slots:
     )
 
 
-def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int) -> None:
-    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available."""
+def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int,
+                      limit: str | None = None) -> None:
+    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available
+    (`limit`: what holds that below the machine's free memory, e.g. the budget `max_host_memory_gib`)."""
     needed = placement.host_pinned_bytes + reserve_bytes
     if needed > available_bytes:
+        held = f" (held there by {limit})" if limit else ""
+        lift = ("raise `max_host_memory_gib`" if limit and "max_host_memory_gib" in limit else
+                "ask the job for more memory (SLURM `--mem`, the container's memory limit)" if limit else
+                "free host memory")
         raise MemoryError(
             f"The `stream` backend needs {placement.host_pinned_bytes / GIB:.1f} GiB of pinned host memory "
             f"(8-bit optimizer state of every parameter and the weights of {len(placement.streamed)} streamed units) "
             f"plus {reserve_bytes / GIB:.1f} GiB kept free, {(needed - available_bytes) / GIB:.1f} GiB more than the "
-            f"{available_bytes / GIB:.1f} GiB available. Keep more blocks on the GPU (`resident_blocks`, a smaller "
-            "`activation_reserve_gib`), free host memory, or use a machine with more RAM."
+            f"{available_bytes / GIB:.1f} GiB available{held}. Keep more blocks on the GPU (`resident_blocks`, a "
+            f"smaller `activation_reserve_gib`), a smaller `host_reserve_gib`, {lift}, or use a machine with more RAM."
         )
-
-
-def pcie_bytes_per_step(parameters: int, streamed_parameters: int, *, weight_bytes: int = 2,
-                        accumulate: int = 1) -> tuple[float, float]:
-    """(host-to-device, device-to-host) bytes of one optimizer step: the planner's cost terms.
-
-    Streamed weights come in for every forward and again for every recompute and backward; every unit's 8-bit
-    state comes in and goes back once; updated streamed weights go back once.
-    """
-    state = STATE_BYTES_PER_PARAM * parameters
-    h2d = state + 2 * weight_bytes * streamed_parameters * accumulate
-    d2h = state + weight_bytes * streamed_parameters
-    return h2d, d2h

@@ -1,0 +1,99 @@
+"""`consolidate`: any backend's checkpoint as one plain fp32 state dict, written one tensor at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_offload.consolidation import consolidate, fp32_tensors
+from lightning_offload.saving import write_state_dict
+from tests.test_saving import assert_same_state_dict, sharing
+
+
+def test_consolidate_names_a_wrong_folder(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a `single_gpu_offload` checkpoint folder"):
+        consolidate(tmp_path)
+
+
+def whole_state_dict(checkpoint) -> dict:
+    """The fp32 state dict of a checkpoint, built whole in memory as `consolidate` built it before it streamed."""
+    from lightning_offload.backends import host_adam
+    from lightning_offload.backends.stream.checkpoint import read_manifest
+
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        return {name: value.float() if value.is_floating_point() else value for name, value in state.items()}
+    if (checkpoint / "manifest.json").is_file():
+        result = {}
+        for entry in read_manifest(checkpoint)["units"]:
+            content = torch.load(checkpoint / entry["file"], weights_only=True)
+            for names, weight in zip(entry["names"], content["weights"]):
+                result.update(dict.fromkeys(names, weight.float()))
+        return result
+    if (checkpoint / host_adam.CHECKPOINT_FILE).is_file():
+        state = host_adam.read_checkpoint(checkpoint)
+        result = {}
+        for names, (master, _, _) in zip(state["names"], host_adam.saved_parameters(state)):
+            result.update(dict.fromkeys(names, master.clone()))
+        return {**result, **state["buffers"]}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)))
+
+
+# One of each checkpoint format: Lightning's file (cast from bf16), the stream backend's units (bf16), host_adam's
+# fp32 arena, DeepSpeed's fp32 partitions.
+FORMATS = {
+    "device": (dict(backend="device"), "bf16-true"),
+    "stream": (dict(backend="stream", check_memory=False, resident_blocks=0, stream_outer=True, build_on_meta=False),
+               "bf16-true"),
+    "host_adam": (dict(backend="host_adam", check_memory=False, bucket_numel=3000, chunk_numel=700), "bf16-mixed"),
+    "deepspeed": (dict(backend="deepspeed"), "32-true"),
+}
+
+
+def saved_checkpoint(tmp_path, backend: str):
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    options, precision = FORMATS[backend]
+    _, trainer = fit(SingleGPUOffloadStrategy(**options), num_batches=2, precision=precision)
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    return tmp_path / "trained.ckpt"
+
+
+@pytest.mark.parametrize("backend", sorted(FORMATS))
+def test_consolidate_writes_the_whole_state_dict_one_tensor_at_a_time(tmp_path, backend: str) -> None:
+    from tests.conftest import peak_and_final_allocated_bytes
+
+    checkpoint = saved_checkpoint(tmp_path, backend)
+    expected = whole_state_dict(checkpoint)
+    tensor_bytes = {value.untyped_storage().data_ptr(): value.numel() * 4 for value in expected.values()}
+    largest, total = max(tensor_bytes.values()), sum(tensor_bytes.values())
+
+    # Reading maps one file at a time, which the profiler counts as allocated; the largest is the "one shard".
+    files = [checkpoint] if checkpoint.is_file() else [f for f in checkpoint.rglob("*") if f.is_file()]
+    largest_file = max(f.stat().st_size for f in files)
+    held = 0
+    if backend == "deepspeed":  # names in the model's order: a tied weight is held from its first name to its last
+        held = sum(tensor_bytes[expected[names[0]].untyped_storage().data_ptr()] for names in sharing(expected)
+                   if len(names) > 1)
+    assert total > held + largest  # the whole model held would exceed the bound below
+    # The backend's reader and the writer, as `consolidate` runs them (it then maps the file written, to return it).
+    peak, _ = peak_and_final_allocated_bytes(
+        lambda: write_state_dict(tmp_path / "streamed.pt", fp32_tensors(checkpoint)))
+    assert peak <= largest_file + held + largest
+    assert_same_state_dict(torch.load(tmp_path / "streamed.pt", weights_only=True), expected)
+    returned = consolidate(checkpoint, tmp_path / "model.pt")
+    assert_same_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), expected)
+    assert_same_state_dict(returned, expected)
+    assert_same_state_dict(consolidate(checkpoint), expected)  # without a file: built in memory
+
+
+def test_consolidate_prefix_that_matches_nothing_writes_nothing(tmp_path) -> None:
+    checkpoint = saved_checkpoint(tmp_path, "device")
+    with pytest.raises(ValueError, match="No name .* starts with `prefix='model.'`"):
+        consolidate(checkpoint, tmp_path / "model.pt", prefix="model.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained.ckpt"]
+    state_dict = consolidate(checkpoint, tmp_path / "model.pt", prefix="net.")
+    assert state_dict and all(not name.startswith("net.") for name in state_dict)
