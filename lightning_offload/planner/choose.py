@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lightning_offload.backends.stream.placement import fewest_blocks_on_disk
 from lightning_offload.losses import slice_workspace_bytes
 from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
@@ -181,6 +182,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                         plans += [dataclasses.replace(base, resident_blocks=r)
                                   for r in range(0, stats.blocks + 1, step)]
                         plans.append(dataclasses.replace(base, resident_blocks=None))
+                        if disk_given:  # the fewest blocks' state on disk that lets host memory hold the rest
+                            plans.append(dataclasses.replace(base, resident_blocks=None, disk_blocks=None))
                     elif backend == "host_adam":
                         plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
                     elif backend == "fsdp" and accumulate > 1:
@@ -256,6 +259,8 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     for plan in plans:
         if plan.backend in ("host_adam", "stream") and plan.resident_blocks is None:
             plan = most_blocks_on_gpu(stats, plan, missing)
+        if plan.disk_blocks is None:
+            plan = fewest_blocks_on_disk(stats.blocks, plan, missing)
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
         seen.add(plan)

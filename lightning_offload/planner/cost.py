@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_offload.backends.stream.placement import disk_seconds as stream_disk_seconds
+from lightning_offload.backends.stream.placement import disk_tier_bytes as stream_disk_tier_bytes
 from lightning_offload.planner.cache import cache_root
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import (
@@ -184,7 +186,16 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
         transfer = weights_in / h2d + both_ways
         update = params / GPU_UPDATE_RATE[plan.optimizer]
         # The activation copies share the link with the streamed weights, all of it under compute.
-        return StepTime(compute, transfer + offload, update, max(compute + update, transfer + offload))
+        total = max(compute + update, transfer + offload)
+        if not plan.disk_blocks:
+            return StepTime(compute, transfer + offload, update, total)
+        if disk is None:
+            raise ValueError(f"The plan {plan} keeps state on disk: pass the `Disk` it uses (`load_or_probe_disk`).")
+        moved, _ = stream_disk_tier_bytes(int(OPTIMIZER_STATE_BYTES[plan.optimizer] * stats.trainable_block_parameters),
+                                          plan.disk_blocks)
+        waited, reads, writes = stream_disk_seconds(moved, read_gbps=disk.read_gbps, write_gbps=disk.write_gbps,
+                                                    backward_seconds=backward_of_last)
+        return StepTime(compute, transfer + offload, update, total + waited, waited, reads, writes)
     if plan.backend == "deepspeed":
         weights_in = accumulate * passes * bf16 * params / h2d
         gradients_out = accumulate * bf16 * params / d2h

@@ -160,11 +160,11 @@ def optimizer_of(chosen: Plan) -> str | None:
 
 def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
     """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
-    optimizer state stays on the GPU, fsdp's accumulation on the GPU, deepspeed's state on disk."""
+    optimizer state stays on the GPU, fsdp's accumulation on the GPU, deepspeed's and stream's state on disk."""
     known = {f.name for f in dataclasses.fields(config)}
     levers = {"resident_blocks": chosen.resident_blocks, "gpu_state_blocks": chosen.resident_blocks,
               "accumulate_on_gpu": chosen.accumulate_on_gpu, "offload_device": chosen.offload_device,
-              "nvme_state": chosen.nvme_state}
+              "nvme_state": chosen.nvme_state, "disk_blocks": chosen.disk_blocks}
     return {name: value for name, value in levers.items() if name in known}
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_offload.backends.stream.placement import disk_tier_bytes as stream_disk_tier_bytes
 from lightning_offload.planner.budget import CUDA_CONTEXT_BYTES, GIB, gpu_memory_available, host_memory_available
 from lightning_offload.planner.measure import ModelStats
 
@@ -100,6 +101,9 @@ class Plan:
     nvme_state: str = "all"
     """`deepspeed` on `nvme`: the state kept on disk: `all`, `parameters` (bf16 weights) or `optimizer` (fp32
     master weights, gradients and optimizer state)."""
+    disk_blocks: int | None = 0
+    """`stream`: blocks whose 8-bit optimizer state lives in files under `nvme_path`; None (a candidate before
+    `choose`): the fewest that fit."""
 
     def __str__(self) -> str:
         policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
@@ -107,6 +111,7 @@ class Plan:
                     "host_adam": f", {self.resident_blocks} blocks' state on the GPU"}.get(self.backend, "")
         accumulated = ", gradients accumulated on the GPU" if self.accumulate_on_gpu else ""
         on_disk = f", {_ON_DISK[self.nvme_state]} on NVMe" if self.on_disk else ""
+        on_disk += f", {self.disk_blocks} blocks' state on NVMe" if self.disk_blocks else ""
         return f"{self.backend} + {self.optimizer} + checkpointing={policy}{resident}{accumulated}{on_disk}"
 
     @property
@@ -297,7 +302,12 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
         })
         host.update({"bf16 weights (streamed blocks)": 2 * streamed,
                      "optimizer state": int(state_bytes * trained)})
-        pinned |= {"bf16 weights (streamed blocks)", "optimizer state"}
+        pinned |= {"bf16 weights (streamed blocks)", "optimizer state", "disk staging buffers"}
+        moved, staging = stream_disk_tier_bytes(int(state_bytes * trained_block), plan.disk_blocks or 0)
+        if moved:
+            host["optimizer state"] -= moved
+            host["disk staging buffers"] = staging
+            disk["8-bit optimizer state (blocks on disk)"] = moved
     elif plan.backend == "deepspeed":
         gathered = 2 * max(block, stats.other_parameters)
         gpu.update({

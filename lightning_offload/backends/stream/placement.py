@@ -20,12 +20,15 @@ w = bytes of a weight, 2 for bf16, s = STATE_BYTES_PER_PARAM):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
 
 GIB = 2**30
+PlanT = TypeVar("PlanT", bound=Any)
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements
 GRADIENT_UNITS_ALIVE = 2  # a unit's gradients wait for its update while the next unit's backward runs
 DISK_PAGE = 4096  # O_DIRECT moves whole pages: each block's state file and staging buffer is rounded up to one
@@ -200,3 +203,11 @@ def disk_seconds(state_on_disk_bytes: int, *, read_gbps: float, write_gbps: floa
     disk is read ahead and written back once, both under the last backward's compute, on one drive."""
     busy = state_on_disk_bytes / (read_gbps * 1e9) + state_on_disk_bytes / (write_gbps * 1e9)
     return max(0.0, busy - backward_seconds), state_on_disk_bytes, state_on_disk_bytes
+
+
+def fewest_blocks_on_disk(blocks: int, plan: PlanT, missing: Callable[[PlanT], dict[str, float]]) -> PlanT:
+    """`plan` (the planner's `Plan`) with the fewest blocks' state on disk that leaves host memory no shortfall
+    (`missing` gives a plan's shortfall per tier); when none does, the nearest miss."""
+    sized = [dataclasses.replace(plan, disk_blocks=count) for count in range(blocks + 1)]
+    fitting = next((p for p in sized if "host RAM" not in missing(p)), None)
+    return fitting if fitting is not None else min(sized, key=lambda p: sum(missing(p).values()))
