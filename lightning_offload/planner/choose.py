@@ -158,7 +158,7 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                     checkpointing: str | None = None, every_k: int | None = None,
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
                     accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
-                    disk_given: bool = False) -> list[Plan]:
+                    disk_given: bool = False, disk_blocks: int | None = None) -> list[Plan]:
     """Every plan over the levers the user left open (`None`); pinned levers are taken as given. `host_adam`
     candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit); `fsdp` ones, when
     `accumulate` > 1, come with the micro-batches' gradients added up on the GPU or in host memory; `deepspeed`
@@ -182,8 +182,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                         plans += [dataclasses.replace(base, resident_blocks=r)
                                   for r in range(0, stats.blocks + 1, step)]
                         plans.append(dataclasses.replace(base, resident_blocks=None))
-                        if disk_given:  # the fewest blocks' state on disk that lets host memory hold the rest
-                            plans.append(dataclasses.replace(base, resident_blocks=None, disk_blocks=None))
+                        if disk_given:  # None: the fewest blocks' state on disk that lets host memory hold the rest
+                            plans.append(dataclasses.replace(base, resident_blocks=None, disk_blocks=disk_blocks))
                     elif backend == "host_adam":
                         plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
                     elif backend == "fsdp" and accumulate > 1:
@@ -284,7 +284,7 @@ def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
         return ""
     return (f"disk traffic ({step.disk_read_bytes / 1e9:.1f} GB read, {step.disk_write_bytes / 1e9:.1f} GB written "
             f"per step) adds {step.disk:.3g} s to {step.compute:.3g} s of compute, over {DISK_BOUND_FACTOR:g}x; pin "
-            "`offload_device='nvme'` to accept it")
+            "`offload_device='nvme'` (deepspeed) or `disk_blocks` (stream) to accept it")
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:

@@ -3,6 +3,7 @@ update with DeepSpeed's async I/O op; the same arithmetic as with all state in h
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -247,3 +248,46 @@ def test_disk_options_are_checked() -> None:
         SingleGPUOffloadStrategy(backend="stream", disk_blocks=2, **ALL_STREAMED)
     with pytest.raises(ValueError, match="disk_buffers=2"):
         SingleGPUOffloadStrategy(backend="stream", nvme_path="/tmp", disk_buffers=2, **ALL_STREAMED)
+
+
+# ---------------------------------------------------------------------------------------------- the planner
+def stream_report(host_gib: float, *, accumulate: int = 1, disk_blocks: int | None = None, pinned: bool = False):
+    from lightning_offload.planner import Ceilings, Machine
+    from lightning_offload.planner.choose import candidate_plans, choose
+    from tests.planner.test_disk import NVME
+    from tests.planner.test_memory import LLAMA_8B
+
+    plans = candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True, checkpointing="full", disk_given=True,
+                            disk_blocks=disk_blocks)
+    return choose(LLAMA_8B, Machine(gpu_memory_gib=79.2, host_memory_gib=host_gib), Ceilings(), plans,
+                  accumulate=accumulate, allow_eight_bit=True, disk=NVME, disk_pinned=pinned)
+
+
+def test_planner_puts_the_fewest_blocks_state_on_disk_when_host_memory_is_short() -> None:
+    from lightning_offload.planner import estimate_memory, shortfalls
+    from tests.planner.test_memory import LLAMA_8B
+
+    # 64 micro-batches per step: the once-per-step reads and writes (under the last backward) add little to it.
+    report = stream_report(12, accumulate=64)
+    chosen = report.chosen
+    assert chosen is not None and chosen.plan.disk_blocks
+    assert 0 < chosen.step_time.disk < chosen.step_time.compute / 2
+    memory = chosen.memory
+    block_state = memory.disk["8-bit optimizer state (blocks on disk)"] // chosen.plan.disk_blocks
+    assert memory.host["disk staging buffers"] == 4 * block_state
+    assert chosen.step_time.disk_write_bytes == chosen.step_time.disk_read_bytes == memory.disk_bytes
+    one_fewer = dataclasses.replace(chosen.plan, disk_blocks=chosen.plan.disk_blocks - 1)
+    assert "host RAM" in shortfalls(estimate_memory(LLAMA_8B, one_fewer, accumulate=64), report.machine,
+                                    exact_host_bytes=estimate_memory(LLAMA_8B, one_fewer).pinned_bytes)
+    table = report.table()
+    assert "blocks' state on NVMe" in table and f"{chosen.step_time.disk_write_bytes / 1e9:.1f}" in table
+    assert stream_report(125, accumulate=64).chosen.plan.disk_blocks == 0  # host memory holds it: no disk
+
+
+def test_planner_refuses_a_disk_bound_stream_plan_unless_pinned() -> None:
+    refused = stream_report(12)
+    candidate = next(c for c in refused.candidates if c.plan.disk_blocks)
+    assert refused.chosen is None and not candidate.shortfalls and "disk_blocks" in candidate.refused
+    assert candidate.step_time.disk > candidate.step_time.compute
+    pinned = stream_report(12, disk_blocks=candidate.plan.disk_blocks, pinned=True)
+    assert pinned.chosen is not None and pinned.chosen.plan.disk_blocks == candidate.plan.disk_blocks
