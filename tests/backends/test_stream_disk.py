@@ -25,7 +25,7 @@ from lightning_offload.backends.stream.placement import (
     place_state_on_disk,
 )
 from lightning_offload.planner.disk import UnusableDisk
-from tests.backends.test_stream import ALL_STREAMED, backend_of, optimizer_state, stream, unordered_uses
+from tests.backends.test_stream import ALL_STREAMED, backend_of, stream, unordered_uses
 from tests.conftest import TinyLM, fit
 
 pytest.importorskip("deepspeed")
