@@ -172,7 +172,7 @@ class DiskTier:
             return free
         busy = [b for b in self.buffers if b.state in ("saving", "writing")]
         if busy:
-            buffer = busy[0]
+            buffer = min(busy, key=lambda b: b.state != "writing")  # a write already on its way finishes first
             self._settle(buffer)
             return buffer
         ahead = [b for b in self.buffers if b.state in ("reading", "staged") and not b.loaded and b.unit is not None
