@@ -291,3 +291,33 @@ def test_planner_refuses_a_disk_bound_stream_plan_unless_pinned() -> None:
     assert candidate.step_time.disk > candidate.step_time.compute
     pinned = stream_report(12, disk_blocks=candidate.plan.disk_blocks, pinned=True)
     assert pinned.chosen is not None and pinned.chosen.plan.disk_blocks == candidate.plan.disk_blocks
+
+
+def test_a_pinned_stream_backend_takes_the_planners_blocks_on_disk(tmp_path, monkeypatch) -> None:
+    import lightning_offload.planner as planner_module
+    import lightning_offload.strategy as strategy_module
+    from tests.planner.test_disk import NVME
+
+    folder = tmp_path / "nvme"
+    folder.mkdir()
+    seen = {}
+
+    def probed(path):  # the planner's disk probe writes a GiB: its numbers stand in
+        seen["probed"] = str(path)
+        return dataclasses.replace(NVME, path=str(path))
+
+    monkeypatch.setattr(planner_module, "load_or_probe_disk", probed)
+    planned = strategy_module.plan_for_trainer
+
+    def one_block_on_disk(*args, **kwargs):
+        report = planned(*args, **kwargs)
+        chosen = next(c for c in report.candidates if c.plan.checkpointing == "full")
+        plan = dataclasses.replace(chosen.plan, resident_blocks=BLOCKS, disk_blocks=1)
+        return dataclasses.replace(report, chosen=dataclasses.replace(chosen, plan=plan))
+
+    monkeypatch.setattr(strategy_module, "plan_for_trainer", one_block_on_disk)
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="stream", build_on_meta=False, nvme_path=str(folder)),
+                     num_batches=1, precision="bf16-true")
+    assert seen["probed"] == str(folder)
+    backend = backend_of(trainer)
+    assert len(backend.placement.on_disk) == 1 and len(files_of(trainer)) == 1
