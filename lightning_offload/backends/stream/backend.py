@@ -343,6 +343,8 @@ class StreamBackend(Backend):
         if self.scheduler is not None:
             if last_micro_batch:
                 self.lanes.start_step()
+                if self.disk is not None:
+                    self.disk.blocked_seconds = 0.0
             self.scheduler.begin_backward(update=last_micro_batch and self.optimizer is not None)
 
     def after_backward(self) -> None:
@@ -351,7 +353,7 @@ class StreamBackend(Backend):
 
     def phase_seconds(self) -> dict[str, float]:
         """Busy seconds of each copy direction and of the updates since the last step's backward began, and the
-        seconds the host waited for the disk tier since `fit` began."""
+        seconds the host waited for the disk tier's reads and writes since then ('disk wait')."""
         phases = self.lanes.phase_seconds()
         if self.disk is not None:
             phases["disk wait"] = self.disk.blocked_seconds

@@ -85,6 +85,7 @@ class DiskTier:
         self.folder = Path(tempfile.mkdtemp(prefix="lightning_offload-stream-", dir=folder))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
         self.blocked_seconds = 0.0
+        """Seconds the host waited for a read or write to complete (the backend resets it every step)."""
         op = aio_op()
         size = max((page_rounded(u.state_bytes) for u in self.units), default=PAGE)
         self.arena = HostArena(buffers * size + PAGE, pin=pin)
