@@ -257,10 +257,10 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     candidates = []
     seen: set[Plan] = set()
     for plan in plans:
-        if plan.backend in ("host_adam", "stream") and plan.resident_blocks is None:
-            plan = most_blocks_on_gpu(stats, plan, missing)
         if plan.disk_blocks is None:
             plan = fewest_blocks_on_disk(stats.blocks, plan, missing)
+        if plan.backend in ("host_adam", "stream") and plan.resident_blocks is None:
+            plan = most_blocks_on_gpu(stats, plan, missing)
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
         seen.add(plan)

@@ -321,3 +321,24 @@ def test_a_pinned_stream_backend_takes_the_planners_blocks_on_disk(tmp_path, mon
     assert seen["probed"] == str(folder)
     backend = backend_of(trainer)
     assert len(backend.placement.on_disk) == 1 and len(files_of(trainer)) == 1
+
+
+def test_planner_keeps_the_most_blocks_the_gpu_holds_beside_the_disk_tier() -> None:
+    from lightning_offload.planner import Ceilings, Machine, estimate_memory, shortfalls
+    from lightning_offload.planner.choose import candidate_plans, choose
+    from tests.planner.test_disk import NVME
+    from tests.planner.test_memory import LLAMA_8B
+
+    # A 24 GiB card: each resident block costs GPU memory and saves host memory, which the disk can take instead.
+    machine = Machine(gpu_memory_gib=24, host_memory_gib=24)
+    plans = candidate_plans(LLAMA_8B, backends=["stream"], on_cuda=True, checkpointing="full", disk_given=True)
+    report = choose(LLAMA_8B, machine, Ceilings(), plans, allow_eight_bit=True, disk=NVME, disk_pinned=True)
+    chosen = report.chosen
+    assert chosen is not None and chosen.plan.disk_blocks and not chosen.shortfalls
+
+    def gpu_short(resident: int) -> bool:
+        plan = dataclasses.replace(chosen.plan, resident_blocks=resident)
+        return "GPU" in shortfalls(estimate_memory(LLAMA_8B, plan), machine)
+
+    assert 0 < chosen.plan.resident_blocks < LLAMA_8B.blocks
+    assert not gpu_short(chosen.plan.resident_blocks) and gpu_short(chosen.plan.resident_blocks + 1)

@@ -207,7 +207,11 @@ def disk_seconds(state_on_disk_bytes: int, *, read_gbps: float, write_gbps: floa
 
 def fewest_blocks_on_disk(blocks: int, plan: PlanT, missing: Callable[[PlanT], dict[str, float]]) -> PlanT:
     """`plan` (the planner's `Plan`) with the fewest blocks' state on disk that leaves host memory no shortfall
-    (`missing` gives a plan's shortfall per tier); when none does, the nearest miss."""
+    (`missing` gives a plan's shortfall per tier); when none does, the nearest miss. Unless pinned, its resident
+    blocks are the most the GPU holds: each one also frees host memory, and the disk takes the rest."""
+    if plan.resident_blocks is None:
+        sized_on_gpu = [dataclasses.replace(plan, resident_blocks=count, disk_blocks=0) for count in range(blocks + 1)]
+        plan = next((p for p in reversed(sized_on_gpu) if "GPU" not in missing(p)), sized_on_gpu[0])
     sized = [dataclasses.replace(plan, disk_blocks=count) for count in range(blocks + 1)]
     fitting = next((p for p in sized if "host RAM" not in missing(p)), None)
     return fitting if fitting is not None else min(sized, key=lambda p: sum(missing(p).values()))
