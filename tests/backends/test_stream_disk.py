@@ -105,6 +105,26 @@ def test_state_on_disk_trains_bitwise_like_state_in_host_memory(tmp_path, reside
                                                              for u in blocks]
 
 
+class PartlyFrozenLM(TinyLM):
+    """The first block's MLP input layer frozen and left out of the optimizer: that block's state is pages smaller
+    than the other's."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        self.net.blocks[0].mlp[0].weight.requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+def test_blocks_of_different_state_sizes_share_the_staging_buffers(tmp_path) -> None:
+    in_ram, _ = fit(stream(), module=PartlyFrozenLM(), precision="bf16-true", num_batches=3)
+    module, trainer = fit(on_disk(tmp_path), module=PartlyFrozenLM(), precision="bf16-true", num_batches=3)
+    assert module.losses == in_ram.losses
+    sizes = [f.stat().st_size for f in files_of(trainer)]
+    assert len(set(sizes)) == 2 and all(size % DISK_PAGE == 0 for size in sizes)
+
+
 def test_accumulating_reads_and_writes_once_per_optimizer_step(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Lanes, "start_step", lambda self: None)
     in_ram, _ = fit(stream(), precision="bf16-true", num_batches=4, accumulate_grad_batches=2)

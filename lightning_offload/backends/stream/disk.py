@@ -110,10 +110,11 @@ class DiskTier:
 
     # ------------------------------------------------------------------ requests
     def _submit(self, buffer: StagingBuffer, unit: Unit, *, read: bool) -> None:
-        label = f"{'read' if read else 'write'} state {unit.index}"
         io = buffer.handle.async_pread if read else buffer.handle.async_pwrite
-        if io(buffer.tensor, self.path(unit), 0) != 0:
-            raise OSError(f"The disk tier could not {label.split()[0]} {self.path(unit)!r} (DeepSpeed's async I/O).")
+        # The file's whole pages: a smaller block's file is shorter than the buffer.
+        if io(buffer.tensor[:page_rounded(unit.state_bytes)], self.path(unit), 0) != 0:
+            raise OSError(f"The disk tier could not {'read' if read else 'write'} {self.path(unit)!r} (DeepSpeed's "
+                          "async I/O).")
         file = f"file state {unit.index}"
         self.lanes.touch(buffer.lane, reads=(file,) if read else (buffer.name,),
                          writes=(buffer.name,) if read else (file,))
