@@ -1,7 +1,8 @@
 """lightning_offload's benchmark: single_gpu_offload beside every alternative a user has, and the hardware's limit.
 
-Not part of the installed package. Entry points: `run.py` (the matrix, one subprocess per cell), `cell.py` (one
-cell), `probe.py` (the machine's ceilings), `report.py` (MATRIX.md and its plot from results files).
+Not part of the installed package; run from the repository root as `python -m bench list|run|report|probe|call`
+(bench/__main__.py): the matrix (one subprocess per cell), the machine's ceilings, MATRIX.md and its plot from
+results files, and the named GPU calls of calls.yaml.
 """
 
 # The line a cell or probe process prints its result on; bench/run.py reads the last one.

@@ -1,6 +1,6 @@
 """One cell of the matrix in this process: trains `--method` on `--size` for a regime's steps, prints `RESULT {json}`.
 
-    python bench/cell.py --size 1.5b --method plain --regime r1
+    python -m bench.cell --size 1.5b --method plain --regime r1
 
 bench/run.py starts one of these per cell (so memory peaks and crashes are the cell's own); run alone, it is the
 quickest way to look at one method. Every exception, an OOM included, is reported in the RESULT line.
@@ -12,13 +12,10 @@ import argparse
 import json
 import os
 import resource
-import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/cell.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil
 import torch

@@ -1,4 +1,5 @@
-# Sourced from the repository root by the bench/gpu_*.sh scripts on the device machine:
+# Sourced from the repository root on the device machine, by `python3 -m bench call NAME` (each call names its mode)
+# or by hand before other commands:
 #     source bench/device_setup.sh package || exit 1    # or: checkout
 # Installs the wheels carried in .whl/ (what the machine's image lacks) into /tmp/site and makes $OUT (default
 # /tmp/out). `package` also installs this project (the Hydra app finds its configs through the installed package)

@@ -66,7 +66,8 @@ COSTS = {
     "gpu_8bit_adamw": Cost(GPU_BNB_ADAMW8BIT, optimizer_on_gpu=True),
     # lightning_offload's fused 8-bit AdamW (bench/NOTES_kernel.md), inside backward on the GPU.
     "gpu_fused_8bit_adamw": Cost(GPU_FUSED_ADAMW8BIT, optimizer_on_gpu=True),
-    # bf16 gradients out, bf16 parameters back, fused AdamW on the host's bf16 copy.
+    # bf16 gradients out, bf16 parameters back, fused AdamW on the host's bf16 copy. With offload_gradients=False
+    # the gradients accumulate on the GPU and each micro-batch's backward still copies their running sum out.
     "torchao_offload": Cost(CPU_ADAMW_FUSED, d2h_per_micro_batch=2, h2d_per_step=2),
     # Gradients are cast to fp32 on the GPU before the copy; fp32 master weights are copied back and cast there.
     "zero2_offload": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_step=4),
@@ -76,6 +77,8 @@ COSTS = {
     "zero3_offload": Cost(CPU_DEEPSPEED_ADAM, d2h_per_micro_batch=4, h2d_per_micro_batch=4),
     # FSDP keeps fp32 parameters on the host under bf16-mixed: 4 bytes in for the forward, 4 for the backward.
     "fsdp_cpu_offload": Cost(CPU_ADAMW_FOREACH, d2h_per_micro_batch=4, h2d_per_micro_batch=8),
+    # The same with the user's AdamW fused (Lightning's FSDP preset, tuned).
+    "fsdp1_cpu_offload_fused": Cost(CPU_ADAMW_FUSED, d2h_per_micro_batch=4, h2d_per_micro_batch=8),
     # lightning_offload's fsdp backend steps a torch Adam/AdamW left at torch's defaults with the fused CPU kernel,
     # and adds accumulated gradients up on the GPU: they leave once per step.
     "fsdp_cpu_offload_fused": Cost(CPU_ADAMW_FUSED, d2h_per_step=4, h2d_per_micro_batch=8),

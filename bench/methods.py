@@ -39,36 +39,89 @@ class Method:
 
 
 _LIGHTNING_DEFAULTS = "bf16-mixed, default foreach AdamW, reentrant checkpointing"
+# Each baseline at the settings its library's docs or recipe give for speed ("tuned"), beside the settings users
+# commonly run it with ("defaults", the rows measured first). Every row checkpoints every decoder layer and runs on
+# the same CUDA allocator settings (bench/runners.py `same_allocator`).
+_TORCHTUNE = "torchtune full_finetune_single_device (reimplemented, bench/runners.py), bf16, bnb PagedAdamW8bit"
+_DEEPSPEED_DEFAULTS = "defaults: pin_memory=False, reentrant checkpointing"
+_DEEPSPEED_TUNED = "tuned: pin_memory=True, non-reentrant checkpointing"
 
 BASELINES = [
     Method("plain", "plain PyTorch loop: fp32 weights, bf16 autocast, fused AdamW, no offload",
            runner="plain", cost="gpu_adamw", runs_on_cpu=True),
-    Method("torchtune", "torchtune single-device method: bf16, bnb PagedAdamW8bit stepped in backward",
+    Method("torchtune", f"{_TORCHTUNE} stepped in backward; defaults: eager, full fp32 logits",
            runner="torchtune", cost="gpu_8bit_adamw", accumulates=False),
+    # torchtune recipes/configs/llama3_1/8B_full_single_device.yaml as shipped: `loss: LinearCrossEntropyLoss`,
+    # `compile: False`, `optimizer_in_bwd: True`.
+    Method("torchtune_linear", f"{_TORCHTUNE} stepped in backward; its 8B config as shipped: eager, "
+                               "LinearCrossEntropyLoss (8 chunks)",
+           runner="torchtune", cost="gpu_8bit_adamw", accumulates=False,
+           options={"compiled": False, "loss": "linear", "optimizer_in_backward": True}),
+    # The same config with `compile: True` ("True increases speed + decreases memory"; training/_compile.py).
+    Method("torchtune_compiled", f"{_TORCHTUNE} stepped in backward; tuned: layers and loss compiled, "
+                                 "LinearCrossEntropyLoss (8 chunks)",
+           runner="torchtune", cost="gpu_8bit_adamw", accumulates=False,
+           options={"compiled": True, "loss": "linear", "optimizer_in_backward": True}),
+    # The same config's `gradient_accumulation_steps` needs `optimizer_in_bwd: False` (one optimizer, stepped
+    # after the micro-batches).
+    Method("torchtune_accumulating", f"{_TORCHTUNE} stepped after accumulation; tuned: layers and loss compiled, "
+                                     "LinearCrossEntropyLoss (8 chunks)",
+           runner="torchtune", cost="gpu_8bit_adamw",
+           options={"compiled": True, "loss": "linear", "optimizer_in_backward": False}),
     Method("torchao_offload", "torchao CPUOffloadOptimizer (fused CPU AdamW, offload_gradients), bf16",
            runner="torchao_offload", cost="torchao_offload", accumulates=False),
+    # torchao/optim/README.md "Optimizer CPU offload": `offload_gradients=True` "is not compatible with gradient
+    # accumulation"; the default (False) keeps gradients on the GPU, which accumulates.
+    Method("torchao_offload_accumulating",
+           "torchao CPUOffloadOptimizer (fused CPU AdamW, gradients accumulated on the GPU), bf16",
+           runner="torchao_offload", cost="torchao_offload", options={"offload_gradients": False}),
     Method("deepspeed_zero2_offload", "DeepSpeed ZeRO-2 + CPU optimizer offload, driven directly",
            runner="deepspeed", cost="zero2_offload", options={"zenflow": False}),
     Method("deepspeed_zenflow", "DeepSpeed ZenFlow (ZeRO-2 offload, top-k 0.05, update interval 4)",
            runner="deepspeed", cost="zenflow", options={"zenflow": True}, note="stale updates"),
     Method("lightning_auto", f'Lightning "auto" ({_LIGHTNING_DEFAULTS})', runner="lightning", cost="gpu_adamw",
            options={"strategy": "auto", "checkpointing": "reentrant", "optimizer": "adamw"}, runs_on_cpu=True),
-    Method("lightning_deepspeed_stage_2_offload", "Lightning `deepspeed_stage_2_offload` (DeepSpeed CPU Adam)",
+    Method("lightning_deepspeed_stage_2_offload",
+           f"Lightning `deepspeed_stage_2_offload` (DeepSpeed CPU Adam); {_DEEPSPEED_DEFAULTS}",
            runner="lightning", cost="zero2_offload",
            options={"strategy": "deepspeed_stage_2_offload", "checkpointing": "reentrant",
                     "optimizer": "deepspeed_cpu_adam"}),
-    Method("lightning_deepspeed_stage_3_offload", "Lightning `deepspeed_stage_3_offload` (DeepSpeed CPU Adam)",
+    # DeepSpeed's config docs (deepspeed.ai/docs/config-json, "Optimizer offloading"): `pin_memory` "could boost
+    # throughput"; torch.utils.checkpoint's docs recommend `use_reentrant=False`.
+    Method("lightning_deepspeed_stage_2_offload_tuned",
+           f"Lightning DeepSpeed ZeRO-2, optimizer offloaded to CPU (DeepSpeed CPU Adam); {_DEEPSPEED_TUNED}",
+           runner="lightning", cost="zero2_offload",
+           options={"strategy": "deepspeed_stage_2_offload_pinned", "checkpointing": "non_reentrant",
+                    "optimizer": "deepspeed_cpu_adam"}),
+    Method("lightning_deepspeed_stage_3_offload",
+           f"Lightning `deepspeed_stage_3_offload` (DeepSpeed CPU Adam); {_DEEPSPEED_DEFAULTS}",
            runner="lightning", cost="zero3_offload",
            options={"strategy": "deepspeed_stage_3_offload", "checkpointing": "reentrant",
                     "optimizer": "deepspeed_cpu_adam"}),
     Method("lightning_deepspeed_stage_3_offload_pinned",
-           "Lightning DeepSpeed ZeRO-3, parameters and optimizer offloaded to CPU, pinned memory (DeepSpeed CPU Adam)",
+           "Lightning DeepSpeed ZeRO-3, parameters and optimizer offloaded to CPU, pinned memory (DeepSpeed CPU Adam)"
+           ", reentrant checkpointing",
            runner="lightning", cost="zero3_offload",
            options={"strategy": "deepspeed_stage_3_offload_pinned", "checkpointing": "reentrant",
                     "optimizer": "deepspeed_cpu_adam"}),
-    Method("lightning_fsdp_cpu_offload", "Lightning `FSDPStrategy(cpu_offload=True)`, decoder-layer checkpointing",
+    # DeepSpeed's config docs, "Parameter offloading" and "Optimizer offloading": `pin_memory: true` for both.
+    Method("lightning_deepspeed_stage_3_offload_tuned",
+           "Lightning DeepSpeed ZeRO-3, parameters and optimizer offloaded to CPU (DeepSpeed CPU Adam); "
+           f"{_DEEPSPEED_TUNED}",
+           runner="lightning", cost="zero3_offload",
+           options={"strategy": "deepspeed_stage_3_offload_pinned", "checkpointing": "non_reentrant",
+                    "optimizer": "deepspeed_cpu_adam"}),
+    Method("lightning_fsdp_cpu_offload",
+           "Lightning `FSDPStrategy(cpu_offload=True)`, decoder-layer checkpointing; defaults: torch's foreach "
+           "CPU AdamW",
            runner="lightning", cost="fsdp_cpu_offload",
            options={"strategy": "fsdp_cpu_offload", "checkpointing": "by_strategy", "optimizer": "adamw"}),
+    # torch.optim.AdamW docs: `fused` runs on CPU tensors too; FSDP's CPU offload steps host tensors, where the
+    # default is the for-each kernel (configure_optimizers is the user's: passing fused=True is one keyword).
+    Method("lightning_fsdp_cpu_offload_fused",
+           "Lightning `FSDPStrategy(cpu_offload=True)`, decoder-layer checkpointing; tuned: fused CPU AdamW",
+           runner="lightning", cost="fsdp1_cpu_offload_fused",
+           options={"strategy": "fsdp_cpu_offload", "checkpointing": "by_strategy", "optimizer": "adamw_fused"}),
 ]
 
 
@@ -79,10 +132,11 @@ _PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}
                  # The module checkpoints every layer (the planner plans `full`); a 152K vocabulary's fp32 logits
                  # would take ~12 GiB of the GPU, i.e. a dozen resident blocks' worth of host memory.
                  "stream": {"loss": "chunked"}}
-_PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs, chunked loss",
-                "host_adam": ", checkpointing and the optimizer state's GPU share by the planner, chunked loss",
-                "stream": ", resident blocks by the planner, chunked loss"}
-# More rows of a backend beside its default one: (name suffix, backend options, label).
+_PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs",
+                "host_adam": ", checkpointing and the optimizer state's GPU share by the planner",
+                "stream": ", resident blocks by the planner"}
+_LOSS_LABELS = {"chunked": ", chunked loss", "liger": ", Liger-Kernel's fused linear cross-entropy"}
+# More rows of a backend beside its default one: (name suffix, backend options, label[, module options]).
 _VARIANTS = {
     "host_adam": [
         ("all_host", {"gpu_state_blocks": 0, "cast_on_device": False},
@@ -96,21 +150,25 @@ _VARIANTS = {
     "deepspeed": [("nvme_parameters", {"offload_device": "nvme", "nvme_state": "parameters",
                                        "nvme_path": os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_swap")},
                    "; bf16 weights on NVMe (ZeRO-Infinity)")],
-    "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
+    "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled"),
+                 # Liger-Kernel's loss in place of ours (`pip install liger-kernel`): speed and peak side by side.
+                 ("compiled_liger", {"compile_blocks": True}, "; decoder layers compiled", {"loss": "liger"})],
     "stream": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
 }
 
 
 def ours(backend: str, cost: str, suffix: str = "", backend_options: dict[str, Any] | None = None,
-         label: str = "") -> Method:
+         label: str = "", module_options: dict[str, Any] | None = None) -> Method:
     """A `single_gpu_offload` row; the backend converts the module's plain AdamW to its own optimizer."""
     options = {"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant", "optimizer": "adamw",
-               **_PLAN_OPTIONS.get(backend, {})}
+               **_PLAN_OPTIONS.get(backend, {}), **(module_options or {})}
     if backend_options:
         options["backend_options"] = backend_options
+    plan_label = _PLAN_LABELS.get(backend, "") + _LOSS_LABELS.get(options.get("loss", ""), "")
     return Method(f"{OURS}_{backend}" + (f"_{suffix}" if suffix else ""),
-                  f'{OURS} (backend="{backend}"{_PLAN_LABELS.get(backend, "")}{label})',
-                  runner="lightning", cost=cost, options=options, runs_on_cpu=True)
+                  f'{OURS} (backend="{backend}"{plan_label}{label})',
+                  runner="lightning", cost=cost, options=options,
+                  runs_on_cpu=options.get("loss") != "liger")  # Liger's kernels are Triton's: CUDA only
 
 
 def all_methods(our_backends: dict[str, str]) -> dict[str, Method]:

@@ -1,6 +1,6 @@
 """The planner's estimates, as the code stands now, beside what the benchmark measured for our rows.
 
-    PYTHONPATH=. python bench/plan_check.py [bench/results.jsonl ...]
+    python -m bench.plan_check [bench/results.jsonl ...]
 
 One line per current measured cell of a `single_gpu_offload` row: the plan it ran (as recorded), the estimates of
 that plan for that model and batch now (measured on the meta device, as the strategy measures it) beside the GPU
@@ -18,8 +18,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/plan_check.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -30,7 +28,7 @@ from lightning_offload.planner import (GIB, Ceilings, ModelStats, Plan, estimate
                                       measure_module)
 
 DEFAULT_RESULTS = Path(__file__).with_name("results.jsonl")
-_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
+_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ activation_checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
                    r"(?:, (?P<blocks>\d+) (?:resident blocks|blocks' state on the GPU))?"
                    r"(?P<accumulated>, gradients accumulated on the GPU)?$")
 
@@ -54,7 +52,7 @@ def parse_plan(text: str) -> Plan:
     if match is None:
         raise ValueError(f"Not a plan: {text!r}")
     policy = "every_k" if match["k"] else match["policy"]
-    return Plan(backend=match["backend"], optimizer=match["optimizer"], checkpointing=policy,
+    return Plan(backend=match["backend"], optimizer=match["optimizer"], activation_checkpointing=policy,
                 every_k=int(match["k"] or 2), resident_blocks=int(match["blocks"] or 0),
                 accumulate_on_gpu=bool(match["accumulated"]))
 

@@ -6,7 +6,7 @@ rates on the CPU (torch fused and foreach AdamW, DeepSpeed CPU Adam, bitsandbyte
 fused AdamW on fp32, bitsandbytes 8-bit on bf16), and disk bandwidth. bench/limits.py turns them into limit step
 times. Each measurement that fails is reported under `errors` and the others still run.
 
-    python bench/probe.py
+    python -m bench probe
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/probe.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

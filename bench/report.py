@@ -1,6 +1,6 @@
 """Renders results files into markdown tables (one per regime, beside the probe and the limits) and a PNG plot.
 
-    python bench/report.py bench/results.jsonl [more.jsonl ...] --out bench/MATRIX.md   # also bench/MATRIX.png
+    python -m bench report bench/results.jsonl [more.jsonl ...] --out bench/MATRIX.md   # also bench/MATRIX.png
 
 Records of the same cell from several runs merge: the newest measurement wins, and a cell that a later session did
 not get to ("not run") or skipped as answered by another cell's failure keeps its earlier measurement.
@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/report.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.limits import COSTS, Cost, attention_key, limit_step, model_matmul_key
 from bench.matrix import Superseded, expand, load_config, mark_superseded, memory_failure, time_failure
@@ -120,7 +118,7 @@ def _strategy_checkpoints() -> frozenset[str]:
 
 def _recompute_share(plan: str) -> float | None:
     """Share of the blocks a plan's checkpointing policy recomputes (bench/limits.py `Cost.recompute_share`)."""
-    policy = re.search(r"checkpointing=(\w+)", plan)
+    policy = re.search(r"activation_checkpointing=(\w+)", plan)
     if policy is None:
         return None
     name = policy.group(1)
@@ -248,8 +246,18 @@ def render_markdown(probe: dict | None, cells: dict[str, dict], plot_name: str |
         lines += [""]
     probe_commands = (probe.get("commands") or [probe["command"]]) if probe else []
     commands = [r["command"] for r in records if "command" in r] + probe_commands
-    lines += ["## Commands", "", *sorted({f"    {command}" for command in commands})]
+    lines += ["## Commands", "", *sorted({f"    {as_module_command(command)}" for command in commands})]
     return "\n".join(lines) + "\n"
+
+
+def as_module_command(command: str) -> str:
+    """A recorded command as it is typed today: records made before `python -m bench` name the scripts (the matrix's,
+    the probe's, a GPU call's)."""
+    for script, module in (("python bench/run.py", "python -m bench run"),
+                           ("python bench/probe.py", "python -m bench probe")):
+        if command == script or command.startswith(script + " "):
+            return module + command[len(script):]
+    return re.sub(r"bash bench/calls/([\w.]+)\.sh", r"python -m bench call \1", command)
 
 
 def plot(cells: dict[str, dict], path: Path) -> None:

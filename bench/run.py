@@ -1,8 +1,8 @@
 """Runs the benchmark matrix, one subprocess per cell, and appends one JSON line per cell to a results file.
 
-    python bench/run.py --probe                                   # the probe, then the whole matrix
-    python bench/run.py --sizes 1.5b,3.6b --methods plain,torchtune --regimes r1 --results bench/results.jsonl
-    python bench/report.py bench/results.jsonl                    # tables and plot from every run so far
+    python -m bench run --probe                                   # the probe, then the whole matrix
+    python -m bench run --sizes 1.5b,3.6b --methods plain,torchtune --regimes r1 --results bench/results.jsonl
+    python -m bench report bench/results.jsonl                    # tables and plot from every run so far
 
 Each cell runs in its own process under a time limit, so a crash, an OOM, a kill by the kernel or a hang is that
 cell's recorded result (with its cause), its memory peaks are its own, and a later cell starts on a clean GPU.
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/run.py`: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil
 
@@ -205,7 +203,7 @@ def probe_record(config: Config, deadline: float | None, log_path: Path, only: s
     limit = time_limit(config.probe_timeout_s, only == "all" or "cpu_deepspeed_adam" in only, config, deadline)
     if limit is None:
         return {"kind": "probe", "status": "not_run", "cause": NOT_RUN}
-    argv = [sys.executable, str(BENCH / "probe.py"), *([] if only == "all" else ["--only", only])]
+    argv = [sys.executable, "-m", "bench.probe", *([] if only == "all" else ["--only", only])]
     outcome = run_child(argv, limit, log_path, "probe")
     status, cause = classify(outcome, limit)
     figures = {key: value for key, value in (outcome.result or {}).items() if key != "ok"}
@@ -227,7 +225,7 @@ def measure(cell: PlannedCell, config: Config, args: argparse.Namespace, overrid
     if cut_by_deadline and estimate is not None and estimate > limit:
         return cell_record(cell, "not_run", f"{NOT_RUN}: needs ~{estimate:.0f} s by its method's measured cells, "
                                             f"{limit:.0f} s left")
-    argv = [sys.executable, str(BENCH / "cell.py"), "--size", cell.size, "--method", cell.method.name,
+    argv = [sys.executable, "-m", "bench.cell", "--size", cell.size, "--method", cell.method.name,
             "--regime", cell.regime.name, "--device", args.device, "--config", str(args.config),
             "--time-limit-s", f"{limit:.1f}", *override_arguments(overrides)]
     limits = {}
@@ -285,7 +283,7 @@ def main() -> None:
     parser.add_argument("--regimes", help="comma-separated, e.g. r1 (default: all)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--probe", nargs="?", const="all", help="measure the machine's ceilings first; or only "
-                        "the named measurements (bench/probe.py --only), e.g. --probe model_matmuls,model_attention")
+                        "the named measurements (`python -m bench probe --only`), e.g. --probe model_matmuls,model_attention")
     parser.add_argument("--profile", help="run the cells as a smaller machine, emulated by memory budgets "
                         "(bench/matrix.yaml `profiles`, e.g. 24gb_64gib); results default to results_<profile>.jsonl")
     parser.add_argument("--results", type=Path, help="JSON lines, appended to (default: bench/results.jsonl)")
@@ -330,7 +328,7 @@ def main() -> None:
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     log_path = args.log or args.results.with_suffix(".log")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "bench/run.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "bench", "run", *sys.argv[1:]])
 
     def append(record: dict) -> None:
         record |= {"command": command, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -8,6 +8,7 @@ missing one fails only its own cells.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,20 @@ class Cell:
     """`time.time()` at which bench/run.py kills the cell; None (bench/cell.py run by hand): no limit."""
     host_memory_gib: float | None = None
     """The profile's host RAM (`--profile`): our rows plan within it. None: the whole machine's."""
+
+
+def same_allocator(runner: Callable[..., StepClock]) -> Callable[..., StepClock]:
+    """Every row runs on the CUDA allocator settings our strategy picks (expandable segments unless the environment
+    configures the allocator), so no row wins or loses by its allocator's fragmentation."""
+
+    @functools.wraps(runner)
+    def run(cell: Cell, **options: Any) -> StepClock:
+        from lightning_offload.strategy import prefer_expandable_segments
+
+        prefer_expandable_segments(cell.device)
+        return runner(cell, **options)
+
+    return run
 
 
 # Forward and backward of one micro-batch with the loss scaled by the given factor; returns the unscaled loss.
@@ -96,12 +111,61 @@ def plain(cell: Cell) -> StepClock:
     return run_loop(cell, Steps(_micro_batch(model, autocast_on=cell.device.type), optimizer_step))
 
 
-def torchtune(cell: Cell) -> StepClock:
-    """torchtune's full_finetune_single_device with optimizer_in_bwd: bf16 weights, one bitsandbytes
-    PagedAdamW8bit per parameter, stepped as soon as that parameter's gradient is complete (no accumulation)."""
+LossOf = Callable[[torch.Tensor], torch.Tensor]
+
+
+def torchtune_model(cell: Cell, compiled: bool, loss: str) -> tuple[torch.nn.Module, LossOf]:
+    """The model and loss of torchtune's full_finetune_single_device recipe: bf16 weights, every decoder layer
+    checkpointed; `compiled=True` (the recipe's `compile: True`) compiles each decoder layer and the loss as its
+    `training.compile_model` / `compile_loss` do; `loss="linear"` is its `LinearCrossEntropyLoss`
+    (bench/rival_losses.py), "full" transformers' loss on the full fp32 logits. Returns the model and the loss of a
+    token batch."""
+    from bench.rival_losses import TorchtuneLinearCrossEntropy
+
+    if loss not in ("full", "linear"):
+        raise ValueError(f"Unknown torchtune loss {loss!r}; choose 'full' or 'linear'.")
+    model = _model(cell, torch.bfloat16)
+    if compiled:
+        # torchtune compiles per layer, inside the checkpointing wrapper, each layer's whole call.
+        for layer in model.model.layers:
+            layer.compile()
+    if loss == "full":
+        return model, functools.partial(_causal_lm_loss, model)
+    linear_loss = TorchtuneLinearCrossEntropy(model.lm_head)
+    if compiled:
+        linear_loss.apply_compile_strategy()
+    return model, functools.partial(_torchtune_linear_loss, model, linear_loss)
+
+
+def _torchtune_linear_loss(model: torch.nn.Module, linear_loss: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The recipe skips the model's output layer and hands the hidden states to the loss."""
+    from bench.rival_losses import torchtune_labels
+
+    return linear_loss(model.model(input_ids=batch).last_hidden_state, torchtune_labels(batch))
+
+
+def torchtune(cell: Cell, compiled: bool = False, loss: str = "full", optimizer_in_backward: bool = True) -> StepClock:
+    """torchtune's full_finetune_single_device: bitsandbytes PagedAdamW8bit, lr as the benchmark's. With
+    `optimizer_in_backward` (its 8B config's default) one optimizer per parameter steps as soon as that parameter's
+    gradient is complete, so gradients cannot accumulate; without it one optimizer steps after the regime's
+    micro-batches (`gradient_accumulation_steps`)."""
     import bitsandbytes as bnb
 
-    model = _model(cell, torch.bfloat16)
+    model, loss_of = torchtune_model(cell, compiled, loss)
+
+    def micro_batch(batch: torch.Tensor, scale: float) -> torch.Tensor:
+        loss_value = loss_of(batch)
+        (loss_value * scale).backward()
+        return loss_value.detach()
+
+    if not optimizer_in_backward:
+        optimizer = bnb.optim.PagedAdamW8bit(model.parameters(), lr=LR)
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run_loop(cell, Steps(micro_batch, optimizer_step))
     optimizers = {param: bnb.optim.PagedAdamW8bit([param], lr=LR) for param in model.parameters()}
 
     def step_in_backward(param: torch.Tensor) -> None:
@@ -110,15 +174,18 @@ def torchtune(cell: Cell) -> StepClock:
 
     for param in model.parameters():
         param.register_post_accumulate_grad_hook(step_in_backward)
-    return run_loop(cell, Steps(_micro_batch(model), optimizer_step=lambda: None))
+    return run_loop(cell, Steps(micro_batch, optimizer_step=lambda: None))
 
 
-def torchao_offload(cell: Cell) -> StepClock:
-    """bf16 weights on the GPU; gradients stream to pinned host memory and torch's fused AdamW steps there."""
+def torchao_offload(cell: Cell, offload_gradients: bool = True) -> StepClock:
+    """bf16 weights on the GPU, torch's fused AdamW on a host copy (torchao's CPUOffloadOptimizer): each gradient
+    is copied to pinned host memory as backward completes it. `offload_gradients` then frees it on the GPU (no
+    accumulation); without it the GPU gradient accumulates and each copy carries the running sum."""
     from torchao.optim import CPUOffloadOptimizer
 
     model = _model(cell, torch.bfloat16)
-    optimizer = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=True, fused=True, lr=LR)
+    optimizer = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=offload_gradients,
+                                    fused=True, lr=LR)
 
     def optimizer_step() -> None:
         optimizer.step()
@@ -182,7 +249,9 @@ class LlamaModule(L.LightningModule):
     """The model is built in `configure_model`, inside whatever context the strategy provides for it.
 
     `loss="chunked"` computes the output layer and the cross-entropy together without the full logits
-    (`lightning_offload.losses`, as torchtune's recipes chunk theirs); "full" is transformers' own loss.
+    (`lightning_offload.losses`, as torchtune's recipes chunk theirs); "liger" does the same with Liger-Kernel's
+    fused linear cross-entropy (bench/rival_losses.py); "full" is transformers' own loss. `optimizer="adamw_fused"`
+    is torch's AdamW with `fused=True`, which torch implements for CPU tensors too.
     """
 
     def __init__(self, size: str, checkpointing: str, optimizer: str, loss: str = "full") -> None:
@@ -198,9 +267,13 @@ class LlamaModule(L.LightningModule):
                 from lightning_offload.losses import ChunkedLMHeadLoss
 
                 ChunkedLMHeadLoss.adopt(self.model.lm_head)
+            elif self.loss == "liger":
+                from bench.rival_losses import LigerLMHeadLoss
+
+                LigerLMHeadLoss.adopt(self.model.lm_head)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.loss == "chunked":
+        if self.loss in ("chunked", "liger"):
             hidden = self.model.model(input_ids=batch).last_hidden_state
             return self.model.lm_head(hidden[:, :-1], batch[:, 1:])
         return _causal_lm_loss(self.model, batch)
@@ -210,7 +283,9 @@ class LlamaModule(L.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(self.parameters(), lr=LR)
-        return torch.optim.AdamW(self.parameters(), lr=LR)
+        # None: torch picks its kernel (for-each on the host tensors FSDP's CPU offload steps).
+        fused = True if self.optimizer_name == "adamw_fused" else None
+        return torch.optim.AdamW(self.parameters(), lr=LR, fused=fused)
 
 
 class _Clock(L.Callback):
@@ -269,6 +344,16 @@ class _PredictedTimeoutGuard(L.Callback):
                                    f"{self.steps} steps, {left_s:.0f} s left", planned)
 
 
+# Lightning's offload presets (`deepspeed_stage_2_offload`, `deepspeed_stage_3_offload`) leave `pin_memory=False`;
+# DeepSpeed's config docs (deepspeed.ai/docs/config-json, "Optimizer offloading" / "Parameter offloading") give
+# `pin_memory: true` for throughput, and Lightning's DeepSpeed guide shows it on `DeepSpeedStrategy`.
+PINNED_DEEPSPEED = {
+    "deepspeed_stage_2_offload_pinned": {"stage": 2, "offload_optimizer": True, "pin_memory": True},
+    "deepspeed_stage_3_offload_pinned": {"stage": 3, "offload_optimizer": True, "offload_parameters": True,
+                                         "pin_memory": True},
+}
+
+
 def _lightning_strategy(name: str, backend: str | None, backend_options: dict[str, Any],
                         host_memory_gib: float | None = None) -> Any:
     if name == "fsdp_cpu_offload":
@@ -281,10 +366,10 @@ def _lightning_strategy(name: str, backend: str | None, backend_options: dict[st
 
         return lightning_offload.SingleGPUOffloadStrategy(backend=backend, max_host_memory_gib=host_memory_gib,
                                                           **backend_options)
-    if name == "deepspeed_stage_3_offload_pinned":
+    if name in PINNED_DEEPSPEED:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True, pin_memory=True)
+        return DeepSpeedStrategy(**PINNED_DEEPSPEED[name])
     return name
 
 
@@ -308,6 +393,8 @@ def lightning(cell: Cell, strategy: str, checkpointing: str, optimizer: str, bac
 
 
 RUNNERS: dict[str, Callable[..., StepClock]] = {
-    "plain": plain, "torchtune": torchtune, "torchao_offload": torchao_offload, "deepspeed": deepspeed,
-    "lightning": lightning,
+    name: same_allocator(runner) for name, runner in {
+        "plain": plain, "torchtune": torchtune, "torchao_offload": torchao_offload, "deepspeed": deepspeed,
+        "lightning": lightning,
+    }.items()
 }

@@ -14,10 +14,10 @@ from lightning_offload.export import export_hf
 from lightning_offload.parallel import OffloadStrategy
 from lightning_offload.planner import Machine, plan
 from lightning_offload.pretrained import pretrained
-from lightning_offload.saving import consolidate
+from lightning_offload.consolidation import consolidate
 from lightning_offload.strategy import MULTI_DEVICE_NAME, STRATEGY_NAME, SingleGPUOffloadStrategy
 
-# `plan` is the planner's function; `python -m lightning_offload.plan` (the module of the same name) is its CLI.
+# `plan` is the planner's function; `lightning-offload plan` is its command.
 __all__ = ["MULTI_DEVICE_NAME", "STRATEGY_NAME", "Machine", "OffloadStrategy", "SingleGPUOffloadStrategy",
            "consolidate", "export_hf", "plan", "pretrained"]
 __version__ = "0.1.0.dev0"

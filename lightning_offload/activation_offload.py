@@ -1,5 +1,5 @@
-"""`checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and come back
-ahead of its backward, both copies on side CUDA streams so that they run under compute.
+"""`activation_checkpointing="offload"`: each block's saved activations go to pinned host memory during forward and
+come back ahead of its backward, both copies on side CUDA streams so that they run under compute.
 
 torch's `torch.autograd.graph.save_on_cpu` copies on the compute stream in both directions (every copy adds to the
 step), allocates host memory on every save, and copies weights too; these `saved_tensors_hooks` fill that gap with
@@ -33,10 +33,13 @@ import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_offload.planner.budget import Available, HostBudget
 
 PENDING, COPYING, OFFLOADED, BROUGHT_BACK, KEPT = "pending", "copying", "offloaded", "brought back", "kept"
 
@@ -50,14 +53,16 @@ class HostBuffer:
 
 
 class HostPool:
-    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (~6 GiB/s
-    after zeroing, where torch's `pin_memory` runs at ~1.7 GiB/s: see `backends/stream/lanes.HostArena`) at its
-    exact size (torch's pinned-block cache rounds up to a power of two and never gives memory back). The pool holds
-    at most the most bytes ever in use at once (one forward's offloaded activations): a new size evicts free
-    buffers beyond that."""
+    """Host buffers by size in bytes, reused across steps. Each is page-locked with `cudaHostRegister` (faster than
+    torch's `pin_memory`: see `backends/stream/lanes.HostArena`) at its exact size (torch's pinned-block cache rounds
+    up to a power of two and never gives memory back). The pool holds at most the most bytes ever in use at once
+    (one forward's offloaded activations): a new size evicts free buffers beyond that. `room`: the host memory the
+    run may still use when the pool starts (its budget, the job's cgroup limit); the pool refuses to grow beyond it,
+    naming the limit, instead of being killed by the kernel."""
 
-    def __init__(self, *, pin: bool) -> None:
+    def __init__(self, *, pin: bool, room: Available | None = None) -> None:
         self.pin = pin
+        self.room = room
         self.allocations = 0
         self.in_use_bytes = self.free_bytes = self.high_water_bytes = 0
         self._free: dict[int, list[HostBuffer]] = defaultdict(list)
@@ -78,7 +83,20 @@ class HostPool:
                 if evicted.free_after is not None:
                     evicted.free_after.synchronize()  # a copy may still read it
                 self.free_bytes -= size
+            if self.room is not None and self.free_bytes + self.in_use_bytes > self.room.bytes:
+                self._refuse_growth(nbytes)
         return HostBuffer(_host_memory(nbytes, pin=self.pin))
+
+    def _refuse_growth(self, nbytes: int) -> None:
+        from lightning_offload.planner.budget import refuse_beyond_host_room
+
+        held = self.free_bytes + self.in_use_bytes
+        self.in_use_bytes -= nbytes
+        refuse_beyond_host_room(
+            held, self.room, what="Offloading activations to host memory (`activation_checkpointing='offload'`)",
+            fix="Use `activation_checkpointing='full'` (recomputes activations instead of keeping them) or a smaller "
+                "batch.",
+        )
 
     def give(self, buffer: HostBuffer, free_after: Any) -> None:
         with self._lock:
@@ -166,17 +184,21 @@ class _Group:
 
 
 class ActivationOffloader:
-    """The `saved_tensors_hooks` of `checkpointing="offload"`, shared by all blocks of one model (`run` wraps each
-    block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block index,
-    how) in order, for tests."""
+    """The `saved_tensors_hooks` of `activation_checkpointing="offload"`, shared by all blocks of one model (`run`
+    wraps each block's forward). `trace`, when set to a list, records ('copy out' | 'backward' | 'copy back', block
+    index, how) in order, for tests."""
 
     def __init__(self, *, min_bytes: int) -> None:
         self.min_bytes = min_bytes
         self.pool: HostPool | None = None
+        self.host_budget: HostBudget | None = None
+        """The run's host budget (set by the strategy), which the pool keeps to."""
         self.packed_bytes = 0
         """Bytes of every tensor a block saved (each save counted)."""
         self.offloaded_bytes = 0
         """Bytes whose device memory was freed once their host copy was complete."""
+        self.copied_out_bytes = self.copied_back_bytes = 0
+        """Bytes copied to host memory, and back to the device (telemetry's transfer counts)."""
         self.trace: list[tuple[str, int, str]] | None = None
         self._pending: _Group | None = None
         self._copying: _Group | None = None
@@ -246,6 +268,7 @@ class ActivationOffloader:
                 if streams and item.host.free_after is not None:
                     streams[0].wait_event(item.host.free_after)
                 item.host_view().copy_(item.tensor(), non_blocking=bool(streams))
+                self.copied_out_bytes += item.nbytes
             group.copied_out = streams[0].record_event() if streams else None
 
     def _free_device_copies(self, group: _Group) -> None:
@@ -306,6 +329,7 @@ class ActivationOffloader:
         with torch.no_grad(), torch.cuda.stream(streams[1]) if streams else nullcontext():
             for item in saved:
                 item.restored.copy_(item.host_view(), non_blocking=bool(streams))
+                self.copied_back_bytes += item.nbytes
             group.copied_back = streams[1].record_event() if streams else None
         for item in saved:
             item.release_host(group.copied_back)
@@ -321,7 +345,9 @@ class ActivationOffloader:
 
     def _host_pool(self, device: torch.device) -> HostPool:
         if self.pool is None:
-            self.pool = HostPool(pin=device.type == "cuda")
+            # The budget's room is taken when the first activations leave: after the engine's own host memory.
+            room = self.host_budget.room() if self.host_budget is not None else None
+            self.pool = HostPool(pin=device.type == "cuda", room=room)
         return self.pool
 
     def _log(self, what: str, block_index: int, how: str = "") -> None:

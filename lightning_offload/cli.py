@@ -56,7 +56,7 @@ def plan(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from lightning_offload.config import register_configs
+    from lightning_offload.config import register_configs, warn_deprecated_names
     from lightning_offload.planner import cli
     from lightning_offload.planner.choose import PlanDoesNotFit
 
@@ -68,6 +68,7 @@ def plan(args: list[str]) -> int:
     try:
         with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
             cfg = compose(config_name="plan", overrides=options.overrides)
+        warn_deprecated_names(cfg)
         report = cli.plan_from_config(cfg)
     except PlanDoesNotFit as refusal:  # pinned levers that leave no plan to compare
         print(f"lightning-offload plan: {refusal}", file=sys.stderr)
@@ -83,7 +84,7 @@ def plan(args: list[str]) -> int:
 
 
 def consolidate(args: list[str]) -> int:
-    from lightning_offload.saving import consolidate as consolidate_checkpoint
+    from lightning_offload.consolidation import consolidate as consolidate_checkpoint
 
     parser = argparse.ArgumentParser(prog="lightning-offload consolidate",
                                      description="A checkpoint of any backend as one plain fp32 state dict, which "

@@ -1,17 +1,15 @@
 """Compiling the repeated blocks: `SingleGPUOffloadStrategy(compile_blocks=True)`.
 
 Why: in an eager `transformers` decoder layer the elementwise work around the GEMMs (RMSNorm in fp32, rotary
-embeddings, SiLU x up, residual adds, dtype casts) is a string of memory-bound kernels. Measured on the H100 at
-micro-batch 4 x 2048 (`bench/block_compute.py`), one checkpointed layer takes 1.16-1.46x the time of its GEMMs
-alone; under `torch.compile` (Inductor fuses those kernels) 1.05-1.20x. Lightning compiles a whole LightningModule
-or nothing; compiling the whole model breaks at every engine hook, so the strategy compiles each block instead.
+embeddings, SiLU x up, residual adds, dtype casts) is a string of memory-bound kernels, which Inductor fuses
+(bench/RESULTS.md, "Compiled blocks"). Lightning compiles a whole LightningModule or nothing; compiling the whole model breaks at every engine hook, so the strategy compiles each block instead.
 
 Only the block's inner `forward` is compiled, not its `__call__`: module hooks (the engines' prefetch and gather
 hooks, the checkpointing wrappers, the parameters' post-accumulate-grad hooks that step the in-backward optimizers)
 stay outside the graph, and every block shares one compiled graph because parameters are graph inputs.
 
 Inductor compiles with a pool of worker processes (one per core, up to 32), each a Python process with torch
-imported: on a 16-core machine ~6.5 GiB of host RSS that lives as long as the run. The plans that compile blocks
+imported: several GiB of host RSS on a many-core machine, for as long as the run. The plans that compile blocks
 are the ones short of host memory, and one small graph compiles in seconds without the pool, so unless the user
 set `TORCHINDUCTOR_COMPILE_THREADS`, compiling blocks compiles in this process.
 """
@@ -24,13 +22,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.backends import registry
+from lightning_offload.activation_checkpointing import find_blocks
 
 _COMPILED = "_lightning_offload_compiled"
 
 
 def compile_blocks(model: nn.Module, class_names: Sequence[str] = ()) -> int:
-    """Replaces the `forward` of each block of `model` (`checkpointing.find_blocks`) with its compiled version, in
+    """Replaces the `forward` of each block of `model` (`find_blocks`) with its compiled version, in
     place (parameter names and checkpoints do not change); returns how many blocks were compiled."""
     blocks = find_blocks(model, class_names)
     if not blocks:
@@ -61,9 +60,11 @@ def refuse_compiled_submodules(module: nn.Module, backend: str, reason: str) -> 
 
     compiled = [name for name, submodule in module.named_modules() if isinstance(submodule, OptimizedModule)]
     if compiled:
+        running = " or ".join(f"`backend={name!r}`" for name in registry.available_backends()
+                              if registry.spec(name).runs_compiled_modules)
         raise ValueError(
             f"`{compiled[0] or type(module).__name__}` is compiled with `torch.compile`, which hides its layers from "
             f"the hooks in which the `{backend}` backend {reason}. Leave the module uncompiled (the strategy's "
-            "`compile_blocks=True` compiles blocks where the backend allows it), or pick `backend='device'` or "
-            "`'fsdp'`, which run compiled modules."
+            f"`compile_blocks=True` compiles blocks where the backend allows it), or pick {running}, which run "
+            "compiled modules."
         )

@@ -1,4 +1,4 @@
-"""Schemas of the `optimizer` and `checkpointing` config groups, registered in Hydra's ConfigStore.
+"""Schemas of the `optimizer` and `activation_checkpointing` config groups, registered in Hydra's ConfigStore.
 
 Each YAML file of those groups starts from its schema, so a misspelt key fails at composition with Hydra's
 "Key ... is not in struct"; misspelt values are refused by the strategy with the list of allowed ones.
@@ -7,6 +7,7 @@ Each YAML file of those groups starts from its schema, so a misspelt key fails a
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 
-from lightning_offload.checkpointing import CheckpointingConfig
+from lightning_offload.activation_checkpointing import CheckpointingConfig
 
 
 @dataclass
@@ -26,7 +27,15 @@ class OptimizerChoice:
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="optimizer", name="schema", node=OptimizerChoice)
-    store.store(group="checkpointing", name="schema", node=CheckpointingConfig)
+    store.store(group="activation_checkpointing", name="schema", node=CheckpointingConfig)
+
+
+def warn_deprecated_names(cfg: Any) -> None:
+    """Warns once per former config name the run chose: such a config (e.g. `conf/strategy/gpu_only.yaml`) includes
+    its new one and adds `deprecated: {group: {old, new}}` to the composed config."""
+    for entry in (cfg.get("deprecated") or {}).values():
+        warnings.warn(f"`{entry.old}` is deprecated and will be removed in the next release; use `{entry.new}`.",
+                      FutureWarning, stacklevel=2)
 
 
 # (key, smallest allowed value, an example) of the numbers the main job's config must hold; None: may be null.

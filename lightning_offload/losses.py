@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# fp32 logits computed at once (a slice of tokens): fewer, larger kernels are faster (bench/loss_compute.py).
+# fp32 logits computed at once (a slice of tokens): fewer, larger kernels are faster (bench/studies/loss_compute.py).
 DEFAULT_CHUNK_BYTES = 2**30
 IGNORE_INDEX = -100
 

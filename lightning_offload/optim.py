@@ -13,13 +13,23 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_offload.backends.registry import NO_OFFLOAD
+
 # Flags of torch's Adam/AdamW that select an implementation, not a hyperparameter: dropped when the class changes.
 _TORCH_ADAM_IMPLEMENTATION_FLAGS = frozenset(
     {"amsgrad", "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
 )
 
 
-def _is_adamw(optimizer: Optimizer) -> bool:
+def is_adam(optimizer: Optimizer, *, exact: bool = False) -> bool:
+    """Whether `optimizer` is torch's Adam or AdamW; `exact`: that class itself, not a subclass (whose `step` may
+    compute something else)."""
+    adams = (torch.optim.Adam, torch.optim.AdamW)
+    return type(optimizer) in adams if exact else isinstance(optimizer, adams)
+
+
+def decouples_weight_decay(optimizer: Optimizer) -> bool:
+    """Whether `optimizer`'s weight decay is AdamW's (decoupled) rather than Adam's (L2 added to the gradient)."""
     return isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
 
 
@@ -29,7 +39,7 @@ def to_cpu_adam(optimizer: Optimizer) -> Optimizer:
     torch's Adam on the host is several times slower than DeepSpeed's vectorised CPU Adam, and DeepSpeed's
     offload refuses other Adam implementations by default; other optimizers pass through unchanged.
     """
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+    if not is_adam(optimizer, exact=True):
         return optimizer
     for flag in ("amsgrad", "maximize"):
         if any(group.get(flag) for group in optimizer.param_groups):
@@ -48,7 +58,7 @@ def to_cpu_adam(optimizer: Optimizer) -> Optimizer:
         betas=defaults["betas"],
         eps=defaults["eps"],
         weight_decay=defaults["weight_decay"],
-        adamw_mode=_is_adamw(optimizer),
+        adamw_mode=decouples_weight_decay(optimizer),
     )
 
 
@@ -101,8 +111,8 @@ def check_optimizer_device(name: str | None, state_device: torch.device, trainin
         warnings.warn(
             f"`optimizer={name!r}` steps the offloaded optimizer state on the CPU, where 8-bit updates are slow (with "
             "bitsandbytes, a 3.6B model on a 16-core host did not finish 5 steps in 300 s; with DeepSpeed's CPU Adam "
-            "a whole step took 3.2 s). For 8-bit state at GPU speed keep it on the GPU (`backend='device'`); for "
-            "offloaded state use `optimizer='cpu_adam'`.",
+            f"a whole step took 3.2 s). For 8-bit state at GPU speed keep it on the GPU (`backend={NO_OFFLOAD!r}`); "
+            "for offloaded state use `optimizer='cpu_adam'`.",
             stacklevel=2,
         )
     if name == "paged_adamw8bit" and state_device.type != "cuda":

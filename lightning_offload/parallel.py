@@ -22,19 +22,14 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_offload._distributed import join_process_group, refuse_running_group
-from lightning_offload.backends import available_backends
-from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.backends import available_backends, registry
+from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import plan_for_trainer
+from lightning_offload.planner.record import fit_ckpt_path, resume_report, saved_plan
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
-
-# Engines that shard across processes (`device` replicates, with DDP); the others drive one GPU.
-MULTI_PROCESS_BACKENDS = ("deepspeed", "device", "fsdp")
-# `backend="auto"` across processes when the model cannot be measured: the engine that trains anything that fits in
-# the machines' memory, with every block checkpointed.
-_MULTI_PROCESS_AUTO = "deepspeed"
 
 
 class _OffloadCore(_SingleGPUOffloadCore):
@@ -90,11 +85,12 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             refuse_running_group(1, self.strategy_name)
             return
-        if self.backend_name is not None and self.backend_name not in MULTI_PROCESS_BACKENDS:
+        if self.backend_name is not None and registry.spec(self.backend_name).multi_process is None:
+            across = " or ".join(f"`backend={name!r}`" for name in registry.multi_process_backends()
+                                 if registry.spec(name).multi_process.shards_state)
             raise ValueError(
                 f"`{self.strategy_name}` with `backend={self.backend_name!r}` trains on one device, but this run has "
-                f"{self.world_size} processes. Across processes use `backend='deepspeed'` or `'fsdp'` (configs "
-                "`strategy=deepspeed_cpu` / `fsdp_cpu`), or train with `devices=1`."
+                f"{self.world_size} processes. Across processes use {across}, or train with `devices=1`."
             )
         refuse_running_group(self.world_size, self.strategy_name)
         # Processes started by the launcher re-seed from the seed the main process set (as Lightning's DDP does).
@@ -107,18 +103,22 @@ class _OffloadCore(_SingleGPUOffloadCore):
         if self.world_size == 1:
             super()._plan_and_setup_backend()
             return
-        if self._planned:
+        if self._fit.backend_ready:
             return
         chosen = self._plan_on_rank_zero() if self.check_memory or self.backend is None else None
         if self.backend is None:
             if chosen is None:
+                fallback = registry.spec(registry.UNMEASURED_MULTI_PROCESS)
                 self._lightning_attr("utilities.rank_zero", "rank_zero_info")(
-                    f"`backend='auto'` across {self.world_size} processes without a plan: {_MULTI_PROCESS_AUTO!r}."
+                    f"`backend='auto'` across {self.world_size} processes without a plan: {fallback.name!r}."
                 )
-                chosen = Plan(backend=_MULTI_PROCESS_AUTO, optimizer="cpu_adam", checkpointing="full")
+                chosen = Plan(backend=fallback.name, optimizer=fallback.exact_optimizer, checkpointing="full")
             self._adopt_plan(chosen)
-        elif self.activation_checkpointing.policy == "auto":
-            self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
+        else:
+            if chosen is not None:  # saved in each checkpoint, for a resume under `backend="auto"`
+                self.plan = chosen
+            if self.activation_checkpointing.policy == "auto":
+                self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
         self._setup_backend_environment()
 
     def _plan_on_rank_zero(self) -> Plan | None:
@@ -129,21 +129,25 @@ class _OffloadCore(_SingleGPUOffloadCore):
         self._memory_checked = True
         outcome: tuple[Plan | None, str | None] = (None, None)
         if self.global_rank == 0:
-            backend = self.backend_name
+            # Every rank resumes with the checkpoint's plan: another backend could not read what it wrote.
+            resume_from = fit_ckpt_path(self.lightning_module.trainer) if self.backend is None else None
+            saved = saved_plan(resume_from) if resume_from else None
             try:
                 report = plan_for_trainer(self.lightning_module, self.lightning_module.trainer, self.root_device,
-                                          backend=backend, optimizer=self.optimizer_name,
+                                          backend=self.backend_name, optimizer=self.optimizer_name,
                                           checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, world_size=self.world_size,
                                           ranks_per_host=self.num_processes, compiled_blocks=self.compile_blocks,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
                                           max_host_memory_gib=self.max_host_memory_gib)
+                if report is not None and saved is not None:
+                    report = resume_report(report, saved, resume_from)
             except BuildBeforePlanning as unbuildable:  # every rank builds its shard under the engine: no plan
                 self._lightning_attr("utilities.rank_zero", "rank_zero_warn")(
                     f"{unbuildable.reason}: no memory check ran across {self.world_size} processes."
                 )
-                report = None
-            except PlanDoesNotFit as refusal:  # its checkpoint cannot be built in host memory: refused on every rank
+                report, outcome = None, (saved, None)
+            except PlanDoesNotFit as refusal:  # unfit to build, or the checkpoint's plan no longer fits: every rank
                 report, outcome = None, (None, str(refusal))
             if report is not None:
                 self.plan_report = report

@@ -1,4 +1,4 @@
-"""Checkpoints on disk: written atomically, and consolidated into one plain state dict.
+"""Checkpoints on disk, written atomically (`consolidation.py` reads them back as one plain state dict).
 
 A checkpoint is first written next to its destination (same folder, so the same file system), flushed to disk, and
 renamed into place only when complete: a crash, Ctrl+C or a full disk mid-save never leaves a half-written checkpoint
@@ -113,7 +113,7 @@ def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in (FOLDER_MARKER, *_ENGINE_FILES))
 
 
-def _refuse_foreign(path: Path, what: str) -> None:
+def refuse_foreign(path: Path, what: str) -> None:
     if path.is_symlink() or not path.exists():
         return
     if what == "folder" and path.is_dir() and (not any(path.iterdir()) or is_checkpoint_folder(path)):
@@ -185,7 +185,7 @@ def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Ite
     if ranks is not None:
         staging = Path(ranks.broadcast(str(staging)))
     if lead:
-        _refuse_foreign(path, "folder")
+        refuse_foreign(path, "folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_leftovers(path.parent)
     try:
@@ -217,7 +217,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a staging file path beside `path`; once the caller has written it, it is flushed to disk and replaces
     `path` in one rename. An existing folder at `path` is refused, never replaced."""
     path = Path(path)
-    _refuse_foreign(path, "file")
+    refuse_foreign(path, "file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_leftovers(path.parent)
     staging = _sibling(path, "partial")
@@ -329,53 +329,9 @@ def _looks_damaged(error: BaseException) -> bool:
         sign in text for sign in ("zip archive", "central directory", "PytorchStreamReader", "file not found"))
 
 
-def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
-                prefix: str = "") -> dict[str, Any]:
-    """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
-
-    The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
-    of this package at load time. Parameters tied in the model (an embedding shared with the output layer) are
-    present under every name they had. Written atomically to `out_path` with `torch.save` when given.
-
-    `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
-    loads into that model outside Lightning. A model of `transformers` goes out whole with
-    `lightning_offload.export.export_hf`, tensor by tensor, as a folder `from_pretrained` loads.
-    """
-    from lightning_offload.backends import host_adam
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if out_path is not None:  # refused before the (long) read
-        if Path(out_path).resolve() == checkpoint_dir.resolve():
-            raise FileExistsError(
-                f"`consolidate` would write over the checkpoint it reads ({str(checkpoint_dir)!r}). Pass another "
-                "`out_path`, e.g. 'model.pt'."
-            )
-        _refuse_foreign(Path(out_path), "file")
-    if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
-        checkpoint = load_whole(checkpoint_dir, map_location="cpu", weights_only=False)
-        state_dict = {name: value.float() if value.is_floating_point() else value
-                      for name, value in checkpoint["state_dict"].items()}
-    elif (checkpoint_dir / "manifest.json").is_file():  # written by the `stream` backend
-        from lightning_offload.backends.stream.checkpoint import consolidate as consolidate_stream
-
-        state_dict = consolidate_stream(checkpoint_dir)
-    elif (checkpoint_dir / host_adam.CHECKPOINT_FILE).is_file():
-        state_dict = host_adam.fp32_state_dict(host_adam.read_checkpoint(checkpoint_dir))
-    elif (checkpoint_dir / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state_dict = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)))
-    else:
-        raise FileNotFoundError(
-            f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no `latest`, "
-            f"`manifest.json` or `{host_adam.CHECKPOINT_FILE}` file). Pass the path given to `trainer.save_checkpoint` or written by "
-            "`ModelCheckpoint`."
-        )
-    if prefix:
-        state_dict = {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
-        if not state_dict:
-            raise ValueError(f"No name in {str(checkpoint_dir)!r} starts with `prefix={prefix!r}`.")
-    if out_path is not None:
-        with atomic_file(out_path) as staging:
-            torch.save(state_dict, staging)
-    return state_dict
+def checkpoints_on_disk_at_once(save_top_k: int, save_last: Any) -> int:
+    """Checkpoints a `ModelCheckpoint` with these settings holds on disk at its peak: those it keeps (`save_top_k`;
+    -1, keep all, counted as two), `last` beside them, and one more while a save is written beside the checkpoint it
+    replaces (atomic). 0 when it saves nothing."""
+    kept = save_top_k if save_top_k > 0 else (2 if save_top_k < 0 else 0)
+    return kept + bool(save_last) + 1 if kept or save_last else 0

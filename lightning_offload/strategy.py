@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,15 +21,19 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_offload._distributed import refuse_running_group
-from lightning_offload.backends import available_backends, backend_class
+from lightning_offload.backends import available_backends, backend_class, registry
 from lightning_offload.backends.base import Backend, TrainingSetup
-from lightning_offload.checkpointing import CheckpointingConfig, as_checkpointing_config, remove_fit_checkpointing
+from lightning_offload.activation_checkpointing import (
+    CheckpointingConfig,
+    activation_offloader,
+    as_checkpointing_config,
+    remove_fit_checkpointing,
+)
 from lightning_offload.compile import compile_blocks
 from lightning_offload.planner import Plan, PlanReport
-from lightning_offload.planner.budget import cap_gpu_allocator
+from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
-    backend_options_of,
     check_checkpoint_disk,
     checkpointing_of,
     optimizer_of,
@@ -56,6 +61,23 @@ from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCor
 STRATEGY_NAME = "single_gpu_offload"
 # The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
 MULTI_DEVICE_NAME = "offload"
+# Host memory is looked at every this many batches (each epoch's first included) and at each checkpoint.
+HOST_WATCH_EVERY_BATCHES = 50
+
+
+@dataclass
+class _FitSetup:
+    """What one fit (or validate, test, predict) has set up: made at `setup_environment`, dropped at `teardown`."""
+
+    backend_ready: bool = False
+    """The plan is adopted and the backend's environment (precision, allocator cap, engine) is set up."""
+    building_unplanned: bool = False
+    """The meta device could not build the model: `configure_model` builds it in host memory, and the plan is made
+    from the built model at `setup`."""
+    fetched_example: tuple[Any, Any] | None = None
+    """The batch (on meta) and step fetched before that build, measured with once the model is built."""
+    uncapped_gpu_fraction: float | None = None
+    """The allocator's fraction before `max_gpu_memory_gib` capped it, restored at `teardown`."""
 
 
 class _SingleGPUOffloadCore:
@@ -75,19 +97,21 @@ class _SingleGPUOffloadCore:
             state only when no plan with it fits, and says so); a name from ``lightning_offload.optim.OPTIMIZERS``
             (e.g. ``"adamw8bit"``) swaps its implementation and keeps its param groups and hyperparameters.
         activation_checkpointing: ``None`` (default: the planner chooses), a policy name from
-            ``lightning_offload.checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
+            ``lightning_offload.activation_checkpointing.POLICIES``, or a dict of ``CheckpointingConfig`` fields.
         check_memory: ``False`` skips the planner's pre-flight check of a pinned backend (the planner still runs
             for ``backend="auto"``).
         telemetry: add a `lightning_offload.telemetry.ThroughputMonitor` to each fit whose Trainer has none
             (tokens/s, MFU and memory per step, to the loggers and the progress bar); ``False`` leaves it out.
         compile_blocks: compile each repeated block's forward with ``torch.compile`` (``lightning_offload.compile``):
-            7-10% faster steps for the streaming plan at 19B-40.8B on an H100, for 10-15 s of compiling at the
-            first step.
+            faster steps for large models, for seconds of compiling at the first step (bench/RESULTS.md,
+            "Compiled blocks").
         max_gpu_memory_gib: at most this much GPU memory for the run (the card is shared, or kept partly free): the
             planner plans within it and the CUDA allocator is capped at it. ``None``: what is free on the GPU.
-        max_host_memory_gib: at most this much host RAM for the run. ``None``: what is available, within the job's
-            cgroup memory limit (SLURM ``--mem``, a container's limit), which the planner always honours.
-        **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for ``"deepspeed"``
+        max_host_memory_gib: at most this much host RAM for the process (what it holds already included): the
+            planner plans within it, the engines size their host buffers within it and refuse beyond it, and the run
+            warns once when it comes within 5%. ``None``: what is available, within the job's cgroup memory limit
+            (SLURM ``--mem``, a container's limit), which is always honoured the same way.
+        **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for the ``deepspeed`` backend
             (see its ``Config`` dataclass for every option and its trade-off).
     """
 
@@ -112,16 +136,18 @@ class _SingleGPUOffloadCore:
                 f"Choose one of {['auto', *available_backends()]}."
             )
         if backend == "auto" and backend_options:
+            owners = [f"`backend={name!r}`" for name in available_backends()
+                      if set(backend_options) <= {f.name for f in fields(backend_class(name).Config)}]
             raise ValueError(
                 f"Backend options {sorted(backend_options)} need a backend to belong to, but `backend='auto'` lets the "
-                "planner choose it. Pin the backend they are for, e.g. `backend='deepspeed'`."
+                f"planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'})."
             )
         for name, budget in (("max_gpu_memory_gib", max_gpu_memory_gib), ("max_host_memory_gib", max_host_memory_gib)):
             if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
                 raise ValueError(f"`{name}={budget!r}` must be a positive number of GiB, or None for no budget.")
         self.max_gpu_memory_gib = max_gpu_memory_gib
         self.max_host_memory_gib = max_host_memory_gib
-        self._uncapped_gpu_fraction: float | None = None
+        self._host_budget: HostBudget | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
         self.backend: Backend | None = None
         if self.backend_name is not None:
@@ -131,13 +157,10 @@ class _SingleGPUOffloadCore:
         self.plan_report: PlanReport | None = None
         # The plan this fit trains with: logged, saved in each checkpoint, taken again on resume.
         self.plan: Plan | None = None
+        # Whether this strategy has planned (its first fit did): later fits reuse the engine that plan built.
         self._memory_checked = False
-        # The meta device could not build the model: Lightning's `configure_model` builds it in host memory, and
-        # the plan is made from the built model at `setup`.
-        self._building_unplanned = False
-        # The batch (on meta) and step fetched before the build, measured with once the model is built.
-        self._fetched_example: tuple[Any, Any] | None = None
         self._took_off_earlier_wrappers = False
+        self._fit = _FitSetup()
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -166,13 +189,13 @@ class _SingleGPUOffloadCore:
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
-        self._planned = False
+        self._fit = _FitSetup()
         if self.backend is not None and not self.check_memory:
             self._setup_backend_environment()
 
     def _setup_backend_environment(self) -> None:
         assert self.backend is not None
-        self._planned = True
+        self._fit.backend_ready = True
         if self.precision_plugin is not self._engine_precision_plugin:
             plugins = import_module(f"{self._lightning}.plugins.precision")
             self.precision_plugin = self.backend.precision_plugin(plugins, self._precision_flag, self.precision_plugin)
@@ -181,9 +204,12 @@ class _SingleGPUOffloadCore:
         check_optimizer_device(
             self.optimizer_name, self.backend.optimizer_state_device(self.root_device), self.root_device
         )
-        if self.max_gpu_memory_gib is not None and self._uncapped_gpu_fraction is None:
+        if self.max_gpu_memory_gib is not None and self._fit.uncapped_gpu_fraction is None:
             # Before the engine sizes anything from the GPU's free memory.
-            self._uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+            self._fit.uncapped_gpu_fraction = cap_gpu_allocator(self.root_device, self.max_gpu_memory_gib)
+        # Engines size and check their host allocations within the same budget the planner planned with.
+        self._host_budget = HostBudget(self.max_host_memory_gib)
+        self.backend.host_budget = self._host_budget
         self.backend.setup_environment(self.root_device)
         if getattr(self, "world_size", 1) == 1:
             # The engine's one-process group makes Lightning think metrics need syncing across ranks; there is one.
@@ -211,7 +237,7 @@ class _SingleGPUOffloadCore:
             # not the model's own, and this fit plans and applies its own settings.
             self._took_off_earlier_wrappers = True
             remove_fit_checkpointing(self.lightning_module)
-        if self._planned:
+        if self._fit.backend_ready:
             return
         if self._memory_checked:
             # A later fit of the same module: it is already built and wrapped by the engine the first fit planned.
@@ -233,22 +259,22 @@ class _SingleGPUOffloadCore:
                 report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                           optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, gpu_state_blocks=pinned_share,
-                                          compiled_blocks=self.compile_blocks, example=self._fetched_example,
+                                          compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
                                           max_host_memory_gib=self.max_host_memory_gib,
                                           disk_options=disk_options)
         except BuildBeforePlanning as pending:
             info(pending.message)
-            self._memory_checked, self._building_unplanned = False, True
-            self._fetched_example = pending.example
+            self._memory_checked = False
+            self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
-        self._building_unplanned, self._fetched_example = False, None
+        self._fit.building_unplanned, self._fit.fetched_example = False, None
         # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
         resume_from = fit_ckpt_path(trainer) if self.backend is None else None
         saved = saved_plan(resume_from) if resume_from else None
         if report is None:
             if self.backend is None:
-                self._adopt_plan(saved or Plan(backend="device", checkpointing="none"))
+                self._adopt_plan(saved or Plan(backend=registry.NO_OFFLOAD, checkpointing="none"))
         else:
             if saved is not None:
                 report = resume_report(report, saved, resume_from)
@@ -270,7 +296,7 @@ class _SingleGPUOffloadCore:
         if self.backend is None:
             self.backend_name = plan.backend
             engine = backend_class(plan.backend)
-            self.backend = engine(engine.Config.from_options(backend_options_of(plan, engine.Config)))
+            self.backend = engine(engine.Config.from_options(registry.spec(plan.backend).options_of(plan)))
         else:
             self.backend.adopt_plan(plan)
         if self.activation_checkpointing.policy == "auto":
@@ -308,7 +334,7 @@ class _SingleGPUOffloadCore:
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
         # Built before a plan exists: in host memory, as a model built in `__init__` is, for the engine to place.
-        with nullcontext() if self._building_unplanned else self.backend.model_init_context():
+        with nullcontext() if self._fit.building_unplanned else self.backend.model_init_context():
             yield
 
     @override
@@ -321,6 +347,9 @@ class _SingleGPUOffloadCore:
         if self.compile_blocks:
             self._compile_blocks(module)
         self.activation_checkpointing.apply(module)
+        offloader = activation_offloader(module)
+        if offloader is not None:
+            offloader.host_budget = self._host_budget
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting and not any(p.requires_grad for p in module.parameters()):
@@ -332,7 +361,8 @@ class _SingleGPUOffloadCore:
         if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
             raise ValueError(
                 f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "
-                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin `backend='device'` (steps "
+                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin "
+                f"`backend={registry.NO_OFFLOAD!r}` (steps "
                 "exactly when you call `opt.step()`), or use automatic optimization with "
                 "`Trainer(accumulate_grad_batches=...)`."
             )
@@ -399,7 +429,19 @@ class _SingleGPUOffloadCore:
         return self.backend.optimizer_state_dict(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if batch_idx % HOST_WATCH_EVERY_BATCHES == 0:
+            self._watch_host_memory()
+
+    def _watch_host_memory(self) -> None:
+        warning = self._host_budget.warning_once() if self._host_budget is not None else None
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        self._watch_host_memory()
         if self.plan is not None:
             checkpoint = {**checkpoint, PLAN_KEY: plan_state(self.plan)}
         if not self.backend.saves_own_state:
@@ -477,17 +519,17 @@ class _SingleGPUOffloadCore:
     @override
     def teardown(self) -> None:
         # Lightning's teardown copies the module and its optimizer state to host memory to free the GPU: up to
-        # 16 bytes per parameter of host RAM that no plan accounted for (32 GiB at the end of an 8B `gpu_8bit` fit,
-        # more than some machines have). Everything stays where it trained, ready for a checkpoint or another fit.
+        # 16 bytes per parameter of host RAM that no plan accounted for. Everything stays where it trained, ready for
+        # a checkpoint or another fit.
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
         if self.backend is not None:
             self.backend.teardown()
-        if self._uncapped_gpu_fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(self._uncapped_gpu_fraction, self.root_device)
-            self._uncapped_gpu_fraction = None
+        if self._fit.uncapped_gpu_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._fit.uncapped_gpu_fraction, self.root_device)
+        self._fit = _FitSetup()
 
     @classmethod
     @override
@@ -508,8 +550,7 @@ def prefer_expandable_segments(device: torch.device) -> None:
     or this process already holds GPU memory.
 
     A plan fills the GPU to within 10% of its memory, and the default allocator can strand more than that between
-    segments: an 8B `host_adam` plan estimated at 68.4 GiB ran out of a 79 GiB card with 65.1 GiB allocated and 10.5
-    GiB reserved but unused (bench/RESULTS.md). Expandable segments grow one mapping instead of carving fixed ones
+    fixed segments (bench/RESULTS.md, "Notes moved from the changelog"). Expandable segments grow one mapping instead
     (torchtitan's launcher sets the same).
     """
     if device.type != "cuda" or {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & os.environ.keys():

@@ -2,8 +2,9 @@
 
 `ThroughputMonitor` is the telemetry callback: `single_gpu_offload` adds it to every fit unless the Trainer already
 has one (or the strategy was built with `telemetry=False`). Each optimizer step it logs tokens/s, model TFLOP/s,
-MFU, peak GPU memory, host RSS, pinned host memory and the bytes the backend moved between host and device, to the
-Trainer's loggers and (the first three that apply) to the progress bar. The main job and sweeps read `summary()`.
+MFU, peak GPU memory, host RSS, pinned host memory and the bytes copied between host and device (by the backend
+and the activation offload), to the Trainer's loggers and (the first three that apply) to the progress bar. The
+main job and sweeps read `summary()`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import lightning.pytorch as pl
 import psutil
 import torch
 
-GIB = 2**30
+from lightning_offload.activation_checkpointing import activation_offloader
+from lightning_offload.activation_offload import ActivationOffloader
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE
+from lightning_offload.planner.budget import GIB
+
 
 # Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulate) from NVIDIA's datasheets, matched by a fragment of
 # `torch.cuda.get_device_name()`, first match wins. Our own table because Lightning's `get_available_flops` has no
@@ -139,6 +144,7 @@ class _ThroughputMonitorCore:
         self.transferred_bytes: dict[str, int] = {}
         self._cuda = False
         self._backend: Any = None
+        self._activation_offloader: ActivationOffloader | None = None
         self._device_memory = GpuMemorySampler()
         self._mark: float | None = None
         self._pending_seconds = 0.0
@@ -154,6 +160,7 @@ class _ThroughputMonitorCore:
         self.peak_tflops = bf16_peak_tflops(torch.cuda.get_device_name(device)) if self._cuda else None
         self.peak_pinned_bytes = 0
         self._backend = getattr(trainer.strategy, "backend", None)
+        self._activation_offloader = activation_offloader(pl_module)
         self._transfer_baseline = self._transfer_counters()
         self.transferred_bytes = {}
         self._mark, self._pending_seconds, self._pending_tokens = None, 0.0, 0
@@ -200,8 +207,13 @@ class _ThroughputMonitorCore:
             self._mark = None
 
     def _transfer_counters(self) -> dict[str, int]:
-        counters = getattr(self._backend, "transfer_counters", None)
-        return dict(counters()) if counters is not None else {}
+        """What the engine copied between host and device memory, and the activation offload's copies."""
+        counters = dict(self._backend.transfer_counters()) if self._backend is not None else {}
+        if self._activation_offloader is not None:
+            for direction, moved in ((DEVICE_TO_HOST, self._activation_offloader.copied_out_bytes),
+                                     (HOST_TO_DEVICE, self._activation_offloader.copied_back_bytes)):
+                counters[direction] = counters.get(direction, 0) + moved
+        return counters
 
     def step_figures(self) -> dict[str, float]:
         """The figures of the last step: what is logged."""

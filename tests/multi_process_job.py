@@ -3,7 +3,7 @@
 Run as a script: Lightning's launcher re-runs it once per extra process, as it would a user's training script. The
 fits listed in `--fits` (JSON: a list of {"name", "backend", "optimizer", "epochs", "resume", "save"}) run one after
 another in the same processes, which saves starting them again. Each rank writes the losses of its own
-micro-batches to `<out>/<name>_rank<r>.json`.
+micro-batches to `<out>/<name>_rank<r>.json`, and the plan it trained with to `<out>/<name>_rank<r>_plan.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import lightning_offload  # noqa: E402
+from lightning_offload.planner.record import plan_state  # noqa: E402
 from tests.conftest import TinyLM, token_batches  # noqa: E402
 
 
@@ -51,6 +52,9 @@ def main() -> None:
         if spec.get("save"):
             trainer.save_checkpoint(spec["save"])
         (args.out / f"{spec['name']}_rank{trainer.global_rank}.json").write_text(json.dumps(module.losses))
+        plan = trainer.strategy.plan
+        (args.out / f"{spec['name']}_rank{trainer.global_rank}_plan.json").write_text(
+            json.dumps(None if plan is None else plan_state(plan)))
 
 if __name__ == "__main__":
     main()

@@ -93,7 +93,7 @@ def test_export_of_adapters_without_their_config_is_refused(tmp_path: Path) -> N
 
 
 def test_blocks_are_the_decoder_layers_not_the_more_numerous_lora_layers(tmp_path: Path) -> None:
-    from lightning_offload.checkpointing import find_blocks
+    from lightning_offload.activation_checkpointing import find_blocks
 
     model = lightning_offload.pretrained(save_tiny(tmp_path / "pretrained"), lora=lora_config())
     assert {type(block).__name__ for block in find_blocks(model)} == {"LlamaDecoderLayer"}

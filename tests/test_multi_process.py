@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from lightning_offload import OffloadStrategy, consolidate
+from lightning_offload.planner import Plan
+from lightning_offload.planner.record import plan_of_state, saved_plan
 from tests.conftest import TinyLM, fit
 from tests.test_strategy import assert_losses_close
 
@@ -62,6 +64,11 @@ class Launch:
     out: Path
     result: subprocess.CompletedProcess
 
+    def plans(self, name: str) -> list[Plan | None]:
+        """The plan each rank trained fit `name` with."""
+        states = [json.loads((self.out / f"{name}_rank{rank}_plan.json").read_text()) for rank in (0, 1)]
+        return [None if state is None else plan_of_state(state) for state in states]
+
     def losses(self, name: str) -> list[float]:
         """The global batch's loss at each step: the mean of the ranks' (each rank's micro-batch is the same size)."""
         files = [self.out / f"{name}_rank{rank}.json" for rank in (0, 1)]
@@ -96,6 +103,8 @@ def two_processes(one_process_runs, tmp_path_factory) -> Launch:
         {"name": "deepspeed", "backend": "deepspeed", "save": str(out / "deepspeed.ckpt")},
         {"name": "device", "backend": "device"},
         {"name": "fsdp_resumed", "backend": "fsdp", "epochs": 2, "resume": str(one_process_runs["fsdp"][1])},
+        {"name": "auto", "backend": "auto"},
+        {"name": "auto_resumed", "backend": "auto", "epochs": 2, "resume": str(one_process_runs["fsdp"][1])},
         # Refused: the error ends the launch, so it comes last.
         {"name": "deepspeed_resumed", "backend": "deepspeed", "resume": str(one_process_runs["deepspeed"][1])},
     ]
@@ -126,6 +135,20 @@ def test_fsdp_checkpoint_moves_between_world_sizes(two_processes, one_process_ru
     assert_losses_close(two_processes.losses("fsdp") + second.losses, fsdp_two_epochs, WORLD_SIZE_RTOL)
     # One process, then two.
     assert_losses_close(one_process_runs["fsdp"][0] + two_processes.losses("fsdp_resumed"), fsdp_two_epochs,
+                        WORLD_SIZE_RTOL)
+
+
+def test_auto_resumes_every_process_with_the_checkpoints_plan(two_processes, one_process_runs,
+                                                              fsdp_two_epochs) -> None:
+    saved = saved_plan(one_process_runs["fsdp"][1])
+    assert saved is not None and saved.backend == "fsdp"
+    fresh = two_processes.plans("auto")
+    assert fresh[0] == fresh[1] and fresh[0].backend != "fsdp"  # what `auto` chooses for a new run
+    assert two_processes.plans("auto_resumed") == [saved, saved]
+    # A pinned backend's plan is saved across processes too, for a later resume under `auto`.
+    assert saved_plan(two_processes.out / "fsdp.ckpt") == two_processes.plans("fsdp")[0]
+    assert two_processes.plans("fsdp")[0].backend == "fsdp"
+    assert_losses_close(one_process_runs["fsdp"][0] + two_processes.losses("auto_resumed"), fsdp_two_epochs,
                         WORLD_SIZE_RTOL)
 
 
@@ -172,7 +195,7 @@ def test_one_gpu_engines_are_refused_across_processes(monkeypatch) -> None:
     for variable in _RANK_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     trainer = pl.Trainer(strategy="offload_host_adam", accelerator="cpu", devices=2, logger=False)
-    refused = r"`backend='host_adam'` trains on one device.*`backend='deepspeed'` or `'fsdp'`"
+    refused = r"`backend='host_adam'` trains on one device.*`backend='deepspeed'` or `backend='fsdp'`"
     with pytest.raises(ValueError, match=refused):
         trainer.strategy._setup_processes()
 

@@ -1,4 +1,4 @@
-"""`checkpointing="offload"` on the CPU: the same hooks as on a GPU, streams and events left out."""
+"""`activation_checkpointing="offload"` on the CPU: the same hooks as on a GPU, streams and events left out."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.activation_checkpointing import CheckpointingConfig, activation_offloader
 from lightning_offload.activation_offload import HostPool
-from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader
 from lightning_offload.models import TinyGPT
 from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit
-from tests.test_checkpointing import network, saved_bytes
+from tests.test_activation_checkpointing import network, saved_bytes
 
 # The tiny model's activations are a few KiB: every tensor is worth offloading here.
 OFFLOAD = CheckpointingConfig(policy="offload", offload_min_bytes=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, activation_offloader
+from lightning_offload.activation_checkpointing import CheckpointingConfig, activation_offloader
 
 pytestmark = pytest.mark.gpu
 

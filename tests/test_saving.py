@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_offload.saving import FOLDER_MARKER, atomic_directory, atomic_file, consolidate
+from lightning_offload.consolidation import consolidate
+from lightning_offload.saving import FOLDER_MARKER, atomic_directory, atomic_file, checkpoints_on_disk_at_once
 
 
 def test_failed_directory_save_keeps_previous_checkpoint(tmp_path) -> None:
@@ -68,3 +69,12 @@ def test_ranks_write_into_one_staging_folder_that_rank_zero_moves(tmp_path) -> N
         (lead / "shard0").write_text("0")
     assert sorted(p.name for p in target.iterdir()) == sorted([FOLDER_MARKER, "shard0", "shard1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_model_checkpoint_holds_what_it_keeps_last_and_the_save_being_written() -> None:
+    kept_one = checkpoints_on_disk_at_once(1, False)
+    assert kept_one == 1 + 1  # the kept one, and its replacement written beside it
+    assert checkpoints_on_disk_at_once(1, True) == kept_one + 1
+    assert checkpoints_on_disk_at_once(0, True) == kept_one  # `last` alone is replaced like a kept one
+    assert checkpoints_on_disk_at_once(-1, False) > checkpoints_on_disk_at_once(1, False)
+    assert checkpoints_on_disk_at_once(0, False) == 0

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.backends.device import DeviceBackend
+from lightning_offload.models import TinyGPT
 from lightning_offload.telemetry import GIB, ThroughputMonitor, bf16_peak_tflops, count_tokens
-from tests.conftest import BATCH, SEQ_LEN, TinyLM, fit, token_batches
+from tests.conftest import BATCH, SEQ_LEN, VOCAB, TinyLM, fit, token_batches
 
 TOLERANCE = 0.05
 TOKENS_PER_BATCH = BATCH * SEQ_LEN
@@ -213,3 +214,56 @@ def test_gpu_figures_agree_with_torch_cuda() -> None:
     known_peak = bf16_peak_tflops(torch.cuda.get_device_name())
     assert ("perf/mfu" in logger.rows[-1]) == (known_peak is not None)
     assert logger.column("mem/host_rss_gib")[-1] == pytest.approx(clock.rss_bytes / GIB, rel=TOLERANCE)
+
+
+def per_step_bytes(logger: RecordingLogger, direction: str) -> list[int]:
+    return [round(gib * GIB) for gib in logger.column(f"pcie/{direction}_gib")]
+
+
+def test_the_stream_engine_reports_the_bytes_its_copy_lanes_move() -> None:
+    from tests.backends.test_stream import stream
+
+    logger = RecordingLogger()
+    _, trainer = fit(stream(), precision="bf16-true", num_batches=4, logger=logger, log_every_n_steps=1)
+    units = trainer.strategy.backend.units
+    # Each step every unit's 8-bit state goes back to the host once, with the updated weights of the streamed ones.
+    state_and_streamed_weights = sum(u.state_bytes + (u.weight_bytes if u.streamed else 0) for u in units)
+    assert any(u.streamed for u in units)
+    assert per_step_bytes(logger, "device_to_host") == [state_and_streamed_weights] * 4
+    # Coming in: the same state, and the streamed weights for forward and again for backward (some kept in slots).
+    assert all(b > sum(u.state_bytes for u in units) for b in per_step_bytes(logger, "host_to_device"))
+
+
+def test_the_host_adam_engine_reports_gradients_out_and_weights_back() -> None:
+    from tests.backends.test_host_adam import host_adam
+
+    logger = RecordingLogger()
+    module, trainer = fit(host_adam(), num_batches=4, logger=logger, log_every_n_steps=1)
+    backend = trainer.strategy.backend
+    backend.engine.wait_all()  # the host finishes a step's last buckets while the next step runs
+    fp32_bytes = 4 * sum(p.numel() for p in module.parameters())  # every parameter stepped on the host
+    assert backend.transfer_counters() == {"device_to_host": 4 * fp32_bytes, "host_to_device": 4 * fp32_bytes}
+    for direction in ("device_to_host", "host_to_device"):
+        assert 0 < sum(per_step_bytes(logger, direction)) <= 4 * fp32_bytes
+
+
+class FourBlockLM(TinyLM):
+    """Four blocks: the offload copies the first ones out during forward and back during backward."""
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(self.hparams.init_seed)
+            self.net = TinyGPT(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ_LEN)
+
+
+def test_activation_offload_reports_its_copies_out_and_back() -> None:
+    from lightning_offload.activation_checkpointing import activation_offloader
+
+    logger = RecordingLogger()
+    offload = {"policy": "offload", "offload_min_bytes": 0}  # the tiny model's activations are a few KiB
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing=offload),
+                    module=FourBlockLM(), num_batches=4, logger=logger, log_every_n_steps=1)
+    offloader = activation_offloader(module)
+    out, back = per_step_bytes(logger, "device_to_host"), per_step_bytes(logger, "host_to_device")
+    assert sum(out) == offloader.copied_out_bytes > 0 and sum(back) == offloader.copied_back_bytes > 0
+    assert len(out) == len(back) == 4 and len(set(out)) == len(set(back)) == 1  # the same copies every step

@@ -51,7 +51,7 @@ def test_every_config_option_composes_and_instantiates(tmp_path, group: str, opt
     instantiate(cfg.strategy)
 
 
-@pytest.mark.parametrize("strategy", ["single_gpu_offload", "gpu_only", "host_adam", "fsdp_cpu"])
+@pytest.mark.parametrize("strategy", ["auto", "gpu_8bit", "host_adam", "fsdp", "stream"])
 def test_compiled_blocks_are_one_override(tmp_path, strategy: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
@@ -63,7 +63,7 @@ def test_compiled_blocks_are_one_override(tmp_path, strategy: str) -> None:
 
 @pytest.mark.parametrize("override,message", [
     ("optimizer.nmae=adamw", "Key 'nmae' not in 'OptimizerChoice'"),
-    ("checkpointing.polcy=full", "Key 'polcy' not in 'CheckpointingConfig'"),
+    ("activation_checkpointing.polcy=full", "Key 'polcy' not in 'CheckpointingConfig'"),
     ("optimizer=adamw9", "Could not find 'optimizer/adamw9'"),
 ])
 def test_typos_in_keys_and_options_fail_at_composition(tmp_path, override: str, message: str) -> None:
@@ -72,11 +72,34 @@ def test_typos_in_keys_and_options_fail_at_composition(tmp_path, override: str, 
     assert message in str(error.value) + str(error.value.__cause__)
 
 
+@pytest.mark.parametrize("old,new", [
+    ("strategy=gpu_only", "strategy=gpu_8bit"), ("strategy=deepspeed_cpu", "strategy=deepspeed"),
+    ("strategy=fsdp_cpu", "strategy=fsdp"), ("strategy=single_gpu_offload", "strategy=auto"),
+    ("checkpointing=every_k", "activation_checkpointing=every_k"),
+])
+def test_former_config_names_compose_as_the_new_ones_and_warn(tmp_path, old: str, new: str) -> None:
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from lightning_offload.config import warn_deprecated_names
+
+    former, current = compose_config(tmp_path, [old]), compose_config(tmp_path, [new])
+    for group in ("strategy", "activation_checkpointing"):
+        assert OmegaConf.to_container(former[group]) == OmegaConf.to_container(current[group])
+    with pytest.warns(FutureWarning, match=f"`{old}` is deprecated and will be removed in the next release; "
+                                           f"use `{new}`"):
+        warn_deprecated_names(former)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_deprecated_names(current)
+
+
 def test_a_bad_value_names_the_allowed_ones(tmp_path) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    cfg = compose_config(tmp_path, ["checkpointing.policy=fulll"])
+    cfg = compose_config(tmp_path, ["activation_checkpointing.policy=fulll"])
     HydraConfig.instance().set_config(cfg)
     with pytest.raises(Exception, match=r"Unknown activation checkpointing policy 'fulll'. Choose one of"):
         instantiate(cfg.strategy)
@@ -109,12 +132,12 @@ def test_command_line_run_and_unknown_key(tmp_path) -> None:
 
 def test_sweep_from_command_line_writes_one_row_per_job(tmp_path) -> None:
     command = [sys.executable, "-m", "lightning_offload.train", "-m", f"hydra.sweep.dir={tmp_path}",
-               "optimizer=adamw,adamw8bit", "checkpointing=none,full", *SHORT_RUN]
+               "optimizer=adamw,adamw8bit", "activation_checkpointing=none,full", *SHORT_RUN]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(rows) == 4 and all(row["status"] == "ok" and float(row["tokens_per_s"]) > 0 for row in rows)
-    combos = {tuple(o for o in row["overrides"].split() if o.split("=")[0] in ("optimizer", "checkpointing"))
+    combos = {tuple(o for o in row["overrides"].split() if o.split("=")[0] in ("optimizer", "activation_checkpointing"))
               for row in rows}
     assert len(combos) == 4
     assert (tmp_path / "summary.md").read_text().count("| ok |") == 4

@@ -2,7 +2,8 @@
 
 `SingleGPUOffloadStrategy` owns everything Lightning expects of a strategy; a `Backend` owns one engine: how the
 model is built and wrapped, how backward and the optimizer step run, and how state is saved and restored. A new
-engine is a new module in this package with a subclass of `Backend`, registered in `backends/__init__.py`.
+engine is a new module (or package) in this folder with a subclass of `Backend` and its `SPEC`
+(`backends/spec.py`), named in `backends/registry.py`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType, UnionType
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch.optim import Optimizer
+
+from lightning_offload.backends import registry
+from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
+
+EngineT = TypeVar("EngineT")
+
+# The directions of `Backend.transfer_counters`: bytes copied from host to device memory, and back.
+HOST_TO_DEVICE, DEVICE_TO_HOST = "host_to_device", "device_to_host"
 
 
 @dataclass(kw_only=True)
@@ -58,6 +67,27 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint)
 
 
+class LastEngine(Generic[EngineT]):
+    """The engine of the last fit in this process. It stays alive after `fit` returns, so `trainer.save_checkpoint`
+    still works, and is handed over when the next one is built (one GPU trains one model at a time)."""
+
+    def __init__(self) -> None:
+        self._engine: EngineT | None = None
+
+    def take(self) -> EngineT | None:
+        """The previous engine, for the caller to release; none is kept until `keep`."""
+        previous, self._engine = self._engine, None
+        return previous
+
+    def keep(self, engine: EngineT) -> None:
+        self._engine = engine
+
+    def forget(self, engine: EngineT) -> None:
+        """`engine` was released: it is no longer the one to hand over."""
+        if self._engine is engine:
+            self._engine = None
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     """What a backend needs from the Trainer to build its training engine."""
@@ -83,6 +113,13 @@ class Backend(ABC):
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self._planned_options: dict[str, Any] = {}
+        self.host_budget: HostBudget | None = None
+        """The run's host budget (the strategy's `max_host_memory_gib`), which the engine's host allocations keep to."""
+
+    def host_memory_available(self) -> Available:
+        """Host memory the engine may still allocate: what is available, within the job's cgroup memory limit and
+        what is left of the run's host budget."""
+        return self.host_budget.room() if self.host_budget is not None else host_memory_available()
 
     def setup_environment(self, device: torch.device) -> None:
         """Runs before `configure_model`: process groups, device selection, engine-global settings."""
@@ -91,9 +128,7 @@ class Backend(ABC):
         """The planner's chosen plan (`lightning_offload.planner.Plan`) for this pinned backend: it fills in the
         options the user left to the planner (None in the config; read with `configured_or_planned`)."""
         if plan.backend == self.name:
-            from lightning_offload.planner.lightning import backend_options_of
-
-            self._planned_options = backend_options_of(plan, type(self.config))
+            self._planned_options = registry.spec(self.name).options_of(plan)
 
     def configured_or_planned(self, option: str, default: Any) -> Any:
         """The configured `option`, else the plan's, else `default` (no plan ran)."""
@@ -162,8 +197,8 @@ class Backend(ABC):
         raise NotImplementedError(f"The {self.name!r} backend does not load its own state.")
 
     def transfer_counters(self) -> dict[str, int]:
-        """Bytes the engine has moved between host and device so far, by direction (e.g. ``"host_to_device"``),
-        for telemetry; empty when the engine does not count them."""
+        """Bytes the engine has copied between host and device memory so far, by direction (`HOST_TO_DEVICE`,
+        `DEVICE_TO_HOST`), for telemetry; empty for an engine that keeps everything on the device."""
         return {}
 
     def teardown(self) -> None:

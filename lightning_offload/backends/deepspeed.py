@@ -9,6 +9,7 @@ Lightning's accumulation, LR scheduling and step counting behave exactly as in a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import shutil
@@ -28,17 +29,13 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
-from lightning_offload.planner.memory import (
-    DEEPSPEED_NVME_BUFFER_COUNT,
-    DEEPSPEED_NVME_BUFFER_NUMEL,
-    DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT,
-    DEEPSPEED_NVME_PARAMS_IN_HOST,
-    DEEPSPEED_NVME_SUB_GROUP_NUMEL,
-    NVME_STATES,
-)
+from lightning_offload.backends.spec import BackendSpec, MultiProcess
+from lightning_offload.planner.measure import ModelStats
+from lightning_offload.planner.terms import (NVME_STATES, OPTIMIZER_STATE_BYTES, CandidateLevers, MemoryInputs,
+                                             MemoryTerms, Plan, StepInputs, StepTime, checkpointed_blocks)
 from lightning_offload.saving import atomic_directory
 
 # Keys of a DeepSpeed config that the Trainer's own flags decide; a user config may not set them.
@@ -53,6 +50,26 @@ _TRAINER_OWNED_KEYS = {
     "optimizer": "LightningModule.configure_optimizers",
     "scheduler": "LightningModule.configure_optimizers",
 }
+# DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
+# fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions, swap buffers and the pinned allocator's
+# rounding. Measured on the H100 machine (bench/RESULTS.md, `deepspeed` rows): 35.85 GiB RSS at 1.5B and 84.0 GiB at
+# 3.6B, i.e. 6.3 and 6.4 bytes/param above the 18 and the process's 2 GiB.
+ENGINE_HOST_BYTES_PER_PARAM = 6.4
+# ZeRO-Infinity's buffers as this backend configures them with state on NVMe (`offload_device="nvme"`):
+# five pinned bf16 parameter swap buffers of `NVME_BUFFER_NUMEL` elements (a parameter larger than one
+# stays in host memory: 250M covers every matrix of a 70B Llama block, 8192 x 28672), the bf16 partitions of the
+# first billion parameters kept in host memory (DeepSpeed's `max_in_cpu`), and four pinned fp32 optimizer swap
+# buffers of one sub-group (`sub_group_size`) each. The fp32 gradient partitions stay in host memory as with CPU
+# offload, and are written to disk once per step for the sub-group updates to read back.
+NVME_BUFFER_COUNT = 5
+NVME_BUFFER_NUMEL = 250_000_000
+NVME_PARAMS_IN_HOST = 1_000_000_000
+NVME_OPTIMIZER_BUFFER_COUNT = 4
+NVME_SUB_GROUP_NUMEL = 100_000_000
+# The engine's host optimizer phase (CPU Adam plus copying fp32 gradients into partitions and bf16 weights back)
+# reaches this share of the fused CPU AdamW rate the planner's probe reads: 1.5 Gparam/s at 3.93, from 3.22 s/step
+# at 3.6B (bench/RESULTS.md). A share of what the probe reads, so it changes with the probe (PROBE_VERSION).
+OPTIMIZER_PHASE_SHARE = 0.385
 _CHECKPOINT_TAG = "checkpoint"
 _SWAPPED_OPTIMIZER_CHECKPOINT = (
     "DeepSpeed ZeRO-3 checkpoints leave out the optimizer state it swaps to NVMe (its fp32 weights are saved empty, "
@@ -94,7 +111,7 @@ class DeepSpeedConfig(BackendConfig):
     """On `nvme`: `all` state, only the `parameters` (bf16 weights, 2 bytes/param on disk, read at every gather) or
     only the `optimizer` (fp32 master weights, gradients and Adam state, 16 bytes/param, read and written once per
     step). None: the planner's choice (`all` without a plan)."""
-    nvme_buffer_numel: int = DEEPSPEED_NVME_BUFFER_NUMEL
+    nvme_buffer_numel: int = NVME_BUFFER_NUMEL
     """Parameters on NVMe: elements of each of the five pinned bf16 swap buffers; a larger parameter stays in host
     memory. The default covers every matrix of a 70B Llama block (the planner counts the default)."""
     config: dict[str, Any] | None = None
@@ -202,6 +219,12 @@ def _precision_config(precision: str) -> dict[str, Any]:
     )
 
 
+def _trainable_share(module: torch.nn.Module) -> int:
+    """Trainable parameters in this process's partition (ZeRO-3 cuts each parameter across the processes)."""
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad) // ranks
+
+
 def _refuse_other_world_size(path: Path, world_size: int) -> None:
     # ZeRO-3 keeps one file of fp32 weights and optimizer state per rank, cut for that many ranks; DeepSpeed would
     # fail later with a less helpful message (or, when loading weights only, read the wrong slices).
@@ -231,9 +254,7 @@ class DeepSpeedBackend(Backend):
     )
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
 
-    # The engine of the last fit stays alive after `fit` returns, so `trainer.save_checkpoint` still works; it is
-    # released when the next engine in this process is built (one GPU trains one model at a time).
-    _live: ClassVar[DeepSpeedBackend | None] = None
+    _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine()
 
     def __init__(self, config: DeepSpeedConfig) -> None:
         super().__init__(config)
@@ -244,17 +265,20 @@ class DeepSpeedBackend(Backend):
         """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
         self._swap: weakref.finalize | None = None
         self._swap_path = ""
+        self._params_in_host = NVME_PARAMS_IN_HOST
+        """With parameters on NVMe: how many DeepSpeed keeps in pinned host memory too (`max_in_cpu`)."""
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
 
-        if DeepSpeedBackend._live is not None:
-            DeepSpeedBackend._live.release()
+        previous = DeepSpeedBackend._live.take()
+        if previous is not None:
+            previous.release()
         if self._torch_linear is None:  # ZeRO-3 partitions a model built outside zero.Init through it: the same swap
             self._torch_linear = torch.nn.functional.linear
         engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
         self._engine = engine
-        DeepSpeedBackend._live = self
+        DeepSpeedBackend._live.keep(self)
         return (engine, *rest)
 
     @property
@@ -271,8 +295,7 @@ class DeepSpeedBackend(Backend):
         if self._engine is not None:
             self._engine.destroy()
             self._engine = None
-        if DeepSpeedBackend._live is self:
-            DeepSpeedBackend._live = None
+        DeepSpeedBackend._live.forget(self)
         gc.collect()
         _empty_caches()
 
@@ -337,14 +360,14 @@ class DeepSpeedBackend(Backend):
         if cfg.offload_parameters:
             zero["offload_param"] = dict(offload)
             if on_disk in ("all", "parameters"):
-                zero["offload_param"] = dict(swap, buffer_count=DEEPSPEED_NVME_BUFFER_COUNT,
+                zero["offload_param"] = dict(swap, buffer_count=NVME_BUFFER_COUNT,
                                              buffer_size=cfg.nvme_buffer_numel,
-                                             max_in_cpu=DEEPSPEED_NVME_PARAMS_IN_HOST)
+                                             max_in_cpu=self._params_in_host)
         if cfg.offload_optimizer and setup is not None:
             zero["offload_optimizer"] = dict(offload)
             if on_disk in ("all", "optimizer"):
-                zero["offload_optimizer"] = dict(swap, buffer_count=DEEPSPEED_NVME_OPTIMIZER_BUFFER_COUNT)
-                zero["sub_group_size"] = DEEPSPEED_NVME_SUB_GROUP_NUMEL
+                zero["offload_optimizer"] = dict(swap, buffer_count=NVME_OPTIMIZER_BUFFER_COUNT)
+                zero["sub_group_size"] = NVME_SUB_GROUP_NUMEL
         config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -413,8 +436,34 @@ class DeepSpeedBackend(Backend):
             params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             check_disk_room(self._swap_folder(), 16 * params, what=f"the optimizer state of {params:,} parameters "
                             "(fp32 master weights, gradients and Adam moments: 16 bytes each)")
+        elif self.config.offload_optimizer:
+            self._refuse_optimizer_state_beyond_host_room(module)
+        if self._parameter_device() == "nvme":
+            self._params_in_host = self.params_in_host_within_budget(module)
         engine, zero_optimizer, _, _ = self._initialize(module, optimizer=optimizer, config=self.engine_config(setup))
         return engine, zero_optimizer
+
+    def params_in_host_within_budget(self, module: torch.nn.Module) -> int:
+        """With parameters on NVMe, how many DeepSpeed may also keep in pinned host memory (bf16, `max_in_cpu`): its
+        default, within what the host budget leaves after this process's optimizer state kept there."""
+        room = self.host_memory_available().bytes
+        if self.config.offload_optimizer and not self._optimizer_on_disk():
+            room -= 16 * _trainable_share(module)
+        return max(0, min(NVME_PARAMS_IN_HOST, room // 2))
+
+    def _refuse_optimizer_state_beyond_host_room(self, module: torch.nn.Module) -> None:
+        """Refuses, before DeepSpeed allocates it, optimizer state in host memory beyond what this process may use
+        (its budget, the job's cgroup limit): this process's share of the fp32 master weights, gradients and Adam
+        moments, 16 bytes per parameter."""
+        from lightning_offload.planner.budget import refuse_beyond_host_room
+
+        share = _trainable_share(module)
+        refuse_beyond_host_room(
+            16 * share, self.host_memory_available(),
+            what=f"The `deepspeed` backend's optimizer state of {share:,} parameters (this process's share)",
+            fix="Keep it on disk (`offload_device='nvme'`, `nvme_path=...`), train across more processes, or let "
+                "`backend='auto'` choose a plan with less host memory.",
+        )
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         self.set_precision(precision)
@@ -469,3 +518,106 @@ class DeepSpeedBackend(Backend):
             f"DeepSpeed ZeRO-3 ({self._precision}): parameters partitioned in {where_params}; "
             f"gradients, fp32 master weights and optimizer state in {where_optim}; {pinned} buffers"
         )
+
+
+def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
+    stats, plan = inputs.stats, inputs.plan
+    params, trained = stats.parameters, stats.trainable_parameters
+    gathered = 2 * max(stats.block_parameters, stats.other_parameters)
+    gpu = {"gathered bf16 weights (two blocks)": 2 * gathered,
+           "prefetch bucket": 2 * DeepSpeedConfig.prefetch_bucket_size,
+           "gradient reduce buckets (bf16, double-buffered)": 2 * 2 * DeepSpeedConfig.reduce_bucket_size}
+    # ZeRO-3 keeps fp32 partitions of the trainable parameters only; every parameter has a bf16 partition.
+    host = {"bf16 weight partitions": 2 * params, "fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained,
+            "optimizer state": int(inputs.state_bytes * trained),
+            "engine buffers (bf16 gradient partitions, swap)": int(ENGINE_HOST_BYTES_PER_PARAM * trained)}
+    disk: dict[str, int] = {}
+    if plan.on_disk:
+        host, disk = _nvme_terms(stats, plan, host)
+    return MemoryTerms(gpu, host, frozenset(host) if plan.pin_memory else frozenset(), disk)
+
+
+def _nvme_terms(stats: ModelStats, plan: Plan, in_host: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """ZeRO-Infinity: the host terms that move to disk (the `NVME_*` buffers take their place in host memory), and
+    the disk's terms. The engine's own buffers are kept at their host-offload size until measured."""
+    params, host, disk = stats.parameters, dict(in_host), {}
+    if plan.parameters_on_disk:
+        # Parameters outside the blocks (embeddings, output layer) may be larger than a swap buffer: counted in host
+        # memory, like the partitions DeepSpeed keeps there.
+        kept = min(params, NVME_PARAMS_IN_HOST + stats.other_parameters)
+        host["bf16 weight partitions"] = 2 * kept
+        host["parameter swap buffers"] = 2 * NVME_BUFFER_COUNT * NVME_BUFFER_NUMEL
+        disk["bf16 weight partitions"] = 2 * (params - kept)
+    if plan.optimizer_on_disk:
+        for term in ("fp32 master weights", "optimizer state"):
+            disk[term] = host.pop(term)
+        disk["fp32 gradients"] = host["fp32 gradients"]  # written once per step for the sub-group updates
+        sub_group = min(params, NVME_SUB_GROUP_NUMEL)
+        host["optimizer swap buffers"] = 4 * NVME_OPTIMIZER_BUFFER_COUNT * sub_group
+    return host, disk
+
+
+def disk_traffic(stats: ModelStats, plan: Plan, *, accumulate: int = 1) -> tuple[int, int, int]:
+    """Bytes a plan on NVMe moves per optimizer step: (parameter reads under forward and backward, optimizer reads,
+    writes). Parameters on disk are read at every gather (forward, recompute, backward) and written once after the
+    update; the optimizer's sub-groups read their fp32 master weights, state and gradients and write the first two
+    back, after the gradients were written at the step's boundary."""
+    if not plan.on_disk:
+        return 0, 0, 0
+    params = stats.parameters
+    passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)
+    on_disk = max(0, params - NVME_PARAMS_IN_HOST - stats.other_parameters) if plan.parameters_on_disk else 0
+    parameter_reads = accumulate * passes * 2 * on_disk
+    optimizer_bytes = (4 + OPTIMIZER_STATE_BYTES[plan.optimizer]) * params if plan.optimizer_on_disk else 0
+    gradient_bytes = 4 * params if plan.optimizer_on_disk else 0
+    reads = int(optimizer_bytes + gradient_bytes)
+    writes = int(2 * on_disk + optimizer_bytes + gradient_bytes)
+    return parameter_reads, reads, writes
+
+
+def step_time(inputs: StepInputs) -> StepTime:
+    """bf16 weights come in for every gather and bf16 gradients go out per micro-batch; CPU Adam steps after."""
+    stats, plan, compute, offload = inputs.stats, inputs.plan, inputs.compute, inputs.offload
+    params = stats.parameters
+    weights_in = inputs.accumulate * inputs.passes * 2 * params / inputs.h2d
+    gradients_out = inputs.accumulate * 2 * params / inputs.d2h
+    optimizer = params / (inputs.cpu_adamw * OPTIMIZER_PHASE_SHARE)
+    total = max(compute, weights_in + offload) + gradients_out + optimizer
+    if not plan.on_disk:
+        return StepTime(compute, weights_in + gradients_out + offload, optimizer, total)
+    if inputs.disk is None:
+        raise ValueError(f"The plan {plan} keeps state on disk: pass the `Disk` it uses (`load_or_probe_disk`).")
+    # Parameter reads are prefetched under forward and backward; the optimizer's sub-groups wait for their
+    # reads and writes (DeepSpeed's swapper without pipelining).
+    parameter_reads, reads, writes = disk_traffic(stats, plan, accumulate=inputs.accumulate)
+    read, write = inputs.disk.read_gbps * 1e9, inputs.disk.write_gbps * 1e9
+    under_compute = max(compute, weights_in + offload, parameter_reads / read)
+    on_disk = under_compute - max(compute, weights_in + offload) + reads / read + writes / write
+    return StepTime(compute, weights_in + gradients_out + offload, optimizer, total + on_disk, on_disk,
+                    parameter_reads + reads, writes)
+
+
+def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> list[Plan]:
+    """State in host memory, and on disk only where the user gave one (never written to uninvited)."""
+    devices = [levers.offload_device] if levers.offload_device else ["cpu", "nvme"] if levers.disk_given else ["cpu"]
+    states = [levers.nvme_state] if levers.nvme_state else list(NVME_STATES)
+    return [dataclasses.replace(base, offload_device=device, nvme_state=state)
+            for device in devices for state in (states if device == "nvme" else ["all"])]
+
+
+def consolidate(path: Path) -> dict[str, Any]:
+    """Each weight gathered from the ranks' fp32 partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path)))
+
+
+SPEC = BackendSpec(
+    name="deepspeed", engine=DeepSpeedBackend, memory_terms=memory_terms, step_time=step_time,
+    checkpoint_weight_bytes=2 + 4,  # its bf16 partitions beside the fp32 master weights
+    exact_optimizer="cpu_adam",
+    pinned_optimizer=lambda optimizer: None if optimizer == "paged_adamw8bit" else optimizer,
+    plan_variants=plan_variants, keeps_state_on_disk=True,
+    options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
+    multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), consolidate=consolidate,
+)

@@ -9,6 +9,7 @@ gradients are pointed at FSDP's after every backward.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -20,8 +21,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import ensure_process_group
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.backends.spec import BackendSpec, MultiProcess
+from lightning_offload.optim import is_adam
+from lightning_offload.planner.measure import ModelStats
+from lightning_offload.planner.terms import (EIGHT_BIT_OPTIMIZERS, CandidateLevers, MemoryInputs, MemoryTerms, Plan,
+                                             StepInputs, StepTime)
 
 
 @dataclass(kw_only=True)
@@ -273,10 +279,10 @@ def _fused_on_host(optimizer: Optimizer) -> None:
     """Steps torch's Adam/AdamW with its fused kernel when the user left the implementation to torch.
 
     torch defaults to its fused or foreach kernels only for CUDA tensors; for these host shards its default is the
-    per-parameter loop: 0.9 Gparam/s against the fused kernel's 4.9 on the H100 machine's host (bench/probe.py),
-    3.3 s of a 3.6B step. Same arithmetic; an optimizer that has stepped keeps its implementation.
+    per-parameter loop, several times slower (bench/RESULTS.md, "Notes moved from the changelog"). Same
+    arithmetic; an optimizer that has stepped keeps its implementation.
     """
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+    if not is_adam(optimizer, exact=True) or optimizer.state:
         return
     if any(group.get("fused") is not None or group.get("foreach") is not None or group.get("capturable")
            or group.get("differentiable") for group in optimizer.param_groups):
@@ -284,3 +290,73 @@ def _fused_on_host(optimizer: Optimizer) -> None:
     for group in optimizer.param_groups:
         group["fused"] = True
     optimizer.defaults["fused"] = True
+
+
+# FSDP2 pins its host shards through torch's caching host allocator, which rounds every block up to a power of two:
+# 40% on top of the 8 pinned bytes/param at 3.6B (37.8 GiB pinned, 66.5 GiB RSS measured, bench/RESULTS.md).
+PINNED_ROUNDING = 0.40
+# bitsandbytes' 8-bit optimizers on host tensors (FSDP's CPU-offloaded shards) dequantize the parameter being
+# stepped to fp32 state and temporaries: 20 bytes per element of it on top of the state, one parameter at a time
+# (measured on the CPU, bitsandbytes 0.50, 64M- and 256M-element parameters; the GPU kernels need none).
+HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT = 20
+# FSDP2's CPU offload adds a micro-batch's gradients to those already in host memory inside backward: each one is
+# copied synchronously into fresh pageable memory, then added on the CPU (torch's `foreach_reduce`: the copy can
+# only overlap when nothing accumulates). lightning_offload's fsdp backend at 3.6B, 4 x 2048 tokens per micro-batch:
+# 1.92 s/step without accumulation, 89.8 s accumulating 8 (bench/RESULTS.md): ~12.6 s per added micro-batch.
+HOST_ACCUMULATION_RATE = 0.29e9
+# bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
+# 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
+CPU_8BIT_UPDATE_RATE = 0.06e9
+
+
+def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
+    # Frozen parameters take no gradient and no optimizer state: torch's optimizers skip what gets no gradient.
+    stats, plan = inputs.stats, inputs.plan
+    params, block, trained = stats.parameters, stats.block_parameters, stats.trainable_parameters
+    gpu = {"gathered bf16 weights (two blocks)": 2 * 2 * block,
+           "root unit bf16 weights (embeddings, head)": 2 * stats.other_parameters,
+           "fp32 gradients of one block before offload": 4 * stats.trainable_block_parameters}
+    if plan.accumulate_on_gpu and inputs.whole_gradients:
+        gpu["fp32 gradients accumulated over micro-batches"] = 4 * trained
+    host = {"fp32 weight shards": 4 * params, "fp32 gradient shards": 4 * trained,
+            "optimizer state": int(inputs.state_bytes * trained)}
+    pinned: frozenset[str] = frozenset()
+    if plan.optimizer in EIGHT_BIT_OPTIMIZERS:
+        largest = max(block, stats.embedding_parameters)  # no parameter is larger than its block
+        host["8-bit update temporaries (largest parameter)"] = HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT * largest
+    if plan.pin_memory:
+        host["pinned block rounding"] = int(PINNED_ROUNDING * 8 * params)
+        pinned = frozenset({"fp32 weight shards", "fp32 gradient shards", "pinned block rounding"})
+    return MemoryTerms(gpu, host, pinned)
+
+
+def step_time(inputs: StepInputs) -> StepTime:
+    """fp32 shards come in for every unshard, fp32 gradients go out once per step (the earlier micro-batches' are
+    added up on the GPU, or in host memory at FSDP's rate); torch's AdamW steps on the CPU after."""
+    params, plan, accumulate = inputs.stats.parameters, inputs.plan, inputs.accumulate
+    weights_in = accumulate * inputs.passes * 4 * params / inputs.h2d
+    gradients_out = 4 * params / inputs.d2h
+    added_on_host = 0 if plan.accumulate_on_gpu else (accumulate - 1) * params / HOST_ACCUMULATION_RATE
+    # The fsdp backend steps torch's fused AdamW on the host shards: 3.6B (every block recomputed, 4 x 2048 tokens)
+    # trains at 1.925 s/step, 1.5B at 0.811 s, the fused CPU AdamW rate after the copies (bench/RESULTS.md).
+    rate = inputs.cpu_adamw if plan.exact_optimizer else CPU_8BIT_UPDATE_RATE
+    optimizer = params / rate
+    return StepTime(inputs.compute, weights_in + gradients_out + added_on_host + inputs.offload, optimizer,
+                    max(inputs.compute, weights_in + inputs.offload) + gradients_out + added_on_host + optimizer)
+
+
+def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> list[Plan]:
+    """With gradient accumulation: the micro-batches' gradients added up on the GPU, or in host memory."""
+    if levers.accumulate > 1:
+        return [dataclasses.replace(base, accumulate_on_gpu=True), base]
+    return [base]
+
+
+SPEC = BackendSpec(
+    name="fsdp", engine=FSDPBackend, memory_terms=memory_terms, step_time=step_time, checkpoint_weight_bytes=4,
+    exact_optimizer="adamw", eight_bit_optimizer="adamw8bit",
+    # bitsandbytes' paged optimizers page GPU state: the shards it would step are in host memory.
+    pinned_optimizer=lambda optimizer: None if optimizer == "paged_adamw8bit" else optimizer,
+    plan_variants=plan_variants, options_of=lambda plan: {"accumulate_on_gpu": plan.accumulate_on_gpu},
+    multi_process=MultiProcess(shards_state=True), runs_compiled_modules=True,
+)

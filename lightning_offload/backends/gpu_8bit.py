@@ -32,9 +32,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
-from lightning_offload.checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+from lightning_offload.backends.spec import BackendSpec
+from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import gpu_free_bytes
+from lightning_offload.planner.terms import ADAMW_8BIT, MemoryInputs, MemoryTerms, step_updated_on_the_gpu
 
 _PRECISIONS = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
 # Optimizers whose math is AdamW, by (module prefix, class name); their hyperparameters carry over.
@@ -248,7 +251,7 @@ def _refuse_other_math(optimizer: Optimizer) -> None:
     cls = type(optimizer)
     is_adamw = any(cls.__module__.startswith(prefix) and cls.__name__ == name for prefix, name in _ADAMW_CLASSES)
     flags = [flag for flag in ("amsgrad", "maximize") if any(g.get(flag) for g in optimizer.param_groups)]
-    l2_decay = cls is torch.optim.Adam and not optimizer.defaults.get("decoupled_weight_decay") and any(
+    l2_decay = is_adam(optimizer, exact=True) and not decouples_weight_decay(optimizer) and any(
         g.get("weight_decay") for g in optimizer.param_groups)
     if not is_adamw or flags or l2_decay:
         what = f"{cls.__name__}" + (f" with {', '.join(f'{f}=True' for f in flags)}" if flags else "") + (
@@ -257,3 +260,18 @@ def _refuse_other_math(optimizer: Optimizer) -> None:
             f"The `gpu_8bit` backend runs AdamW (decoupled weight decay) with 8-bit state, not {what}. Return "
             "`torch.optim.AdamW` from `configure_optimizers`, or keep your optimizer with `backend='device'`."
         )
+
+
+def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
+    # The 8-bit AdamW keeps state for every parameter it holds, frozen ones included: charged for all.
+    stats = inputs.stats
+    return MemoryTerms({"bf16 weights": 2 * stats.parameters,
+                        "optimizer state": int(inputs.state_bytes * stats.parameters),
+                        **inputs.gradients_updated_in_backward(stats.trainable_block_parameters)})
+
+
+SPEC = BackendSpec(
+    name="gpu_8bit", engine=GPU8bitBackend, memory_terms=memory_terms, step_time=step_updated_on_the_gpu,
+    checkpoint_weight_bytes=2, eight_bit_optimizer="adamw8bit_fused",
+    pinned_optimizer=lambda optimizer: "adamw8bit_fused" if optimizer in ADAMW_8BIT else None, own_adamw=True,
+)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from lightning_offload.kernels.adamw8bit import (
+from lightning_offload.kernels.format import (
     BLOCK_SIZE,
     M_LEVELS,
     RECORD_BYTES,
@@ -26,10 +26,10 @@ from lightning_offload.kernels.adamw8bit import (
     Bucket8bit,
     StepScalars,
     TensorStep,
-    _f32_bits,
+    fp32_bits,
 )
 
-# The tile of one program: BLOCKS_PER_PROGRAM blocks of 256 elements, NUM_WARPS warps (bench/optim_update.py
+# The tile of one program: BLOCKS_PER_PROGRAM blocks of 256 elements, NUM_WARPS warps (bench/studies/optim_update.py
 # sweeps both; read at each launch).
 BLOCKS_PER_PROGRAM = 4
 NUM_WARPS = 4
@@ -201,7 +201,7 @@ def triton_update(bucket: Bucket8bit, work: Sequence[TensorStep], s: StepScalars
     table = [[p.data_ptr(), 0, p.numel(), first, 0, 0, 0] for p, first in zip(bucket.params, bucket.block_offsets)]
     for item in work:
         table[item.index][1] = item.grad.data_ptr()
-        table[item.index][4:] = [item.rounding_key, _f32_bits(item.m_weight), _f32_bits(item.v_weight)]
+        table[item.index][4:] = [item.rounding_key, fp32_bits(item.m_weight), fp32_bits(item.v_weight)]
     aligned = all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in table)
     device = bucket.params[0].device
     table = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)

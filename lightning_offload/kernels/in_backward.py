@@ -11,7 +11,7 @@ all of them while `updates_in_backward` is off (gradient clipping by norm needs 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,17 +57,12 @@ class InBackwardAdamW8bit(AdamW8bitFused):
         step_with_group(bucket, [param.grad], group)
         param.grad = None
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update_with_gradients(self) -> None:
+        # What `step` applies after its closure: the gradients no hook applied (see the module's docstring).
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     self._update(param)
-        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

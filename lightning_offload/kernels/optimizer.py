@@ -51,12 +51,16 @@ class AdamW8bitFused(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update_with_gradients()
+        return loss
+
+    def _update_with_gradients(self) -> None:
+        """Updates every parameter that holds a gradient, one launch a bucket."""
         for group, bucket in self._get_buckets():
             grads = [p.grad for p in bucket.params]
             if all(grad is None for grad in grads):
                 continue
             step_with_group(bucket, grads, group)
-        return loss
 
     def _get_buckets(self) -> list[tuple[dict[str, Any], Bucket8bit]]:
         if self._buckets is None:

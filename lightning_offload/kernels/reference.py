@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from lightning_offload.kernels.adamw8bit import (
+from lightning_offload.kernels.format import (
     BLOCK_SIZE,
     M_LEVELS,
     V_CODES_PER_OCTAVE,

@@ -7,12 +7,14 @@ memory tier (`memory`) and step time from the machine's measured ceilings (`cost
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import checkpoints_itself
+from lightning_offload.backends import registry
+from lightning_offload.activation_checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,
     Candidate,
@@ -22,19 +24,12 @@ from lightning_offload.planner.choose import (
     choose,
     exclusions,
 )
-from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time, load_or_probe, probe
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.cost import Ceilings, estimate_step_time, load_or_probe, probe
 from lightning_offload.planner.disk import Disk, UnusableDisk, load_or_probe_disk
 from lightning_offload.planner.measure import ModelStats, measure_model, measure_module, meta_network
-from lightning_offload.planner.memory import (
-    EIGHT_BIT_OPTIMIZERS,
-    MULTI_PROCESS_BACKENDS,
-    GIB,
-    Machine,
-    MemoryEstimate,
-    Plan,
-    estimate_memory,
-    shortfalls,
-)
+from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_memory, shortfalls
+from lightning_offload.planner.terms import EIGHT_BIT_OPTIMIZERS, Plan, StepTime
 
 __all__ = [
     "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
@@ -52,32 +47,36 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: Machine | None = None,
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
-         optimizer: str | None = None, checkpointing: str | None = None, every_k: int | None = None,
+         optimizer: str | None = None, activation_checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
          ranks_per_host: int | None = None, clips_gradients: bool = False,
          gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN, nvme_path: str | None = None,
          offload_device: str | None = None, nvme_state: str | None = None, disk: Disk | None = None,
-         disk_blocks: int | None = None) -> PlanReport:
+         disk_blocks: int | None = None, checkpointing: str | None = None) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
-    `checkpointing` pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam`
-    (None: the most blocks whose optimizer state fits on the GPU). `margin`: the fraction of each memory tier a
-    plan may fill. `nvme_path` is a folder where `deepspeed` plans may keep state (probed for its O_DIRECT bandwidth
-    and free space, or described by `disk`); `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is
-    taken however its disk traffic bounds it), and `disk_blocks` how many blocks' state a `stream` plan keeps there
-    (pinned: taken likewise). With `world_size` processes (`ranks_per_host` per machine) only the
-    engines that span processes are candidates, memory per GPU and per host.
-    Returns the report; `report.chosen` is None
-    when nothing fits, and `report.error()` is the exception that says why.
+    `activation_checkpointing` (a policy name, as the strategy's) pin levers (None / "auto": the planner chooses),
+    and so does `gpu_state_blocks` for `host_adam` (None: the most blocks whose optimizer state fits on the GPU).
+    `margin`: the fraction of each memory tier a plan may fill. `nvme_path` is a folder where `deepspeed` and
+    `stream` plans may keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`);
+    `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
+    it), and `disk_blocks` how many blocks' state a `stream` plan keeps there (pinned: taken likewise). With
+    `world_size` processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory
+    per GPU and per host. `checkpointing`: the former name of `activation_checkpointing`, deprecated.
+    Returns the report; `report.chosen` is None when nothing fits, and `report.error()` is the exception that says
+    why.
     """
-    from lightning_offload.backends import available_backends
-
+    if checkpointing is not None:
+        warnings.warn("`plan(checkpointing=...)` is deprecated and will be removed in the next release; pass "
+                      "`activation_checkpointing=`, the strategy's name for it.", FutureWarning, stacklevel=2)
+        activation_checkpointing = activation_checkpointing or checkpointing
+    checkpointing = activation_checkpointing
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
-    if backend not in (None, "auto", *available_backends()):
-        raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *available_backends()]}.")
+    if backend not in (None, "auto", *registry.available_backends()):
+        raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *registry.available_backends()]}.")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, ModelStats):
@@ -95,9 +94,9 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                 checkpointing = "full"  # every block recomputes itself, whatever a plan's policy would say
     machine = machine or Machine.detect(device)
     ceilings = ceilings or load_or_probe(device)
-    backends = available_backends() if backend in (None, "auto") else [backend]
+    backends = registry.available_backends() if backend in (None, "auto") else [backend]
     if world_size > 1:
-        backends = [b for b in backends if b in MULTI_PROCESS_BACKENDS]
+        backends = [b for b in backends if b in registry.multi_process_backends()]
     if disk is None and nvme_path is not None and offload_device != "cpu":
         disk = load_or_probe_disk(nvme_path)
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,

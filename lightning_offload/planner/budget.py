@@ -35,7 +35,9 @@ class Available:
 
 def host_memory_available(*, max_host_memory_gib: float | None = None) -> Available:
     """Host RAM this process may still allocate: what the system reports available, the room left under each
-    cgroup memory limit above it (v1 and v2), and `max_host_memory_gib`, whichever is least."""
+    cgroup memory limit above it (v1 and v2), and what `max_host_memory_gib` leaves beside what the process holds
+    already (a budget is all the memory the process may hold, as on a machine or in a job with that much), whichever
+    is least."""
     import psutil
 
     available = Available(psutil.virtual_memory().available)
@@ -43,9 +45,26 @@ def host_memory_available(*, max_host_memory_gib: float | None = None) -> Availa
     if room is not None:
         available = available.within(room, "the job's memory limit (cgroup)")
     if max_host_memory_gib is not None:
-        available = available.within(max_host_memory_gib * GIB,
+        available = available.within(max_host_memory_gib * GIB - _rss(),
                                      f"the budget `max_host_memory_gib={max_host_memory_gib:g}`")
     return available
+
+
+_MORE_FOR_THE_JOB = "ask the job for more memory (SLURM `--mem`, the container's memory limit)"
+
+
+def refuse_beyond_host_room(needed_bytes: int, available: Available, *, what: str, fix: str) -> None:
+    """Refuses, before it is allocated, host memory for `what` beyond what `available` leaves this run: one error
+    naming what limits it (a budget, the job's cgroup limit) and the fixes (`fix`: the engine's own lever)."""
+    if needed_bytes <= available.bytes:
+        return
+    held = f", held there by {available.limit}" if available.limit else ""
+    lift = ("free host memory" if available.limit is None else "raise `max_host_memory_gib`"
+            if "max_host_memory_gib" in available.limit else _MORE_FOR_THE_JOB)
+    raise MemoryError(
+        f"{what} needs {needed_bytes / GIB:.1f} GiB of host memory, {(needed_bytes - available.bytes) / GIB:.1f} GiB "
+        f"more than the {available.bytes / GIB:.1f} GiB this run may use{held}. {fix} Or {lift}."
+    )
 
 
 def gpu_memory_available(device: torch.device, *, max_gpu_memory_gib: float | None = None) -> Available:
@@ -70,10 +89,8 @@ def cgroup_memory_room(cgroup_root: Path | None = None, proc_self_cgroup: Path |
     v2 reads `memory.max` and `memory.current`, v1 `memory.limit_in_bytes` and `memory.usage_in_bytes`. The
     cgroup's inactive page cache counts as room: the kernel reclaims it before it kills (as `docker stats` and the
     kubelet count it)."""
-    folders = _cgroup_folders(cgroup_root or CGROUP_ROOT, proc_self_cgroup or PROC_SELF_CGROUP)
-    rooms = [room for folder in folders
-             if (room := _room_in(folder)) is not None]
-    return min(rooms) if rooms else None
+    use = cgroup_memory_use(cgroup_root, proc_self_cgroup)
+    return None if use is None else max(0, use[1] - use[0])
 
 
 def _cgroup_folders(cgroup_root: Path, proc_self_cgroup: Path) -> list[Path]:
@@ -101,7 +118,8 @@ def _cgroup_folders(cgroup_root: Path, proc_self_cgroup: Path) -> list[Path]:
     return folders
 
 
-def _room_in(folder: Path) -> int | None:
+def _use_in(folder: Path) -> tuple[int, int] | None:
+    """(bytes the cgroup at `folder` uses beyond reclaimable cache, its limit); None: no limit there."""
     for limit_file, usage_file, inactive_key in (("memory.max", "memory.current", "inactive_file"),
                                                  ("memory.limit_in_bytes", "memory.usage_in_bytes",
                                                   "total_inactive_file")):
@@ -110,8 +128,16 @@ def _room_in(folder: Path) -> int | None:
         if limit is None or limit >= 2**60:
             continue
         inactive = _memory_stat(folder).get(inactive_key, 0)
-        return max(0, limit - max(0, (usage or 0) - inactive))
+        return max(0, (usage or 0) - inactive), limit
     return None
+
+
+def cgroup_memory_use(cgroup_root: Path | None = None, proc_self_cgroup: Path | None = None) -> tuple[int, int] | None:
+    """(bytes used, limit) of the memory cgroup, among this process's and its ancestors, with the least room left;
+    None: no limit."""
+    folders = _cgroup_folders(cgroup_root or CGROUP_ROOT, proc_self_cgroup or PROC_SELF_CGROUP)
+    uses = [use for folder in folders if (use := _use_in(folder)) is not None]
+    return min(uses, key=lambda use: use[1] - use[0]) if uses else None
 
 
 def _read_int(path: Path) -> int | None:
@@ -127,6 +153,54 @@ def _memory_stat(folder: Path) -> dict[str, int]:
     except OSError:
         return {}
     return {key: int(value) for key, value in (line.split() for line in lines if len(line.split()) == 2)}
+
+
+# How close to its limit host memory may come before the run warns (once) that the kernel may kill it.
+HOST_WARNING_FRACTION = 0.95
+
+
+class HostBudget:
+    """The host memory one run may use, followed while it runs: `room()` is what its engines may still allocate, and
+    `warning_once()` warns when the process comes within 5% of what limits it (`max_host_memory_gib`, the job's
+    cgroup limit), so that a user sees a kernel OOM kill coming instead of a process that vanishes. Each look reads
+    the process's RSS and a few cgroup files: cheap enough for every checkpoint and epoch."""
+
+    def __init__(self, max_host_memory_gib: float | None = None) -> None:
+        self.max_host_memory_gib = max_host_memory_gib
+        self.warned = False
+
+    def room(self) -> Available:
+        return host_memory_available(max_host_memory_gib=self.max_host_memory_gib)
+
+    def warning_once(self) -> str | None:
+        """The warning, the first time memory is that close (None otherwise, and ever after)."""
+        if self.warned:
+            return None
+        message = self._closeness()
+        self.warned = message is not None
+        return message
+
+    def _closeness(self) -> str | None:
+        consequence = ("Beyond it the kernel kills the process without a message. Save a checkpoint and resume with "
+                       "a leaner plan (a smaller batch, `activation_checkpointing='full'`, 8-bit optimizer state)")
+        if self.max_host_memory_gib is not None:
+            held = _rss()
+            if held >= HOST_WARNING_FRACTION * self.max_host_memory_gib * GIB:
+                return (f"This process holds {held / GIB:.1f} GiB of host memory, within "
+                        f"{1 - HOST_WARNING_FRACTION:.0%} of the budget `max_host_memory_gib="
+                        f"{self.max_host_memory_gib:g}`. {consequence}, or raise `max_host_memory_gib` where the "
+                        "machine has the memory.")
+        use = cgroup_memory_use()
+        if use is not None and use[0] >= HOST_WARNING_FRACTION * use[1]:
+            return (f"The job's memory limit (cgroup) is {use[0] / use[1]:.0%} used ({use[0] / GIB:.1f} of "
+                    f"{use[1] / GIB:.1f} GiB). {consequence}, or {_MORE_FOR_THE_JOB}.")
+        return None
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def cap_gpu_allocator(device: torch.device, max_gpu_memory_gib: float) -> float | None:

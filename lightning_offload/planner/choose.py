@@ -11,24 +11,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightning_offload.backends.stream.placement import fewest_blocks_on_disk
+from lightning_offload.backends import registry
 from lightning_offload.losses import slice_workspace_bytes
-from lightning_offload.planner.cost import Ceilings, StepTime, estimate_step_time
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.cost import Ceilings, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
+from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_memory, shortfalls
+from lightning_offload.planner.terms import CandidateLevers, Plan, StepTime
 
 if TYPE_CHECKING:
+    from lightning_offload.backends.spec import BackendSpec
     from lightning_offload.planner.disk import Disk
-from lightning_offload.planner.memory import (
-    BACKENDS,
-    GIB,
-    MULTI_PROCESS_BACKENDS,
-    NVME_STATES,
-    Machine,
-    MemoryEstimate,
-    Plan,
-    estimate_memory,
-    shortfalls,
-)
 
 # Fraction of each memory tier a plan may fill: allocator fragmentation, the data loader, other processes.
 SAFETY_MARGIN = 0.9
@@ -40,18 +33,6 @@ POLICIES = ("none", "every_k", "full", "offload")
 # A plan whose disk traffic would make its step more than this many times its compute time is refused, unless the
 # user pinned the disk (`offload_device="nvme"`).
 DISK_BOUND_FACTOR = 2.0
-# The optimizer each backend steps when the user keeps their own AdamW ("exact") or wants 8-bit state.
-_EXACT_OPTIMIZER = {"device": "adamw", "deepspeed": "cpu_adam", "fsdp": "adamw", "host_adam": "adamw"}
-_EIGHT_BIT_OPTIMIZER = {"device": "adamw8bit", "gpu_8bit": "adamw8bit_fused", "stream": "adamw8bit_fused",
-                        "fsdp": "adamw8bit"}
-# Backends that update with their own 8-bit AdamW inside backward, and the pinned names that mean it.
-_OWN_EIGHT_BIT_UPDATE = frozenset({"gpu_8bit", "stream"})
-_ADAMW_8BIT = frozenset({"adamw8bit", "adamw8bit_fused", "paged_adamw8bit"})
-# Backends whose update math is AdamW only (they refuse other optimizers), and those that only pay off with a GPU
-# (they run on a CPU device when pinned, for tests).
-_ADAMW_ONLY = frozenset({"gpu_8bit", "host_adam", "stream"})
-_GPU_PLANS = frozenset({"host_adam", "stream"})
-
 
 class PlanDoesNotFit(ValueError):
     """No candidate plan fits the machine; the message names each tier's shortfall and what would fit."""
@@ -159,42 +140,27 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
                     accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
                     disk_given: bool = False, disk_blocks: int | None = None) -> list[Plan]:
-    """Every plan over the levers the user left open (`None`); pinned levers are taken as given. `host_adam`
-    candidates keep `gpu_state_blocks` (None: `choose` sizes it to the most that fit); `fsdp` ones, when
-    `accumulate` > 1, come with the micro-batches' gradients added up on the GPU or in host memory; `deepspeed`
-    ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited)."""
+    """Every plan over the levers the user left open (`None`); pinned levers are taken as given. Each backend's spec
+    sets its own levers on them (`plan_variants`): `host_adam` candidates keep `gpu_state_blocks` (None: `choose`
+    sizes it to the most that fit); `fsdp` ones, when `accumulate` > 1, come with the micro-batches' gradients added
+    up on the GPU or in host memory; `deepspeed`
+    ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited), and so do
+    `stream` ones (`disk_blocks` of them; None: `choose` sizes it to the fewest that fit)."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
+    levers = CandidateLevers(gpu_state_blocks, accumulate, offload_device, nvme_state, disk_given, disk_blocks)
     plans = []
     for backend in backends:
-        if backend in _GPU_PLANS and not on_cuda and len(backends) > 1 or \
-                backend in _ADAMW_ONLY and not adamw_compatible:
+        spec = registry.spec(backend)
+        if spec.needs_cuda and not on_cuda and len(backends) > 1 or spec.own_adamw and not adamw_compatible:
             continue
-        for name in _optimizers_for(backend, optimizer):
+        for name in _optimizers_for(spec, optimizer):
             for policy in policies:
-                if backend == "stream" and policy not in ("full", "offload"):
+                if spec.policies is not None and policy not in spec.policies:
                     continue
                 for k in ([every_k] if every_k else [2, 4]) if policy == "every_k" else [2]:
                     base = Plan(backend=backend, optimizer=name, checkpointing=policy, every_k=k)
-                    if backend == "stream":
-                        # Coarse steps show the trade in the table; None is sized to the most that fit (`choose`).
-                        step = max(1, stats.blocks // 8)
-                        plans += [dataclasses.replace(base, resident_blocks=r)
-                                  for r in range(0, stats.blocks + 1, step)]
-                        plans.append(dataclasses.replace(base, resident_blocks=None))
-                        if disk_given:  # None: the fewest blocks' state on disk that lets host memory hold the rest
-                            plans.append(dataclasses.replace(base, resident_blocks=None, disk_blocks=disk_blocks))
-                    elif backend == "host_adam":
-                        plans.append(dataclasses.replace(base, resident_blocks=gpu_state_blocks))
-                    elif backend == "fsdp" and accumulate > 1:
-                        plans += [dataclasses.replace(base, accumulate_on_gpu=True), base]
-                    elif backend == "deepspeed":
-                        devices = [offload_device] if offload_device else ["cpu", "nvme"] if disk_given else ["cpu"]
-                        states = [nvme_state] if nvme_state else list(NVME_STATES)
-                        plans += [dataclasses.replace(base, offload_device=device, nvme_state=state)
-                                  for device in devices for state in (states if device == "nvme" else ["all"])]
-                    else:
-                        plans.append(base)
+                    plans += spec.plan_variants(base, stats, levers)
     return plans
 
 
@@ -203,32 +169,26 @@ def exclusions(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, opt
     """Why each of `backends` has no candidate plan under the pinned levers (`candidate_plans`' rules, in words)."""
     reasons = {}
     for backend in backends:
-        if backend in _GPU_PLANS and not on_cuda and len(backends) > 1:
+        spec = registry.spec(backend)
+        if spec.needs_cuda and not on_cuda and len(backends) > 1:
             reasons[backend] = "it needs a CUDA GPU"
-        elif backend in _ADAMW_ONLY and not adamw_compatible:
+        elif spec.own_adamw and not adamw_compatible:
             reasons[backend] = ("it updates with AdamW inside backward, and `configure_optimizers` returns another "
                                 "optimizer (return `torch.optim.AdamW`)")
-        elif not _optimizers_for(backend, optimizer):
+        elif not _optimizers_for(spec, optimizer):
             reasons[backend] = f"it cannot step `optimizer={optimizer!r}`"
-        elif backend == "stream" and checkpointing not in (None, "full", "offload"):
-            reasons[backend] = f"it streams blocks under `full` or `offload` checkpointing, not {checkpointing!r}"
-        elif not stats.blocks and backend == "stream":
-            reasons[backend] = "the model has no repeated block to stream"
+        elif (reason := spec.exclusion(stats, checkpointing)) is not None:
+            reasons[backend] = reason
     return reasons
 
 
-def _optimizers_for(backend: str, pinned: str | None) -> list[str]:
+def _optimizers_for(spec: BackendSpec, pinned: str | None) -> list[str]:
     """The optimizer state a backend would keep: its own conversions of the user's optimizer, or the pinned one
     where the backend can step it."""
     if pinned is None:
-        return [o for o in (_EXACT_OPTIMIZER.get(backend), _EIGHT_BIT_OPTIMIZER.get(backend)) if o]
-    if backend in _OWN_EIGHT_BIT_UPDATE:
-        return ["adamw8bit_fused"] if pinned in _ADAMW_8BIT else []
-    if backend == "host_adam":
-        return ["adamw"] if pinned in ("adamw", "cpu_adam") else []
-    if pinned == "cpu_adam" and backend == "device" or pinned == "paged_adamw8bit" and backend != "device":
-        return []
-    return [pinned]
+        return [o for o in (spec.exact_optimizer, spec.eight_bit_optimizer) if o]
+    kept = spec.pinned_optimizer(pinned)
+    return [kept] if kept else []
 
 
 def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
@@ -248,18 +208,19 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
 
     def missing(plan: Plan, memory: MemoryEstimate | None = None) -> dict[str, float]:
         memory = memory or memory_of(plan)
-        # The streaming plan allocates its pinned arenas at exactly the sizes counted here: only the rest of its
-        # host estimate needs the margin.
-        exact_host = memory.pinned_bytes if plan.backend == "stream" else 0
+        # Pinned arenas allocated at exactly the sizes counted here: only the rest of the host estimate needs the
+        # margin.
+        exact_host = memory.pinned_bytes if registry.spec(plan.backend).exact_pinned_host else 0
         return shortfalls(memory, machine, margin, exact_host_bytes=exact_host,
                           disk_free_bytes=disk.free_bytes if disk is not None else None)
 
     candidates = []
     seen: set[Plan] = set()
     for plan in plans:
-        if plan.disk_blocks is None:
-            plan = fewest_blocks_on_disk(stats.blocks, plan, missing)
-        if plan.backend in ("host_adam", "stream") and plan.resident_blocks is None:
+        spec = registry.spec(plan.backend)
+        if plan.disk_blocks is None and spec.sizes_blocks_on_disk is not None:
+            plan = spec.sizes_blocks_on_disk(stats, plan, missing)
+        if spec.sizes_blocks_on_gpu and plan.resident_blocks is None:
             plan = most_blocks_on_gpu(stats, plan, missing)
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
@@ -284,7 +245,7 @@ def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
         return ""
     return (f"disk traffic ({step.disk_read_bytes / 1e9:.1f} GB read, {step.disk_write_bytes / 1e9:.1f} GB written "
             f"per step) adds {step.disk:.3g} s to {step.compute:.3g} s of compute, over {DISK_BOUND_FACTOR:g}x; pin "
-            "`offload_device='nvme'` (deepspeed) or `disk_blocks` (stream) to accept it")
+            "where the state goes on disk (`offload_device='nvme'`, `disk_blocks`) to accept it")
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:
@@ -423,7 +384,7 @@ def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | N
 
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
     """The fastest plan of another backend that fits at the same batch, for the refusal of a pinned backend."""
-    backends = MULTI_PROCESS_BACKENDS if report.world_size > 1 else BACKENDS
+    backends = registry.multi_process_backends() if report.world_size > 1 else registry.available_backends()
     plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True,
                             accumulate=report.accumulate)
     return _fitting(report, report.stats, plans)

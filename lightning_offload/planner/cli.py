@@ -8,11 +8,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_offload.checkpointing import as_checkpointing_config
+from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
 from lightning_offload.planner.lightning import clips_by_norm, plan_for_module
-from lightning_offload.planner.memory import GIB
+from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.record import plan_state
 
 CEILINGS = {"h100": Ceilings()}

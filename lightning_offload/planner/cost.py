@@ -3,7 +3,8 @@
 A short probe (a few seconds) measures what bounds every plan - the matmul rate, PCIe bandwidth each way and both
 ways at once, and the CPU's AdamW rate - and caches it per machine, so planning a run costs nothing the second time.
 Each plan's step is then the sum of the phases that cannot overlap: compute (with recompute), the PCIe traffic the
-engine leaves exposed, and the optimizer work that does not hide under backward.
+engine leaves exposed, and the optimizer work that does not hide under backward; compute is costed here, the rest by
+each backend's spec (`backends/spec.py`).
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_offload.backends.stream.placement import disk_seconds as stream_disk_seconds
-from lightning_offload.backends.stream.placement import disk_tier_bytes as stream_disk_tier_bytes
+from lightning_offload.backends import registry
 from lightning_offload.planner.cache import cache_root
 from lightning_offload.planner.measure import ModelStats
-from lightning_offload.planner.memory import (
-    DEEPSPEED_NVME_PARAMS_IN_HOST,
-    OPTIMIZER_STATE_BYTES,
+from lightning_offload.planner.terms import (
+    BACKWARD_SHARE,
+    GPU_UPDATE_RATE,
     Plan,
+    StepInputs,
+    StepTime,
     checkpointed_blocks,
-    gpu_state_parameters,
 )
 
 if TYPE_CHECKING:
     from lightning_offload.planner.disk import Disk
+
+__all__ = ["BACKWARD_SHARE", "GPU_UPDATE_RATE", "Ceilings", "StepTime", "estimate_step_time", "load_or_probe", "probe",
+           "training_flops"]
 
 # Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included) at
 # block width 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step with every block recomputed
@@ -44,39 +48,15 @@ if TYPE_CHECKING:
 # formula gives 57% and 64% there, on the slow side.
 ACHIEVED_MATMUL_FRACTION = 0.50
 REFERENCE_WIDTH = 4096
-# On a CPU "device" the GPU's share and width scaling do not hold: the BLAS runs a model of the probe's width (512)
+# On a CPU device the GPU's share and width scaling do not hold: the BLAS runs a model of the probe's width (512)
 # at ~0.8 of the probed 512^3 fp32 rate, and narrower ones lower. The main job's model on a 2-core CPU, 4 layers:
 # width 512 at 0.78, width 128 at 0.45 (the GPU formula gave 0.06 there and predicted its steps 12x slow).
 CPU_MATMUL_SHARE = 0.80
 CPU_REFERENCE_WIDTH = 512
-# Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
-# torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
-GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
-                   "lion8bit": 33e9}
-# The engines' host optimizer phases reach a share of the fused CPU AdamW rate the planner's probe reads at a fit's
-# setup (3.93 Gparam/s on the H100 machine's 16 cores, 2026-12-05; bench/probe.py reads 4.89 in a process of its
-# own): DeepSpeed ZeRO-3 offload (CPU Adam plus copying fp32 gradients into partitions and bf16 weights back)
-# 1.5 Gparam/s, from 3.22 s/step at 3.6B; host_adam's bucket pipeline (gradients out, fused AdamW, fp32 weights
-# back and cast on the GPU, its default) 1.7 Gparam/s, from 2.41 s/step at 8B with 16 blocks' state on the GPU and
-# 2.71 s with 12 (bench/RESULTS.md; those cast on the host, and 2.09 s casting on the GPU read 2.07 at the 4.97
-# Gparam/s that session's probe read). `cast_on_device=False` is costed alike: 0.8x its measured 8B step.
-# The shares are of what the probe reads, so they change with the probe (PROBE_VERSION).
-DEEPSPEED_OPTIMIZER_PHASE_SHARE = 0.385
-HOST_ADAM_PIPELINE_SHARE = 0.44
-# FSDP2's CPU offload adds a micro-batch's gradients to those already in host memory inside backward: each one is
-# copied synchronously into fresh pageable memory, then added on the CPU (torch's `foreach_reduce`: the copy can
-# only overlap when nothing accumulates). lightning_offload's fsdp backend at 3.6B, 4 x 2048 tokens per micro-batch:
-# 1.92 s/step without accumulation, 89.8 s accumulating 8 (bench/RESULTS.md): ~12.6 s per added micro-batch.
-FSDP_HOST_ACCUMULATION_RATE = 0.29e9
-# bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
-# 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
-CPU_8BIT_UPDATE_RATE = 0.06e9
 # A compiled decoder layer's forward, recompute and backward against the eager layer's: Inductor fuses the
-# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/block_compute.py` on the
+# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/studies/block_compute.py` on the
 # H100: 0.82 at 8B, 0.88 at 19B, 0.91 at 32.8B (bench/RESULTS.md).
 COMPILED_BLOCK_TIME = 0.87
-# Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
-BACKWARD_SHARE = 0.7
 # Part of the cache's file name: a machine probed by an earlier `probe` is probed again (version 2: the CPU AdamW
 # rate over 2 GiB, not 256 MiB read from the CPU's cache; 3: whether the ceilings are a GPU's).
 PROBE_VERSION = 3
@@ -102,20 +82,6 @@ class Ceilings:
         return self.matmul_tflops * 1e12 * ACHIEVED_MATMUL_FRACTION * by_width
 
 
-@dataclass(frozen=True)
-class StepTime:
-    """Estimated seconds per optimizer step, by phase; `total` is what does not overlap."""
-
-    compute: float
-    transfer: float
-    optimizer: float
-    total: float
-    disk: float = 0.0
-    """Seconds of disk traffic the step cannot hide under compute (state on NVMe)."""
-    disk_read_bytes: int = 0
-    disk_write_bytes: int = 0
-
-
 def training_flops(stats: ModelStats, plan: Plan) -> float:
     """FLOPs of one micro-batch: 6 x N x tokens, plus a forward again for every recomputed block."""
     if not stats.tokens:
@@ -124,34 +90,13 @@ def training_flops(stats: ModelStats, plan: Plan) -> float:
     return (6 + 2 * recomputed) * stats.compute_parameters * stats.tokens
 
 
-def disk_traffic(stats: ModelStats, plan: Plan, *, accumulate: int = 1) -> tuple[int, int, int]:
-    """Bytes a `deepspeed` plan on NVMe moves per optimizer step: (parameter reads under forward and backward,
-    optimizer reads, writes). Parameters on disk are read at every gather (forward, recompute, backward) and
-    written once after the update; the optimizer's sub-groups read their fp32 master weights, state and gradients
-    and write the first two back, after the gradients were written at the step's boundary."""
-    if not plan.on_disk:
-        return 0, 0, 0
-    params = stats.parameters
-    passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)
-    on_disk = max(0, params - DEEPSPEED_NVME_PARAMS_IN_HOST - stats.other_parameters) if plan.parameters_on_disk else 0
-    parameter_reads = accumulate * passes * 2 * on_disk
-    optimizer_bytes = (4 + OPTIMIZER_STATE_BYTES[plan.optimizer]) * params if plan.optimizer_on_disk else 0
-    gradient_bytes = 4 * params if plan.optimizer_on_disk else 0
-    reads = int(optimizer_bytes + gradient_bytes)
-    writes = int(2 * on_disk + optimizer_bytes + gradient_bytes)
-    return parameter_reads, reads, writes
-
-
 def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, accumulate: int = 1,
                        disk: Disk | None = None) -> StepTime:
     """Seconds per step by phase; `disk` (its probed bandwidths) for the plans that keep state on it."""
-    params, bf16 = stats.parameters, 2
     compute = accumulate * training_flops(stats, plan) / ceilings.achieved_flops(stats.width)
     if stats.compiled_blocks:
         compute *= COMPILED_BLOCK_TIME
-    backward_of_last = BACKWARD_SHARE * compute / accumulate
     h2d, d2h, duplex = (g * 1e9 for g in (ceilings.h2d_gbps, ceilings.d2h_gbps, ceilings.duplex_gbps))
-    cpu_adamw = ceilings.cpu_adamw_gparams * 1e9
     passes = 2 + (1 if checkpointed_blocks(stats, plan) else 0)  # forward, backward, recompute
     # `offload` checkpointing copies saved tensors out on a side stream under forward and back, a block ahead,
     # under backward (activation_offload.py): only the copy time beyond the compute it runs under is exposed.
@@ -159,71 +104,9 @@ def estimate_step_time(stats: ModelStats, plan: Plan, ceilings: Ceilings, *, acc
     offload = accumulate * (saved / d2h + saved / h2d)
     offload_exposed = (max(0.0, accumulate * saved / d2h - (1 - BACKWARD_SHARE) * compute)
                        + max(0.0, accumulate * saved / h2d - BACKWARD_SHARE * compute))
-    if plan.backend in ("device", "gpu_8bit"):
-        optimizer = params / GPU_UPDATE_RATE.get(plan.optimizer, GPU_UPDATE_RATE["adamw"])
-        return StepTime(compute, offload, optimizer, compute + offload_exposed + optimizer)
-    if plan.backend == "host_adam":
-        # Gradients leave, the CPU steps and weights return bucket by bucket, from the first bucket (the output
-        # layer, early in the last backward) on. The front blocks' state is on the GPU: they are updated there at
-        # the GPU's rate on the compute stream, and the next forward runs through them while the host finishes the
-        # back blocks, so the host work may also hide under that part of the next forward.
-        on_gpu = gpu_state_parameters(stats, plan)
-        on_host = stats.trainable_parameters - on_gpu
-        pipeline = max(4 * on_host / d2h, on_host / (cpu_adamw * HOST_ADAM_PIPELINE_SHARE), 4 * on_host / h2d)
-        front = min(plan.resident_blocks or 0, stats.blocks) / stats.blocks if stats.blocks else 0.0
-        forward_of_front = (1 - BACKWARD_SHARE) * compute / accumulate * front
-        exposed = max(0.0, pipeline - backward_of_last - forward_of_front)
-        gpu_update = on_gpu / GPU_UPDATE_RATE["adamw"]
-        transfer = 4 * on_host / d2h + 4 * on_host / h2d  # fp32 gradients out, fp32 weights back
-        return StepTime(compute, transfer + offload, on_host / cpu_adamw + gpu_update,
-                        compute + offload_exposed + exposed + gpu_update)
-    if plan.backend == "stream":
-        streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
-        state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params
-        weights_in = accumulate * passes * bf16 * streamed
-        # State goes in and out once per step, updated streamed weights go back out: both directions at once.
-        both_ways = 2 * max(state, state + bf16 * streamed) / duplex
-        transfer = weights_in / h2d + both_ways
-        update = params / GPU_UPDATE_RATE[plan.optimizer]
-        # The activation copies share the link with the streamed weights, all of it under compute.
-        total = max(compute + update, transfer + offload)
-        if not plan.disk_blocks:
-            return StepTime(compute, transfer + offload, update, total)
-        if disk is None:
-            raise ValueError(f"The plan {plan} keeps state on disk: pass the `Disk` it uses (`load_or_probe_disk`).")
-        moved, _ = stream_disk_tier_bytes(int(OPTIMIZER_STATE_BYTES[plan.optimizer] * stats.trainable_block_parameters),
-                                          plan.disk_blocks)
-        waited, reads, writes = stream_disk_seconds(moved, read_gbps=disk.read_gbps, write_gbps=disk.write_gbps,
-                                                    backward_seconds=backward_of_last)
-        return StepTime(compute, transfer + offload, update, total + waited, waited, reads, writes)
-    if plan.backend == "deepspeed":
-        weights_in = accumulate * passes * bf16 * params / h2d
-        gradients_out = accumulate * bf16 * params / d2h
-        optimizer = params / (cpu_adamw * DEEPSPEED_OPTIMIZER_PHASE_SHARE)
-        total = max(compute, weights_in + offload) + gradients_out + optimizer
-        if not plan.on_disk:
-            return StepTime(compute, weights_in + gradients_out + offload, optimizer, total)
-        if disk is None:
-            raise ValueError(f"The plan {plan} keeps state on disk: pass the `Disk` it uses (`load_or_probe_disk`).")
-        # Parameter reads are prefetched under forward and backward; the optimizer's sub-groups wait for their
-        # reads and writes (DeepSpeed's swapper without pipelining).
-        parameter_reads, reads, writes = disk_traffic(stats, plan, accumulate=accumulate)
-        read, write = disk.read_gbps * 1e9, disk.write_gbps * 1e9
-        under_compute = max(compute, weights_in + offload, parameter_reads / read)
-        on_disk = under_compute - max(compute, weights_in + offload) + reads / read + writes / write
-        return StepTime(compute, weights_in + gradients_out + offload, optimizer, total + on_disk, on_disk,
-                        parameter_reads + reads, writes)
-    # fsdp: fp32 shards come in for every unshard, fp32 gradients go out once per step (the earlier micro-batches'
-    # are added up on the GPU, or in host memory at FSDP's rate); torch's AdamW steps on the CPU after.
-    weights_in = accumulate * passes * 4 * params / h2d
-    gradients_out = 4 * params / d2h
-    added_on_host = 0 if plan.accumulate_on_gpu else (accumulate - 1) * params / FSDP_HOST_ACCUMULATION_RATE
-    # The fsdp backend steps torch's fused AdamW on the host shards: 3.6B (every block recomputed, 4 x 2048 tokens)
-    # trains at 1.925 s/step, 1.5B at 0.811 s, the fused CPU AdamW rate after the copies (bench/RESULTS.md).
-    rate = cpu_adamw if plan.exact_optimizer else CPU_8BIT_UPDATE_RATE
-    optimizer = params / rate
-    return StepTime(compute, weights_in + gradients_out + added_on_host + offload, optimizer,
-                    max(compute, weights_in + offload) + gradients_out + added_on_host + optimizer)
+    return registry.spec(plan.backend).step_time(StepInputs(
+        stats, plan, accumulate, disk, compute, h2d, d2h, duplex, ceilings.cpu_adamw_gparams * 1e9, passes, offload,
+        offload_exposed))
 
 
 def _cache_path(device: torch.device) -> Path:

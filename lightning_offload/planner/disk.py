@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_offload.planner.cache import cache_root
-from lightning_offload.planner.memory import GIB
+from lightning_offload.planner.budget import GIB
 
 # Bytes a probe writes and reads back: past the drive's write cache, seconds at NVMe speeds.
 PROBE_BYTES = 1 * GIB

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from lightning_offload._safetensors import read_folder
-from lightning_offload.checkpointing import find_blocks
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.planner.choose import PlanDoesNotFit, parameter_count
 from lightning_offload.planner.measure import ModelStats, _output_layers, _tensors, _to_meta, _tokens
-from lightning_offload.planner.memory import GIB, Machine
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.memory import Machine
 
 # Fraction of each memory tier a plan from estimated activations may fill: the measured plans' 0.9, less 0.1 for
 # what the estimate cannot see (extra buffers a custom op keeps, its workspace).

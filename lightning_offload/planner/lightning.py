@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from lightning_offload.checkpointing import CheckpointingConfig, checkpoints_itself
+from lightning_offload.backends import registry
+from lightning_offload.activation_checkpointing import CheckpointingConfig, checkpoints_itself
+from lightning_offload.optim import is_adam
 from lightning_offload.planner import (
     Ceilings,
     Machine,
@@ -28,10 +30,10 @@ from lightning_offload.planner.choose import SAFETY_MARGIN, parameter_count
 from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, estimate_stats, unmeasured_note
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.preflight import loader_untouched
-from lightning_offload.planner.memory import GIB, checkpoint_bytes
-from lightning_offload.saving import remove_stale_leftovers
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.memory import checkpoint_bytes
+from lightning_offload.saving import checkpoints_on_disk_at_once, remove_stale_leftovers
 
-_OWN_OPTIMIZER_BACKENDS = frozenset({"gpu_8bit", "stream", "host_adam"})
 # Policies the memory model knows; `selective` keeps more than `full` and less than `none`: planned as `none`, so
 # its estimate errs on the side of memory.
 _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offload": "offload", "selective": "none"}
@@ -62,7 +64,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
-    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`."""
+    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`, a pinned `stream`
+    backend's `nvme_path` and `disk_blocks`."""
     dtype = compute_dtype(precision)
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
@@ -144,7 +147,7 @@ def _steps_adamw(module: Any) -> bool:
     while isinstance(optimizer, (list, tuple)) and optimizer:
         optimizer = optimizer[0]
     optimizer = optimizer.get("optimizer") if isinstance(optimizer, dict) else optimizer
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    return is_adam(optimizer)
 
 
 def checkpointing_of(chosen: Plan) -> CheckpointingConfig:
@@ -153,19 +156,9 @@ def checkpointing_of(chosen: Plan) -> CheckpointingConfig:
 
 def optimizer_of(chosen: Plan) -> str | None:
     """The strategy's `optimizer=` for a plan the planner chose while the user kept their own optimizer."""
-    if chosen.backend in _OWN_OPTIMIZER_BACKENDS or chosen.exact_optimizer:
+    if registry.spec(chosen.backend).own_adamw or chosen.exact_optimizer:
         return None
     return chosen.optimizer
-
-
-def backend_options_of(chosen: Plan, config: type) -> dict[str, Any]:
-    """The plan's levers that are backend options: the streaming plan's resident blocks, host_adam's blocks whose
-    optimizer state stays on the GPU, fsdp's accumulation on the GPU, deepspeed's and stream's state on disk."""
-    known = {f.name for f in dataclasses.fields(config)}
-    levers = {"resident_blocks": chosen.resident_blocks, "gpu_state_blocks": chosen.resident_blocks,
-              "accumulate_on_gpu": chosen.accumulate_on_gpu, "offload_device": chosen.offload_device,
-              "nvme_state": chosen.nvme_state, "disk_blocks": chosen.disk_blocks}
-    return {name: value for name, value in levers.items() if name in known}
 
 
 def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
@@ -188,8 +181,7 @@ def check_checkpoint_disk(trainer: Any, report: PlanReport) -> None:
             )
         remove_stale_leftovers(folder)  # what killed saves left there is space this run may use
         free = shutil.disk_usage(existing).free
-        kept = callback.save_top_k if callback.save_top_k > 0 else (2 if callback.save_top_k < 0 else 0)
-        copies = kept + bool(callback.save_last) + 1 if kept or callback.save_last else 0
+        copies = checkpoints_on_disk_at_once(callback.save_top_k, callback.save_last)
         if copies and copies * size > free:
             raise ValueError(
                 f"`ModelCheckpoint` in {str(folder)!r} would need {copies} x {size / GIB:.1f} GiB (checkpoints of "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_offload.checkpointing import find_blocks, recompute_suspended
+from lightning_offload.activation_checkpointing import find_blocks, recompute_suspended
 from lightning_offload.losses import ChunkedLMHeadLoss
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_offload.planner.choose import PlanDoesNotFit, PlanReport, choose
-from lightning_offload.planner.memory import GIB, Plan
+from lightning_offload.planner.budget import GIB
+from lightning_offload.planner.terms import Plan
 
 # The checkpoint key that holds the plan a run trained with (its `Plan` fields).
 PLAN_KEY = "lightning_offload_plan"
@@ -103,13 +104,15 @@ def resume_report(report: PlanReport, saved: Plan, path: str | Path) -> PlanRepo
 def fit_ckpt_path(trainer: Any) -> str | Path | None:
     """The checkpoint `trainer.fit(ckpt_path=...)` resumes from, known before the model is built.
 
-    Lightning sets `trainer.ckpt_path` only when it restores, after `configure_model`; the path it resolved
-    (`"last"` included) is the `ckpt_path` argument of its `_run`, the caller of this setup."""
-    if trainer.ckpt_path:
-        return trainer.ckpt_path
+    Lightning resolves the path (`"last"`, `"hpc"`, a `trainer.ckpt_path` the user set) before `Trainer._run` and
+    passes it only as that call's argument; `trainer.ckpt_path` follows when it restores, after `configure_model`
+    (and keeps an earlier fit's path). The strategy's setup runs inside `_run`, so the path is that call's argument,
+    found by the code of the Trainer class's own `_run` (either Lightning namespace, a subclass's override
+    included); outside a `_run`, the path the user set on the Trainer."""
+    runs = {run.__code__ for klass in type(trainer).__mro__ if hasattr(run := vars(klass).get("_run"), "__code__")}
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
+        if frame.f_code in runs and frame.f_locals.get("self") is trainer and "ckpt_path" in frame.f_locals:
+            return frame.f_locals["ckpt_path"]
         frame = frame.f_back
-    return None
+    return trainer.ckpt_path

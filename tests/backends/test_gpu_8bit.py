@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed
 from lightning_offload.backends.gpu_8bit import blocks_to_checkpoint
-from lightning_offload.checkpointing import find_blocks, is_checkpointed
-from lightning_offload.kernels.adamw8bit import RECORD_BYTES
+from lightning_offload.kernels.format import RECORD_BYTES
 from tests.conftest import TinyLM, fit, token_batches
 from tests.test_optim import EIGHT_BIT_RTOL
 from tests.test_strategy import assert_losses_close

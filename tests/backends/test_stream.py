@@ -16,7 +16,6 @@ from lightning_offload.backends.stream.placement import (
     GIB,
     UnitSize,
     check_host_memory,
-    pcie_bytes_per_step,
     place_units,
     spread,
 )
@@ -81,11 +80,6 @@ def test_host_check_names_the_shortfall() -> None:
     with pytest.raises(MemoryError, match=r"10.0 GiB of pinned host memory .* 8.0 GiB more than the 6.0 GiB"):
         check_host_memory(placement, available_bytes=6 * GIB, reserve_bytes=4 * GIB)
     check_host_memory(placement, available_bytes=14 * GIB, reserve_bytes=4 * GIB)
-
-
-def test_pcie_terms() -> None:
-    h2d, d2h = pcie_bytes_per_step(1000, 200)
-    assert (h2d, d2h) == (2.0625 * 1000 + 2 * 2 * 200, 2.0625 * 1000 + 2 * 200)
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -347,7 +341,7 @@ def optimizer_state(trainer) -> list[tuple[torch.Tensor, list[list[int]]]]:
 
 
 def test_model_checkpoint_written_during_fit_resumes_exactly(tmp_path) -> None:
-    # The GPU run's shape (bench/stream_resume.py): built on meta, some units resident and some streamed, the
+    # The GPU run's shape (bench/studies/stream_resume.py): built on meta, some units resident and some streamed, the
     # checkpoint written by `ModelCheckpoint` between steps (slots still holding units) rather than after `fit`.
     options = dict(precision="bf16-true", num_batches=2, max_epochs=2)
     callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)

@@ -16,14 +16,13 @@ from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.backends.stream.lanes import Lanes
 from lightning_offload.backends.stream.placement import (
     DISK_PAGE,
-    GIB,
     UnitSize,
     check_host_memory,
-    disk_seconds,
-    disk_tier_bytes,
     measure,
     place_state_on_disk,
 )
+from lightning_offload.backends.stream.spec import disk_seconds, disk_tier_bytes
+from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.disk import UnusableDisk
 from tests.backends.test_stream import ALL_STREAMED, backend_of, stream, unordered_uses
 from tests.conftest import TinyLM, fit

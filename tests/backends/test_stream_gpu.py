@@ -66,7 +66,7 @@ def test_streamed_and_resident_placements_agree_on_cuda() -> None:
 
 def test_resume_from_model_checkpoint_is_exact_on_cuda(tmp_path) -> None:
     # Pinned arenas, copies on side streams and the Triton update, with deterministic kernels: steps 3-4 of the
-    # resumed run are the uninterrupted run's bit for bit (bench/stream_resume.py runs the same at 1.5B).
+    # resumed run are the uninterrupted run's bit for bit (bench/studies/stream_resume.py runs the same at 1.5B).
     def two_epochs(**trainer_kwargs):
         strategy = SingleGPUOffloadStrategy(backend="stream", activation_checkpointing="full", resident_blocks=3,
                                             stream_outer=True)

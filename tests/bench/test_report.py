@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import load, render_markdown, write_report
+from bench.report import as_module_command, load, render_markdown, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.jsonl"
 
@@ -57,7 +57,7 @@ def test_header_probe_and_commands(merged):
     assert "torch 2.11.0" in markdown and "2026-11-24" in markdown
     assert "| both ways at once, pinned (GB/s, total) | 78.5 |" in markdown
     assert "| cpu_bnb_8bit | failed: RuntimeError: no CPU kernel |" in markdown
-    assert "    python bench/run.py --probe" in markdown
+    assert "    python -m bench run --probe" in markdown  # the fixture records `python bench/run.py`
 
 
 def test_rows_follow_the_method_order_then_size(merged):
@@ -185,3 +185,11 @@ def test_the_report_lists_the_configured_cells_not_measured_yet_and_counts_every
     assert markdown.count("| not measured yet |") == methods * len(sizes) * regimes - len(load([FIXTURE])[1])
     assert _row(markdown, 'single_gpu_offload (backend="fsdp")', "1.5b")[2] == "not measured yet"
     assert "- Cells: " in markdown and "not measured yet" in markdown.split("- Cells: ")[1].splitlines()[0]
+
+
+def test_recorded_commands_render_as_they_are_typed_today():
+    assert as_module_command("python bench/run.py --sizes 8b") == "python -m bench run --sizes 8b"
+    assert as_module_command("python bench/probe.py") == "python -m bench probe"
+    assert as_module_command("python3 -c x  (last step of bash bench/calls/stream_8b.sh)") == \
+        "python3 -c x  (last step of python -m bench call stream_8b)"
+    assert as_module_command("python -m bench run --probe") == "python -m bench run --probe"

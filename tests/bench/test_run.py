@@ -129,7 +129,7 @@ def test_main_records_the_probe_then_every_cell_in_order(tmp_path, monkeypatch):
         "probe", "1.5b/plain/r1", "1.5b/torchtune/r1", "1.5b/plain/r2", "1.5b/torchtune/r2"]
     assert records[0]["bf16_matmul_TFLOPs"] == 700 and "ok" not in records[0]
     assert [record["status"] for record in records[1:]] == ["ok", "ok", "ok", "skipped"]
-    assert all(record["command"].startswith("python bench/run.py --probe") for record in records)
+    assert all(record["command"].startswith("python -m bench run --probe") for record in records)
 
 
 def test_a_partial_probe_runs_only_the_named_measurements_without_the_deepspeed_allowance(tmp_path, monkeypatch):

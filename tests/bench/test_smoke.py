@@ -1,4 +1,4 @@
-"""End to end on the CPU: `bench/run.py` runs the tiny model with the plain loop in a subprocess, records the cells
+"""End to end on the CPU: `python -m bench run` runs the tiny model with the plain loop in a subprocess, records the cells
 that cannot run here, and renders the report."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_tiny_plain_loop_through_run_py(tmp_path):
     results, report = tmp_path / "results.jsonl", tmp_path / "RESULTS.md"
-    command = [sys.executable, "bench/run.py", "--sizes", "tiny", "--methods", "plain,torchtune",
+    command = [sys.executable, "-m", "bench", "run", "--sizes", "tiny", "--methods", "plain,torchtune",
                "--regimes", "r1,r2", "--device", "cpu", "--steps", "3", "--warmup", "1", "--seq", "32",
                "--micro-batch", "1", "--results", str(results), "--report", str(report)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

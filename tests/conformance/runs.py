@@ -21,7 +21,7 @@ TRAINER_OPTIONS = dict(devices=1, max_epochs=2, limit_train_batches=4, limit_val
                        enable_progress_bar=False, enable_model_summary=False)
 # Errors that refuse a run with a message of ours; anything else, or one raised inside a library, is a failure.
 REFUSALS = (ValueError, TypeError, NotImplementedError)
-TELEMETRY_PREFIXES = ("perf/", "mem/")
+TELEMETRY_PREFIXES = ("perf/", "mem/", "pcie/")
 PACKAGE = str(Path(lightning_offload.__file__).parent)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_offload.kernels import BLOCK_SIZE, Bucket8bit, fused_adamw8bit_step
-from lightning_offload.kernels.adamw8bit import mix32
+from lightning_offload.kernels.format import mix32
 from lightning_offload.kernels.reference import decode_v, dequantize, encode_m, encode_v, mix32_tensor
 
 

@@ -87,8 +87,11 @@ def test_a_budget_only_ever_lowers_what_the_system_reports(tmp_path, monkeypatch
     monkeypatch.setattr(budget, "PROC_SELF_CGROUP", tmp_path / "no_cgroup")
     above = host_memory_available(max_host_memory_gib=10 * psutil.virtual_memory().total / GIB)
     assert above.limit is None and above.bytes <= psutil.virtual_memory().total
+    held = GIB // 8
+    monkeypatch.setattr(budget, "_rss", lambda: held)
     below = host_memory_available(max_host_memory_gib=0.5)
-    assert below.bytes == GIB // 2 and below.limit == "the budget `max_host_memory_gib=0.5`"
+    # The budget is all the process may hold: what it holds already is not room.
+    assert below.bytes == GIB // 2 - held and below.limit == "the budget `max_host_memory_gib=0.5`"
 
 
 def test_budgets_must_be_positive() -> None:
@@ -98,7 +101,8 @@ def test_budgets_must_be_positive() -> None:
         SingleGPUOffloadStrategy(max_gpu_memory_gib="24")
 
 
-def test_an_explicit_host_budget_changes_the_plan_and_a_refusal_names_it() -> None:
+def test_an_explicit_host_budget_changes_the_plan_and_a_refusal_names_it(monkeypatch) -> None:
+    monkeypatch.setattr(budget, "_rss", lambda: 0)  # the whole budget is room: the test's arithmetic is exact
     _, roomy = fit(SingleGPUOffloadStrategy(), num_batches=1)
     report = roomy.strategy.plan_report
     chosen = report.chosen
@@ -126,13 +130,23 @@ def test_a_refusal_under_clipping_names_clipping_when_the_unclipped_plan_fits() 
     clipped, unclipped = (estimate_memory(LLAMA_8B, gpu_8bit, holds_gradients=holds).gpu_bytes / GIB / 0.9
                           for holds in (True, False))
     machine = Machine(gpu_memory_gib=(clipped + unclipped) / 2, host_memory_gib=125)
-    report = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit", checkpointing="full",
-                  clips_gradients=True)
+    report = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit",
+                  activation_checkpointing="full", clips_gradients=True)
     assert report.chosen is None
     message = str(report.error())
     assert "without gradient clipping by norm (`gradient_clip_val=None`" in message
     assert f"{gpu_8bit} fits" in message
-    assert plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit", checkpointing="full").chosen
+    assert plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit",
+                activation_checkpointing="full").chosen
+
+
+def test_the_former_lever_name_warns_and_pins_the_same_policy() -> None:
+    machine = Machine(gpu_memory_gib=80, host_memory_gib=125)
+    with pytest.warns(FutureWarning, match="pass `activation_checkpointing=`"):
+        former = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), checkpointing="none")
+    current = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), activation_checkpointing="none")
+    assert [c.plan for c in former.candidates] == [c.plan for c in current.candidates]
+    assert {c.plan.checkpointing for c in current.candidates} == {"none"}
 
 
 # torch < 2.8 has no getter for the fraction, so the planner cannot see one set by the user there.

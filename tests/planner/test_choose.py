@@ -112,7 +112,7 @@ def test_plan_front_end_on_a_module_for_another_machine() -> None:
 def test_plan_front_end_plans_a_model_whose_blocks_checkpoint_themselves_as_fully_checkpointed() -> None:
     import torch
 
-    from lightning_offload.checkpointing import recompute_in_backward
+    from lightning_offload.activation_checkpointing import recompute_in_backward
     from lightning_offload.models import TinyGPT
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""`python -m lightning_offload.plan`: the table for a model config on a machine given by overrides."""
+"""`lightning-offload plan`: the table for a model config on a machine given by overrides."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.test_train import SHORT_RUN, compose_config
 
 
 def test_plans_a_model_config_for_another_machine(tmp_path) -> None:
-    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+    command = [sys.executable, "-m", "lightning_offload", "plan", "model=llama_1b", "data=random_tokens",
                "machine.gpu_memory_gib=24", "machine.host_memory_gib=64", "machine.ceilings=h100",
                f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -33,15 +33,23 @@ def test_plans_a_model_config_for_another_machine(tmp_path) -> None:
 
 
 def test_a_typo_in_a_value_is_refused_with_the_allowed_ones(tmp_path) -> None:
-    command = [sys.executable, "-m", "lightning_offload.plan", "machine.ceilings=h1000", f"hydra.run.dir={tmp_path}"]
+    command = [sys.executable, "-m", "lightning_offload", "plan", "machine.ceilings=h1000", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Unknown `machine.ceilings=h1000`" in done.stderr
 
 
+def test_the_former_module_command_warns_and_still_plans(tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_offload.plan", "machine.ceilings=h1000", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "`python -m lightning_offload.plan` is deprecated" in done.stderr
+    assert done.returncode == 2 and "Unknown `machine.ceilings=h1000`" in done.stderr
+
+
 def test_levers_are_pinned_with_the_training_apps_config_groups(tmp_path) -> None:
-    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+    command = [sys.executable, "-m", "lightning_offload", "plan", "model=llama_1b", "data=random_tokens",
                "machine.gpu_memory_gib=80", "machine.host_memory_gib=125", "machine.ceilings=h100",
-               "strategy=fsdp_cpu", "optimizer=adamw", "checkpointing=every_k", "checkpointing.every_k=4",
+               "strategy=fsdp", "optimizer=adamw", "activation_checkpointing=every_k",
+               "activation_checkpointing.every_k=4",
                f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,7 +87,7 @@ def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_ove
     assert preview.holds_gradients is clipping and preview.accumulate == (2 if clipping else 1)
 
 
-@pytest.mark.parametrize("strategy", ["single_gpu_offload", "deepspeed_cpu", "fsdp_cpu", "gpu_only", "host_adam"])
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream"])
 def test_the_main_jobs_machine_keys_are_the_strategys_budgets(tmp_path, strategy) -> None:
     from hydra.utils import instantiate
 
@@ -92,7 +100,7 @@ def test_the_main_jobs_machine_keys_are_the_strategys_budgets(tmp_path, strategy
 def test_a_disk_given_adds_its_columns_and_the_plans_that_keep_state_there(tmp_path) -> None:
     swap = tmp_path / "swap"
     swap.mkdir()
-    command = [sys.executable, "-m", "lightning_offload.plan", "model=llama_1b", "data=random_tokens",
+    command = [sys.executable, "-m", "lightning_offload", "plan", "model=llama_1b", "data=random_tokens",
                "machine.gpu_memory_gib=80", "machine.host_memory_gib=16", "machine.ceilings=h100",
                "strategy=deepspeed_nvme", "strategy.offload_device=null", "strategy.nvme_state=null",
                f"strategy.nvme_path={swap}", "trainer.gradient_clip_val=null", "rows=30", f"hydra.run.dir={tmp_path / 'run'}"]

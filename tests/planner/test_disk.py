@@ -9,7 +9,8 @@ import pytest
 from lightning_offload.planner import Ceilings, Disk, Machine, Plan, estimate_memory
 from lightning_offload.planner import disk as disk_module
 from lightning_offload.planner.choose import DISK_BOUND_FACTOR, candidate_plans, choose
-from lightning_offload.planner.cost import disk_traffic, estimate_step_time
+from lightning_offload.backends.deepspeed import disk_traffic
+from lightning_offload.planner.cost import estimate_step_time
 from lightning_offload.planner.memory import GIB, OPTIMIZER_STATE_BYTES
 from tests.planner.test_memory import LLAMA_8B
 

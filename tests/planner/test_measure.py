@@ -68,7 +68,7 @@ def test_blocks_that_checkpoint_themselves_are_measured_as_without_recompute_and
     # count every input twice and no recomputed block.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_offload.checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+    from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
 
     config = LlamaConfig(hidden_size=256, num_hidden_layers=3, intermediate_size=512, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa")

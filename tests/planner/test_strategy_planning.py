@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.checkpointing import recompute_in_backward
+from lightning_offload.activation_checkpointing import recompute_in_backward
 from lightning_offload.planner import Machine, PlanDoesNotFit
 from tests.conftest import VOCAB, TinyLM, fit
 
@@ -43,7 +43,7 @@ def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch
 
 def test_a_pinned_backend_takes_the_planners_eight_bit_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     # At 30K parameters bitsandbytes' per-parameter temporaries outweigh the 6 bytes/param its state saves.
-    monkeypatch.setattr("lightning_offload.planner.memory.HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT", 0)
+    monkeypatch.setattr("lightning_offload.backends.fsdp.HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT", 0)
     _, roomy = fit(SingleGPUOffloadStrategy(backend="fsdp", activation_checkpointing="none"), num_batches=1)
     needs = {c.plan.optimizer: c.memory.gpu_bytes + c.memory.host_bytes for c in roomy.strategy.plan_report.candidates}
     assert needs["adamw8bit"] < needs["adamw"]

@@ -16,10 +16,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightning_offload import saving
+from lightning_offload.consolidation import consolidate
 from lightning_offload.saving import (
     CheckpointWriteError,
     atomic_directory,
-    consolidate,
     remove_stale_leftovers,
     save_with_checkpoint_io,
     stale_leftovers,

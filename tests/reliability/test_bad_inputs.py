@@ -123,6 +123,19 @@ def test_a_truncated_engine_checkpoint_is_named(tmp_path) -> None:
         read_checkpoint(folder)
 
 
+def test_an_engine_checkpoint_of_another_format_is_refused_with_the_one_read(tmp_path) -> None:
+    import torch
+
+    from lightning_offload.backends.host_adam import CHECKPOINT_FILE, read_checkpoint
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"format": "lightning_offload.host_adam/1", "arena": torch.ones(10)}, folder / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=r"has format 'lightning_offload.host_adam/1'; this version reads "
+                                         r"'lightning_offload.host_adam/2'"):
+        read_checkpoint(folder)
+
+
 def test_a_truncated_single_file_checkpoint_is_named_on_resume(tmp_path) -> None:
     from lightning_offload import SingleGPUOffloadStrategy
     from tests.conftest import fit

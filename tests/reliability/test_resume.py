@@ -17,12 +17,12 @@ FIRST_STEPS, TOTAL_STEPS = 3, 5
 # Tiny runs; the planner's pre-flight check is tested elsewhere (its host-RAM check depends on the machine's load).
 RUN = [*SHORT_RUN, "trainer.val_check_interval=1.0", "trainer.limit_val_batches=1", "data.max_bytes=30000"]
 STRATEGIES = {
-    "device": ["strategy=single_gpu_offload", "strategy.backend=device"],
-    "gpu_8bit": ["strategy=gpu_only", "+strategy.check_memory=false"],
-    "fsdp": ["strategy=fsdp_cpu", "+strategy.check_memory=false"],
+    "device": ["strategy=auto", "strategy.backend=device"],
+    "gpu_8bit": ["strategy=gpu_8bit", "+strategy.check_memory=false"],
+    "fsdp": ["strategy=fsdp", "+strategy.check_memory=false"],
     "host_adam": ["strategy=host_adam", "+strategy.check_memory=false", "strategy.bucket_numel=20000",
                   "strategy.chunk_numel=5000"],
-    "deepspeed": ["strategy=deepspeed_cpu", "+strategy.check_memory=false"],
+    "deepspeed": ["strategy=deepspeed", "+strategy.check_memory=false"],
 }
 
 

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
 from lightning_offload.backends.stream.disk import DiskTier
-from lightning_offload.backends.stream.lanes import HostArena, Lanes, aligned
+from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
     DISK_BUFFERS,
-    GIB,
     Placement,
     UnitSize,
     check_host_memory,
@@ -36,9 +35,10 @@ from lightning_offload.backends.stream.units import (
     materialise_buffers,
     replace_parameters,
 )
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
-from lightning_offload.planner.budget import gpu_free_bytes, host_memory_available
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
+from lightning_offload.saving import checkpoints_on_disk_at_once
 
 _PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
@@ -69,7 +69,7 @@ class StreamConfig(BackendConfig):
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
-    """Class names of the repeated blocks; empty: detected (`checkpointing.find_blocks`)."""
+    """Class names of the repeated blocks; empty: detected (`activation_checkpointing.find_blocks`)."""
     stochastic_rounding: bool = True
     seed: int = 0
     """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
@@ -81,7 +81,8 @@ class StreamConfig(BackendConfig):
     libaio). None: all state in host memory."""
     disk_blocks: int | None = None
     """Blocks whose optimizer state lives under `nvme_path`; None: the planner's choice, or without a plan the
-    fewest that let the pinned host memory fit (0 when it fits)."""
+    fewest that let the pinned host memory fit in what is available (within `max_host_memory_gib` and the job's
+    memory limit; 0 when it fits)."""
     disk_buffers: int = DISK_BUFFERS
     """Pinned staging buffers, each one block's state, that the disk reads and writes go through: one per state
     slot on its way to an update and at least one more for reading ahead and writing back."""
@@ -100,7 +101,7 @@ class StreamBackend(Backend):
     Config = StreamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
-    _live: ClassVar[StreamBackend | None] = None
+    _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
         super().__init__(config)
@@ -159,8 +160,9 @@ class StreamBackend(Backend):
     def prepare_module(self, module: nn.Module) -> nn.Module:
         if self._root is module:
             return module
-        if StreamBackend._live is not None:
-            StreamBackend._live.release()
+        previous = StreamBackend._live.take()
+        if previous is not None:
+            previous.release()
         trainer = getattr(module, "_trainer", None)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         self.units = find_units(module, self.config.block_classes)
@@ -183,7 +185,7 @@ class StreamBackend(Backend):
         self.scheduler = Scheduler(self.units, self.lanes, self.dtype, weights, states, self._update)
         self.scheduler.install()
         self._root = module
-        StreamBackend._live = self
+        StreamBackend._live.keep(self)
         return module
 
     def _pinning(self) -> bool:
@@ -206,28 +208,27 @@ class StreamBackend(Backend):
                 f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
                 "larger micro-batch, or fewer `resident_blocks`."
             )
-        available, reserve = host_memory_available().bytes, int(self.config.host_reserve_gib * GIB)
+        room, reserve = self.host_memory_available(), int(self.config.host_reserve_gib * GIB)
         disk_blocks = self.configured_or_planned("disk_blocks", None)
         if self.config.nvme_path is not None:
             from lightning_offload.planner.disk import check_disk_path, check_disk_room
 
             folder = check_disk_path(self.config.nvme_path)
-            placement = place_state_on_disk(sizes, placement, host_free_bytes=available - reserve,
+            placement = place_state_on_disk(sizes, placement, host_free_bytes=room.bytes - reserve,
                                             disk_blocks=disk_blocks, disk_buffers=self.config.disk_buffers,
                                             weight_slots=self.config.weight_slots,
                                             state_slots=self.config.state_slots, accumulate=accumulate)
             check_disk_room(folder, placement.disk_bytes,
                             what=f"the optimizer state of {len(placement.on_disk)} blocks (the `stream` backend's "
                                  "disk tier)")
-        check_host_memory(placement, available_bytes=available, reserve_bytes=reserve)
+        check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=reserve, limit=room.limit)
         return placement
 
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:
         for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
             dirpath = getattr(callback, "dirpath", None)
-            top_k = getattr(callback, "save_top_k", 1)
-            copies = (top_k + 1 if top_k > 0 else 2 if top_k == -1 else 0) + int(bool(getattr(callback, "save_last",
-                                                                                            False)))
+            copies = checkpoints_on_disk_at_once(getattr(callback, "save_top_k", 1),
+                                                 getattr(callback, "save_last", False))
             if dirpath and copies:
                 needed = copies * sum(u.weight_bytes + _state_bytes(u.params) for u in self.units)
                 stream_checkpoint.check_disk(Path(dirpath), needed,
@@ -359,6 +360,11 @@ class StreamBackend(Backend):
             phases["disk wait"] = self.disk.blocked_seconds
         return phases
 
+    def transfer_counters(self) -> dict[str, int]:
+        if self.scheduler is None:
+            return {}
+        return {HOST_TO_DEVICE: self.lanes.copied_bytes[H2D], DEVICE_TO_HOST: self.lanes.copied_bytes[D2H]}
+
     def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
         return module
 
@@ -403,8 +409,7 @@ class StreamBackend(Backend):
         self._arenas.clear()
         self.scheduler = None
         self._root = None
-        if StreamBackend._live is self:
-            StreamBackend._live = None
+        StreamBackend._live.forget(self)
 
     def describe(self) -> str:
         if self.placement is None:

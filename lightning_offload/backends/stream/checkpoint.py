@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_offload.backends.stream.units import Unit
+from lightning_offload.planner.budget import GIB
 from lightning_offload.saving import atomic_directory
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
-GIB = 2**30
 
 
 def checkpoint_bytes(units: list[Unit]) -> int:

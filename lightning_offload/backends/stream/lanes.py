@@ -36,6 +36,8 @@ class Lanes:
     log: list[tuple[str, str, str]] = field(default_factory=list)
     """(action, lane, label): 'copy', 'record', 'wait', 'update', and 'read' / 'write' with a buffer's name as the
     label (see `touch`). Cleared by `start_step`."""
+    copied_bytes: dict[str, int] = field(default_factory=lambda: {H2D: 0, D2H: 0})
+    """Bytes copied on each copy lane since the lanes were built (the backend's `transfer_counters`)."""
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -78,6 +80,7 @@ class Lanes:
         """`reads` and `writes` name the source and destination buffers for `touch`."""
         with self.stream(lane), self.timed(lane, label):
             destination.copy_(source, non_blocking=self.cuda)
+        self.copied_bytes[lane] += source.numel() * source.element_size()
         self.log.append(("copy", lane, label))
         self.touch(lane, reads=(reads,), writes=(writes,))
 
@@ -131,9 +134,9 @@ def aligned(nbytes: int) -> int:
 class HostArena:
     """One host buffer, page-locked in one call, handed out in aligned pieces.
 
-    `cudaHostRegister` over a buffer already touched runs at ~6 GiB/s where `pin_memory()` / cudaHostAlloc runs
-    at ~1.7 GiB/s (bench/RESULTS.md), and one registration avoids torch's pinned-block cache, which keeps freed
-    pinned memory (counted as shared memory by the OOM killer) until emptied.
+    `cudaHostRegister` over a buffer already touched is several times faster than `pin_memory()` / cudaHostAlloc
+    (bench/RESULTS.md, "Figures moved out of the code"), and one registration avoids torch's pinned-block cache,
+    which keeps freed pinned memory (counted as shared memory by the OOM killer) until emptied.
     """
 
     def __init__(self, nbytes: int, *, pin: bool) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_offload.kernels.adamw8bit import Bucket8bit, step_with_group
+from lightning_offload.optim import decouples_weight_decay, is_adam
 
 
 class StreamAdamW(Optimizer):
@@ -35,11 +36,10 @@ class StreamAdamW(Optimizer):
 
 def as_stream_adamw(optimizer: Optimizer, *, stochastic_rounding: bool, seed: int) -> StreamAdamW:
     """The same param groups and hyperparameters; refuses what 8-bit AdamW cannot run exactly."""
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay")) \
-        or type(optimizer).__name__ == "AdamW8bitFused"
-    coupled_decay = isinstance(optimizer, torch.optim.Adam) and not decoupled and any(
+    decoupled = decouples_weight_decay(optimizer) or type(optimizer).__name__ == "AdamW8bitFused"
+    coupled_decay = is_adam(optimizer) and not decoupled and any(
         g.get("weight_decay", 0) for g in optimizer.param_groups)
-    if not (decoupled or isinstance(optimizer, torch.optim.Adam)) or coupled_decay:
+    if not (decoupled or is_adam(optimizer)) or coupled_decay:
         raise ValueError(
             f"The `stream` backend updates with 8-bit AdamW, but `configure_optimizers` returned "
             f"`{type(optimizer).__name__}`{' with weight_decay (L2, not decoupled)' if coupled_decay else ''}. "

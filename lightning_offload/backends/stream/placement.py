@@ -20,15 +20,12 @@ w = bytes of a weight, 2 for bf16, s = STATE_BYTES_PER_PARAM):
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from lightning_offload.kernels.adamw8bit import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
+from lightning_offload.planner.budget import GIB
 
-GIB = 2**30
-PlanT = TypeVar("PlanT", bound=Any)
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements
 GRADIENT_UNITS_ALIVE = 2  # a unit's gradients wait for its update while the next unit's backward runs
 DISK_PAGE = 4096  # O_DIRECT moves whole pages: each block's state file and staging buffer is rounded up to one
@@ -158,60 +155,26 @@ def place_state_on_disk(units: Sequence[UnitSize], placement: Placement, *, host
     return candidate
 
 
-def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int) -> None:
-    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available."""
+def check_host_memory(placement: Placement, *, available_bytes: int, reserve_bytes: int,
+                      limit: str | None = None) -> None:
+    """Refuses, before anything is allocated, a plan whose pinned host memory does not fit in what is available
+    (`limit`: what holds that below the machine's free memory, e.g. the budget `max_host_memory_gib`)."""
     needed = placement.host_pinned_bytes + reserve_bytes
     if needed > available_bytes:
+        held = f" (held there by {limit})" if limit else ""
+        lift = ("raise `max_host_memory_gib`" if limit and "max_host_memory_gib" in limit else
+                "ask the job for more memory (SLURM `--mem`, the container's memory limit)" if limit else
+                "free host memory")
         on_disk = (f", {len(placement.on_disk)} blocks' state on disk through {placement.staging_bytes / GIB:.1f} GiB "
                    "of staging buffers" if placement.on_disk else "")
-        advice = ("a smaller `disk_buffers`" if placement.on_disk else
-                  "`nvme_path=...` (a folder on a local NVMe drive: the optimizer state of some blocks lives there)")
+        disk_advice = ("a smaller `disk_buffers`" if placement.on_disk else
+                       "`nvme_path=...` (a folder on a local NVMe drive: the optimizer state of some blocks lives "
+                       "there)")
         raise MemoryError(
             f"The `stream` backend needs {placement.host_pinned_bytes / GIB:.1f} GiB of pinned host memory "
             f"(8-bit optimizer state and the weights of {len(placement.streamed)} streamed units{on_disk}) "
             f"plus {reserve_bytes / GIB:.1f} GiB kept free, {(needed - available_bytes) / GIB:.1f} GiB more than the "
-            f"{available_bytes / GIB:.1f} GiB available. Keep more blocks on the GPU (`resident_blocks`, a smaller "
-            f"`activation_reserve_gib`), {advice}, free host memory, or use a machine with more RAM."
+            f"{available_bytes / GIB:.1f} GiB available{held}. Keep more blocks on the GPU (`resident_blocks`, a "
+            f"smaller `activation_reserve_gib`), a smaller `host_reserve_gib`, {disk_advice}, {lift}, or use a "
+            "machine with more RAM."
         )
-
-
-def pcie_bytes_per_step(parameters: int, streamed_parameters: int, *, weight_bytes: int = 2,
-                        accumulate: int = 1) -> tuple[float, float]:
-    """(host-to-device, device-to-host) bytes of one optimizer step: the planner's cost terms.
-
-    Streamed weights come in for every forward and again for every recompute and backward; every unit's 8-bit
-    state comes in and goes back once; updated streamed weights go back once.
-    """
-    state = STATE_BYTES_PER_PARAM * parameters
-    h2d = state + 2 * weight_bytes * streamed_parameters * accumulate
-    d2h = state + weight_bytes * streamed_parameters
-    return h2d, d2h
-
-
-# ---------------------------------------------------------------------------- the memory and cost planner's terms
-def disk_tier_bytes(block_state_bytes: int, disk_blocks: int, *,
-                    disk_buffers: int = DISK_BUFFERS) -> tuple[int, int]:
-    """(bytes of optimizer state moved from host memory to disk, pinned staging bytes) of `disk_blocks` blocks."""
-    if not disk_blocks:
-        return 0, 0
-    return page_rounded(block_state_bytes) * disk_blocks, page_rounded(block_state_bytes) * disk_buffers
-
-
-def disk_seconds(state_on_disk_bytes: int, *, read_gbps: float, write_gbps: float,
-                 backward_seconds: float) -> tuple[float, int, int]:
-    """(seconds the step waits for the disk, bytes read, bytes written) per optimizer step: each block's state on
-    disk is read ahead and written back once, both under the last backward's compute, on one drive."""
-    busy = state_on_disk_bytes / (read_gbps * 1e9) + state_on_disk_bytes / (write_gbps * 1e9)
-    return max(0.0, busy - backward_seconds), state_on_disk_bytes, state_on_disk_bytes
-
-
-def fewest_blocks_on_disk(blocks: int, plan: PlanT, missing: Callable[[PlanT], dict[str, float]]) -> PlanT:
-    """`plan` (the planner's `Plan`) with the fewest blocks' state on disk that leaves host memory no shortfall
-    (`missing` gives a plan's shortfall per tier); when none does, the nearest miss. Unless pinned, its resident
-    blocks are the most the GPU holds: each one also frees host memory, and the disk takes the rest."""
-    if plan.resident_blocks is None:
-        sized_on_gpu = [dataclasses.replace(plan, resident_blocks=count, disk_blocks=0) for count in range(blocks + 1)]
-        plan = next((p for p in reversed(sized_on_gpu) if "GPU" not in missing(p)), sized_on_gpu[0])
-    sized = [dataclasses.replace(plan, disk_blocks=count) for count in range(blocks + 1)]
-    fitting = next((p for p in sized if "host RAM" not in missing(p)), None)
-    return fitting if fitting is not None else min(sized, key=lambda p: sum(missing(p).values()))

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lightning_offload.activation_checkpointing import _WRAPPED, unwrapped_forward
 from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import COMPUTE, D2H, H2D, Lanes, Mark
 from lightning_offload.backends.stream.units import Unit
-from lightning_offload.checkpointing import _WRAPPED, unwrapped_forward
 
 WEIGHTS, STATE = "weights", "state"
 

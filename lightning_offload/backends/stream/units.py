@@ -1,6 +1,6 @@
 """Units: the pieces of the model that move together, and building their weights without a full host copy.
 
-Each repeated block (`checkpointing.find_blocks`) is a unit; every module outside the blocks that owns parameters
+Each repeated block (`find_blocks`) is a unit; every module outside the blocks that owns parameters
 (embedding, final norm, output layer) is a unit of its own, except that modules sharing a parameter (a tied
 embedding and output layer) form one unit. Units are ordered by where their modules are registered, which is the
 order a forward pass runs them in for the usual models; it is the order weights are prefetched in, so a model that
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.stream.lanes import aligned
-from lightning_offload.checkpointing import find_blocks
-from lightning_offload.kernels.adamw8bit import RECORD_BYTES
+from lightning_offload.kernels.format import RECORD_BYTES
 
 
 @dataclass(eq=False)

@@ -1,0 +1,63 @@
+"""The backends by name: each backend's module holds a `SPEC` (`backends.spec.BackendSpec`) with everything that
+differs per backend; the planner, the strategies and checkpoint consolidation loop over these and never branch on a
+backend's name. A new backend is a module (or package) in this folder with its `SPEC`, and one line below.
+
+A spec's module is imported the first time it is asked for, so `import lightning_offload` stays quick; this
+module imports none of the package, so the lowest layers (a `Plan` describing itself) may ask it too.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import import_module
+from typing import Any
+
+# name -> the module whose `SPEC` describes it; engines' heavy imports happen inside their methods.
+_SPEC_MODULES = {
+    "deepspeed": "lightning_offload.backends.deepspeed",
+    "device": "lightning_offload.backends.device",
+    "fsdp": "lightning_offload.backends.fsdp",
+    "gpu_8bit": "lightning_offload.backends.gpu_8bit",
+    "host_adam": "lightning_offload.backends.host_adam.spec",
+    "stream": "lightning_offload.backends.stream.spec",
+}
+# The plan with no model measurements across processes: the engine that trains anything that fits in the
+# machines' memory, with its exact optimizer and every block checkpointed.
+UNMEASURED_MULTI_PROCESS = "deepspeed"
+# Nothing offloaded: the plan of a model that fits, and the one to pin where an engine cannot run the user's loop.
+NO_OFFLOAD = "device"
+
+
+def available_backends() -> list[str]:
+    return sorted(_SPEC_MODULES)
+
+
+def multi_process_backends() -> list[str]:
+    """The backends that train across several processes (the others drive one GPU)."""
+    return [name for name in available_backends() if spec(name).multi_process is not None]
+
+
+@cache
+def _load(name: str) -> Any:
+    return import_module(_SPEC_MODULES[name]).SPEC
+
+
+def spec(name: str) -> Any:
+    """The `backends.spec.BackendSpec` of backend `name`."""
+    if name not in _SPEC_MODULES:
+        raise ValueError(f"Unknown backend {name!r}. Choose one of {['auto', *available_backends()]}.")
+    return _load(name)
+
+
+def find(name: str) -> Any:
+    """The spec of `name`, None for a name no backend has."""
+    return _load(name) if name in _SPEC_MODULES else None
+
+
+def specs() -> list[Any]:
+    return [spec(name) for name in available_backends()]
+
+
+def backend_class(name: str) -> Any:
+    """The `Backend` subclass of backend `name`."""
+    return spec(name).engine

@@ -1,0 +1,55 @@
+"""The backend registry: each spec agrees with its engine, and what the package does per backend comes from them."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from lightning_offload.backends import registry
+from lightning_offload.planner.terms import Plan
+
+
+@pytest.mark.parametrize("name", registry.available_backends())
+def test_each_spec_describes_the_engine_registered_under_its_name(name: str) -> None:
+    spec = registry.spec(name)
+    assert spec.name == name and spec.engine.name == name
+    assert registry.backend_class(name) is spec.engine
+
+
+@pytest.mark.parametrize("name", registry.available_backends())
+def test_the_plan_levers_a_spec_hands_its_engine_are_options_of_its_config(name: str) -> None:
+    spec = registry.spec(name)
+    options = spec.options_of(Plan(backend=name, resident_blocks=3, accumulate_on_gpu=True, nvme_state="optimizer"))
+    assert set(options) <= {field.name for field in dataclasses.fields(spec.engine.Config)}
+    spec.engine.Config.from_options(options)  # and of the types the config takes
+
+
+@pytest.mark.parametrize("name", registry.available_backends())
+def test_a_backend_that_saves_its_own_state_says_how_its_folder_consolidates(name: str) -> None:
+    spec = registry.spec(name)
+    assert spec.engine.saves_own_state == (spec.consolidate is not None) == bool(spec.checkpoint_files)
+
+
+def test_unknown_names_are_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"Unknown backend 'gpu8bit'. Choose one of \['auto', 'deepspeed'"):
+        registry.spec("gpu8bit")
+    assert registry.find("gpu8bit") is None
+
+
+def test_the_multi_process_backends_are_those_whose_spec_spans_processes() -> None:
+    spanning = registry.multi_process_backends()
+    assert spanning and set(spanning) < set(registry.available_backends())
+    assert all(registry.spec(name).multi_process is not None for name in spanning)
+
+
+@pytest.mark.slow
+def test_importing_the_package_loads_no_backend() -> None:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, lightning_offload; "
+         "print(sorted(m for m in sys.modules if m.startswith('lightning_offload.backends.')))"],
+        capture_output=True, text=True, check=True, timeout=300).stdout
+    assert ast.literal_eval(loaded) == ["lightning_offload.backends.base", "lightning_offload.backends.registry"]

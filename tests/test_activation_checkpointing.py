@@ -1,0 +1,145 @@
+"""Activation-checkpointing policies on CPU: block detection, and the bytes autograd keeps for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_offload.activation_checkpointing import (
+    CheckpointingConfig,
+    activation_offloader,
+    find_blocks,
+    is_checkpointed,
+    recompute_in_backward,
+    remove_fit_checkpointing,
+)
+from lightning_offload.models import Block, TinyGPT
+
+
+def network() -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16)
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of tensors autograd saves for backward during one forward (outside any checkpointed region)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(torch.randint(0, 64, (4, 16))).sum().backward()
+    return total
+
+
+def test_detects_the_decoder_block_not_its_mlp() -> None:
+    blocks = find_blocks(network())
+    assert len(blocks) == 4 and all(isinstance(block, Block) for block in blocks)
+
+
+def test_policies_order_saved_activation_bytes() -> None:
+    saved = {}
+    for name, config in {
+        "none": CheckpointingConfig(policy="none"),
+        "every_k": CheckpointingConfig(policy="every_k", every_k=2),
+        "selective": CheckpointingConfig(policy="selective", module_classes=["Sequential"]),
+        "full": CheckpointingConfig(policy="full"),
+    }.items():
+        model = network()
+        config.apply(model)
+        saved[name] = saved_bytes(model)
+    assert saved["full"] < saved["every_k"] < saved["none"]
+    assert saved["full"] < saved["selective"] < saved["none"]
+
+
+def test_checkpointed_gradients_equal_plain_gradients() -> None:
+    plain, checkpointed = network(), network()
+    CheckpointingConfig(policy="full").apply(checkpointed)
+    CheckpointingConfig(policy="full").apply(checkpointed)  # applying twice wraps once
+    tokens = torch.randint(0, 64, (2, 16))
+    for model in (plain, checkpointed):
+        model(tokens).square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+
+
+def test_offload_leaves_tensors_under_its_threshold_on_the_device() -> None:
+    plain, offloaded = network(), network()
+    CheckpointingConfig(policy="offload").apply(offloaded)  # 1 MiB: this model's tensors are a few KiB
+    tokens = torch.randint(0, 64, (2, 16))
+    for model in (plain, offloaded):
+        model(tokens).sum().backward()
+    torch.testing.assert_close(plain.embed.weight.grad, offloaded.embed.weight.grad)
+    offloader = activation_offloader(offloaded)
+    assert offloader.packed_bytes > 0 and offloader.offloaded_bytes == 0 and offloader.pool is None
+
+
+def test_bad_policy_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="Choose one of"):
+        CheckpointingConfig(policy="fulll")
+    with pytest.raises(ValueError, match="`offload_min_bytes` must be at least 0"):
+        CheckpointingConfig(policy="offload", offload_min_bytes=-1)
+    with pytest.raises(ValueError, match="needs `module_classes`"):
+        CheckpointingConfig(policy="selective")
+    with pytest.raises(ValueError, match="No module of class"):
+        CheckpointingConfig(policy="selective", module_classes=["Nope"]).apply(network())
+
+
+@pytest.mark.parametrize("policy", ["full", "every_k", "offload"])
+def test_blocks_that_transformers_checkpoints_are_left_alone(policy: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, use_cache=False)
+    model = LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The layers recompute themselves already: a second checkpoint would recompute them twice, and offloading
+    # inside transformers' checkpoint copies every activation out and back on top of the recompute.
+    assert CheckpointingConfig(policy=policy).apply(model) == 0
+    assert activation_offloader(model) is None
+    tokens = torch.randint(0, 64, (2, 8))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+
+
+def test_a_fits_wrappers_come_off_and_the_models_own_stay() -> None:
+    model = network()
+    blocks = find_blocks(model)
+    recompute_in_backward(blocks[0])  # the model's own checkpointing
+    plain_forward = type(blocks[1]).forward
+    assert CheckpointingConfig(policy="offload", offload_min_bytes=0).apply(model) == len(blocks) - 1
+    assert remove_fit_checkpointing(model) == len(blocks) - 1
+    assert is_checkpointed(blocks[0]) and not any(is_checkpointed(block) for block in blocks[1:])
+    assert activation_offloader(model) is None and blocks[1].forward.__func__ is plain_forward
+    reference = network()
+    recompute_in_backward(find_blocks(reference)[0])
+    assert saved_bytes(model) == saved_bytes(reference)
+
+
+def test_a_new_strategy_on_a_model_an_earlier_fit_wrapped_applies_its_own_policy(recwarn) -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import TinyLM, fit
+
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing="offload"), num_batches=2,
+                    module=TinyLM())
+    assert activation_offloader(module) is not None
+    _, trainer = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing="none"), num_batches=2,
+                     module=module)
+    assert not any(is_checkpointed(block) for block in find_blocks(module)) and activation_offloader(module) is None
+    assert not [w for w in recwarn if "does not apply" in str(w.message)]
+    assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"none"}
+
+
+def test_former_module_name_warns_and_is_the_same_module() -> None:
+    import importlib
+    import sys
+
+    import lightning_offload.activation_checkpointing as current
+
+    sys.modules.pop("lightning_offload.checkpointing", None)
+    with pytest.warns(DeprecationWarning, match="lightning_offload.activation_checkpointing"):
+        former = importlib.import_module("lightning_offload.checkpointing")
+    assert former is current
