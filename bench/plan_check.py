@@ -28,7 +28,7 @@ from lightning_offload.planner import (GIB, Ceilings, ModelStats, Plan, estimate
                                       measure_module)
 
 DEFAULT_RESULTS = Path(__file__).with_name("results.jsonl")
-_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ activation_checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
+_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
                    r"(?:, (?P<blocks>\d+) (?:resident blocks|blocks' state on the GPU))?"
                    r"(?P<accumulated>, gradients accumulated on the GPU)?$")
 
@@ -52,7 +52,7 @@ def parse_plan(text: str) -> Plan:
     if match is None:
         raise ValueError(f"Not a plan: {text!r}")
     policy = "every_k" if match["k"] else match["policy"]
-    return Plan(backend=match["backend"], optimizer=match["optimizer"], activation_checkpointing=policy,
+    return Plan(backend=match["backend"], optimizer=match["optimizer"], checkpointing=policy,
                 every_k=int(match["k"] or 2), resident_blocks=int(match["blocks"] or 0),
                 accumulate_on_gpu=bool(match["accumulated"]))
 

@@ -118,7 +118,7 @@ def _strategy_checkpoints() -> frozenset[str]:
 
 def _recompute_share(plan: str) -> float | None:
     """Share of the blocks a plan's checkpointing policy recomputes (bench/limits.py `Cost.recompute_share`)."""
-    policy = re.search(r"activation_checkpointing=(\w+)", plan)
+    policy = re.search(r"checkpointing=(\w+)", plan)
     if policy is None:
         return None
     name = policy.group(1)

@@ -34,7 +34,7 @@ class PretrainedLlamaModule(LlamaModule):
     """`LlamaModule` whose `configure_model` loads a checkpoint, as a fine-tune does."""
 
     def __init__(self, folder: str) -> None:
-        super().__init__(size="", activation_checkpointing="by_strategy", optimizer="adamw")
+        super().__init__(size="", checkpointing="by_strategy", optimizer="adamw")
         self.folder = folder
 
     def configure_model(self) -> None:
