@@ -69,6 +69,7 @@ SIZES = {
     "19b": Shape(hidden=6144, layers=44, intermediate=16384, heads=48, kv_heads=8, vocab=152064),
     "32.8b": Shape(hidden=5120, layers=64, intermediate=27648, heads=40, kv_heads=8, vocab=152064),
     "40.8b": Shape(hidden=6144, layers=72, intermediate=24576, heads=48, kv_heads=8, vocab=152064),
+    "49.5b": Shape(hidden=6144, layers=88, intermediate=24576, heads=48, kv_heads=8, vocab=152064),
 }
 
 # How each method recomputes activations. Every mode checkpoints every decoder layer; they differ in mechanism.

@@ -247,9 +247,10 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
         pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
-        # A pinned deepspeed's disk: plans keep state there only where the user gave one.
+        # A pinned deepspeed's or stream's disk: plans keep state there only where the user gave one.
         disk_options = {option: getattr(self.backend.config, option) for option in ("nvme_path", "offload_device",
-                        "nvme_state") if hasattr(self.backend.config, option)} if self.backend is not None else None
+                        "nvme_state", "disk_blocks") if hasattr(self.backend.config, option)} \
+            if self.backend is not None else None
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as

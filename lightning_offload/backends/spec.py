@@ -78,6 +78,9 @@ class BackendSpec:
     """Its candidate plans for one optimizer and policy: the base plan with its own levers set."""
     sizes_blocks_on_gpu: bool = False
     """A plan with `resident_blocks=None` is sized by the planner to the most blocks on the GPU that fit."""
+    sizes_blocks_on_disk: Callable[[ModelStats, Plan, Callable[[Plan], dict[str, float]]], Plan] | None = None
+    """Sizes a plan with `disk_blocks=None` (given the model and a plan's shortfall per tier) to the fewest blocks'
+    state on disk that fit; None: its plans keep no blocks on disk."""
     exact_pinned_host: bool = False
     """Its pinned host terms are allocated at exactly their estimated size (no margin needed on them)."""
     plan_detail: Callable[[Plan], str] = _no_detail

@@ -52,18 +52,19 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          ranks_per_host: int | None = None, clips_gradients: bool = False,
          gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN, nvme_path: str | None = None,
          offload_device: str | None = None, nvme_state: str | None = None, disk: Disk | None = None,
-         checkpointing: str | None = None) -> PlanReport:
+         disk_blocks: int | None = None, checkpointing: str | None = None) -> PlanReport:
     """Plans a run of `model` on a batch like `example_input` (default: a LightningModule's `example_input_array`).
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
     `activation_checkpointing` (a policy name, as the strategy's) pin levers (None / "auto": the planner chooses),
     and so does `gpu_state_blocks` for `host_adam` (None: the most blocks whose optimizer state fits on the GPU).
-    `margin`: the fraction of each memory tier a plan may fill. `nvme_path` is a folder where `deepspeed` plans may
-    keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`); `offload_device` and
-    `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds it). With `world_size`
-    processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory per GPU and
-    per host. `checkpointing`: the former name of `activation_checkpointing`, deprecated.
+    `margin`: the fraction of each memory tier a plan may fill. `nvme_path` is a folder where `deepspeed` and
+    `stream` plans may keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`);
+    `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
+    it), and `disk_blocks` how many blocks' state a `stream` plan keeps there (pinned: taken likewise). With
+    `world_size` processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory
+    per GPU and per host. `checkpointing`: the former name of `activation_checkpointing`, deprecated.
     Returns the report; `report.chosen` is None when nothing fits, and `report.error()` is the exception that says
     why.
     """
@@ -102,7 +103,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
                             adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
                             accumulate=accumulate, offload_device=offload_device, nvme_state=nvme_state,
-                            disk_given=disk is not None)
+                            disk_given=disk is not None, disk_blocks=disk_blocks)
     if not plans:
         reasons = exclusions(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
                              optimizer=optimizer, checkpointing=checkpointing, adamw_compatible=adamw_compatible)
@@ -115,4 +116,4 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     return choose(stats, machine, ceilings, plans, accumulate=accumulate,
                   allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
                   ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin, disk=disk,
-                  disk_pinned=offload_device == "nvme")
+                  disk_pinned=offload_device == "nvme" or disk_blocks is not None)

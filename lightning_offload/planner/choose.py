@@ -139,15 +139,16 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                     checkpointing: str | None = None, every_k: int | None = None,
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
                     accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
-                    disk_given: bool = False) -> list[Plan]:
+                    disk_given: bool = False, disk_blocks: int | None = None) -> list[Plan]:
     """Every plan over the levers the user left open (`None`); pinned levers are taken as given. Each backend's spec
     sets its own levers on them (`plan_variants`): `host_adam` candidates keep `gpu_state_blocks` (None: `choose`
     sizes it to the most that fit); `fsdp` ones, when `accumulate` > 1, come with the micro-batches' gradients added
     up on the GPU or in host memory; `deepspeed`
-    ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited)."""
+    ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited), and so do
+    `stream` ones (`disk_blocks` of them; None: `choose` sizes it to the fewest that fit)."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
-    levers = CandidateLevers(gpu_state_blocks, accumulate, offload_device, nvme_state, disk_given)
+    levers = CandidateLevers(gpu_state_blocks, accumulate, offload_device, nvme_state, disk_given, disk_blocks)
     plans = []
     for backend in backends:
         spec = registry.spec(backend)
@@ -216,7 +217,10 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     candidates = []
     seen: set[Plan] = set()
     for plan in plans:
-        if registry.spec(plan.backend).sizes_blocks_on_gpu and plan.resident_blocks is None:
+        spec = registry.spec(plan.backend)
+        if plan.disk_blocks is None and spec.sizes_blocks_on_disk is not None:
+            plan = spec.sizes_blocks_on_disk(stats, plan, missing)
+        if spec.sizes_blocks_on_gpu and plan.resident_blocks is None:
             plan = most_blocks_on_gpu(stats, plan, missing)
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
@@ -241,7 +245,7 @@ def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
         return ""
     return (f"disk traffic ({step.disk_read_bytes / 1e9:.1f} GB read, {step.disk_write_bytes / 1e9:.1f} GB written "
             f"per step) adds {step.disk:.3g} s to {step.compute:.3g} s of compute, over {DISK_BOUND_FACTOR:g}x; pin "
-            "`offload_device='nvme'` to accept it")
+            "where the state goes on disk (`offload_device='nvme'`, `disk_blocks`) to accept it")
 
 
 def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]]) -> Plan:

@@ -68,7 +68,8 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
         clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.get("gradient_clip_algorithm")),
         gpu_state_blocks=strategy.get("gpu_state_blocks"), compiled_blocks=bool(strategy.get("compile_blocks")),
         machine=machine, ceilings=ceilings,
-        disk_options={key: strategy[key] for key in ("nvme_path", "offload_device", "nvme_state") if key in strategy})
+        disk_options={key: strategy[key] for key in ("nvme_path", "offload_device", "nvme_state", "disk_blocks")
+                      if key in strategy})
     if report is None:
         raise ValueError(f"The planner could not measure `model={cfg.model._target_}` (see the warning above).")
     return report

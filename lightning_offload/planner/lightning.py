@@ -64,7 +64,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
-    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`."""
+    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`, a pinned `stream`
+    backend's `nvme_path` and `disk_blocks`."""
     dtype = compute_dtype(precision)
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)

@@ -66,6 +66,9 @@ class Plan:
     nvme_state: str = "all"
     """`deepspeed` on `nvme`: the state kept on disk: `all`, `parameters` (bf16 weights) or `optimizer` (fp32
     master weights, gradients and optimizer state)."""
+    disk_blocks: int | None = 0
+    """`stream`: blocks whose 8-bit optimizer state lives in files under `nvme_path`; None (a candidate before
+    `choose`): the fewest that fit."""
 
     def __str__(self) -> str:
         policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
@@ -189,10 +192,12 @@ def step_updated_on_the_gpu(inputs: StepInputs) -> StepTime:
 class CandidateLevers:
     """The levers a backend's candidate plans take beyond optimizer and policy: `gpu_state_blocks` pinned (None:
     sized by `choose`), `accumulate` micro-batches, where state may go (`offload_device`, `nvme_state`; a disk
-    only where the user gave one: `disk_given`)."""
+    only where the user gave one: `disk_given`) and how many blocks' state goes there (`disk_blocks` pinned; None:
+    sized by `choose`)."""
 
     gpu_state_blocks: int | None = None
     accumulate: int = 1
     offload_device: str | None = None
     nvme_state: str | None = None
     disk_given: bool = False
+    disk_blocks: int | None = None

@@ -84,3 +84,19 @@ def test_resume_from_model_checkpoint_is_exact_on_cuda(tmp_path) -> None:
         assert a.device == b.device and torch.equal(a, b)
     for (records, steps), expected in zip(optimizer_state(second), optimizer_state(first), strict=True):
         assert steps == expected[1] and torch.equal(records, expected[0])
+
+
+def test_state_on_disk_trains_like_state_in_host_memory_on_cuda(tmp_path) -> None:
+    # Pinned staging buffers, DeepSpeed's async I/O and d2h copies polled by their events: the same kernels on the
+    # same state as with every block's state in host memory, so the same losses bit for bit.
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        pytest.skip("DeepSpeed's async I/O op needs libaio (`apt-get install libaio-dev`)")
+    layout = dict(resident_blocks=2, stream_outer=True, weight_slots=2, state_slots=2)
+    in_ram, _ = run(**layout)
+    on_disk, trainer = run(**layout, nvme_path=str(tmp_path), disk_blocks=6, disk_buffers=3)
+    backend = trainer.strategy.backend
+    assert len(backend.placement.on_disk) == 6 and all(buffer.tensor.is_pinned() for buffer in backend.disk.buffers)
+    assert on_disk.losses == in_ram.losses

@@ -14,13 +14,16 @@ from torch.optim import Optimizer
 
 from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
+from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.placement import (
+    DISK_BUFFERS,
     Placement,
     UnitSize,
     check_host_memory,
     measure,
+    place_state_on_disk,
     place_units,
 )
 from lightning_offload.backends.stream.scheduler import STATE, WEIGHTS, Scheduler, SlotPool
@@ -72,6 +75,25 @@ class StreamConfig(BackendConfig):
     """Seed of the stochastic-rounding bits (a resumed run draws the same ones)."""
     timing: bool = False
     """Time every copy and update with CUDA events (`backend.phase_seconds()`), for the benchmark."""
+    nvme_path: str | None = None
+    """A folder on a local NVMe drive where the 8-bit optimizer state of some blocks lives when host memory cannot
+    hold it all (read ahead of each block's update and written back after it, with DeepSpeed's async I/O; needs
+    libaio). None: all state in host memory."""
+    disk_blocks: int | None = None
+    """Blocks whose optimizer state lives under `nvme_path`; None: the planner's choice, or without a plan the
+    fewest that let the pinned host memory fit in what is available (within `max_host_memory_gib` and the job's
+    memory limit; 0 when it fits)."""
+    disk_buffers: int = DISK_BUFFERS
+    """Pinned staging buffers, each one block's state, that the disk reads and writes go through: one per state
+    slot on its way to an update and at least one more for reading ahead and writing back."""
+
+    def __post_init__(self) -> None:
+        if self.disk_blocks and self.nvme_path is None:
+            raise ValueError(f"`disk_blocks={self.disk_blocks}` needs a folder for the state: pass `nvme_path=...`.")
+        if self.nvme_path is not None and self.disk_buffers < self.state_slots + 1:
+            raise ValueError(f"`disk_buffers={self.disk_buffers}` must be at least `state_slots` + 1 = "
+                             f"{self.state_slots + 1}: each state slot holds a block's buffer until its update, and "
+                             "one more reads ahead and writes back.")
 
 
 class StreamBackend(Backend):
@@ -93,6 +115,7 @@ class StreamBackend(Backend):
         self.optimizer: StreamAdamW | None = None
         self._arenas: list[HostArena] = []
         self._hooks: list[Any] = []
+        self.disk: DiskTier | None = None
 
     @property
     def resident_blocks(self) -> int | None:
@@ -156,6 +179,7 @@ class StreamBackend(Backend):
         states = SlotPool(STATE, self.placement.ring_state_bytes, self.config.state_slots, self._device)
         for unit in self.units:
             unit.streamed = unit.index in self.placement.streamed
+            unit.on_disk = unit.index in self.placement.on_disk
             self._materialise(module, unit, weights)
         materialise_buffers(module, self._device)
         self.scheduler = Scheduler(self.units, self.lanes, self.dtype, weights, states, self._update)
@@ -184,9 +208,20 @@ class StreamBackend(Backend):
                 f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
                 "larger micro-batch, or fewer `resident_blocks`."
             )
-        room = self.host_memory_available()
-        check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=int(self.config.host_reserve_gib * GIB),
-                          limit=room.limit)
+        room, reserve = self.host_memory_available(), int(self.config.host_reserve_gib * GIB)
+        disk_blocks = self.configured_or_planned("disk_blocks", None)
+        if self.config.nvme_path is not None:
+            from lightning_offload.planner.disk import check_disk_path, check_disk_room
+
+            folder = check_disk_path(self.config.nvme_path)
+            placement = place_state_on_disk(sizes, placement, host_free_bytes=room.bytes - reserve,
+                                            disk_blocks=disk_blocks, disk_buffers=self.config.disk_buffers,
+                                            weight_slots=self.config.weight_slots,
+                                            state_slots=self.config.state_slots, accumulate=accumulate)
+            check_disk_room(folder, placement.disk_bytes,
+                            what=f"the optimizer state of {len(placement.on_disk)} blocks (the `stream` backend's "
+                                 "disk tier)")
+        check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=reserve, limit=room.limit)
         return placement
 
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:
@@ -265,7 +300,7 @@ class StreamBackend(Backend):
         for unit in self.units:
             unit.buckets = build_buckets(unit.params, optimizer)
             unit.trainable = sum(1 for p in unit.params if p.requires_grad)
-        total_state = sum(_aligned_state(u) for u in self.units)
+        total_state = sum(_aligned_state(u) for u in self.units if not u.on_disk)
         self._arenas.append(HostArena(total_state, pin=self._pinning()))
         for unit in self.units:
             unit.state_offsets, offset = [], 0
@@ -273,7 +308,14 @@ class StreamBackend(Backend):
                 unit.state_offsets.append(offset)
                 offset += entry.bucket.num_blocks * RECORD_BYTES
             unit.state_bytes = offset
-            unit.host_state = self._arenas[-1].take(offset) if offset else None
+            unit.on_disk = unit.on_disk and offset > 0
+            unit.host_state = self._arenas[-1].take(offset) if offset and not unit.on_disk else None
+        if any(unit.on_disk for unit in self.units):
+            assert self.config.nvme_path is not None
+            self.disk = DiskTier(self.config.nvme_path, self.units, self.lanes, buffers=self.config.disk_buffers,
+                                 pin=self._pinning())
+            self.scheduler.disk = self.disk
+        for unit in self.units:
             for param in unit.params:
                 if param.requires_grad:
                     self._hooks.append(param.register_post_accumulate_grad_hook(
@@ -302,6 +344,8 @@ class StreamBackend(Backend):
         if self.scheduler is not None:
             if last_micro_batch:
                 self.lanes.start_step()
+                if self.disk is not None:
+                    self.disk.blocked_seconds = 0.0
             self.scheduler.begin_backward(update=last_micro_batch and self.optimizer is not None)
 
     def after_backward(self) -> None:
@@ -309,8 +353,12 @@ class StreamBackend(Backend):
             self.scheduler.end_backward()
 
     def phase_seconds(self) -> dict[str, float]:
-        """Busy seconds of each copy direction and of the updates since the last step's backward began."""
-        return self.lanes.phase_seconds()
+        """Busy seconds of each copy direction and of the updates since the last step's backward began, and the
+        seconds the host waited for the disk tier's reads and writes since then ('disk wait')."""
+        phases = self.lanes.phase_seconds()
+        if self.disk is not None:
+            phases["disk wait"] = self.disk.blocked_seconds
+        return phases
 
     def transfer_counters(self) -> dict[str, int]:
         if self.scheduler is None:
@@ -326,13 +374,13 @@ class StreamBackend(Backend):
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
                                                                          if self.optimizer else [])]
-        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups})
+        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups}, disk=self.disk)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         assert self.scheduler is not None
         self.lanes.synchronize()
         client_state = stream_checkpoint.load(path, self.units, load_optimizer_states=load_optimizer_states,
-                                              strict=strict)
+                                              strict=strict, disk=self.disk)
         groups = client_state.pop(_PARAM_GROUPS, [])
         if load_optimizer_states and self.optimizer is not None:
             for group, saved in zip(self.optimizer.param_groups, groups):
@@ -343,6 +391,8 @@ class StreamBackend(Backend):
     def teardown(self) -> None:
         if self.scheduler is not None:
             self.lanes.synchronize()
+        if self.disk is not None:
+            self.disk.flush()
 
     def release(self) -> None:
         """Frees the arenas and slots and removes the hooks; the module is unusable afterwards."""
@@ -351,6 +401,9 @@ class StreamBackend(Backend):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self.disk is not None:
+            self.disk.release()
+            self.disk = None
         for arena in self._arenas:
             arena.release()
         self._arenas.clear()
@@ -364,10 +417,12 @@ class StreamBackend(Backend):
                     "host memory; 8-bit AdamW state in pinned host memory, updated on the device inside backward")
         blocks = sum(1 for u in self.units if u.is_block)
         resident = self.placement.resident_blocks([UnitSize(0, 0, u.is_block) for u in self.units])
+        on_disk = (f", {len(self.placement.on_disk)} blocks' state ({self.placement.disk_bytes / GIB:.1f} GiB) in "
+                   f"files under {self.config.nvme_path!r}" if self.placement.on_disk else "")
         return (f"streaming plan ({self._precision}): {resident} of {blocks} blocks resident on {self._device}, "
                 f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
-                f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned), updated on {self._device} "
-                "inside backward")
+                f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned){on_disk}, updated on "
+                f"{self._device} inside backward")
 
 
 def _state_bytes(params: list[nn.Parameter]) -> int:

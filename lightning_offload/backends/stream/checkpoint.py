@@ -6,9 +6,10 @@ Layout of a checkpoint folder (written atomically with `saving.atomic_directory`
     trainer.pt         Lightning's own state (loops, LR schedulers, callbacks)
     unit_0000.pt ...   {"weights": [tensor per parameter], "state": [uint8 records per bucket], "steps": [...]}
 
-A unit's tensors are copied out of the arena (or off the GPU) into a buffer of that unit's size just before it is
-written, so saving never holds more than one unit beyond the plan's own memory; loading maps each file
-(`torch.load(mmap=True)`) and copies it into place.
+A unit's tensors are copied out of the arena (or off the GPU, or read from the disk tier's file) into a buffer of
+that unit's size just before it is written, so saving never holds more than one unit beyond the plan's own memory;
+loading maps each file (`torch.load(mmap=True)`) and copies it into place (or writes it to the disk tier's file).
+The checkpoint is the same wherever the state lived while training: any placement resumes it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_offload.backends.stream.units import Unit
 from lightning_offload.planner.budget import GIB
 from lightning_offload.saving import atomic_directory
+
+if TYPE_CHECKING:
+    from lightning_offload.backends.stream.disk import DiskTier
 
 FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
@@ -47,7 +51,16 @@ def check_disk(directory: Path, needed: int, what: str) -> None:
         )
 
 
-def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any]) -> None:
+def host_state(unit: Unit, disk: DiskTier | None) -> torch.Tensor | None:
+    """The unit's 8-bit state records: its arena piece, or a copy read from its file on disk."""
+    if unit.on_disk:
+        assert disk is not None
+        return disk.read(unit)
+    return unit.host_state
+
+
+def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any], *,
+         disk: DiskTier | None = None) -> None:
     check_disk(path.parent, checkpoint_bytes(units), "This checkpoint")
     manifest = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "units": []}
     with atomic_directory(path) as staging:
@@ -55,10 +68,11 @@ def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[s
         for unit in units:
             name = f"unit_{unit.index:04d}.pt"
             weights = [p.detach().to("cpu", copy=True) for p in unit.params]
-            states = [s.clone() for s in unit.state_views(unit.host_state)] if unit.host_state is not None else []
+            region = host_state(unit, disk)
+            states = [s.clone() for s in unit.state_views(region)] if region is not None else []
             steps = [list(entry.bucket.steps) for entry in unit.buckets]
             torch.save({"weights": weights, "state": states, "steps": steps}, staging / name)
-            del weights, states
+            del weights, states, region
             manifest["units"].append({"file": name, "module": unit.name, "names": unit.names})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -76,7 +90,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
+def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: bool,
+         disk: DiskTier | None = None) -> dict[str, Any]:
     manifest = read_manifest(path)
     saved = {tuple(entry["names"][0]) if entry["names"] else (): entry for entry in manifest["units"]}
     for unit in units:
@@ -88,9 +103,13 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
         content = torch.load(path / entry["file"], mmap=True, weights_only=True)
         for param, saved_weight in zip(unit.params, content["weights"]):
             param.data.copy_(saved_weight)
-        if load_optimizer_states and unit.host_state is not None:
-            for region, state in zip(unit.state_views(unit.host_state), content["state"]):
-                region.copy_(state)
+        if load_optimizer_states and (unit.host_state is not None or unit.on_disk):
+            region = torch.empty(unit.state_bytes, dtype=torch.uint8) if unit.on_disk else unit.host_state
+            for view, state in zip(unit.state_views(region), content["state"]):
+                view.copy_(state)
+            if unit.on_disk:
+                assert disk is not None
+                disk.write(unit, region)
             for bucket_entry, steps in zip(unit.buckets, content["steps"]):
                 bucket_entry.bucket.steps = list(steps)
         del content

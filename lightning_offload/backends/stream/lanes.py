@@ -61,8 +61,18 @@ class Lanes:
     def wait(self, lane: str, mark: Mark | None) -> None:
         if mark is None or mark.lane == lane:  # one lane runs in order: nothing to wait for
             return
-        if self.cuda:
+        if self.cuda and mark.event is not None:  # a host-side mark (disk I/O) was waited for by the host already
             self._streams[lane].wait_event(mark.event)
+        self.log.append(("wait", lane, mark.label))
+
+    def record_host(self, lane: str, label: str) -> Mark:
+        """A mark of work the host saw complete (a disk read or write): no event, since nothing on the device
+        comes before it; device lanes that wait on it are issued after the host saw it."""
+        self.log.append(("record", lane, label))
+        return Mark(label, lane)
+
+    def host_waited(self, lane: str, mark: Mark) -> None:
+        """Logs that work on host lane `lane` starts after `mark`, which the host saw complete."""
         self.log.append(("wait", lane, mark.label))
 
     def copy(self, lane: str, destination: torch.Tensor, source: torch.Tensor, label: str, *, reads: str,

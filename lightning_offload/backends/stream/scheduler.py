@@ -16,6 +16,9 @@ Rules (each one is what keeps a copy from racing the compute that reads or write
   block, from the end of forward to the start of backward) is not copied twice. Such a slot is used again without
   a refill: its next overwrite (a load, or the update writing it in place) also waits for the d2h copy that saved
   it last, which a forward's release alone does not cover.
+- A block whose state lives on disk (`disk.DiskTier`) has it read into a pinned staging buffer ahead of its update;
+  its state load copies from that buffer once the read is done, and the save after the update copies back into it,
+  to be written to its file once that copy is done.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lightning_offload.activation_checkpointing import _WRAPPED, unwrapped_forward
+from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import COMPUTE, D2H, H2D, Lanes, Mark
 from lightning_offload.backends.stream.units import Unit
 
@@ -87,6 +91,8 @@ class Scheduler:
         self.touched: set[int] = set()
         self.in_use: dict[int, Slot] = {}
         self.host_written: dict[tuple[str, int], Mark] = {}
+        self.disk: DiskTier | None = None
+        """Set by the backend when some blocks' state lives on disk."""
         self._clock = 0
 
     # ---------------------------------------------------------------- modules
@@ -199,8 +205,14 @@ class Scheduler:
         self.lanes.log.append(("update", COMPUTE, str(unit.index)))
         updated = self.lanes.record(COMPUTE, f"updated {unit.index}")
         self.lanes.wait(D2H, updated)
-        self.lanes.copy(D2H, unit.host_state, state_slot.buffer[:unit.state_bytes], f"save state {unit.index}",
-                        reads=state_slot.name, writes=_host(STATE, unit))
+        staging = None
+        if unit.on_disk:
+            assert self.disk is not None
+            staging, at_rest = self.disk.save_buffer(unit)
+            self.lanes.wait(D2H, at_rest)
+        self.lanes.copy(D2H, staging.tensor[:unit.state_bytes] if staging else unit.host_state,
+                        state_slot.buffer[:unit.state_bytes], f"save state {unit.index}", reads=state_slot.name,
+                        writes=staging.name if staging else _host(STATE, unit))
         if weight_slot is not None:
             self.lanes.copy(D2H, unit.host_weights, weight_slot.buffer[:unit.weight_bytes],
                             f"save weights {unit.index}", reads=weight_slot.name, writes=_host(WEIGHTS, unit))
@@ -208,6 +220,8 @@ class Scheduler:
         self.host_written[(STATE, unit.index)] = saved
         if unit.streamed:
             self.host_written[(WEIGHTS, unit.index)] = saved
+        if staging is not None:
+            self.disk.write_back(staging, saved)  # type: ignore[union-attr]
         self._release(state_slot, saved)
         self._release_weights(unit, saved)
         for param in unit.params:
@@ -235,6 +249,11 @@ class Scheduler:
             upcoming = [u for u in reversed(self.units[:self.position + 1]) if u.index not in self.finished]
         else:
             upcoming = [u for u in self.units[self.position:] if u.streamed]
+        if self.disk is not None:
+            self.disk.poll()
+            if self.in_backward and self.updating:
+                self.disk.read_ahead([u for u in upcoming if u.on_disk and u.buckets and
+                                      self.states.holding(u) is None])
         for unit in upcoming:
             if unit.streamed and unit.index not in self.in_use and not self._load(self.weights, unit, evict=False):
                 return
@@ -251,12 +270,21 @@ class Scheduler:
             slot = self._evict(pool)
         if slot is None:
             return None
-        source = unit.host_weights if pool.kind == WEIGHTS else unit.host_state
+        source, source_name = (unit.host_weights, _host(WEIGHTS, unit)) if pool.kind == WEIGHTS else \
+            (unit.host_state, _host(STATE, unit))
+        if pool.kind == STATE and unit.on_disk:
+            assert self.disk is not None
+            staged = self.disk.staged(unit, block=evict)
+            if staged is None:  # its read is not done yet: loaded at a later pump, or when its update needs it
+                return None
+            buffer, read = staged
+            source, source_name = buffer.tensor[:unit.state_bytes], buffer.name
+            self.lanes.wait(H2D, read)
         for mark in slot.reusable.values():
             self.lanes.wait(H2D, mark)
         self.lanes.wait(H2D, self.host_written.get((pool.kind, unit.index)))
         self.lanes.copy(H2D, slot.buffer[:source.numel()], source, f"load {pool.kind} {unit.index}",
-                        reads=_host(pool.kind, unit), writes=slot.name)
+                        reads=source_name, writes=slot.name)
         slot.loaded = self.lanes.record(H2D, f"loaded {pool.kind} {unit.index}")
         slot.reusable = {}  # the refill waited for every earlier use; later ones wait for `loaded`
         slot.unit, slot.reserved = unit, True
@@ -280,6 +308,8 @@ class Scheduler:
         self.lanes.synchronize()
         self.weights.invalidate()
         self.states.invalidate()
+        if self.disk is not None:
+            self.disk.flush()
 
 
 def _host(kind: str, unit: Unit) -> str:

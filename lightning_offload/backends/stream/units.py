@@ -40,6 +40,8 @@ class Unit:
     state_offsets: list[int] = field(default_factory=list)
     state_bytes: int = 0
     host_state: torch.Tensor | None = None
+    """Its 8-bit state in the host arena; None when it has none, or when it lives on disk (`on_disk`)."""
+    on_disk: bool = False
     trainable: int = 0
     """Parameters that expect a gradient: the unit's update runs once that many have arrived."""
 
