@@ -7,6 +7,7 @@ Each YAML file of those groups starts from its schema, so a misspelt key fails a
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,23 @@ def check_run_config(cfg: Any) -> None:
 
 def _check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir() or not _can_create_in(existing):
         raise PermissionError(
             f"The run's output folder {str(folder)!r} cannot be written ({str(existing)!r} is not a writable "
             f"folder). Pass a writable one, e.g. `{key}=outputs/my_run`."
         )
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can be made in `folder`: tried, since root passes every permission check yet cannot create
+    inside /proc or on a read-only mount."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 class OutputFolderCheck(Callback):
