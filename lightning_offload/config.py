@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from lightning_offload.checkpointing import CheckpointingConfig
 
@@ -25,9 +26,17 @@ class OptimizerChoice:
 
 
 def register_configs() -> None:
+    # `${config_json:PATH,KEY}`: a key of a transformers config.json (conf/model/hf.yaml's vocabulary, for the data).
+    OmegaConf.register_new_resolver("config_json", _config_json_value, replace=True)
     store = ConfigStore.instance()
     store.store(group="optimizer", name="schema", node=OptimizerChoice)
     store.store(group="checkpointing", name="schema", node=CheckpointingConfig)
+
+
+def _config_json_value(path: str | None, key: str) -> Any:
+    from lightning_offload.models import config_json_value
+
+    return config_json_value(path, key)
 
 
 # (key, smallest allowed value, an example) of the numbers the main job's config must hold; None: may be null.
