@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -9,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +75,49 @@ def test_the_wheel_installs_and_its_command_trains_from_an_empty_folder(wheel, t
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((empty / "outputs").glob("*/*/checkpoints/last.ckpt"))) == 1
+
+
+def _installed_with(requirements: list[str]) -> set[str]:
+    """The distributions `requirements` install, with theirs (their own extras left out), as normalized names."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    def name(requirement: Requirement) -> str:
+        return re.sub(r"[-_.]+", "-", requirement.name).lower()
+
+    found, todo = set(), [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        if name(requirement) in found or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        found.add(name(requirement))
+        try:
+            todo += [Requirement(r) for r in requires(requirement.name) or ()]
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def test_the_notebooks_extra_installs_what_the_notebooks_import() -> None:
+    import nbformat
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = _installed_with(project["dependencies"] + project["optional-dependencies"]["notebooks"])
+    imported = set()
+    for path in (ROOT / "notebooks").glob("*.ipynb"):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code":
+                for node in ast.walk(ast.parse(cell.source)):
+                    if isinstance(node, ast.Import):
+                        imported |= {alias.name.split(".")[0] for alias in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"lightning_offload"}
+    assert "matplotlib" in third_party  # the notebooks were read
+    distributions = packages_distributions()
+    missing = {module for module in third_party
+               if not {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [module])} & installed}
+    assert not missing, f"notebooks/ import {sorted(missing)}, which `lightning_offload[notebooks]` does not install"
+
