@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +21,27 @@ def test_configs_found_as_package_resources() -> None:
     assert (conf / "config.yaml").is_file() and (conf / "model" / "tiny_gpt.yaml").is_file()
 
 
+def clean_checkout(folder: Path) -> Path:
+    """The files a clean clone of this checkout has, with its uncommitted edits: what git tracks or would track,
+    without the ignored ones (build folders, egg-info, the `lightning_offload/conf` link of a development install)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, timeout=60)
+    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): already clean
+        return ROOT
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source, target = ROOT / name, folder / name
+        if source.exists() or source.is_symlink():  # a tracked file deleted in this checkout is left out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target, follow_symlinks=False)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     folder = tmp_path_factory.mktemp("wheel")
+    source = clean_checkout(tmp_path_factory.mktemp("clone"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(folder), str(ROOT)], check=True, timeout=300)
+                    str(folder), str(source)], check=True, timeout=300)
     (built,) = folder.glob("lightning_offload-*.whl")
     return zipfile.ZipFile(built)
 
@@ -100,8 +115,11 @@ def _installed_with(requirements: list[str]) -> set[str]:
 
 
 def test_the_notebooks_extra_installs_what_the_notebooks_import() -> None:
-    import nbformat
     from importlib.metadata import packages_distributions
+
+    import nbformat
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     installed = _installed_with(project["dependencies"] + project["optional-dependencies"]["notebooks"])
