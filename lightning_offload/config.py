@@ -7,6 +7,7 @@ Each YAML file of those groups starts from its schema, so a misspelt key fails a
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from lightning_offload.activation_checkpointing import CheckpointingConfig
 
@@ -25,6 +27,8 @@ class OptimizerChoice:
 
 
 def register_configs() -> None:
+    # `${config_json:PATH,KEY}`: a key of a transformers config.json (conf/model/hf.yaml's vocabulary, for the data).
+    OmegaConf.register_new_resolver("config_json", _config_json_value, replace=True)
     store = ConfigStore.instance()
     store.store(group="optimizer", name="schema", node=OptimizerChoice)
     store.store(group="activation_checkpointing", name="schema", node=CheckpointingConfig)
@@ -36,6 +40,12 @@ def warn_deprecated_names(cfg: Any) -> None:
     for entry in (cfg.get("deprecated") or {}).values():
         warnings.warn(f"`{entry.old}` is deprecated and will be removed in the next release; use `{entry.new}`.",
                       FutureWarning, stacklevel=2)
+
+
+def _config_json_value(path: str | None, key: str) -> Any:
+    from lightning_offload.models import config_json_value
+
+    return config_json_value(path, key)
 
 
 # (key, smallest allowed value, an example) of the numbers the main job's config must hold; None: may be null.
@@ -83,11 +93,23 @@ def check_run_config(cfg: Any) -> None:
 
 def _check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir() or not _can_create_in(existing):
         raise PermissionError(
             f"The run's output folder {str(folder)!r} cannot be written ({str(existing)!r} is not a writable "
             f"folder). Pass a writable one, e.g. `{key}=outputs/my_run`."
         )
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can be made in `folder`: tried, since root passes every permission check yet cannot create
+    inside /proc or on a read-only mount."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 class OutputFolderCheck(Callback):

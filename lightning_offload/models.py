@@ -6,7 +6,9 @@ about offloading.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -65,38 +67,65 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(x), targets)
 
 
-def build_network(arch: str, config: dict[str, Any]) -> nn.Module:
+def build_network(arch: str, config: dict[str, Any], config_file: str | None = None) -> nn.Module:
+    """`arch="hf"`: the `transformers` causal LM that `config_file` (a config.json, or its folder) describes, with
+    `config`'s keys overriding the file's; random weights, nothing is downloaded."""
     if arch == "gpt":
         return TinyGPT(**config)
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         llama = LlamaForCausalLM(LlamaConfig(**config))
-        return _LlamaNetwork(llama)
-    raise ValueError(f"Unknown model `arch={arch!r}`. Choose 'gpt' or 'llama'.")
+        return _TransformersNetwork(llama)
+    if arch == "hf":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return _TransformersNetwork(AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(config_json(config_file), **config)))
+    raise ValueError(f"Unknown model `arch={arch!r}`. Choose 'gpt', 'llama' or 'hf'.")
 
 
-class _LlamaNetwork(nn.Module):
+def config_json(path: str | None) -> Path:
+    """The transformers config.json at `path` (the file or the folder holding it), refused by name when missing."""
+    if path is None:
+        raise ValueError("`model=hf` needs the transformers config.json to build: pass "
+                         "`model.config=/path/to/config.json` (or the model's folder).")
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"`model.config={path}`: no such file. Pass a transformers config.json or the folder "
+                         "holding it, e.g. `model.config=/models/Llama-3.1-8B/config.json`.")
+    return file
+
+
+def config_json_value(path: str | None, key: str) -> Any:
+    """One key of a transformers config.json (the `config_json:` resolver of the YAML configs)."""
+    return json.loads(config_json(path).read_text())[key]
+
+
+class _TransformersNetwork(nn.Module):
     """A `transformers` causal LM seen as tokens -> logits, or (tokens, targets) -> loss, like `TinyGPT`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        ChunkedLMHeadLoss.adopt(model.lm_head)
+        ChunkedLMHeadLoss.adopt(model.get_output_embeddings())
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.model.model(input_ids=tokens, use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden, targets)
+        hidden = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+        return self.model.get_output_embeddings()(hidden, targets)
 
 
 class CausalLM(pl.LightningModule):
-    """Next-token prediction with AdamW (decay on matrices only), linear warm-up then cosine decay per step."""
+    """Next-token prediction with AdamW (decay on matrices only), linear warm-up then cosine decay per step.
+
+    `arch`: "gpt" (`TinyGPT(**network)`), "llama" (`LlamaConfig(**network)`) or "hf" (the transformers causal LM of
+    the config.json `config`, `network` overriding its keys)."""
 
     DEFAULT_LR = 3e-3
 
     def __init__(self, arch: str = "gpt", network: dict[str, Any] | None = None, lr: float = DEFAULT_LR,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 20,
-                 max_steps: int = 1000) -> None:
+                 max_steps: int = 1000, config: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net: nn.Module | None = None
@@ -105,7 +134,7 @@ class CausalLM(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.net is None:
-            self.net = build_network(self.hparams.arch, dict(self.hparams.network or {}))
+            self.net = build_network(self.hparams.arch, dict(self.hparams.network or {}), self.hparams.config)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or with `targets` the mean cross-entropy (computed without materialising the logits)."""

@@ -52,6 +52,26 @@ def test_plan_exit_statuses_json_and_no_outputs_folder(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_plan_takes_a_transformers_config_json(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    config.to_json_file(tmp_path / "config.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = command("plan", "--json", "model=hf", f"model.config={tmp_path / 'config.json'}", "data=random_tokens",
+                   "data.seq_len=32", cwd=empty)
+    assert done.returncode == PLAN_FITS, done.stderr[-3000:]
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert json.loads(done.stdout)["parameters"] == parameters and list(empty.iterdir()) == []
+    for missing in ([], [f"model.config={tmp_path / 'absent.json'}"]):
+        refused = command("plan", "model=hf", *missing, "data=random_tokens", cwd=empty)
+        assert refused.returncode == BAD_CONFIG and "model.config=" in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+
+
 def test_consolidate_and_an_unknown_command(tmp_path) -> None:
     checkpoint = tmp_path / "model.ckpt"
     weights = {"model.layer.weight": torch.randn(3, 2), "model.layer.bias": torch.randn(3)}

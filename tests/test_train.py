@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,15 @@ def compose_config(tmp_path: Path, overrides: list[str]):
     return cfg
 
 
+def tiny_llama_config(folder: Path) -> Path:
+    """A transformers config.json of a ~0.1M-parameter Llama, for `model=hf`."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=512).to_json_file(folder / "config.json")
+    return folder / "config.json"
+
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = [(folder.name, file.stem) for folder in sorted(CONF.iterdir()) if folder.is_dir()
            for file in sorted(folder.glob("*.yaml"))]
@@ -39,7 +49,8 @@ def test_every_config_option_composes_and_instantiates(tmp_path, group: str, opt
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    cfg = compose_config(tmp_path, [f"{group}={option}"])
+    needs_a_file = [f"model.config={tiny_llama_config(tmp_path)}"] if (group, option) == ("model", "hf") else []
+    cfg = compose_config(tmp_path, [f"{group}={option}", *needs_a_file])
     HydraConfig.instance().set_config(cfg)
     if group == "logger":
         try:
@@ -141,6 +152,19 @@ def test_sweep_from_command_line_writes_one_row_per_job(tmp_path) -> None:
               for row in rows}
     assert len(combos) == 4
     assert (tmp_path / "summary.md").read_text().count("| ok |") == 4
+
+
+def test_a_transformers_config_json_trains(tmp_path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    config = tiny_llama_config(tmp_path)
+    cfg = compose_config(tmp_path, ["model=hf", f"model.config={config}", "data=random_tokens", "data.seq_len=16",
+                                    "data.batch_size=2", "data.num_batches=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"])
+    HydraConfig.instance().set_config(cfg)
+    metrics = train(cfg)
+    # Random tokens below the file's vocabulary: the untrained loss is about log(vocab_size).
+    assert cfg.data.vocab_size == 512 and abs(metrics["val/loss"] - math.log(512)) < 1
 
 
 def test_two_loggers_receive_the_same_metrics_the_config_and_the_plan(tmp_path) -> None:

@@ -195,7 +195,8 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
 def _transformers_sees_zero3(config: dict[str, Any]) -> Iterator[None]:
     """Lets `from_pretrained` in `configure_model` load into partitioned parameters: `transformers` gathers each
     module's weights while it loads them only while a `HfDeepSpeedConfig` of stage 3 is alive."""
-    if find_spec("transformers") is None:
+    # transformers' DeepSpeed integration needs accelerate: without it no model loads partitioned, and the rest runs.
+    if find_spec("transformers") is None or find_spec("accelerate") is None:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig

@@ -127,3 +127,25 @@ def test_the_h100_preset_is_the_measured_machine() -> None:
     for preset in MACHINE_PRESETS:  # every preset's rates are the planner's fields, and slower than the H100's
         ceilings = Ceilings(**yaml.safe_load((conf / f"{preset}.yaml").read_text())["ceilings"])
         assert ceilings.matmul_tflops <= Ceilings().matmul_tflops
+
+
+def plan_of(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
+        return plan_from_config(compose(config_name="plan", overrides=overrides))
+
+
+def test_a_transformers_config_json_plans_as_the_yaml_model_it_describes(tmp_path) -> None:
+    import yaml
+    from transformers import LlamaConfig
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / "llama_1b.yaml"
+    LlamaConfig(**yaml.safe_load(conf.read_text())["network"]).to_json_file(tmp_path / "config.json")
+    machine = ["data=random_tokens", "machine=rtx4090", "machine.host_memory_gib=64"]
+    from_json = plan_of(["model=hf", f"model.config={tmp_path / 'config.json'}", *machine])
+    from_yaml = plan_of(["model=llama_1b", *machine])
+    assert from_json.stats == from_yaml.stats and from_json.chosen.plan == from_yaml.chosen.plan
+    # The folder holding config.json names it too; its keys can be overridden like a YAML model's.
+    smaller = plan_of(["model=hf", f"model.config={tmp_path}", "+model.network.num_hidden_layers=4", *machine])
+    assert smaller.stats.blocks == 4 and smaller.stats.parameters < from_json.stats.parameters
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
@@ -72,6 +73,16 @@ def test_an_unwritable_hydra_run_dir_is_refused_before_hydra_creates_it(tmp_path
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     assert f"'{file_in_the_way}/run' cannot be written" in run.stderr and "hydra.run.dir=" in run.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_nobody_can_create_is_refused_even_as_root() -> None:
+    # Inside /proc mkdir fails for every user, root included, whom permission checks let through.
+    run = subprocess.run([sys.executable, "-m", "lightning_offload", "train", "hydra.run.dir=/proc/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr and "FileNotFoundError" not in run.stderr
+    assert "'/proc/run' cannot be written" in run.stderr and "hydra.run.dir=" in run.stderr
 
 
 def test_an_unwritable_hydra_sweep_dir_is_refused_by_its_key(tmp_path) -> None:
