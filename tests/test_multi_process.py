@@ -215,7 +215,7 @@ def test_devices_and_nodes_are_settable_from_the_command_line(tmp_path) -> None:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["strategy=fsdp_cpu", "trainer.devices=2", "trainer.num_nodes=2"])
+        cfg = compose(config_name="config", overrides=["strategy=fsdp", "trainer.devices=2", "trainer.num_nodes=2"])
     GlobalHydra.instance().clear()
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (2, 2)
     assert isinstance(instantiate(cfg.strategy), OffloadStrategy)

@@ -1,4 +1,4 @@
-"""`checkpointing="offload"` on a CUDA device: a tiny Llama trains as without it, with less GPU memory at its peak."""
+"""`activation_checkpointing="offload"` on a CUDA device: a tiny Llama trains as without it, with less GPU memory at its peak."""
 
 from __future__ import annotations
 
