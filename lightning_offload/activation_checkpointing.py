@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Generator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -82,8 +83,23 @@ def _wrap_forward(module: nn.Module, run: Any, *, by_fit: bool = False) -> None:
 
 
 def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    # Non-reentrant: works with keyword arguments, with inputs that need no grad, and under engine hooks.
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # Non-reentrant: works with keyword arguments, with inputs that need no grad, and under engine hooks. The
+    # recompute runs in backward, outside Lightning's precision context: it gets the forward's default dtype back
+    # (bf16 under `bf16-true` and DeepSpeed), as `checkpoint` itself restores autocast, so tensors a block creates
+    # come out as they did in forward.
+    dtype = torch.get_default_dtype()
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _default_dtype(dtype)),
+                      **kwargs)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def recompute_in_backward(block: nn.Module, *, by_fit: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
@@ -143,3 +144,29 @@ def test_former_module_name_warns_and_is_the_same_module() -> None:
     with pytest.warns(DeprecationWarning, match="lightning_offload.activation_checkpointing"):
         former = importlib.import_module("lightning_offload.checkpointing")
     assert former is current
+
+
+def test_a_recomputed_block_creates_its_tensors_in_the_forwards_default_dtype() -> None:
+    """Lightning's `bf16-true` (and DeepSpeed's precision) set the default dtype for the forward only; backward, where
+    the block is recomputed, runs outside it. A block that makes a tensor (a mask, a rotary table) must get it in
+    the forward's dtype again, or its recompute fails or saves other tensors than its forward did."""
+
+    class MakesATensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4, dtype=torch.bfloat16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) @ torch.ones(4, 4)
+
+    block = MakesATensor()
+    recompute_in_backward(block)
+    x = torch.randn(2, 4, dtype=torch.bfloat16, requires_grad=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        out = block(x)
+    finally:
+        torch.set_default_dtype(previous)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16

@@ -209,6 +209,7 @@ def cap_gpu_allocator(device: torch.device, max_gpu_memory_gib: float) -> float 
     replaced (None: nothing changed, e.g. on a CPU)."""
     if device.type != "cuda":
         return None
+    device = _indexed(device)
     _, total = torch.cuda.mem_get_info(device)
     current = _allocator_fraction(device)
     fraction = max(0.0, (max_gpu_memory_gib * GIB - CUDA_CONTEXT_BYTES) / total)
@@ -228,4 +229,9 @@ def gpu_free_bytes(device: torch.device) -> int:
 def _allocator_fraction(device: torch.device) -> float:
     # torch < 2.8 has no getter: a fraction set there goes unseen.
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return fraction_of(device) if fraction_of is not None else 1.0
+    return fraction_of(_indexed(device)) if fraction_of is not None else 1.0
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index (the current device for a bare "cuda"): the allocator's fraction calls need one."""
+    return device if device.index is not None else torch.device(device.type, torch.cuda.current_device())

@@ -157,7 +157,7 @@ needs_fraction_getter = pytest.mark.skipif(not hasattr(torch.cuda, "get_per_proc
 @pytest.mark.gpu
 @needs_fraction_getter
 def test_the_allocators_per_process_fraction_lowers_the_planners_gpu_memory() -> None:
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     _, total = torch.cuda.mem_get_info(device)
     torch.cuda.set_per_process_memory_fraction(0.25, device)
     try:
@@ -171,7 +171,7 @@ def test_the_allocators_per_process_fraction_lowers_the_planners_gpu_memory() ->
 @pytest.mark.gpu
 @needs_fraction_getter
 def test_a_gpu_budget_caps_the_allocator_during_the_fit_and_the_peak_keeps_to_it() -> None:
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     budget_gib = 4.0
     seen = {}
 
@@ -187,3 +187,15 @@ def test_a_gpu_budget_caps_the_allocator_during_the_fit_and_the_peak_keeps_to_it
     assert seen["fraction"] * total <= budget_gib * GIB
     assert torch.cuda.max_memory_reserved(device) <= budget_gib * GIB
     assert torch.cuda.get_per_process_memory_fraction(device) == 1.0  # given back at teardown
+
+
+def test_a_bare_cuda_device_reads_the_current_devices_allocator_fraction(monkeypatch) -> None:
+    """torch's fraction getter refuses `torch.device("cuda")` without an index; the plan command plans for that."""
+    from lightning_offload.planner import budget
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
+                        lambda device: asked.append(device) or 0.5, raising=False)
+    assert budget._allocator_fraction(torch.device("cuda")) == 0.5
+    assert asked == [torch.device("cuda", 3)]
