@@ -33,7 +33,7 @@ from lightning_offload._distributed import checkpoint_ranks, ensure_process_grou
 from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
-from lightning_offload.backends.spec import BackendSpec, MultiProcess
+from lightning_offload.backends.spec import BackendSpec, MultiProcess, SavedTensor, grouped
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (NVME_STATES, OPTIMIZER_STATE_BYTES, CandidateLevers, MemoryInputs,
                                              MemoryTerms, Plan, StepInputs, StepTime, checkpointed_blocks)
@@ -624,6 +624,13 @@ def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del tensor
 
 
+def saved_weights(path: Path) -> list[SavedTensor]:
+    """Each fp32 weight, gathered from the ranks' partitions when it is loaded."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return grouped(get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True).items(), key=id)
+
+
 SPEC = BackendSpec(
     name="deepspeed", engine=DeepSpeedBackend, memory_terms=memory_terms, step_time=step_time,
     checkpoint_weight_bytes=2 + 4,  # its bf16 partitions beside the fp32 master weights
@@ -632,4 +639,5 @@ SPEC = BackendSpec(
     plan_variants=plan_variants, keeps_state_on_disk=True,
     options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
     multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), fp32_tensors=fp32_tensors,
+    saved_weights=saved_weights,
 )

@@ -32,6 +32,7 @@ def test_the_plan_levers_a_spec_hands_its_engine_are_options_of_its_config(name:
 def test_a_backend_that_saves_its_own_state_says_how_its_folder_consolidates(name: str) -> None:
     spec = registry.spec(name)
     assert spec.engine.saves_own_state == (spec.fp32_tensors is not None) == bool(spec.checkpoint_files)
+    assert (spec.saved_weights is not None) == (spec.fp32_tensors is not None)  # export reads what consolidate reads
 
 
 def test_unknown_names_are_refused_with_the_choices() -> None:
