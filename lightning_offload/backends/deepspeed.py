@@ -638,6 +638,7 @@ SPEC = BackendSpec(
     pinned_optimizer=lambda optimizer: None if optimizer == "paged_adamw8bit" else optimizer,
     plan_variants=plan_variants, keeps_state_on_disk=True,
     options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
+    pinned_levers=("nvme_path", "offload_device", "nvme_state"),
     multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), fp32_tensors=fp32_tensors,
     saved_weights=saved_weights,
 )

@@ -50,6 +50,12 @@ def spec(name: str) -> Any:
     return _load(name)
 
 
+def pinned_levers(name: str | None) -> tuple[str, ...]:
+    """The options of backend `name` (None: of any backend) that the planner takes as pinned levers."""
+    names = available_backends() if name is None else [name]
+    return tuple(dict.fromkeys(option for each in names for option in spec(each).pinned_levers))
+
+
 def find(name: str) -> Any:
     """The spec of `name`, None for a name no backend has."""
     return _load(name) if name in _SPEC_MODULES else None

@@ -116,6 +116,9 @@ class BackendSpec:
     """Its plans may keep state on a disk (`offload_device="nvme"`)."""
     options_of: Callable[[Plan], dict[str, Any]] = _no_options
     """The plan's levers as the backend's `Config` options."""
+    pinned_levers: tuple[str, ...] = ()
+    """Options of its `Config` that a pinned engine hands the planner (keywords of `planner.plan`): where the user set
+    them, they bound its plans."""
     multi_process: MultiProcess | None = None
     """How it spans processes; None: it drives one GPU."""
     runs_compiled_modules: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import subprocess
 import sys
 
@@ -26,6 +27,15 @@ def test_the_plan_levers_a_spec_hands_its_engine_are_options_of_its_config(name:
     options = spec.options_of(Plan(backend=name, resident_blocks=3, accumulate_on_gpu=True, nvme_state="optimizer"))
     assert set(options) <= {field.name for field in dataclasses.fields(spec.engine.Config)}
     spec.engine.Config.from_options(options)  # and of the types the config takes
+
+
+@pytest.mark.parametrize("name", registry.available_backends())
+def test_the_options_a_spec_hands_the_planner_are_options_of_its_config_and_keywords_of_plan(name: str) -> None:
+    from lightning_offload.planner import plan
+
+    levers = set(registry.pinned_levers(name))
+    assert levers <= {field.name for field in dataclasses.fields(registry.spec(name).engine.Config)}
+    assert levers <= set(inspect.signature(plan).parameters)
 
 
 @pytest.mark.parametrize("name", registry.available_backends())

@@ -93,7 +93,7 @@ SPEC = BackendSpec(
     pinned_optimizer=lambda optimizer: "adamw" if optimizer in ("adamw", "cpu_adam") else None,
     own_adamw=True, needs_cuda=True, plan_variants=plan_variants, sizes_blocks_on_gpu=True,
     plan_detail=lambda plan: f", {plan.resident_blocks} blocks' state on the GPU",
-    options_of=lambda plan: {"gpu_state_blocks": plan.resident_blocks},
+    options_of=lambda plan: {"gpu_state_blocks": plan.resident_blocks}, pinned_levers=("gpu_state_blocks",),
     checkpoint_files=(CHECKPOINT_FILE,), fp32_tensors=folder_fp32_tensors,
     saved_weights=saved_weights,
 )

@@ -128,5 +128,6 @@ SPEC = BackendSpec(
     exact_pinned_host=True,  # its pinned arenas are allocated at exactly the sizes counted here
     plan_detail=plan_detail,
     options_of=lambda plan: {"resident_blocks": plan.resident_blocks, "disk_blocks": plan.disk_blocks},
+    pinned_levers=("nvme_path", "disk_blocks"),
     checkpoint_files=(MANIFEST,), fp32_tensors=fp32_tensors, saved_weights=saved_weights,
 )
