@@ -48,15 +48,7 @@ def fp32_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 weight or buffer) of any backend's checkpoint, one at a time."""
     if checkpoint_dir.is_file():  # backends that keep whole weights on the device save Lightning's own file
         return _lightning_file_tensors(checkpoint_dir)
-    engines = [spec for spec in registry.specs() if spec.fp32_tensors is not None]
-    for spec in engines:
-        if any((checkpoint_dir / name).is_file() for name in spec.checkpoint_files):
-            return spec.fp32_tensors(checkpoint_dir)
-    files = [f"`{name}`" for spec in engines for name in spec.checkpoint_files]
-    raise FileNotFoundError(
-        f"{str(checkpoint_dir)!r} is not a `single_gpu_offload` checkpoint folder (it has no {', '.join(files[:-1])} "
-        f"or {files[-1]} file). Pass the path given to `trainer.save_checkpoint` or written by `ModelCheckpoint`."
-    )
+    return registry.checkpoint_spec(checkpoint_dir).fp32_tensors(checkpoint_dir)
 
 
 def _lightning_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

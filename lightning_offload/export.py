@@ -15,14 +15,17 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_offload._safetensors import INDEX_FILE, SINGLE_FILE, write_file
+from lightning_offload.backends import registry
 from lightning_offload.saving import atomic_directory
+
+if TYPE_CHECKING:
+    from lightning_offload.backends.spec import SavedTensor
 
 # Files of a pretrained folder that describe the model beside its weights, copied to the export.
 _COMPANION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -30,68 +33,16 @@ _COMPANION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_confi
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@dataclass
-class SavedTensor:
-    """One tensor of a checkpoint under every name it has, read only when `load()` is called."""
-
-    names: list[str]
-    shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]
-
-
 def saved_tensors(checkpoint: str | os.PathLike) -> list[SavedTensor]:
-    """The weights of any backend's checkpoint (an engine's folder or Lightning's file), memory-mapped."""
-    from lightning_offload.backends import host_adam
+    """The weights of any backend's checkpoint (an engine's folder, read by the backend that wrote it, or
+    Lightning's file), memory-mapped."""
+    from lightning_offload.backends.spec import grouped
 
     path = Path(checkpoint)
     if path.is_file():  # backends that keep whole weights on the device save Lightning's own file
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-        return _grouped(state.items(), key=lambda t: (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape))
-    if (path / "manifest.json").is_file():  # the `stream` backend: one file per unit
-        from lightning_offload.backends.stream.checkpoint import read_manifest
-
-        saved = []
-        for unit in read_manifest(path)["units"]:
-            file = path / unit["file"]
-            shapes = [tuple(w.shape) for w in torch.load(file, mmap=True, weights_only=True)["weights"]]
-            saved += [SavedTensor(list(names), shape, partial(_unit_weight, file, index))
-                      for index, (names, shape) in enumerate(zip(unit["names"], shapes))]
-        return saved
-    if (path / host_adam.CHECKPOINT_FILE).is_file():
-        state = host_adam.read_checkpoint(path)
-        saved = [SavedTensor(list(names), tuple(master.shape), lambda m=master: m)
-                 for names, (master, _, _) in zip(state["names"], host_adam.saved_parameters(state))]
-        return saved + [SavedTensor([name], tuple(b.shape), lambda b=b: b) for name, b in state["buffers"].items()]
-    if (path / "latest").is_file():  # DeepSpeed ZeRO-3: each weight gathered from the ranks' fp32 partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
-        return _grouped(lazy.items(), key=id)
-    raise FileNotFoundError(
-        f"{str(path)!r} is not a `single_gpu_offload` checkpoint (a Lightning `.ckpt` file, or a folder with "
-        "`manifest.json`, `latest` or `host_adam.pt`). Pass the path given to `trainer.save_checkpoint` or written by "
-        "`ModelCheckpoint`."
-    )
-
-
-def _unit_weight(file: Path, index: int) -> torch.Tensor:
-    # The unit's file stays mapped only while this tensor lives: its pages leave the process's memory once written.
-    return torch.load(file, mmap=True, weights_only=True)["weights"][index]
-
-
-def _grouped(items: Any, key: Callable[[Any], Any]) -> list[SavedTensor]:
-    """One entry per tensor, with all the names it is saved under (a tied embedding and output layer)."""
-    groups: dict[Any, SavedTensor] = {}
-    for name, value in items:
-        if not hasattr(value, "shape"):
-            continue
-        found = groups.get(key(value))
-        if found is None:
-            groups[key(value)] = SavedTensor([name], tuple(value.shape),
-                                             lambda v=value: v if isinstance(v, torch.Tensor) else v.contiguous())
-        else:
-            found.names.append(name)
-    return list(groups.values())
+        return grouped(state.items(), key=lambda t: (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape))
+    return registry.checkpoint_spec(path).saved_weights(path)
 
 
 def strip_prefix(names: list[str], expected: set[str]) -> str:

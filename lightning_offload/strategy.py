@@ -245,12 +245,9 @@ class _SingleGPUOffloadCore:
             return
         self._memory_checked = True
         trainer = self.lightning_module.trainer
-        # A pinned host_adam's share of optimizer state on the GPU is a lever of its plan.
-        pinned_share = getattr(self.backend.config, "gpu_state_blocks", None) if self.backend is not None else None
-        # A pinned deepspeed's or stream's disk: plans keep state there only where the user gave one.
-        disk_options = {option: getattr(self.backend.config, option) for option in ("nvme_path", "offload_device",
-                        "nvme_state", "disk_blocks") if hasattr(self.backend.config, option)} \
-            if self.backend is not None else None
+        # A pinned backend's options that are levers of its plans (state on the GPU, a disk) bound the planner.
+        pinned_levers = {option: getattr(self.backend.config, option)
+                         for option in registry.pinned_levers(self.backend_name)} if self.backend is not None else {}
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
@@ -258,11 +255,10 @@ class _SingleGPUOffloadCore:
             with user_program_preserved(self.lightning_module, trainer, self.root_device):
                 report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
                                           optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
-                                          precision=self._precision_flag, gpu_state_blocks=pinned_share,
+                                          precision=self._precision_flag, pinned_levers=pinned_levers,
                                           compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                          max_host_memory_gib=self.max_host_memory_gib,
-                                          disk_options=disk_options)
+                                          max_host_memory_gib=self.max_host_memory_gib)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._memory_checked = False

@@ -33,7 +33,7 @@ from lightning_offload._distributed import checkpoint_ranks, ensure_process_grou
 from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.optim import to_cpu_adam
-from lightning_offload.backends.spec import BackendSpec, MultiProcess
+from lightning_offload.backends.spec import BackendSpec, MultiProcess, SavedTensor, grouped
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (NVME_STATES, OPTIMIZER_STATE_BYTES, CandidateLevers, MemoryInputs,
                                              MemoryTerms, Plan, StepInputs, StepTime, checkpointed_blocks)
@@ -53,8 +53,7 @@ _TRAINER_OWNED_KEYS = {
 }
 # DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
 # fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions, swap buffers and the pinned allocator's
-# rounding. Measured on the H100 machine (bench/RESULTS.md, `deepspeed` rows): 35.85 GiB RSS at 1.5B and 84.0 GiB at
-# 3.6B, i.e. 6.3 and 6.4 bytes/param above the 18 and the process's 2 GiB.
+# rounding (bench/RESULTS.md, "Calibration constants").
 ENGINE_HOST_BYTES_PER_PARAM = 6.4
 # ZeRO-Infinity's buffers as this backend configures them with state on NVMe (`offload_device="nvme"`):
 # five pinned bf16 parameter swap buffers of `NVME_BUFFER_NUMEL` elements (a parameter larger than one
@@ -68,8 +67,7 @@ NVME_PARAMS_IN_HOST = 1_000_000_000
 NVME_OPTIMIZER_BUFFER_COUNT = 4
 NVME_SUB_GROUP_NUMEL = 100_000_000
 # The engine's host optimizer phase (CPU Adam plus copying fp32 gradients into partitions and bf16 weights back)
-# reaches this share of the fused CPU AdamW rate the planner's probe reads: 1.5 Gparam/s at 3.93, from 3.22 s/step
-# at 3.6B (bench/RESULTS.md). A share of what the probe reads, so it changes with the probe (PROBE_VERSION).
+# reaches this share of the fused CPU AdamW rate the planner's probe reads (bench/RESULTS.md, "Calibration constants").
 OPTIMIZER_PHASE_SHARE = 0.385
 _CHECKPOINT_TAG = "checkpoint"
 _SWAPPED_OPTIMIZER_CHECKPOINT = (
@@ -626,6 +624,13 @@ def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del tensor
 
 
+def saved_weights(path: Path) -> list[SavedTensor]:
+    """Each fp32 weight, gathered from the ranks' partitions when it is loaded."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return grouped(get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True).items(), key=id)
+
+
 SPEC = BackendSpec(
     name="deepspeed", engine=DeepSpeedBackend, memory_terms=memory_terms, step_time=step_time,
     checkpoint_weight_bytes=2 + 4,  # its bf16 partitions beside the fp32 master weights
@@ -633,5 +638,7 @@ SPEC = BackendSpec(
     pinned_optimizer=lambda optimizer: None if optimizer == "paged_adamw8bit" else optimizer,
     plan_variants=plan_variants, keeps_state_on_disk=True,
     options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
+    pinned_levers=("nvme_path", "offload_device", "nvme_state"),
     multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), fp32_tensors=fp32_tensors,
+    saved_weights=saved_weights,
 )

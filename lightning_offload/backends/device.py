@@ -69,8 +69,7 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
            "optimizer state": int(inputs.state_bytes * trained)}
     if inputs.accumulating:
         # A later micro-batch's gradient of a parameter exists beside the sum it is added to: counted as a whole
-        # block's or the embedding's, whichever is larger (3.6B measured 1.85 GiB above one micro-batch; its
-        # embedding's fp32 gradient is 1.47).
+        # block's or the embedding's, whichever is larger.
         gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(stats.trainable_block_parameters,
                                                                    stats.embedding_parameters)
     return MemoryTerms(gpu)

@@ -43,7 +43,7 @@ class FSDPConfig(BackendConfig):
     accumulate_on_gpu: bool | None = None
     """While micro-batches accumulate, add their gradients up on the device in fp32 (4 bytes/param) and send them to
     host memory once per step. FSDP2's CPU offload otherwise copies every micro-batch's gradients synchronously to
-    pageable memory and adds them there inside backward (~12 s per micro-batch at 3.6B). None: the planner's
+    pageable memory and adds them there inside backward (seconds per micro-batch). None: the planner's
     choice (off without a plan)."""
 
 
@@ -293,19 +293,18 @@ def _fused_on_host(optimizer: Optimizer) -> None:
 
 
 # FSDP2 pins its host shards through torch's caching host allocator, which rounds every block up to a power of two:
-# 40% on top of the 8 pinned bytes/param at 3.6B (37.8 GiB pinned, 66.5 GiB RSS measured, bench/RESULTS.md).
+# this share on top of the 8 pinned bytes/param (bench/RESULTS.md, "Calibration constants").
 PINNED_ROUNDING = 0.40
 # bitsandbytes' 8-bit optimizers on host tensors (FSDP's CPU-offloaded shards) dequantize the parameter being
-# stepped to fp32 state and temporaries: 20 bytes per element of it on top of the state, one parameter at a time
-# (measured on the CPU, bitsandbytes 0.50, 64M- and 256M-element parameters; the GPU kernels need none).
+# stepped to fp32 state and temporaries, one parameter at a time (the GPU kernels need none)
+# (bench/RESULTS.md, "Calibration constants").
 HOST_EIGHT_BIT_UPDATE_BYTES_PER_ELEMENT = 20
 # FSDP2's CPU offload adds a micro-batch's gradients to those already in host memory inside backward: each one is
 # copied synchronously into fresh pageable memory, then added on the CPU (torch's `foreach_reduce`: the copy can
-# only overlap when nothing accumulates). lightning_offload's fsdp backend at 3.6B, 4 x 2048 tokens per micro-batch:
-# 1.92 s/step without accumulation, 89.8 s accumulating 8 (bench/RESULTS.md): ~12.6 s per added micro-batch.
+# only overlap when nothing accumulates) (bench/RESULTS.md, "Calibration constants").
 HOST_ACCUMULATION_RATE = 0.29e9
-# bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops: >300 s for 5 steps at
-# 3.6B (bench/RESULTS.md), ~0.06 Gparam/s.
+# bitsandbytes' 8-bit optimizers on CPU tensors run element by element in Python-side loops
+# (bench/RESULTS.md, "Calibration constants").
 CPU_8BIT_UPDATE_RATE = 0.06e9
 
 
@@ -337,8 +336,8 @@ def step_time(inputs: StepInputs) -> StepTime:
     weights_in = accumulate * inputs.passes * 4 * params / inputs.h2d
     gradients_out = 4 * params / inputs.d2h
     added_on_host = 0 if plan.accumulate_on_gpu else (accumulate - 1) * params / HOST_ACCUMULATION_RATE
-    # The fsdp backend steps torch's fused AdamW on the host shards: 3.6B (every block recomputed, 4 x 2048 tokens)
-    # trains at 1.925 s/step, 1.5B at 0.811 s, the fused CPU AdamW rate after the copies (bench/RESULTS.md).
+    # The fsdp backend steps torch's fused AdamW on the host shards: the fused CPU AdamW rate after the copies
+    # (bench/RESULTS.md, "Calibration constants").
     rate = inputs.cpu_adamw if plan.exact_optimizer else CPU_8BIT_UPDATE_RATE
     optimizer = params / rate
     return StepTime(inputs.compute, weights_in + gradients_out + added_on_host + inputs.offload, optimizer,

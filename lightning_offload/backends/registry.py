@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 # name -> the module whose `SPEC` describes it; engines' heavy imports happen inside their methods.
@@ -49,6 +50,12 @@ def spec(name: str) -> Any:
     return _load(name)
 
 
+def pinned_levers(name: str | None) -> tuple[str, ...]:
+    """The options of backend `name` (None: of any backend) that the planner takes as pinned levers."""
+    names = available_backends() if name is None else [name]
+    return tuple(dict.fromkeys(option for each in names for option in spec(each).pinned_levers))
+
+
 def find(name: str) -> Any:
     """The spec of `name`, None for a name no backend has."""
     return _load(name) if name in _SPEC_MODULES else None
@@ -56,6 +63,19 @@ def find(name: str) -> Any:
 
 def specs() -> list[Any]:
     return [spec(name) for name in available_backends()]
+
+
+def checkpoint_spec(folder: Path) -> Any:
+    """The spec of the backend that wrote checkpoint folder `folder`, known by the files that mark it."""
+    engines = [spec for spec in specs() if spec.checkpoint_files]
+    for engine in engines:
+        if any((folder / name).is_file() for name in engine.checkpoint_files):
+            return engine
+    files = [f"`{name}`" for engine in engines for name in engine.checkpoint_files]
+    raise FileNotFoundError(
+        f"{str(folder)!r} is not a `single_gpu_offload` checkpoint folder (it has no {', '.join(files[:-1])} "
+        f"or {files[-1]} file). Pass the path given to `trainer.save_checkpoint` or written by `ModelCheckpoint`."
+    )
 
 
 def backend_class(name: str) -> Any:

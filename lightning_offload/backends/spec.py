@@ -2,12 +2,12 @@
 
 Each backend's module ends with its `SPEC`; `backends.registry` finds it by name. The planner reads the memory and
 step-time terms and the candidate plans from it, the strategies read whether it spans processes and which plan
-levers are its options, and `consolidate` reads its checkpoint folders with it.
+levers are its options, and `consolidate` and `export_hf` read its checkpoint folders with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,33 @@ if TYPE_CHECKING:
     from lightning_offload.backends.base import Backend
     from lightning_offload.planner.measure import ModelStats
     from lightning_offload.planner.terms import CandidateLevers, MemoryInputs, MemoryTerms, Plan, StepInputs, StepTime
+
+
+@dataclass
+class SavedTensor:
+    """One tensor of a checkpoint under every name it has, read only when `load()` is called."""
+
+    names: list[str]
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+def grouped(items: Iterable[tuple[str, Any]], key: Callable[[Any], Any]) -> list[SavedTensor]:
+    """One `SavedTensor` per tensor of (name, tensor or lazy tensor) `items`, with all the names it is saved under
+    (a tied embedding and output layer): `key` tells two names of one tensor."""
+    import torch
+
+    groups: dict[Any, SavedTensor] = {}
+    for name, value in items:
+        if not hasattr(value, "shape"):
+            continue
+        found = groups.get(key(value))
+        if found is None:
+            groups[key(value)] = SavedTensor([name], tuple(value.shape),
+                                             lambda v=value: v if isinstance(v, torch.Tensor) else v.contiguous())
+        else:
+            found.names.append(name)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -89,6 +116,9 @@ class BackendSpec:
     """Its plans may keep state on a disk (`offload_device="nvme"`)."""
     options_of: Callable[[Plan], dict[str, Any]] = _no_options
     """The plan's levers as the backend's `Config` options."""
+    pinned_levers: tuple[str, ...] = ()
+    """Options of its `Config` that a pinned engine hands the planner (keywords of `planner.plan`): where the user set
+    them, they bound its plans."""
     multi_process: MultiProcess | None = None
     """How it spans processes; None: it drives one GPU."""
     runs_compiled_modules: bool = False
@@ -98,3 +128,6 @@ class BackendSpec:
     fp32_tensors: Callable[[Path], Iterator[tuple[str, torch.Tensor]]] | None = None
     """(name, fp32 weight or buffer) of a checkpoint folder it wrote, one at a time, every name of a tied weight
     included (`consolidate` writes them as they come); None: it saves Lightning's own file."""
+    saved_weights: Callable[[Path], list[SavedTensor]] | None = None
+    """Every weight and buffer of a checkpoint folder it wrote, with its names and shape, each read when loaded in
+    the precision it was saved in (`export_hf` maps one at a time); None: it saves Lightning's own file."""

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_offload.activation_checkpointing import as_checkpointing_config
+from lightning_offload.backends import registry
 from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
 from lightning_offload.planner.lightning import clips_by_norm, plan_for_module
@@ -66,10 +67,9 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
         checkpointing=as_checkpointing_config(OmegaConf.to_container(strategy.activation_checkpointing)),
         precision=precision, accumulate=int(trainer.accumulate_grad_batches),
         clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.get("gradient_clip_algorithm")),
-        gpu_state_blocks=strategy.get("gpu_state_blocks"), compiled_blocks=bool(strategy.get("compile_blocks")),
-        machine=machine, ceilings=ceilings,
-        disk_options={key: strategy[key] for key in ("nvme_path", "offload_device", "nvme_state", "disk_blocks")
-                      if key in strategy})
+        compiled_blocks=bool(strategy.get("compile_blocks")), machine=machine, ceilings=ceilings,
+        pinned_levers={key: strategy[key] for key in registry.pinned_levers(_auto_as_none(strategy.backend))
+                       if key in strategy})
     if report is None:
         raise ValueError(f"The planner could not measure `model={cfg.model._target_}` (see the warning above).")
     return report

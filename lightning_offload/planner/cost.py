@@ -40,22 +40,16 @@ __all__ = ["BACKWARD_SHARE", "GPU_UPDATE_RATE", "Ceilings", "StepTime", "estimat
            "training_flops"]
 
 # Share of the dense bf16 matmul rate a decoder training step reaches (attention, norms, launches included) at
-# block width 4096: torchtune's method trains 8B (width 4096) at 1.28 s/step with every block recomputed
-# (ANCHORS.md), i.e. 8 x N x tokens / s = 50% of the 773 TFLOP/s of an 8192^3 bf16 matmul. The share follows
-# (width / 4096) ** 0.6 on both sides of it: measured 45% at width 3072 (3.6B plain loop, 0.60 s), 33% at 2048
-# (1.5B, 0.244 s), and past 4096 59-62% at 5120 (14.8B: gpu_8bit 2.00 s, torchtune's method net of its 8-bit
-# update) and 65-70% at 5120-6144 for the streaming plan (32.8B 3.81 s, 40.8B 4.79 s) (bench/RESULTS.md); the
-# formula gives 57% and 64% there, on the slow side.
+# block width 4096, scaled by (width / 4096) ** 0.6 (bench/RESULTS.md, "Calibration constants").
 ACHIEVED_MATMUL_FRACTION = 0.50
 REFERENCE_WIDTH = 4096
-# On a CPU device the GPU's share and width scaling do not hold: the BLAS runs a model of the probe's width (512)
-# at ~0.8 of the probed 512^3 fp32 rate, and narrower ones lower. The main job's model on a 2-core CPU, 4 layers:
-# width 512 at 0.78, width 128 at 0.45 (the GPU formula gave 0.06 there and predicted its steps 12x slow).
+# On a CPU device the BLAS runs a model of the probe's width (512) near the probed 512^3 fp32 rate and narrower
+# ones lower, unlike a GPU (bench/RESULTS.md, "Calibration constants").
 CPU_MATMUL_SHARE = 0.80
 CPU_REFERENCE_WIDTH = 512
 # A compiled decoder layer's forward, recompute and backward against the eager layer's: Inductor fuses the
-# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs. `bench/studies/block_compute.py` on the
-# H100: 0.82 at 8B, 0.88 at 19B, 0.91 at 32.8B (bench/RESULTS.md).
+# elementwise work (RMSNorm, rotary embeddings, SiLU x up, casts) around the GEMMs
+# (bench/RESULTS.md, "Calibration constants").
 COMPILED_BLOCK_TIME = 0.87
 # Part of the cache's file name: a machine probed by an earlier `probe` is probed again (version 2: the CPU AdamW
 # rate over 2 GiB, not 256 MiB read from the CPU's cache; 3: whether the ceilings are a GPU's).
@@ -64,7 +58,8 @@ PROBE_VERSION = 3
 
 @dataclass(frozen=True, kw_only=True)
 class Ceilings:
-    """What bounds a training step on one machine. Defaults: the project's H100 machine (ANCHORS.md)."""
+    """What bounds a training step on one machine. Defaults: the project's reference GPU machine
+    (bench/RESULTS.md, "Calibration constants")."""
 
     device: str = "NVIDIA H100 80GB HBM3"
     matmul_tflops: float = 773.0
@@ -168,9 +163,8 @@ def probe(device: torch.device) -> Ceilings:
     a = torch.randn(size, size, device=device, dtype=dtype)
     matmul = _rate(lambda: a @ a, 2 * size**3, 20 if on_gpu else 5, sync) / 1e12
     del a
-    # 2 GiB of weights, gradients and moments: an update streams them from memory, as a model's does. At 256 MiB
-    # the CPU's last-level cache held much of them between runs and the fastest run read 9.8 Gparam/s on the H100
-    # machine; over 2 GiB it reads 3.9 there at a fit's setup.
+    # 2 GiB of weights, gradients and moments: an update streams them from memory, as a model's does, rather than
+    # from the CPU's last-level cache.
     elements = 2**27
     params = [torch.zeros(elements)]
     grads, exp_avg, exp_avg_sq = [torch.full_like(params[0], 1e-3)], [torch.zeros(elements)], [torch.zeros(elements)]

@@ -55,17 +55,16 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example
 def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device: torch.device, *,
                     backend: str | None, optimizer: str | None, checkpointing: CheckpointingConfig, precision: str,
                     accumulate: int = 1, clips_gradients: bool = False, world_size: int = 1,
-                    ranks_per_host: int | None = None, gpu_state_blocks: int | None = None,
+                    ranks_per_host: int | None = None, pinned_levers: dict[str, Any] | None = None,
                     compiled_blocks: bool = False, max_gpu_memory_gib: float | None = None,
                     max_host_memory_gib: float | None = None, machine: Machine | None = None,
-                    ceilings: Ceilings | None = None, disk_options: dict[str, Any] | None = None) -> PlanReport | None:
+                    ceilings: Ceilings | None = None) -> PlanReport | None:
     """The plan report for training `module` on `device` as the strategy does. A model whose forward cannot run on
     the meta device is planned from `fallback.estimate_stats` (the reason is warned); one that cannot even be built
     there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
-    `disk_options`: a pinned `deepspeed` backend's `nvme_path`, `offload_device` and `nvme_state`, a pinned `stream`
-    backend's `nvme_path` and `disk_blocks`."""
+    `pinned_levers`: the options of a pinned backend that bound its plans (its spec's `pinned_levers`)."""
     dtype = compute_dtype(precision)
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
@@ -107,8 +106,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
-        clips_gradients=clips_gradients, gpu_state_blocks=gpu_state_blocks,
-        margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN, **(disk_options or {}),
+        clips_gradients=clips_gradients, margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
+        **(pinned_levers or {}),
     )
     if unmeasured is None:
         return report

@@ -26,13 +26,12 @@ from lightning_offload.planner.terms import (
 __all__ = ["EIGHT_BIT_OPTIMIZERS", "GIB", "NVME_STATES", "OPTIMIZER_STATE_BYTES", "Machine", "MemoryEstimate", "Plan",
            "checkpoint_bytes", "checkpointed_blocks", "estimate_memory", "shortfalls"]
 
-# Python, torch, the CUDA runtime and Lightning in host memory before any model: the peak RSS of runs that keep
-# nothing in host memory (bench/RESULTS.md: 1.8-2.0 GiB for gpu_8bit at 3.6B and 8B and `device` at 1.5B through
-# `single_gpu_offload`; ANCHORS.md: 1.7-2 GiB for the plain loop and torchtune's method).
+# Python, torch, the CUDA runtime and Lightning in host memory before any model
+# (bench/RESULTS.md, "Calibration constants").
 PROCESS_BASELINE_BYTES = int(2.0 * GIB)
 # A loss over the full logits (transformers' own) saves their fp32 log-softmax for backward, counted with the
-# measured bytes outside the blocks; its backward holds two fp32 gradients of that size beside it (the NLL's and
-# log-softmax's input's): 8 bytes per logit above what forward left, measured on the CPU with torch's profiler.
+# bytes outside the blocks; its backward holds two fp32 gradients of that size beside it
+# (bench/RESULTS.md, "Calibration constants").
 LOGIT_BACKWARD_BYTES = 8
 # NCCL's communication buffers per GPU when several processes train together.
 NCCL_BYTES = int(0.75 * GIB)
@@ -139,7 +138,7 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
 
 @dataclass(frozen=True, kw_only=True)
 class Machine:
-    """Memory a run may use. Defaults describe the project's H100 machine (80 GB card, 125 GiB RAM).
+    """Memory a run may use. Defaults describe the project's reference machine (80 GB card, 125 GiB RAM).
 
     `unified`: the device is the CPU, so the "GPU" terms and the host terms draw on one pool of host memory.
     `gpu_limit` / `host_limit`: what holds a tier below what the machine has free (a budget, the job's cgroup

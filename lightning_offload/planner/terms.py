@@ -33,8 +33,8 @@ ADAMW_8BIT = frozenset({"adamw8bit", "adamw8bit_fused", "paged_adamw8bit"})
 # Which state a plan on NVMe keeps there.
 NVME_STATES = ("all", "parameters", "optimizer")
 _ON_DISK = {"all": "all state", "parameters": "parameters", "optimizer": "optimizer state"}
-# Update rates on the GPU, parameters per second (ANCHORS.md, bench/RESULTS.md): the fused 8-bit AdamW kernel,
-# torch's fused AdamW on fp32 state, and bitsandbytes' 8-bit kernels.
+# Update rates on the GPU, parameters per second: the fused 8-bit AdamW kernel, torch's fused AdamW on fp32 state,
+# and bitsandbytes' 8-bit kernels (bench/RESULTS.md, "Calibration constants").
 GPU_UPDATE_RATE = {"adamw8bit_fused": 205e9, "adamw": 100e9, "adamw8bit": 33e9, "paged_adamw8bit": 33e9,
                    "lion8bit": 33e9}
 # Backward (with the recompute of checkpointed blocks) is about this share of a training step's compute.
@@ -121,8 +121,7 @@ class MemoryInputs:
     def gradients_updated_in_backward(self, unit: int) -> dict[str, int]:
         """The bf16 gradients of an engine that updates a unit of `unit` parameters as soon as its gradients are
         final: one unit's in flight while the previous unit's update runs; accumulating (or clipping by norm) keeps
-        every gradient until the step besides them: R2 measured 2 B/param above R1 (bench/RESULTS.md: gpu_8bit and
-        host_adam at 1.5B, gpu_8bit and stream at 3.6B)."""
+        every gradient until the step besides them."""
         terms = {"bf16 gradients (in flight)": 2 * 2 * unit}
         if self.whole_gradients:
             terms["bf16 gradients (kept until the step)"] = 2 * self.stats.trainable_parameters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import subprocess
 import sys
 
@@ -29,9 +30,19 @@ def test_the_plan_levers_a_spec_hands_its_engine_are_options_of_its_config(name:
 
 
 @pytest.mark.parametrize("name", registry.available_backends())
+def test_the_options_a_spec_hands_the_planner_are_options_of_its_config_and_keywords_of_plan(name: str) -> None:
+    from lightning_offload.planner import plan
+
+    levers = set(registry.pinned_levers(name))
+    assert levers <= {field.name for field in dataclasses.fields(registry.spec(name).engine.Config)}
+    assert levers <= set(inspect.signature(plan).parameters)
+
+
+@pytest.mark.parametrize("name", registry.available_backends())
 def test_a_backend_that_saves_its_own_state_says_how_its_folder_consolidates(name: str) -> None:
     spec = registry.spec(name)
     assert spec.engine.saves_own_state == (spec.fp32_tensors is not None) == bool(spec.checkpoint_files)
+    assert (spec.saved_weights is not None) == (spec.fp32_tensors is not None)  # export reads what consolidate reads
 
 
 def test_unknown_names_are_refused_with_the_choices() -> None:

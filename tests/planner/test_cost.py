@@ -26,7 +26,8 @@ def test_compute_is_six_n_t_plus_a_forward_per_recomputed_block() -> None:
 
 
 def test_torchtune_anchor_is_reproduced_within_15_percent() -> None:
-    # ANCHORS.md: bf16 + 8-bit state updated in backward, every block checkpointed: 8B in 1.28 s/step.
+    # bf16 + 8-bit state updated in backward, every block checkpointed: 8B in 1.28 s/step (bench/RESULTS.md,
+    # "Calibration constants").
     time = estimate_step_time(LLAMA_8B, Plan(backend="gpu_8bit", optimizer="adamw8bit_fused"), H100)
     assert time.total == pytest.approx(1.28, rel=0.15)
 

@@ -91,7 +91,8 @@ def test_shortfalls_for_a_given_machine() -> None:
     estimate = estimate_memory(LLAMA_8B, plan)
     assert shortfalls(estimate, small) == shortfalls(estimate_memory(LLAMA_8B, plan), small)
     assert shortfalls(estimate, small)["host RAM"] == estimate.host_bytes / GIB - 0.9 * 64
-    # As measured (ANCHORS.md): DeepSpeed's offload at 8B does not fit 125 GiB of RAM; a 1.5B model does.
+    # DeepSpeed's offload at 8B does not fit 125 GiB of RAM; a 1.5B model does (bench/RESULTS.md, "The memory
+    # planner: predicted against measured").
     assert set(shortfalls(estimate, Machine())) == {"host RAM"}
     smaller = ModelStats(**{**vars(LLAMA_8B), "parameters": 1_500_000_000, "block_parameters": 60_000_000})
     assert shortfalls(estimate_memory(smaller, plan), Machine()) == {}

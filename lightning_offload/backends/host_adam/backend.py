@@ -67,8 +67,7 @@ class HostAdamConfig(BackendConfig):
     """Send updated weights back as fp32 from the page-locked master weights and cast them on the GPU, instead of
     casting each piece on the host into a staging buffer: one pass over host memory less per update, twice the
     bytes on the host-to-device link (idle during backward otherwise). Page-locks 4 bytes per parameter at setup.
-    On the H100 machine 8B trains at 2.09 s/step this way and 2.56 casting on the host (bench/RESULTS.md); False
-    suits a link much slower than the host's memory."""
+    False suits a link much slower than the host's memory."""
     gpu_state_blocks: int | None = None
     """Blocks at the front of the model (with the parameters before them, e.g. the input embedding) whose fp32
     master weights and AdamW state stay on the GPU (12 bytes per parameter there, 12 fewer in host memory), updated

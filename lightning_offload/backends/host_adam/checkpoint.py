@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lightning_offload.backends.spec import SavedTensor
 from lightning_offload.saving import load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
@@ -95,3 +96,11 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -
 def folder_fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """`fp32_tensors` of the checkpoint folder `path`."""
     return fp32_tensors(read_checkpoint(path))
+
+
+def saved_weights(path: Path) -> list[SavedTensor]:
+    """Each fp32 master weight under every name, then the buffers, as views of the memory-mapped arenas."""
+    state = read_checkpoint(path)
+    saved = [SavedTensor(list(names), tuple(master.shape), lambda m=master: m)
+             for names, (master, _, _) in zip(state["names"], saved_parameters(state))]
+    return saved + [SavedTensor([name], tuple(b.shape), lambda b=b: b) for name, b in state["buffers"].items()]

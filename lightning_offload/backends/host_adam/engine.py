@@ -159,7 +159,7 @@ class HostAdamEngine:
         self._master_registered = False
         if self.cast_on_device and self.pinned and self.total:
             # Weights leave as fp32 straight from the master weights, so those (4 of the arena's 12 bytes per
-            # parameter) are page-locked, in one call over pages already touched (~6 GiB/s: ~5 s at 8B).
+            # parameter) are page-locked, in one call over pages already touched (the fast way to page-lock).
             torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(self.master.data_ptr(), 4 * self.total, 0))
             self._master_registered = True
         self._staging = deque((self._staging_buffer(min(chunk_numel, self.total)), None)
@@ -194,7 +194,7 @@ class HostAdamEngine:
         # Allocated untouched and filled one parameter at a time while each source weight is replaced: host memory
         # never holds the model twice. The arena stays pageable: no copy to or from the device starts or ends in it
         # (gradients land in the pinned slots, weights leave from the pinned staging buffers or, with
-        # `cast_on_device`, from the master weights alone), so page-locking all 12 bytes per parameter (~16 s at 8B)
+        # `cast_on_device`, from the master weights alone), so page-locking all 12 bytes per parameter (seconds)
         # would buy nothing.
         arena = torch.empty(3 * self.total, dtype=_FP32)
         self._fill(arena, range(self.host_count), masters)
@@ -461,8 +461,7 @@ class HostAdamEngine:
         """Gradients of the bucket into `slot` as fp32; returns the event marking them landed (None on a CPU).
 
         fp32 crosses PCIe rather than bf16: the host's memory bandwidth bounds the step, and a bf16 copy would need
-        a host pass reading 2 and writing 4 more bytes per parameter, while PCIe (55 GB/s out) has room to spare
-        during backward.
+        a host pass reading 2 and writing 4 more bytes per parameter, while PCIe has room to spare during backward.
         """
         self._note("copy", bucket)
         stream = torch.cuda.stream(self._d2h) if self.cuda else _no_stream()
@@ -580,7 +579,7 @@ def _adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     """One fused Adam/AdamW update, in place.
 
     torch's fused CPU kernel rather than DeepSpeed's CPU Adam: both are vectorised and bound by host memory
-    bandwidth (measured equal, 0.67 Gparam/s each on a 2-core host), both release the GIL, but torch's needs no
+    bandwidth (equally fast), both release the GIL, but torch's needs no
     JIT build (a known failure point on users' machines), has Adam's L2 weight decay and `maximize`, and is the
     exact kernel `torch.optim.AdamW(fused=True)` runs, so results match the user's optimizer bit for bit.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lightning_offload.backends.host_adam.backend import HostAdamBackend, HostAdamConfig
-from lightning_offload.backends.host_adam.checkpoint import CHECKPOINT_FILE, folder_fp32_tensors
+from lightning_offload.backends.host_adam.checkpoint import CHECKPOINT_FILE, folder_fp32_tensors, saved_weights
 from lightning_offload.backends.host_adam.engine import STAGING_SLOTS
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.planner.measure import ModelStats
@@ -18,11 +18,8 @@ from lightning_offload.planner.terms import (BACKWARD_SHARE, GPU_UPDATE_RATE, Ca
 GRADIENT_SLOT_BYTES = HostAdamConfig.grad_slots * HostAdamConfig.bucket_numel * 4
 DEVICE_STAGING_BYTES = STAGING_SLOTS * HostAdamConfig.chunk_numel * 4
 # The bucket pipeline (gradients out, fused AdamW, fp32 weights back and cast on the GPU, its default) reaches this
-# share of the fused CPU AdamW rate the planner's probe reads at a fit's setup: 1.7 Gparam/s at 3.93, from
-# 2.41 s/step at 8B with 16 blocks' state on the GPU and 2.71 s with 12 (bench/RESULTS.md; those cast on the host,
-# and 2.09 s casting on the GPU read 2.07 at the 4.97 Gparam/s that session's probe read). `cast_on_device=False` is
-# costed alike: 0.8x its measured 8B step. A share of what the probe reads, so it changes with the probe
-# (PROBE_VERSION).
+# share of the fused CPU AdamW rate the planner's probe reads at a fit's setup, `cast_on_device=False` alike
+# (bench/RESULTS.md, "Calibration constants").
 PIPELINE_SHARE = 0.44
 
 
@@ -38,8 +35,7 @@ def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan) -> int:
     the host steps earlier ones, beyond the activations their own backward frees.
 
     Nothing but the host's pace bounds that queue, so all of them count. A block kept whole frees more than it
-    produces; a checkpointed block frees only its input: at 8B with 15 of 32 blocks stepped by the host and every
-    block checkpointed, the measured peak was 4 GiB above the estimate without this term (bench/RESULTS.md).
+    produces; a checkpointed block frees only its input.
     """
     host_blocks = stats.blocks - min(plan.resident_blocks or 0, stats.blocks)
     checkpointed = checkpointed_blocks(stats, plan) / stats.blocks if stats.blocks else 0.0
@@ -97,6 +93,7 @@ SPEC = BackendSpec(
     pinned_optimizer=lambda optimizer: "adamw" if optimizer in ("adamw", "cpu_adam") else None,
     own_adamw=True, needs_cuda=True, plan_variants=plan_variants, sizes_blocks_on_gpu=True,
     plan_detail=lambda plan: f", {plan.resident_blocks} blocks' state on the GPU",
-    options_of=lambda plan: {"gpu_state_blocks": plan.resident_blocks},
+    options_of=lambda plan: {"gpu_state_blocks": plan.resident_blocks}, pinned_levers=("gpu_state_blocks",),
     checkpoint_files=(CHECKPOINT_FILE,), fp32_tensors=folder_fp32_tensors,
+    saved_weights=saved_weights,
 )

@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_offload.backends.spec import SavedTensor
 from lightning_offload.backends.stream.units import Unit
 from lightning_offload.planner.budget import GIB
 from lightning_offload.saving import atomic_directory
@@ -114,6 +116,22 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
                 bucket_entry.bucket.steps = list(steps)
         del content
     return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def saved_weights(path: Path) -> list[SavedTensor]:
+    """Each parameter's weight under every name of a tied one, as saved; loading one maps its unit's file only
+    while the weight lives."""
+    saved = []
+    for unit in read_manifest(path)["units"]:
+        file = path / unit["file"]
+        shapes = [tuple(w.shape) for w in torch.load(file, mmap=True, weights_only=True)["weights"]]
+        saved += [SavedTensor(list(names), shape, partial(_unit_weight, file, index))
+                  for index, (names, shape) in enumerate(zip(unit["names"], shapes))]
+    return saved
+
+
+def _unit_weight(file: Path, index: int) -> torch.Tensor:
+    return torch.load(file, mmap=True, weights_only=True)["weights"][index]
 
 
 def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.backends.stream.backend import StreamBackend, StreamConfig
-from lightning_offload.backends.stream.checkpoint import MANIFEST, fp32_tensors
+from lightning_offload.backends.stream.checkpoint import MANIFEST, fp32_tensors, saved_weights
 from lightning_offload.backends.stream.placement import DISK_BUFFERS, page_rounded
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (ADAMW_8BIT, GPU_UPDATE_RATE, OPTIMIZER_STATE_BYTES, CandidateLevers,
@@ -128,5 +128,6 @@ SPEC = BackendSpec(
     exact_pinned_host=True,  # its pinned arenas are allocated at exactly the sizes counted here
     plan_detail=plan_detail,
     options_of=lambda plan: {"resident_blocks": plan.resident_blocks, "disk_blocks": plan.disk_blocks},
-    checkpoint_files=(MANIFEST,), fp32_tensors=fp32_tensors,
+    pinned_levers=("nvme_path", "disk_blocks"),
+    checkpoint_files=(MANIFEST,), fp32_tensors=fp32_tensors, saved_weights=saved_weights,
 )
