@@ -24,6 +24,8 @@ from lightning_offload.activation_offload import ActivationOffloader
 # `auto`: the planner (`SingleGPUOffloadStrategy(backend=...)` at setup) picks one of the others.
 POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
+# The names transformers' blocks take a key/value cache under.
+_CACHE_ARGUMENTS = frozenset({"cache", "layer_past", "past_key_value", "past_key_values"})
 _OFFLOADER = "_lightning_offload_activation_offloader"
 # The wrapper a fit installed (a policy's, or a backend's checkpointing as memory needs), kept on the block so the
 # next fit of the same model in the process (a notebook, a sweep) can take it off and apply its own settings.
@@ -88,8 +90,18 @@ def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
     # (bf16 under `bf16-true` and DeepSpeed), as `checkpoint` itself restores autocast, so tensors a block creates
     # come out as they did in forward.
     dtype = torch.get_default_dtype()
+    if torch.is_grad_enabled():
+        kwargs = _without_cache(kwargs)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _default_dtype(dtype)),
                       **kwargs)
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A key/value cache the block writes in forward would be written again, and found already filled, by the
+    recompute in backward (which then saves other tensors than the forward did): as transformers' own gradient
+    checkpointing does, a block that is recomputed runs without one."""
+    return {name: (None if name in _CACHE_ARGUMENTS and value is not None else
+                   False if name == "use_cache" and value else value) for name, value in kwargs.items()}
 
 
 @contextmanager

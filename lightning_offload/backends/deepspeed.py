@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.compile import refuse_compiled_submodules
+from lightning_offload.norm_statistics import match_norm_weights_to_statistics
 from lightning_offload.optim import to_cpu_adam
 from lightning_offload.backends.spec import BackendSpec, MultiProcess, SavedTensor, grouped
 from lightning_offload.planner.measure import ModelStats
@@ -276,6 +277,7 @@ class DeepSpeedBackend(Backend):
             previous.release()
         if self._torch_linear is None:  # ZeRO-3 partitions a model built outside zero.Init through it: the same swap
             self._torch_linear = torch.nn.functional.linear
+        match_norm_weights_to_statistics(module)
         engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
         self._engine = engine
         DeepSpeedBackend._live.keep(self)

@@ -110,7 +110,7 @@ class _MaskedLMModule(_HuggingFaceModule):
     def batch_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         inputs, _ = batch
         # Masks drawn from the global stream in every step: the masking a run sees is the strategy's to keep.
-        masked = torch.rand(inputs.shape) < 0.3
+        masked = torch.rand(inputs.shape, device=inputs.device) < 0.3
         return {"input_ids": inputs.masked_fill(masked, 1), "labels": inputs.masked_fill(~masked, -100)}
 
 

@@ -41,6 +41,7 @@ from lightning_offload.backends.host_adam.checkpoint import (
 from lightning_offload.backends.host_adam.engine import STAGING_SLOTS, HostAdamEngine, Hyper
 from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.compile import refuse_compiled_submodules
+from lightning_offload.norm_statistics import match_norm_weights_to_statistics
 from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import refuse_beyond_host_room
 from lightning_offload.saving import atomic_directory
@@ -282,6 +283,7 @@ class HostAdamBackend(Backend):
         for param in module.parameters():  # frozen parameters and those the optimizer does not hold
             if param not in in_optimizer:
                 param.data = param.data.to(self._device, weight_dtype if param.is_floating_point() else None)
+        match_norm_weights_to_statistics(module)
         HostAdamBackend._live.keep(engine)
         self._optimizer.engine = engine
         self._module = module
