@@ -139,3 +139,14 @@ def test_the_notebooks_extra_installs_what_the_notebooks_import() -> None:
                if not {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [module])} & installed}
     assert not missing, f"notebooks/ import {sorted(missing)}, which `lightning_offload[notebooks]` does not install"
 
+
+
+def test_every_subpackage_ships_in_the_wheel() -> None:
+    """pyproject lists the packages by name: a new package folder missing from the list would install without it."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(init.parent.relative_to(root).parts) for init in (root / "lightning_offload").rglob("__init__.py")
+               if "__pycache__" not in init.parts and init.parent.name != "conf"}
+    assert folders - listed == set()

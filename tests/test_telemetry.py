@@ -235,7 +235,7 @@ def test_the_stream_engine_reports_the_bytes_its_copy_lanes_move() -> None:
 
 
 def test_the_host_adam_engine_reports_gradients_out_and_weights_back() -> None:
-    from tests.backends.test_host_adam import host_adam
+    from tests.backends.host_adam.test_backend import host_adam
 
     logger = RecordingLogger()
     module, trainer = fit(host_adam(), num_batches=4, logger=logger, log_every_n_steps=1)
