@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 import lightning_offload
 from bench.models import SIZES
 from bench.runners import LlamaModule
+from bench.studies.safetensors_reader import PeakRss
 
 GIB = 2**30
 # A CPU runs the phases with `--size tiny`, to check the script itself.
@@ -41,39 +41,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def synchronize() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRss:
-    """The largest VmRSS and RssAnon of this process while the `with` block runs, sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.rss = self.anon = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.rss = max(self.rss, _status_bytes("VmRSS"))
-            self.anon = max(self.anon, _status_bytes("RssAnon"))
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakRss:
-        self.before = _status_bytes("VmRSS")
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.rss = max(self.rss, _status_bytes("VmRSS"))
-        self.anon = max(self.anon, _status_bytes("RssAnon"))
 
 
 def folder_bytes(folder: Path) -> int:
