@@ -76,7 +76,7 @@ class Plan:
         detail = spec.plan_detail(self) if spec is not None else ""
         accumulated = ", gradients accumulated on the GPU" if self.accumulate_on_gpu else ""
         on_disk = f", {_ON_DISK[self.nvme_state]} on NVMe" if self.on_disk else ""
-        return f"{self.backend} + {self.optimizer} + checkpointing={policy}{detail}{accumulated}{on_disk}"
+        return f"{self.backend} + {self.optimizer} + activation_checkpointing={policy}{detail}{accumulated}{on_disk}"
 
     @property
     def on_disk(self) -> bool:

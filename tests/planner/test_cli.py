@@ -54,7 +54,7 @@ def test_levers_are_pinned_with_the_training_apps_config_groups(tmp_path) -> Non
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     chosen = next(line for line in done.stdout.splitlines() if "->" in line)
-    assert "fsdp + adamw + checkpointing=every_4" in chosen
+    assert "fsdp + adamw + activation_checkpointing=every_4" in chosen
 
 
 class KeepPlan(pl.Callback):
