@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -472,16 +473,29 @@ class DeepSpeedBackend(Backend):
         engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
         return engine
 
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         if self._optimizer_on_disk():
             raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
-        with atomic_directory(path, ranks=checkpoint_ranks()) as staging:
+        with atomic_directory(path, ranks=checkpoint_ranks(), weights_only=weights_only) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
+            if weights_only:
+                self._drop_optimizer_state(staging / _CHECKPOINT_TAG)
             # DeepSpeed drops conversion scripts next to every checkpoint; `lightning_offload.consolidate` does that
             # job, so the checkpoint holds only state.
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 (staging / script).unlink(missing_ok=True)
+
+    def _drop_optimizer_state(self, folder: Path) -> None:
+        """Rewrites this rank's optimizer file with its fp32 partitions (the weights) but without the optimizer's
+        state (Adam moments): DeepSpeed writes both, `weights_only=True` asks for the weights."""
+        for file in folder.glob(f"*zero_pp_rank_{self.engine.global_rank}_mp_rank_*optim_states.pt"):
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+            state["optimizer_state_dict"]["optimizer_state_dict"]["state"] = {}
+            rewritten = file.with_name(f".{file.name}.weights")
+            torch.save(state, rewritten)
+            del state
+            os.replace(rewritten, file)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         if self._optimizer_on_disk():

@@ -369,12 +369,14 @@ class StreamBackend(Backend):
         return module
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
-                                                                         if self.optimizer else [])]
-        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups}, disk=self.disk)
+                                                                         if self.optimizer and not weights_only
+                                                                         else [])]
+        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups}, disk=self.disk,
+                               weights_only=weights_only)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         assert self.scheduler is not None
