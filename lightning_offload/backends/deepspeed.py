@@ -505,6 +505,8 @@ class DeepSpeedBackend(Backend):
                 f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "
                 "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
             )
+        if not load_optimizer_states:
+            return self._load_weights(path, strict)
         _refuse_other_world_size(path, self.engine.dp_world_size)
         load_path, client_state = self.engine.load_checkpoint(
             str(path),
@@ -515,6 +517,31 @@ class DeepSpeedBackend(Backend):
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {str(path)!r}.")
         return client_state or {}
+
+    def _load_weights(self, path: Path, strict: bool) -> dict[str, Any]:
+        """validate / test / predict: the fp32 weights, gathered from every rank's partitions one at a time, into the
+        module's partitions. DeepSpeed's own load without optimizer state reads its model file, whose ZeRO-3
+        parameters are empty placeholders."""
+        import deepspeed
+
+        module = self.engine.module
+        targets = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
+        loaded = set()
+        for name, value in fp32_tensors(path):
+            target = targets.get(name)
+            if target is None:
+                if strict:
+                    raise KeyError(f"The checkpoint {str(path)!r} has `{name}`, which this model lacks. Load it into "
+                                   "the model it was saved from, or set `strict_loading = False` on the module.")
+                continue
+            with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                target.data.copy_(value)
+            loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if strict and missing:
+            raise KeyError(f"The checkpoint {str(path)!r} lacks {missing[:5]} of this model. Load the checkpoint of "
+                           "this model, or set `strict_loading = False` on the module.")
+        return client_state(path)
 
     def teardown(self) -> None:
         if self._torch_linear is not None:
@@ -619,6 +646,22 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
     states = [levers.nvme_state] if levers.nvme_state else list(NVME_STATES)
     return [dataclasses.replace(base, offload_device=device, nvme_state=state)
             for device in devices for state in (states if device == "nvme" else ["all"])]
+
+
+# What DeepSpeed writes into its model file beside the client state (Lightning's).
+_ENGINE_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                "checkpoint_parallel_dimensions", "ds_config", "ds_version")
+
+
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in a checkpoint folder: rank 0's model file, less
+    DeepSpeed's own keys."""
+    tag = (path / "latest").read_text().strip()
+    model_file = sorted((path / tag).glob("*_rank_0_*model_states.pt"))[0]
+    state = torch.load(model_file, map_location="cpu", weights_only=False)
+    return {key: value for key, value in state.items() if key not in _ENGINE_KEYS}
 
 
 def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
