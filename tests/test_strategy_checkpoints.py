@@ -129,9 +129,26 @@ def test_resuming_from_a_weights_only_checkpoint_is_refused_as_lightning_refuses
     resumed = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
                          max_epochs=len(SCORES) + 1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    saved = tmp_path / "kept" / "epoch=1.ckpt"
     message = r"contains only the model" if backend == "auto" else r"weights only.*load_from_checkpoint"
     with pytest.raises(KeyError, match=message):
-        resumed.fit(ValidatedLM(), train_dataloaders=token_batches(2), ckpt_path=tmp_path / "kept" / "epoch=1.ckpt")
+        resumed.fit(ValidatedLM(), train_dataloaders=token_batches(2), ckpt_path=saved)
+
+    # What the message advises: a new fit that starts from the checkpoint's weights.
+    inputs, targets = next(iter(token_batches(2)))
+
+    def first_loss(module: ValidatedLM) -> float:
+        return F.cross_entropy(module(inputs).flatten(0, 1), targets.flatten()).item()
+
+    restarted, untrained = ValidatedLM.load_from_checkpoint(saved), ValidatedLM()
+    untrained.configure_model()
+    from_checkpoint, from_scratch = first_loss(restarted), first_loss(untrained)
+    assert from_checkpoint != from_scratch
+    restart = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    restart.fit(restarted, train_dataloaders=token_batches(2))
+    assert abs(restarted.losses[0] - from_checkpoint) < abs(restarted.losses[0] - from_scratch)
 
 
 def evaluate(trainer: pl.Trainer, module: ValidatedLM, ckpt_path: Any) -> tuple[float, float, torch.Tensor]:
@@ -169,3 +186,31 @@ def test_best_and_last_load_the_right_weights_and_old_bests_go_whole(tmp_path, b
             assert validated == pytest.approx(plain_validated, rel=FOLLOWS_PLAIN_FP32_RTOL)
             torch.testing.assert_close(predicted, plain_predicted, rtol=FOLLOWS_PLAIN_FP32_RTOL,
                                        atol=FOLLOWS_PLAIN_FP32_ATOL)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_load_from_checkpoint_reads_every_backends_checkpoint(tmp_path, backend: str) -> None:
+    module = ValidatedLM(lr=5e-3)  # not the default, so hyperparameters not read would show
+    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    consolidate(tmp_path / "full.ckpt", tmp_path / "lightning.ckpt", lightning_file=True)
+
+    for saved in ("full.ckpt", "weights.ckpt", "lightning.ckpt"):
+        loaded = ValidatedLM.load_from_checkpoint(tmp_path / saved)
+        assert loaded.hparams.lr == module.hparams.lr
+        expected = consolidate(tmp_path / saved)
+        state_dict = loaded.state_dict()
+        assert state_dict.keys() == expected.keys()
+        assert all(torch.equal(state_dict[name], expected[name]) for name in expected)
+
+
+def test_both_lightning_namespaces_read_checkpoint_folders() -> None:
+    import lightning.pytorch.core.saving
+    import pytorch_lightning.core.saving
+
+    assert lightning.pytorch.core.saving.pl_load.reads_checkpoint_folders
+    assert pytorch_lightning.core.saving.pl_load.reads_checkpoint_folders

@@ -699,5 +699,5 @@ SPEC = BackendSpec(
     options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
     pinned_levers=("nvme_path", "offload_device", "nvme_state"),
     multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), fp32_tensors=fp32_tensors,
-    saved_weights=saved_weights,
+    saved_weights=saved_weights, client_state=client_state,
 )

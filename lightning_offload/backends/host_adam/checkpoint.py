@@ -104,6 +104,11 @@ def folder_fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     return fp32_tensors(read_checkpoint(path))
 
 
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
+    return read_checkpoint(path)["client_state"]
+
+
 def saved_weights(path: Path) -> list[SavedTensor]:
     """Each fp32 master weight under every name, then the buffers, as views of the memory-mapped arenas."""
     state = read_checkpoint(path)

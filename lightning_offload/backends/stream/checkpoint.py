@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
+# Key of the optimizer's param groups in trainer.pt, beside Lightning's state.
+PARAM_GROUPS = "stream_optimizer_param_groups"
 
 
 def checkpoint_bytes(units: list[Unit]) -> int:
@@ -118,6 +120,14 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
                 bucket_entry.bucket.steps = list(steps)
         del content
     return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
+    read_manifest(path)
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    state.pop(PARAM_GROUPS, None)
+    return state
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:
