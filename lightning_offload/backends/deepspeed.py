@@ -525,7 +525,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         module = self.engine.module
-        targets = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
+        targets = {**dict(module.named_parameters(remove_duplicate=False)), **_persistent_buffers(module)}
         loaded = set()
         for name, value in fp32_tensors(path):
             target = targets.get(name)
@@ -646,6 +646,16 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
     states = [levers.nvme_state] if levers.nvme_state else list(NVME_STATES)
     return [dataclasses.replace(base, offload_device=device, nvme_state=state)
             for device in devices for state in (states if device == "nvme" else ["all"])]
+
+
+def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (a checkpoint has no others)."""
+    found = {}
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            found[name] = buffer
+    return found
 
 
 # What DeepSpeed writes into its model file beside the client state (Lightning's).
