@@ -262,6 +262,8 @@ class DeepSpeedBackend(Backend):
         super().__init__(config)
         self.config: DeepSpeedConfig = config
         self._engine: Any = None
+        self._trains: torch.nn.Module | None = None
+        """The module `_engine` trains (None: an inference engine, or none)."""
         self._precision = "32-true"
         self._torch_linear: Any = None
         """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
@@ -280,7 +282,7 @@ class DeepSpeedBackend(Backend):
             self._torch_linear = torch.nn.functional.linear
         match_norm_weights_to_statistics(module)
         engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
-        self._engine = engine
+        self._engine, self._trains = engine, module if kwargs.get("optimizer") is not None else None
         DeepSpeedBackend._live.keep(self)
         return (engine, *rest)
 
@@ -297,7 +299,7 @@ class DeepSpeedBackend(Backend):
         """Destroys the engine: removes its hooks from the module and frees its device and pinned memory."""
         if self._engine is not None:
             self._engine.destroy()
-            self._engine = None
+            self._engine = self._trains = None
         DeepSpeedBackend._live.forget(self)
         gc.collect()
         _empty_caches()
@@ -469,6 +471,10 @@ class DeepSpeedBackend(Backend):
         )
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        if self._engine is not None and self._trains is module:
+            # validate / test / predict after `fit`: the training engine evaluates the module as it did during fit,
+            # and keeps the optimizer state a later `save_checkpoint` or `fit` needs.
+            return self._engine
         self.set_precision(precision)
         engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
         return engine
@@ -476,6 +482,12 @@ class DeepSpeedBackend(Backend):
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         if self._optimizer_on_disk():
             raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
+        if self._trains is None:
+            raise RuntimeError(
+                "The `deepspeed` backend saves checkpoints of a module it trains; this one was set up for "
+                "validate / test / predict only (DeepSpeed's inference engine writes no checkpoint). Save after "
+                "`trainer.fit(model)`, or take the weights of the checkpoint it was loaded from."
+            )
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
         with atomic_directory(path, ranks=checkpoint_ranks(), weights_only=weights_only) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
