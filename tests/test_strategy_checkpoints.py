@@ -106,9 +106,15 @@ def saved_optimizer_tensors(path: Path) -> int:
 def test_weights_only_saves_hold_the_weights_without_optimizer_state(tmp_path, backend: str) -> None:
     module, trainer, _ = train(backend, tmp_path / "kept", save_weights_only=True, save_top_k=1, monitor="score")
     kept = tmp_path / "kept" / "epoch=1.ckpt"
+    trainer.save_checkpoint(tmp_path / "before_validate.ckpt")
+    trainer.validate(module, token_batches(2, seed=1), verbose=False)
     trainer.save_checkpoint(tmp_path / "full.ckpt")
     trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
 
+    # Validating after fit keeps the trained state: a save after it holds what one before it held.
+    assert saved_optimizer_tensors(tmp_path / "full.ckpt") == saved_optimizer_tensors(tmp_path / "before_validate.ckpt")
+    before = consolidate(tmp_path / "before_validate.ckpt")
+    assert all(torch.equal(before[name], value) for name, value in consolidate(tmp_path / "full.ckpt").items())
     assert saved_optimizer_tensors(tmp_path / "full.ckpt") > 0
     assert saved_optimizer_tensors(tmp_path / "weights.ckpt") == 0
     assert saved_optimizer_tensors(kept) == 0
