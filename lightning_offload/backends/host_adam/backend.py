@@ -346,7 +346,7 @@ class HostAdamBackend(Backend):
         engine.wait_all()
         names = parameter_names(self._module, engine.params)
         if weights_only:
-            self._save_master_weights(path, names, client_state)
+            self._save_master_weights(engine, path, names, client_state)
             return
         state = {
             "format": FORMAT,
@@ -367,9 +367,9 @@ class HostAdamBackend(Backend):
         with atomic_directory(path) as staging:
             torch.save(state, staging / CHECKPOINT_FILE)
 
-    def _save_master_weights(self, path: Path, names: list[list[str]], client_state: dict[str, Any]) -> None:
+    def _save_master_weights(self, engine: HostAdamEngine, path: Path, names: list[list[str]],
+                             client_state: dict[str, Any]) -> None:
         """The fp32 master weights without the Adam state, each copied out of its arena only while it is written."""
-        engine = self._require_engine("save a checkpoint")
         state = {
             "format": FORMAT,
             "names": names,

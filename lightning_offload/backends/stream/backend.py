@@ -372,9 +372,8 @@ class StreamBackend(Backend):
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
-                                                                         if self.optimizer and not weights_only
-                                                                         else [])]
+        optimizer = None if weights_only else self.optimizer
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in (optimizer.param_groups if optimizer else [])]
         stream_checkpoint.save(path, self.units, self.dtype, {**client_state, PARAM_GROUPS: groups}, disk=self.disk,
                                weights_only=weights_only)
 
