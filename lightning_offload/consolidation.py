@@ -1,21 +1,27 @@
 """One plain fp32 state dict from a checkpoint of any backend: Lightning's file, or an engine's folder read by the
-backend that wrote it (its spec's `fp32_tensors`), written one tensor at a time."""
+backend that wrote it (its spec's `fp32_tensors`), written one tensor at a time.
+
+`import lightning_offload` also lets `LightningModule.load_from_checkpoint(path)` read an engine's folder
+(`read_checkpoint_folders`): Lightning's loader opens every path as one file.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from lightning_offload.backends import registry
-from lightning_offload.saving import atomic_file, load_whole, refuse_foreign, write_state_dict
+from lightning_offload.saving import atomic_file, is_checkpoint_folder, load_whole, refuse_foreign, write_state_dict
 
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
-                prefix: str = "") -> dict[str, Any]:
+                prefix: str = "", lightning_file: bool = False) -> dict[str, Any]:
     """One ordinary fp32 state dict from a `single_gpu_offload` checkpoint (an engine's folder or Lightning's file).
 
     The result loads with `module.load_state_dict(...)` into the plain LightningModule, without DeepSpeed or any
@@ -27,7 +33,14 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     `prefix` keeps only the names under it, without it: `prefix="model."` gives the state dict of `self.model`, which
     loads into that model outside Lightning. A model of `transformers` goes out whole with
     `lightning_offload.export.export_hf`, tensor by tensor, as a folder `from_pretrained` loads.
+
+    `lightning_file=True` writes Lightning's own checkpoint file instead (the state dict under `"state_dict"`, beside
+    the hyperparameters and loops the checkpoint holds), which `MyModule.load_from_checkpoint(out_path)` reads
+    without this package; it returns that checkpoint, the state dict memory-mapped.
     """
+    if lightning_file and (out_path is None or prefix):
+        raise ValueError("`lightning_file=True` writes Lightning's checkpoint of the whole module: pass `out_path` "
+                         "(e.g. 'model.ckpt') and no `prefix`.")
     checkpoint_dir = Path(checkpoint_dir)
     if out_path is not None:  # refused before the (long) read
         if Path(out_path).resolve() == checkpoint_dir.resolve():
@@ -39,9 +52,51 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     tensors = _under_prefix(fp32_tensors(checkpoint_dir), prefix, checkpoint_dir)
     if out_path is None:
         return dict(tensors)
+    lightning_state = lightning_client_state(checkpoint_dir) if lightning_file else None
     with atomic_file(out_path) as staging:
-        write_state_dict(staging, tensors)
-    return torch.load(out_path, map_location="cpu", mmap=True, weights_only=True)
+        write_state_dict(staging, tensors, around=None if lightning_state is None
+                         else lambda state_dict: {**lightning_state, "state_dict": state_dict})
+    return torch.load(out_path, map_location="cpu", mmap=True, weights_only=lightning_state is None)
+
+
+def lightning_client_state(checkpoint: Path) -> dict[str, Any]:
+    """Lightning's state in any backend's checkpoint (hyperparameters, loops, callbacks), without the weights and
+    the optimizer state."""
+    if checkpoint.is_file():
+        state = load_whole(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    else:
+        state = registry.checkpoint_spec(checkpoint).client_state(checkpoint)
+    return {key: value for key, value in state.items() if key not in ("state_dict", "optimizer_states")}
+
+
+def lightning_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Lightning's checkpoint (its dict, as `torch.load` of its file gives it) of an engine's folder: Lightning's
+    state with the fp32 weights under `"state_dict"`, in memory."""
+    checkpoint = Path(checkpoint)
+    return {**lightning_client_state(checkpoint), "state_dict": dict(fp32_tensors(checkpoint))}
+
+
+def read_checkpoint_folders(saving: ModuleType) -> None:
+    """Lets `load_from_checkpoint` of Lightning's namespace whose `core.saving` module is `saving` read an engine's
+    checkpoint folder as the Lightning checkpoint it holds (`lightning_checkpoint`); every other path is read by
+    Lightning's own loader, unchanged."""
+    load = saving.pl_load
+    if getattr(load, "reads_checkpoint_folders", False):
+        return
+
+    @functools.wraps(load)
+    def load_file_or_folder(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(path_or_url, (str, os.PathLike)) and is_checkpoint_folder(Path(path_or_url))):
+            return load(path_or_url, *args, **kwargs)
+        checkpoint = lightning_checkpoint(path_or_url)
+        map_location = kwargs.get("map_location", args[0] if args else None)
+        if isinstance(map_location, (str, torch.device)):
+            weights = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {name: value.to(map_location) for name, value in weights.items()}
+        return checkpoint
+
+    load_file_or_folder.reads_checkpoint_folders = True
+    saving.pl_load = load_file_or_folder
 
 
 def fp32_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

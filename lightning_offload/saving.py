@@ -21,7 +21,7 @@ import socket
 import sys
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,8 +32,10 @@ from torch.serialization import get_crc32_options, skip_data
 # Written into every checkpoint folder: a later save may replace a folder only if it carries this (or one of the
 # engines' own files, for folders written before it existed).
 FOLDER_MARKER = ".lightning_offload-checkpoint"
+# Written beside it in a folder saved with `weights_only=True`: its weights, without the optimizer state to resume.
+WEIGHTS_ONLY_MARKER = ".lightning_offload-weights-only"
 _ENGINE_FILES = ("latest", "manifest.json", "host_adam.pt")
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|removed)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 _RENAME_EXCHANGE = 2
 
 
@@ -50,6 +52,22 @@ class Ranks(Protocol):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one under the same name is unchanged."""
+
+
+class WeightsOnlyCheckpointError(KeyError):
+    """`fit(ckpt_path=...)` was given a checkpoint without optimizer state (a `KeyError`, as Lightning raises)."""
+
+    __str__ = Exception.__str__
+
+
+def weights_only_refusal(path: str | os.PathLike) -> str:
+    return (
+        f"The checkpoint {str(path)!r} holds the model's weights only (saved with `weights_only=True` or "
+        "`ModelCheckpoint(save_weights_only=True)`): it has no optimizer state for `trainer.fit(ckpt_path=...)` to "
+        "resume. To start a new run from these weights with a fresh optimizer, load them and fit without "
+        f"`ckpt_path`: `model = MyModule.load_from_checkpoint({str(path)!r})`, then `trainer.fit(model)`. To resume "
+        "training, save full checkpoints (`save_weights_only=False`)."
+    )
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -109,6 +127,24 @@ def _size(path: Path) -> int:
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def holds_weights_only(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint folder `path` was saved with `weights_only=True` (it cannot resume a fit)."""
+    return (Path(path) / WEIGHTS_ONLY_MARKER).is_file()
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Removes a checkpoint: a folder is renamed aside in one step, then deleted, so its name never holds a part of
+    it (a process killed mid-way leaves only the renamed copy, which the next save or fit removes)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        removed = _sibling(path, "removed")
+        os.replace(path, removed)
+        _fsync(path.parent)
+        _remove(removed)
     else:
         path.unlink(missing_ok=True)
 
@@ -177,8 +213,11 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None, *,
+                     weights_only: bool = False) -> Iterator[Path]:
     """Yields an empty staging folder beside `path`; on success it replaces `path` in one rename.
+
+    `weights_only`: the folder is marked as holding weights without optimizer state (`holds_weights_only`).
 
     `path` must be new, an empty folder, or a checkpoint folder an earlier save wrote: anything else is refused
     before anything is written. With `ranks`, every process gets the same staging folder (on a file system they
@@ -197,6 +236,8 @@ def atomic_directory(path: str | os.PathLike, ranks: Ranks | None = None) -> Ite
         if lead:
             staging.mkdir()
             (staging / FOLDER_MARKER).touch()
+            if weights_only:
+                (staging / WEIGHTS_ONLY_MARKER).touch()
         if ranks is not None:
             ranks.barrier("atomic_directory:staged")
         yield staging
@@ -342,12 +383,15 @@ def checkpoints_on_disk_at_once(save_top_k: int, save_last: Any) -> int:
     return kept + bool(save_last) + 1 if kept or save_last else 0
 
 
-def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                     around: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> int:
     """Writes the (name, tensor) pairs `tensors` yields as the state dict `torch.save(dict(tensors), path)` would,
     holding one tensor at a time: each tensor's bytes go to the file as it comes, the names and shapes last.
 
     A name whose tensor views the same memory as an earlier one's (a tied weight) is stored once and shared on
-    load, as `torch.save` does. Returns the number of names written.
+    load, as `torch.save` does. `around` builds the object written in its place from the state dict
+    (`lambda state_dict: {**lightning_state, "state_dict": state_dict}`); host tensors it adds are written whole.
+    Returns the number of names written.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.serialization import config
@@ -382,7 +426,7 @@ def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch
         del tensor, storage, whole
     with skip_data(materialize_fake_tensors=True):
         pickled = io.BytesIO()
-        _StandInPickler(pickled, keys).dump(stand_ins)
+        _StandInPickler(pickled, keys, writer).dump(stand_ins if around is None else around(stand_ins))
     for record, value in (("data.pkl", pickled.getvalue()), (".format_version", "1"),
                           (".storage_alignment", str(alignment)), ("byteorder", sys.byteorder)):
         writer.write_record(record, value, len(value))
@@ -393,14 +437,23 @@ def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch
 class _StandInPickler(pickle.Pickler):
     """torch.save's pickling of tensors, with each storage named by the record its bytes were written to."""
 
-    def __init__(self, file: io.BytesIO, keys: dict[int, str]) -> None:
+    def __init__(self, file: io.BytesIO, keys: dict[int, str], writer: Any) -> None:
         super().__init__(file, protocol=2)
         self.keys = keys
+        self.writer = writer
 
     def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
         if isinstance(obj, torch.storage.TypedStorage):
-            return ("storage", getattr(torch, obj._pickle_storage_type()), self.keys[obj._untyped_storage._cdata],
+            return ("storage", getattr(torch, obj._pickle_storage_type()), self._key(obj._untyped_storage),
                     "cpu", obj._size())
         if isinstance(obj, torch.UntypedStorage):
-            return ("storage", torch.UntypedStorage, self.keys[obj._cdata], "cpu", obj.nbytes())
+            return ("storage", torch.UntypedStorage, self._key(obj), "cpu", obj.nbytes())
         return None
+
+    def _key(self, storage: torch.UntypedStorage) -> str:
+        if storage._cdata not in self.keys:  # a tensor beside the state dict: written now, whole
+            if storage.device.type != "cpu":
+                raise ValueError("Tensors written beside a streamed state dict must be in host memory.")
+            self.keys[storage._cdata] = key = f"extra{len(self.keys)}"
+            self.writer.write_record(f"data/{key}", storage, storage.nbytes())
+        return self.keys[storage._cdata]

@@ -55,7 +55,14 @@ from lightning_offload.optim import (
     rebind_lr_schedulers,
     replace_optimizer,
 )
-from lightning_offload.saving import damage_reported, save_with_checkpoint_io
+from lightning_offload.saving import (
+    WeightsOnlyCheckpointError,
+    damage_reported,
+    holds_weights_only,
+    remove_checkpoint,
+    save_with_checkpoint_io,
+    weights_only_refusal,
+)
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -447,22 +454,34 @@ class _SingleGPUOffloadCore:
         if storage_options is not None:
             raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
         lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        self.backend.save_checkpoint(Path(filepath), lightning_state)
+        # Lightning leaves the optimizer state out of a `weights_only=True` checkpoint.
+        self.backend.save_checkpoint(Path(filepath), lightning_state,
+                                     weights_only="optimizer_states" not in checkpoint)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        # A backend's folder goes in one rename, so a kill mid-way never leaves part of it under its name.
+        if self.is_global_zero and Path(str(filepath)).is_dir():
+            remove_checkpoint(filepath)
+        else:
+            super().remove_checkpoint(filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        if self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING:
+        fitting = self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if fitting:
             self._refuse_other_checkpoint_format(checkpoint_path)
         if not self.backend.saves_own_state:
             with damage_reported(checkpoint_path):
-                return super().load_checkpoint(checkpoint_path, weights_only)
+                checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+            if fitting and "optimizer_states" not in checkpoint:
+                raise WeightsOnlyCheckpointError(weights_only_refusal(checkpoint_path))
+            return checkpoint
         assert self.lightning_module is not None
-        trainer_fn = self.lightning_module.trainer.state.fn
-        return self.backend.load_checkpoint(
-            Path(checkpoint_path),
-            load_optimizer_states=trainer_fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING,
-            strict=self.lightning_module.strict_loading,
-        )
+        if fitting and holds_weights_only(checkpoint_path):
+            raise WeightsOnlyCheckpointError(weights_only_refusal(checkpoint_path))
+        return self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
+                                            strict=self.lightning_module.strict_loading)
 
     def _refuse_other_checkpoint_format(self, checkpoint_path: Any) -> None:
         saved = saved_plan(checkpoint_path)

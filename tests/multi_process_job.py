@@ -1,7 +1,8 @@
 """`strategy="offload"` fits of the tiny transformer on the CPU with `--devices` processes, for the tests.
 
 Run as a script: Lightning's launcher re-runs it once per extra process, as it would a user's training script. The
-fits listed in `--fits` (JSON: a list of {"name", "backend", "optimizer", "epochs", "resume", "save"}) run one after
+fits listed in `--fits` (JSON: a list of {"name", "backend", "optimizer", "epochs", "resume", "save",
+"save_weights_only"}) run one after
 another in the same processes, which saves starting them again. Each rank writes the losses of its own
 micro-batches to `<out>/<name>_rank<r>.json`, and the plan it trained with to `<out>/<name>_rank<r>_plan.json`.
 """
@@ -51,6 +52,8 @@ def main() -> None:
                     ckpt_path=spec.get("resume"))
         if spec.get("save"):
             trainer.save_checkpoint(spec["save"])
+        if spec.get("save_weights_only"):
+            trainer.save_checkpoint(spec["save_weights_only"], weights_only=True)
         (args.out / f"{spec['name']}_rank{trainer.global_rank}.json").write_text(json.dumps(module.losses))
         plan = trainer.strategy.plan
         (args.out / f"{spec['name']}_rank{trainer.global_rank}_plan.json").write_text(

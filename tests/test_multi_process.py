@@ -100,7 +100,8 @@ def two_processes(one_process_runs, tmp_path_factory) -> Launch:
     fits = [
         {"name": "fsdp", "backend": "fsdp", "save": str(out / "fsdp.ckpt")},
         {"name": "fsdp_8bit", "backend": "fsdp", "optimizer": "adamw8bit", "save": str(out / "fsdp_8bit.ckpt")},
-        {"name": "deepspeed", "backend": "deepspeed", "save": str(out / "deepspeed.ckpt")},
+        {"name": "deepspeed", "backend": "deepspeed", "save": str(out / "deepspeed.ckpt"),
+         "save_weights_only": str(out / "deepspeed_weights.ckpt")},
         {"name": "device", "backend": "device"},
         {"name": "fsdp_resumed", "backend": "fsdp", "epochs": 2, "resume": str(one_process_runs["fsdp"][1])},
         {"name": "auto", "backend": "auto"},
@@ -167,6 +168,18 @@ def test_deepspeed_checkpoint_refuses_another_world_size(two_processes, one_proc
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(two(tokens), one(tokens), rtol=0, atol=1e-4)
+
+
+def test_deepspeed_weights_only_checkpoint_leaves_out_every_ranks_optimizer_state(two_processes) -> None:
+    from tests.test_strategy_checkpoints import saved_optimizer_tensors
+
+    full, weights = two_processes.out / "deepspeed.ckpt", two_processes.out / "deepspeed_weights.ckpt"
+    assert len(list((weights / "checkpoint").glob("*optim_states.pt"))) == 2
+    assert saved_optimizer_tensors(full) > 0
+    assert saved_optimizer_tensors(weights) == 0
+    expected, saved = consolidate(full), consolidate(weights)
+    assert expected.keys() == saved.keys()
+    assert all(torch.equal(expected[name], saved[name]) for name in expected)
 
 
 def test_8bit_shard_state_refuses_another_world_size(two_processes) -> None:

@@ -107,3 +107,39 @@ def sharing(state_dict: dict) -> list[list[str]]:
     for name, value in state_dict.items():
         groups.setdefault(value.untyped_storage().data_ptr(), []).append(name)
     return sorted(groups.values())
+
+
+def test_a_removal_killed_mid_way_leaves_nothing_under_the_checkpoints_name(tmp_path, monkeypatch) -> None:
+    from lightning_offload import saving
+
+    target = tmp_path / "epoch=0.ckpt"
+    with atomic_directory(target) as staging:
+        (staging / "weights").write_text("old best")
+    monkeypatch.setattr(saving, "_remove", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        saving.remove_checkpoint(target)
+    assert not target.exists()
+    monkeypatch.undo()
+    # What the killed removal left is removed by the next save or fit, not put back.
+    saving.remove_stale_leftovers(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weights_only_folder_is_marked(tmp_path) -> None:
+    from lightning_offload.saving import holds_weights_only
+
+    with atomic_directory(tmp_path / "full.ckpt"):
+        pass
+    with atomic_directory(tmp_path / "weights.ckpt", weights_only=True):
+        pass
+    assert not holds_weights_only(tmp_path / "full.ckpt")
+    assert holds_weights_only(tmp_path / "weights.ckpt")
+
+
+def test_a_streamed_state_dict_can_be_written_inside_another_object(tmp_path) -> None:
+    weight, buffer = torch.randn(3, 4), torch.arange(5)
+    write_state_dict(tmp_path / "model.ckpt", [("weight", weight), ("row", weight[1])],
+                     around=lambda state_dict: {"epoch": 2, "buffers": [buffer], "state_dict": state_dict})
+    loaded = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["buffers"][0], buffer)
+    assert torch.equal(loaded["state_dict"]["weight"], weight) and torch.equal(loaded["state_dict"]["row"], weight[1])

@@ -190,7 +190,9 @@ class Backend(ABC):
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
         """Wraps the module for validate / test / predict."""
 
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
+        """Writes the engine's folder at `path` (`saving.atomic_directory`); `weights_only`: without the optimizer
+        state (the folder marked so), as Lightning's `save_checkpoint(..., weights_only=True)` asks."""
         raise NotImplementedError(f"The {self.name!r} backend does not save its own state.")
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -261,6 +262,8 @@ class DeepSpeedBackend(Backend):
         super().__init__(config)
         self.config: DeepSpeedConfig = config
         self._engine: Any = None
+        self._trains: torch.nn.Module | None = None
+        """The module `_engine` trains (None: an inference engine, or none)."""
         self._precision = "32-true"
         self._torch_linear: Any = None
         """`torch.nn.functional.linear` as it was before zero.Init replaced it; put back at `teardown`."""
@@ -279,7 +282,7 @@ class DeepSpeedBackend(Backend):
             self._torch_linear = torch.nn.functional.linear
         match_norm_weights_to_statistics(module)
         engine, *rest = deepspeed.initialize(model=module, dist_init_required=False, **kwargs)
-        self._engine = engine
+        self._engine, self._trains = engine, module if kwargs.get("optimizer") is not None else None
         DeepSpeedBackend._live.keep(self)
         return (engine, *rest)
 
@@ -296,7 +299,7 @@ class DeepSpeedBackend(Backend):
         """Destroys the engine: removes its hooks from the module and frees its device and pinned memory."""
         if self._engine is not None:
             self._engine.destroy()
-            self._engine = None
+            self._engine = self._trains = None
         DeepSpeedBackend._live.forget(self)
         gc.collect()
         _empty_caches()
@@ -468,20 +471,43 @@ class DeepSpeedBackend(Backend):
         )
 
     def setup_inference(self, module: torch.nn.Module, precision: str) -> torch.nn.Module:
+        if self._engine is not None and self._trains is module:
+            # validate / test / predict after `fit`: the training engine evaluates the module as it did during fit,
+            # and keeps the optimizer state a later `save_checkpoint` or `fit` needs.
+            return self._engine
         self.set_precision(precision)
         engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
         return engine
 
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         if self._optimizer_on_disk():
             raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
+        if self._trains is None:
+            raise RuntimeError(
+                "The `deepspeed` backend saves checkpoints of a module it trains; this one was set up for "
+                "validate / test / predict only (DeepSpeed's inference engine writes no checkpoint). Save after "
+                "`trainer.fit(model)`, or take the weights of the checkpoint it was loaded from."
+            )
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
-        with atomic_directory(path, ranks=checkpoint_ranks()) as staging:
+        with atomic_directory(path, ranks=checkpoint_ranks(), weights_only=weights_only) as staging:
             self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
+            if weights_only:
+                self._drop_optimizer_state(staging / _CHECKPOINT_TAG)
             # DeepSpeed drops conversion scripts next to every checkpoint; `lightning_offload.consolidate` does that
             # job, so the checkpoint holds only state.
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 (staging / script).unlink(missing_ok=True)
+
+    def _drop_optimizer_state(self, folder: Path) -> None:
+        """Rewrites this rank's optimizer file with its fp32 partitions (the weights) but without the optimizer's
+        state (Adam moments): DeepSpeed writes both, `weights_only=True` asks for the weights."""
+        for file in folder.glob(f"*zero_pp_rank_{self.engine.global_rank}_mp_rank_*optim_states.pt"):
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+            state["optimizer_state_dict"]["optimizer_state_dict"]["state"] = {}
+            rewritten = file.with_name(f".{file.name}.weights")
+            torch.save(state, rewritten)
+            del state
+            os.replace(rewritten, file)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         if self._optimizer_on_disk():
@@ -491,6 +517,8 @@ class DeepSpeedBackend(Backend):
                 f"{str(path)!r} is not a checkpoint written by the `deepspeed` backend (a folder with a `latest` file). "
                 "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
             )
+        if not load_optimizer_states:
+            return self._load_weights(path, strict)
         _refuse_other_world_size(path, self.engine.dp_world_size)
         load_path, client_state = self.engine.load_checkpoint(
             str(path),
@@ -501,6 +529,31 @@ class DeepSpeedBackend(Backend):
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {str(path)!r}.")
         return client_state or {}
+
+    def _load_weights(self, path: Path, strict: bool) -> dict[str, Any]:
+        """validate / test / predict: the fp32 weights, gathered from every rank's partitions one at a time, into the
+        module's partitions. DeepSpeed's own load without optimizer state reads its model file, whose ZeRO-3
+        parameters are empty placeholders."""
+        import deepspeed
+
+        module = self.engine.module
+        targets = {**dict(module.named_parameters(remove_duplicate=False)), **_persistent_buffers(module)}
+        loaded = set()
+        for name, value in fp32_tensors(path):
+            target = targets.get(name)
+            if target is None:
+                if strict:
+                    raise KeyError(f"The checkpoint {str(path)!r} has `{name}`, which this model lacks. Load it into "
+                                   "the model it was saved from, or set `strict_loading = False` on the module.")
+                continue
+            with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                target.data.copy_(value)
+            loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if strict and missing:
+            raise KeyError(f"The checkpoint {str(path)!r} lacks {missing[:5]} of this model. Load the checkpoint of "
+                           "this model, or set `strict_loading = False` on the module.")
+        return client_state(path)
 
     def teardown(self) -> None:
         if self._torch_linear is not None:
@@ -607,6 +660,32 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
             for device in devices for state in (states if device == "nvme" else ["all"])]
 
 
+def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (a checkpoint has no others)."""
+    found = {}
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            found[name] = buffer
+    return found
+
+
+# What DeepSpeed writes into its model file beside the client state (Lightning's).
+_ENGINE_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                "checkpoint_parallel_dimensions", "ds_config", "ds_version")
+
+
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in a checkpoint folder: rank 0's model file, less
+    DeepSpeed's own keys."""
+    tag = (path / "latest").read_text().strip()
+    model_file = sorted((path / tag).glob("*_rank_0_*model_states.pt"))[0]
+    state = torch.load(model_file, map_location="cpu", weights_only=False)
+    return {key: value for key, value in state.items() if key not in _ENGINE_KEYS}
+
+
 def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Each fp32 weight, gathered from the ranks' partitions when it is reached."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -642,5 +721,5 @@ SPEC = BackendSpec(
     options_of=lambda plan: {"offload_device": plan.offload_device, "nvme_state": plan.nvme_state},
     pinned_levers=("nvme_path", "offload_device", "nvme_state"),
     multi_process=MultiProcess(shards_state=True), checkpoint_files=("latest",), fp32_tensors=fp32_tensors,
-    saved_weights=saved_weights,
+    saved_weights=saved_weights, client_state=client_state,
 )

@@ -1,4 +1,5 @@
-"""The `deepspeed` backend with state on disk (ZeRO-Infinity, DeepSpeed's async I/O op on the CPU accelerator)."""
+"""The `deepspeed` backend with state on disk (ZeRO-Infinity, DeepSpeed's async I/O op on the CPU accelerator), and
+validating from its checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.models import TinyGPT
@@ -135,3 +138,48 @@ def test_without_the_planner_a_disk_too_small_for_the_optimizer_is_refused_befor
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=256k", "tmpfs") as folder:
         with pytest.raises(UnusableDisk, match=r"has 0\.\d\d MiB free but the optimizer state of [\d,]+ parameters"):
             fit(on_disk(folder, nvme_state="optimizer"), num_batches=1)
+
+
+class _NormedRegressor(pl.LightningModule):
+    """Running statistics (persistent buffers) and a non-persistent buffer, which no checkpoint holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 1))
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def _loss(self, batch) -> torch.Tensor:
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self.scale * self.net(inputs), targets)
+
+    def training_step(self, batch, batch_idx) -> torch.Tensor:
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_validate_from_a_checkpoint_loads_its_weights_and_running_statistics(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(32, 8, generator=generator)
+    data = DataLoader(TensorDataset(inputs, inputs.sum(dim=1, keepdim=True)), batch_size=8)
+
+    def trainer() -> pl.Trainer:
+        return pl.Trainer(strategy=SingleGPUOffloadStrategy(backend="deepspeed"), accelerator="cpu", devices=1,
+                          max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+
+    module, trained = _NormedRegressor(), trainer()
+    trained.fit(module, data)
+    in_memory = trained.validate(module, data, verbose=False)[0]["val_loss"]
+    trained.save_checkpoint(tmp_path / "trained.ckpt")
+
+    from_checkpoint = trainer().validate(_NormedRegressor(), data, ckpt_path=tmp_path / "trained.ckpt",
+                                         verbose=False)[0]["val_loss"]
+    untrained = trainer().validate(_NormedRegressor(), data, verbose=False)[0]["val_loss"]
+    assert from_checkpoint == in_memory
+    assert untrained != in_memory

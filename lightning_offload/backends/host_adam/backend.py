@@ -31,6 +31,7 @@ from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, 
 from lightning_offload.backends.host_adam.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT,
+    MASTERS,
     load_buffers,
     load_weights,
     parameter_names,
@@ -44,7 +45,7 @@ from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.norm_statistics import match_norm_weights_to_statistics
 from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import refuse_beyond_host_room
-from lightning_offload.saving import atomic_directory
+from lightning_offload.saving import atomic_directory, write_state_dict
 
 _WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
 # Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
@@ -340,10 +341,13 @@ class HostAdamBackend(Backend):
         if self.engine is not None:
             self.engine.finish_backward()
 
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         engine = self._require_engine("save a checkpoint")
         engine.wait_all()
         names = parameter_names(self._module, engine.params)
+        if weights_only:
+            self._save_master_weights(engine, path, names, client_state)
+            return
         state = {
             "format": FORMAT,
             "names": names,
@@ -363,6 +367,20 @@ class HostAdamBackend(Backend):
         with atomic_directory(path) as staging:
             torch.save(state, staging / CHECKPOINT_FILE)
 
+    def _save_master_weights(self, engine: HostAdamEngine, path: Path, names: list[list[str]],
+                             client_state: dict[str, Any]) -> None:
+        """The fp32 master weights without the Adam state, each copied out of its arena only while it is written."""
+        state = {
+            "format": FORMAT,
+            "names": names,
+            "shapes": [tuple(p.shape) for p in engine.params],
+            "buffers": {k: v.detach().cpu() for k, v in persistent_buffers(self._module).items()},
+            "client_state": client_state,
+        }
+        masters = ((str(index), engine.master_of(index).cpu()) for index in range(len(engine.params)))
+        with atomic_directory(path, weights_only=True) as staging:
+            write_state_dict(staging / CHECKPOINT_FILE, masters, around=lambda weights: {**state, MASTERS: weights})
+
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         state = read_checkpoint(path)
         engine = self.engine
@@ -380,10 +398,10 @@ class HostAdamBackend(Backend):
         # Parameter by parameter: the checkpoint may split the state between host and device differently.
         for index, (master, exp_avg, exp_avg_sq) in enumerate(saved_parameters(state)):
             engine.master_of(index).copy_(master)
-            if load_optimizer_states:
+            if load_optimizer_states and exp_avg is not None:
                 for target, saved in zip(engine.state_of(index), (exp_avg, exp_avg_sq)):
                     target.copy_(saved)
-        if load_optimizer_states:
+        if load_optimizer_states and MASTERS not in state:
             engine.steps[:] = state["steps"]
             for group, saved_group in zip(self._optimizer.param_groups, state["param_groups"]):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})

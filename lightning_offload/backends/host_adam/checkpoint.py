@@ -14,6 +14,9 @@ from lightning_offload.saving import load_whole
 
 CHECKPOINT_FILE = "host_adam.pt"
 FORMAT = "lightning_offload.host_adam/2"
+# Key of a weights-only checkpoint's master weights (one tensor per parameter, in the engine's order), which it
+# holds instead of the arenas.
+MASTERS = "masters"
 
 
 def parameter_names(module: torch.nn.Module | None, params: list[torch.nn.Parameter]) -> list[list[str]]:
@@ -57,9 +60,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """(master, exp_avg, exp_avg_sq) of every parameter of a `host_adam` checkpoint, in the engine's order: views
-    of the host arena for the first `host_params`, of the device arena for the rest."""
+    of the host arena for the first `host_params`, of the device arena for the rest (a weights-only checkpoint:
+    its masters, with None for the Adam state)."""
+    if MASTERS in state:
+        return [(master, None, None) for master in state[MASTERS].values()]
     shapes = state["shapes"]
     host_params = state.get("host_params", len(shapes))
     parts = ((state["arena"], shapes[:host_params]), (state["device_arena"], shapes[host_params:]))
@@ -96,6 +102,11 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -
 def folder_fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """`fp32_tensors` of the checkpoint folder `path`."""
     return fp32_tensors(read_checkpoint(path))
+
+
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
+    return read_checkpoint(path)["client_state"]
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from lightning_offload.backends.host_adam.backend import HostAdamBackend, HostAdamConfig
-from lightning_offload.backends.host_adam.checkpoint import CHECKPOINT_FILE, folder_fp32_tensors, saved_weights
+from lightning_offload.backends.host_adam.checkpoint import (CHECKPOINT_FILE, client_state, folder_fp32_tensors,
+                                                         saved_weights)
 from lightning_offload.backends.host_adam.engine import STAGING_SLOTS
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.planner.measure import ModelStats
@@ -95,5 +96,5 @@ SPEC = BackendSpec(
     plan_detail=lambda plan: f", {plan.resident_blocks} blocks' state on the GPU",
     options_of=lambda plan: {"gpu_state_blocks": plan.resident_blocks}, pinned_levers=("gpu_state_blocks",),
     checkpoint_files=(CHECKPOINT_FILE,), fp32_tensors=folder_fp32_tensors,
-    saved_weights=saved_weights,
+    saved_weights=saved_weights, client_state=client_state,
 )

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
+from lightning_offload.backends.stream.checkpoint import PARAM_GROUPS
 from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
@@ -40,7 +41,6 @@ from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
 from lightning_offload.saving import checkpoints_on_disk_at_once
 
-_PARAM_GROUPS = "stream_optimizer_param_groups"
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
                "32": torch.float32}
 
@@ -369,19 +369,20 @@ class StreamBackend(Backend):
         return module
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
-                                                                         if self.optimizer else [])]
-        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, _PARAM_GROUPS: groups}, disk=self.disk)
+        optimizer = None if weights_only else self.optimizer
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in (optimizer.param_groups if optimizer else [])]
+        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, PARAM_GROUPS: groups}, disk=self.disk,
+                               weights_only=weights_only)
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         assert self.scheduler is not None
         self.lanes.synchronize()
         client_state = stream_checkpoint.load(path, self.units, load_optimizer_states=load_optimizer_states,
                                               strict=strict, disk=self.disk)
-        groups = client_state.pop(_PARAM_GROUPS, [])
+        groups = client_state.pop(PARAM_GROUPS, [])
         if load_optimizer_states and self.optimizer is not None:
             for group, saved in zip(self.optimizer.param_groups, groups):
                 group.update(saved)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
+# Key of the optimizer's param groups in trainer.pt, beside Lightning's state.
+PARAM_GROUPS = "stream_optimizer_param_groups"
 
 
 def checkpoint_bytes(units: list[Unit]) -> int:
@@ -62,17 +64,19 @@ def host_state(unit: Unit, disk: DiskTier | None) -> torch.Tensor | None:
 
 
 def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any], *,
-         disk: DiskTier | None = None) -> None:
-    check_disk(path.parent, checkpoint_bytes(units), "This checkpoint")
+         disk: DiskTier | None = None, weights_only: bool = False) -> None:
+    """`weights_only`: the units' weights without their 8-bit state and step counts."""
+    needed = sum(unit.weight_bytes for unit in units) if weights_only else checkpoint_bytes(units)
+    check_disk(path.parent, needed, "This checkpoint")
     manifest = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "units": []}
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, weights_only=weights_only) as staging:
         torch.save(client_state, staging / "trainer.pt")
         for unit in units:
             name = f"unit_{unit.index:04d}.pt"
             weights = [p.detach().to("cpu", copy=True) for p in unit.params]
-            region = host_state(unit, disk)
+            region = None if weights_only else host_state(unit, disk)
             states = [s.clone() for s in unit.state_views(region)] if region is not None else []
-            steps = [list(entry.bucket.steps) for entry in unit.buckets]
+            steps = [] if weights_only else [list(entry.bucket.steps) for entry in unit.buckets]
             torch.save({"weights": weights, "state": states, "steps": steps}, staging / name)
             del weights, states, region
             manifest["units"].append({"file": name, "module": unit.name, "names": unit.names})
@@ -105,7 +109,7 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
         content = torch.load(path / entry["file"], mmap=True, weights_only=True)
         for param, saved_weight in zip(unit.params, content["weights"]):
             param.data.copy_(saved_weight)
-        if load_optimizer_states and (unit.host_state is not None or unit.on_disk):
+        if load_optimizer_states and content["steps"] and (unit.host_state is not None or unit.on_disk):
             region = torch.empty(unit.state_bytes, dtype=torch.uint8) if unit.on_disk else unit.host_state
             for view, state in zip(unit.state_views(region), content["state"]):
                 view.copy_(state)
@@ -116,6 +120,14 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
                 bucket_entry.bucket.steps = list(steps)
         del content
     return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def client_state(path: Path) -> dict[str, Any]:
+    """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
+    read_manifest(path)
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    state.pop(PARAM_GROUPS, None)
+    return state
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.backends.stream.backend import StreamBackend, StreamConfig
-from lightning_offload.backends.stream.checkpoint import MANIFEST, fp32_tensors, saved_weights
+from lightning_offload.backends.stream.checkpoint import MANIFEST, client_state, fp32_tensors, saved_weights
 from lightning_offload.backends.stream.placement import DISK_BUFFERS, page_rounded
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (ADAMW_8BIT, GPU_UPDATE_RATE, OPTIMIZER_STATE_BYTES, CandidateLevers,
@@ -130,4 +130,5 @@ SPEC = BackendSpec(
     options_of=lambda plan: {"resident_blocks": plan.resident_blocks, "disk_blocks": plan.disk_blocks},
     pinned_levers=("nvme_path", "disk_blocks"),
     checkpoint_files=(MANIFEST,), fp32_tensors=fp32_tensors, saved_weights=saved_weights,
+    client_state=client_state,
 )
