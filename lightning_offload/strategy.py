@@ -376,6 +376,10 @@ class _SingleGPUOffloadCore:
             chosen = replace_optimizer(optimizers[0], self.optimizer_name) if self.optimizer_name else optimizers[0]
             engine_optimizer = self.backend.prepare_optimizer(chosen)
             rebind_lr_schedulers([c.scheduler for c in scheduler_configs], optimizers[0], engine_optimizer)
+            for config in scheduler_configs:
+                # `LearningRateMonitor` names each lr by its scheduler's optimizer class: the user's, not the engine's.
+                if config.name is None and engine_optimizer is not optimizers[0]:
+                    config.name = f"lr-{type(optimizers[0]).__name__}"
             setup = TrainingSetup(
                 precision=self._precision_flag,
                 accumulate_grad_batches=trainer.accumulate_grad_batches,
