@@ -72,6 +72,11 @@ class FSDPBackend(Backend):
     manual_optimization_refusal = (
         "its gradient accumulation and clipping run on sharded gradients in hooks Lightning's manual loop bypasses."
     )
+    callback_refusals = dict.fromkeys(
+        ("WeightAveraging", "StochasticWeightAveraging"),
+        "its averaged copy is a plain module, which cannot be updated from FSDP2's sharded (DTensor) parameters. "
+        "Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
+    )
 
     def __init__(self, config: FSDPConfig) -> None:
         super().__init__(config)

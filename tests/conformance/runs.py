@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ class Run:
     predictions: list[torch.Tensor] = field(default_factory=list)
     refusal: str | None = None
     """The message of a run refused at setup, before any step."""
+    optimizer_steps: int = 0
+    """The Trainer's `global_step` when the run ends."""
 
 
 class _RecordLosses(pl.Callback):
@@ -46,21 +48,25 @@ class _RecordLosses(pl.Callback):
 
 
 def run(kind: str, strategy: Any = "auto", precision: str = "32-true", accelerator: str = "cpu",
-        build: Callable[[], pl.LightningModule] | None = None) -> Run:
-    """Seeds everything, builds the module (`build`, else the kind's factory), fits it and, where it has the loops,
-    validates, tests and predicts."""
+        build: Callable[[], pl.LightningModule] | None = None, trainer_options: dict[str, Any] | None = None,
+        callbacks: Sequence[pl.Callback] = (), train: Callable[[pl.Trainer, pl.LightningModule], None] | None = None,
+        ) -> Run:
+    """Seeds everything, builds the module (`build`, else the kind's factory), trains it (`train`, else `fit`) with
+    the suite's Trainer options (`trainer_options` override them) and, where it has the loops, validates, tests and
+    predicts."""
     result = Run()
     pl.seed_everything(SEED, verbose=False)
     module = (build or KINDS[kind])()
     trainer = pl.Trainer(strategy=strategy, precision=precision, accelerator=accelerator,
-                         callbacks=[_RecordLosses(result)], **TRAINER_OPTIONS)
+                         callbacks=[_RecordLosses(result), *callbacks], **{**TRAINER_OPTIONS, **(trainer_options or {})})
     try:
-        trainer.fit(module)
+        (train or pl.Trainer.fit)(trainer, module)
     except REFUSALS as error:
         if result.losses or not _raised_by_the_strategy(error):
             raise
         result.refusal = str(error)
         return result
+    result.optimizer_steps = trainer.global_step
     # The strategy's telemetry logs its own figures; the user's metrics are what is compared.
     result.metrics = {name: value.item() for name, value in trainer.callback_metrics.items()
                       if not name.startswith(TELEMETRY_PREFIXES)}

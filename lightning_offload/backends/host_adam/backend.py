@@ -177,6 +177,7 @@ class HostAdamBackend(Backend):
     Config = HostAdamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
+    gradient_hooks_refusal = "moves each parameter's gradient to the host, and updates it there, during backward."
 
     # The next engine built in this process starts from this one's master weights.
     _live: ClassVar[LastEngine[HostAdamEngine]] = LastEngine()

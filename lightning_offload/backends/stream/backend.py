@@ -101,6 +101,7 @@ class StreamBackend(Backend):
     Config = StreamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
+    gradient_hooks_refusal = "updates each block's parameters, and frees their gradients, during backward."
     _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
