@@ -3,7 +3,7 @@
 Every case trains the same small module (`FeatureModule`: the suite's tied Llama, with a validation loop, a
 per-step LR schedule, `self.log(..., on_epoch=True)` and the `lr`/`batch_size` attributes the tuner looks for) and
 records, besides each step's loss, everything the run logged (`MetricsHistory`), the number of optimizer steps and,
-through `validate`/`test`/`predict` after `fit`, what its final weights compute.
+through `validate` and `predict` after `fit`, what its final weights compute.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from tests.conformance.modules import BATCH, _HuggingFaceModule, _llama, token_l
 from tests.conformance.runs import TELEMETRY_PREFIXES
 
 LR = 1e-2
+# Shorter than the suite's runs (the cases are many): 3 steps an epoch, an odd number for accumulation to end on.
+FEATURE_OPTIONS = dict(limit_train_batches=3, limit_val_batches=1)
 
 
 class FeatureModule(_HuggingFaceModule):
@@ -48,9 +50,6 @@ class FeatureModule(_HuggingFaceModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", self.model(**self.batch_inputs(batch)).loss)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("test_loss", self.model(**self.batch_inputs(batch)).loss)
-
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch[0]).logits
 
@@ -66,7 +65,6 @@ class FeatureModule(_HuggingFaceModule):
     def val_dataloader(self) -> DataLoader:
         return token_loader(samples=2 * BATCH, shuffle=False)
 
-    test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
 
 
@@ -126,7 +124,7 @@ def _lr_find_then_fit(trainer: pl.Trainer, module: pl.LightningModule) -> None:
 
 
 def _scale_batch_size_then_fit(trainer: pl.Trainer, module: pl.LightningModule) -> None:
-    Tuner(trainer).scale_batch_size(module, mode="power", steps_per_trial=1, init_val=2, max_trials=2)
+    Tuner(trainer).scale_batch_size(module, mode="power", steps_per_trial=1, init_val=8, max_trials=1)
     trainer.fit(module)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
@@ -52,8 +53,8 @@ def run(kind: str, strategy: Any = "auto", precision: str = "32-true", accelerat
         callbacks: Sequence[pl.Callback] = (), train: Callable[[pl.Trainer, pl.LightningModule], None] | None = None,
         ) -> Run:
     """Seeds everything, builds the module (`build`, else the kind's factory), trains it (`train`, else `fit`) with
-    the suite's Trainer options (`trainer_options` override them) and, where it has the loops, validates, tests and
-    predicts."""
+    the suite's Trainer options (`trainer_options` override them) and validates, tests and predicts where the module
+    has the loops (`predict` with Lightning's default step where the module has none)."""
     result = Run()
     pl.seed_everything(SEED, verbose=False)
     module = (build or KINDS[kind])()
@@ -70,10 +71,12 @@ def run(kind: str, strategy: Any = "auto", precision: str = "32-true", accelerat
     # The strategy's telemetry logs its own figures; the user's metrics are what is compared.
     result.metrics = {name: value.item() for name, value in trainer.callback_metrics.items()
                       if not name.startswith(TELEMETRY_PREFIXES)}
-    if type(module).validation_step is not pl.LightningModule.validation_step:
-        for stage, evaluate in (("validate", trainer.validate), ("test", trainer.test)):
-            for name, value in evaluate(module, verbose=False)[0].items():
-                result.metrics[f"{stage}/{name}"] = value
+    if is_overridden("validation_step", module):
+        for stage, evaluate, step in (("validate", trainer.validate, "validation_step"),
+                                      ("test", trainer.test, "test_step")):
+            if is_overridden(step, module):
+                for name, value in evaluate(module, verbose=False)[0].items():
+                    result.metrics[f"{stage}/{name}"] = value
         result.predictions = [p.detach().cpu() for p in trainer.predict(module)]
     return result
 
