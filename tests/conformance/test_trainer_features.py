@@ -54,8 +54,8 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
 # Cells that train but not yet as auto does.
 KNOWN_DIFFERENCES = {
     ("grad_norm_callback", "fsdp"):
-        "`grad_norm` fails: Lightning's `grad_norm` stacks per-parameter norms with `torch.tensor`, which cannot read "
-        "FSDP2's DTensor gradients",
+        "Lightning's `grad_norm` fails on DTensor gradients: it stacks the per-parameter norms with `torch.tensor`, "
+        "which cannot read FSDP2's DTensors",
 }
 
 
