@@ -363,16 +363,7 @@ class _SingleGPUOffloadCore:
                 "`Trainer(accumulate_grad_batches=...)`."
             )
         if fitting:
-            self._refuse_callbacks_the_backend_cannot_run(trainer)
-            gradient_hooks = self._gradient_hooks(trainer, module)
-            if gradient_hooks and self.backend.gradient_hooks_refusal is not None:
-                raise ValueError(
-                    f"{' and '.join(gradient_hooks)} override `on_before_optimizer_step`, where Lightning shows the "
-                    f"gradients before each optimizer step, but backend {self.backend.name!r} "
-                    f"{self.backend.gradient_hooks_refusal} The hook would see no gradient, and changes it made to them "
-                    "would be lost. Pin `backend='fsdp'` or `'gpu_8bit'` (gradients stay on the parameters until the "
-                    "step), or move code that does not need the gradients to `on_train_batch_end`."
-                )
+            gradient_hooks = self._refuse_what_the_backend_cannot_run(trainer, module)
             self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
             optimizers, scheduler_configs = init_optimizers(module)
@@ -404,19 +395,28 @@ class _SingleGPUOffloadCore:
             self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
 
-    def _refuse_callbacks_the_backend_cannot_run(self, trainer: Any) -> None:
+    def _refuse_what_the_backend_cannot_run(self, trainer: Any, module: torch.nn.Module) -> tuple[str, ...]:
+        """Refuses the callbacks the engine cannot run and, where it consumes gradients inside backward, hooks that
+        read them; returns the module and callbacks that override `on_before_optimizer_step`, by name."""
         assert self.backend is not None
         for callback in trainer.callbacks:
             for name, reason in self.backend.callback_refusals.items():
                 if name in (cls.__name__ for cls in type(callback).__mro__):
                     raise ValueError(f"`{type(callback).__name__}` cannot run with backend {self.backend.name!r}: "
                                      f"{reason}")
-
-    def _gradient_hooks(self, trainer: Any, module: torch.nn.Module) -> tuple[str, ...]:
-        """The module and callbacks that override `on_before_optimizer_step`, by name."""
         is_overridden = self._lightning_attr("utilities.model_helpers", "is_overridden")
-        return tuple(f"`{type(owner).__name__}`" for owner in (module, *trainer.callbacks)
-                     if is_overridden("on_before_optimizer_step", owner))
+        hooks = tuple(f"`{type(owner).__name__}`" for owner in (module, *trainer.callbacks)
+                      if is_overridden("on_before_optimizer_step", owner))
+        if hooks and self.backend.gradient_hooks_refusal is not None:
+            verb = "override" if len(hooks) > 1 else "overrides"
+            raise ValueError(
+                f"{' and '.join(hooks)} {verb} `on_before_optimizer_step`, where Lightning shows the gradients "
+                f"before each optimizer step, but backend {self.backend.name!r} {self.backend.gradient_hooks_refusal} "
+                "The hook would see no gradient, and changes it made to them would be lost. Pin `backend='fsdp'` or "
+                "`'gpu_8bit'` (gradients stay on the parameters until the step), or move code that does not need the "
+                "gradients to `on_train_batch_end`."
+            )
+        return hooks
 
     def _compile_blocks(self, module: torch.nn.Module) -> None:
         assert self.backend is not None

@@ -155,7 +155,7 @@ def test_gradient_hook_of_the_module_is_refused() -> None:
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
             self.log_dict(grad_norm(self, norm_type=2))
 
-    with pytest.raises(ValueError, match=r"`LogsGradNorms` override `on_before_optimizer_step`.*'deepspeed'"):
+    with pytest.raises(ValueError, match=r"`LogsGradNorms` overrides `on_before_optimizer_step`.*'deepspeed'"):
         fit("single_gpu_offload_deepspeed", module=LogsGradNorms())
 
 

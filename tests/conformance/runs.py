@@ -58,8 +58,9 @@ def run(kind: str, strategy: Any = "auto", precision: str = "32-true", accelerat
     result = Run()
     pl.seed_everything(SEED, verbose=False)
     module = (build or KINDS[kind])()
+    options = {**TRAINER_OPTIONS, **(trainer_options or {})}
     trainer = pl.Trainer(strategy=strategy, precision=precision, accelerator=accelerator,
-                         callbacks=[_RecordLosses(result), *callbacks], **{**TRAINER_OPTIONS, **(trainer_options or {})})
+                         callbacks=[_RecordLosses(result), *callbacks], **options)
     try:
         (train or pl.Trainer.fit)(trainer, module)
     except REFUSALS as error:

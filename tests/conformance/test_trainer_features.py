@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import tempfile
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ PLAIN = Feature("nothing turned on")
 
 # What the strategy refuses at setup, by (feature, backend): (a part of the message, the reason in the docs' table).
 _CLIP_IN_BACKWARD = ("cannot clip", "updates inside backward, before a gradient norm exists")
-_GRADIENTS_CONSUMED = ("override `on_before_optimizer_step`", "gradients consumed inside backward")
+_GRADIENTS_CONSUMED = ("overrides `on_before_optimizer_step`", "gradients consumed inside backward")
 _SHARDED_AVERAGE = ("averaged copy", "sharded parameters")
 REFUSED: dict[tuple[str, str], tuple[str, str]] = {
     ("clip_norm", "stream"): _CLIP_IN_BACKWARD,
@@ -70,9 +71,11 @@ def _run(feature_name: str, backend: str | None) -> tuple[Run, list[tuple[int | 
         strategy = SingleGPUOffloadStrategy(backend="device", optimizer="adamw8bit_fused")
     elif backend is not None:
         strategy = strategies()[backend]()
-    result = run(KIND, strategy, precision=precision, build=FeatureModule,
-                 trainer_options={"logger": history, **FEATURE_OPTIONS, **feature.trainer_options}, callbacks=feature.callbacks(),
-                 train=feature.train)
+    # The tuners write a checkpoint to restore into the Trainer's root folder: a temporary one.
+    with tempfile.TemporaryDirectory() as root:
+        options = {"logger": history, "default_root_dir": root, **FEATURE_OPTIONS, **feature.trainer_options}
+        result = run(KIND, strategy, precision=precision, build=FeatureModule, trainer_options=options,
+                     callbacks=feature.callbacks(), train=feature.train)
     return result, history.history
 
 
