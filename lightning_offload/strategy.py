@@ -61,6 +61,8 @@ from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCor
 STRATEGY_NAME = "single_gpu_offload"
 # The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
 MULTI_DEVICE_NAME = "offload"
+# Lightning callbacks that read every parameter after each optimizer step (subclasses included).
+WEIGHT_AVERAGING_CALLBACKS = ("WeightAveraging", "StochasticWeightAveraging")
 # Host memory is looked at every this many batches (each epoch's first included) and at each checkpoint.
 HOST_WATCH_EVERY_BATCHES = 50
 
@@ -387,6 +389,8 @@ class _SingleGPUOffloadCore:
                 gradient_clip_val=trainer.gradient_clip_val,
                 gradient_clip_algorithm=trainer.gradient_clip_algorithm,
                 gradient_hooks=gradient_hooks,
+                weights_read_after_step=any(name in WEIGHT_AVERAGING_CALLBACKS for callback in trainer.callbacks
+                                            for name in (cls.__name__ for cls in type(callback).__mro__)),
             )
             self.model, optimizer = self.backend.setup_training(module, engine_optimizer, setup)
             self.optimizers = [optimizer]

@@ -99,6 +99,8 @@ class TrainingSetup:
     gradient_hooks: tuple[str, ...] = ()
     """The module and callbacks that override `on_before_optimizer_step`: they read (or change) the gradients after
     backward, before the step."""
+    weights_read_after_step: bool = False
+    """A callback (weight averaging) reads every parameter after each optimizer step, outside the module's forward."""
 
 
 class Backend(ABC):
