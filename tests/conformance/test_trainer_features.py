@@ -2,7 +2,7 @@
 against the same features under `strategy="auto"` (the 8-bit plans: against their twin, as in `test_cpu.py`).
 
 Each cell trains with auto's per-step losses, logs what auto logs at the same steps, takes as many optimizer steps and
-ends with weights that validate, test and predict as auto's do; or it is refused at setup by a message of the
+ends with weights that validate and predict as auto's do; or it is refused at setup by a message of the
 strategy's naming the feature, the backend and the fix.
 """
 
