@@ -68,6 +68,8 @@ from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCor
 STRATEGY_NAME = "single_gpu_offload"
 # The same strategy across processes: several devices of one machine, or several machines (`parallel.py`).
 MULTI_DEVICE_NAME = "offload"
+# Lightning callbacks that read every parameter after each optimizer step (subclasses included).
+WEIGHT_AVERAGING_CALLBACKS = ("WeightAveraging", "StochasticWeightAveraging")
 # Host memory is looked at every this many batches (each epoch's first included) and at each checkpoint.
 HOST_WATCH_EVERY_BATCHES = 50
 
@@ -370,6 +372,7 @@ class _SingleGPUOffloadCore:
                 "`Trainer(accumulate_grad_batches=...)`."
             )
         if fitting:
+            gradient_hooks = self._refuse_what_the_backend_cannot_run(trainer, module)
             self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
             optimizers, scheduler_configs = init_optimizers(module)
@@ -383,11 +386,18 @@ class _SingleGPUOffloadCore:
             chosen = replace_optimizer(optimizers[0], self.optimizer_name) if self.optimizer_name else optimizers[0]
             engine_optimizer = self.backend.prepare_optimizer(chosen)
             rebind_lr_schedulers([c.scheduler for c in scheduler_configs], optimizers[0], engine_optimizer)
+            for config in scheduler_configs:
+                # `LearningRateMonitor` names each lr by its scheduler's optimizer class: the user's, not the engine's.
+                if config.name is None and engine_optimizer is not optimizers[0]:
+                    config.name = f"lr-{type(optimizers[0]).__name__}"
             setup = TrainingSetup(
                 precision=self._precision_flag,
                 accumulate_grad_batches=trainer.accumulate_grad_batches,
                 gradient_clip_val=trainer.gradient_clip_val,
                 gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+                gradient_hooks=gradient_hooks,
+                weights_read_after_step=any(name in WEIGHT_AVERAGING_CALLBACKS for callback in trainer.callbacks
+                                            for name in (cls.__name__ for cls in type(callback).__mro__)),
             )
             self.model, optimizer = self.backend.setup_training(module, engine_optimizer, setup)
             self.optimizers = [optimizer]
@@ -395,6 +405,29 @@ class _SingleGPUOffloadCore:
         else:
             self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
+
+    def _refuse_what_the_backend_cannot_run(self, trainer: Any, module: torch.nn.Module) -> tuple[str, ...]:
+        """Refuses the callbacks the engine cannot run and, where it consumes gradients inside backward, hooks that
+        read them; returns the module and callbacks that override `on_before_optimizer_step`, by name."""
+        assert self.backend is not None
+        for callback in trainer.callbacks:
+            for name, reason in self.backend.callback_refusals.items():
+                if name in (cls.__name__ for cls in type(callback).__mro__):
+                    raise ValueError(f"`{type(callback).__name__}` cannot run with backend {self.backend.name!r}: "
+                                     f"{reason}")
+        is_overridden = self._lightning_attr("utilities.model_helpers", "is_overridden")
+        hooks = tuple(f"`{type(owner).__name__}`" for owner in (module, *trainer.callbacks)
+                      if is_overridden("on_before_optimizer_step", owner))
+        if hooks and self.backend.gradient_hooks_refusal is not None:
+            verb = "override" if len(hooks) > 1 else "overrides"
+            raise ValueError(
+                f"{' and '.join(hooks)} {verb} `on_before_optimizer_step`, where Lightning shows the gradients "
+                f"before each optimizer step, but backend {self.backend.name!r} {self.backend.gradient_hooks_refusal} "
+                "The hook would see no gradient, and changes it made to them would be lost. Pin `backend='fsdp'` or "
+                "`'gpu_8bit'` (gradients stay on the parameters until the step), or move code that does not need the "
+                "gradients to `on_train_batch_end`."
+            )
+        return hooks
 
     def _compile_blocks(self, module: torch.nn.Module) -> None:
         assert self.backend is not None

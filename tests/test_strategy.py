@@ -148,6 +148,17 @@ def test_value_clipping_is_refused() -> None:
         fit("single_gpu_offload_deepspeed", gradient_clip_val=1.0, gradient_clip_algorithm="value")
 
 
+def test_gradient_hook_of_the_module_is_refused() -> None:
+    from lightning.pytorch.utilities import grad_norm
+
+    class LogsGradNorms(TinyLM):
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    with pytest.raises(ValueError, match=r"`LogsGradNorms` overrides `on_before_optimizer_step`.*'deepspeed'"):
+        fit("single_gpu_offload_deepspeed", module=LogsGradNorms())
+
+
 def test_amsgrad_is_refused_with_alternative() -> None:
     with pytest.raises(ValueError, match=r"amsgrad=True.*SGD"):
         fit("single_gpu_offload_deepspeed", module=TinyLM(optimizer="adam", optimizer_kwargs={"amsgrad": True}))

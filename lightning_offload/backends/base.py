@@ -96,6 +96,11 @@ class TrainingSetup:
     accumulate_grad_batches: int
     gradient_clip_val: float | None
     gradient_clip_algorithm: str | None
+    gradient_hooks: tuple[str, ...] = ()
+    """The module and callbacks that override `on_before_optimizer_step`: they read (or change) the gradients after
+    backward, before the step."""
+    weights_read_after_step: bool = False
+    """A callback (weight averaging) reads every parameter after each optimizer step, outside the module's forward."""
 
 
 class Backend(ABC):
@@ -109,6 +114,11 @@ class Backend(ABC):
     # Why this engine cannot honour manual optimization (`automatic_optimization = False`: the module calls
     # `manual_backward`, `opt.step()` and `opt.zero_grad()` itself) exactly; None: it can.
     manual_optimization_refusal: ClassVar[str | None] = None
+    # Why `on_before_optimizer_step` hooks would see no gradients under this engine (it consumes them inside
+    # backward); None: the gradients are on the parameters when Lightning calls the hook.
+    gradient_hooks_refusal: ClassVar[str | None] = None
+    # Lightning callbacks this engine cannot run, by class name (subclasses included): why, and what to do instead.
+    callback_refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

@@ -255,6 +255,15 @@ class DeepSpeedBackend(Backend):
         "DeepSpeed reduces and partitions gradients inside backward and steps on its own accumulation boundary."
     )
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
+    gradient_hooks_refusal = "reduces each gradient into DeepSpeed's own partitions during backward."
+    callback_refusals = {
+        "WeightAveraging": "its averaged copy reads and writes the module's parameters, which ZeRO-3 partitions into "
+                           "0-element placeholders. Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
+        "StochasticWeightAveraging": "its `SWALR` schedules a torch optimizer, and this backend steps DeepSpeed's. "
+                                     "Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
+        "LearningRateFinder": "the finder's LR schedule drives a torch optimizer, and this backend steps DeepSpeed's. "
+                              "Find the lr with another backend (`backend='fsdp'` or `'host_adam'`), then pass it.",
+    }
 
     _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine()
 

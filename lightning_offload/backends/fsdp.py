@@ -72,6 +72,11 @@ class FSDPBackend(Backend):
     manual_optimization_refusal = (
         "its gradient accumulation and clipping run on sharded gradients in hooks Lightning's manual loop bypasses."
     )
+    callback_refusals = dict.fromkeys(
+        ("WeightAveraging", "StochasticWeightAveraging"),
+        "its averaged copy is a plain module, which cannot be updated from FSDP2's sharded (DTensor) parameters. "
+        "Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
+    )
 
     def __init__(self, config: FSDPConfig) -> None:
         super().__init__(config)
@@ -130,6 +135,9 @@ class FSDPBackend(Backend):
                     f"FSDP2 keeps: it cannot train with {self._precision!r}. Fit it with `precision={sharded_for!r}`, "
                     "or build a fresh module."
                 )
+            # A forward without backward (the last validation) leaves the root unit's parameters unsharded:
+            # `configure_optimizers` must see the sharded ones, or the optimizer steps copies FSDP never reads.
+            _reshard(module)
             self._root = module
             return module
         mixed = self._precision == "bf16-mixed"
@@ -206,6 +214,7 @@ class FSDPBackend(Backend):
     def load_model_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        _reshard(module)  # loads into the sharded parameters, which a forward without backward leaves unregistered
         set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
@@ -273,6 +282,14 @@ def _shardable_block_groups(root: nn.Module, blocks: list[nn.Module]) -> list[li
     order = {id(block): index for index, block in enumerate(blocks)}
     return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, held in groups if not held & outside),
                   key=lambda modules: order[id(modules[0])])
+
+
+def _reshard(module: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def _fused_on_host(optimizer: Optimizer) -> None:

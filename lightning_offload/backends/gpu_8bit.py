@@ -141,13 +141,17 @@ class GPU8bitBackend(Backend):
     ) -> tuple[nn.Module, Optimizer]:
         module = module.to(self._device)
         self._optimizer = optimizer
-        # Lightning clips the gradients after the closure, before `optimizer.step` updates what still has one.
-        self._defer_updates = bool(setup.gradient_clip_val)
+        # Lightning calls `on_before_optimizer_step` and clips the gradients after the closure, before
+        # `optimizer.step` updates what still has one.
+        readers = [*(["`gradient_clip_val`"] if setup.gradient_clip_val else []),
+                   *(f"{hook}'s `on_before_optimizer_step`" for hook in setup.gradient_hooks)]
+        self._defer_updates = bool(readers)
         if self._defer_updates:
             warnings.warn(
-                "`gradient_clip_val` with the `gpu_8bit` backend: clipping by norm needs every gradient before the "
-                "first update, so parameters are updated after backward and their gradients are held until then "
-                "(2 bytes/parameter more on the device). Drop `gradient_clip_val` to update inside backward.",
+                f"{' and '.join(readers)} with the `gpu_8bit` backend: clipping by norm needs every gradient before "
+                "the first update, and so does a hook that reads them: parameters are updated after backward and their "
+                "gradients are held until then (2 bytes/parameter more on the device). Drop them to update inside "
+                "backward.",
                 stacklevel=2,
             )
         optimizer.allocate_state()

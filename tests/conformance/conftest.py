@@ -3,6 +3,9 @@ free host memory of a shared CPU runner would otherwise decide whether a tiny mo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -21,3 +24,15 @@ def _fixed_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
         return detect(cls, device, **budgets) if on_gpu else CPU_MACHINE
 
     monkeypatch.setattr(Machine, "detect", classmethod(fixed_on_cpu))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_info_asked_once() -> Iterator[None]:
+    """DeepSpeedCPUAdam asks py-cpuinfo (a subprocess of a second or more) for the CPU's flags at every construction;
+    they do not change within a test session."""
+    import cpuinfo
+
+    asked = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = functools.cache(asked)
+    yield
+    cpuinfo.get_cpu_info = asked

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 VOCAB, SEQ_LEN, BATCH, SAMPLES = 48, 12, 4, 16
 
 
-def token_loader(samples: int = SAMPLES, shuffle: bool = True) -> DataLoader:
+def token_loader(samples: int = SAMPLES, shuffle: bool = True, batch_size: int = BATCH) -> DataLoader:
     """Random token sequences from the global stream (as a user's synthetic data would be), shuffled each epoch."""
     tokens = torch.randint(0, VOCAB, (samples, SEQ_LEN + 1))
-    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH, shuffle=shuffle)
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size, shuffle=shuffle)
 
 
 def boring_model() -> pl.LightningModule:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
@@ -34,6 +35,8 @@ class Run:
     predictions: list[torch.Tensor] = field(default_factory=list)
     refusal: str | None = None
     """The message of a run refused at setup, before any step."""
+    optimizer_steps: int = 0
+    """The Trainer's `global_step` when the run ends."""
 
 
 class _RecordLosses(pl.Callback):
@@ -46,28 +49,35 @@ class _RecordLosses(pl.Callback):
 
 
 def run(kind: str, strategy: Any = "auto", precision: str = "32-true", accelerator: str = "cpu",
-        build: Callable[[], pl.LightningModule] | None = None) -> Run:
-    """Seeds everything, builds the module (`build`, else the kind's factory), fits it and, where it has the loops,
-    validates, tests and predicts."""
+        build: Callable[[], pl.LightningModule] | None = None, trainer_options: dict[str, Any] | None = None,
+        callbacks: Sequence[pl.Callback] = (), train: Callable[[pl.Trainer, pl.LightningModule], None] | None = None,
+        ) -> Run:
+    """Seeds everything, builds the module (`build`, else the kind's factory), trains it (`train`, else `fit`) with
+    the suite's Trainer options (`trainer_options` override them) and validates, tests and predicts where the module
+    has the loops (`predict` with Lightning's default step where the module has none)."""
     result = Run()
     pl.seed_everything(SEED, verbose=False)
     module = (build or KINDS[kind])()
+    options = {**TRAINER_OPTIONS, **(trainer_options or {})}
     trainer = pl.Trainer(strategy=strategy, precision=precision, accelerator=accelerator,
-                         callbacks=[_RecordLosses(result)], **TRAINER_OPTIONS)
+                         callbacks=[_RecordLosses(result), *callbacks], **options)
     try:
-        trainer.fit(module)
+        (train or pl.Trainer.fit)(trainer, module)
     except REFUSALS as error:
         if result.losses or not _raised_by_the_strategy(error):
             raise
         result.refusal = str(error)
         return result
+    result.optimizer_steps = trainer.global_step
     # The strategy's telemetry logs its own figures; the user's metrics are what is compared.
     result.metrics = {name: value.item() for name, value in trainer.callback_metrics.items()
                       if not name.startswith(TELEMETRY_PREFIXES)}
-    if type(module).validation_step is not pl.LightningModule.validation_step:
-        for stage, evaluate in (("validate", trainer.validate), ("test", trainer.test)):
-            for name, value in evaluate(module, verbose=False)[0].items():
-                result.metrics[f"{stage}/{name}"] = value
+    if is_overridden("validation_step", module):
+        for stage, evaluate, step in (("validate", trainer.validate, "validation_step"),
+                                      ("test", trainer.test, "test_step")):
+            if is_overridden(step, module):
+                for name, value in evaluate(module, verbose=False)[0].items():
+                    result.metrics[f"{stage}/{name}"] = value
         result.predictions = [p.detach().cpu() for p in trainer.predict(module)]
     return result
 

@@ -1,4 +1,5 @@
-"""Runs the CPU conformance suite and prints its outcomes as the table in docs/conformance.md (module kind x backend):
+"""Runs the CPU conformance suite and prints its outcomes as the tables in docs/conformance.md (module kind x backend,
+then Trainer feature x backend):
 
     python -m tests.conformance.table
 """
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.conformance.features import FEATURES
 from tests.conformance.modules import LABELS
 from tests.conformance.runs import strategies
 
-SUITE = "tests/conformance/test_cpu.py::test_module_trains_as_under_auto_or_is_refused_at_setup"
+MODULES = "tests/conformance/test_cpu.py::test_module_trains_as_under_auto_or_is_refused_at_setup"
+TRAINER_FEATURES = "tests/conformance/test_trainer_features.py::test_feature_works_as_under_auto_or_is_refused_at_setup"
 
 
 class OutcomeTable:
@@ -35,19 +38,22 @@ class OutcomeTable:
         elif report.passed:
             self.cells[kind, backend] = dict(report.user_properties).get("outcome", "passes")
 
-    def markdown(self) -> str:
+    def markdown(self, heading: str, labels: dict[str, str]) -> str:
         backends = list(strategies())
-        lines = ["| module | " + " | ".join(f"`{b}`" for b in backends) + " |",
+        lines = [f"| {heading} | " + " | ".join(f"`{b}`" for b in backends) + " |",
                  "|---" * (len(backends) + 1) + "|"]
-        for kind, label in LABELS.items():
-            lines.append(f"| {label} | " + " | ".join(self.cells.get((kind, b), "-") for b in backends) + " |")
+        for row, label in labels.items():
+            lines.append(f"| {label} | " + " | ".join(self.cells.get((row, b), "-") for b in backends) + " |")
         return "\n".join(lines)
 
 
 def main() -> int:
-    table = OutcomeTable()
-    status = pytest.main(["-q", "-p", "no:cacheprovider", SUITE, *sys.argv[1:]], plugins=[table])
-    print(table.markdown())
+    modules, features = OutcomeTable(), OutcomeTable()
+    status = max(pytest.main(["-q", "-p", "no:cacheprovider", suite, *sys.argv[1:]], plugins=[table])
+                 for suite, table in ((MODULES, modules), (TRAINER_FEATURES, features)))
+    print(modules.markdown("module", LABELS))
+    print()
+    print(features.markdown("Trainer feature", {name: feature.label for name, feature in FEATURES.items()}))
     return int(status)
 
 

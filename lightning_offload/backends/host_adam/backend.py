@@ -104,6 +104,8 @@ class HostAdamW(Optimizer):
         defaults = {k: v for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_FLAGS}
         super().__init__(groups, defaults)
         self.engine: HostAdamEngine | None = None
+        # Whether `step` returns only once every weight is updated (a callback reads them all after the step).
+        self.wait_after_step = False
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -112,6 +114,8 @@ class HostAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.engine is not None:
+            if self.wait_after_step:
+                self.engine.wait_all()
             self.engine.raise_if_failed()
         return loss
 
@@ -178,6 +182,7 @@ class HostAdamBackend(Backend):
     Config = HostAdamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
+    gradient_hooks_refusal = "moves each parameter's gradient to the host, and updates it there, during backward."
 
     # The next engine built in this process starts from this one's master weights.
     _live: ClassVar[LastEngine[HostAdamEngine]] = LastEngine()
@@ -240,6 +245,8 @@ class HostAdamBackend(Backend):
     ) -> tuple[torch.nn.Module, Optimizer]:
         assert optimizer is self._optimizer, "`prepare_optimizer` builds the optimizer this backend steps"
         self._clip = _clipping(setup)
+        # The next forward waits for the weights it uses; weight averaging reads them all after the step.
+        self._optimizer.wait_after_step = setup.weights_read_after_step
         weight_dtype = _WEIGHT_DTYPES[self._precision]
         in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
         group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}

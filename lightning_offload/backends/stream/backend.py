@@ -101,6 +101,7 @@ class StreamBackend(Backend):
     Config = StreamConfig
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
+    gradient_hooks_refusal = "updates each block's parameters, and frees their gradients, during backward."
     _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
@@ -115,6 +116,7 @@ class StreamBackend(Backend):
         self.optimizer: StreamAdamW | None = None
         self._arenas: list[HostArena] = []
         self._hooks: list[Any] = []
+        self._state_arena: HostArena | None = None
         self.disk: DiskTier | None = None
 
     @property
@@ -296,12 +298,14 @@ class StreamBackend(Backend):
                 "group of the optimizer: the `stream` backend would never update them nor free their gradients. "
                 "Add them to `configure_optimizers` or set `requires_grad=False`."
             )
+        self._drop_optimizer_state()
         self.optimizer = optimizer
         for unit in self.units:
             unit.buckets = build_buckets(unit.params, optimizer)
             unit.trainable = sum(1 for p in unit.params if p.requires_grad)
         total_state = sum(_aligned_state(u) for u in self.units if not u.on_disk)
-        self._arenas.append(HostArena(total_state, pin=self._pinning()))
+        self._state_arena = HostArena(total_state, pin=self._pinning())
+        self._arenas.append(self._state_arena)
         for unit in self.units:
             unit.state_offsets, offset = [], 0
             for entry in unit.buckets:
@@ -321,6 +325,21 @@ class StreamBackend(Backend):
                     self._hooks.append(param.register_post_accumulate_grad_hook(
                         lambda _, unit=unit: self.scheduler.gradient_ready(unit)))
         return module, optimizer
+
+    def _drop_optimizer_state(self) -> None:
+        """A later `fit` steps the fresh optimizer its `configure_optimizers` returned, as under `auto`: the earlier
+        fit's state and its update hooks (which would update each unit twice) go."""
+        self.lanes.synchronize()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self.disk is not None:
+            self.disk.release()
+            self.disk = self.scheduler.disk = None
+        if self._state_arena is not None:
+            self._arenas.remove(self._state_arena)
+            self._state_arena.release()
+            self._state_arena = None
 
     def _check_accumulation(self, accumulate: int) -> None:
         assert self.placement is not None
@@ -408,6 +427,7 @@ class StreamBackend(Backend):
         for arena in self._arenas:
             arena.release()
         self._arenas.clear()
+        self._state_arena = None
         self.scheduler = None
         self._root = None
         StreamBackend._live.forget(self)

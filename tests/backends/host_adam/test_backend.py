@@ -215,3 +215,27 @@ def test_worker_failure_surfaces_in_the_training_loop(monkeypatch: pytest.Monkey
     monkeypatch.undo()
     module, _ = fit(host_adam(), num_batches=2)  # the next fit in the process starts cleanly
     assert len(module.losses) == 2
+
+
+def test_weight_averaging_reads_every_weight_updated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`EMAWeightAveraging` reads every parameter after each step, outside the forward that would wait for them: the
+    step returns once every bucket is updated. A slowed host update keeps buckets pending past a step that would not
+    wait."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    update = HostAdamEngine._update
+
+    def slow_update(self: HostAdamEngine, *args: Any) -> None:
+        time.sleep(0.02)
+        update(self, *args)
+
+    monkeypatch.setattr(HostAdamEngine, "_update", slow_update)
+    pending: list[int] = []
+
+    class CountsPendingBuckets(EMAWeightAveraging):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+            pending.append(sum(not b.host_done.is_set() for b in trainer.strategy.backend.engine.buckets))
+            super().on_train_batch_end(trainer, module, *args)
+
+    fit(host_adam(), num_batches=3, callbacks=[CountsPendingBuckets()])
+    assert pending == [0, 0, 0]
