@@ -33,11 +33,11 @@ KEEP_ENGINE = ["host_adam", "stream", "deepspeed"]
 
 
 def seeded_fit(backend: str | None, module: pl.LightningModule | None = None, num_batches: int = 4,
-               **trainer_kwargs: Any) -> tuple[Any, pl.Trainer]:
+               precision: str | None = None, **trainer_kwargs: Any) -> tuple[Any, pl.Trainer]:
     """One fit as a notebook cell runs it: the same seed, a new strategy and Trainer (`backend=None`: `auto`)."""
     pl.seed_everything(0, verbose=False)
     strategy = SingleGPUOffloadStrategy() if backend is None else SingleGPUOffloadStrategy(backend=backend)
-    precision = "32-true" if backend is None else BACKENDS[backend]
+    precision = precision or ("32-true" if backend is None else BACKENDS[backend])
     return fit(strategy, num_batches=num_batches, precision=precision, module=module or TinyLM(), **trainer_kwargs)
 
 
