@@ -162,6 +162,15 @@ def test_a_fit_with_another_backend_releases_the_engine_kept_after_fit(backend: 
     assert "host-adam" not in {thread.name for thread in threading.enumerate()}
 
 
+def test_host_adam_frees_its_host_state_with_the_model_and_trainer() -> None:
+    # The engine stays after `fit` for a checkpoint or the next fit of the same model; without either, it is freed.
+    module, trainer = seeded_fit("host_adam")
+    engine = weakref.ref(trainer.strategy.backend.engine)
+    del module, trainer
+    assert not alive(engine)
+    assert "host-adam" not in {thread.name for thread in threading.enumerate()}
+
+
 def test_a_deepspeed_run_is_freed_by_the_next_one() -> None:
     # ZeRO-3 keeps each engine's model on a process-wide stack that its `destroy()` leaves: every run's model,
     # Trainer and optimizer state used to stay alive.
