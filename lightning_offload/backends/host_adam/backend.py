@@ -288,7 +288,7 @@ class HostAdamBackend(Backend):
         HostAdamBackend._live.keep(engine)
         # Kept for the next fit of this module; once the module is gone (the user dropped it and its Trainer), no fit
         # can take its master weights over, and its host memory is freed.
-        weakref.finalize(module, _release_with_module, engine)
+        weakref.finalize(module, _release_with_module, engine).atexit = False  # the process frees it at exit
         self._optimizer.engine = engine
         self._module = module
         engine.wait_in_forward(module)
