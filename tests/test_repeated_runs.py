@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each CPU backend at a precision it trains with (`stream` and the 8-bit plan keep bf16 weights).
 BACKENDS = {"device": "32-true", "host_adam": "32-true", "stream": "bf16-true", "deepspeed": "32-true",
             "fsdp": "32-true", "gpu_8bit": "bf16-mixed"}
-# The backends that keep their engine alive after `fit` (for `trainer.save_checkpoint`) until the next fit.
+# The backends that keep their engine after `fit`, for `trainer.save_checkpoint` and a next fit of the same model.
 KEEP_ENGINE = ["host_adam", "stream", "deepspeed"]
 
 
@@ -51,7 +51,7 @@ def in_a_fresh_process(call: str) -> dict[str, Any]:
 
 
 class WiderLM(TinyLM):
-    """A larger model than `TinyLM` (four times the parameters), for a fit after a smaller one."""
+    """A larger model than `TinyLM` (twice its width and depth), for a fit after a smaller one."""
 
     def __init__(self, d_model: int = 64, n_layers: int = 4) -> None:
         super().__init__()
@@ -89,7 +89,6 @@ def test_a_larger_model_after_every_backend_plans_and_trains_as_in_a_fresh_proce
     after = wider_auto_run()
     fresh = in_a_fresh_process("wider_auto_run()")
     assert after == fresh
-    assert "deepspeed" not in fresh["plan"], "the plan must not depend on what trained before"
 
 
 @pytest.fixture
@@ -101,21 +100,21 @@ def sigint_kept() -> Any:
 
 
 class StoppedInBackward(TinyLM):
-    """Raises `KeyboardInterrupt` (Ctrl+C) inside the backward of its `stop_at`-th step."""
+    """Raises `KeyboardInterrupt` (Ctrl+C) halfway through the backward of its `stop_at`-th step: the last block's
+    gradients are done (engines that update inside backward have started on them), the first block's are not."""
 
     def __init__(self, stop_at: int = 2) -> None:
         super().__init__()
         self.stop_at = stop_at
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if len(self.losses) == self.stop_at:
-            loss.register_hook(_interrupt)
-        return loss
+        if len(self.losses) == self.stop_at - 1:
+            self.net.blocks[0].register_forward_hook(_interrupt_in_backward)
+        return super().training_step(batch, batch_idx)
 
 
 class StoppedInForward(StoppedInBackward):
-    """Raises `KeyboardInterrupt` inside a block's forward (inside the engine's forward hooks)."""
+    """Raises `KeyboardInterrupt` inside the last block's forward (inside the engine's forward hooks)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if len(self.losses) == self.stop_at - 1:
@@ -125,6 +124,10 @@ class StoppedInForward(StoppedInBackward):
 
 def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _interrupt_in_backward(_module: Any, _args: Any, output: torch.Tensor) -> None:
+    output.register_hook(_interrupt)
 
 
 def alive(ref: weakref.ref) -> bool:
