@@ -153,16 +153,16 @@ def test_a_fit_after_ctrl_c_trains_as_an_uninterrupted_one_and_frees_the_stopped
 
 
 @pytest.mark.parametrize("backend", KEEP_ENGINE)
-def test_a_fit_with_another_backend_releases_the_engine_kept_after_fit(backend: str) -> None:
+def test_a_fit_with_another_backend_releases_the_engine_kept_after_fit(backend: str, tmp_path) -> None:
     module, trainer = seeded_fit(backend)
-    engine = trainer.strategy.backend.engine if backend == "host_adam" else None
+    seeded_fit("device")
+    # Released although the first run's model and Trainer are still held (a notebook's variables): saving says so.
+    with pytest.raises(RuntimeError, match="released when a later `fit`"):
+        trainer.save_checkpoint(tmp_path / "released.ckpt")
+    assert "host-adam" not in {thread.name for thread in threading.enumerate()}
     run, runner = weakref.ref(module), weakref.ref(trainer)
     del module, trainer
-    seeded_fit("device")
     assert not alive(run) and not alive(runner)
-    if engine is not None:
-        assert engine.released and not engine._worker.is_alive()
-    assert "host-adam" not in {thread.name for thread in threading.enumerate()}
 
 
 def test_host_adam_frees_its_host_state_with_the_model_and_trainer() -> None:

@@ -370,6 +370,11 @@ class StreamBackend(Backend):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        if self.scheduler is None:  # its arenas are freed: what is left of its weights is stale
+            raise RuntimeError(
+                "Cannot save a checkpoint: this run's streaming engine was released when a later `fit` started in "
+                "this process. Save checkpoints before starting the next run."
+            )
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in (self.optimizer.param_groups
