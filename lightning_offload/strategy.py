@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class, registry
-from lightning_offload.backends.base import Backend, TrainingSetup
+from lightning_offload.backends.base import Backend, TrainingSetup, release_other_engines
 from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
     activation_offloader,
@@ -355,6 +355,7 @@ class _SingleGPUOffloadCore:
         offloader = activation_offloader(module)
         if offloader is not None:
             offloader.host_budget = self._host_budget
+        release_other_engines(self.backend)
         module = self.backend.prepare_module(module)
         fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting and not any(p.requires_grad for p in module.parameters()):

@@ -69,10 +69,15 @@ def _type_name(hint: Any) -> str:
 
 class LastEngine(Generic[EngineT]):
     """The engine of the last fit in this process. It stays alive after `fit` returns, so `trainer.save_checkpoint`
-    still works, and is handed over when the next one is built (one GPU trains one model at a time)."""
+    still works, and is handed over when the next one is built (one GPU trains one model at a time); a fit with
+    another backend releases it (`release_other_engines`). Engines have a `release()` that frees their memory."""
+
+    # Every backend's holder, so that a fit with one backend finds the engines the others left.
+    _holders: ClassVar[list[LastEngine[Any]]] = []
 
     def __init__(self) -> None:
         self._engine: EngineT | None = None
+        LastEngine._holders.append(self)
 
     def take(self) -> EngineT | None:
         """The previous engine, for the caller to release; none is kept until `keep`."""
@@ -86,6 +91,17 @@ class LastEngine(Generic[EngineT]):
         """`engine` was released: it is no longer the one to hand over."""
         if self._engine is engine:
             self._engine = None
+
+
+def release_other_engines(backend: Backend) -> None:
+    """Releases the engines that fits with other backends left alive in this process, before `backend` builds its
+    own: a notebook or sweep that switches backends must not keep the earlier run's model and host state."""
+    own = getattr(type(backend), "_live", None)
+    for holder in LastEngine._holders:
+        if holder is not own:
+            engine = holder.take()
+            if engine is not None:
+                engine.release()
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _forget_forward_stack(module: torch.nn.Module) -> None:
+    """Takes `module` and its submodules off ZeRO-3's process-wide forward stack, which keeps the root module of
+    every engine built (and the modules a forward interrupted inside them) and which `engine.destroy()` leaves as it
+    is: each run's model, Trainer and optimizer state stayed alive."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    own = {id(submodule) for submodule in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in own]
+
+
 def _empty_caches() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -307,8 +317,10 @@ class DeepSpeedBackend(Backend):
     def release(self) -> None:
         """Destroys the engine: removes its hooks from the module and frees its device and pinned memory."""
         if self._engine is not None:
+            module = self._engine.module
             self._engine.destroy()
             self._engine = self._trains = None
+            _forget_forward_stack(module)
         DeepSpeedBackend._live.forget(self)
         gc.collect()
         _empty_caches()

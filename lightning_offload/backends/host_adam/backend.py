@@ -18,6 +18,7 @@ offloaded gradients; DeepSpeed's ZeRO offload steps after backward too. This bac
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,9 @@ class HostAdamBackend(Backend):
                 param.data = param.data.to(self._device, weight_dtype if param.is_floating_point() else None)
         match_norm_weights_to_statistics(module)
         HostAdamBackend._live.keep(engine)
+        # Kept for the next fit of this module; once the module is gone (the user dropped it and its Trainer), no fit
+        # can take its master weights over, and its host memory is freed.
+        weakref.finalize(module, _release_with_module, engine).atexit = False  # the process frees it at exit
         self._optimizer.engine = engine
         self._module = module
         engine.wait_in_forward(module)
@@ -448,6 +452,12 @@ class HostAdamBackend(Backend):
             f"and Adam state in host memory, stepped by torch's fused CPU AdamW during backward, "
             f"{self.config.bucket_numel:,} parameters per bucket{front}{clipping}"
         )
+
+
+def _release_with_module(engine: HostAdamEngine) -> None:
+    HostAdamBackend._live.forget(engine)
+    if not engine.released:
+        engine.release()
 
 
 def _clipping(setup: TrainingSetup) -> tuple[str, float] | None:

@@ -310,10 +310,13 @@ class HostAdamEngine:
 
     def close(self) -> None:
         """Stops the worker and removes the hooks (the engine cannot step afterwards; its state stays readable)."""
-        if not self.failed:  # a failed worker has stopped, and its error was raised in the run it broke
+        # The garbage collector may release an engine on its own worker thread, which cannot wait for itself.
+        on_worker = threading.current_thread() is self._worker
+        if not self.failed and not on_worker:  # a failed worker has stopped, its error raised in the run it broke
             self.wait_all()
         self._queue.put(None)
-        self._worker.join()
+        if not on_worker:
+            self._worker.join()
         for handle in self._hooks:
             handle.remove()
 

@@ -389,6 +389,11 @@ class StreamBackend(Backend):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
+        if self.scheduler is None:  # its arenas are freed: what is left of its weights is stale
+            raise RuntimeError(
+                "Cannot save a checkpoint: this run's streaming engine was released when a later `fit` started in "
+                "this process. Save checkpoints before starting the next run."
+            )
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
         optimizer = None if weights_only else self.optimizer
