@@ -501,6 +501,7 @@ class DeepSpeedBackend(Backend):
         return engine
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, weights_only: bool = False) -> None:
+        engine = self.engine  # raises, naming the later run, where that run released this one's engine
         if self._optimizer_on_disk():
             raise RuntimeError(_SWAPPED_OPTIMIZER_CHECKPOINT.format(state=self._nvme_state()))
         if self._trains is None:
@@ -511,7 +512,7 @@ class DeepSpeedBackend(Backend):
             )
         # Every rank writes its partitions into the same folder (on a file system all ranks see).
         with atomic_directory(path, ranks=checkpoint_ranks(), weights_only=weights_only) as staging:
-            self.engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
+            engine.save_checkpoint(str(staging), client_state=client_state, tag=_CHECKPOINT_TAG)
             if weights_only:
                 self._drop_optimizer_state(staging / _CHECKPOINT_TAG)
             # DeepSpeed drops conversion scripts next to every checkpoint; `lightning_offload.consolidate` does that
