@@ -47,6 +47,23 @@ def test_model_built_in_configure_model_is_partitioned() -> None:
     assert sum(p.ds_numel for p in weights) == sum(p.numel() for p in TinyLM().net_for_counting().parameters())
 
 
+class InitialWeights(TinyLM):
+    def on_train_start(self) -> None:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.parameters())):
+            self.initial_weights = {name: p.detach().clone() for name, p in self.net.named_parameters()}
+
+
+def test_bf16_partitions_start_from_the_weights_of_the_model_built_without_the_strategy() -> None:
+    # zero.Init holds the parameters in bf16 while TinyGPT's `nn.init.normal_` runs: the draws are the fp32 ones.
+    module, _ = fit("single_gpu_offload_deepspeed", precision="bf16-mixed", module=InitialWeights(), num_batches=1)
+    plain = TinyLM().net_for_counting()
+    assert module.initial_weights.keys() == dict(plain.named_parameters()).keys()
+    for name, weight in plain.named_parameters():
+        assert torch.equal(module.initial_weights[name], weight.detach().to(torch.bfloat16)), name
+
+
 def test_adamw_hyperparameters_and_param_groups_reach_cpu_adam() -> None:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -168,6 +168,10 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
     initialises its weights afterwards (`for m in self.modules(): nn.init.normal_(m.weight)`, the usual pattern)
     writes into 0-element placeholders and silently keeps the default init. DeepSpeed asks such models to wrap the
     writes in `GatheredParameters`; here the wrapping is done for them, one parameter at a time.
+
+    zero.Init also casts the parameters to the engine's dtype (bf16), and torch draws other random numbers into a
+    bf16 tensor than into an fp32 one (in torch 2.8 every one): the init runs on a copy in the dtype the parameter was
+    built in, then is rounded once, so the weights are those of the model built without the strategy.
     """
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -178,7 +182,13 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
             if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
                 return init_function(tensor, *args, **kwargs)
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
-                init_function(tensor, *args, **kwargs)
+                drawn = tensor
+                if tensor.is_floating_point() and tensor.dtype != torch.get_default_dtype():
+                    drawn = tensor.detach().to(torch.get_default_dtype())
+                init_function(drawn, *args, **kwargs)
+                if drawn is not tensor:
+                    with torch.no_grad():
+                        tensor.copy_(drawn)
             return tensor
 
         return initialise

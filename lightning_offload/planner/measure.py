@@ -194,6 +194,14 @@ def measure_model(model: nn.Module, example_input: Any, *, dtype: torch.dtype | 
     )
 
 
+class _AutocastAcceptingMeta(torch.autocast):
+    """`torch.autocast(device_type="meta", ...)`, which torch refuses ("unsupported scalarType"), as the CPU's:
+    transformers before 5 turns autocast off that way around its rotary embedding, on the input's device type."""
+
+    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
 @contextmanager
 def _meta_stand_ins(on_meta: bool) -> Generator[None, None, None]:
     """Replaces what cannot run on meta tensors with what the real run does, for the duration of a measurement."""
@@ -202,6 +210,8 @@ def _meta_stand_ins(on_meta: bool) -> Generator[None, None, None]:
         return
     attention = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _fused_attention
+    autocast = torch.autocast
+    torch.autocast = _AutocastAcceptingMeta
     # transformers inspects position ids' values to detect packed sequences, which meta tensors do not have; a
     # measured batch is one unpacked sequence per row.
     masking = sys.modules.get("transformers.masking_utils")
@@ -212,6 +222,7 @@ def _meta_stand_ins(on_meta: bool) -> Generator[None, None, None]:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = attention
+        torch.autocast = autocast
         if find_packed is not None:
             masking.find_packed_sequence_indices = find_packed
 

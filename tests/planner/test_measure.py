@@ -42,6 +42,23 @@ def test_meta_measurement_matches_saved_tensor_bytes_of_a_real_forward_within_5_
     assert on_meta.embedding_parameters == 256 * 128 + 512 * 128
 
 
+class FloatRotaryGPT(TinyGPT):
+    """Turns autocast off around part of its forward on the input's device type, as transformers 4.x's rotary
+    embedding does."""
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return super().forward(tokens, targets)
+
+
+def test_a_forward_that_turns_autocast_off_on_its_device_type_measures_on_meta() -> None:
+    tokens = torch.zeros(4, 512, dtype=torch.long, device="meta")
+    with torch.device("meta"):
+        expected = measure_model(TinyGPT(**TINY), tokens)
+        assert measure_model(FloatRotaryGPT(**TINY), tokens) == expected
+    assert torch.autocast is torch.amp.autocast
+
+
 def test_llama_measures_on_meta_without_memory() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
