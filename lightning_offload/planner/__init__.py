@@ -83,6 +83,10 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
     if backend not in (None, "auto", *registry.available_backends()):
         raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *registry.available_backends()]}.")
+    needs = needs or RunNeeds()
+    refusals = [] if backend in (None, "auto") else registry.spec(backend).engine.refusals(needs)
+    if refusals:  # pinned: the engine's own refusal, which names the fix
+        raise PlanDoesNotFit(refusals[0][1])
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, ModelStats):
@@ -103,7 +107,6 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     backends = registry.available_backends() if backend in (None, "auto") else [backend]
     if world_size > 1:
         backends = [b for b in backends if b in registry.multi_process_backends()]
-    needs = needs or RunNeeds()
     if disk is None and nvme_path is not None and offload_device != "cpu":
         disk = load_or_probe_disk(nvme_path)
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,

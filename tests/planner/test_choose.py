@@ -282,7 +282,8 @@ def test_backends_that_cannot_run_what_the_run_uses_are_left_out_and_named(needs
 
 
 def test_a_pinned_backend_that_cannot_run_what_the_run_uses_has_no_plan() -> None:
-    with pytest.raises(PlanDoesNotFit, match=r"`stream`: it cannot run clipping by norm \(`gradient_clip_val`\)"):
+    with pytest.raises(PlanDoesNotFit, match=r"`Trainer\(gradient_clip_val=1.0, gradient_clip_algorithm=None\)`: "
+                                             r"the 'stream' backend updates each block inside backward"):
         plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="stream", needs=CLIPS_BY_NORM)
 
 
