@@ -152,9 +152,10 @@ class Backend(ABC):
                 "stay on the parameters until the step), or move code that does not need the gradients to "
                 "`on_train_batch_end`.")))
         if needs.clipping in cls.clipping_refusals:
-            found.append((f"clipping by {needs.clipping} (`gradient_clip_val`)", (
-                f"`Trainer(gradient_clip_val={needs.gradient_clip_val}, gradient_clip_algorithm="
-                f"{needs.gradient_clip_algorithm!r})`: the {cls.name!r} backend {cls.clipping_refusals[needs.clipping]}")))
+            flags = (f"gradient_clip_val={needs.gradient_clip_val}, "
+                     f"gradient_clip_algorithm={needs.gradient_clip_algorithm!r}")
+            found.append((f"clipping by {needs.clipping} (`gradient_clip_val`)",
+                          f"`Trainer({flags})`: the {cls.name!r} backend {cls.clipping_refusals[needs.clipping]}"))
         return found
 
     def __init__(self, config: BackendConfig) -> None:

@@ -36,9 +36,9 @@ from lightning_offload.planner.terms import EIGHT_BIT_OPTIMIZERS, Plan, StepTime
 
 __all__ = [
     "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
-    "PlanDoesNotFit", "PlanReport", "RunNeeds", "StepTime", "candidate_plans", "choose", "compute_dtype", "estimate_memory",
-    "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network", "plan", "probe",
-    "shortfalls", "UnusableDisk", "load_or_probe_disk",
+    "PlanDoesNotFit", "PlanReport", "RunNeeds", "StepTime", "candidate_plans", "choose", "compute_dtype",
+    "estimate_memory", "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network",
+    "plan", "probe", "shortfalls", "UnusableDisk", "load_or_probe_disk",
 ]
 
 
