@@ -38,6 +38,7 @@ from lightning_offload.planner.lightning import (
     checkpointing_of,
     optimizer_of,
     plan_for_trainer,
+    run_needs,
 )
 from lightning_offload.planner.preflight import user_program_preserved
 from lightning_offload.planner.record import (
@@ -252,8 +253,10 @@ class _SingleGPUOffloadCore:
             # A later fit of the same module: it is already built and wrapped by the engine the first fit planned.
             self._setup_backend_environment()
             return
-        self._memory_checked = True
         trainer = self.lightning_module.trainer
+        if self.backend is not None:
+            self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)  # before anything is built
+        self._memory_checked = True
         # A pinned backend's options that are levers of its plans (state on the GPU, a disk) bound the planner.
         pinned_levers = {option: getattr(self.backend.config, option)
                          for option in registry.pinned_levers(self.backend_name)} if self.backend is not None else {}
@@ -346,6 +349,7 @@ class _SingleGPUOffloadCore:
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self._plan_and_setup_backend()
+        gradient_hooks = self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)
         self.accelerator.setup(trainer)
         module = self.precision_plugin.convert_module(self.lightning_module)
         _move_non_parameter_state(module, self.root_device)
@@ -364,16 +368,7 @@ class _SingleGPUOffloadCore:
                 "nothing to fit. Unfreeze the parameters to train (`p.requires_grad_(True)`), or call "
                 "`trainer.validate` / `trainer.predict` instead."
             )
-        if fitting and not module.automatic_optimization and self.backend.manual_optimization_refusal is not None:
-            raise ValueError(
-                f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend "
-                f"{self.backend.name!r}: {self.backend.manual_optimization_refusal} Pin "
-                f"`backend={registry.NO_OFFLOAD!r}` (steps "
-                "exactly when you call `opt.step()`), or use automatic optimization with "
-                "`Trainer(accumulate_grad_batches=...)`."
-            )
         if fitting:
-            gradient_hooks = self._refuse_what_the_backend_cannot_run(trainer, module)
             self._add_telemetry(trainer)
             init_optimizers = self._lightning_attr("core.optimizer", "_init_optimizers_and_lr_schedulers")
             optimizers, scheduler_configs = init_optimizers(module)
@@ -408,35 +403,16 @@ class _SingleGPUOffloadCore:
         self.setup_precision_plugin()
 
     def _refuse_what_the_backend_cannot_run(self, trainer: Any, module: torch.nn.Module) -> tuple[str, ...]:
-        """Refuses the callbacks the engine cannot run and, where it consumes gradients inside backward, hooks that
-        read them; returns the module and callbacks that override `on_before_optimizer_step`, by name."""
+        """Refuses what of the run the engine cannot run (`Backend.refusals`); returns the module and callbacks that
+        override `on_before_optimizer_step`, by name."""
         assert self.backend is not None
-        for callback in trainer.callbacks:
-            for name, reason in self.backend.callback_refusals.items():
-                if name in (cls.__name__ for cls in type(callback).__mro__):
-                    raise ValueError(f"`{type(callback).__name__}` cannot run with backend {self.backend.name!r}: "
-                                     f"{reason}")
-        is_overridden = self._lightning_attr("utilities.model_helpers", "is_overridden")
-        hooks = tuple(f"`{type(owner).__name__}`" for owner in (module, *trainer.callbacks)
-                      if is_overridden("on_before_optimizer_step", owner))
-        if hooks and self.backend.gradient_hooks_refusal is not None:
-            verb = "override" if len(hooks) > 1 else "overrides"
-            raise ValueError(
-                f"{' and '.join(hooks)} {verb} `on_before_optimizer_step`, where Lightning shows the gradients "
-                f"before each optimizer step, but backend {self.backend.name!r} {self.backend.gradient_hooks_refusal} "
-                "The hook would see no gradient, and changes it made to them would be lost. Pin `backend='fsdp'` or "
-                "`'gpu_8bit'` (gradients stay on the parameters until the step), or move code that does not need the "
-                "gradients to `on_train_batch_end`."
-            )
-        return hooks
+        needs = run_needs(module, trainer, compile_blocks=self.compile_blocks)
+        refusals = self.backend.refusals(needs)
+        if refusals:
+            raise ValueError(refusals[0][1])
+        return tuple(f"`{owner}`" for owner in needs.gradient_hooks)
 
     def _compile_blocks(self, module: torch.nn.Module) -> None:
-        assert self.backend is not None
-        if self.backend.compile_blocks_refusal is not None:
-            raise ValueError(
-                f"`compile_blocks=True` does not work with backend {self.backend.name!r}: "
-                f"{self.backend.compile_blocks_refusal} Pin another backend, or set `compile_blocks=False`."
-            )
         checkpointing = self.activation_checkpointing
         compile_blocks(module, () if checkpointing.policy == "selective" else checkpointing.module_classes)
 

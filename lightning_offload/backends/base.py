@@ -19,6 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_offload.backends import registry
+from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
 
 EngineT = TypeVar("EngineT")
@@ -135,6 +136,43 @@ class Backend(ABC):
     gradient_hooks_refusal: ClassVar[str | None] = None
     # Lightning callbacks this engine cannot run, by class name (subclasses included): why, and what to do instead.
     callback_refusals: ClassVar[dict[str, str]] = {}
+    # Why this engine cannot clip gradients, by `gradient_clip_algorithm` ("norm", "value"), and what to do instead.
+    clipping_refusals: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def refusals(cls, needs: RunNeeds) -> list[tuple[str, str]]:
+        """What of the run `needs` this engine cannot run: (the feature, briefly, for the planner's table; the
+        refusal naming the feature and the fix), in the order the strategy checks them. Empty: it runs them all."""
+        found = []
+        if needs.compile_blocks and cls.compile_blocks_refusal is not None:
+            found.append(("`compile_blocks=True`", (
+                f"`compile_blocks=True` does not work with backend {cls.name!r}: {cls.compile_blocks_refusal} Pin "
+                "another backend, or set `compile_blocks=False`.")))
+        if needs.manual_optimization and cls.manual_optimization_refusal is not None:
+            found.append(("manual optimization", (
+                f"Manual optimization (`automatic_optimization = False`) cannot be honoured by backend {cls.name!r}: "
+                f"{cls.manual_optimization_refusal} Pin `backend={registry.NO_OFFLOAD!r}` (steps exactly when you "
+                "call `opt.step()`), or use automatic optimization with `Trainer(accumulate_grad_batches=...)`.")))
+        for names in needs.callbacks:
+            refused = next((name for name in names if name in cls.callback_refusals), None)
+            if refused is not None:
+                found.append((f"`{names[0]}`", f"`{names[0]}` cannot run with backend {cls.name!r}: "
+                                               f"{cls.callback_refusals[refused]}"))
+        if needs.gradient_hooks and cls.gradient_hooks_refusal is not None:
+            hooks = " and ".join(f"`{owner}`" for owner in needs.gradient_hooks)
+            verb = "override" if len(needs.gradient_hooks) > 1 else "overrides"
+            found.append((f"{hooks}'s `on_before_optimizer_step`, which reads the gradients before the step", (
+                f"{hooks} {verb} `on_before_optimizer_step`, where Lightning shows the gradients before each "
+                f"optimizer step, but backend {cls.name!r} {cls.gradient_hooks_refusal} The hook would see no "
+                "gradient, and changes it made to them would be lost. Pin `backend='fsdp'` or `'gpu_8bit'` (gradients "
+                "stay on the parameters until the step), or move code that does not need the gradients to "
+                "`on_train_batch_end`.")))
+        if needs.clipping in cls.clipping_refusals:
+            flags = (f"gradient_clip_val={needs.gradient_clip_val}, "
+                     f"gradient_clip_algorithm={needs.gradient_clip_algorithm!r}")
+            found.append((f"clipping by {needs.clipping} (`gradient_clip_val`)",
+                          f"`Trainer({flags})`: the {cls.name!r} backend {cls.clipping_refusals[needs.clipping]}"))
+        return found
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

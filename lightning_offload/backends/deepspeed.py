@@ -276,6 +276,7 @@ class DeepSpeedBackend(Backend):
     )
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
     gradient_hooks_refusal = "reduces each gradient into DeepSpeed's own partitions during backward."
+    clipping_refusals = {"value": "clips by global norm only. Use `gradient_clip_algorithm='norm'`."}
     callback_refusals = {
         "WeightAveraging": "its averaged copy reads and writes the module's parameters, which ZeRO-3 partitions into "
                            "0-element placeholders. Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
@@ -459,11 +460,6 @@ class DeepSpeedBackend(Backend):
     def setup_training(
         self, module: torch.nn.Module, optimizer: Optimizer, setup: TrainingSetup
     ) -> tuple[torch.nn.Module, Optimizer]:
-        if setup.gradient_clip_val and setup.gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(
-                f"`Trainer(gradient_clip_algorithm={setup.gradient_clip_algorithm!r})`: the `deepspeed` backend "
-                "clips by global norm only. Use `gradient_clip_algorithm='norm'`."
-            )
         if self._optimizer_on_disk():
             from lightning_offload.planner.disk import check_disk_room
 

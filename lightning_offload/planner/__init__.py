@@ -7,6 +7,7 @@ memory tier (`memory`) and step time from the machine's measured ceilings (`cost
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_offload.backends import registry
+from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.activation_checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,
@@ -21,6 +23,7 @@ from lightning_offload.planner.choose import (
     PlanDoesNotFit,
     PlanReport,
     candidate_plans,
+    cannot_run,
     choose,
     exclusions,
 )
@@ -33,9 +36,9 @@ from lightning_offload.planner.terms import EIGHT_BIT_OPTIMIZERS, Plan, StepTime
 
 __all__ = [
     "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
-    "PlanDoesNotFit", "PlanReport", "StepTime", "candidate_plans", "choose", "compute_dtype", "estimate_memory",
-    "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network", "plan", "probe",
-    "shortfalls", "UnusableDisk", "load_or_probe_disk",
+    "PlanDoesNotFit", "PlanReport", "RunNeeds", "StepTime", "candidate_plans", "choose", "compute_dtype",
+    "estimate_memory", "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network",
+    "plan", "probe", "shortfalls", "UnusableDisk", "load_or_probe_disk",
 ]
 
 
@@ -49,7 +52,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
          optimizer: str | None = None, activation_checkpointing: str | None = None, every_k: int | None = None,
          accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
-         ranks_per_host: int | None = None, clips_gradients: bool = False,
+         ranks_per_host: int | None = None, needs: RunNeeds | None = None,
          gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN, nvme_path: str | None = None,
          offload_device: str | None = None, nvme_state: str | None = None, disk: Disk | None = None,
          disk_blocks: int | None = None, checkpointing: str | None = None) -> PlanReport:
@@ -64,7 +67,10 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
     it), and `disk_blocks` how many blocks' state a `stream` plan keeps there (pinned: taken likewise). With
     `world_size` processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory
-    per GPU and per host. `checkpointing`: the former name of `activation_checkpointing`, deprecated.
+    per GPU and per host. `needs`: what the run asks of an engine (its clipping, gradient hooks, callbacks; default:
+    none of it): backends that cannot run it are left out, and those that update inside backward are counted with
+    every gradient kept when it needs them all before the step. `checkpointing`: the former name of
+    `activation_checkpointing`, deprecated.
     Returns the report; `report.chosen` is None when nothing fits, and `report.error()` is the exception that says
     why.
     """
@@ -77,6 +83,10 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
     if backend not in (None, "auto", *registry.available_backends()):
         raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *registry.available_backends()]}.")
+    needs = needs or RunNeeds()
+    refusals = [] if backend in (None, "auto") else registry.spec(backend).engine.refusals(needs)
+    if refusals:  # pinned: the engine's own refusal, which names the fix
+        raise PlanDoesNotFit(refusals[0][1])
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, ModelStats):
@@ -103,17 +113,20 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
                             optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
                             adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
                             accumulate=accumulate, offload_device=offload_device, nvme_state=nvme_state,
-                            disk_given=disk is not None, disk_blocks=disk_blocks)
+                            disk_given=disk is not None, disk_blocks=disk_blocks, needs=needs)
     if not plans:
         reasons = exclusions(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
-                             optimizer=optimizer, checkpointing=checkpointing, adamw_compatible=adamw_compatible)
+                             optimizer=optimizer, checkpointing=checkpointing, adamw_compatible=adamw_compatible,
+                             needs=needs)
         raise PlanDoesNotFit(
             "No plan runs with these settings: "
             + "; ".join(f"`{name}`: {reasons.get(name, 'no plan of it matches the pinned levers')}" for name in backends)
             + ". Pin another backend, or leave the optimizer and checkpointing to the planner (`optimizer=None`, "
             "`activation_checkpointing=None`)."
         )
-    return choose(stats, machine, ceilings, plans, accumulate=accumulate,
-                  allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
-                  ranks_per_host=ranks_per_host, holds_gradients=clips_gradients, margin=margin, disk=disk,
-                  disk_pinned=offload_device == "nvme" or disk_blocks is not None)
+    report = choose(stats, machine, ceilings, plans, accumulate=accumulate,
+                    allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
+                    ranks_per_host=ranks_per_host, holds_gradients=needs.holds_gradients, margin=margin, disk=disk,
+                    disk_pinned=offload_device == "nvme" or disk_blocks is not None)
+    left_out = {name: reason for name in backends if (reason := cannot_run(name, needs)) is not None}
+    return dataclasses.replace(report, needs=needs, left_out=left_out)

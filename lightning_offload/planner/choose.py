@@ -20,7 +20,7 @@ from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_m
 from lightning_offload.planner.terms import CandidateLevers, Plan, StepTime
 
 if TYPE_CHECKING:
-    from lightning_offload.backends.spec import BackendSpec
+    from lightning_offload.backends.spec import BackendSpec, RunNeeds
     from lightning_offload.planner.disk import Disk
 
 # Fraction of each memory tier a plan may fill: allocator fragmentation, the data loader, other processes.
@@ -76,6 +76,10 @@ class PlanReport:
     disk: Disk | None = None
     """The disk the user gave for state (`nvme_path`), probed; None: no plan keeps state on disk."""
     disk_pinned: bool = False
+    needs: RunNeeds | None = None
+    """What the run asks of an engine (`RunNeeds`); None: nothing beyond the model."""
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Backends left out because they cannot run what the run needs (`cannot_run`), with why."""
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -111,6 +115,8 @@ class PlanReport:
                          f"{row['host_gib']:9.1f}{disk}  {fits}")
         if len(self.candidates) > limit:
             lines.append(f"  ... {len(self.candidates) - limit} more")
+        if self.left_out:
+            lines.append("Left out: " + "; ".join(f"`{name}`: {why}" for name, why in self.left_out.items()) + ".")
         lines.append(self.reason)
         return "\n".join(lines)
 
@@ -139,13 +145,15 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                     checkpointing: str | None = None, every_k: int | None = None,
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
                     accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
-                    disk_given: bool = False, disk_blocks: int | None = None) -> list[Plan]:
+                    disk_given: bool = False, disk_blocks: int | None = None,
+                    needs: RunNeeds | None = None) -> list[Plan]:
     """Every plan over the levers the user left open (`None`); pinned levers are taken as given. Each backend's spec
     sets its own levers on them (`plan_variants`): `host_adam` candidates keep `gpu_state_blocks` (None: `choose`
     sizes it to the most that fit); `fsdp` ones, when `accumulate` > 1, come with the micro-batches' gradients added
     up on the GPU or in host memory; `deepspeed`
     ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited), and so do
-    `stream` ones (`disk_blocks` of them; None: `choose` sizes it to the fewest that fit)."""
+    `stream` ones (`disk_blocks` of them; None: `choose` sizes it to the fewest that fit). A backend that cannot run
+    what the run `needs` has none."""
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     levers = CandidateLevers(gpu_state_blocks, accumulate, offload_device, nvme_state, disk_given, disk_blocks)
@@ -153,6 +161,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
     for backend in backends:
         spec = registry.spec(backend)
         if spec.needs_cuda and not on_cuda and len(backends) > 1 or spec.own_adamw and not adamw_compatible:
+            continue
+        if needs is not None and cannot_run(backend, needs) is not None:
             continue
         for name in _optimizers_for(spec, optimizer):
             for policy in policies:
@@ -165,7 +175,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
 
 
 def exclusions(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
-               checkpointing: str | None = None, adamw_compatible: bool = True) -> dict[str, str]:
+               checkpointing: str | None = None, adamw_compatible: bool = True,
+               needs: RunNeeds | None = None) -> dict[str, str]:
     """Why each of `backends` has no candidate plan under the pinned levers (`candidate_plans`' rules, in words)."""
     reasons = {}
     for backend in backends:
@@ -175,11 +186,19 @@ def exclusions(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, opt
         elif spec.own_adamw and not adamw_compatible:
             reasons[backend] = ("it updates with AdamW inside backward, and `configure_optimizers` returns another "
                                 "optimizer (return `torch.optim.AdamW`)")
+        elif needs is not None and (reason := cannot_run(backend, needs)) is not None:
+            reasons[backend] = reason
         elif not _optimizers_for(spec, optimizer):
             reasons[backend] = f"it cannot step `optimizer={optimizer!r}`"
         elif (reason := spec.exclusion(stats, checkpointing)) is not None:
             reasons[backend] = reason
     return reasons
+
+
+def cannot_run(backend: str, needs: RunNeeds) -> str | None:
+    """What of the run `needs` backend `backend` cannot run, briefly (its engine's `refusals`); None: all of it."""
+    refused = [what for what, _ in registry.spec(backend).engine.refusals(needs)]
+    return f"it cannot run {', '.join(refused)}" if refused else None
 
 
 def _optimizers_for(spec: BackendSpec, pinned: str | None) -> list[str]:
@@ -299,6 +318,7 @@ def _refusal(report: PlanReport) -> PlanDoesNotFit:
         hints.append(f"a loss that never holds the full logits ({4 * report.stats.logits / GIB:.1f} GiB in fp32) "
                      f"fits with {without_logits.plan}: `lightning_offload.losses.ChunkedLMHeadLoss.adopt("
                      "model.lm_head)`, then `model.lm_head(hidden, targets)` returns the loss")
+    hints += [f"`{name}` is left out: {why}" for name, why in report.left_out.items()]
     hints += _accumulation_hints(report, nearest, plans)
     hints += _clipping_hints(report, plans)
     for fraction in (0.5, 0.25, 0.125):
@@ -359,8 +379,8 @@ def _accumulation_hints(report: PlanReport, nearest: Candidate, plans: list[Plan
 
 def _clipping_hints(report: PlanReport, plans: list[Plan]) -> list[str]:
     """Where clipping by global norm is what does not fit: the plans that update inside backward then keep every
-    gradient until backward ends."""
-    if not report.holds_gradients:
+    gradient until backward ends. Not where a hook reads the gradients: it keeps them all without clipping too."""
+    if not report.holds_gradients or report.needs is not None and report.needs.gradient_hooks:
         return []
     unclipped = choose(report.stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
                        accumulate=report.accumulate, world_size=report.world_size,
@@ -386,7 +406,7 @@ def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:
     """The fastest plan of another backend that fits at the same batch, for the refusal of a pinned backend."""
     backends = registry.multi_process_backends() if report.world_size > 1 else registry.available_backends()
     plans = candidate_plans(report.stats, backends=[b for b in backends if b != pinned], on_cuda=True,
-                            accumulate=report.accumulate)
+                            accumulate=report.accumulate, needs=report.needs)
     return _fitting(report, report.stats, plans)
 
 

@@ -10,9 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.backends import registry
+from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
-from lightning_offload.planner.lightning import clips_by_norm, plan_for_module
+from lightning_offload.planner.lightning import plan_for_module
 from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.record import plan_state
 
@@ -66,7 +67,9 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
         optimizer=strategy.get("optimizer"),
         checkpointing=as_checkpointing_config(OmegaConf.to_container(strategy.activation_checkpointing)),
         precision=precision, accumulate=int(trainer.accumulate_grad_batches),
-        clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.get("gradient_clip_algorithm")),
+        needs=RunNeeds(gradient_clip_val=trainer.gradient_clip_val,
+                       gradient_clip_algorithm=trainer.get("gradient_clip_algorithm"),
+                       compile_blocks=bool(strategy.get("compile_blocks"))),
         compiled_blocks=bool(strategy.get("compile_blocks")), machine=machine, ceilings=ceilings,
         pinned_levers={key: strategy[key] for key in registry.pinned_levers(_auto_as_none(strategy.backend))
                        if key in strategy})

@@ -8,12 +8,14 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_offload.backends import registry
+from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.activation_checkpointing import CheckpointingConfig, checkpoints_itself
 from lightning_offload.optim import is_adam
 from lightning_offload.planner import (
@@ -44,17 +46,37 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example
     """The plan report for fitting `module` with `trainer` on `device` (`levers`: `plan_for_module`'s), or None
     when the Trainer is not fitting. `example`: the batch and step already fetched (`fallback.BuildBeforePlanning`
     hands them back), else the first training batch is fetched."""
-    if trainer.state.fn is None or trainer.state.fn.value != "fit":
+    if not _fitting(trainer):
         return None
     return plan_for_module(module, (lambda: example) if example else (lambda: _example_batch(module, trainer)), device,
                            accumulate=trainer.accumulate_grad_batches,
-                           clips_gradients=clips_by_norm(trainer.gradient_clip_val, trainer.gradient_clip_algorithm),
+                           needs=run_needs(module, trainer, compile_blocks=levers.get("compiled_blocks", False)),
                            **levers)
+
+
+def run_needs(module: Any, trainer: Any, *, compile_blocks: bool) -> RunNeeds:
+    """What `module`'s run with `trainer` asks of an engine: its clipping, gradient hooks, callbacks and manual
+    optimization when fitting (validate, test and predict train nothing), and whether the blocks are compiled."""
+    if not _fitting(trainer):
+        return RunNeeds(compile_blocks=compile_blocks)
+    namespace = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
+    is_overridden = import_module(f"{namespace}.utilities.model_helpers").is_overridden
+    return RunNeeds(
+        gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+        gradient_hooks=tuple(type(owner).__name__ for owner in (module, *trainer.callbacks)
+                             if is_overridden("on_before_optimizer_step", owner)),
+        callbacks=tuple(tuple(cls.__name__ for cls in type(callback).__mro__) for callback in trainer.callbacks),
+        manual_optimization=not module.automatic_optimization, compile_blocks=compile_blocks,
+    )
+
+
+def _fitting(trainer: Any) -> bool:
+    return trainer.state.fn is not None and trainer.state.fn.value == "fit"
 
 
 def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device: torch.device, *,
                     backend: str | None, optimizer: str | None, checkpointing: CheckpointingConfig, precision: str,
-                    accumulate: int = 1, clips_gradients: bool = False, world_size: int = 1,
+                    accumulate: int = 1, needs: RunNeeds = RunNeeds(), world_size: int = 1,
                     ranks_per_host: int | None = None, pinned_levers: dict[str, Any] | None = None,
                     compiled_blocks: bool = False, max_gpu_memory_gib: float | None = None,
                     max_host_memory_gib: float | None = None, machine: Machine | None = None,
@@ -64,7 +86,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
     `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
-    `pinned_levers`: the options of a pinned backend that bound its plans (its spec's `pinned_levers`)."""
+    `pinned_levers`: the options of a pinned backend that bound its plans (its spec's `pinned_levers`). `needs`: what
+    the run asks of an engine (`run_needs`): backends that cannot run it are left out."""
     dtype = compute_dtype(precision)
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
@@ -106,7 +129,7 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
         accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
-        clips_gradients=clips_gradients, margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
+        needs=needs, margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
         **(pinned_levers or {}),
     )
     if unmeasured is None:
@@ -114,11 +137,6 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     note = unmeasured_note(module, unmeasured, batch)
     warnings.warn(note, stacklevel=2)
     return dataclasses.replace(report, reason=f"{note}\n{report.reason}")
-
-
-def clips_by_norm(gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> bool:
-    """Whether the Trainer's clipping needs the global norm of every gradient before the step."""
-    return bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
 
 
 def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:

@@ -28,6 +28,7 @@ from tests.conformance.test_cpu import (
     EIGHT_BIT_PRECISION,
     assert_same_run,
 )
+from tests.planner.test_strategy_planning import prefer
 
 KIND = "llama_tied"
 # The final weights' logits (`predict` after `fit`) carry the optimizers' rounding differences through up to 9
@@ -63,14 +64,18 @@ KNOWN_DIFFERENCES = {
 @functools.cache
 def _run(feature_name: str, backend: str | None) -> tuple[Run, list[tuple[int | None, dict[str, float]]]]:
     """One run of a feature: under auto (`backend=None`), the 8-bit twin (`"twin"`), or a backend."""
-    feature = FEATURES.get(feature_name, PLAIN)
-    history = MetricsHistory()
     precision = EIGHT_BIT_PRECISION if backend in (*EIGHT_BIT, "twin") else "32-true"
     strategy: Any = "auto"
     if backend == "twin":
         strategy = SingleGPUOffloadStrategy(backend="device", optimizer="adamw8bit_fused")
     elif backend is not None:
         strategy = strategies()[backend]()
+    return _train(feature_name, strategy, precision)
+
+
+def _train(feature_name: str, strategy: Any, precision: str) -> tuple[Run, list[tuple[int | None, dict[str, float]]]]:
+    feature = FEATURES.get(feature_name, PLAIN)
+    history = MetricsHistory()
     # The tuners write a checkpoint to restore into the Trainer's root folder: a temporary one.
     with tempfile.TemporaryDirectory() as root:
         options = {"logger": history, "default_root_dir": root, **FEATURE_OPTIONS, **feature.trainer_options}
@@ -130,6 +135,22 @@ def test_feature_works_as_under_auto_or_is_refused_at_setup(feature: str, backen
     assert_same_history(history, expected_history, rtol if metric_rtol is None else metric_rtol)
     agreement = "same bits" if rtol == BITWISE else f"within {rtol:g}"
     record_property("outcome", f"{agreement} (twin)" if backend in EIGHT_BIT else agreement)
+
+
+@pytest.mark.parametrize(("feature", "backend"), sorted(REFUSED))
+def test_auto_plans_around_a_backend_that_refuses_the_feature(feature: str, backend: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`backend="auto"` on a machine where `backend`'s plans would be the fastest: the feature's run trains on a
+    backend that runs it, as under `strategy="auto"`."""
+    prefer(monkeypatch, backend, "device")
+    strategy = SingleGPUOffloadStrategy()
+    result, history = _train(feature, strategy, "32-true")
+    assert result.refusal is None, f"refused: {result.refusal}"
+    assert strategy.backend_name == "device" and backend in strategy.plan_report.left_out
+    expected, expected_history = _run(feature, None)
+    assert result.optimizer_steps == expected.optimizer_steps
+    assert_same_run(result, expected, BACKEND_RTOL["device"])
+    assert_same_history(history, expected_history, BACKEND_RTOL["device"])
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.planner import GIB, Ceilings, Machine, PlanDoesNotFit, Plan, estimate_memory, plan
+from lightning_offload.planner import GIB, Ceilings, Machine, PlanDoesNotFit, Plan, RunNeeds, estimate_memory, plan
 from lightning_offload.planner import budget
 from lightning_offload.planner.budget import cgroup_memory_room, host_memory_available
 from tests.conftest import fit
@@ -131,7 +131,7 @@ def test_a_refusal_under_clipping_names_clipping_when_the_unclipped_plan_fits() 
                           for holds in (True, False))
     machine = Machine(gpu_memory_gib=(clipped + unclipped) / 2, host_memory_gib=125)
     report = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), backend="gpu_8bit",
-                  activation_checkpointing="full", clips_gradients=True)
+                  activation_checkpointing="full", needs=RunNeeds(gradient_clip_val=1.0))
     assert report.chosen is None
     message = str(report.error())
     assert "without gradient clipping by norm (`gradient_clip_val=None`" in message

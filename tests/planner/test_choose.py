@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from lightning_offload.planner import (SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
-                                       estimate_memory, plan, shortfalls)
+from lightning_offload.planner import (GIB, SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
+                                       RunNeeds, estimate_memory, plan, shortfalls)
 from lightning_offload.planner.choose import Candidate, candidate_plans, choose, ordered
 from lightning_offload.planner.cost import StepTime
 from tests.planner.test_memory import LLAMA_8B
@@ -258,3 +258,62 @@ def test_pinned_levers_that_exclude_every_plan_are_refused_with_each_reason(leve
     with pytest.raises(PlanDoesNotFit, match="No plan runs with these settings") as refusal:
         plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", **levers)
     assert said in str(refusal.value)
+
+
+HOOK = RunNeeds(gradient_hooks=("LogsGradNorm",))
+CLIPS_BY_NORM = RunNeeds(gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize(("needs", "refusing"), [
+    (HOOK, {"host_adam", "stream", "deepspeed"}),
+    (CLIPS_BY_NORM, {"stream"}),
+    (RunNeeds(gradient_clip_val=1.0, gradient_clip_algorithm="value"), {"stream", "deepspeed"}),
+    (RunNeeds(callbacks=(("EMAWeightAveraging", "WeightAveraging", "Callback", "object"),)), {"deepspeed", "fsdp"}),
+    (RunNeeds(manual_optimization=True), set(BACKENDS) - {"device"}),
+    (RunNeeds(compile_blocks=True), {"deepspeed"}),
+])
+def test_backends_that_cannot_run_what_the_run_uses_are_left_out_and_named(needs: RunNeeds, refusing: set) -> None:
+    free = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda")
+    assert refusing <= {c.plan.backend for c in free.candidates} and not free.left_out
+    report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", needs=needs)
+    assert {c.plan.backend for c in report.candidates} == {c.plan.backend for c in free.candidates} - refusing
+    assert set(report.left_out) == refusing
+    assert all(why.startswith("it cannot run ") for why in report.left_out.values())
+
+
+def test_a_pinned_backend_that_cannot_run_what_the_run_uses_has_no_plan() -> None:
+    with pytest.raises(PlanDoesNotFit, match=r"`Trainer\(gradient_clip_val=1.0, gradient_clip_algorithm=None\)`: "
+                                             r"the 'stream' backend updates each block inside backward"):
+        plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="stream", needs=CLIPS_BY_NORM)
+
+
+def test_a_hook_that_reads_the_gradients_holds_them_as_clipping_by_norm_does() -> None:
+    def gpu_8bit_bytes(needs: RunNeeds | None) -> dict[Plan, int]:
+        report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit", needs=needs)
+        return {c.plan: c.memory.gpu_bytes for c in report.candidates}
+
+    hooked, clipped, free = gpu_8bit_bytes(HOOK), gpu_8bit_bytes(CLIPS_BY_NORM), gpu_8bit_bytes(None)
+    assert hooked == clipped
+    assert all(hooked[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in free)
+
+
+def test_a_refusal_names_the_backends_left_out() -> None:
+    small = Machine(gpu_memory_gib=4, host_memory_gib=8)
+    message = str(plan(LLAMA_8B, machine=small, ceilings=Ceilings(), device="cuda", needs=HOOK).error())
+    assert "`host_adam` is left out: it cannot run `LogsGradNorm`'s `on_before_optimizer_step`" in message
+
+
+def test_a_refusal_offers_dropping_clipping_only_where_no_hook_holds_the_gradients_anyway() -> None:
+    gpu_8bit = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="full")
+    held, free = (estimate_memory(LLAMA_8B, gpu_8bit, holds_gradients=holds).gpu_bytes / GIB / SAFETY_MARGIN
+                  for holds in (True, False))
+    machine = Machine(gpu_memory_gib=(held + free) / 2, host_memory_gib=125)
+
+    def refusal(needs: RunNeeds) -> str:
+        report = plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
+                      activation_checkpointing="full", needs=needs)
+        return str(report.error())
+
+    assert "without gradient clipping by norm" in refusal(CLIPS_BY_NORM)
+    assert "without gradient clipping by norm" not in refusal(dataclasses.replace(CLIPS_BY_NORM,
+                                                                                  gradient_hooks=("LogsGradNorm",)))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lightning_offload.planner import Ceilings, Disk, Machine, ModelStats, PlanDoesNotFit, plan
+from lightning_offload.planner import Ceilings, Disk, Machine, ModelStats, PlanDoesNotFit, RunNeeds, plan
 from lightning_offload.planner.memory import checkpoint_bytes
 from tests.planner.test_memory import LLAMA_8B
 
@@ -28,7 +28,7 @@ CASES: dict[str, dict[str, Any]] = {
     "8b_40gb": {"model": LLAMA_8B, "machine": Machine(gpu_memory_gib=40, host_memory_gib=64)},
     "8b_24gb_accumulate": {"model": LLAMA_8B, "machine": Machine(gpu_memory_gib=24, host_memory_gib=128),
                            "accumulate": 4},
-    "8b_h100_clipped_8bit": {"model": LLAMA_8B, "clips_gradients": True, "optimizer": "adamw8bit"},
+    "8b_h100_clipped_8bit": {"model": LLAMA_8B, "needs": RunNeeds(gradient_clip_val=1.0), "optimizer": "adamw8bit"},
     "8b_two_ranks": {"model": LLAMA_8B, "world_size": 2, "ranks_per_host": 2},
     "8b_four_ranks_big_hosts": {"model": LLAMA_8B, "machine": Machine(host_memory_gib=500), "world_size": 4,
                                "ranks_per_host": 2, "accumulate": 2},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from importlib import import_module
 from typing import Any
 
 import pytest
@@ -247,3 +249,79 @@ def test_building_first_fetches_the_first_batch_no_more_often_than_planning_befo
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module)
     assert built_first.builds_in_host_memory == 1 and built_first.steps == 2
     assert built_first.loaders == planned_before.loaders
+
+
+def prefer(monkeypatch: pytest.MonkeyPatch, *backends: str) -> None:
+    """A machine where every plan fits and the planner ranks `backends`' plans fastest, in that order: what
+    `backend="auto"` takes on a GPU machine where they win (on the CPU nothing offloaded wins)."""
+    choose = import_module("lightning_offload.planner.choose")  # the package's `choose` is the function
+
+    roomy = Machine(gpu_memory_gib=1000, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: roomy))
+    estimate = choose.estimate_step_time
+
+    def ranked(stats, plan, ceilings, **options):
+        step = estimate(stats, plan, ceilings, **options)
+        rank = backends.index(plan.backend) if plan.backend in backends else len(backends)
+        return dataclasses.replace(step, total=step.total + 1000.0 * rank)
+
+    monkeypatch.setattr(choose, "estimate_step_time", ranked)
+
+
+class LogsGradNorm(TinyLM):
+    """The common pattern: the gradients' norm, logged before each optimizer step."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+def _ema() -> list[Any]:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return [EMAWeightAveraging(decay=0.5)]
+
+
+# (what the run uses, the module, Trainer options, the backends that cannot run it, ranked fastest first)
+NEEDS = {
+    "gradient hook": (LogsGradNorm, {}, ("host_adam", "stream", "deepspeed")),
+    "clipping by norm": (TinyLM, {"gradient_clip_val": 0.5}, ("stream",)),
+    "clipping by value": (TinyLM, {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
+                          ("stream", "deepspeed")),
+    "weight averaging": (TinyLM, {"callbacks": _ema}, ("deepspeed", "fsdp")),
+}
+
+
+@pytest.mark.parametrize("need", list(NEEDS))
+def test_auto_plans_a_backend_that_runs_what_the_run_uses(monkeypatch: pytest.MonkeyPatch, need: str) -> None:
+    build, options, refusing = NEEDS[need]
+    prefer(monkeypatch, *refusing, "device")
+    options = {key: value() if callable(value) else value for key, value in options.items()}
+    module, trainer = fit(SingleGPUOffloadStrategy(), module=build(), num_batches=2, **options)
+    report = trainer.strategy.plan_report
+    assert trainer.strategy.backend_name == report.chosen.plan.backend == "device"
+    assert trainer.global_step == 2 and len(module.losses) == 2
+    assert set(refusing) <= set(report.left_out)
+    assert {c.plan.backend for c in report.candidates}.isdisjoint(refusing)
+    for backend in refusing:
+        assert f"`{backend}`: it cannot run" in report.table()
+
+
+def test_the_table_says_why_a_backend_was_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    prefer(monkeypatch, "host_adam", "device")
+    _, trainer = fit(SingleGPUOffloadStrategy(), module=LogsGradNorm(), num_batches=1)
+    assert ("`host_adam`: it cannot run `LogsGradNorm`'s `on_before_optimizer_step`, which reads the gradients "
+            "before the step") in trainer.strategy.plan_report.table()
+
+
+@pytest.mark.parametrize("need", list(NEEDS))
+def test_a_pinned_backend_that_cannot_run_it_is_refused_before_the_model_is_built(need: str) -> None:
+    build, options, refusing = NEEDS[need]
+    options = {key: value() if callable(value) else value for key, value in options.items()}
+    module = build()
+    with pytest.raises(ValueError, match=f"{refusing[0]!r}"):
+        fit(SingleGPUOffloadStrategy(backend=refusing[0]), module=module, num_batches=1, **options)
+    # Weight averaging's own `setup` builds the model (`configure_model`) to copy it, before any strategy hook.
+    assert module.net is None or need == "weight averaging"
+    assert module.losses == []

@@ -102,6 +102,11 @@ class StreamBackend(Backend):
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
     gradient_hooks_refusal = "updates each block's parameters, and frees their gradients, during backward."
+    clipping_refusals = dict.fromkeys(
+        ("norm", "value"),
+        "updates each block inside backward, before a global gradient norm exists, so it cannot clip by it. Drop "
+        "`gradient_clip_val`, or use `backend='deepspeed'` (clips exactly) for this run.",
+    )
     _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
 
     def __init__(self, config: StreamConfig) -> None:
@@ -281,12 +286,6 @@ class StreamBackend(Backend):
 
     def setup_training(self, module: nn.Module, optimizer: Optimizer, setup: TrainingSetup) -> tuple[nn.Module,
                                                                                                      Optimizer]:
-        if setup.gradient_clip_val:
-            raise ValueError(
-                f"`Trainer(gradient_clip_val={setup.gradient_clip_val})`: the `stream` backend updates each block "
-                "inside backward, before a global gradient norm exists, so it cannot clip by it. Drop "
-                "`gradient_clip_val`, or use `backend='deepspeed'` (clips exactly) for this run."
-            )
         assert isinstance(optimizer, StreamAdamW) and self.scheduler is not None
         self._check_accumulation(setup.accumulate_grad_batches)
         grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
