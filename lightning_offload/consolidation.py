@@ -80,8 +80,9 @@ def read_checkpoint_folders(saving: ModuleType) -> None:
     """Lets `load_from_checkpoint` of Lightning's namespace whose `core.saving` module is `saving` read an engine's
     checkpoint folder as the Lightning checkpoint it holds (`lightning_checkpoint`); every other path is read by
     Lightning's own loader, unchanged."""
-    load = saving.pl_load
-    if getattr(load, "reads_checkpoint_folders", False):
+    load = getattr(saving, "pl_load", None)
+    # A Lightning without this loader keeps its own behaviour: folders are then read through `consolidate`.
+    if load is None or getattr(load, "reads_checkpoint_folders", False):
         return
 
     @functools.wraps(load)
