@@ -28,7 +28,9 @@ from lightning_offload.planner import (GIB, Ceilings, ModelStats, Plan, estimate
                                       measure_module)
 
 DEFAULT_RESULTS = Path(__file__).with_name("results.jsonl")
-_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ checkpointing=(?P<policy>\w+?)(?:_(?P<k>\d+))?"
+# Plans recorded before they named the strategy's option read `checkpointing=`.
+_PLAN = re.compile(r"(?P<backend>\w+) \+ (?P<optimizer>\w+) \+ (?:activation_)?checkpointing=(?P<policy>\w+?)"
+                   r"(?:_(?P<k>\d+))?"
                    r"(?:, (?P<blocks>\d+) (?:resident blocks|blocks' state on the GPU))?"
                    r"(?P<accumulated>, gradients accumulated on the GPU)?$")
 
