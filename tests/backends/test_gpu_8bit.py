@@ -37,8 +37,10 @@ def test_losses_track_fp32_adamw_and_equal_the_same_update_after_backward() -> N
     assert_losses_close(module.losses, reference.losses, EIGHT_BIT_RTOL)
     assert module.losses[-1] < 0.7 * module.losses[0]
     assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    # "bf16-true" on both sides: the same bf16 init draws ("bf16-mixed" draws the fp32 model's).
+    in_backward, _ = fit(gpu_8bit(), precision="bf16-true", max_epochs=2)
     stepped_after, _ = fit(after_backward_8bit(), precision="bf16-true", max_epochs=2)
-    assert_losses_close(module.losses, stepped_after.losses, SAME_MATH_RTOL)
+    assert_losses_close(in_backward.losses, stepped_after.losses, SAME_MATH_RTOL)
 
 
 class _BackwardProbe(pl.Callback):
@@ -237,3 +239,17 @@ def test_a_later_fit_of_the_same_model_plans_its_own_checkpointing() -> None:
 def test_describe_is_one_line() -> None:
     line = gpu_8bit().backend.describe()
     assert "\n" not in line and "8-bit AdamW state" in line and "inside backward" in line
+
+
+class _WeightsAtStart(pl.Callback):
+    def on_train_start(self, trainer, module) -> None:
+        self.weights = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_bf16_mixed_builds_the_fp32_models_weights_rounded_once() -> None:
+    built_without_strategy = TinyLM()
+    built_without_strategy.configure_model()
+    start = _WeightsAtStart()
+    fit(gpu_8bit(), precision="bf16-mixed", num_batches=1, callbacks=[start])
+    for name, weight in built_without_strategy.named_parameters():
+        torch.testing.assert_close(start.weights[name], weight.detach().to(torch.bfloat16), rtol=0, atol=0, msg=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_offload.models import CausalLM, TinyGPT
 from lightning_offload.planner import measure_model, measure_module
@@ -59,6 +60,16 @@ def test_a_forward_that_turns_autocast_off_on_its_device_type_measures_on_meta()
     assert torch.autocast is torch.amp.autocast
 
 
+def _cpu_attention_saves_the_attention_matrix_under_grouped_query_attention() -> bool:
+    """torch 2.8's CPU `scaled_dot_product_attention(enable_gqa=True)` takes the unfused path (later ones do not)."""
+    query = torch.zeros(1, 4, 8, 2, requires_grad=True)
+    key_value = torch.zeros(1, 2, 8, 2, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.scaled_dot_product_attention(query, key_value, key_value, is_causal=True, enable_gqa=True)
+    return any(t.shape[-2:] == (8, 8) for t in saved)
+
+
 def test_llama_measures_on_meta_without_memory() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,6 +81,9 @@ def test_llama_measures_on_meta_without_memory() -> None:
     assert stats.block_input_bytes == 2 * 64 * 256 * 2
     # Larger than the block's input (q, k, v, MLP intermediates are saved), far below a saved attention matrix.
     assert 4 * stats.block_input_bytes < stats.activation_bytes_per_block < 40 * stats.block_input_bytes
+    if _cpu_attention_saves_the_attention_matrix_under_grouped_query_attention():
+        pytest.skip("this torch's CPU attention computes grouped-query attention unfused, saving the attention matrix "
+                    "the fused kernel the measure counts does not")
     # q, k and v (gate and up) save one input: counted once, as a real forward holds it.
     torch.manual_seed(0)
     real = saved_bytes_of_a_real_forward(LlamaForCausalLM(config).to(torch.bfloat16), torch.randint(0, 1000, (2, 64)))
