@@ -366,6 +366,10 @@ def run_step(argv: list[str], stream: Any, env: dict[str, str], limit: float | N
                 break
             except subprocess.TimeoutExpired:
                 continue
+        try:  # what the step started and did not stop with it
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return f"timed out at {limit:.0f} s"
 
 

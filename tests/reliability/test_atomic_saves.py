@@ -110,10 +110,15 @@ def test_kills_during_saves_leave_the_last_complete_checkpoint(other_filesystem,
         time.sleep(rng.uniform(0.0, 0.3))
         os.kill(pid, sig)
         _wait_for_exit(pid, sig)
+        leftovers = stale_leftovers(target.parent)
+        if not exchange and not target.exists():
+            # A SIGKILL between the two renames of a file system without an atomic exchange leaves the previous
+            # checkpoint set aside; the next save or fit puts it back under its name.
+            assert sig == signal.SIGKILL
+            remove_stale_leftovers(target.parent)
         state = load(target)  # whole and readable after every kill
         assert torch.equal(state["weights"], torch.full((STATE_NUMEL,), float(state["step"])))
         last_step = max(last_step, state["step"])
-        leftovers = stale_leftovers(target.parent)
         if sig == signal.SIGINT:
             assert leftovers == [], "an interrupted save cleans up after itself"
         leftovers_seen += bool(leftovers)
