@@ -329,12 +329,8 @@ class StreamBackend(Backend):
         """A later `fit` steps the fresh optimizer its `configure_optimizers` returned, as under `auto`: the earlier
         fit's state and its update hooks (which would update each unit twice) go."""
         self.lanes.synchronize()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        if self.disk is not None:
-            self.disk.release()
-            self.disk = self.scheduler.disk = None
+        self._remove_hooks_and_disk()
+        self.scheduler.disk = None
         if self._state_arena is not None:
             self._arenas.remove(self._state_arena)
             self._state_arena.release()
@@ -418,16 +414,20 @@ class StreamBackend(Backend):
         if self.disk is not None:
             self.disk.flush()
 
-    def release(self) -> None:
-        """Frees the arenas and slots and removes the hooks; the module is unusable afterwards."""
-        if self.scheduler is not None:  # no copy may still read or write an arena when it is unregistered
-            self.lanes.synchronize()
+    def _remove_hooks_and_disk(self) -> None:
+        """Removes the update hooks and releases the disk tier's files and buffers."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         if self.disk is not None:
             self.disk.release()
             self.disk = None
+
+    def release(self) -> None:
+        """Frees the arenas and slots and removes the hooks; the module is unusable afterwards."""
+        if self.scheduler is not None:  # no copy may still read or write an arena when it is unregistered
+            self.lanes.synchronize()
+        self._remove_hooks_and_disk()
         for arena in self._arenas:
             arena.release()
         self._arenas.clear()
