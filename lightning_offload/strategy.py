@@ -8,6 +8,7 @@ subclasses, so the behaviour lives in `_SingleGPUOffloadCore` and each namespace
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
@@ -64,6 +65,7 @@ from lightning_offload.saving import (
     save_with_checkpoint_io,
     weights_only_refusal,
 )
+from lightning_offload.step_signals import SignalsHeldInSteps
 from lightning_offload.telemetry import ThroughputMonitor, _ThroughputMonitorCore
 
 STRATEGY_NAME = "single_gpu_offload"
@@ -88,6 +90,8 @@ class _FitSetup:
     """The batch (on meta) and step fetched before that build, measured with once the model is built."""
     uncapped_gpu_fraction: float | None = None
     """The allocator's fraction before `max_gpu_memory_gib` capped it, restored at `teardown`."""
+    signals_held_in_steps: SignalsHeldInSteps | None = None
+    """Ctrl+C and the requeue signal, held until the step ends while the engine updates inside backward."""
 
 
 class _SingleGPUOffloadCore:
@@ -171,6 +175,8 @@ class _SingleGPUOffloadCore:
         self._memory_checked = False
         self._took_off_earlier_wrappers = False
         self._fit = _FitSetup()
+        # A step's updates inside backward have begun and its optimizer step has not returned (it may never: Ctrl+C).
+        self._inside_update = False
         check_optimizer_name(optimizer)
         self.optimizer_name = optimizer
         self._precision_flag = "32-true"
@@ -348,6 +354,7 @@ class _SingleGPUOffloadCore:
     @override
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
+        self._inside_update = False
         self._plan_and_setup_backend()
         gradient_hooks = self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)
         self.accelerator.setup(trainer)
@@ -442,10 +449,40 @@ class _SingleGPUOffloadCore:
         return self.backend.optimizer_state_dict(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        assert self.backend is not None
+        if self.backend.updates_inside_backward():
+            assert self.lightning_module is not None
+            # Lightning's SLURM auto-requeue saves a checkpoint from this signal's handler, wherever it lands.
+            environment = self.lightning_module.trainer._accelerator_connector.cluster_environment
+            requeue = (getattr(environment, "requeue_signal", None)
+                       if getattr(environment, "auto_requeue", False) else None)
+            self._fit.signals_held_in_steps = SignalsHeldInSteps(
+                [signal.SIGINT, *([requeue] if requeue is not None else [])],
+                why=f"since backend {self.backend.name!r} updates parameters during backward (a model stopped or "
+                    "checkpointed inside the step would be half a step ahead of its step counter)")
+
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         if batch_idx % HOST_WATCH_EVERY_BATCHES == 0:
             self._watch_host_memory()
+        if self._fit.signals_held_in_steps is not None:
+            self._fit.signals_held_in_steps.step_ended()
+            self._fit.signals_held_in_steps.step_started()
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._fit.signals_held_in_steps is not None:
+            self._fit.signals_held_in_steps.step_ended()
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._fit.signals_held_in_steps is not None:
+            self._fit.signals_held_in_steps.step_ended()
 
     def _watch_host_memory(self) -> None:
         warning = self._host_budget.warning_once() if self._host_budget is not None else None
@@ -455,6 +492,14 @@ class _SingleGPUOffloadCore:
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         self._watch_host_memory()
+        if self._inside_update:
+            assert self.backend is not None
+            warnings.warn(
+                f"Saving {str(filepath)!r} from inside a training step (the fit stopped there, or a callback saves "
+                f"mid-step): backend {self.backend.name!r} had updated some parameters of step "
+                f"{checkpoint.get('global_step')} during backward and not others, so this checkpoint is partly a step "
+                "ahead of its step counter. For an exact resume, resume from a checkpoint saved between steps.",
+                stacklevel=2)
         if self.plan is not None:
             checkpoint = {**checkpoint, PLAN_KEY: plan_state(self.plan)}
         if not self.backend.saves_own_state:
@@ -527,6 +572,13 @@ class _SingleGPUOffloadCore:
         trainer = getattr(self.lightning_module, "_trainer", None)
         accumulating = trainer is not None and trainer.training and trainer.fit_loop._should_accumulate()
         self.backend.before_backward(last_micro_batch=not accumulating)
+        self._inside_update = not accumulating and self.backend.updates_inside_backward()
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        stepped = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._inside_update = False
+        return stepped
 
     @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
@@ -550,6 +602,8 @@ class _SingleGPUOffloadCore:
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+        if self._fit.signals_held_in_steps is not None:
+            self._fit.signals_held_in_steps.remove()
         if self.backend is not None:
             self.backend.teardown()
         if self._fit.uncapped_gpu_fraction is not None:

@@ -211,6 +211,11 @@ class Backend(ABC):
         """Runs before `configure_optimizers`, for engines that replace parameters (sharding)."""
         return module
 
+    def updates_inside_backward(self) -> bool:
+        """Whether this run's engine updates parameters during backward: inside a step, the model is then partly a
+        step ahead of its step counter."""
+        return False
+
     def before_backward(self, last_micro_batch: bool) -> None:
         """Runs before every backward; `last_micro_batch` is False while gradients accumulate, True on the backward
         that the optimizer step follows (engines that update inside backward need to know which one it is)."""

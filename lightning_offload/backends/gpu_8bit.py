@@ -167,6 +167,9 @@ class GPU8bitBackend(Backend):
     def setup_inference(self, module: nn.Module, precision: str) -> nn.Module:
         return module.to(self._device)
 
+    def updates_inside_backward(self) -> bool:
+        return not self._defer_updates
+
     def before_backward(self, last_micro_batch: bool) -> None:
         if self._optimizer is not None:
             self._optimizer.updates_in_backward = last_micro_batch and not self._defer_updates

@@ -339,6 +339,9 @@ class HostAdamBackend(Backend):
         self._module = module
         return module.to(self._device)
 
+    def updates_inside_backward(self) -> bool:
+        return True
+
     def before_backward(self, last_micro_batch: bool) -> None:
         engine = self.engine
         if engine is None:

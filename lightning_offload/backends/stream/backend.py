@@ -354,6 +354,9 @@ class StreamBackend(Backend):
         assert self.optimizer is not None
         update_buckets(unit.buckets, states, self.optimizer)
 
+    def updates_inside_backward(self) -> bool:
+        return True
+
     def before_backward(self, last_micro_batch: bool) -> None:
         if self.scheduler is not None:
             if last_micro_batch:
