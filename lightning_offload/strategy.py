@@ -201,7 +201,7 @@ class _SingleGPUOffloadCore:
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
         self._fit = _FitSetup()
-        if self._memory_checked:
+        if self._memory_checked and self.backend is not None:
             # Before the callbacks' `setup` (weight averaging copies the model there).
             self._refuse_what_the_kept_engine_cannot_run()
         if self.backend is not None and not self.check_memory:
