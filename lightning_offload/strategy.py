@@ -163,6 +163,7 @@ class _SingleGPUOffloadCore:
         self.max_host_memory_gib = max_host_memory_gib
         self._host_budget: HostBudget | None = None
         self.backend_name: str | None = None if backend == "auto" else backend
+        self._backend_pinned = backend != "auto"
         self.backend: Backend | None = None
         if self.backend_name is not None:
             engine = backend_class(self.backend_name)
@@ -206,6 +207,9 @@ class _SingleGPUOffloadCore:
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
         self._fit = _FitSetup()
+        if self._memory_checked and self.backend is not None:
+            # Before the callbacks' `setup` (weight averaging copies the model there).
+            self._refuse_what_the_kept_engine_cannot_run()
         if self.backend is not None and not self.check_memory:
             self._setup_backend_environment()
 
@@ -418,6 +422,24 @@ class _SingleGPUOffloadCore:
         if refusals:
             raise ValueError(refusals[0][1])
         return tuple(f"`{owner}`" for owner in needs.gradient_hooks)
+
+    def _refuse_what_the_kept_engine_cannot_run(self) -> None:
+        """A later fit keeps the engine the first fit built, which holds the trained model: what this fit adds that
+        the engine cannot run (a callback, clipping) is refused before anything of it runs."""
+        trainer = self.lightning_module.trainer
+        if self._backend_pinned:
+            self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)
+            return
+        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
+        refusals = self.backend.refusals(needs)
+        if refusals:
+            runs_it = [name for name in available_backends() if not backend_class(name).refusals(needs)]
+            raise ValueError(
+                f"This fit adds what backend {self.backend_name!r} cannot run ({refusals[0][0]}): `backend='auto'` "
+                f"chose {self.backend_name!r} at this strategy's first fit, which did not use it, and later fits keep "
+                "the engine that holds the trained model. Use it from the first fit (the planner then picks a backend "
+                f"that runs it), or pin one that does ({', '.join(repr(name) for name in runs_it)})."
+            )
 
     def _compile_blocks(self, module: torch.nn.Module) -> None:
         checkpointing = self.activation_checkpointing

@@ -11,8 +11,9 @@ compute, fp32 loss). `"32-true"` keeps fp32 weights (4 bytes a parameter) with t
 
 With `accumulate_grad_batches > 1`, gradients accumulate in `.grad` on the device and the update runs inside the
 last micro-batch's backward. Gradient clipping (`gradient_clip_val`) is exact but moves the updates after backward:
-clipping by norm needs every gradient before the first update, so the gradients are held until Lightning has
-clipped them (2 more bytes a parameter), and a warning says so.
+clipping by norm needs every gradient before the first update, and Lightning clips by value after backward too, so
+the gradients are held until Lightning has clipped them (2 more bytes a parameter, which the planner counts), and a
+warning says so.
 
 Activation checkpointing: `checkpoint_blocks=k` recomputes k blocks in backward; by default just as many as the
 device's free memory needs (`blocks_to_checkpoint`, decided from the first block's measured activations in the first
@@ -154,9 +155,9 @@ class GPU8bitBackend(Backend):
         if self._defer_updates:
             warnings.warn(
                 f"{' and '.join(readers)} with the `gpu_8bit` backend: clipping by norm needs every gradient before "
-                "the first update, and so does a hook that reads them: parameters are updated after backward and their "
-                "gradients are held until then (2 bytes/parameter more on the device). Drop them to update inside "
-                "backward.",
+                "the first update, Lightning clips by value after backward, and a hook reads them all: parameters are "
+                "updated after backward and their gradients are held until then (2 bytes/parameter more on the "
+                "device). Drop them to update inside backward.",
                 stacklevel=2,
             )
         optimizer.allocate_state()
@@ -286,6 +287,7 @@ SPEC = BackendSpec(
     name="gpu_8bit", engine=GPU8bitBackend, memory_terms=memory_terms, step_time=step_updated_on_the_gpu,
     checkpoint_weight_bytes=2, eight_bit_optimizer="adamw8bit_fused",
     pinned_optimizer=lambda optimizer: "adamw8bit_fused" if optimizer in ADAMW_8BIT else None, own_adamw=True,
+    holds_gradients_to_clip_by_value=True,
 )
 
 

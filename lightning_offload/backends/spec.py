@@ -151,6 +151,9 @@ class BackendSpec:
     them, they bound its plans."""
     multi_process: MultiProcess | None = None
     """How it spans processes; None: it drives one GPU."""
+    holds_gradients_to_clip_by_value: bool = False
+    """Clipping by value (`gradient_clip_algorithm="value"`) makes it keep every gradient until the step: Lightning
+    clips them after backward, so an engine that updates inside backward waits for all of them."""
     runs_compiled_modules: bool = False
     """It trains a module the user compiled (`torch.compile(layer)`): it hooks no layer inside one."""
     checkpoint_files: tuple[str, ...] = ()

@@ -126,7 +126,8 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         )
     report = choose(stats, machine, ceilings, plans, accumulate=accumulate,
                     allow_eight_bit=optimizer in EIGHT_BIT_OPTIMIZERS, world_size=world_size,
-                    ranks_per_host=ranks_per_host, holds_gradients=needs.holds_gradients, margin=margin, disk=disk,
+                    ranks_per_host=ranks_per_host, holds_gradients=needs.holds_gradients, clipping=needs.clipping,
+                    margin=margin, disk=disk,
                     disk_pinned=offload_device == "nvme" or disk_blocks is not None)
     left_out = {name: reason for name in backends if (reason := cannot_run(name, needs)) is not None}
     return dataclasses.replace(report, needs=needs, left_out=left_out)

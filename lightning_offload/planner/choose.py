@@ -80,6 +80,8 @@ class PlanReport:
     """What the run asks of an engine (`RunNeeds`); None: nothing beyond the model."""
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)
     """Backends left out because they cannot run what the run needs (`cannot_run`), with why."""
+    clipping: str | None = None
+    """How the run clips its gradients ("norm", "value"); None: it does not."""
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -212,8 +214,8 @@ def _optimizers_for(spec: BackendSpec, pinned: str | None) -> list[str]:
 
 def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Sequence[Plan], *, accumulate: int = 1,
            allow_eight_bit: bool = False, margin: float = SAFETY_MARGIN, world_size: int = 1,
-           ranks_per_host: int | None = None, holds_gradients: bool = False, disk: Disk | None = None,
-           disk_pinned: bool = False) -> PlanReport:
+           ranks_per_host: int | None = None, holds_gradients: bool = False, clipping: str | None = None,
+           disk: Disk | None = None, disk_pinned: bool = False) -> PlanReport:
     """The fastest plan that fits; exact-optimizer plans first unless `allow_eight_bit`. With `world_size` > 1 the
     memory is per GPU and per host (see `estimate_memory`); the step time stays the one-GPU estimate. Plans with
     state on `disk` must fit its free space, and unless `disk_pinned` their disk traffic must not make the step
@@ -223,7 +225,7 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
 
     def memory_of(plan: Plan) -> MemoryEstimate:
         return estimate_memory(stats, plan, accumulate=accumulate, holds_gradients=holds_gradients,
-                               world_size=world_size, ranks_per_host=ranks_per_host)
+                               clipping=clipping, world_size=world_size, ranks_per_host=ranks_per_host)
 
     def missing(plan: Plan, memory: MemoryEstimate | None = None) -> dict[str, float]:
         memory = memory or memory_of(plan)
@@ -256,7 +258,8 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
     else:
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
-                      accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans), disk, disk_pinned)
+                      accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans), disk, disk_pinned,
+                      clipping=clipping)
 
 
 def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
@@ -378,15 +381,21 @@ def _accumulation_hints(report: PlanReport, nearest: Candidate, plans: list[Plan
 
 
 def _clipping_hints(report: PlanReport, plans: list[Plan]) -> list[str]:
-    """Where clipping by global norm is what does not fit: the plans that update inside backward then keep every
-    gradient until backward ends. Not where a hook reads the gradients: it keeps them all without clipping too."""
-    if not report.holds_gradients or report.needs is not None and report.needs.gradient_hooks:
+    """Where clipping is what does not fit: by global norm, the plans that update inside backward then keep every
+    gradient until backward ends; by value, those that leave it to Lightning after backward do. Not where a hook
+    reads the gradients: it keeps them all without clipping too."""
+    by_value = report.clipping == "value" and not report.holds_gradients
+    if not (report.holds_gradients or by_value) or report.needs is not None and report.needs.gradient_hooks:
         return []
     unclipped = choose(report.stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
                        accumulate=report.accumulate, world_size=report.world_size,
                        ranks_per_host=report.ranks_per_host, disk=report.disk, disk_pinned=report.disk_pinned).chosen
     if unclipped is None:
         return []
+    if by_value:
+        return [f"without gradient clipping by value (`gradient_clip_val=None`) {unclipped.plan} fits "
+                f"(~{unclipped.step_time_s:.3g} s/step): clipping by value after backward keeps every gradient until "
+                "backward ends"]
     return [f"without gradient clipping by norm (`gradient_clip_val=None`, or `gradient_clip_algorithm='value'`) "
             f"{unclipped.plan} fits (~{unclipped.step_time_s:.3g} s/step): clipping by the global norm keeps every "
             "gradient until backward ends"]
@@ -416,5 +425,5 @@ def _fitting(report: PlanReport, stats: ModelStats, plans: list[Plan],
     micro-batches per step), 8-bit state allowed."""
     return choose(stats, report.machine, report.ceilings, plans, allow_eight_bit=True,
                   accumulate=report.accumulate if accumulate is None else accumulate, world_size=report.world_size,
-                  ranks_per_host=report.ranks_per_host, holds_gradients=report.holds_gradients, disk=report.disk,
-                  disk_pinned=report.disk_pinned).chosen
+                  ranks_per_host=report.ranks_per_host, holds_gradients=report.holds_gradients,
+                  clipping=report.clipping, disk=report.disk, disk_pinned=report.disk_pinned).chosen

@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.backends import registry
-from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
-from lightning_offload.planner.lightning import plan_for_module
+from lightning_offload.planner.lightning import fit_needs, plan_for_module
 from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.record import plan_state
+from lightning_offload.telemetry import ThroughputMonitor
 
 CEILINGS = {"h100": Ceilings()}
 # The GPUs `machine=` names (conf/machine/*.yaml): memory and rates, measured or scaled from datasheets.
@@ -55,9 +55,9 @@ def machine_of(cfg: DictConfig) -> tuple[Machine, Ceilings, torch.device]:
 
 
 def plan_from_config(cfg: DictConfig) -> PlanReport:
-    """The plan `python -m lightning_offload.train` picks with the same overrides: the model, data, trainer
-    (precision, gradient clipping and accumulation) and strategy groups of the training config, planned as the
-    strategy plans them, on the machine `machine.*` describes."""
+    """The plan `python -m lightning_offload.train` picks with the same overrides: the model (its hooks), data,
+    trainer (precision, gradient clipping and accumulation), callbacks and strategy groups of the training config,
+    planned as the strategy plans them, on the machine `machine.*` describes."""
     machine, ceilings, device = machine_of(cfg.machine)
     module = instantiate(cfg.model)
     strategy, trainer = cfg.strategy, cfg.trainer
@@ -67,15 +67,26 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
         optimizer=strategy.get("optimizer"),
         checkpointing=as_checkpointing_config(OmegaConf.to_container(strategy.activation_checkpointing)),
         precision=precision, accumulate=int(trainer.accumulate_grad_batches),
-        needs=RunNeeds(gradient_clip_val=trainer.gradient_clip_val,
-                       gradient_clip_algorithm=trainer.get("gradient_clip_algorithm"),
-                       compile_blocks=bool(strategy.get("compile_blocks"))),
+        needs=fit_needs(module, _training_callbacks(cfg.callbacks), gradient_clip_val=trainer.gradient_clip_val,
+                        gradient_clip_algorithm=trainer.get("gradient_clip_algorithm"),
+                        compile_blocks=bool(strategy.get("compile_blocks"))),
         compiled_blocks=bool(strategy.get("compile_blocks")), machine=machine, ceilings=ceilings,
         pinned_levers={key: strategy[key] for key in registry.pinned_levers(_auto_as_none(strategy.backend))
                        if key in strategy})
     if report is None:
         raise ValueError(f"The planner could not measure `model={cfg.model._target_}` (see the warning above).")
     return report
+
+
+def _training_callbacks(callbacks: DictConfig) -> list[Any]:
+    """The callbacks `train` gives the Trainer (the `callbacks` group, then its throughput monitor), as classes: their
+    hooks are read, not run, and their arguments (a run folder) need no run. A `_target_` that is not a class (a
+    factory) is called."""
+    found = []
+    for node in callbacks.values():
+        target = get_object(node._target_)
+        found.append(target if isinstance(target, type) else instantiate(node))
+    return [*found, ThroughputMonitor]
 
 
 def _example_batch(module: Any, data: DictConfig) -> tuple[Any, Any]:

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -60,14 +60,30 @@ def run_needs(module: Any, trainer: Any, *, compile_blocks: bool) -> RunNeeds:
     if not _fitting(trainer):
         return RunNeeds(compile_blocks=compile_blocks)
     namespace = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
+    return fit_needs(module, trainer.callbacks, gradient_clip_val=trainer.gradient_clip_val,
+                     gradient_clip_algorithm=trainer.gradient_clip_algorithm, compile_blocks=compile_blocks,
+                     namespace=namespace)
+
+
+def fit_needs(module: Any, callbacks: Sequence[Any], *, gradient_clip_val: float | None,
+              gradient_clip_algorithm: str | None, compile_blocks: bool,
+              namespace: str = "lightning.pytorch") -> RunNeeds:
+    """What fitting `module` with `callbacks` (instances, or classes: their hooks are looked up, never called) and the
+    Trainer's clipping asks of an engine: the Trainer's run (`run_needs`) and `lightning-offload plan` read it alike."""
+    lightning = import_module(namespace)
     is_overridden = import_module(f"{namespace}.utilities.model_helpers").is_overridden
+    owners = [(module, lightning.LightningModule), *((callback, lightning.Callback) for callback in callbacks)]
     return RunNeeds(
-        gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-        gradient_hooks=tuple(type(owner).__name__ for owner in (module, *trainer.callbacks)
-                             if is_overridden("on_before_optimizer_step", owner)),
-        callbacks=tuple(tuple(cls.__name__ for cls in type(callback).__mro__) for callback in trainer.callbacks),
+        gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
+        gradient_hooks=tuple(_class_of(owner).__name__ for owner, parent in owners
+                             if is_overridden("on_before_optimizer_step", owner, parent)),
+        callbacks=tuple(tuple(cls.__name__ for cls in _class_of(callback).__mro__) for callback in callbacks),
         manual_optimization=not module.automatic_optimization, compile_blocks=compile_blocks,
     )
+
+
+def _class_of(owner: Any) -> type:
+    return owner if isinstance(owner, type) else type(owner)
 
 
 def _fitting(trainer: Any) -> bool:

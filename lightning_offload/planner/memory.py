@@ -85,13 +85,15 @@ def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
 
 
 def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds_gradients: bool = False,
-                    world_size: int = 1, ranks_per_host: int | None = None) -> MemoryEstimate:
+                    clipping: str | None = None, world_size: int = 1,
+                    ranks_per_host: int | None = None) -> MemoryEstimate:
     """Bytes `plan` needs for a model described by `stats` (bf16 compute), `accumulate` micro-batches per step.
 
     With `world_size` processes (`ranks_per_host` of them on each machine, default all), GPU terms are per GPU and
     host terms per machine: every rank on a host holds its own shard and its own process, which is how several
     ranks exhaust one host's RAM. `holds_gradients`: the run clips by global norm, so the plans that update
-    inside backward keep every gradient until backward ends, as when accumulating.
+    inside backward keep every gradient until backward ends, as when accumulating. `clipping`: how the run clips
+    ("norm", "value"; None: it does not); clipping by value keeps them too where the backend's spec says so.
     """
     spec = registry.find(plan.backend)
     if spec is None:
@@ -100,7 +102,8 @@ def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds
     if world_size > 1 and spec.multi_process is None:
         raise ValueError(f"The {plan.backend!r} plan drives one GPU; across processes choose one of "
                          f"{registry.multi_process_backends()}.")
-    whole_gradients = accumulate > 1 or holds_gradients
+    clipped_after_backward = clipping == "value" and spec.holds_gradients_to_clip_by_value
+    whole_gradients = accumulate > 1 or holds_gradients or clipped_after_backward
     single = _estimate_one_rank(stats, plan, whole_gradients, accumulate > 1)
     if world_size == 1:
         return single

@@ -87,7 +87,8 @@ def resume_report(report: PlanReport, saved: Plan, path: str | Path) -> PlanRepo
         saved = dataclasses.replace(saved, checkpointing=checkpointing, every_k=every_k)
     resumed = choose(report.stats, report.machine, report.ceilings, [saved], accumulate=report.accumulate,
                      allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host,
-                     holds_gradients=report.holds_gradients, disk=report.disk, disk_pinned=report.disk_pinned)
+                     holds_gradients=report.holds_gradients, clipping=report.clipping, disk=report.disk,
+                     disk_pinned=report.disk_pinned)
     if resumed.chosen is not None:
         return dataclasses.replace(resumed, reason=f"Resuming {str(path)!r} with the plan it was trained with: "
                                                    f"{saved}.")

@@ -8,7 +8,7 @@ import pytest
 
 from lightning_offload.planner import (GIB, SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
                                        RunNeeds, estimate_memory, plan, shortfalls)
-from lightning_offload.planner.choose import Candidate, candidate_plans, choose, ordered
+from lightning_offload.planner.choose import Candidate, PlanReport, candidate_plans, choose, ordered
 from lightning_offload.planner.cost import StepTime
 from tests.planner.test_memory import LLAMA_8B
 
@@ -262,6 +262,7 @@ def test_pinned_levers_that_exclude_every_plan_are_refused_with_each_reason(leve
 
 HOOK = RunNeeds(gradient_hooks=("LogsGradNorm",))
 CLIPS_BY_NORM = RunNeeds(gradient_clip_val=1.0)
+CLIPS_BY_VALUE = RunNeeds(gradient_clip_val=1.0, gradient_clip_algorithm="value")
 
 
 @pytest.mark.parametrize(("needs", "refusing"), [
@@ -317,3 +318,30 @@ def test_a_refusal_offers_dropping_clipping_only_where_no_hook_holds_the_gradien
     assert "without gradient clipping by norm" in refusal(CLIPS_BY_NORM)
     assert "without gradient clipping by norm" not in refusal(dataclasses.replace(CLIPS_BY_NORM,
                                                                                   gradient_hooks=("LogsGradNorm",)))
+
+
+def test_gpu_8bit_plans_clipping_by_value_with_every_gradient_held_and_refuses_a_budget_it_exceeds() -> None:
+    def gpu_8bit_bytes(needs: RunNeeds | None) -> dict[Plan, int]:
+        report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit", needs=needs)
+        return {c.plan: c.memory.gpu_bytes for c in report.candidates}
+
+    by_value, free = gpu_8bit_bytes(CLIPS_BY_VALUE), gpu_8bit_bytes(None)
+    assert all(by_value[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in free)
+
+    gpu_8bit = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="full")
+    held, unheld = (estimate_memory(LLAMA_8B, gpu_8bit, clipping=clipping).gpu_bytes / GIB / SAFETY_MARGIN
+                    for clipping in ("value", None))
+    machine = Machine(gpu_memory_gib=(held + unheld) / 2, host_memory_gib=125)
+
+    def planned(needs: RunNeeds, backend: str = "gpu_8bit") -> PlanReport:
+        return plan(LLAMA_8B, machine=machine, ceilings=Ceilings(), device="cuda", backend=backend,
+                    activation_checkpointing="full", needs=needs)
+
+    assert planned(RunNeeds()).chosen.plan == gpu_8bit
+    refused = planned(CLIPS_BY_VALUE)
+    assert refused.chosen is None
+    assert f"without gradient clipping by value (`gradient_clip_val=None`) {gpu_8bit} fits" in str(refused.error())
+    # `backend="auto"` trains the run with a plan that keeps the gradients it clips.
+    auto = planned(CLIPS_BY_VALUE, backend="auto")
+    assert auto.chosen is not None and auto.chosen.plan.backend != "gpu_8bit"
+    assert not any(c.fits for c in auto.candidates if c.plan.backend == "gpu_8bit")

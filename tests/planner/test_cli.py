@@ -13,8 +13,10 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
+from lightning_offload.models import CausalLM
 from lightning_offload.planner.cli import plan_from_config
 from lightning_offload.train import train
+from tests.planner.test_strategy_planning import prefer
 from tests.test_train import SHORT_RUN, compose_config
 
 
@@ -85,6 +87,48 @@ def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_ove
     assert preview.stats == trained.stats
     clipping = "trainer.gradient_clip_val=0.5" in trainer_overrides
     assert preview.holds_gradients is clipping and preview.accumulate == (2 if clipping else 1)
+
+
+class ReadsGradients(pl.Callback):
+    """Reads the gradients before each optimizer step: `host_adam` has none there."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer) -> None:
+        assert any(p.grad is not None for p in module.parameters())
+
+
+class LogsGradNorm(CausalLM):
+    """The config's model with a hook that reads the gradients before each optimizer step."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+# (overrides that add what `host_adam` cannot run, or none; the backend both pick where `host_adam` is fastest)
+READERS = {
+    "nothing": ([], "host_adam"),
+    "a callback": ([f"+callbacks.reads_gradients._target_={__name__}.ReadsGradients"], "device"),
+    "a module hook": ([f"model._target_={__name__}.LogsGradNorm"], "device"),
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_the_plan_command_sees_the_callbacks_and_hooks_training_sees(monkeypatch, tmp_path, reader) -> None:
+    added, backend = READERS[reader]
+    prefer(monkeypatch, "host_adam", "device")
+    overrides = [*SHORT_RUN, "trainer.max_steps=1", "trainer.limit_val_batches=0", *added]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
+        preview = plan_from_config(compose(config_name="plan", overrides=overrides))
+    kept = KeepPlan()
+    cfg = compose_config(tmp_path, overrides)
+    HydraConfig.instance().set_config(cfg)
+    train(cfg, extra_callbacks=[kept])
+    trained = kept.report
+    assert preview.chosen.plan == trained.chosen.plan and trained.chosen.plan.backend == backend
+    assert preview.left_out == trained.left_out and ("host_adam" in preview.left_out) is bool(added)
+    assert preview.needs.gradient_hooks == trained.needs.gradient_hooks
 
 
 @pytest.mark.parametrize("strategy", ["auto", "deepspeed", "fsdp", "gpu_8bit", "host_adam", "stream"])

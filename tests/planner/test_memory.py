@@ -137,6 +137,16 @@ def test_clipping_by_norm_keeps_every_gradient_in_the_plans_that_update_in_backw
     assert clipped.gpu_bytes > estimate_memory(LLAMA_8B, plan).gpu_bytes
 
 
+def test_clipping_by_value_keeps_every_gradient_only_where_lightning_clips_after_backward() -> None:
+    gpu_8bit = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused")
+    by_value = estimate_memory(LLAMA_8B, gpu_8bit, clipping="value")
+    assert by_value.gpu_bytes - estimate_memory(LLAMA_8B, gpu_8bit).gpu_bytes == 2 * LLAMA_8B.trainable_parameters
+    assert by_value.gpu == estimate_memory(LLAMA_8B, gpu_8bit, holds_gradients=True).gpu
+    # `host_adam` clips each gradient by value on its way to the host, as its update runs.
+    host_adam = Plan(backend="host_adam", optimizer="adamw")
+    assert estimate_memory(LLAMA_8B, host_adam, clipping="value") == estimate_memory(LLAMA_8B, host_adam)
+
+
 def test_host_adam_front_blocks_move_twelve_bytes_per_parameter_from_host_to_gpu() -> None:
     all_host = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw"))
     front = estimate_memory(LLAMA_8B, Plan(backend="host_adam", optimizer="adamw", resident_blocks=8))

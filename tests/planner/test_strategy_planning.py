@@ -12,7 +12,7 @@ import torch
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.activation_checkpointing import recompute_in_backward
 from lightning_offload.planner import Machine, PlanDoesNotFit
-from tests.conftest import VOCAB, TinyLM, fit
+from tests.conftest import VOCAB, TinyLM, fit, token_batches
 
 
 def test_auto_plans_from_the_first_batch_and_trains_on_the_cpu() -> None:
@@ -325,3 +325,60 @@ def test_a_pinned_backend_that_cannot_run_it_is_refused_before_the_model_is_buil
     # Weight averaging's own `setup` builds the model (`configure_model`) to copy it, before any strategy hook.
     assert module.net is None or need == "weight averaging"
     assert module.losses == []
+
+
+class ReadsGradients:
+    """A callback that reads the gradients before each optimizer step (adds a gradient hook to a later fit)."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def _reads_gradients() -> list[Any]:
+    from lightning.pytorch.callbacks import Callback
+
+    return [type("ReadsGradients", (ReadsGradients, Callback), {})()]
+
+
+# (what a later fit of the same Trainer adds, as Trainer attributes; a backend that cannot run it)
+LATER_NEEDS = {
+    "gradient hook": ({"callbacks": _reads_gradients}, "host_adam"),
+    "clipping by value": ({"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}, "deepspeed"),
+    "weight averaging": ({"callbacks": _ema}, "fsdp"),
+}
+
+
+def fit_again_adding(trainer: Any, module: TinyLM, need: str) -> None:
+    """A second `trainer.fit` of `module` (one more epoch) after the run starts using `need` (a notebook's next
+    cell)."""
+    added, _ = LATER_NEEDS[need]
+    for name, value in added.items():
+        if name == "callbacks":
+            trainer.callbacks.extend(value())
+        else:
+            setattr(trainer, name, value)
+    trainer.fit_loop.max_epochs += 1
+    trainer.fit(module, train_dataloaders=token_batches(1))
+
+
+@pytest.mark.parametrize("need", list(LATER_NEEDS))
+def test_a_later_fit_that_adds_what_the_planned_backend_cannot_run_is_refused_before_it_starts(
+        monkeypatch: pytest.MonkeyPatch, need: str) -> None:
+    refusing = LATER_NEEDS[need][1]
+    prefer(monkeypatch, refusing, "device")
+    module, trainer = fit(SingleGPUOffloadStrategy(), num_batches=1)
+    assert trainer.strategy.backend_name == refusing
+    with pytest.raises(ValueError, match=r"`backend='auto'` chose .* first fit") as refusal:
+        fit_again_adding(trainer, module, need)
+    assert f"backend {refusing!r} cannot run" in str(refusal.value)
+    assert "'device'" in str(refusal.value)  # a backend that runs it, to pin
+    assert len(module.losses) == 1
+
+
+@pytest.mark.parametrize("need", list(LATER_NEEDS))
+def test_a_pinned_backend_refuses_a_later_fit_that_adds_what_it_cannot_run(need: str) -> None:
+    refusing = LATER_NEEDS[need][1]
+    module, trainer = fit(SingleGPUOffloadStrategy(backend=refusing), num_batches=1)
+    with pytest.raises(ValueError, match=f"backend {refusing!r}|the {refusing!r} backend"):
+        fit_again_adding(trainer, module, need)
+    assert len(module.losses) == 1
