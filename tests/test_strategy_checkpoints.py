@@ -294,6 +294,15 @@ def test_load_from_checkpoint_maps_a_folder_as_the_same_checkpoint_in_one_file(s
     assert_same_load(loaded_or_error(paths["own"], **options), loaded_or_error(paths["file"], **options))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("map_location", [{"cpu": "cuda:0"}, "cuda:0", torch.device("cuda", 0)], ids=str)
+def test_load_from_checkpoint_maps_a_folder_onto_the_gpu(saved_once, map_location: Any) -> None:
+    for backend in FOLDER_BACKENDS:
+        loaded = loaded_or_error(saved_once[backend]["own"], map_location=map_location)
+        assert_same_load(loaded, loaded_or_error(saved_once[backend]["file"], map_location=map_location))
+        assert {value.device for value in loaded.values()} == {torch.device("cuda", 0)}
+
+
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
 def test_load_from_checkpoint_hands_a_folders_tensors_to_a_map_location_function(saved_once, backend: str) -> None:
     seen: dict[str, list[tuple[str, int]]] = {}
