@@ -59,45 +59,73 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     return torch.load(out_path, map_location="cpu", mmap=True, weights_only=lightning_state is None)
 
 
-def lightning_client_state(checkpoint: Path) -> dict[str, Any]:
+def lightning_client_state(checkpoint: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state in any backend's checkpoint (hyperparameters, loops, callbacks), without the weights and
-    the optimizer state."""
+    the optimizer state; `weights_only` as `torch.load`'s."""
     if checkpoint.is_file():
-        state = load_whole(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        state = load_whole(checkpoint, map_location="cpu", mmap=True, weights_only=weights_only)
     else:
-        state = registry.checkpoint_spec(checkpoint).client_state(checkpoint)
+        state = registry.checkpoint_spec(checkpoint).client_state(checkpoint, weights_only=weights_only)
     return {key: value for key, value in state.items() if key not in ("state_dict", "optimizer_states")}
 
 
-def lightning_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+def lightning_checkpoint(checkpoint: str | os.PathLike, *, map_location: Any = None,
+                         weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's checkpoint (its dict, as `torch.load` of its file gives it) of an engine's folder: Lightning's
-    state with the fp32 weights under `"state_dict"`, in memory."""
+    state with the fp32 weights under `"state_dict"`, in memory. `map_location` and `weights_only` act as they do
+    in `torch.load` of Lightning's file, the weights counting as saved from host memory (location `"cpu"`)."""
     checkpoint = Path(checkpoint)
-    return {**lightning_client_state(checkpoint), "state_dict": dict(fp32_tensors(checkpoint))}
+    state = lightning_client_state(checkpoint, weights_only=weights_only)
+    return {**state, "state_dict": _placed(fp32_tensors(checkpoint), map_location)}
+
+
+def _placed(tensors: Iterator[tuple[str, torch.Tensor]], map_location: Any) -> dict[str, torch.Tensor]:
+    """The tensors as `torch.load(..., map_location=map_location)` places a file's: each storage (a tied weight's
+    once) goes through the same mapping (a dict, a callable, a device or its name)."""
+    from torch.serialization import _get_restore_location, location_tag
+
+    restore = _get_restore_location(map_location)
+    # By the storage the reader gave: the names of a tied weight stay one tensor where they land.
+    restored: dict[int, torch.UntypedStorage] = {}
+    placed = {}
+    for name, tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in restored:
+            restored[storage._cdata] = restore(storage, location_tag(storage))
+        target = restored[storage._cdata]
+        placed[name] = torch.empty(0, dtype=tensor.dtype, device=target.device).set_(
+            target, tensor.storage_offset(), tensor.size(), tensor.stride())
+    return placed
 
 
 def read_checkpoint_folders(saving: ModuleType) -> None:
     """Lets `load_from_checkpoint` of Lightning's namespace whose `core.saving` module is `saving` read an engine's
-    checkpoint folder as the Lightning checkpoint it holds (`lightning_checkpoint`); every other path is read by
-    Lightning's own loader, unchanged."""
+    checkpoint folder as the Lightning checkpoint it holds (`lightning_checkpoint`, with the caller's `map_location`
+    and `weights_only`); every other path is read by Lightning's own loader, unchanged."""
     load = getattr(saving, "pl_load", None)
     # A Lightning without this loader keeps its own behaviour: folders are then read through `consolidate`.
     if load is None or getattr(load, "reads_checkpoint_folders", False):
         return
 
     @functools.wraps(load)
-    def load_file_or_folder(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+    def load_file_or_folder(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if not (isinstance(path_or_url, (str, os.PathLike)) and is_checkpoint_folder(Path(path_or_url))):
-            return load(path_or_url, *args, **kwargs)
-        checkpoint = lightning_checkpoint(path_or_url)
-        map_location = kwargs.get("map_location", args[0] if args else None)
-        if isinstance(map_location, (str, torch.device)):
-            weights = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {name: value.to(map_location) for name, value in weights.items()}
-        return checkpoint
+            return load(path_or_url, map_location=map_location, weights_only=weights_only)
+        return lightning_checkpoint(path_or_url, map_location=map_location, weights_only=weights_only)
 
     load_file_or_folder.reads_checkpoint_folders = True
     saving.pl_load = load_file_or_folder
+
+
+def checkpoint_writer(checkpoint: str | os.PathLike) -> str | None:
+    """The backend whose checkpoint folder `checkpoint` is; None for Lightning's file (or a path with nothing)."""
+    checkpoint = Path(checkpoint)
+    return registry.checkpoint_spec(checkpoint).name if checkpoint.is_dir() else None
+
+
+def file_backends() -> list[str]:
+    """The backends that save Lightning's own file (and resume from one)."""
+    return [spec.name for spec in registry.specs() if spec.fp32_tensors is None]
 
 
 def fp32_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

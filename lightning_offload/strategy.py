@@ -31,6 +31,7 @@ from lightning_offload.activation_checkpointing import (
     remove_fit_checkpointing,
 )
 from lightning_offload.compile import compile_blocks
+from lightning_offload.consolidation import checkpoint_writer, file_backends, lightning_checkpoint
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
@@ -210,6 +211,8 @@ class _SingleGPUOffloadCore:
         if self._memory_checked and self.backend is not None:
             # Before the callbacks' `setup` (weight averaging copies the model there).
             self._refuse_what_the_kept_engine_cannot_run()
+        if self.backend is not None:
+            self._refuse_checkpoint_it_cannot_resume(self._resumed_checkpoint())
         if self.backend is not None and not self.check_memory:
             self._setup_backend_environment()
 
@@ -264,6 +267,8 @@ class _SingleGPUOffloadCore:
             self._setup_backend_environment()
             return
         trainer = self.lightning_module.trainer
+        # The checkpoint this run loads (any `ckpt_path`), and the one a fit resumes.
+        checkpoint, resume_from = fit_ckpt_path(trainer), self._resumed_checkpoint()
         if self.backend is not None:
             self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)  # before anything is built
         self._memory_checked = True
@@ -271,11 +276,16 @@ class _SingleGPUOffloadCore:
         pinned_levers = {option: getattr(self.backend.config, option)
                          for option in registry.pinned_levers(self.backend_name)} if self.backend is not None else {}
         info = self._lightning_attr("utilities.rank_zero", "rank_zero_info")
+        # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
+        saved = saved_plan(checkpoint) if checkpoint and self.backend is None else None
+        # A folder saved without a plan (its run skipped the planner) is resumed by the backend that wrote it.
+        planned_backend = self.backend_name or (checkpoint_writer(resume_from) if resume_from and saved is None
+                                                else None)
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
             # they were.
             with user_program_preserved(self.lightning_module, trainer, self.root_device):
-                report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=self.backend_name,
+                report = plan_for_trainer(self.lightning_module, trainer, self.root_device, backend=planned_backend,
                                           optimizer=self.optimizer_name, checkpointing=self.activation_checkpointing,
                                           precision=self._precision_flag, pinned_levers=pinned_levers,
                                           compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
@@ -287,11 +297,8 @@ class _SingleGPUOffloadCore:
             self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
         self._fit.building_unplanned, self._fit.fetched_example = False, None
-        # `backend="auto"` resumes with the plan the checkpoint was written by: another backend could not read it.
-        resume_from = fit_ckpt_path(trainer) if self.backend is None else None
-        saved = saved_plan(resume_from) if resume_from else None
         if report is None:
-            if self.backend is None:
+            if self.backend is None:  # validate / test / predict; any backend reads any checkpoint's weights
                 self._adopt_plan(saved or Plan(backend=registry.NO_OFFLOAD, checkpointing="none"))
         else:
             if saved is not None:
@@ -302,10 +309,38 @@ class _SingleGPUOffloadCore:
                 raise report.error()
             check_checkpoint_disk(trainer, report)
             self._adopt_plan(report.chosen.plan)
+            self._refuse_checkpoint_it_cannot_resume(resume_from)
         if self.plan is not None:
             for logger in trainer.loggers:
                 logger.log_hyperparams(plan_hyperparameters(self.plan, self.plan_report))
         self._setup_backend_environment()
+
+    def _resumed_checkpoint(self) -> str | Path | None:
+        """The checkpoint `fit(ckpt_path=...)` resumes from; None when this run does not fit or starts fresh."""
+        trainer = self.lightning_module.trainer
+        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        return fit_ckpt_path(trainer) if fitting else None
+
+    def _checkpoint_format(self) -> str | None:
+        """What this backend writes: its own folder (by its name), or Lightning's file (None)."""
+        return self.backend_name if self.backend.saves_own_state else None
+
+    def _refuse_checkpoint_it_cannot_resume(self, checkpoint_path: str | Path | None) -> None:
+        """Refuses, before anything is built, to resume a checkpoint written in a format this backend cannot resume:
+        each engine resumes its own folder, the others Lightning's file."""
+        if checkpoint_path is None:
+            return
+        writer = checkpoint_writer(checkpoint_path)
+        if writer == self._checkpoint_format():
+            return
+        written = f"a folder of the `{writer}` backend" if writer else "Lightning's single file"
+        resumes = f"`backend={writer!r}`" if writer else " or ".join(f"`backend={name!r}`" for name in file_backends())
+        raise ValueError(
+            f"`fit(ckpt_path={str(checkpoint_path)!r})` cannot resume: the checkpoint is {written}, and this fit "
+            f"trains with the `{self.backend_name}` backend, which resumes only its own checkpoints. Resume with "
+            f"{resumes}, or start a new fit from its weights: `model = MyModule.load_from_checkpoint(...)`, then "
+            "`trainer.fit(model)` without `ckpt_path` (`validate`, `test` and `predict` read it under any backend)."
+        )
 
     def _adopt_plan(self, plan: Plan) -> None:
         """Takes the levers the user left open from `plan`: the backend (or a pinned one's planned options), the
@@ -547,7 +582,10 @@ class _SingleGPUOffloadCore:
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         fitting = self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         if fitting:
+            self._refuse_checkpoint_it_cannot_resume(checkpoint_path)
             self._refuse_other_checkpoint_format(checkpoint_path)
+        elif checkpoint_writer(checkpoint_path) != self._checkpoint_format():
+            return self._load_weights_of_other_format(checkpoint_path, weights_only)
         if not self.backend.saves_own_state:
             with damage_reported(checkpoint_path):
                 checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
@@ -559,6 +597,16 @@ class _SingleGPUOffloadCore:
             raise WeightsOnlyCheckpointError(weights_only_refusal(checkpoint_path))
         return self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
                                             strict=self.lightning_module.strict_loading)
+
+    def _load_weights_of_other_format(self, checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any]:
+        """validate / test / predict from a checkpoint another backend wrote (or Lightning's file, for an engine that
+        writes folders): its fp32 weights, as `load_from_checkpoint` reads them, into this engine."""
+        with damage_reported(checkpoint_path):
+            checkpoint = lightning_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.backend.saves_own_state:  # Lightning's `load_model_state_dict` skips such engines
+            self.backend.load_model_state_dict(self.lightning_module, checkpoint.pop("state_dict"),
+                                               self.lightning_module.strict_loading)
+        return checkpoint
 
     def _refuse_other_checkpoint_format(self, checkpoint_path: Any) -> None:
         saved = saved_plan(checkpoint_path)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,228 @@ def test_both_lightning_namespaces_read_checkpoint_folders() -> None:
 
     assert lightning.pytorch.core.saving.pl_load.reads_checkpoint_folders
     assert pytorch_lightning.core.saving.pl_load.reads_checkpoint_folders
+
+
+# The backends that save a folder of their own files rather than Lightning's file.
+FOLDER_BACKENDS = ("deepspeed", "host_adam", "stream")
+
+
+class Note:
+    """A hyperparameter `torch.load(weights_only=True)` refuses to unpickle."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Note)
+
+
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """backend -> its checkpoint after one epoch ("own": its folder, or Lightning's file under strategy="auto") and
+    the same weights and state as Lightning's file ("file")."""
+    saved = {}
+    for backend in ("auto", *FOLDER_BACKENDS):
+        folder = tmp_path_factory.mktemp(backend)
+        trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
+                             max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+        trainer.save_checkpoint(folder / "own.ckpt")
+        if backend == "auto":
+            saved[backend] = {"own": folder / "own.ckpt", "file": folder / "own.ckpt"}
+            continue
+        consolidate(folder / "own.ckpt", folder / "file.ckpt", lightning_file=True)
+        saved[backend] = {"own": folder / "own.ckpt", "file": folder / "file.ckpt"}
+    return saved
+
+
+def loaded_or_error(path: Path, **load_options: Any) -> Any:
+    """The state dict `load_from_checkpoint(path, **load_options)` gives, or the error it raises."""
+    try:
+        return ValidatedLM.load_from_checkpoint(path, **load_options).state_dict()
+    except Exception as error:
+        return error
+
+
+def assert_same_load(from_folder: Any, from_file: Any) -> None:
+    if isinstance(from_file, Exception):
+        assert type(from_folder) is type(from_file) and str(from_folder) == str(from_file)
+        return
+    assert not isinstance(from_folder, Exception), from_folder
+    assert from_folder.keys() == from_file.keys()
+    for name, expected in from_file.items():
+        assert (from_folder[name].device, from_folder[name].dtype) == (expected.device, expected.dtype)
+        if expected.device.type != "meta":
+            assert torch.equal(from_folder[name], expected)
+
+
+MAP_LOCATIONS = {
+    "default": None,
+    "dict_from_gpu": {"cuda:0": "cpu"},
+    "dict_cpu": {"cpu": "cpu"},
+    "dict_to_meta": {"cpu": "meta"},
+    "device": torch.device("cpu"),
+    "name": "cpu",
+    "meta": "meta",
+}
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+@pytest.mark.parametrize("map_location", sorted(MAP_LOCATIONS))
+def test_load_from_checkpoint_maps_a_folder_as_the_same_checkpoint_in_one_file(saved_once, backend: str,
+                                                                               map_location: str) -> None:
+    paths = saved_once[backend]
+    options = {"map_location": MAP_LOCATIONS[map_location]}
+    assert_same_load(loaded_or_error(paths["own"], **options), loaded_or_error(paths["file"], **options))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("map_location", [{"cpu": "cuda:0"}, "cuda:0", torch.device("cuda", 0)], ids=str)
+def test_load_from_checkpoint_maps_a_folder_onto_the_gpu(saved_once, map_location: Any) -> None:
+    for backend in FOLDER_BACKENDS:
+        loaded = loaded_or_error(saved_once[backend]["own"], map_location=map_location)
+        assert_same_load(loaded, loaded_or_error(saved_once[backend]["file"], map_location=map_location))
+        assert {value.device for value in loaded.values()} == {torch.device("cuda", 0)}
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_load_from_checkpoint_hands_a_folders_tensors_to_a_map_location_function(saved_once, backend: str) -> None:
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for form in ("own", "file"):
+        seen[form] = []
+
+        def record(storage: torch.UntypedStorage, location: str, calls: list = seen[form]) -> None:
+            calls.append((location, storage.nbytes()))  # None: torch.load's own placement
+
+        loaded = ValidatedLM.load_from_checkpoint(saved_once[backend][form], map_location=record)
+        assert all(value.device.type == "cpu" for value in loaded.state_dict().values())
+    assert seen["own"] and sorted(seen["own"]) == sorted(seen["file"])
+
+
+class NotedLM(ValidatedLM):
+    """ValidatedLM that saves a `Note` beside its state, and remembers the one it loads."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["note"] = Note()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.note = checkpoint.get("note")
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_load_from_checkpoint_passes_weights_only_on_to_a_folder(tmp_path, backend: str) -> None:
+    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(NotedLM(), train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    consolidate(tmp_path / "own.ckpt", tmp_path / "file.ckpt", lightning_file=True)
+
+    def load(path: Path, weights_only: bool | None) -> Any:
+        try:
+            return NotedLM.load_from_checkpoint(path, weights_only=weights_only)
+        except Exception as error:
+            return error
+
+    for weights_only in (True, None):  # None: torch's default, which refuses such objects too
+        from_folder, from_file = load(tmp_path / "own.ckpt", weights_only), load(tmp_path / "file.ckpt", weights_only)
+        assert isinstance(from_file, pickle.UnpicklingError)
+        assert type(from_folder) is type(from_file) and str(from_folder) == str(from_file)
+    from_folder, from_file = load(tmp_path / "own.ckpt", False), load(tmp_path / "file.ckpt", False)
+    assert from_folder.note == from_file.note == Note()
+    assert_same_load(from_folder.state_dict(), from_file.state_dict())
+
+
+# `single_gpu_offload` with `backend="auto"`, then each backend pinned.
+READERS = ("auto", *sorted(BACKENDS))
+# What each backend's precision computes as under strategy="auto": gpu_8bit runs bf16-mixed with bf16 weights.
+PLAIN_PRECISION = {"gpu_8bit": "bf16-true"}
+
+
+def reader_trainer(reader: str, writer: str, **options: Any) -> pl.Trainer:
+    """A fresh Trainer on `reader`'s backend (`"auto"`: planned, in the precision `writer` trained in)."""
+    options = dict(dict(max_epochs=1, logger=False, enable_checkpointing=False), **options)
+    return pl.Trainer(strategy=SingleGPUOffloadStrategy() if reader == "auto" else strategy(reader),
+                      precision=precision(writer if reader == "auto" else reader), accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **options)
+
+
+@pytest.mark.parametrize("writer", ["auto", *FOLDER_BACKENDS])
+@pytest.mark.parametrize("reader", READERS)
+def test_validate_test_and_predict_read_any_checkpoint_under_any_backend(saved_once, writer: str,
+                                                                         reader: str) -> None:
+    trainer = reader_trainer(reader, writer)
+    validated, tested, predicted = evaluate(trainer, ValidatedLM(), saved_once[writer]["own"])
+    if reader == "auto":  # the checkpoint's plan, or no offload for one without (its run skipped the planner)
+        assert trainer.strategy.backend_name == (writer if writer == "deepspeed" else "device")
+
+    # The same weights in Lightning's file, under strategy="auto" in the precision the backend computes in.
+    computes_in = PLAIN_PRECISION.get(reader, trainer.precision)
+    plain = pl.Trainer(strategy="auto", precision=computes_in, accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    plain_validated, plain_tested, plain_predicted = evaluate(plain, ValidatedLM(), saved_once[writer]["file"])
+    assert (validated, tested) == (plain_validated, plain_tested)
+    assert torch.equal(predicted, plain_predicted)
+
+
+@pytest.mark.parametrize("writer", FOLDER_BACKENDS)
+def test_fit_resumes_a_folder_under_auto_and_refuses_a_backend_that_cannot_before_building(
+        tmp_path, saved_once, writer: str) -> None:
+    folder = saved_once[writer]["own"]
+    module = ValidatedLM()
+    resumed = reader_trainer("auto", writer, max_epochs=2)
+    resumed.fit(module, train_dataloaders=token_batches(2), ckpt_path=folder)
+    assert resumed.strategy.backend_name == writer and len(module.losses) == 2  # the second epoch only
+    pinned = ValidatedLM()
+    reader_trainer(writer, writer, max_epochs=2).fit(pinned, train_dataloaders=token_batches(2), ckpt_path=folder)
+    assert module.losses == pinned.losses
+
+    for other in sorted(set(BACKENDS) - {writer}):
+        module = ValidatedLM()
+        with pytest.raises(ValueError, match=rf"a folder of the `{writer}` backend.*the `{other}` backend.*"
+                                             rf"Resume with `backend='{writer}'`"):
+            reader_trainer(other, writer, max_epochs=2).fit(module, token_batches(2), ckpt_path=folder)
+        assert module.net is None  # refused before the model was built
+
+
+@pytest.mark.parametrize("reader", FOLDER_BACKENDS)
+def test_fit_refuses_lightnings_file_under_a_backend_that_saves_folders(saved_once, reader: str) -> None:
+    module = ValidatedLM()
+    with pytest.raises(ValueError, match=r"Lightning's single file.*Resume with `backend='device'` or "):
+        reader_trainer(reader, reader, max_epochs=2).fit(module, token_batches(2), ckpt_path=saved_once["auto"]["own"])
+    assert module.net is None
+
+
+@pytest.mark.parametrize("writer", FOLDER_BACKENDS)
+def test_a_fresh_trainer_validates_and_resumes_the_last_folder(tmp_path, writer: str) -> None:
+    module, _, _ = train(writer, tmp_path, monitor="score", save_top_k=2, save_last=True)
+    last_epoch = max(epoch for epoch in range(len(SCORES)) if SCORES[epoch] in sorted(SCORES[:epoch + 1])[:2])
+
+    def fresh() -> pl.Trainer:
+        callback = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", monitor="score", save_top_k=2,
+                                   save_last=True)
+        return reader_trainer("auto", writer, max_epochs=last_epoch + 2, callbacks=[callback],
+                              enable_checkpointing=True)
+
+    validated = fresh().validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path="last", verbose=False)
+    assert validated[0]["val_loss"] == module.val_losses[last_epoch]
+    resumed = ValidatedLM()
+    trainer = fresh()
+    trainer.fit(resumed, train_dataloaders=token_batches(2), val_dataloaders=token_batches(2, seed=1),
+                ckpt_path="last")
+    assert trainer.strategy.backend_name == writer and len(resumed.val_losses) == 1  # the epoch after the last
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_validate_after_fit_from_lightnings_file_loads_it_into_the_engine(tmp_path, saved_once, backend: str) -> None:
+    module, trainer, _ = train(backend, tmp_path / "kept", save_top_k=0)
+    data, checkpoint = token_batches(2, seed=1), saved_once["auto"]["own"]
+    validated = trainer.validate(module, data, ckpt_path=checkpoint, verbose=False)[0]["val_loss"]
+    plain = pl.Trainer(strategy="auto", precision=trainer.precision, accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    assert validated == plain.validate(ValidatedLM(), data, ckpt_path=checkpoint, verbose=False)[0]["val_loss"]
+
+    # What the engine saves next holds the loaded weights (in the precision it keeps them in), not the trained ones.
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved, loaded = consolidate(tmp_path / "after.ckpt"), consolidate(checkpoint)
+    kept_in = torch.bfloat16 if precision(backend) == "bf16-true" else torch.float32
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name].to(kept_in).float()) for name in loaded)

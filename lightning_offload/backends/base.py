@@ -9,6 +9,7 @@ engine is a new module (or package) in this folder with a subclass of `Backend` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -103,6 +104,42 @@ def release_other_engines(backend: Backend) -> None:
             engine = holder.take()
             if engine is not None:
                 engine.release()
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (a checkpoint has no others)."""
+    found = {}
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            found[name] = buffer
+    return found
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    target.data.copy_(value)
+
+
+def copy_weights_by_name(targets: dict[str, torch.Tensor], tensors: Iterable[tuple[str, torch.Tensor]],
+                         checkpoint: str, strict: bool,
+                         copy: Callable[[torch.Tensor, torch.Tensor], None] = _copy_into) -> None:
+    """Copies each (name, tensor) of a checkpoint into the tensor of `targets` under that name (the engine's own
+    parameters and buffers) with `copy`; with `strict`, a name either side lacks is refused, as `load_state_dict`
+    refuses it. `checkpoint` names it in messages ("The checkpoint 'last.ckpt'")."""
+    loaded = set()
+    for name, value in tensors:
+        target = targets.get(name)
+        if target is None:
+            if strict:
+                raise KeyError(f"{checkpoint} has `{name}`, which this model lacks. Load it into the model it was "
+                               "saved from, or set `strict_loading = False` on the module.")
+            continue
+        copy(target, value)
+        loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if strict and missing:
+        raise KeyError(f"{checkpoint} lacks {missing[:5]} of this model. Load the checkpoint of this model, or set "
+                       "`strict_loading = False` on the module.")
 
 
 @dataclass(frozen=True)

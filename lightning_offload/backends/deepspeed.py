@@ -30,7 +30,8 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
-from lightning_offload.backends.base import Backend, BackendConfig, LastEngine, TrainingSetup
+from lightning_offload.backends.base import (Backend, BackendConfig, LastEngine, TrainingSetup, copy_weights_by_name,
+                                             persistent_buffers)
 from lightning_offload.backends.init_functions import drawing_in, wrapped_init_functions
 from lightning_offload.compile import refuse_compiled_submodules
 from lightning_offload.norm_statistics import match_norm_weights_to_statistics
@@ -539,26 +540,28 @@ class DeepSpeedBackend(Backend):
         """validate / test / predict: the fp32 weights, gathered from every rank's partitions one at a time, into the
         module's partitions. DeepSpeed's own load without optimizer state reads its model file, whose ZeRO-3
         parameters are empty placeholders."""
+        self._copy_weights(fp32_tensors(path), f"The checkpoint {str(path)!r}", strict)
+        return client_state(path)
+
+    def load_model_state_dict(self, module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+        """validate / test / predict from another backend's checkpoint (or Lightning's file): its weights into the
+        module's partitions."""
+        self._copy_weights(iter(state_dict.items()), "The checkpoint", strict)
+
+    def _copy_weights(self, tensors: Iterator[tuple[str, torch.Tensor]], checkpoint: str, strict: bool) -> None:
         import deepspeed
 
-        module = self.engine.module
-        targets = {**dict(module.named_parameters(remove_duplicate=False)), **_persistent_buffers(module)}
-        loaded = set()
-        for name, value in fp32_tensors(path):
-            target = targets.get(name)
-            if target is None:
-                if strict:
-                    raise KeyError(f"The checkpoint {str(path)!r} has `{name}`, which this model lacks. Load it into "
-                                   "the model it was saved from, or set `strict_loading = False` on the module.")
-                continue
+        def gathered_copy(target: torch.Tensor, value: torch.Tensor) -> None:
             with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
                 target.data.copy_(value)
-            loaded.add(name)
-        missing = sorted(set(targets) - loaded)
-        if strict and missing:
-            raise KeyError(f"The checkpoint {str(path)!r} lacks {missing[:5]} of this model. Load the checkpoint of "
-                           "this model, or set `strict_loading = False` on the module.")
-        return client_state(path)
+
+        module = self.engine.module
+        targets = {**dict(module.named_parameters(remove_duplicate=False)), **persistent_buffers(module)}
+        copy_weights_by_name(targets, tensors, checkpoint, strict, copy=gathered_copy)
+        optimizer = getattr(self.engine, "optimizer", None)
+        if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+            # After a fit: the optimizer's fp32 partitions, which it steps and a later save writes, follow.
+            optimizer.refresh_fp32_params()
 
     def teardown(self) -> None:
         if self._torch_linear is not None:
@@ -665,16 +668,6 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
             for device in devices for state in (states if device == "nvme" else ["all"])]
 
 
-def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers a state dict holds (a checkpoint has no others)."""
-    found = {}
-    for name, buffer in module.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
-            found[name] = buffer
-    return found
-
-
 # What DeepSpeed writes into its model file beside the client state (Lightning's).
 _ENGINE_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
                 "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
@@ -682,12 +675,12 @@ _ENGINE_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_p
                 "checkpoint_parallel_dimensions", "ds_config", "ds_version")
 
 
-def client_state(path: Path) -> dict[str, Any]:
+def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state (loops, callbacks, hyperparameters) in a checkpoint folder: rank 0's model file, less
     DeepSpeed's own keys."""
     tag = (path / "latest").read_text().strip()
     model_file = sorted((path / tag).glob("*_rank_0_*model_states.pt"))[0]
-    state = torch.load(model_file, map_location="cpu", weights_only=False)
+    state = torch.load(model_file, map_location="cpu", weights_only=weights_only)
     return {key: value for key, value in state.items() if key not in _ENGINE_KEYS}
 
 

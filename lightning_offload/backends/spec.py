@@ -164,6 +164,7 @@ class BackendSpec:
     saved_weights: Callable[[Path], list[SavedTensor]] | None = None
     """Every weight and buffer of a checkpoint folder it wrote, with its names and shape, each read when loaded in
     the precision it was saved in (`export_hf` maps one at a time); None: it saves Lightning's own file."""
-    client_state: Callable[[Path], dict[str, Any]] | None = None
+    client_state: Callable[..., dict[str, Any]] | None = None
     """Lightning's own state (loops, callbacks, hyperparameters) in a checkpoint folder it wrote, which
-    `load_from_checkpoint` reads beside the weights; None: it saves Lightning's own file."""
+    `load_from_checkpoint` reads beside the weights (keyword `weights_only`, as `torch.load`'s, default False);
+    None: it saves Lightning's own file."""

@@ -423,6 +423,20 @@ class HostAdamBackend(Backend):
         load_buffers(self._module, state["buffers"], strict)
         return state["client_state"]
 
+    def load_model_state_dict(self, module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+        """validate / test / predict from another backend's checkpoint (or Lightning's file): the weights the module
+        computes with and, after a fit, the engine's fp32 master weights (which a later save or fit reads)."""
+        engine = self.engine
+        if engine is not None:
+            engine.wait_all()
+        super().load_model_state_dict(module, state_dict, strict)
+        if engine is None:
+            return
+        for index, names in enumerate(parameter_names(self._module, engine.params)):
+            saved = next((state_dict[name] for name in names if name in state_dict), None)
+            if saved is not None:
+                engine.master_of(index).copy_(saved)
+
     def _module_for_inference(self) -> torch.nn.Module:
         if self._module is None:
             raise RuntimeError("The `host_adam` backend loads inference checkpoints into the module it set up.")

@@ -45,7 +45,7 @@ def load_buffers(module: torch.nn.Module | None, buffers: dict[str, torch.Tensor
             current[name].data.copy_(value)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """The state a `host_adam` checkpoint folder holds; its arena is memory-mapped, not read into memory."""
     path = Path(path)
     file = path / CHECKPOINT_FILE
@@ -54,7 +54,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a checkpoint written by the `host_adam` backend (a folder with {CHECKPOINT_FILE}). "
             "To start from plain weights, load them with `module.load_state_dict(...)` before `fit`."
         )
-    state = load_whole(file, map_location="cpu", mmap=True, weights_only=False)
+    state = load_whole(file, map_location="cpu", mmap=True, weights_only=weights_only)
     if state.get("format") != FORMAT:
         raise ValueError(f"{str(file)!r} has format {state.get('format')!r}; this version reads {FORMAT!r}.")
     return state
@@ -104,9 +104,9 @@ def folder_fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     return fp32_tensors(read_checkpoint(path))
 
 
-def client_state(path: Path) -> dict[str, Any]:
+def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
-    return read_checkpoint(path)["client_state"]
+    return read_checkpoint(path, weights_only=weights_only)["client_state"]
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:

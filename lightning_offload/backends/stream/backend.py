@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_offload.backends.base import DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine, TrainingSetup
+from lightning_offload.backends.base import (DEVICE_TO_HOST, HOST_TO_DEVICE, Backend, BackendConfig, LastEngine,
+                                             TrainingSetup, copy_weights_by_name, persistent_buffers)
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
 from lightning_offload.backends.stream.checkpoint import PARAM_GROUPS
 from lightning_offload.backends.stream.disk import DiskTier
@@ -398,6 +399,16 @@ class StreamBackend(Backend):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in (optimizer.param_groups if optimizer else [])]
         stream_checkpoint.save(path, self.units, self.dtype, {**client_state, PARAM_GROUPS: groups}, disk=self.disk,
                                weights_only=weights_only)
+
+    def load_model_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+        """validate / test / predict from another backend's checkpoint (or Lightning's file): each weight into the
+        place the streaming plan keeps it."""
+        assert self.scheduler is not None
+        self.lanes.synchronize()
+        targets = {name: param for unit in self.units for names, param in zip(unit.names, unit.params)
+                   for name in names}
+        copy_weights_by_name({**targets, **persistent_buffers(module)}, state_dict.items(), "The checkpoint", strict)
+        self.scheduler.invalidate()
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
         assert self.scheduler is not None

@@ -122,10 +122,10 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
     return torch.load(path / "trainer.pt", weights_only=False)
 
 
-def client_state(path: Path) -> dict[str, Any]:
+def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state (loops, callbacks, hyperparameters) in the checkpoint folder `path`."""
     read_manifest(path)
-    state = torch.load(path / "trainer.pt", weights_only=False)
+    state = torch.load(path / "trainer.pt", weights_only=weights_only)
     state.pop(PARAM_GROUPS, None)
     return state
 
