@@ -271,7 +271,6 @@ class _SingleGPUOffloadCore:
         checkpoint, resume_from = fit_ckpt_path(trainer), self._resumed_checkpoint()
         if self.backend is not None:
             self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)  # before anything is built
-        self._memory_checked = True
         # A pinned backend's options that are levers of its plans (state on the GPU, a disk) bound the planner.
         pinned_levers = {option: getattr(self.backend.config, option)
                          for option in registry.pinned_levers(self.backend_name)} if self.backend is not None else {}
@@ -293,7 +292,6 @@ class _SingleGPUOffloadCore:
                                           max_host_memory_gib=self.max_host_memory_gib)
         except BuildBeforePlanning as pending:
             info(pending.message)
-            self._memory_checked = False
             self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
         self._fit.building_unplanned, self._fit.fetched_example = False, None
@@ -313,6 +311,8 @@ class _SingleGPUOffloadCore:
         if self.plan is not None:
             for logger in trainer.loggers:
                 logger.log_hyperparams(plan_hyperparameters(self.plan, self.plan_report))
+        # Only a plan adopted makes a later fit reuse it: a refused one is planned again when the user retries.
+        self._memory_checked = True
         self._setup_backend_environment()
 
     def _resumed_checkpoint(self) -> str | Path | None:

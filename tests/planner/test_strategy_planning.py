@@ -6,6 +6,7 @@ import dataclasses
 from importlib import import_module
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -41,6 +42,22 @@ def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch
     with pytest.raises(PlanDoesNotFit, match=r"host RAM short by \d+\.\d GiB"):
         fit(SingleGPUOffloadStrategy(backend="deepspeed"), module=module, num_batches=2)
     assert module.net is None
+
+
+def test_a_fit_retried_after_its_plan_was_refused_plans_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A notebook: the first fit is refused, the user frees memory (here: the machine grows) and runs the cell again.
+    detect = Machine.detect
+    monkeypatch.setattr(Machine, "detect", classmethod(
+        lambda cls, device=None, **budgets: Machine(gpu_memory_gib=0.01, host_memory_gib=0.01, unified=True)))
+    module = TinyLM()
+    trainer = pl.Trainer(strategy=SingleGPUOffloadStrategy(), accelerator="cpu", devices=1, max_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(PlanDoesNotFit):
+        trainer.fit(module, train_dataloaders=token_batches(2))
+    monkeypatch.setattr(Machine, "detect", detect)
+    trainer.fit(module, train_dataloaders=token_batches(2))
+    assert trainer.global_step == 2 and trainer.strategy.plan is not None
 
 
 def test_a_pinned_backend_takes_the_planners_eight_bit_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
