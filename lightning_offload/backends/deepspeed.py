@@ -151,6 +151,16 @@ def _forget_forward_stack(module: torch.nn.Module) -> None:
     parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in own]
 
 
+def _unroot(engine: Any) -> None:
+    """Takes off what ZeRO-3 holds the run by outside Python's garbage collector, so that a run the user drops (the
+    model and its Trainer) is freed with them: the root module on the process-wide forward stack, and the gradient
+    hooks on the parameters' accumulation nodes (C++ objects holding the optimizer, and through it the model). Only
+    a backward needs the hooks, and every fit builds a new engine."""
+    _forget_forward_stack(engine.module)
+    for hook in getattr(engine.optimizer, "_grad_acc_hooks", []):
+        hook.remove()
+
+
 def _empty_caches() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -263,7 +273,8 @@ class DeepSpeedBackend(Backend):
                               "Find the lr with another backend (`backend='fsdp'` or `'host_adam'`), then pass it.",
     }
 
-    _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine()
+    # Held weakly: the engine holds the module, so a run the user dropped is freed with it (see `_unroot`).
+    _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine(weak=True)
 
     def __init__(self, config: DeepSpeedConfig) -> None:
         super().__init__(config)
@@ -478,6 +489,9 @@ class DeepSpeedBackend(Backend):
         if self._engine is not None and self._trains is module:
             # validate / test / predict after `fit`: the training engine evaluates the module as it did during fit,
             # and keeps the optimizer state a later `save_checkpoint` or `fit` needs.
+            from deepspeed.runtime.zero import parameter_offload
+
+            parameter_offload.FWD_MODULE_STACK.append(module)  # where ZeRO-3 set it up; `_unroot` took it off
             return self._engine
         self.set_precision(precision)
         engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
@@ -561,6 +575,8 @@ class DeepSpeedBackend(Backend):
         return client_state(path)
 
     def teardown(self) -> None:
+        if self._engine is not None:
+            _unroot(self._engine)
         if self._torch_linear is not None:
             torch.nn.functional.linear, self._torch_linear = self._torch_linear, None
         _empty_caches()
