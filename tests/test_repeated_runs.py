@@ -221,6 +221,19 @@ def test_a_run_is_kept_while_the_user_holds_its_trainer_or_model(backend: str, t
     assert all(ref() is None for ref in kept)
 
 
+def test_a_dropped_deepspeed_run_hands_back_the_memory_torch_cached_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its GPU blocks and pinned host buffers go to torch's caches when collected; emptied after that collection.
+    from lightning_offload.backends import deepspeed
+
+    module, trainer = seeded_fit("deepspeed")
+    emptied = []
+    monkeypatch.setattr(deepspeed, "_empty_caches", lambda: emptied.append(alive(run)))
+    run = weakref.ref(module)
+    del module, trainer
+    gc.collect()
+    assert emptied == [False]
+
+
 def test_a_deepspeed_run_is_freed_by_the_next_one() -> None:
     # ZeRO-3 keeps each engine's model on a process-wide stack that its `destroy()` leaves: every run's model,
     # Trainer and optimizer state used to stay alive.

@@ -161,6 +161,25 @@ def _unroot(engine: Any) -> None:
         hook.remove()
 
 
+_caches_to_empty = False
+
+
+def _empty_caches_after_this_collection() -> None:
+    """Runs when a run the user dropped is collected (before its memory is freed): the collection's end hands the
+    GPU and pinned host memory torch caches for it back (`_empty_caches_once_collected`)."""
+    global _caches_to_empty
+    _caches_to_empty = True
+    if _empty_caches_once_collected not in gc.callbacks:
+        gc.callbacks.append(_empty_caches_once_collected)
+
+
+def _empty_caches_once_collected(phase: str, _info: dict[str, int]) -> None:
+    global _caches_to_empty
+    if phase == "stop" and _caches_to_empty:
+        _caches_to_empty = False
+        _empty_caches()
+
+
 def _empty_caches() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -289,6 +308,7 @@ class DeepSpeedBackend(Backend):
         self._swap_path = ""
         self._params_in_host = NVME_PARAMS_IN_HOST
         """With parameters on NVMe: how many DeepSpeed keeps in pinned host memory too (`max_in_cpu`)."""
+        weakref.finalize(self, _empty_caches_after_this_collection).atexit = False
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
