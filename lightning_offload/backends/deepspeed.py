@@ -152,10 +152,10 @@ def _forget_forward_stack(module: torch.nn.Module) -> None:
 
 
 def _unroot(engine: Any) -> None:
-    """Takes off what ZeRO-3 holds the run by outside Python's garbage collector, so that a run the user drops (the
-    model and its Trainer) is freed with them: the root module on the process-wide forward stack, and the gradient
-    hooks on the parameters' accumulation nodes (C++ objects holding the optimizer, and through it the model). Only
-    a backward needs the hooks, and every fit builds a new engine."""
+    """Removes the references through which ZeRO-3 keeps a run alive where Python's garbage collector cannot free
+    it, so that a run the user drops (the model and its Trainer) is freed with them: the root module on the
+    process-wide forward stack, and the gradient hooks on the parameters' accumulation nodes (C++ objects that hold
+    the optimizer and, through it, the model). Only a backward needs the hooks, and every fit builds a new engine."""
     _forget_forward_stack(engine.module)
     for hook in getattr(engine.optimizer, "_grad_acc_hooks", []):
         hook.remove()
