@@ -7,6 +7,7 @@ subclasses, so the behaviour lives in `_SingleGPUOffloadCore` and each namespace
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import warnings
@@ -444,6 +445,9 @@ class _SingleGPUOffloadCore:
             self.model, optimizer = self.backend.setup_training(module, engine_optimizer, setup)
             self.optimizers = [optimizer]
             self.lr_scheduler_configs = scheduler_configs
+            monitor = self._lightning_attr("callbacks", "LearningRateMonitor")
+            _name_lrs_by_the_users_optimizer([c for c in trainer.callbacks if isinstance(c, monitor)], optimizer,
+                                             optimizers[0])
         else:
             self.model = self.backend.setup_inference(module, self._precision_flag)
         self.setup_precision_plugin()
@@ -728,6 +732,31 @@ def _move_non_parameter_state(module: torch.nn.Module, device: torch.device) -> 
         for name, buffer in submodule._buffers.items():
             if buffer is not None and not buffer.is_meta:
                 submodule._buffers[name] = buffer.to(device)
+
+
+def _name_lrs_by_the_users_optimizer(monitors: list[Any], stepped: Any, users: torch.optim.Optimizer) -> None:
+    """`LearningRateMonitor` names the lr of an optimizer without a scheduler `lr-<class>` after the optimizer
+    Lightning steps (the one it wraps, for DeepSpeed's): the engine's here, the user's (`lr-AdamW`) under
+    `strategy="auto"`. Each monitor of the run renames it (a scheduled lr is named by its scheduler config); it keeps
+    names only, so a monitor reused in a later run holds nothing of this one."""
+    stepped = stepped.optimizer if hasattr(stepped, "optimizer") else stepped
+    engine_name, user_name = f"lr-{type(stepped).__name__}", f"lr-{type(users).__name__}"
+    for monitor in monitors:
+        monitor.__dict__.pop("_find_names_from_optimizers", None)  # an earlier fit's renaming
+        if engine_name != user_name:
+            monitor._find_names_from_optimizers = functools.partial(
+                _renamed_lrs, monitor._find_names_from_optimizers, engine_name, user_name)
+
+
+def _renamed_lrs(find_names: Any, engine_name: str, user_name: str, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """The monitor's names (`lr-<class>`, with `/pg<i>` or `-<count>` after it), the engine's class renamed."""
+
+    def renamed(name: str) -> str:
+        rest = name.removeprefix(engine_name)
+        return user_name + rest if rest != name and rest[:1] in ("", "/", "-") else name
+
+    names, optimizers = find_names(*args, **kwargs)
+    return [[renamed(name) for name in group] for group in names], optimizers
 
 
 def _refuse_empty_param_groups(optimizer: torch.optim.Optimizer) -> None:

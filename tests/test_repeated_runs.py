@@ -22,7 +22,7 @@ import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.models import TinyGPT
-from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit
+from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each CPU backend at a precision it trains with (`stream` and the 8-bit plan keep bf16 weights).
@@ -172,6 +172,66 @@ def test_host_adam_frees_its_host_state_with_the_model_and_trainer() -> None:
     del module, trainer
     assert not alive(engine)
     assert "host-adam" not in {thread.name for thread in threading.enumerate()}
+
+
+class ValidatedLM(TinyLM):
+    """TinyLM that validates, for `trainer.validate` after `fit`."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(inputs).flatten(0, 1).float(), targets.flatten()))
+
+
+def engine_and_host_buffers(trainer: pl.Trainer) -> list[Any]:
+    """What a run keeps after `fit` for a checkpoint or the next fit: its engine and the host buffers it allocated."""
+    backend = trainer.strategy.backend
+    if backend.name == "stream":  # the streaming engine is the backend itself, its arenas the host buffers
+        return [backend, *(arena.buffer for arena in backend._arenas)]
+    if backend.name == "deepspeed":  # ZeRO-3's fp32 master partitions, with the optimizer state in host memory
+        return [backend.engine, *backend.engine.optimizer.fp32_partitioned_groups_flat]
+    return [backend.engine, backend.engine.arena]
+
+
+@pytest.mark.parametrize("backend", KEEP_ENGINE)
+def test_a_run_the_user_drops_is_freed_without_another_fit(backend: str) -> None:
+    # A notebook's `del trainer, model; gc.collect()`: the memory comes back before any later fit.
+    module, trainer = seeded_fit(backend)
+    kept = [weakref.ref(part) for part in [module, trainer, *engine_and_host_buffers(trainer)]]
+    del module, trainer
+    gc.collect()
+    assert [ref() is None for ref in kept] == [True] * len(kept)
+
+
+@pytest.mark.parametrize("backend", KEEP_ENGINE)
+def test_a_run_is_kept_while_the_user_holds_its_trainer_or_model(backend: str, tmp_path) -> None:
+    module, trainer = seeded_fit(backend, module=ValidatedLM())
+    kept = [weakref.ref(part) for part in engine_and_host_buffers(trainer)]
+    del trainer
+    gc.collect()
+    assert all(ref() is not None for ref in kept), "released while the user holds the model"
+    trainer, module = module.trainer, None
+    gc.collect()
+    assert all(ref() is not None for ref in kept), "released while the user holds the Trainer"
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    [validated] = trainer.validate(trainer.lightning_module, token_batches(2, seed=1), verbose=False)
+    assert torch.isfinite(torch.tensor(validated["val_loss"]))
+    trainer.save_checkpoint(tmp_path / "after_validate.ckpt")
+    del trainer
+    gc.collect()
+    assert all(ref() is None for ref in kept)
+
+
+def test_a_dropped_deepspeed_run_hands_back_the_memory_torch_cached_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its GPU blocks and pinned host buffers go to torch's caches when collected; emptied after that collection.
+    from lightning_offload.backends import deepspeed
+
+    module, trainer = seeded_fit("deepspeed")
+    emptied = []
+    monkeypatch.setattr(deepspeed, "_empty_caches", lambda: emptied.append(alive(run)))
+    run = weakref.ref(module)
+    del module, trainer
+    gc.collect()
+    assert emptied == [False]
 
 
 def test_a_deepspeed_run_is_freed_by_the_next_one() -> None:

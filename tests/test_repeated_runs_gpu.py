@@ -1,5 +1,5 @@
 """Repeated fits in one process on a CUDA device: a run's pinned host memory and GPU memory are released by the next
-fit, whatever backend either used."""
+fit, whatever backend either used, or as soon as the user drops its model and Trainer."""
 
 from __future__ import annotations
 
@@ -53,4 +53,19 @@ def test_a_fit_with_another_backend_releases_pinned_and_gpu_memory(backend: str)
     after = held_memory()
     tolerance = 3 * sum(p.numel() for p in ModerateLM().net_for_counting().parameters())
     for kind in ("pinned", "gpu"):
+        assert after[kind] - alone[kind] < tolerance, (kind, alone[kind] / 2**20, after[kind] / 2**20)
+
+
+@pytest.mark.parametrize("backend", ["host_adam", "stream", "deepspeed"])
+def test_a_run_the_user_drops_frees_its_memory_without_another_fit(backend: str) -> None:
+    # A first run pays the backend's lazy imports and kernels; the device run releases it where dropping does not.
+    gpu_fit(backend)
+    gpu_fit("device")
+    alone = held_memory()
+    module, trainer = seeded_fit(backend, module=ModerateLM(), num_batches=1, accelerator="cuda",
+                                 precision=GPU_BACKENDS[backend])
+    del module, trainer
+    after = held_memory()
+    tolerance = 3 * sum(p.numel() for p in ModerateLM().net_for_counting().parameters())
+    for kind in after:
         assert after[kind] - alone[kind] < tolerance, (kind, alone[kind] / 2**20, after[kind] / 2**20)

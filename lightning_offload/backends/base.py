@@ -8,6 +8,7 @@ engine is a new module (or package) in this folder with a subclass of `Backend` 
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -72,27 +73,34 @@ def _type_name(hint: Any) -> str:
 class LastEngine(Generic[EngineT]):
     """The engine of the last fit in this process. It stays alive after `fit` returns, so `trainer.save_checkpoint`
     still works, and is handed over when the next one is built (one GPU trains one model at a time); a fit with
-    another backend releases it (`release_other_engines`). Engines have a `release()` that frees their memory."""
+    another backend releases it (`release_other_engines`). Engines have a `release()` that frees their memory.
+
+    `weak=True` holds it only while the run does (its Trainer or model, which reach the engine): an engine that
+    holds the model itself would otherwise keep a run the user dropped alive until the next fit."""
 
     # Every backend's holder, so that a fit with one backend finds the engines the others left.
     _holders: ClassVar[list[LastEngine[Any]]] = []
 
-    def __init__(self) -> None:
-        self._engine: EngineT | None = None
+    def __init__(self, *, weak: bool = False) -> None:
+        self._engine: EngineT | weakref.ref[EngineT] | None = None
+        self._weak = weak
         LastEngine._holders.append(self)
 
     def take(self) -> EngineT | None:
         """The previous engine, for the caller to release; none is kept until `keep`."""
-        previous, self._engine = self._engine, None
+        previous, self._engine = self._held(), None
         return previous
 
     def keep(self, engine: EngineT) -> None:
-        self._engine = engine
+        self._engine = weakref.ref(engine) if self._weak else engine
 
     def forget(self, engine: EngineT) -> None:
         """`engine` was released: it is no longer the one to hand over."""
-        if self._engine is engine:
+        if self._held() is engine:
             self._engine = None
+
+    def _held(self) -> EngineT | None:
+        return self._engine() if isinstance(self._engine, weakref.ref) else self._engine
 
 
 def release_other_engines(backend: Backend) -> None:

@@ -152,6 +152,35 @@ def _forget_forward_stack(module: torch.nn.Module) -> None:
     parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in own]
 
 
+def _unroot(engine: Any) -> None:
+    """Removes the references through which ZeRO-3 keeps a run alive where Python's garbage collector cannot free
+    it, so that a run the user drops (the model and its Trainer) is freed with them: the root module on the
+    process-wide forward stack, and the gradient hooks on the parameters' accumulation nodes (C++ objects that hold
+    the optimizer and, through it, the model). Only a backward needs the hooks, and every fit builds a new engine."""
+    _forget_forward_stack(engine.module)
+    for hook in getattr(engine.optimizer, "_grad_acc_hooks", []):
+        hook.remove()
+
+
+_caches_to_empty = False
+
+
+def _empty_caches_after_this_collection() -> None:
+    """Runs when a run the user dropped is collected (before its memory is freed): the collection's end hands the
+    GPU and pinned host memory torch caches for it back (`_empty_caches_once_collected`)."""
+    global _caches_to_empty
+    _caches_to_empty = True
+    if _empty_caches_once_collected not in gc.callbacks:
+        gc.callbacks.append(_empty_caches_once_collected)
+
+
+def _empty_caches_once_collected(phase: str, _info: dict[str, int]) -> None:
+    global _caches_to_empty
+    if phase == "stop" and _caches_to_empty:
+        _caches_to_empty = False
+        _empty_caches()
+
+
 def _empty_caches() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -264,7 +293,8 @@ class DeepSpeedBackend(Backend):
                               "Find the lr with another backend (`backend='fsdp'` or `'host_adam'`), then pass it.",
     }
 
-    _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine()
+    # Held weakly: the engine holds the module, so a run the user dropped is freed with it (see `_unroot`).
+    _live: ClassVar[LastEngine[DeepSpeedBackend]] = LastEngine(weak=True)
 
     def __init__(self, config: DeepSpeedConfig) -> None:
         super().__init__(config)
@@ -279,6 +309,7 @@ class DeepSpeedBackend(Backend):
         self._swap_path = ""
         self._params_in_host = NVME_PARAMS_IN_HOST
         """With parameters on NVMe: how many DeepSpeed keeps in pinned host memory too (`max_in_cpu`)."""
+        weakref.finalize(self, _empty_caches_after_this_collection).atexit = False
 
     def _initialize(self, module: torch.nn.Module, **kwargs: Any) -> tuple[Any, ...]:
         import deepspeed
@@ -479,6 +510,9 @@ class DeepSpeedBackend(Backend):
         if self._engine is not None and self._trains is module:
             # validate / test / predict after `fit`: the training engine evaluates the module as it did during fit,
             # and keeps the optimizer state a later `save_checkpoint` or `fit` needs.
+            from deepspeed.runtime.zero import parameter_offload
+
+            parameter_offload.FWD_MODULE_STACK.append(module)  # where ZeRO-3 set it up; `_unroot` took it off
             return self._engine
         self.set_precision(precision)
         engine, *_ = self._initialize(module, config=self.engine_config(setup=None))
@@ -564,6 +598,8 @@ class DeepSpeedBackend(Backend):
             optimizer.refresh_fp32_params()
 
     def teardown(self) -> None:
+        if self._engine is not None:
+            _unroot(self._engine)
         if self._torch_linear is not None:
             torch.nn.functional.linear, self._torch_linear = self._torch_linear, None
         _empty_caches()

@@ -41,6 +41,7 @@ class FeatureModule(_HuggingFaceModule):
         super().__init__(lambda: _llama(tied=True, kv_heads=4))
         self.lr = LR
         self.batch_size = BATCH
+        self.lr_scheduled = True
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.model(**self.batch_inputs(batch)).loss
@@ -55,6 +56,8 @@ class FeatureModule(_HuggingFaceModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        if not self.lr_scheduled:
+            return optimizer
         # The lr halves every other step: a schedule the LR monitor and the engines' optimizers must both follow.
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -115,6 +118,11 @@ def _fit_twice(trainer: pl.Trainer, module: pl.LightningModule) -> None:
     trainer.fit(module)
 
 
+def _fit_without_lr_scheduler(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    module.lr_scheduled = False
+    trainer.fit(module)
+
+
 def _lr_find_then_fit(trainer: pl.Trainer, module: pl.LightningModule) -> None:
     finder = Tuner(trainer).lr_find(module, min_lr=1e-4, max_lr=1e-1, num_training=8, early_stop_threshold=None,
                                     update_attr=False)
@@ -157,6 +165,9 @@ FEATURES: dict[str, Feature] = {
                               lambda: [EarlyStopping(monitor="val_loss", stopping_threshold=100.0)]),
     "lr_monitor": Feature("`LearningRateMonitor` (per step)", {"log_every_n_steps": 1},
                           lambda: [LearningRateMonitor(logging_interval="step")]),
+    "lr_monitor_unscheduled": Feature("`LearningRateMonitor` (per step), no LR scheduler", {"log_every_n_steps": 1},
+                                      lambda: [LearningRateMonitor(logging_interval="step")],
+                                      train=_fit_without_lr_scheduler),
     "ema": Feature("`EMAWeightAveraging`", {}, lambda: [EMAWeightAveraging(decay=0.5)]),
     "swa": Feature("`StochasticWeightAveraging`", {"max_epochs": 3},
                    lambda: [StochasticWeightAveraging(swa_lrs=5e-3, swa_epoch_start=1, annealing_epochs=1)]),

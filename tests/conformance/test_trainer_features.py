@@ -137,6 +137,17 @@ def test_feature_works_as_under_auto_or_is_refused_at_setup(feature: str, backen
     record_property("outcome", f"{agreement} (twin)" if backend in EIGHT_BIT else agreement)
 
 
+@pytest.mark.parametrize("backend", list(strategies()))
+def test_lr_monitor_names_an_unscheduled_lr_as_under_auto(backend: str) -> None:
+    """The 8-bit plans' cells compare with their twin: each backend's names against `strategy="auto"` itself."""
+    def lr_names(history: list[tuple[int | None, dict[str, float]]]) -> list[tuple[int | None, list[str]]]:
+        return [(step, sorted(name for name in metrics if name.startswith("lr-"))) for step, metrics in history]
+
+    names = lr_names(_run("lr_monitor_unscheduled", backend)[1])
+    assert names == lr_names(_run("lr_monitor_unscheduled", None)[1])
+    assert any(logged for _, logged in names)
+
+
 @pytest.mark.parametrize(("feature", "backend"), sorted(REFUSED))
 def test_auto_plans_around_a_backend_that_refuses_the_feature(feature: str, backend: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:

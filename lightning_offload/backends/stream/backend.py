@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,7 +110,9 @@ class StreamBackend(Backend):
         "updates each block inside backward, before a global gradient norm exists, so it cannot clip by it. Drop "
         "`gradient_clip_val`, or use `backend='deepspeed'` (clips exactly) for this run.",
     )
-    _live: ClassVar[LastEngine[StreamBackend]] = LastEngine()
+    # Held weakly: the engine holds the module, so a run the user dropped is freed with it (the arenas unpin their
+    # memory when collected).
+    _live: ClassVar[LastEngine[StreamBackend]] = LastEngine(weak=True)
 
     def __init__(self, config: StreamConfig) -> None:
         super().__init__(config)
@@ -323,7 +327,7 @@ class StreamBackend(Backend):
             for param in unit.params:
                 if param.requires_grad:
                     self._hooks.append(param.register_post_accumulate_grad_hook(
-                        lambda _, unit=unit: self.scheduler.gradient_ready(unit)))
+                        functools.partial(_gradient_ready, weakref.ref(self), weakref.ref(unit))))
         return module, optimizer
 
     def _drop_optimizer_state(self) -> None:
@@ -462,6 +466,14 @@ class StreamBackend(Backend):
                 f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
                 f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned){on_disk}, updated on "
                 f"{self._device} inside backward")
+
+
+def _gradient_ready(engine: weakref.ref[StreamBackend], unit: weakref.ref[Unit], _param: torch.Tensor) -> None:
+    """A parameter's post-accumulate-grad hook. It holds the engine and the unit weakly: torch keeps it alive from
+    C++, where garbage collection cannot see that they hold the parameter (and the whole run) in turn."""
+    backend, ready = engine(), unit()
+    if backend is not None and ready is not None:
+        backend.scheduler.gradient_ready(ready)
 
 
 def _state_bytes(params: list[nn.Parameter]) -> int:

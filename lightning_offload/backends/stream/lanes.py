@@ -8,6 +8,7 @@ bookkeeping only, but every record, wait and copy is logged in the same order, s
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -142,11 +143,13 @@ class HostArena:
     def __init__(self, nbytes: int, *, pin: bool) -> None:
         # Zeroing touches every page, in parallel: registering untouched pages faults them in one by one.
         self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8).zero_()
-        self.pinned = False
+        self._unpin: weakref.finalize | None = None
         if pin:
             cudart = torch.cuda.cudart()
             torch.cuda.check_error(cudart.cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0))
-            self.pinned = True
+            # At `release`, or when the arena is collected with a run the user dropped, before its memory is freed.
+            self._unpin = weakref.finalize(self, _unregister, self.buffer)
+            self._unpin.atexit = False  # the process's exit frees it
         self._next = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -156,7 +159,10 @@ class HostArena:
         return self.buffer[start:start + nbytes]
 
     def release(self) -> None:
-        if self.pinned:
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr()))
-            self.pinned = False
+        if self._unpin is not None:
+            self._unpin()
         self.buffer = torch.empty(0, dtype=torch.uint8)
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
