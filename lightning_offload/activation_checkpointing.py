@@ -92,7 +92,7 @@ def _recompute(forward: Any, *args: Any, **kwargs: Any) -> Any:
     dtype = torch.get_default_dtype()
     if torch.is_grad_enabled():
         kwargs = _without_cache(kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _default_dtype(dtype)),
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), default_dtype(dtype)),
                       **kwargs)
 
 
@@ -105,7 +105,7 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+def default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

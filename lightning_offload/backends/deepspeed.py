@@ -30,6 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_offload._distributed import checkpoint_ranks, ensure_process_group
+from lightning_offload.activation_checkpointing import default_dtype
 from lightning_offload.backends.base import (Backend, BackendConfig, LastEngine, TrainingSetup, copy_weights_by_name,
                                              persistent_buffers)
 from lightning_offload.backends.init_functions import drawing_in, wrapped_init_functions
@@ -362,7 +363,14 @@ class DeepSpeedBackend(Backend):
 
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # Lightning's DeepSpeed precision plugin routes backward and step through the engine and leaves clipping to it.
-        return plugins.DeepSpeedPrecision(precision)
+        class InEngineDtype(plugins.DeepSpeedPrecision):
+            def forward_context(self) -> AbstractContextManager:
+                # The engine computes in its weights' dtype without autocast (at `-mixed` as at `-true`): as under
+                # Lightning's `bf16-true`, tensors a step creates (a lazily built table) come out in that dtype, not
+                # fp32 that would promote the activations before they meet the weights.
+                return default_dtype(self._desired_dtype)
+
+        return InEngineDtype(precision)
 
     def set_precision(self, precision: str) -> None:
         _precision_config(precision)

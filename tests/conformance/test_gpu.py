@@ -18,7 +18,7 @@ from tests.conformance.test_cpu import KNOWN_DIFFERENCES, REFUSED
 pytestmark = pytest.mark.gpu
 
 REFERENCE_PRECISION = "bf16-mixed"
-# Exact AdamW on fp32 masters, forward on bf16 weights (host_adam) or bf16 autocast (deepspeed): the bf16 rounding
+# Exact AdamW on fp32 masters, forward on bf16 weights (host_adam under autocast, deepspeed without): the bf16 rounding
 # of the weights the forward sees, 3% per step over 8 steps as for `tests/test_strategy.py`'s BF16_RTOL.
 BF16_WEIGHTS_RTOL = 3e-2
 # 8-bit state on bf16 weights: bench/RESULTS.md, "Loss curves on the GPU (300 steps)", puts the final losses of
