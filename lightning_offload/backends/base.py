@@ -212,6 +212,11 @@ class Backend(ABC):
                 "gradient, and changes it made to them would be lost. Pin `backend='fsdp'` or `'gpu_8bit'` (gradients "
                 "stay on the parameters until the step), or move code that does not need the gradients to "
                 "`on_train_batch_end`.")))
+        if needs.resumes_lightning_file and cls.saves_own_state:
+            found.append(("resuming Lightning's checkpoint file", (
+                f"`fit(ckpt_path=...)` resumes Lightning's single checkpoint file, and backend {cls.name!r} resumes "
+                "only its own checkpoint folders. Resume with a backend that saves Lightning's file, or start a new "
+                "fit from its weights: `model = MyModule.load_from_checkpoint(...)`, then `trainer.fit(model)`.")))
         if needs.clipping in cls.clipping_refusals:
             flags = (f"gradient_clip_val={needs.gradient_clip_val}, "
                      f"gradient_clip_algorithm={needs.gradient_clip_algorithm!r}")

@@ -72,6 +72,8 @@ class RunNeeds:
     """Each callback's class names: its own, then its bases' (a backend refuses a callback by a base's name)."""
     manual_optimization: bool = False
     compile_blocks: bool = False
+    resumes_lightning_file: bool = False
+    """The fit resumes Lightning's own checkpoint file: only the backends that save that file can resume it."""
 
     @property
     def clipping(self) -> str | None:

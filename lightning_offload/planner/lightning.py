@@ -32,6 +32,7 @@ from lightning_offload.planner.choose import SAFETY_MARGIN, parameter_count
 from lightning_offload.planner.fallback import UNMEASURED_MARGIN, build_first, estimate_stats, unmeasured_note
 from lightning_offload.planner.measure import meta_network
 from lightning_offload.planner.preflight import loader_untouched
+from lightning_offload.planner.record import fit_ckpt_path
 from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.memory import checkpoint_bytes
 from lightning_offload.saving import checkpoints_on_disk_at_once, remove_stale_leftovers
@@ -60,9 +61,11 @@ def run_needs(module: Any, trainer: Any, *, compile_blocks: bool) -> RunNeeds:
     if not _fitting(trainer):
         return RunNeeds(compile_blocks=compile_blocks)
     namespace = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
-    return fit_needs(module, trainer.callbacks, gradient_clip_val=trainer.gradient_clip_val,
-                     gradient_clip_algorithm=trainer.gradient_clip_algorithm, compile_blocks=compile_blocks,
-                     namespace=namespace)
+    needs = fit_needs(module, trainer.callbacks, gradient_clip_val=trainer.gradient_clip_val,
+                      gradient_clip_algorithm=trainer.gradient_clip_algorithm, compile_blocks=compile_blocks,
+                      namespace=namespace)
+    resumed = fit_ckpt_path(trainer)
+    return dataclasses.replace(needs, resumes_lightning_file=resumed is not None and Path(resumed).is_file())
 
 
 def fit_needs(module: Any, callbacks: Sequence[Any], *, gradient_clip_val: float | None,

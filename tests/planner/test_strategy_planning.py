@@ -399,3 +399,20 @@ def test_a_pinned_backend_refuses_a_later_fit_that_adds_what_it_cannot_run(need:
     with pytest.raises(ValueError, match=f"backend {refusing!r}|the {refusing!r} backend"):
         fit_again_adding(trainer, module, need)
     assert len(module.losses) == 1
+
+
+def test_auto_resumes_lightnings_file_with_a_backend_that_saves_that_file(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path) -> None:
+    # A checkpoint of a plain Lightning run (no plan in it): the engines that save folders cannot resume it.
+    _, first = fit("auto", num_batches=4, max_steps=2)
+    checkpoint = tmp_path / "plain.ckpt"
+    first.save_checkpoint(checkpoint)
+    folder_backends = ("host_adam", "stream", "deepspeed")
+    prefer(monkeypatch, *folder_backends, "device")
+    _, trainer = fit(SingleGPUOffloadStrategy(), num_batches=4, max_steps=4, max_epochs=3,
+                     ckpt_path=str(checkpoint))
+    report = trainer.strategy.plan_report
+    assert trainer.strategy.backend_name == report.chosen.plan.backend == "device"
+    assert trainer.global_step == 4
+    assert set(folder_backends) <= set(report.left_out)
+    assert "resuming Lightning's checkpoint file" in report.table()
