@@ -82,7 +82,7 @@ class Reader:
         self._files: dict[Path, BinaryIO] = {}
         # Pageable, reused for every tensor: the disk, not the copy to the GPU, limits loading, and page-locked
         # staging would stay cached by torch's pinned allocator after loading.
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        self._staging = _host_bytes(0)
 
     def read_into(self, entry: Entry, target: torch.Tensor) -> None:
         """Copies the entry into `target` (same shape; any dtype and device: cast and moved on the way)."""
@@ -92,14 +92,14 @@ class Reader:
             self._read_bytes(entry, target)
             return
         if self._staging.numel() < entry.end - entry.start:
-            self._staging = torch.empty(0, dtype=torch.uint8)  # the old buffer goes before the larger one comes
-            self._staging = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+            self._staging = _host_bytes(0)  # the old buffer goes before the larger one comes
+            self._staging = _host_bytes(entry.end - entry.start)
         staging = self._staging[: entry.end - entry.start].view(entry.dtype).view(entry.shape)
         self._read_bytes(entry, staging)
         target.copy_(staging)
 
     def read(self, entry: Entry) -> torch.Tensor:
-        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        tensor = torch.empty(entry.shape, dtype=entry.dtype, device="cpu")
         self._read_bytes(entry, tensor)
         return tensor
 
@@ -123,7 +123,12 @@ class Reader:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        self._staging = _host_bytes(0)
+
+
+def _host_bytes(size: int) -> torch.Tensor:
+    # In host memory whatever the default device: `pretrained` runs inside an engine's `torch.device(...)` context.
+    return torch.empty(size, dtype=torch.uint8, device="cpu")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -151,7 +156,7 @@ def write_header(handle: BinaryIO, layout: list[tuple[str, torch.dtype, tuple[in
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in layout:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()

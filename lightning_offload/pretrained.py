@@ -46,7 +46,7 @@ class InitialSource:
     initialise: Any
 
     def read_into(self, target: torch.Tensor) -> None:
-        value = torch.empty(target.shape, dtype=torch.float32)
+        value = torch.empty(target.shape, dtype=torch.float32, device="cpu")
         self.initialise(value)
         target.copy_(value)
 

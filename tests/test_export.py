@@ -56,6 +56,13 @@ def test_every_cpu_backends_checkpoint_exports_its_weights(tmp_path: Path, backe
         assert torch.equal(value, expected.float()), name
 
 
+def test_a_checkpoint_that_does_not_exist_is_named_as_missing(tmp_path: Path) -> None:
+    folder = save_tiny(tmp_path / "pretrained")
+    with pytest.raises(FileNotFoundError, match="trained.ckpt' does not exist"):
+        lightning_offload.export_hf(tmp_path / "trained.ckpt", tmp_path / "hf", config=folder)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_bf16_sharded_export_rounds_each_weight_once(tmp_path: Path) -> None:
     module, folder, checkpoint = train_and_save(tmp_path, "device")
     out = lightning_offload.export_hf(checkpoint, tmp_path / "hf", config=folder, max_shard_bytes=20_000)

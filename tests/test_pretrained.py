@@ -121,6 +121,26 @@ def test_bf16_true_builds_bf16_weights_rounded_from_the_checkpoint(tmp_path: Pat
         assert torch.equal(loaded, expected), name
 
 
+class BuiltInHostMemory:
+    """Builds the model in host memory whatever the default device, as an engine builds it on its GPU inside
+    `torch.device("cuda")`: the weights are read with the default device elsewhere than their place."""
+
+    @staticmethod
+    def from_config(config: Any, **kwargs: Any) -> torch.nn.Module:
+        with torch.device("cpu"):
+            return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def test_loading_under_another_default_device_stages_each_cast_in_host_memory(tmp_path: Path) -> None:
+    # A bf16 checkpoint into fp32 weights: each tensor is staged for the cast.
+    folder = save_tiny(tmp_path / "llama", dtype=torch.bfloat16)
+    with torch.device("meta"):
+        model = lightning_offload.pretrained(folder, BuiltInHostMemory, dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for (name, loaded), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert loaded.device.type == "cpu" and torch.equal(loaded, expected), name
+
+
 def test_mismatched_checkpoint_names_what_is_missing_and_unexpected(tmp_path: Path) -> None:
     llama, gpt2 = save_tiny(tmp_path / "llama"), save_tiny(tmp_path / "gpt2", "gpt2")
     (llama / "model.safetensors").replace(tmp_path / "llama.safetensors")

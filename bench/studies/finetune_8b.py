@@ -5,11 +5,11 @@ out.
     python -m bench.studies.finetune_8b train --folder /tmp/llama8b --backend auto [--source random] [--save CKPT]
     python -m bench.studies.finetune_8b export --checkpoint CKPT --config /tmp/llama8b --out /tmp/llama8b-tuned
     python -m bench.studies.finetune_8b train --size 19b --folder /tmp/llama19b --backend stream --delete-source \
-        --save-stream-weights CKPT                                              # 19B: the disk holds one copy at a time
+        --save CKPT                                                             # 19B: the disk holds one copy at a time
 
 Each phase runs in a process of its own (`python -m bench call finetune_8b`, `finetune_19b_stream`), so each peak
 host RSS is its own. `train` samples the process's RSS (and its anonymous part, which excludes page cache mapped from
-files) every 20 ms while `configure_model` loads the weights, beside the planner's host-memory estimate of the chosen
+files) every 10 ms while `configure_model` loads the weights, beside the planner's host-memory estimate of the chosen
 plan, and times each optimizer step. Every phase prints one `RESULT {...}` line.
 """
 
@@ -21,6 +21,8 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_offload
-from bench.models import SIZES
+from bench.models import SIZES, build_llama
 from bench.runners import LlamaModule
-from bench.studies.safetensors_reader import PeakRss
+from bench.studies.safetensors_reader import PeakRss, status_bytes
 
 GIB = 2**30
 # A CPU runs the phases with `--size tiny`, to check the script itself.
@@ -55,32 +57,9 @@ def drop_from_page_cache(folder: Path) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def save_stream_weights(backend: Any, path: Path) -> None:
-    """The `stream` backend's checkpoint folder without its 8-bit optimizer state (2 B/param, which a 19B run's disk
-    cannot hold beside the weights): what `export_hf` and `consolidate` read of it, written as the backend writes it."""
-    from lightning_offload.backends.stream.checkpoint import FORMAT, MANIFEST
-    from lightning_offload.saving import atomic_directory
-
-    backend.lanes.synchronize()
-    manifest: dict[str, Any] = {"format": FORMAT, "dtype": str(backend.dtype).removeprefix("torch."), "units": []}
-    with atomic_directory(path) as staging:
-        torch.save({}, staging / "trainer.pt")
-        for unit in backend.units:
-            name = f"unit_{unit.index:04d}.pt"
-            weights = [p.detach().to("cpu", copy=True) for p in unit.params]
-            torch.save({"weights": weights, "state": [], "steps": []}, staging / name)
-            del weights
-            manifest["units"].append({"file": name, "module": unit.name, "names": unit.names})
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
 def create(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import LlamaForCausalLM
-
     started = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM(SIZES[args.size].llama_config())
+    model = build_llama(args.size, dtype=torch.bfloat16, device=DEVICE)
     built = time.perf_counter()
     model.save_pretrained(args.folder)
     saved = time.perf_counter()
@@ -97,6 +76,7 @@ class FineTune8B(LlamaModule):
         super().__init__(size, "by_strategy", "adamw")
         self.folder, self.source = folder, source
         self.load_s = self.setup_s = 0.0
+        self.rss_before_load = 0
         self.peak: PeakRss | None = None
         # From `configure_model` to the first batch: where a backend that builds on the meta device (`stream`) reads
         # the weights, as it materialises each unit.
@@ -110,6 +90,7 @@ class FineTune8B(LlamaModule):
             return
         self._setup_start = time.perf_counter()
         self.setup_peak.__enter__()
+        self.rss_before_load = status_bytes("VmRSS")
         with PeakRss() as peak:
             started = time.perf_counter()
             if self.source == "pretrained":
@@ -134,8 +115,9 @@ class FineTune8B(LlamaModule):
         self.step_s.append(time.perf_counter() - self._step_start)
 
 
-def count_read_seconds() -> list[float]:
-    """Seconds spent reading checkpoint tensors into place, wherever the backend does it, summed from now on."""
+@contextmanager
+def counting_read_seconds() -> Iterator[list[float]]:
+    """Seconds spent reading checkpoint tensors into place, wherever the backend does it, summed inside the block."""
     from lightning_offload.pretrained import WeightSource
 
     total = [0.0]
@@ -147,7 +129,10 @@ def count_read_seconds() -> list[float]:
         total[0] += time.perf_counter() - started
 
     WeightSource.read_into = timed  # type: ignore[method-assign]
-    return total
+    try:
+        yield total
+    finally:
+        WeightSource.read_into = read_into  # type: ignore[method-assign]
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,12 +140,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (args.steps * args.micro_batch, args.seq + 1), generator=generator)
     module = FineTune8B(args.size, args.folder, args.source)
-    read_s = count_read_seconds()
     strategy = lightning_offload.SingleGPUOffloadStrategy(backend=args.backend)
     trainer = L.Trainer(strategy=strategy, accelerator=DEVICE, devices=1, precision="bf16-mixed",
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(module, DataLoader(tokens, batch_size=args.micro_batch))
+    with counting_read_seconds() as read_s:
+        trainer.fit(module, DataLoader(tokens, batch_size=args.micro_batch))
     report = trainer.strategy.plan_report
     chosen = report.chosen if report is not None else None
     result = {
@@ -169,7 +154,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "plan_host_gib": chosen.memory.host_bytes / GIB if chosen else None,
         "plan_gpu_gib": chosen.memory.gpu_bytes / GIB if chosen else None,
         "load_s": module.load_s,
-        "rss_before_load_gib": module.peak.before / GIB,
+        "rss_before_load_gib": module.rss_before_load / GIB,
         "peak_rss_load_gib": module.peak.rss / GIB, "peak_anon_rss_load_gib": module.peak.anon / GIB,
         "setup_s": module.setup_s, "peak_rss_setup_gib": module.setup_peak.rss / GIB,
         "peak_anon_rss_setup_gib": module.setup_peak.anon / GIB, "read_s": read_s[0],
@@ -189,10 +174,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         trainer.save_checkpoint(args.save, weights_only=True)
         result["save_s"] = time.perf_counter() - started
-    if args.save_stream_weights:
-        started = time.perf_counter()
-        save_stream_weights(trainer.strategy.backend, Path(args.save_stream_weights))
-        result["save_s"] = time.perf_counter() - started
     return result
 
 
@@ -201,6 +182,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if room < args.needs_free_gb * 1e9:
         return {"phase": "export", "skipped": f"{Path(args.out).parent} has {room / 1e9:.0f} GB free, under the "
                 f"{args.needs_free_gb:g} GB the export needs"}
+    rss_before = status_bytes("VmRSS")
     with PeakRss() as peak:
         started = time.perf_counter()
         out = lightning_offload.export_hf(args.checkpoint, args.out, config=args.config)
@@ -208,7 +190,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     size = folder_bytes(Path(out))
     result = {"phase": "export", "gib": size / GIB, "export_s": seconds, "written_gb_s": size / 1e9 / seconds,
               "peak_rss_gib": peak.rss / GIB, "peak_anon_rss_gib": peak.anon / GIB,
-              "rss_before_gib": peak.before / GIB}
+              "rss_before_gib": rss_before / GIB}
     if args.check:  # the exported files read back with safetensors' own reader
         from safetensors import safe_open
 
@@ -217,13 +199,14 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             "model.safetensors"]
         with safe_open(Path(out) / files[0], "pt") as handle:
             name = next(iter(handle.keys()))
-            result["first_tensor"] = [name, list(handle.get_tensor(name).shape), str(handle.get_tensor(name).dtype)]
+            tensor = handle.get_tensor(name)
+            result["first_tensor"] = [name, list(tensor.shape), str(tensor.dtype)]
     if args.delete:
         shutil.rmtree(out)
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     phases = parser.add_subparsers(dest="phase", required=True)
     create_args = phases.add_parser("create")
@@ -235,9 +218,8 @@ def main() -> None:
     train_args.add_argument("--steps", type=int, default=4)
     train_args.add_argument("--micro-batch", type=int, default=1)
     train_args.add_argument("--seq", type=int, default=2048)
-    train_args.add_argument("--save", default=None, help="save the trained weights here (Lightning's weights_only)")
-    train_args.add_argument("--save-stream-weights", default=None,
-                            help="`stream` only: save its checkpoint folder here without the optimizer state")
+    train_args.add_argument("--save", default=None,
+                            help="save the trained weights here, without the optimizer state (`weights_only=True`)")
     train_args.add_argument("--delete-source", action="store_true",
                             help="delete the pretrained weights once trained, before saving (the config stays)")
     export_args = phases.add_parser("export")
@@ -250,7 +232,7 @@ def main() -> None:
                              help="skip the export when the file system of --out has less room than this")
     for phase in (create_args, train_args):
         phase.add_argument("--size", choices=sorted(SIZES), default="8b")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = {"create": create, "train": train, "export": export}[args.phase](args)
     print("RESULT " + json.dumps(result), flush=True)
 

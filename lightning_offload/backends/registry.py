@@ -67,6 +67,9 @@ def specs() -> list[Any]:
 
 def checkpoint_spec(folder: Path) -> Any:
     """The spec of the backend that wrote checkpoint folder `folder`, known by the files that mark it."""
+    if not folder.exists():
+        raise FileNotFoundError(f"The checkpoint {str(folder)!r} does not exist. Pass the path given to "
+                                "`trainer.save_checkpoint` or written by `ModelCheckpoint`.")
     engines = [spec for spec in specs() if spec.checkpoint_files]
     for engine in engines:
         if any((folder / name).is_file() for name in engine.checkpoint_files):

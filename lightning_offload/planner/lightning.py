@@ -102,8 +102,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
                     ceilings: Ceilings | None = None) -> PlanReport | None:
     """The plan report for training `module` on `device` as the strategy does. A model whose forward cannot run on
     the meta device is planned from `fallback.estimate_stats` (the reason is warned); one that cannot even be built
-    there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it with (None:
-    `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
+    there raises `fallback.BuildBeforePlanning`. `example()` gives the batch to measure and the step to measure it
+    with (None: `forward`). `compiled_blocks`: the strategy compiles the blocks (costed shorter). `machine` (default: this one,
     within `max_gpu_memory_gib` / `max_host_memory_gib`) and `ceilings` (default: probed here) describe another.
     `pinned_levers`: the options of a pinned backend that bound its plans (its spec's `pinned_levers`). `needs`: what
     the run asks of an engine (`run_needs`): backends that cannot run it are left out."""
