@@ -29,7 +29,10 @@ EIGHT_BIT_RTOL = 5e-2
 # OneCycleLR's peak lr (2e-2) on the small CNN: 8-bit state moves these losses 18.6% from fp32 AdamW's on the H100
 # (18.4% on the CPU, where fp32 AdamW on bf16 weights moves them 0.4%); the CPU suite compares this cell bit for bit
 # with its 8-bit twin, which is what catches a wrong lr, betas or param group.
-CELL_RTOL = {("one_cycle_lr", "gpu_8bit"): 0.25}
+# LightningTransformer builds its sinusoidal position table in its first forward: under deepspeed's bf16 weights in
+# bf16, as a bf16-true run does, where the bf16-mixed reference builds it in fp32: 3.4% at one of 8 steps on the H100
+# (1.2% on the CPU); the CPU suite compares the cell with `strategy="auto"` in fp32.
+CELL_RTOL = {("one_cycle_lr", "gpu_8bit"): 0.25, ("lightning_transformer", "deepspeed"): 0.05}
 
 BACKENDS = {
     "gpu_8bit": ("bf16-true", EIGHT_BIT_RTOL),

@@ -152,6 +152,11 @@ class HostArena:
             self._unpin.atexit = False  # the process's exit frees it
         self._next = 0
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the buffer is page-locked now (until `release`)."""
+        return self._unpin is not None and self._unpin.alive
+
     def take(self, nbytes: int) -> torch.Tensor:
         start, self._next = self._next, self._next + aligned(nbytes)
         if self._next > self.buffer.numel():
