@@ -72,11 +72,13 @@ def cell_stats(method: str, size: str, micro_batch: int, seq: int) -> ModelStats
 
 
 def checks(paths: list[Path]) -> list[Check]:
-    """Every current measured cell of our rows that recorded its plan, with the plan's estimates now."""
+    """Every current measured cell of our rows that recorded its plan, with the plan's estimates now (rows whose
+    module builds only on CUDA, Liger-Kernel's loss, are left out: this runs on the CPU)."""
     found = []
+    methods = load_config().methods
     for name, record in sorted(load(paths)[1].items()):
         if (not record["method"].startswith(f"{OURS}_") or record["status"] != "ok" or "superseded" in record
-                or not record.get("plan")):
+                or not record.get("plan") or not methods[record["method"]].runs_on_cpu):
             continue
         stats = cell_stats(record["method"], record["size"], record["micro_batch"], record["seq"])
         plan, accumulate = parse_plan(record["plan"]), record["accumulate"]
