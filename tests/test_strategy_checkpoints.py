@@ -521,6 +521,7 @@ def test_load_from_checkpoint_validate_and_consolidate_hold_the_modules_persiste
                                                                                          backend: str) -> None:
     trained, trainer = buffered_fit(backend, max_epochs=1)
     trainer.save_checkpoint(tmp_path / "own.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
     _, plain_trainer = buffered_fit("auto", max_epochs=1, precision_of=backend)
     plain_trainer.save_checkpoint(tmp_path / "plain.ckpt")
     saved = buffers_of(trained)
@@ -536,10 +537,13 @@ def test_load_from_checkpoint_validate_and_consolidate_hold_the_modules_persiste
     assert_same_buffers(buffers_of(validated), saved)
 
     # The consolidated state dict holds the buffers Lightning's file under strategy="auto" holds, in its dtypes.
-    consolidated, from_plain = consolidate(tmp_path / "own.ckpt"), consolidate(tmp_path / "plain.ckpt")
-    assert consolidated.keys() == from_plain.keys()
-    assert_same_buffers({name: consolidated[name] for name in SAVED_BUFFERS},
-                        {name: from_plain[name] for name in SAVED_BUFFERS})
+    # A weights-only save holds them too, as Lightning's weights-only file does.
+    from_plain = consolidate(tmp_path / "plain.ckpt")
+    for saved_folder in ("own.ckpt", "weights.ckpt"):
+        consolidated = consolidate(tmp_path / saved_folder)
+        assert consolidated.keys() == from_plain.keys()
+        assert_same_buffers({name: consolidated[name] for name in SAVED_BUFFERS},
+                            {name: from_plain[name] for name in SAVED_BUFFERS})
     consolidate(tmp_path / "own.ckpt", tmp_path / "file.ckpt", lightning_file=True)
     assert_same_buffers(buffers_of(BufferedLM.load_from_checkpoint(tmp_path / "file.ckpt")), as_built)
     # `export_hf` reads them as saved.
@@ -586,3 +590,22 @@ def test_a_stream_folder_without_saved_buffers_loads_its_weights_and_refuses_a_s
     resumed = ValidatedLM()
     reader_trainer("stream", "stream", max_epochs=2).fit(resumed, token_batches(2), ckpt_path=tmp_path / "plain.ckpt")
     assert len(resumed.losses) == 2  # the second epoch only
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_without_the_modules_buffers_is_refused_by_a_strict_load_as_lightning_refuses_it(
+        tmp_path, backend: str) -> None:
+    trainer = reader_trainer(backend, backend)
+    trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    refusals = (KeyError, ValueError, RuntimeError)  # each engine's, and DeepSpeed's `load_state_dict`'s on resume
+    with pytest.raises(refusals, match=r"lacks.*steps_seen"):
+        reader_trainer(backend, backend).validate(BufferedLM(), token_batches(2, seed=1),
+                                                  ckpt_path=tmp_path / "own.ckpt", verbose=False)
+    with pytest.raises(refusals, match=r"steps_seen"):
+        buffered_fit(backend, max_epochs=2, ckpt_path=tmp_path / "own.ckpt")
+    lenient = BufferedLM()
+    lenient.strict_loading = False
+    reader_trainer(backend, backend).validate(lenient, token_batches(2, seed=1), ckpt_path=tmp_path / "own.ckpt",
+                                              verbose=False)
+    assert int(lenient.steps_seen) == 0
