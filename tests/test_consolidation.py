@@ -18,18 +18,20 @@ def test_consolidate_names_a_wrong_folder(tmp_path) -> None:
 def whole_state_dict(checkpoint) -> dict:
     """The fp32 state dict of a checkpoint, built whole in memory as `consolidate` built it before it streamed."""
     from lightning_offload.backends import host_adam
-    from lightning_offload.backends.stream.checkpoint import read_manifest
+    from lightning_offload.backends.stream.checkpoint import read_manifest, saved_buffers
 
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
         return {name: value.float() if value.is_floating_point() else value for name, value in state.items()}
     if (checkpoint / "manifest.json").is_file():
         result = {}
-        for entry in read_manifest(checkpoint)["units"]:
+        manifest = read_manifest(checkpoint)
+        for entry in manifest["units"]:
             content = torch.load(checkpoint / entry["file"], weights_only=True)
             for names, weight in zip(entry["names"], content["weights"]):
                 result.update(dict.fromkeys(names, weight.float()))
-        return result
+        buffers = saved_buffers(checkpoint, manifest) or {}
+        return {**result, **{name: b.float() if b.is_floating_point() else b for name, b in buffers.items()}}
     if (checkpoint / host_adam.CHECKPOINT_FILE).is_file():
         state = host_adam.read_checkpoint(checkpoint)
         result = {}

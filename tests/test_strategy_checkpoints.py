@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_offload import SingleGPUOffloadStrategy, consolidate
-from tests.conftest import TinyLM, token_batches
+from lightning_offload.export import saved_tensors
+from tests.conftest import VOCAB, TinyLM, token_batches
 
 # backend -> (strategy options, precision it trains in on the CPU)
 BACKENDS = {
@@ -446,3 +448,164 @@ def test_validate_after_fit_from_lightnings_file_loads_it_into_the_engine(tmp_pa
     kept_in = torch.bfloat16 if precision(backend) == "bf16-true" else torch.float32
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[name], loaded[name].to(kept_in).float()) for name in loaded)
+
+
+class TokenStats(torch.nn.Module):
+    """A running mean of the input tokens, saved with the model (as a custom norm's running statistics are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+
+    def update(self, tokens: torch.Tensor) -> None:
+        self.mean.mul_(0.5).add_(tokens.float().mean().to(self.mean.dtype), alpha=0.5)
+
+
+class BufferedLM(ValidatedLM):
+    """ValidatedLM with persistent buffers its training changes: a step counter, and a running mean of the tokens
+    that scales the logits (a buffer lost on resume changes the losses); and a buffer that is not saved."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.token_stats = TokenStats()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens) * (1 + self.token_stats.mean / VOCAB)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_seen += 1
+        self.token_stats.update(batch[0])
+        return super().training_step(batch, batch_idx)
+
+
+SAVED_BUFFERS = ("steps_seen", "token_stats.mean")
+
+
+def buffers_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in module.named_buffers() if name in SAVED_BUFFERS}
+
+
+def assert_same_buffers(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        assert (found[name].dtype, found[name].tolist()) == (value.dtype, value.tolist()), name
+
+
+def buffered_fit(backend: str, max_epochs: int, ckpt_path: Path | None = None,
+                 precision_of: str | None = None) -> tuple[BufferedLM, pl.Trainer]:
+    """A fit of `BufferedLM` under `backend`, in the precision `precision_of`'s backend trains in (default: its own)."""
+    module = BufferedLM()
+    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(precision_of or backend), accelerator="cpu",
+                         devices=1,
+                         max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=token_batches(2), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.parametrize("backend", ["auto", *FOLDER_BACKENDS])
+def test_a_resumed_fit_restores_the_modules_persistent_buffers(tmp_path, backend: str) -> None:
+    uninterrupted, _ = buffered_fit(backend, max_epochs=2)
+    first, trainer = buffered_fit(backend, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, _ = buffered_fit(backend, max_epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert int(uninterrupted.steps_seen) == 2 * int(first.steps_seen) > 0
+    assert_same_buffers(buffers_of(resumed), buffers_of(uninterrupted))
+    assert first.losses + resumed.losses == pytest.approx(uninterrupted.losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_load_from_checkpoint_validate_and_consolidate_hold_the_modules_persistent_buffers(tmp_path,
+                                                                                         backend: str) -> None:
+    trained, trainer = buffered_fit(backend, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    _, plain_trainer = buffered_fit("auto", max_epochs=1, precision_of=backend)
+    plain_trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    saved = buffers_of(trained)
+    assert int(saved["steps_seen"]) > 0
+
+    # `load_from_checkpoint` copies them into the buffers the module builds (fp32), as from Lightning's file.
+    built = buffers_of(BufferedLM())
+    as_built = {name: value.to(built[name].dtype) for name, value in saved.items()}
+    assert_same_buffers(buffers_of(BufferedLM.load_from_checkpoint(tmp_path / "own.ckpt")), as_built)
+    validated = BufferedLM()
+    reader_trainer(backend, backend).validate(validated, token_batches(2, seed=1), ckpt_path=tmp_path / "own.ckpt",
+                                              verbose=False)
+    assert_same_buffers(buffers_of(validated), saved)
+
+    # The consolidated state dict holds the buffers Lightning's file under strategy="auto" holds, in its dtypes.
+    # A weights-only save holds them too, as Lightning's weights-only file does.
+    from_plain = consolidate(tmp_path / "plain.ckpt")
+    for saved_folder in ("own.ckpt", "weights.ckpt"):
+        consolidated = consolidate(tmp_path / saved_folder)
+        assert consolidated.keys() == from_plain.keys()
+        assert_same_buffers({name: consolidated[name] for name in SAVED_BUFFERS},
+                            {name: from_plain[name] for name in SAVED_BUFFERS})
+    consolidate(tmp_path / "own.ckpt", tmp_path / "file.ckpt", lightning_file=True)
+    assert_same_buffers(buffers_of(BufferedLM.load_from_checkpoint(tmp_path / "file.ckpt")), as_built)
+    # `export_hf` reads them as saved.
+    exported = {name: saved_tensor.load() for saved_tensor in saved_tensors(tmp_path / "own.ckpt")
+                for name in saved_tensor.names if name in SAVED_BUFFERS}
+    assert_same_buffers({name: value.to(saved[name].dtype) for name, value in exported.items()}, saved)
+
+
+def without_saved_buffers(folder: Path) -> None:
+    """Turns a `stream` folder into one written before the module's buffers were saved."""
+    from lightning_offload.backends.stream.checkpoint import MANIFEST
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / manifest.pop("buffers")).unlink()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_stream_folder_without_saved_buffers_loads_its_weights_and_refuses_a_strict_load_naming_the_fix(
+        tmp_path) -> None:
+    trained, trainer = buffered_fit("stream", max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    without_saved_buffers(tmp_path / "old.ckpt")
+    weights = {name: value for name, value in consolidate(tmp_path / "old.ckpt").items()}
+    assert not set(SAVED_BUFFERS) & set(weights)
+
+    with pytest.raises(KeyError, match=r"did not save the module's buffers.*'steps_seen'.*`strict_loading = False`"):
+        buffered_fit("stream", max_epochs=2, ckpt_path=tmp_path / "old.ckpt")
+    lenient = BufferedLM()
+    lenient.strict_loading = False
+    validated = reader_trainer("stream", "stream").validate(lenient, token_batches(2, seed=1),
+                                                            ckpt_path=tmp_path / "old.ckpt", verbose=False)
+    assert validated and int(lenient.steps_seen) == 0  # the buffers as the module built them
+    assert all(torch.equal(lenient.state_dict()[name].float(), value) for name, value in weights.items())
+    loaded = BufferedLM.load_from_checkpoint(tmp_path / "old.ckpt", strict=False)
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in weights.items())
+
+    # A module without persistent buffers resumes such a folder as before.
+    plain = pl.Trainer(strategy=strategy("stream"), precision=precision("stream"), accelerator="cpu", devices=1,
+                       max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    plain.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    without_saved_buffers(tmp_path / "plain.ckpt")
+    resumed = ValidatedLM()
+    reader_trainer("stream", "stream", max_epochs=2).fit(resumed, token_batches(2), ckpt_path=tmp_path / "plain.ckpt")
+    assert len(resumed.losses) == 2  # the second epoch only
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_without_the_modules_buffers_is_refused_by_a_strict_load_as_lightning_refuses_it(
+        tmp_path, backend: str) -> None:
+    trainer = reader_trainer(backend, backend)
+    trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    refusals = (KeyError, ValueError, RuntimeError)  # each engine's, and DeepSpeed's `load_state_dict`'s on resume
+    with pytest.raises(refusals, match=r"lacks.*steps_seen"):
+        reader_trainer(backend, backend).validate(BufferedLM(), token_batches(2, seed=1),
+                                                  ckpt_path=tmp_path / "own.ckpt", verbose=False)
+    with pytest.raises(refusals, match=r"steps_seen"):
+        buffered_fit(backend, max_epochs=2, ckpt_path=tmp_path / "own.ckpt")
+    lenient = BufferedLM()
+    lenient.strict_loading = False
+    reader_trainer(backend, backend).validate(lenient, token_batches(2, seed=1), ckpt_path=tmp_path / "own.ckpt",
+                                              verbose=False)
+    assert int(lenient.steps_seen) == 0

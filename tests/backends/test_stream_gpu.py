@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_offload import SingleGPUOffloadStrategy
 from tests.backends.test_stream import optimizer_state
 from tests.conftest import TinyLM, fit
+from tests.test_strategy_checkpoints import TokenStats
 
 pytestmark = pytest.mark.gpu
 
@@ -84,6 +85,38 @@ def test_resume_from_model_checkpoint_is_exact_on_cuda(tmp_path) -> None:
         assert a.device == b.device and torch.equal(a, b)
     for (records, steps), expected in zip(optimizer_state(second), optimizer_state(first), strict=True):
         assert steps == expected[1] and torch.equal(records, expected[0])
+
+
+class BufferedLlama(TinyLlama):
+    """TinyLlama with persistent buffers its training changes (a step counter, a running mean of the tokens), which
+    stay on the GPU beside the streamed blocks."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.token_stats = TokenStats()
+
+    def training_step(self, batch, batch_idx):
+        self.steps_seen += 1
+        self.token_stats.update(batch[0])
+        return super().training_step(batch, batch_idx)
+
+
+def test_resume_restores_the_modules_persistent_buffers_on_cuda(tmp_path) -> None:
+    def two_epochs(**trainer_kwargs):
+        strategy = SingleGPUOffloadStrategy(backend="stream", activation_checkpointing="full", resident_blocks=3,
+                                            stream_outer=True)
+        torch.manual_seed(0)
+        return fit(strategy, module=BufferedLlama(lr=3e-3), precision="bf16-mixed", accelerator="gpu",
+                   num_batches=2, max_epochs=2, **trainer_kwargs)
+
+    callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    uninterrupted, _ = two_epochs(enable_checkpointing=True, callbacks=[callback])
+    resumed, _ = two_epochs(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    assert resumed.steps_seen.device.type == "cuda"
+    assert int(resumed.steps_seen) == int(uninterrupted.steps_seen) == len(uninterrupted.losses)
+    assert torch.equal(resumed.token_stats.mean, uninterrupted.token_stats.mean)
+    assert resumed.losses == uninterrupted.losses[2:]
 
 
 def test_state_on_disk_trains_like_state_in_host_memory_on_cuda(tmp_path) -> None:

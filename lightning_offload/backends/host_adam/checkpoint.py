@@ -37,9 +37,12 @@ def persistent_buffers(module: torch.nn.Module | None) -> dict[str, torch.Tensor
 
 def load_buffers(module: torch.nn.Module | None, buffers: dict[str, torch.Tensor], strict: bool) -> None:
     current = persistent_buffers(module)
-    unknown = sorted(set(buffers) - set(current))
+    unknown, missing = sorted(set(buffers) - set(current)), sorted(set(current) - set(buffers))
     if strict and unknown:
         raise ValueError(f"The checkpoint has buffers this model lacks: {unknown}. Pass `strict_loading=False`.")
+    if strict and missing:
+        raise ValueError(f"The checkpoint lacks buffers of this model: {missing[:5]}. Load the checkpoint of this "
+                         "model, or pass `strict_loading=False`.")
     for name, value in buffers.items():
         if name in current:
             current[name].data.copy_(value)

@@ -397,12 +397,13 @@ class StreamBackend(Backend):
                 "Cannot save a checkpoint: this run's streaming engine was released when a later `fit` started in "
                 "this process. Save checkpoints before starting the next run."
             )
+        assert self._root is not None
         self.lanes.synchronize()
         # The hyperparameters an LR scheduler set live in the param groups: Lightning restores the scheduler only.
         optimizer = None if weights_only else self.optimizer
         groups = [{k: v for k, v in g.items() if k != "params"} for g in (optimizer.param_groups if optimizer else [])]
-        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, PARAM_GROUPS: groups}, disk=self.disk,
-                               weights_only=weights_only)
+        stream_checkpoint.save(path, self.units, self.dtype, {**client_state, PARAM_GROUPS: groups},
+                               persistent_buffers(self._root), disk=self.disk, weights_only=weights_only)
 
     def load_model_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
         """validate / test / predict from another backend's checkpoint (or Lightning's file): each weight into the
@@ -415,10 +416,11 @@ class StreamBackend(Backend):
         self.scheduler.invalidate()
 
     def load_checkpoint(self, path: Path, *, load_optimizer_states: bool, strict: bool) -> dict[str, Any]:
-        assert self.scheduler is not None
+        assert self.scheduler is not None and self._root is not None
         self.lanes.synchronize()
-        client_state = stream_checkpoint.load(path, self.units, load_optimizer_states=load_optimizer_states,
-                                              strict=strict, disk=self.disk)
+        client_state = stream_checkpoint.load(path, self.units, persistent_buffers(self._root),
+                                              load_optimizer_states=load_optimizer_states, strict=strict,
+                                              disk=self.disk)
         groups = client_state.pop(PARAM_GROUPS, [])
         if load_optimizer_states and self.optimizer is not None:
             for group, saved in zip(self.optimizer.param_groups, groups):

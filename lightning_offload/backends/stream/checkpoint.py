@@ -2,8 +2,9 @@
 
 Layout of a checkpoint folder (written atomically with `saving.atomic_directory`):
 
-    manifest.json      format, weight dtype, and per unit: its file and every name of each parameter
+    manifest.json      format, weight dtype, per unit: its file and every name of each parameter; the buffers' file
     trainer.pt         Lightning's own state (loops, LR schedulers, callbacks)
+    buffers.pt         the module's persistent buffers by name, as its state dict holds them
     unit_0000.pt ...   {"weights": [tensor per parameter], "state": [uint8 records per bucket], "steps": [...]}
 
 A unit's tensors are copied out of the arena (or off the GPU, or read from the disk tier's file) into a buffer of
@@ -35,6 +36,9 @@ FORMAT = "lightning_offload.stream"
 MANIFEST = "manifest.json"
 # Key of the optimizer's param groups in trainer.pt, beside Lightning's state.
 PARAM_GROUPS = "stream_optimizer_param_groups"
+# The file of the module's persistent buffers; the manifest names it (a folder written before buffers were saved
+# names none).
+BUFFERS = "buffers.pt"
 
 
 def checkpoint_bytes(units: list[Unit]) -> int:
@@ -63,14 +67,18 @@ def host_state(unit: Unit, disk: DiskTier | None) -> torch.Tensor | None:
     return unit.host_state
 
 
-def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any], *,
-         disk: DiskTier | None = None, weights_only: bool = False) -> None:
-    """`weights_only`: the units' weights without their 8-bit state and step counts."""
+def save(path: Path, units: list[Unit], dtype: torch.dtype, client_state: dict[str, Any],
+         buffers: dict[str, torch.Tensor], *, disk: DiskTier | None = None, weights_only: bool = False) -> None:
+    """`buffers`: the module's persistent buffers by name; `weights_only`: the units' weights without their 8-bit
+    state and step counts."""
     needed = sum(unit.weight_bytes for unit in units) if weights_only else checkpoint_bytes(units)
+    needed += sum(buffer.nbytes for buffer in buffers.values())
     check_disk(path.parent, needed, "This checkpoint")
-    manifest = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "units": []}
+    manifest = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "buffers": BUFFERS, "units": []}
     with atomic_directory(path, weights_only=weights_only) as staging:
         torch.save(client_state, staging / "trainer.pt")
+        torch.save({name: buffer.detach().to("cpu", copy=True) for name, buffer in buffers.items()},
+                   staging / BUFFERS)
         for unit in units:
             name = f"unit_{unit.index:04d}.pt"
             weights = [p.detach().to("cpu", copy=True) for p in unit.params]
@@ -96,9 +104,42 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: bool,
-         disk: DiskTier | None = None) -> dict[str, Any]:
+def saved_buffers(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The module's persistent buffers in the checkpoint folder `path`, memory-mapped; None for a folder written
+    before they were saved."""
+    if "buffers" not in manifest:
+        return None
+    return torch.load(path / manifest["buffers"], mmap=True, weights_only=True)
+
+
+def check_buffers(path: Path, saved: dict[str, torch.Tensor] | None, buffers: dict[str, torch.Tensor],
+                  strict: bool) -> None:
+    """With `strict`, refuses saved buffers (`saved_buffers`) that are not the module's `buffers` by name, as
+    `load_state_dict` refuses them, before anything is loaded."""
+    if not strict:
+        return
+    if saved is None:
+        if buffers:
+            raise KeyError(
+                f"The checkpoint {str(path)!r} was written by a version of the `stream` backend that did not save the "
+                f"module's buffers, and this model has persistent buffers {sorted(buffers)[:5]}. To load its weights "
+                "and keep those buffers as the model builds them, set `strict_loading = False` on the module.")
+        return
+    unknown, missing = sorted(set(saved) - set(buffers)), sorted(set(buffers) - set(saved))
+    if unknown:
+        raise KeyError(f"The checkpoint {str(path)!r} has the buffers {unknown[:5]}, which this model lacks. Load it "
+                       "into the model it was saved from, or set `strict_loading = False` on the module.")
+    if missing:
+        raise KeyError(f"The checkpoint {str(path)!r} lacks the buffers {missing[:5]} of this model. Load the "
+                       "checkpoint of this model, or set `strict_loading = False` on the module.")
+
+
+def load(path: Path, units: list[Unit], buffers: dict[str, torch.Tensor], *, load_optimizer_states: bool,
+         strict: bool, disk: DiskTier | None = None) -> dict[str, Any]:
+    """`buffers`: the module's persistent buffers by name, which the saved ones are copied into."""
     manifest = read_manifest(path)
+    saved_buffer_values = saved_buffers(path, manifest)
+    check_buffers(path, saved_buffer_values, buffers, strict)
     saved = {tuple(entry["names"][0]) if entry["names"] else (): entry for entry in manifest["units"]}
     for unit in units:
         entry = saved.get(tuple(unit.names[0]) if unit.names else ())
@@ -119,6 +160,9 @@ def load(path: Path, units: list[Unit], *, load_optimizer_states: bool, strict: 
             for bucket_entry, steps in zip(unit.buckets, content["steps"]):
                 bucket_entry.bucket.steps = list(steps)
         del content
+    for name, value in (saved_buffer_values or {}).items():
+        if name in buffers:
+            buffers[name].copy_(value)
     return torch.load(path / "trainer.pt", weights_only=False)
 
 
@@ -131,15 +175,18 @@ def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, 
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:
-    """Each parameter's weight under every name of a tied one, as saved; loading one maps its unit's file only
-    while the weight lives."""
+    """Each parameter's weight under every name of a tied one, then each persistent buffer, as saved; loading a
+    weight maps its unit's file only while the weight lives."""
     saved = []
-    for unit in read_manifest(path)["units"]:
+    manifest = read_manifest(path)
+    for unit in manifest["units"]:
         file = path / unit["file"]
         shapes = [tuple(w.shape) for w in torch.load(file, mmap=True, weights_only=True)["weights"]]
         saved += [SavedTensor(list(names), shape, partial(_unit_weight, file, index))
                   for index, (names, shape) in enumerate(zip(unit["names"], shapes))]
-    return saved
+    buffers = saved_buffers(path, manifest) or {}
+    return saved + [SavedTensor([name], tuple(value.shape), lambda value=value: value)
+                    for name, value in buffers.items()]
 
 
 def _unit_weight(file: Path, index: int) -> torch.Tensor:
@@ -147,7 +194,8 @@ def _unit_weight(file: Path, index: int) -> torch.Tensor:
 
 
 def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, fp32 weight) of every parameter, under every name of a tied one, read one unit file at a time."""
+    """(name, fp32 weight) of every parameter, under every name of a tied one, read one unit file at a time; then
+    each persistent buffer (fp32 if floating, else in its own dtype)."""
     manifest = read_manifest(path)
     for entry in manifest["units"]:
         weights = torch.load(path / entry["file"], mmap=True, weights_only=True)["weights"]
@@ -158,3 +206,5 @@ def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, value
             del value
         del weights
+    for name, value in (saved_buffers(path, manifest) or {}).items():
+        yield name, value.float() if value.is_floating_point() else value
