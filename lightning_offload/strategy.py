@@ -465,20 +465,19 @@ class _SingleGPUOffloadCore:
     def _refuse_what_the_kept_engine_cannot_run(self) -> None:
         """A later fit keeps the engine the first fit built, which holds the trained model: what this fit adds that
         the engine cannot run (a callback, clipping) is refused before anything of it runs."""
-        trainer = self.lightning_module.trainer
-        if self._backend_pinned:
-            self._refuse_what_the_backend_cannot_run(trainer, self.lightning_module)
-            return
-        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
+        needs = run_needs(self.lightning_module, self.lightning_module.trainer, compile_blocks=self.compile_blocks)
         refusals = self.backend.refusals(needs)
-        if refusals:
-            runs_it = [name for name in available_backends() if not backend_class(name).refusals(needs)]
-            raise ValueError(
-                f"This fit adds what backend {self.backend_name!r} cannot run ({refusals[0][0]}): `backend='auto'` "
-                f"chose {self.backend_name!r} at this strategy's first fit, which did not use it, and later fits keep "
-                "the engine that holds the trained model. Use it from the first fit (the planner then picks a backend "
-                f"that runs it), or pin one that does ({', '.join(repr(name) for name in runs_it)})."
-            )
+        if not refusals:
+            return
+        if self._backend_pinned:
+            raise ValueError(refusals[0][1])
+        runs_it = [name for name in available_backends() if not backend_class(name).refusals(needs)]
+        raise ValueError(
+            f"This fit adds what backend {self.backend_name!r} cannot run ({refusals[0][0]}): `backend='auto'` "
+            f"chose {self.backend_name!r} at this strategy's first fit, which did not use it, and later fits keep "
+            "the engine that holds the trained model. Use it from the first fit (the planner then picks a backend "
+            f"that runs it), or pin one that does ({', '.join(repr(name) for name in runs_it)})."
+        )
 
     def _compile_blocks(self, module: torch.nn.Module) -> None:
         checkpointing = self.activation_checkpointing

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -68,12 +69,9 @@ class KeepPlan(pl.Callback):
         self.report = trainer.strategy.plan_report
 
 
-@pytest.mark.parametrize("trainer_overrides", [
-    ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"],
-    ["trainer.gradient_clip_val=null"],
-])
-def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_overrides) -> None:
-    overrides = [*SHORT_RUN, "trainer.max_steps=1", "trainer.limit_val_batches=0", *trainer_overrides]
+def preview_and_training_plans(tmp_path, overrides: list[str]) -> tuple[Any, Any]:
+    """The plan command's report and the report training made, for the same overrides of a one-step run."""
+    overrides = [*SHORT_RUN, "trainer.max_steps=1", "trainer.limit_val_batches=0", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
         preview = plan_from_config(compose(config_name="plan", overrides=overrides))
@@ -81,7 +79,15 @@ def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_ove
     cfg = compose_config(tmp_path, overrides)
     HydraConfig.instance().set_config(cfg)
     train(cfg, extra_callbacks=[kept])
-    trained = kept.report
+    return preview, kept.report
+
+
+@pytest.mark.parametrize("trainer_overrides", [
+    ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"],
+    ["trainer.gradient_clip_val=null"],
+])
+def test_the_plan_command_previews_the_plan_training_picks(tmp_path, trainer_overrides) -> None:
+    preview, trained = preview_and_training_plans(tmp_path, trainer_overrides)
     assert preview.chosen.plan == trained.chosen.plan
     assert (preview.accumulate, preview.holds_gradients) == (trained.accumulate, trained.holds_gradients)
     assert preview.stats == trained.stats
@@ -117,15 +123,7 @@ READERS = {
 def test_the_plan_command_sees_the_callbacks_and_hooks_training_sees(monkeypatch, tmp_path, reader) -> None:
     added, backend = READERS[reader]
     prefer(monkeypatch, "host_adam", "device")
-    overrides = [*SHORT_RUN, "trainer.max_steps=1", "trainer.limit_val_batches=0", *added]
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
-        preview = plan_from_config(compose(config_name="plan", overrides=overrides))
-    kept = KeepPlan()
-    cfg = compose_config(tmp_path, overrides)
-    HydraConfig.instance().set_config(cfg)
-    train(cfg, extra_callbacks=[kept])
-    trained = kept.report
+    preview, trained = preview_and_training_plans(tmp_path, added)
     assert preview.chosen.plan == trained.chosen.plan and trained.chosen.plan.backend == backend
     assert preview.left_out == trained.left_out and ("host_adam" in preview.left_out) is bool(added)
     assert preview.needs.gradient_hooks == trained.needs.gradient_hooks
