@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -85,14 +86,16 @@ def _placed(tensors: Iterator[tuple[str, torch.Tensor]], map_location: Any) -> d
     from torch.serialization import _get_restore_location, location_tag
 
     restore = _get_restore_location(map_location)
-    # By the storage the reader gave: the names of a tied weight stay one tensor where they land.
-    restored: dict[int, torch.UntypedStorage] = {}
+    # By the storage the reader gave, so the names of a tied weight stay one tensor where they land; held weakly,
+    # as a freed storage's address may come back for the next tensor read.
+    restored: dict[int, tuple[weakref.ref, torch.UntypedStorage]] = {}
     placed = {}
     for name, tensor in tensors:
         storage = tensor.untyped_storage()
-        if storage._cdata not in restored:
-            restored[storage._cdata] = restore(storage, location_tag(storage))
-        target = restored[storage._cdata]
+        source, target = restored.get(storage._cdata, (None, None))
+        if source is None or source() is not storage:
+            target = restore(storage, location_tag(storage))
+            restored[storage._cdata] = (weakref.ref(storage), target)
         placed[name] = torch.empty(0, dtype=tensor.dtype, device=target.device).set_(
             target, tensor.storage_offset(), tensor.size(), tensor.stride())
     return placed

@@ -609,3 +609,20 @@ def test_a_folder_without_the_modules_buffers_is_refused_by_a_strict_load_as_lig
     reader_trainer(backend, backend).validate(lenient, token_batches(2, seed=1), ckpt_path=tmp_path / "own.ckpt",
                                               verbose=False)
     assert int(lenient.steps_seen) == 0
+
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_load_from_checkpoint_maps_a_folder_through_a_copying_map_location(saved_once, backend: str) -> None:
+    # Copies into storages made beforehand, so the reader's freed storages are the only ones made meanwhile and their
+    # addresses come back for later tensors (as a map onto `cuda:0` showed): each must get its own copy.
+    pool = [torch.zeros(1 << 15, dtype=torch.uint8) for _ in range(128)]
+
+    def copied(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        target = pool.pop()
+        target[:storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        return target.untyped_storage()
+
+    paths = saved_once[backend]
+    assert_same_load(loaded_or_error(paths["own"], map_location=copied),
+                     loaded_or_error(paths["file"], map_location=copied))
