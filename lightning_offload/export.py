@@ -122,17 +122,23 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, conf
         pair = pairs.get(saved_tensor.names[0])
         if pair is not None:  # W + B A * scaling, in fp32 before the cast to the export dtype
             weight = weight.float() + (pair.b.load().float() @ pair.a.load().float()) * scaling
-        return weight.to(dtype)
+        return weight.to(_written_dtype(saved_tensor, dtype))
 
     config.dtype = dtype
     with atomic_directory(out_dir) as staging:
-        _write_shards(staging, [(name, s.shape, s) for name, s in layout], load, dtype, max_shard_bytes)
+        _write_shards(staging, [(name, _written_dtype(s, dtype), s.shape, s) for name, s in layout], load,
+                      max_shard_bytes)
         config.save_pretrained(staging)
         if source_folder is not None:
             for companion in _COMPANION_FILES:
                 if (source_folder / companion).is_file():
                     shutil.copy2(source_folder / companion, staging / companion)
     return Path(out_dir)
+
+
+def _written_dtype(saved: SavedTensor, dtype: torch.dtype) -> torch.dtype:
+    """The export's `dtype` for a floating tensor; any other one (an integer counter, a bool mask) keeps its own."""
+    return dtype if saved.dtype.is_floating_point else saved.dtype
 
 
 def _split_lora(saved: list[SavedTensor]) -> tuple[list[SavedTensor], dict[str, _LoraPair]]:
@@ -175,13 +181,14 @@ def _export_adapter(pairs: dict[str, _LoraPair], prefix: str, lora: Any, dtype: 
     return out_dir
 
 
-def _write_shards(staging: Path, layout: list[tuple[str, tuple[int, ...], SavedTensor]],
-                  load: Callable[[str, SavedTensor], torch.Tensor], dtype: torch.dtype, max_shard_bytes: int) -> None:
-    element = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[tuple[str, tuple[int, ...], SavedTensor]]] = [[]]
+def _write_shards(staging: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...], SavedTensor]],
+                  load: Callable[[str, SavedTensor], torch.Tensor], max_shard_bytes: int) -> None:
+    """Writes each (name, dtype, shape, saved tensor) of `layout`, `load`ed in that dtype, into shards of at most
+    `max_shard_bytes`."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...], SavedTensor]]] = [[]]
     filled = 0
     for entry in layout:
-        size = torch.Size(entry[1]).numel() * element
+        size = torch.Size(entry[2]).numel() * entry[1].itemsize
         if shards[-1] and filled + size > max_shard_bytes:
             shards.append([])
             filled = 0
@@ -191,11 +198,11 @@ def _write_shards(staging: Path, layout: list[tuple[str, tuple[int, ...], SavedT
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for file, shard in zip(files, shards):
-        write_file(staging / file, [(name, dtype, shape) for name, shape, _ in shard],
-                   (load(name, saved) for name, _, saved in shard), metadata={"format": "pt"})
-        weight_map.update({name: file for name, _, _ in shard})
+        write_file(staging / file, [(name, dtype, shape) for name, dtype, shape, _ in shard],
+                   (load(name, saved) for name, _, _, saved in shard), metadata={"format": "pt"})
+        weight_map.update({name: file for name, _, _, _ in shard})
     if len(shards) > 1:
-        total = sum(torch.Size(shape).numel() * element for _, shape, _ in layout)
+        total = sum(torch.Size(shape).numel() * dtype.itemsize for _, dtype, shape, _ in layout)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
 

@@ -7,6 +7,7 @@ import torch
 
 from lightning_offload.consolidation import consolidate, fp32_tensors
 from lightning_offload.saving import write_state_dict
+from tests.conftest import SEQ_LEN, TinyLM
 from tests.test_saving import assert_same_state_dict, sharing
 
 
@@ -54,14 +55,51 @@ FORMATS = {
 }
 
 
-def saved_checkpoint(tmp_path, backend: str):
+def saved_checkpoint(tmp_path, backend: str, module=None, precision: str | None = None):
     from lightning_offload import SingleGPUOffloadStrategy
     from tests.conftest import fit
 
-    options, precision = FORMATS[backend]
-    _, trainer = fit(SingleGPUOffloadStrategy(**options), num_batches=2, precision=precision)
+    options, format_precision = FORMATS[backend]
+    _, trainer = fit(SingleGPUOffloadStrategy(**options), num_batches=2, precision=precision or format_precision,
+                     module=module)
     trainer.save_checkpoint(tmp_path / "trained.ckpt")
     return tmp_path / "trained.ckpt"
+
+
+# Past 2**24: neither bf16 nor fp32 holds it, so a count cast to either on the way out comes back changed.
+FIRST_COUNT = 2**24 + 1
+
+
+class CountingTinyLM(TinyLM):
+    """TinyLM whose network holds persistent buffers of every kind, each changed by every step: a counter (int64),
+    a position mask (bool) and a floating scale (bf16 under `bf16-true`)."""
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            self.net.register_buffer("steps_seen", torch.tensor(FIRST_COUNT))
+            self.net.register_buffer("kept_positions", torch.arange(SEQ_LEN) % 3 == 0)
+            self.net.register_buffer("scale", torch.linspace(0.5, 1.5, SEQ_LEN))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        self.net.steps_seen += 1
+        self.net.kept_positions.logical_not_()
+        self.net.scale.mul_(2)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("backend", sorted(FORMATS))
+def test_consolidate_upcasts_floating_buffers_only(tmp_path, backend: str) -> None:
+    module = CountingTinyLM()
+    checkpoint = saved_checkpoint(tmp_path, backend, module, precision="bf16-true")
+    trained = {name: buffer.detach().cpu() for name, buffer in module.named_buffers()}
+    assert trained["net.steps_seen"] == FIRST_COUNT + len(module.losses)  # the count moved while training
+    assert trained["net.scale"].dtype == torch.bfloat16
+    consolidated = consolidate(checkpoint)
+    for name in ("net.steps_seen", "net.kept_positions"):
+        assert consolidated[name].dtype == trained[name].dtype and torch.equal(consolidated[name], trained[name])
+    assert consolidated["net.scale"].dtype == torch.float32
+    assert torch.equal(consolidated["net.scale"], trained["net.scale"].float())
 
 
 @pytest.mark.parametrize("backend", sorted(FORMATS))
@@ -99,3 +137,24 @@ def test_consolidate_prefix_that_matches_nothing_writes_nothing(tmp_path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trained.ckpt"]
     state_dict = consolidate(checkpoint, tmp_path / "model.pt", prefix="net.")
     assert state_dict and all(not name.startswith("net.") for name in state_dict)
+
+
+def test_deepspeed_buffers_keep_their_dtype_from_a_reader_that_casts_them(tmp_path, monkeypatch) -> None:
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    from lightning_offload.backends.deepspeed import saved_weights
+
+    module = CountingTinyLM()
+    checkpoint = saved_checkpoint(tmp_path, "deepspeed", module)
+    trained = {name: buffer.detach().cpu() for name, buffer in module.named_buffers()}
+    read = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+
+    def casting_buffers(*args, **kwargs):  # as DeepSpeed 0.19.6's reader gives them
+        return {name: value.float() if name in trained else value for name, value in read(*args, **kwargs).items()}
+
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", casting_buffers)
+    consolidated = consolidate(checkpoint)
+    saved = {saved.names[0]: saved for saved in saved_weights(checkpoint)}
+    for name in ("net.steps_seen", "net.kept_positions"):
+        assert consolidated[name].dtype == trained[name].dtype and torch.equal(consolidated[name], trained[name])
+        assert saved[name].dtype == trained[name].dtype and torch.equal(saved[name].load(), trained[name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,46 @@ import torch
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload._safetensors import Reader, read_folder
 from lightning_offload.export import main
 from tests.conftest import fit, token_batches
-from tests.test_pretrained import CPU_BACKENDS, FineTune, save_tiny
+from tests.test_pretrained import CPU_BACKENDS, FineTune, save_tiny, tiny_config
 
 transformers = pytest.importorskip("transformers")
+# Past 2**24: neither bf16 nor fp32 holds it, so a count cast to either on the way out comes back changed.
+FIRST_COUNT = 2**24 + 1
+
+
+class CountingLlamaConfig(transformers.LlamaConfig):
+    model_type = "counting_llama"
+
+
+class CountingLlama(transformers.LlamaForCausalLM):
+    """A causal LM with persistent non-floating buffers: a step counter (int64) and a position mask (bool)."""
+
+    config_class = CountingLlamaConfig
+
+    def __init__(self, config: CountingLlamaConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("steps_seen", torch.tensor(FIRST_COUNT))
+        self.register_buffer("kept_positions", torch.arange(config.max_position_embeddings) % 3 == 0)
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            self.steps_seen += 1
+        return super().forward(*args, **kwargs)
+
+
+transformers.AutoConfig.register(CountingLlamaConfig.model_type, CountingLlamaConfig, exist_ok=True)
+transformers.AutoModelForCausalLM.register(CountingLlamaConfig, CountingLlama, exist_ok=True)
+
+
+def save_counting_tiny(folder: Path) -> Path:
+    torch.manual_seed(0)
+    options = tiny_config("llama").to_diff_dict()
+    options.pop("model_type")
+    CountingLlama(CountingLlamaConfig(**options)).save_pretrained(folder)
+    return folder
 
 
 def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -22,8 +58,9 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
-def train_and_save(tmp_path: Path, backend: str, arch: str = "llama") -> tuple[FineTune, Path, Path]:
-    folder = save_tiny(tmp_path / "pretrained", arch)
+def train_and_save(tmp_path: Path, backend: str, arch: str = "llama",
+                   save_pretrained: Callable[[Path], Path] | None = None) -> tuple[FineTune, Path, Path]:
+    folder = (save_pretrained or (lambda path: save_tiny(path, arch)))(tmp_path / "pretrained")
     strategy = SingleGPUOffloadStrategy(backend=backend.removesuffix("_built_in_host_memory"), **CPU_BACKENDS[backend])
     # A large step, so trained weights are far from the pretrained ones and an export of those would show.
     module, trainer = fit(strategy, num_batches=2, module=FineTune(folder, lr=1e-2))
@@ -54,6 +91,26 @@ def test_every_cpu_backends_checkpoint_exports_its_weights(tmp_path: Path, backe
     reference.load_state_dict(lightning_offload.consolidate(checkpoint, prefix="model."), strict=False)
     for (name, value), expected in zip(exported.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(value, expected.float()), name
+
+
+@pytest.mark.parametrize("backend", sorted(CPU_BACKENDS))
+def test_integer_and_bool_buffers_keep_their_own_dtype_and_values(tmp_path: Path, backend: str) -> None:
+    module, folder, checkpoint = train_and_save(tmp_path, backend, save_pretrained=save_counting_tiny)
+    trained = {name: module.model.get_buffer(name).detach().cpu() for name in ("steps_seen", "kept_positions")}
+    assert trained["steps_seen"] == FIRST_COUNT + len(module.losses)  # the count moved while training
+    for dtype in ("bf16", "fp32"):
+        out = lightning_offload.export_hf(checkpoint, tmp_path / dtype, config=folder, dtype=dtype)
+        entries, reader = read_folder(out), Reader()
+        exported = transformers.AutoModelForCausalLM.from_pretrained(out)
+        for name, value in trained.items():
+            assert entries[name].dtype == value.dtype, (dtype, name)
+            assert torch.equal(reader.read(entries[name]), value), (dtype, name)
+            assert torch.equal(exported.get_buffer(name), value), (dtype, name)
+        reader.close()
+    consolidated = lightning_offload.consolidate(checkpoint, prefix="model.")
+    for name, value in trained.items():
+        assert consolidated[name].dtype == value.dtype and torch.equal(consolidated[name], value), name
+    assert all(v.dtype == torch.float32 for v in consolidated.values() if v.is_floating_point())
 
 
 def test_a_checkpoint_that_does_not_exist_is_named_as_missing(tmp_path: Path) -> None:
@@ -99,10 +156,10 @@ def test_export_writes_one_tensor_at_a_time(tmp_path: Path) -> None:
     model_bytes = sum(p.numel() for p in module.parameters()) * torch.bfloat16.itemsize
     assert largest < model_bytes / 4  # so one tensor at a time and the whole model are told apart
     # Mapping the checkpoint's file is outside the measurement (the profiler counts the mapping as allocated).
-    layout = [(saved.names[0], saved.shape, saved) for saved in saved_tensors(checkpoint)]
+    layout = [(saved.names[0], torch.bfloat16, saved.shape, saved) for saved in saved_tensors(checkpoint)]
     (tmp_path / "out").mkdir()
     peak, _ = peak_and_final_allocated_bytes(lambda: _write_shards(
-        tmp_path / "out", layout, lambda _, saved: saved.load().to(torch.bfloat16), torch.bfloat16, 2**30))
+        tmp_path / "out", layout, lambda _, saved: saved.load().to(torch.bfloat16), 2**30))
     assert peak <= largest  # each weight cast to bf16 is written and freed before the next
 
 

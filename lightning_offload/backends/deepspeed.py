@@ -722,17 +722,37 @@ _ENGINE_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_p
 def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state (loops, callbacks, hyperparameters) in a checkpoint folder: rank 0's model file, less
     DeepSpeed's own keys."""
-    tag = (path / "latest").read_text().strip()
-    model_file = sorted((path / tag).glob("*_rank_0_*model_states.pt"))[0]
-    state = torch.load(model_file, map_location="cpu", weights_only=weights_only)
+    state = torch.load(_model_file(path), map_location="cpu", weights_only=weights_only)
     return {key: value for key, value in state.items() if key not in _ENGINE_KEYS}
 
 
-def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each fp32 weight, gathered from the ranks' partitions when it is reached."""
+def _model_file(path: Path) -> Path:
+    tag = (path / "latest").read_text().strip()
+    return sorted((path / tag).glob("*_rank_0_*model_states.pt"))[0]
+
+
+def _saved_buffers(path: Path) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers in rank 0's model file, each in the dtype it was saved in: DeepSpeed's own
+    reader casts every buffer to fp32 in some versions (0.19.6), an integer count past 2**24 with it."""
+    state = torch.load(_model_file(path), map_location="cpu", mmap=True, weights_only=False)
+    buffer_names = set(state["buffer_names"])
+    return {name: value for name, value in state["module"].items() if name in buffer_names}
+
+
+def _weights_and_buffers(path: Path) -> dict[str, Any]:
+    """Each weight (fp32, gathered from the ranks' partitions when it is reached) and buffer (as saved) by name."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
+    buffers = _saved_buffers(path)  # read first: the model file is released before DeepSpeed reads the ranks' files
+    tensors = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
+    tensors.update(buffers)
+    return tensors
+
+
+def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each fp32 weight, gathered from the ranks' partitions when it is reached; then each persistent buffer (fp32
+    if floating, else in its own dtype)."""
+    lazy = _weights_and_buffers(path)
     # A tied weight is gathered once and kept until its last name, so every name shares one tensor.
     names_left = Counter(id(value) for value in lazy.values())
     tied: dict[int, torch.Tensor] = {}
@@ -740,6 +760,7 @@ def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         tensor = tied.pop(id(value), None)
         if tensor is None:
             tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
+            tensor = tensor.float() if tensor.is_floating_point() else tensor
         names_left[id(value)] -= 1
         if names_left[id(value)]:
             tied[id(value)] = tensor
@@ -748,10 +769,8 @@ def fp32_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def saved_weights(path: Path) -> list[SavedTensor]:
-    """Each fp32 weight, gathered from the ranks' partitions when it is loaded."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return grouped(get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True).items(), key=id)
+    """Each fp32 weight, gathered from the ranks' partitions when it is loaded, and each buffer as saved."""
+    return grouped(_weights_and_buffers(path).items(), key=id)
 
 
 SPEC = BackendSpec(

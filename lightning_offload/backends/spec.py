@@ -26,6 +26,9 @@ class SavedTensor:
 
     names: list[str]
     shape: tuple[int, ...]
+    dtype: torch.dtype
+    """The dtype it was saved in: an export casts floating tensors to its own dtype, and keeps every other one's
+    (an integer counter, a bool mask)."""
     load: Callable[[], torch.Tensor]
 
 
@@ -40,7 +43,7 @@ def grouped(items: Iterable[tuple[str, Any]], key: Callable[[Any], Any]) -> list
             continue
         found = groups.get(key(value))
         if found is None:
-            groups[key(value)] = SavedTensor([name], tuple(value.shape),
+            groups[key(value)] = SavedTensor([name], tuple(value.shape), value.dtype,
                                              lambda v=value: v if isinstance(v, torch.Tensor) else v.contiguous())
         else:
             found.names.append(name)

@@ -85,13 +85,14 @@ def saved_parameters(state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Te
 
 def fp32_tensors(state: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of a `host_adam` checkpoint, one at a time: each fp32 master weight under every name, then
-    the buffers."""
+    the buffers (fp32 if floating, else in their own dtype)."""
     for names, (master, _, _) in zip(state["names"], saved_parameters(state)):
         weight = master.clone()  # its own storage, not a view that keeps the whole arena
         for name in names:
             yield name, weight
         del weight
-    yield from state["buffers"].items()
+    for name, value in state["buffers"].items():
+        yield name, value.float() if value.is_floating_point() else value
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], strict: bool) -> None:
@@ -115,6 +116,6 @@ def client_state(path: Path, *, weights_only: bool | None = False) -> dict[str, 
 def saved_weights(path: Path) -> list[SavedTensor]:
     """Each fp32 master weight under every name, then the buffers, as views of the memory-mapped arenas."""
     state = read_checkpoint(path)
-    saved = [SavedTensor(list(names), tuple(master.shape), lambda m=master: m)
+    saved = [SavedTensor(list(names), tuple(master.shape), master.dtype, lambda m=master: m)
              for names, (master, _, _) in zip(state["names"], saved_parameters(state))]
-    return saved + [SavedTensor([name], tuple(b.shape), lambda b=b: b) for name, b in state["buffers"].items()]
+    return saved + [SavedTensor([name], tuple(b.shape), b.dtype, lambda b=b: b) for name, b in state["buffers"].items()]

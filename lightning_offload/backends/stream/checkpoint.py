@@ -181,11 +181,12 @@ def saved_weights(path: Path) -> list[SavedTensor]:
     manifest = read_manifest(path)
     for unit in manifest["units"]:
         file = path / unit["file"]
-        shapes = [tuple(w.shape) for w in torch.load(file, mmap=True, weights_only=True)["weights"]]
-        saved += [SavedTensor(list(names), shape, partial(_unit_weight, file, index))
-                  for index, (names, shape) in enumerate(zip(unit["names"], shapes))]
+        weights = torch.load(file, mmap=True, weights_only=True)["weights"]
+        saved += [SavedTensor(list(names), tuple(weight.shape), weight.dtype, partial(_unit_weight, file, index))
+                  for index, (names, weight) in enumerate(zip(unit["names"], weights))]
+        del weights  # the unit's file stays mapped only while it is read
     buffers = saved_buffers(path, manifest) or {}
-    return saved + [SavedTensor([name], tuple(value.shape), lambda value=value: value)
+    return saved + [SavedTensor([name], tuple(value.shape), value.dtype, lambda value=value: value)
                     for name, value in buffers.items()]
 
 

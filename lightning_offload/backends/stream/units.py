@@ -19,6 +19,7 @@ from torch import nn
 from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.stream.lanes import aligned
 from lightning_offload.kernels.format import RECORD_BYTES
+from lightning_offload.pretrained import weight_source
 
 
 @dataclass(eq=False)
@@ -167,14 +168,20 @@ def check_meta_initialisable(root: nn.Module) -> None:
 
 
 def materialise_buffers(root: nn.Module, device: torch.device) -> None:
-    """Meta buffers outside parameters (rotary frequencies) are made on `device` and recomputed."""
+    """Meta buffers outside parameters (rotary frequencies) are made on `device` and recomputed; a persistent buffer
+    `lightning_offload.pretrained` found in a checkpoint (a step counter) is read from it."""
     for module in root.modules():
         meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
         if not meta:
             continue
+        sources = {name: weight_source(module._buffers[name]) for name in meta}
         for name in meta:
             module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
         if not any(p.is_meta for p in module.parameters(recurse=False)):
             init = initialiser(module, root)
             assert init is not None  # check_meta_initialisable ran first
             init()  # type: ignore[operator]
+        with torch.no_grad():
+            for name, source in sources.items():
+                if source is not None:  # after the initialiser, which would recompute it
+                    source.read_into(module._buffers[name])
