@@ -44,6 +44,7 @@ from lightning_offload.planner.lightning import (
     run_needs,
 )
 from lightning_offload.planner.preflight import user_program_preserved
+from lightning_offload.planner.refit import refuse_what_the_kept_plan_cannot_fit
 from lightning_offload.planner.record import (
     PLAN_KEY,
     fit_ckpt_path,
@@ -464,10 +465,17 @@ class _SingleGPUOffloadCore:
 
     def _refuse_what_the_kept_engine_cannot_run(self) -> None:
         """A later fit keeps the engine the first fit built, which holds the trained model: what this fit adds that
-        the engine cannot run (a callback, clipping) is refused before anything of it runs."""
-        needs = run_needs(self.lightning_module, self.lightning_module.trainer, compile_blocks=self.compile_blocks)
+        the engine cannot run (a callback, clipping), or that its plan has no memory for, is refused before anything
+        of it runs."""
+        trainer = self.lightning_module.trainer
+        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
         refusals = self.backend.refusals(needs)
         if not refusals:
+            fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+            # Across processes only rank 0 holds the report: a refusal there alone would leave the others waiting.
+            if fitting and self.plan_report is not None and getattr(self, "world_size", 1) == 1:
+                refuse_what_the_kept_plan_cannot_fit(self.plan_report, self.plan, needs,
+                                                     trainer.accumulate_grad_batches)
             return
         if self._backend_pinned:
             raise ValueError(refusals[0][1])
