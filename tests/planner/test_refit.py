@@ -10,7 +10,8 @@ import pytest
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.planner import GIB, SAFETY_MARGIN, Machine, PlanDoesNotFit, estimate_memory
-from tests.conftest import TinyLM, fit, token_batches
+from lightning_offload.planner.choose import scaled
+from tests.conftest import BATCH, SEQ_LEN, TinyLM, token_batches
 from tests.planner.test_strategy_planning import _reads_gradients, prefer
 
 # The kept plan updates inside backward (no gradient buffer), at the precision it trains with.
@@ -31,10 +32,11 @@ class CountsHooks(TinyLM):
     def __init__(self) -> None:
         super().__init__()
         self.calls = {"train_dataloader": 0, "configure_optimizers": 0, "training_step": 0}
+        self.batch_size = BATCH
 
     def train_dataloader(self) -> Any:
         self.calls["train_dataloader"] += 1
-        return token_batches(1)
+        return token_batches(1, batch_size=self.batch_size)
 
     def configure_optimizers(self) -> Any:
         self.calls["configure_optimizers"] += 1
@@ -124,3 +126,34 @@ def test_a_later_fit_with_the_first_fits_needs_is_not_priced_again(monkeypatch: 
     trainer.fit(module)
     assert not priced and trainer.current_epoch == 2
     assert module.calls == {name: count + 1 for name, count in calls.items()}
+
+
+def between_batches_gpu_gib(monkeypatch: pytest.MonkeyPatch, growth: int) -> float:
+    """GPU memory where the kept plan fits the first fit's batches and not batches `growth` times larger."""
+    _, trainer = first_fit(monkeypatch)
+    report, plan = trainer.strategy.plan_report, trainer.strategy.plan
+    plain = estimate_memory(report.stats, plan).gpu_bytes
+    larger = estimate_memory(scaled(report.stats, growth), plan).gpu_bytes
+    assert larger > plain
+    return (plain + larger) / 2 / SAFETY_MARGIN / GIB
+
+
+def test_a_later_fit_on_larger_batches_than_the_kept_plan_fits_is_refused_before_its_first_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module, trainer = first_fit(monkeypatch, between_batches_gpu_gib(monkeypatch, 2))
+    steps, calls = trainer.global_step, dict(module.calls)
+    module.batch_size = 2 * BATCH
+    trainer.fit_loop.max_epochs += 1
+    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x the first fit's \({2 * BATCH * SEQ_LEN} "
+                                             rf"elements in the first tensor, {BATCH * SEQ_LEN} then\).*GPU short by "
+                                             r".*batches as large as the first fit's"):
+        trainer.fit(module)
+    assert trainer.global_step == steps and module.calls["training_step"] == calls["training_step"]
+
+
+def test_a_later_fit_on_larger_batches_that_fit_the_kept_plan_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    module, trainer = first_fit(monkeypatch, 2 * between_batches_gpu_gib(monkeypatch, 2))
+    module.batch_size = 2 * BATCH
+    trainer.fit_loop.max_epochs += 1
+    trainer.fit(module)
+    assert trainer.current_epoch == 2 and module.calls["training_step"] == 2
