@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.planner.budget import GIB
-from lightning_offload.planner.choose import SAFETY_MARGIN, PlanDoesNotFit, PlanReport, choose, scaled
+from lightning_offload.planner.choose import PlanDoesNotFit, PlanReport, choose, scaled
 from lightning_offload.planner.measure import _tensors
 from lightning_offload.planner.terms import Plan
 
@@ -29,7 +29,7 @@ def refuse_what_the_kept_plan_cannot_fit(report: PlanReport, plan: Plan, needs: 
     stats = report.stats
     if batches is not None and batches[0] > batches[1]:
         stats = scaled(stats, batches[0] / batches[1])
-    priced = choose(stats, report.machine, report.ceilings, [plan], accumulate=accumulate,
+    priced = choose(stats, report.machine, report.ceilings, [plan], accumulate=accumulate, margin=report.margin,
                     allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host,
                     holds_gradients=needs.holds_gradients, clipping=needs.clipping, disk=report.disk,
                     disk_pinned=True)  # the first fit took its disk traffic; only its memory is in question
@@ -42,7 +42,7 @@ def refuse_what_the_kept_plan_cannot_fit(report: PlanReport, plan: Plan, needs: 
     short = ", ".join(f"{tier} short by {gib:.2f} GiB" for tier, gib in candidate.shortfalls.items())
     raise PlanDoesNotFit(
         f"This fit adds {added}, and with it the plan this strategy's first fit chose ({plan}) needs {needed}: "
-        f"{short} of the {report.machine.describe()} it was planned within ({100 * (1 - SAFETY_MARGIN):.0f}% of "
+        f"{short} of the {report.machine.describe()} it was planned within ({100 * (1 - report.margin):.0f}% of "
         "each kept free). Later fits keep the engine that holds the trained model, so its plan is not chosen again. "
         f"{undo}, or train with a new strategy and Trainer that use it from their first fit (the planner then "
         "chooses a plan that fits it)."

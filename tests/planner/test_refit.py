@@ -3,14 +3,18 @@ budget its first fit planned under, and refused before it starts when the kept p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.backends.spec import RunNeeds
 from lightning_offload.planner import GIB, SAFETY_MARGIN, Machine, PlanDoesNotFit, estimate_memory
 from lightning_offload.planner.choose import scaled
+from lightning_offload.planner.fallback import UNMEASURED_MARGIN
+from lightning_offload.planner.refit import refuse_what_the_kept_plan_cannot_fit
 from tests.conftest import BATCH, SEQ_LEN, TinyLM, token_batches
 from tests.planner.test_strategy_planning import _reads_gradients, prefer
 
@@ -157,3 +161,18 @@ def test_a_later_fit_on_larger_batches_that_fit_the_kept_plan_trains(monkeypatch
     trainer.fit_loop.max_epochs += 1
     trainer.fit(module)
     assert trainer.current_epoch == 2 and module.calls["training_step"] == 2
+
+
+def test_a_later_fit_is_priced_with_the_margin_its_plan_was_chosen_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A plan chosen from an estimate (the meta device could not run the model) keeps more of each tier free.
+    _, trainer = first_fit(monkeypatch)
+    report, plan = trainer.strategy.plan_report, trainer.strategy.plan
+    clipped = estimate_memory(report.stats, plan, **ADDED["clipping by norm"][1]).gpu_bytes
+    # Room for it with the measured plan's margin, not with the estimate's.
+    gpu_gib = clipped / ((SAFETY_MARGIN + UNMEASURED_MARGIN) / 2) / GIB
+    kept = dataclasses.replace(report, machine=Machine(gpu_memory_gib=gpu_gib, host_memory_gib=1000))
+    clipping = RunNeeds(gradient_clip_val=0.5)
+    refuse_what_the_kept_plan_cannot_fit(kept, plan, clipping, accumulate=1)
+    with pytest.raises(PlanDoesNotFit, match=rf"{100 * (1 - UNMEASURED_MARGIN):.0f}% of each kept free"):
+        refuse_what_the_kept_plan_cannot_fit(dataclasses.replace(kept, margin=UNMEASURED_MARGIN), plan, clipping,
+                                             accumulate=1)
