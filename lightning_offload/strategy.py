@@ -96,7 +96,8 @@ class _FitSetup:
     signals_held_in_steps: SignalsHeldInSteps | None = None
     """Ctrl+C and the requeue signal, held until the step ends while the engine updates inside backward."""
     first_batch_pending: bool = False
-    """The plan's first training batch is yet to come: the first fit's is its size, a later fit's is priced."""
+    """This fit's first training batch is yet to come: the first fit's is the size its plan was made for, a later
+    fit's is priced against it (`batch_to_device`)."""
 
 
 class _SingleGPUOffloadCore:
@@ -481,7 +482,7 @@ class _SingleGPUOffloadCore:
             if fitting and self.plan_report is not None and getattr(self, "world_size", 1) == 1:
                 refuse_what_the_kept_plan_cannot_fit(self.plan_report, self.plan, needs,
                                                      trainer.accumulate_grad_batches)
-                self._fit.first_batch_pending = True
+                self._fit.first_batch_pending = True  # its batches' size is known when the first comes
             return
         if self._backend_pinned:
             raise ValueError(refusals[0][1])
@@ -540,7 +541,8 @@ class _SingleGPUOffloadCore:
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         if self._fit.first_batch_pending and self.lightning_module.trainer.training:
-            # Before any hook sees the batch: the first fit's measures the plan's, a later fit's larger one is priced.
+            # Before `on_train_batch_start` and the step: the first fit's batch is the size its plan was made for; a
+            # later fit's, when larger, is priced.
             self._fit.first_batch_pending = False
             trainer = self.lightning_module.trainer
             elements = batch_elements(batch)
