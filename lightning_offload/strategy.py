@@ -44,6 +44,7 @@ from lightning_offload.planner.lightning import (
     run_needs,
 )
 from lightning_offload.planner.preflight import user_program_preserved
+from lightning_offload.planner.refit import batch_elements, refuse_what_the_kept_plan_cannot_fit
 from lightning_offload.planner.record import (
     PLAN_KEY,
     fit_ckpt_path,
@@ -94,6 +95,9 @@ class _FitSetup:
     """The allocator's fraction before `max_gpu_memory_gib` capped it, restored at `teardown`."""
     signals_held_in_steps: SignalsHeldInSteps | None = None
     """Ctrl+C and the requeue signal, held until the step ends while the engine updates inside backward."""
+    first_batch_pending: bool = False
+    """This fit's first training batch is yet to come: the first fit's is the size its plan was made for, a later
+    fit's is priced against it (`batch_to_device`)."""
 
 
 class _SingleGPUOffloadCore:
@@ -176,6 +180,8 @@ class _SingleGPUOffloadCore:
         self.plan: Plan | None = None
         # Whether this strategy has planned (its first fit did): later fits reuse the engine that plan built.
         self._memory_checked = False
+        # The size of the first fit's first training batch (`refit.batch_elements`): later fits' are priced by it.
+        self._planned_batch_elements: int | None = None
         self._took_off_earlier_wrappers = False
         self._fit = _FitSetup()
         # A step's updates inside backward have begun and its optimizer step has not returned (it may never: Ctrl+C).
@@ -314,6 +320,7 @@ class _SingleGPUOffloadCore:
                 logger.log_hyperparams(plan_hyperparameters(self.plan, self.plan_report))
         # Only a plan adopted makes a later fit reuse it: a refused one is planned again when the user retries.
         self._memory_checked = True
+        self._fit.first_batch_pending = self.plan_report is not None
         self._setup_backend_environment()
 
     def _resumed_checkpoint(self) -> str | Path | None:
@@ -464,10 +471,18 @@ class _SingleGPUOffloadCore:
 
     def _refuse_what_the_kept_engine_cannot_run(self) -> None:
         """A later fit keeps the engine the first fit built, which holds the trained model: what this fit adds that
-        the engine cannot run (a callback, clipping) is refused before anything of it runs."""
-        needs = run_needs(self.lightning_module, self.lightning_module.trainer, compile_blocks=self.compile_blocks)
+        the engine cannot run (a callback, clipping), or that its plan has no memory for, is refused before anything
+        of it runs."""
+        trainer = self.lightning_module.trainer
+        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
         refusals = self.backend.refusals(needs)
         if not refusals:
+            fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+            # Across processes only rank 0 holds the report: a refusal there alone would leave the others waiting.
+            if fitting and self.plan_report is not None and getattr(self, "world_size", 1) == 1:
+                refuse_what_the_kept_plan_cannot_fit(self.plan_report, self.plan, needs,
+                                                     trainer.accumulate_grad_batches)
+                self._fit.first_batch_pending = True  # its batches' size is known when the first comes
             return
         if self._backend_pinned:
             raise ValueError(refusals[0][1])
@@ -522,6 +537,23 @@ class _SingleGPUOffloadCore:
                 [signal.SIGINT, *([requeue] if requeue is not None else [])],
                 why=f"since backend {self.backend.name!r} updates parameters during backward (a model stopped or "
                     "checkpointed inside the step would be half a step ahead of its step counter)")
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if self._fit.first_batch_pending and self.lightning_module.trainer.training:
+            # Before `on_train_batch_start` and the step: the first fit's batch is the size its plan was made for; a
+            # later fit's, when larger, is priced.
+            self._fit.first_batch_pending = False
+            trainer = self.lightning_module.trainer
+            elements = batch_elements(batch)
+            if self._planned_batch_elements is None:
+                self._planned_batch_elements = elements
+            elif 0 < self._planned_batch_elements < elements:
+                refuse_what_the_kept_plan_cannot_fit(
+                    self.plan_report, self.plan,
+                    run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks),
+                    trainer.accumulate_grad_batches, (elements, self._planned_batch_elements))
+        return super().batch_to_device(batch, device, dataloader_idx)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -82,6 +82,8 @@ class PlanReport:
     """Backends left out because they cannot run what the run needs (`cannot_run`), with why."""
     clipping: str | None = None
     """How the run clips its gradients ("norm", "value"); None: it does not."""
+    margin: float = SAFETY_MARGIN
+    """The fraction of each memory tier a plan could fill (less where the model's memory is estimated, not measured)."""
 
     def tokens_per_second(self, candidate: Candidate) -> float:
         return self.accumulate * self.stats.tokens / candidate.step_time_s if candidate.step_time_s else 0.0
@@ -259,7 +261,7 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
         chosen = None
     return PlanReport(stats, machine, ceilings, candidates, chosen, _reason(chosen, fitting, allow_eight_bit),
                       accumulate, world_size, ranks_per_host, holds_gradients, tuple(plans), disk, disk_pinned,
-                      clipping=clipping)
+                      clipping=clipping, margin=margin)
 
 
 def _disk_refusal(step: StepTime, disk_pinned: bool) -> str:
