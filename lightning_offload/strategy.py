@@ -32,7 +32,13 @@ from lightning_offload.activation_checkpointing import (
     remove_fit_checkpointing,
 )
 from lightning_offload.compile import compile_blocks
-from lightning_offload.consolidation import checkpoint_writer, file_backends, lightning_checkpoint
+from lightning_offload.consolidation import (
+    WEIGHTS_LOCATION_KEY,
+    checkpoint_writer,
+    file_backends,
+    lightning_checkpoint,
+    weights_location,
+)
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
@@ -569,6 +575,8 @@ class _SingleGPUOffloadCore:
         if storage_options is not None:
             raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
         lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        # Where the run kept the weights: Lightning's file tags its storages so, and the folder then loads there too.
+        lightning_state[WEIGHTS_LOCATION_KEY] = weights_location(self.root_device)
         # Lightning leaves the optimizer state out of a `weights_only=True` checkpoint.
         self.backend.save_checkpoint(Path(filepath), lightning_state,
                                      weights_only="optimizer_states" not in checkpoint)
@@ -605,7 +613,8 @@ class _SingleGPUOffloadCore:
         """validate / test / predict from a checkpoint another backend wrote (or Lightning's file, for an engine that
         writes folders): its fp32 weights, as `load_from_checkpoint` reads them, into this engine."""
         with damage_reported(checkpoint_path):
-            checkpoint = lightning_checkpoint(checkpoint_path, weights_only=weights_only)
+            # In host memory, as Lightning's `CheckpointIO` reads a file, whatever device the folder was saved from.
+            checkpoint = lightning_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
         if self.backend.saves_own_state:  # Lightning's `load_model_state_dict` skips such engines
             self.backend.load_model_state_dict(self.lightning_module, checkpoint.pop("state_dict"),
                                                self.lightning_module.strict_loading)

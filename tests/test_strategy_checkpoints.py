@@ -626,3 +626,98 @@ def test_load_from_checkpoint_maps_a_folder_through_a_copying_map_location(saved
     paths = saved_once[backend]
     assert_same_load(loaded_or_error(paths["own"], map_location=copied),
                      loaded_or_error(paths["file"], map_location=copied))
+
+
+# Where the run that saved the `saved_on_gpu` checkpoints kept its weights (a CPU run, recorded as a GPU one's).
+GPU_LOCATION = "cuda:0"
+
+
+def tagged_on(location: str, checkpoint: dict[str, Any], path: Path) -> None:
+    """Writes `checkpoint` as `torch.save` does from a run whose tensors are on `location`: each storage tagged so."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: location)
+        torch.save(checkpoint, path)
+
+
+@pytest.fixture(scope="module")
+def saved_on_gpu(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """backend -> its folder saved by a run that records its weights on `GPU_LOCATION` ("own"), and Lightning's file
+    of the same weights with its storages tagged there ("file"), as a GPU run writes it."""
+    import lightning_offload.strategy
+
+    saved = {}
+    for backend in FOLDER_BACKENDS:
+        folder = tmp_path_factory.mktemp(backend)
+        trainer = reader_trainer(backend, backend)
+        trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lightning_offload.strategy, "weights_location", lambda device: GPU_LOCATION)
+            trainer.save_checkpoint(folder / "own.ckpt")
+        consolidate(folder / "own.ckpt", folder / "host.ckpt", lightning_file=True)
+        tagged_on(GPU_LOCATION, torch.load(folder / "host.ckpt", weights_only=False), folder / "file.ckpt")
+        saved[backend] = {"own": folder / "own.ckpt", "file": folder / "file.ckpt"}
+    return saved
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+@pytest.mark.parametrize("map_location", sorted(MAP_LOCATIONS))
+def test_load_from_checkpoint_places_a_folder_saved_on_the_gpu_as_lightnings_file_saved_there(
+        saved_on_gpu, backend: str, map_location: str) -> None:
+    paths = saved_on_gpu[backend]
+    options = {"map_location": MAP_LOCATIONS[map_location]}
+    from_file = loaded_or_error(paths["file"], **options)
+    # On a machine without CUDA, Lightning's default maps the file onto the CPU and a map without the GPU refuses it.
+    if not torch.cuda.is_available() and map_location == "dict_cpu":
+        assert isinstance(from_file, RuntimeError) and "map_location" in str(from_file)
+    assert_same_load(loaded_or_error(paths["own"], **options), from_file)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_saved_on_the_gpu_reads_as_torch_load_reads_lightnings_file_saved_there(saved_on_gpu,
+                                                                                          backend: str) -> None:
+    from lightning_offload.consolidation import lightning_checkpoint
+
+    def read(load: Any, path: Path, **options: Any) -> Any:
+        try:
+            return load(path, weights_only=False, **options)["state_dict"]
+        except Exception as error:
+            return error
+
+    paths = saved_on_gpu[backend]
+    for options in ({}, {"map_location": {GPU_LOCATION: "cpu"}}):
+        from_folder = read(lightning_checkpoint, paths["own"], **options)
+        assert_same_load(from_folder, read(torch.load, paths["file"], **options))
+    seen: dict[str, set[str]] = {}
+    for form, path in paths.items():
+        seen[form] = set()
+        ValidatedLM.load_from_checkpoint(path, map_location=lambda storage, location, calls=seen[form]:
+                                         calls.add(location) or storage)
+    assert seen["own"] == seen["file"] == {GPU_LOCATION}
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_validate_reads_a_folder_saved_on_the_gpu_in_host_memory_as_lightning_reads_the_file(saved_on_gpu,
+                                                                                             backend: str) -> None:
+    validated = [reader_trainer("device", backend).validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=path,
+                                                            verbose=False)[0]["val_loss"]
+                 for path in (saved_on_gpu[backend]["own"], saved_on_gpu[backend]["file"])]
+    assert validated[0] == validated[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_saved_by_a_cuda_run_loads_onto_its_gpu_as_lightnings_file_does(tmp_path, backend: str) -> None:
+    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="gpu", devices=1,
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    # Lightning's file of the same weights as a cuda run writes it: its storages on the run's GPU.
+    consolidate(tmp_path / "own.ckpt", tmp_path / "host.ckpt", lightning_file=True)
+    torch.save(torch.load(tmp_path / "host.ckpt", map_location="cuda:0", weights_only=False), tmp_path / "file.ckpt")
+
+    for map_location in (None, "cpu", {"cuda:0": "cpu"}):
+        from_folder = loaded_or_error(tmp_path / "own.ckpt", map_location=map_location)
+        assert_same_load(from_folder, loaded_or_error(tmp_path / "file.ckpt", map_location=map_location))
+        on = torch.device("cuda", 0) if map_location is None else torch.device("cpu")
+        assert {value.device for value in from_folder.values()} == {on}
