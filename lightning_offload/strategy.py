@@ -287,6 +287,7 @@ class _SingleGPUOffloadCore:
         # A folder saved without a plan (its run skipped the planner) is resumed by the backend that wrote it.
         planned_backend = self.backend_name or (checkpoint_writer(resume_from) if resume_from and saved is None
                                                 else None)
+        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
             # they were.
@@ -296,15 +297,18 @@ class _SingleGPUOffloadCore:
                                           precision=self._precision_flag, pinned_levers=pinned_levers,
                                           compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                          max_host_memory_gib=self.max_host_memory_gib)
+                                          max_host_memory_gib=self.max_host_memory_gib,
+                                          # validate / test / predict under `backend="auto"` without a saved plan:
+                                          # the planner's choice, as for a fit, not a backend that may not fit.
+                                          evaluation=self.backend is None and saved is None)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
         self._fit.building_unplanned, self._fit.fetched_example = False, None
         if report is None:
-            if self.backend is None:  # validate / test / predict; any backend reads any checkpoint's weights
-                self._adopt_plan(saved or Plan(backend=registry.NO_OFFLOAD, checkpointing="none"))
+            if saved is not None:  # validate / test / predict; any backend reads any checkpoint's weights
+                self._adopt_plan(saved)
         else:
             if saved is not None:
                 report = resume_report(report, saved, resume_from)
@@ -312,7 +316,8 @@ class _SingleGPUOffloadCore:
             info(report.table())
             if report.chosen is None:
                 raise report.error()
-            check_checkpoint_disk(trainer, report)
+            if fitting:
+                check_checkpoint_disk(trainer, report)
             self._adopt_plan(report.chosen.plan)
             self._refuse_checkpoint_it_cannot_resume(resume_from)
         if self.plan is not None:

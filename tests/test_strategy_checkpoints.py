@@ -721,3 +721,60 @@ def test_a_folder_saved_by_a_cuda_run_loads_onto_its_gpu_as_lightnings_file_does
         assert_same_load(from_folder, loaded_or_error(tmp_path / "file.ckpt", map_location=map_location))
         on = torch.device("cuda", 0) if map_location is None else torch.device("cpu")
         assert {value.device for value in from_folder.values()} == {on}
+
+
+def a_card_too_small_for_no_offload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner sees a GPU on which every plan of the `device` backend misses the memory it needs and another
+    backend's plan fits (roomy host memory)."""
+    from lightning_offload.planner import Machine
+    from lightning_offload.planner.budget import GIB
+    from lightning_offload.planner.choose import SAFETY_MARGIN
+
+    roomy = Machine(gpu_memory_gib=1000, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: roomy))
+    measured = reader_trainer("auto", "auto", max_steps=1)
+    measured.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    needs = {}
+    for candidate in measured.strategy.plan_report.candidates:
+        offloads = candidate.plan.backend != "device"
+        needs[offloads] = min(needs.get(offloads, candidate.memory.gpu_bytes), candidate.memory.gpu_bytes)
+    assert needs[True] < needs[False]
+    card = Machine(gpu_memory_gib=(needs[True] + needs[False]) / 2 / SAFETY_MARGIN / GIB, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: card))
+
+
+@pytest.mark.parametrize("writer", ["auto", "host_adam", "stream"])
+def test_validate_from_a_checkpoint_without_a_plan_takes_the_plan_the_planner_chooses(
+        monkeypatch: pytest.MonkeyPatch, saved_once, writer: str) -> None:
+    from lightning_offload.planner.record import saved_plan
+
+    checkpoint = saved_once[writer]["own"]
+    assert saved_plan(checkpoint) is None  # Lightning's own file, or a run that skipped the planner
+    a_card_too_small_for_no_offload(monkeypatch)
+    planned = reader_trainer("auto", "auto", max_steps=1)
+    planned.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    chosen = planned.strategy.plan_report.chosen.plan
+
+    trainer = reader_trainer("auto", "auto")
+    validated = trainer.validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=checkpoint, verbose=False)
+    report = trainer.strategy.plan_report
+    assert report is not None and trainer.strategy.plan == chosen and chosen.backend != "device"
+    assert not any(c.fits for c in report.candidates if c.plan.backend == "device")
+    plain = pl.Trainer(strategy="auto", precision="32-true", accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    from_file = plain.validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=saved_once[writer]["file"],
+                               verbose=False)
+    assert validated[0]["val_loss"] == pytest.approx(from_file[0]["val_loss"], rel=FOLLOWS_PLAIN_FP32_RTOL)
+
+
+def test_validate_from_a_checkpoint_without_a_plan_is_refused_before_the_model_is_built_when_nothing_fits(
+        monkeypatch: pytest.MonkeyPatch, saved_once) -> None:
+    from lightning_offload.planner import Machine, PlanDoesNotFit
+
+    tiny = Machine(gpu_memory_gib=0.01, host_memory_gib=0.01, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: tiny))
+    module = ValidatedLM()
+    with pytest.raises(PlanDoesNotFit, match=r"host RAM short by \d+\.\d GiB"):
+        reader_trainer("auto", "host_adam").validate(module, token_batches(2, seed=1),
+                                                     ckpt_path=saved_once["host_adam"]["own"], verbose=False)
+    assert module.net is None
