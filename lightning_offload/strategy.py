@@ -611,8 +611,10 @@ class _SingleGPUOffloadCore:
         assert self.lightning_module is not None
         if fitting and holds_weights_only(checkpoint_path):
             raise WeightsOnlyCheckpointError(weights_only_refusal(checkpoint_path))
-        return self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
-                                            strict=self.lightning_module.strict_loading)
+        checkpoint = self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
+                                                  strict=self.lightning_module.strict_loading)
+        checkpoint.pop(WEIGHTS_LOCATION_KEY, None)  # the folder's own record, not part of Lightning's checkpoint
+        return checkpoint
 
     def _load_weights_of_other_format(self, checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any]:
         """validate / test / predict from a checkpoint another backend wrote (or Lightning's file, for an engine that

@@ -778,3 +778,40 @@ def test_validate_from_a_checkpoint_without_a_plan_is_refused_before_the_model_i
         reader_trainer("auto", "host_adam").validate(module, token_batches(2, seed=1),
                                                      ckpt_path=saved_once["host_adam"]["own"], verbose=False)
     assert module.net is None
+
+
+class KeysSeenLM(ValidatedLM):
+    """ValidatedLM that remembers the keys of the checkpoint Lightning hands `on_load_checkpoint`."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.keys_seen = set(checkpoint)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folders_recorded_location_stays_out_of_the_checkpoint_lightning_hands_the_module(saved_on_gpu,
+                                                                                            backend: str) -> None:
+    from lightning_offload.consolidation import WEIGHTS_LOCATION_KEY
+
+    validated, loaded = KeysSeenLM(), KeysSeenLM.load_from_checkpoint(saved_on_gpu[backend]["own"],
+                                                                      map_location="cpu")
+    reader_trainer(backend, backend).validate(validated, token_batches(2, seed=1),
+                                              ckpt_path=saved_on_gpu[backend]["own"], verbose=False)
+    assert "epoch" in validated.keys_seen and "epoch" in loaded.keys_seen
+    assert WEIGHTS_LOCATION_KEY not in validated.keys_seen | loaded.keys_seen
+
+
+def test_a_folder_saved_before_its_location_was_recorded_loads_as_saved_from_host_memory(tmp_path,
+                                                                                          saved_on_gpu) -> None:
+    import shutil
+
+    from lightning_offload.consolidation import WEIGHTS_LOCATION_KEY
+
+    older = tmp_path / "older.ckpt"
+    shutil.copytree(saved_on_gpu["stream"]["own"], older)
+    state = torch.load(older / "trainer.pt", weights_only=False)
+    assert state.pop(WEIGHTS_LOCATION_KEY) == GPU_LOCATION
+    torch.save(state, older / "trainer.pt")
+    on_host = saved_on_gpu["stream"]["own"].with_name("host.ckpt")  # Lightning's file of its weights, tagged "cpu"
+    for map_location in MAP_LOCATIONS.values():
+        assert_same_load(loaded_or_error(older, map_location=map_location),
+                         loaded_or_error(on_host, map_location=map_location))
