@@ -20,6 +20,11 @@ import torch
 from lightning_offload.backends import registry
 from lightning_offload.saving import atomic_file, is_checkpoint_folder, load_whole, refuse_foreign, write_state_dict
 
+# The key of a folder's Lightning state that records where its run kept the weights, as the location tag
+# `torch.save` gives a storage there ("cuda:0"): its weights load there, as a file's storages do. A folder without it
+# (saved before it was recorded) counts as saved from host memory ("cpu").
+WEIGHTS_LOCATION_KEY = "lightning_offload_weights_location"
+
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
                 prefix: str = "", lightning_file: bool = False) -> dict[str, Any]:
@@ -63,6 +68,12 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
 def lightning_client_state(checkpoint: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's state in any backend's checkpoint (hyperparameters, loops, callbacks), without the weights and
     the optimizer state; `weights_only` as `torch.load`'s."""
+    state = _saved_state(checkpoint, weights_only)
+    state.pop(WEIGHTS_LOCATION_KEY, None)
+    return state
+
+
+def _saved_state(checkpoint: Path, weights_only: bool | None) -> dict[str, Any]:
     if checkpoint.is_file():
         state = load_whole(checkpoint, map_location="cpu", mmap=True, weights_only=weights_only)
     else:
@@ -70,20 +81,32 @@ def lightning_client_state(checkpoint: Path, *, weights_only: bool | None = Fals
     return {key: value for key, value in state.items() if key not in ("state_dict", "optimizer_states")}
 
 
+def weights_location(device: torch.device) -> str:
+    """The location tag `torch.save` gives a storage on `device` ("cpu", "cuda:0"), which a folder records."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    return str(device)
+
+
 def lightning_checkpoint(checkpoint: str | os.PathLike, *, map_location: Any = None,
                          weights_only: bool | None = False) -> dict[str, Any]:
     """Lightning's checkpoint (its dict, as `torch.load` of its file gives it) of an engine's folder: Lightning's
     state with the fp32 weights under `"state_dict"`, in memory. `map_location` and `weights_only` act as they do
-    in `torch.load` of Lightning's file, the weights counting as saved from host memory (location `"cpu"`)."""
+    in `torch.load` of Lightning's file, the weights counting as saved where the folder's run kept them (its
+    recorded location, e.g. `"cuda:0"`; `"cpu"` for a folder that records none)."""
     checkpoint = Path(checkpoint)
-    state = lightning_client_state(checkpoint, weights_only=weights_only)
-    return {**state, "state_dict": _placed(fp32_tensors(checkpoint), map_location)}
+    state = _saved_state(checkpoint, weights_only)
+    saved_at = state.pop(WEIGHTS_LOCATION_KEY, "cpu")
+    return {**state, "state_dict": _placed(fp32_tensors(checkpoint), map_location, saved_at)}
 
 
-def _placed(tensors: Iterator[tuple[str, torch.Tensor]], map_location: Any) -> dict[str, torch.Tensor]:
-    """The tensors as `torch.load(..., map_location=map_location)` places a file's: each storage (a tied weight's
-    once) goes through the same mapping (a dict, a callable, a device or its name)."""
-    from torch.serialization import _get_restore_location, location_tag
+def _placed(tensors: Iterator[tuple[str, torch.Tensor]], map_location: Any, saved_at: str) -> dict[str, torch.Tensor]:
+    """The tensors as `torch.load(..., map_location=map_location)` places a file's whose storages are tagged
+    `saved_at`: each storage (a tied weight's once) goes through the same mapping (a dict, a callable, a device or
+    its name; None: onto `saved_at` itself)."""
+    from torch.serialization import _get_restore_location
 
     restore = _get_restore_location(map_location)
     # By the storage the reader gave, so the names of a tied weight stay one tensor where they land; held weakly,
@@ -94,7 +117,7 @@ def _placed(tensors: Iterator[tuple[str, torch.Tensor]], map_location: Any) -> d
         storage = tensor.untyped_storage()
         source, target = restored.get(storage._cdata, (None, None))
         if source is None or source() is not storage:
-            target = restore(storage, location_tag(storage))
+            target = restore(storage, saved_at)
             restored[storage._cdata] = (weakref.ref(storage), target)
         placed[name] = torch.empty(0, dtype=tensor.dtype, device=target.device).set_(
             target, tensor.storage_offset(), tensor.size(), tensor.stride())

@@ -32,7 +32,13 @@ from lightning_offload.activation_checkpointing import (
     remove_fit_checkpointing,
 )
 from lightning_offload.compile import compile_blocks
-from lightning_offload.consolidation import checkpoint_writer, file_backends, lightning_checkpoint
+from lightning_offload.consolidation import (
+    WEIGHTS_LOCATION_KEY,
+    checkpoint_writer,
+    file_backends,
+    lightning_checkpoint,
+    weights_location,
+)
 from lightning_offload.planner import Plan, PlanReport
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
@@ -287,6 +293,7 @@ class _SingleGPUOffloadCore:
         # A folder saved without a plan (its run skipped the planner) is resumed by the backend that wrote it.
         planned_backend = self.backend_name or (checkpoint_writer(resume_from) if resume_from and saved is None
                                                 else None)
+        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
             # they were.
@@ -296,15 +303,18 @@ class _SingleGPUOffloadCore:
                                           precision=self._precision_flag, pinned_levers=pinned_levers,
                                           compiled_blocks=self.compile_blocks, example=self._fit.fetched_example,
                                           max_gpu_memory_gib=self.max_gpu_memory_gib,
-                                          max_host_memory_gib=self.max_host_memory_gib)
+                                          max_host_memory_gib=self.max_host_memory_gib,
+                                          # validate / test / predict under `backend="auto"` without a saved plan:
+                                          # the planner's choice, as for a fit, not a backend that may not fit.
+                                          evaluation=self.backend is None and saved is None)
         except BuildBeforePlanning as pending:
             info(pending.message)
             self._fit.building_unplanned, self._fit.fetched_example = True, pending.example
             return
         self._fit.building_unplanned, self._fit.fetched_example = False, None
         if report is None:
-            if self.backend is None:  # validate / test / predict; any backend reads any checkpoint's weights
-                self._adopt_plan(saved or Plan(backend=registry.NO_OFFLOAD, checkpointing="none"))
+            if saved is not None:  # validate / test / predict; any backend reads any checkpoint's weights
+                self._adopt_plan(saved)
         else:
             if saved is not None:
                 report = resume_report(report, saved, resume_from)
@@ -312,7 +322,8 @@ class _SingleGPUOffloadCore:
             info(report.table())
             if report.chosen is None:
                 raise report.error()
-            check_checkpoint_disk(trainer, report)
+            if fitting:
+                check_checkpoint_disk(trainer, report)
             self._adopt_plan(report.chosen.plan)
             self._refuse_checkpoint_it_cannot_resume(resume_from)
         if self.plan is not None:
@@ -601,6 +612,8 @@ class _SingleGPUOffloadCore:
         if storage_options is not None:
             raise TypeError(f"`storage_options` is not supported by the {self.backend_name!r} backend.")
         lightning_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        # Where the run kept the weights: Lightning's file tags its storages so, and the folder then loads there too.
+        lightning_state[WEIGHTS_LOCATION_KEY] = weights_location(self.root_device)
         # Lightning leaves the optimizer state out of a `weights_only=True` checkpoint.
         self.backend.save_checkpoint(Path(filepath), lightning_state,
                                      weights_only="optimizer_states" not in checkpoint)
@@ -630,14 +643,17 @@ class _SingleGPUOffloadCore:
         assert self.lightning_module is not None
         if fitting and holds_weights_only(checkpoint_path):
             raise WeightsOnlyCheckpointError(weights_only_refusal(checkpoint_path))
-        return self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
-                                            strict=self.lightning_module.strict_loading)
+        checkpoint = self.backend.load_checkpoint(Path(checkpoint_path), load_optimizer_states=fitting,
+                                                  strict=self.lightning_module.strict_loading)
+        checkpoint.pop(WEIGHTS_LOCATION_KEY, None)  # the folder's own record, not part of Lightning's checkpoint
+        return checkpoint
 
     def _load_weights_of_other_format(self, checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any]:
         """validate / test / predict from a checkpoint another backend wrote (or Lightning's file, for an engine that
         writes folders): its fp32 weights, as `load_from_checkpoint` reads them, into this engine."""
         with damage_reported(checkpoint_path):
-            checkpoint = lightning_checkpoint(checkpoint_path, weights_only=weights_only)
+            # In host memory, as Lightning's `CheckpointIO` reads a file, whatever device the folder was saved from.
+            checkpoint = lightning_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
         if self.backend.saves_own_state:  # Lightning's `load_model_state_dict` skips such engines
             self.backend.load_model_state_dict(self.lightning_module, checkpoint.pop("state_dict"),
                                                self.lightning_module.strict_loading)

@@ -626,3 +626,192 @@ def test_load_from_checkpoint_maps_a_folder_through_a_copying_map_location(saved
     paths = saved_once[backend]
     assert_same_load(loaded_or_error(paths["own"], map_location=copied),
                      loaded_or_error(paths["file"], map_location=copied))
+
+
+# Where the run that saved the `saved_on_gpu` checkpoints kept its weights (a CPU run, recorded as a GPU one's).
+GPU_LOCATION = "cuda:0"
+
+
+def tagged_on(location: str, checkpoint: dict[str, Any], path: Path) -> None:
+    """Writes `checkpoint` as `torch.save` does from a run whose tensors are on `location`: each storage tagged so."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: location)
+        torch.save(checkpoint, path)
+
+
+@pytest.fixture(scope="module")
+def saved_on_gpu(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """backend -> its folder saved by a run that records its weights on `GPU_LOCATION` ("own"), and Lightning's file
+    of the same weights with its storages tagged there ("file"), as a GPU run writes it."""
+    import lightning_offload.strategy
+
+    saved = {}
+    for backend in FOLDER_BACKENDS:
+        folder = tmp_path_factory.mktemp(backend)
+        trainer = reader_trainer(backend, backend)
+        trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lightning_offload.strategy, "weights_location", lambda device: GPU_LOCATION)
+            trainer.save_checkpoint(folder / "own.ckpt")
+        consolidate(folder / "own.ckpt", folder / "host.ckpt", lightning_file=True)
+        tagged_on(GPU_LOCATION, torch.load(folder / "host.ckpt", weights_only=False), folder / "file.ckpt")
+        saved[backend] = {"own": folder / "own.ckpt", "file": folder / "file.ckpt"}
+    return saved
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+@pytest.mark.parametrize("map_location", sorted(MAP_LOCATIONS))
+def test_load_from_checkpoint_places_a_folder_saved_on_the_gpu_as_lightnings_file_saved_there(
+        saved_on_gpu, backend: str, map_location: str) -> None:
+    paths = saved_on_gpu[backend]
+    options = {"map_location": MAP_LOCATIONS[map_location]}
+    from_file = loaded_or_error(paths["file"], **options)
+    # On a machine without CUDA, Lightning's default maps the file onto the CPU and a map without the GPU refuses it.
+    if not torch.cuda.is_available() and map_location == "dict_cpu":
+        assert isinstance(from_file, RuntimeError) and "map_location" in str(from_file)
+    assert_same_load(loaded_or_error(paths["own"], **options), from_file)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_saved_on_the_gpu_reads_as_torch_load_reads_lightnings_file_saved_there(saved_on_gpu,
+                                                                                          backend: str) -> None:
+    from lightning_offload.consolidation import lightning_checkpoint
+
+    def read(load: Any, path: Path, **options: Any) -> Any:
+        try:
+            return load(path, weights_only=False, **options)["state_dict"]
+        except Exception as error:
+            return error
+
+    paths = saved_on_gpu[backend]
+    for options in ({}, {"map_location": {GPU_LOCATION: "cpu"}}):
+        from_folder = read(lightning_checkpoint, paths["own"], **options)
+        assert_same_load(from_folder, read(torch.load, paths["file"], **options))
+    seen: dict[str, set[str]] = {}
+    for form, path in paths.items():
+        seen[form] = set()
+        ValidatedLM.load_from_checkpoint(path, map_location=lambda storage, location, calls=seen[form]:
+                                         calls.add(location) or storage)
+    assert seen["own"] == seen["file"] == {GPU_LOCATION}
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_validate_reads_a_folder_saved_on_the_gpu_in_host_memory_as_lightning_reads_the_file(saved_on_gpu,
+                                                                                             backend: str) -> None:
+    validated = [reader_trainer("device", backend).validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=path,
+                                                            verbose=False)[0]["val_loss"]
+                 for path in (saved_on_gpu[backend]["own"], saved_on_gpu[backend]["file"])]
+    assert validated[0] == validated[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folder_saved_by_a_cuda_run_loads_onto_its_gpu_as_lightnings_file_does(tmp_path, backend: str) -> None:
+    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="gpu", devices=1,
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    # Lightning's file of the same weights as a cuda run writes it: its storages on the run's GPU.
+    consolidate(tmp_path / "own.ckpt", tmp_path / "host.ckpt", lightning_file=True)
+    torch.save(torch.load(tmp_path / "host.ckpt", map_location="cuda:0", weights_only=False), tmp_path / "file.ckpt")
+
+    for map_location in (None, "cpu", {"cuda:0": "cpu"}):
+        from_folder = loaded_or_error(tmp_path / "own.ckpt", map_location=map_location)
+        assert_same_load(from_folder, loaded_or_error(tmp_path / "file.ckpt", map_location=map_location))
+        on = torch.device("cuda", 0) if map_location is None else torch.device("cpu")
+        assert {value.device for value in from_folder.values()} == {on}
+
+
+def a_card_too_small_for_no_offload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner sees a GPU on which every plan of the `device` backend misses the memory it needs and another
+    backend's plan fits (roomy host memory)."""
+    from lightning_offload.planner import Machine
+    from lightning_offload.planner.budget import GIB
+    from lightning_offload.planner.choose import SAFETY_MARGIN
+
+    roomy = Machine(gpu_memory_gib=1000, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: roomy))
+    measured = reader_trainer("auto", "auto", max_steps=1)
+    measured.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    needs = {}
+    for candidate in measured.strategy.plan_report.candidates:
+        offloads = candidate.plan.backend != "device"
+        needs[offloads] = min(needs.get(offloads, candidate.memory.gpu_bytes), candidate.memory.gpu_bytes)
+    assert needs[True] < needs[False]
+    card = Machine(gpu_memory_gib=(needs[True] + needs[False]) / 2 / SAFETY_MARGIN / GIB, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: card))
+
+
+@pytest.mark.parametrize("writer", ["auto", "host_adam", "stream"])
+def test_validate_from_a_checkpoint_without_a_plan_takes_the_plan_the_planner_chooses(
+        monkeypatch: pytest.MonkeyPatch, saved_once, writer: str) -> None:
+    from lightning_offload.planner.record import saved_plan
+
+    checkpoint = saved_once[writer]["own"]
+    assert saved_plan(checkpoint) is None  # Lightning's own file, or a run that skipped the planner
+    a_card_too_small_for_no_offload(monkeypatch)
+    planned = reader_trainer("auto", "auto", max_steps=1)
+    planned.fit(ValidatedLM(), train_dataloaders=token_batches(2))
+    chosen = planned.strategy.plan_report.chosen.plan
+
+    trainer = reader_trainer("auto", "auto")
+    validated = trainer.validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=checkpoint, verbose=False)
+    report = trainer.strategy.plan_report
+    assert report is not None and trainer.strategy.plan == chosen and chosen.backend != "device"
+    assert not any(c.fits for c in report.candidates if c.plan.backend == "device")
+    plain = pl.Trainer(strategy="auto", precision="32-true", accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    from_file = plain.validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=saved_once[writer]["file"],
+                               verbose=False)
+    assert validated[0]["val_loss"] == pytest.approx(from_file[0]["val_loss"], rel=FOLLOWS_PLAIN_FP32_RTOL)
+
+
+def test_validate_from_a_checkpoint_without_a_plan_is_refused_before_the_model_is_built_when_nothing_fits(
+        monkeypatch: pytest.MonkeyPatch, saved_once) -> None:
+    from lightning_offload.planner import Machine, PlanDoesNotFit
+
+    tiny = Machine(gpu_memory_gib=0.01, host_memory_gib=0.01, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: tiny))
+    module = ValidatedLM()
+    with pytest.raises(PlanDoesNotFit, match=r"host RAM short by \d+\.\d GiB"):
+        reader_trainer("auto", "host_adam").validate(module, token_batches(2, seed=1),
+                                                     ckpt_path=saved_once["host_adam"]["own"], verbose=False)
+    assert module.net is None
+
+
+class KeysSeenLM(ValidatedLM):
+    """ValidatedLM that remembers the keys of the checkpoint Lightning hands `on_load_checkpoint`."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.keys_seen = set(checkpoint)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_a_folders_recorded_location_stays_out_of_the_checkpoint_lightning_hands_the_module(saved_on_gpu,
+                                                                                            backend: str) -> None:
+    from lightning_offload.consolidation import WEIGHTS_LOCATION_KEY
+
+    validated, loaded = KeysSeenLM(), KeysSeenLM.load_from_checkpoint(saved_on_gpu[backend]["own"],
+                                                                      map_location="cpu")
+    reader_trainer(backend, backend).validate(validated, token_batches(2, seed=1),
+                                              ckpt_path=saved_on_gpu[backend]["own"], verbose=False)
+    assert "epoch" in validated.keys_seen and "epoch" in loaded.keys_seen
+    assert WEIGHTS_LOCATION_KEY not in validated.keys_seen | loaded.keys_seen
+
+
+def test_a_folder_saved_before_its_location_was_recorded_loads_as_saved_from_host_memory(tmp_path,
+                                                                                          saved_on_gpu) -> None:
+    import shutil
+
+    from lightning_offload.consolidation import WEIGHTS_LOCATION_KEY
+
+    older = tmp_path / "older.ckpt"
+    shutil.copytree(saved_on_gpu["stream"]["own"], older)
+    state = torch.load(older / "trainer.pt", weights_only=False)
+    assert state.pop(WEIGHTS_LOCATION_KEY) == GPU_LOCATION
+    torch.save(state, older / "trainer.pt")
+    on_host = saved_on_gpu["stream"]["own"].with_name("host.ckpt")  # Lightning's file of its weights, tagged "cpu"
+    for map_location in MAP_LOCATIONS.values():
+        assert_same_load(loaded_or_error(older, map_location=map_location),
+                         loaded_or_error(on_host, map_location=map_location))

@@ -43,12 +43,17 @@ _PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offloa
 
 
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example: tuple[Any, Any] | None = None,
-                     **levers: Any) -> PlanReport | None:
-    """The plan report for fitting `module` with `trainer` on `device` (`levers`: `plan_for_module`'s), or None
-    when the Trainer is not fitting. `example`: the batch and step already fetched (`fallback.BuildBeforePlanning`
-    hands them back), else the first training batch is fetched."""
-    if not _fitting(trainer):
+                     evaluation: bool = False, **levers: Any) -> PlanReport | None:
+    """The plan report for fitting `module` with `trainer` on `device` (`levers`: `plan_for_module`'s). When the
+    Trainer validates, tests or predicts: with `evaluation`, the plans for fitting on that loop's first batch (what
+    they hold bounds what evaluating holds), else None. `example`: the batch and step already fetched
+    (`fallback.BuildBeforePlanning` hands them back), else the loop's first batch is fetched."""
+    fitting = _fitting(trainer)
+    if not fitting and not evaluation:
         return None
+    if not fitting:
+        # Fetched before planning: an evaluation without data gets Lightning's own error, not the planner's.
+        example = example or _evaluation_batch(module, trainer)
     return plan_for_module(module, (lambda: example) if example else (lambda: _example_batch(module, trainer)), device,
                            accumulate=trainer.accumulate_grad_batches,
                            needs=run_needs(module, trainer, compile_blocks=levers.get("compiled_blocks", False)),
@@ -170,6 +175,26 @@ def _example_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
     with loader_untouched(loader):
         batch = next(iter(loader))
     return batch, lambda meta_batch: module.training_step(meta_batch, 0)
+
+
+# The Trainer's function -> the loop that runs it and the module's step it runs.
+_EVALUATION_LOOPS = {"validate": ("validate_loop", "validation_step"), "test": ("test_loop", "test_step"),
+                     "predict": ("predict_loop", "predict_step")}
+
+
+def _evaluation_batch(module: Any, trainer: Any) -> tuple[Any, Any]:
+    """The module's `example_input_array`, else the first batch of the evaluation the Trainer runs (measured through
+    its step: `validation_step`, `test_step` or `predict_step`)."""
+    example = getattr(module, "example_input_array", None)
+    if example is not None:
+        return example, None
+    loop, step = _EVALUATION_LOOPS[trainer.state.fn.value]
+    loader = getattr(trainer, loop)._data_source.dataloader()
+    if isinstance(loader, (list, tuple)):  # several evaluation loaders: the first is measured
+        loader = loader[0]
+    with loader_untouched(loader):
+        batch = next(iter(loader))
+    return batch, lambda meta_batch: getattr(module, step)(meta_batch, 0)
 
 
 def _steps_adamw(module: Any) -> bool:
