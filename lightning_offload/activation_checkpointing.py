@@ -2,7 +2,8 @@
 
 Each policy is a small class with `apply(model)`; blocks are found by `find_blocks` (the module class that repeats
 most, e.g. a decoder layer), the same detection the FSDP backend uses to shard. Blocks are wrapped in place (their
-`forward` is replaced), so parameter names and checkpoints do not change. `offload` recomputes nothing: it moves
+`forward` is replaced), so parameter names and checkpoints do not change. `first_n` recomputes the first n blocks: the
+last ones keep their activations, which backward frees first, before the first recompute. `offload` recomputes nothing: it moves
 the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
 """
 
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_offload.activation_offload import ActivationOffloader
 
 # `auto`: the planner (`SingleGPUOffloadStrategy(backend=...)` at setup) picks one of the others.
-POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
+POLICIES = ("auto", "none", "full", "every_k", "first_n", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
 # The names transformers' blocks take a key/value cache under.
 _CACHE_ARGUMENTS = frozenset({"cache", "layer_past", "past_key_value", "past_key_values"})
@@ -192,9 +193,12 @@ def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
 @dataclass(kw_only=True)
 class CheckpointingConfig:
     policy: str = "none"
-    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, selective (by class name), offload (to host memory)."""
+    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, first_n, selective (by class name), offload (to host memory)."""
     every_k: int = 2
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
+    first_n: int | None = None
+    """With `first_n`: checkpoint the first n blocks (at most the model's): n/blocks of full checkpointing's memory
+    saving and recompute."""
     module_classes: list[str] = field(default_factory=list)
     """With `selective`: class names to checkpoint; elsewhere: the block classes (empty: detected)."""
     offload_min_bytes: int = 2**20
@@ -207,6 +211,9 @@ class CheckpointingConfig:
             raise ValueError(f"`offload_min_bytes` must be at least 0, got {self.offload_min_bytes}.")
         if self.every_k < 1:
             raise ValueError(f"`every_k` must be at least 1, got {self.every_k}.")
+        if self.policy == "first_n" and (self.first_n is None or self.first_n < 0):
+            raise ValueError(f"`policy='first_n'` needs `first_n`, the number of blocks to checkpoint (at least 0), "
+                             f"got {self.first_n}.")
         if self.policy == "selective" and not self.module_classes:
             raise ValueError("`policy='selective'` needs `module_classes`, e.g. ['LlamaMLP'].")
 
@@ -219,6 +226,12 @@ class CheckpointingConfig:
         else:
             blocks = find_blocks(model, self.module_classes)
             chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
+            if self.policy == "first_n":
+                chosen = blocks[: self.first_n]
+                if self.first_n > len(blocks):
+                    raise ValueError(f"`first_n={self.first_n}` asks to checkpoint more blocks than "
+                                     f"{type(model).__name__} has ({len(blocks)}). Pass at most {len(blocks)}, or "
+                                     "`policy='full'`.")
         chosen = [block for block in chosen if not is_checkpointed(block)]
         if self.policy != "offload":
             for block in chosen:
