@@ -2,9 +2,9 @@
 
 Each policy is a small class with `apply(model)`; blocks are found by `find_blocks` (the module class that repeats
 most, e.g. a decoder layer), the same detection the FSDP backend uses to shard. Blocks are wrapped in place (their
-`forward` is replaced), so parameter names and checkpoints do not change. `first_n` recomputes the first n blocks: the
-last ones keep their activations, which backward frees first, before the first recompute. `offload` recomputes nothing: it moves
-the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
+`forward` is replaced), so parameter names and checkpoints do not change. `first_n` recomputes the first n blocks:
+the last ones keep their activations, which backward frees before the first recompute. `offload` recomputes nothing:
+it moves the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
 @dataclass(kw_only=True)
 class CheckpointingConfig:
     policy: str = "none"
-    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, first_n, selective (by class name), offload (to host memory)."""
+    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, first_n, selective (by
+    class name), offload (to host memory)."""
     every_k: int = 2
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
     first_n: int | None = None
@@ -225,13 +226,11 @@ class CheckpointingConfig:
             chosen = find_blocks(model, self.module_classes)
         else:
             blocks = find_blocks(model, self.module_classes)
-            chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
-            if self.policy == "first_n":
-                chosen = blocks[: self.first_n]
-                if self.first_n > len(blocks):
-                    raise ValueError(f"`first_n={self.first_n}` asks to checkpoint more blocks than "
-                                     f"{type(model).__name__} has ({len(blocks)}). Pass at most {len(blocks)}, or "
-                                     "`policy='full'`.")
+            if self.policy == "first_n" and self.first_n > len(blocks):
+                raise ValueError(f"`first_n={self.first_n}` asks to checkpoint more blocks than {type(model).__name__} "
+                                 f"has ({len(blocks)}). Pass at most {len(blocks)}, or `policy='full'`.")
+            chosen = (blocks[:: self.every_k] if self.policy == "every_k" else
+                      blocks[: self.first_n] if self.policy == "first_n" else blocks)
         chosen = [block for block in chosen if not is_checkpointed(block)]
         if self.policy != "offload":
             for block in chosen:

@@ -60,11 +60,12 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
 
     `machine` and `ceilings` default to this machine's (free memory right now; probed and cached ceilings); pass
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
-    `activation_checkpointing` (a policy name, as the strategy's, with `every_k` or `first_n` where it takes one)
-    pin levers (None / "auto": the planner chooses), and so does `gpu_state_blocks` for `host_adam` (None: the
-    most blocks whose optimizer state fits on the GPU). `margin`: the fraction of each memory tier a plan may fill.
-    `nvme_path` is a folder where `deepspeed` and `stream` plans may keep state (probed for its O_DIRECT bandwidth
-    and free space, or described by `disk`); `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
+    `activation_checkpointing` (a policy name, as the strategy's) pin levers (None / "auto": the planner chooses),
+    and so does `gpu_state_blocks` for `host_adam` (None: the most blocks whose optimizer state fits on the GPU).
+    `every_k` and `first_n` pin those policies' numbers (`first_n` None: the fewest first blocks that fit).
+    `margin`: the fraction of each memory tier a plan may fill. `nvme_path` is a folder where `deepspeed` and
+    `stream` plans may keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`);
+    `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
     it), and `disk_blocks` how many blocks' state a `stream` plan keeps there (pinned: taken likewise). With
     `world_size` processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory
     per GPU and per host. `needs`: what the run asks of an engine (its clipping, gradient hooks, callbacks; default:
