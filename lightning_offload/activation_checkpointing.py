@@ -199,7 +199,7 @@ class CheckpointingConfig:
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
     first_n: int | None = None
     """With `first_n`: checkpoint the first n blocks (at most the model's): n/blocks of full checkpointing's memory
-    saving and recompute."""
+    saving and recompute. None: as many as memory needs, sized by the planner (every block where none plans it)."""
     module_classes: list[str] = field(default_factory=list)
     """With `selective`: class names to checkpoint; elsewhere: the block classes (empty: detected)."""
     offload_min_bytes: int = 2**20
@@ -212,11 +212,15 @@ class CheckpointingConfig:
             raise ValueError(f"`offload_min_bytes` must be at least 0, got {self.offload_min_bytes}.")
         if self.every_k < 1:
             raise ValueError(f"`every_k` must be at least 1, got {self.every_k}.")
-        if self.policy == "first_n" and (self.first_n is None or self.first_n < 0):
-            raise ValueError(f"`policy='first_n'` needs `first_n`, the number of blocks to checkpoint (at least 0), "
-                             f"got {self.first_n}.")
+        if self.first_n is not None and self.first_n < 0:
+            raise ValueError(f"`first_n` (the number of blocks to checkpoint) must be at least 0, got {self.first_n}.")
         if self.policy == "selective" and not self.module_classes:
             raise ValueError("`policy='selective'` needs `module_classes`, e.g. ['LlamaMLP'].")
+
+    @property
+    def left_to_the_planner(self) -> bool:
+        """Whether the planner's plan decides the policy (`auto`), or the count of `first_n`'s blocks (None)."""
+        return self.policy == "auto" or self.policy == "first_n" and self.first_n is None
 
     def apply(self, model: nn.Module) -> int:
         """Wraps the chosen blocks of `model` that do not recompute themselves already; returns how many."""
@@ -226,7 +230,7 @@ class CheckpointingConfig:
             chosen = find_blocks(model, self.module_classes)
         else:
             blocks = find_blocks(model, self.module_classes)
-            if self.policy == "first_n" and self.first_n > len(blocks):
+            if self.policy == "first_n" and (self.first_n or 0) > len(blocks):
                 raise ValueError(f"`first_n={self.first_n}` asks to checkpoint more blocks than {type(model).__name__} "
                                  f"has ({len(blocks)}). Pass at most {len(blocks)}, or `policy='full'`.")
             chosen = (blocks[:: self.every_k] if self.policy == "every_k" else

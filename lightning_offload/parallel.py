@@ -117,7 +117,7 @@ class _OffloadCore(_SingleGPUOffloadCore):
         else:
             if chosen is not None:  # saved in each checkpoint, for a resume under `backend="auto"`
                 self.plan = chosen
-            if self.activation_checkpointing.policy == "auto":
+            if self.activation_checkpointing.left_to_the_planner:
                 self.activation_checkpointing = checkpointing_of(chosen) if chosen else as_checkpointing_config("full")
         self._setup_backend_environment()
 

@@ -91,8 +91,10 @@ def test_first_n_checkpoints_exactly_the_first_n_blocks() -> None:
     with pytest.raises(ValueError, match=f"`first_n={len(blocks) + 1}` asks to checkpoint more blocks than TinyGPT "
                                          f"has \\({len(blocks)}\\)"):
         CheckpointingConfig(policy="first_n", first_n=len(blocks) + 1).apply(network())
-    with pytest.raises(ValueError, match="needs `first_n`, the number of blocks to checkpoint"):
-        CheckpointingConfig(policy="first_n")
+    # A count left to the planner that no planner sized: every block, as `full`.
+    assert CheckpointingConfig(policy="first_n").apply(network()) == len(blocks)
+    with pytest.raises(ValueError, match="`first_n` \\(the number of blocks to checkpoint\\) must be at least 0"):
+        CheckpointingConfig(policy="first_n", first_n=-1)
 
 
 def test_checkpointing_some_blocks_trains_bit_for_bit_as_all_or_none() -> None:

@@ -84,6 +84,8 @@ def resume_report(report: PlanReport, saved: Plan, path: str | Path) -> PlanRepo
     policies = {(plan.checkpointing, plan.every_k, plan.first_n) for plan in report.plans}
     if len(policies) == 1:  # the user pinned the policy, which is not part of the checkpoint
         checkpointing, every_k, first_n = policies.pop()
+        # `first_n` left to the planner: the count the checkpoint's plan chose.
+        first_n = saved.first_n if first_n is None and saved.checkpointing == checkpointing else first_n
         saved = dataclasses.replace(saved, checkpointing=checkpointing, every_k=every_k, first_n=first_n)
     resumed = choose(report.stats, report.machine, report.ceilings, [saved], accumulate=report.accumulate,
                      allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host,

@@ -71,7 +71,8 @@ def test_the_plan_command_checkpoints_only_the_blocks_memory_needs_and_a_pinned_
         assert any(line.startswith(f"->{chosen}") for line in auto.table().splitlines())
         pinned = plan_from_config(compose(config_name="plan", overrides=[
             *machine, "activation_checkpointing=first_n", f"activation_checkpointing.first_n={chosen.first_n}"]))
-    assert pinned.chosen.plan == chosen
+        sized = plan_from_config(compose(config_name="plan", overrides=[*machine, "activation_checkpointing=first_n"]))
+    assert pinned.chosen.plan == sized.chosen.plan == chosen
 
 
 def test_the_plan_command_previews_the_pinned_count_training_checkpoints(tmp_path) -> None:
