@@ -349,19 +349,15 @@ def test_gpu_8bit_plans_clipping_by_value_with_every_gradient_held_and_refuses_a
     assert not any(c.fits for c in auto.candidates if c.plan.backend == "gpu_8bit")
 
 
-def gpu_gib_with_room_for(stats, plan: Plan, extra_bytes: float) -> float:
-    """A GPU whose usable share holds `plan` and `extra_bytes` more."""
-    return (estimate_memory(stats, plan).gpu_bytes + extra_bytes) / GIB / SAFETY_MARGIN
-
-
 def test_where_full_fits_with_room_the_fewest_first_blocks_that_fit_are_checkpointed() -> None:
     full = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="full")
-    one_block_kept = (estimate_memory(LLAMA_8B, dataclasses.replace(full, checkpointing="first_n",
-                                                                     first_n=LLAMA_8B.blocks - 1)).gpu_bytes
-                      - estimate_memory(LLAMA_8B, full).gpu_bytes)
+
+    def gpu_bytes(first_n: int) -> int:
+        return estimate_memory(LLAMA_8B, dataclasses.replace(full, checkpointing="first_n", first_n=first_n)).gpu_bytes
+
     kept = 5
-    card = Machine(gpu_memory_gib=gpu_gib_with_room_for(LLAMA_8B, full, (kept + 0.5) * one_block_kept),
-                   host_memory_gib=64)
+    between = (gpu_bytes(LLAMA_8B.blocks - kept) + gpu_bytes(LLAMA_8B.blocks - kept - 1)) / 2
+    card = Machine(gpu_memory_gib=between / GIB / SAFETY_MARGIN, host_memory_gib=64)
     report = plan(LLAMA_8B, machine=card, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
                   optimizer="adamw8bit_fused")
     by_policy = {str(c.plan).split("=")[1]: c for c in report.candidates}
@@ -376,12 +372,11 @@ def test_where_full_fits_with_room_the_fewest_first_blocks_that_fit_are_checkpoi
     assert report.chosen.step_time_s == pytest.approx(
         by_policy["full"].step_time_s - kept / LLAMA_8B.blocks * (by_policy["full"].step_time_s - none), rel=1e-9)
     assert sum(c.plan.checkpointing == "first_n" for c in report.candidates) == 1  # one row in the table
-    # Where every block may keep its activations, or none may, the partial plan is that policy's row.
-    for gib, policy in ((1000, "none"), (gpu_gib_with_room_for(LLAMA_8B, full, 0), "full")):
-        report = plan(LLAMA_8B, machine=Machine(gpu_memory_gib=gib, host_memory_gib=64), ceilings=Ceilings(),
-                      device="cuda", backend="gpu_8bit", optimizer="adamw8bit_fused")
-        assert report.chosen.plan.checkpointing == policy
-        assert not any(c.plan.checkpointing == "first_n" for c in report.candidates)
+    # Where every block may keep its activations, the partial plan is `none`'s row.
+    roomy = plan(LLAMA_8B, machine=Machine(gpu_memory_gib=1000, host_memory_gib=64), ceilings=Ceilings(),
+                 device="cuda", backend="gpu_8bit", optimizer="adamw8bit_fused")
+    assert roomy.chosen.plan.checkpointing == "none"
+    assert not any(c.plan.checkpointing == "first_n" for c in roomy.candidates)
 
 
 def test_host_adam_sizes_its_checkpointed_blocks_and_its_state_on_the_gpu_together() -> None:
@@ -401,6 +396,9 @@ def test_a_pinned_count_is_planned_as_given_and_one_beyond_the_model_is_refused(
     report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
                   optimizer="adamw8bit_fused", activation_checkpointing="first_n", first_n=3)
     assert {c.plan.first_n for c in report.candidates} == {3}
+    every_block = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
+                       optimizer="adamw8bit_fused", activation_checkpointing="first_n", first_n=LLAMA_8B.blocks)
+    assert {c.plan.checkpointing for c in every_block.candidates} == {"full"}
     with pytest.raises(ValueError, match=f"`first_n={LLAMA_8B.blocks + 1}` blocks to checkpoint, but the model has "
                                          f"{LLAMA_8B.blocks}"):
         plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", activation_checkpointing="first_n",
