@@ -50,14 +50,16 @@ def test_auto_resumes_with_the_checkpoints_plan_not_a_new_one(tmp_path) -> None:
     assert resumed.global_step == 2 * first.global_step and len(module.losses) == 2  # the second epoch only
 
 
-def test_a_resumed_run_checkpoints_the_same_blocks_as_the_run_it_resumes(tmp_path) -> None:
+# `auto`, or `first_n` with the count left to the planner: either takes the checkpoint's count.
+@pytest.mark.parametrize("policy", [None, "first_n"])
+def test_a_resumed_run_checkpoints_the_same_blocks_as_the_run_it_resumes(tmp_path, policy) -> None:
     first_block = {"policy": "first_n", "first_n": 1}
     _, first = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing=first_block), num_batches=2)
     first.save_checkpoint(tmp_path / "epoch1.ckpt")
     assert saved_plan(tmp_path / "epoch1.ckpt") == first.strategy.plan
-    _, fresh = fit(SingleGPUOffloadStrategy(), num_batches=2)
-    assert fresh.strategy.plan.checkpointing != "first_n"  # what `auto` would choose for a new run
-    module, resumed = fit(SingleGPUOffloadStrategy(), num_batches=2, max_epochs=2,
+    _, fresh = fit(SingleGPUOffloadStrategy(activation_checkpointing=policy), num_batches=2)
+    assert fresh.strategy.plan.checkpointing != "first_n"  # what the planner would choose for a new run
+    module, resumed = fit(SingleGPUOffloadStrategy(activation_checkpointing=policy), num_batches=2, max_epochs=2,
                           ckpt_path=str(tmp_path / "epoch1.ckpt"))
     assert resumed.strategy.plan == first.strategy.plan and resumed.strategy.plan.first_n == 1
     blocks = find_blocks(module)
