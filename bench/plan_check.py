@@ -53,9 +53,10 @@ def parse_plan(text: str) -> Plan:
     match = _PLAN.match(text)
     if match is None:
         raise ValueError(f"Not a plan: {text!r}")
-    policy = "every_k" if match["k"] else match["policy"]
+    policy = f"{match['policy']}_{'k' if match['policy'] == 'every' else 'n'}" if match["k"] else match["policy"]
     return Plan(backend=match["backend"], optimizer=match["optimizer"], checkpointing=policy,
-                every_k=int(match["k"] or 2), resident_blocks=int(match["blocks"] or 0),
+                every_k=int(match["k"] or 2) if policy == "every_k" else 2,
+                first_n=int(match["k"]) if policy == "first_n" else None, resident_blocks=int(match["blocks"] or 0),
                 accumulate_on_gpu=bool(match["accumulated"]))
 
 

@@ -116,14 +116,17 @@ def _strategy_checkpoints() -> frozenset[str]:
                      if method.options.get("checkpointing") == "by_strategy")
 
 
-def _recompute_share(plan: str) -> float | None:
-    """Share of the blocks a plan's checkpointing policy recomputes (bench/limits.py `Cost.recompute_share`)."""
+def _recompute_share(plan: str, blocks: int) -> float | None:
+    """Share of the model's `blocks` a plan's checkpointing policy recomputes (bench/limits.py
+    `Cost.recompute_share`)."""
     policy = re.search(r"checkpointing=(\w+)", plan)
     if policy is None:
         return None
     name = policy.group(1)
     if name.startswith("every_"):
         return 1 / int(name.removeprefix("every_"))
+    if name.startswith("first_"):
+        return int(name.removeprefix("first_")) / blocks
     return {"full": 1.0, "none": 0.0, "offload": 0.0}.get(name)
 
 
@@ -142,7 +145,7 @@ def plan_cost(record: dict) -> Cost:
     of the update and of the copies (the GPU share's update, ~10 ms per billion parameters, is left out)."""
     plan = record.get("plan") or ""
     cost = COSTS[_backend_costs().get(plan.split(" + ")[0], record["cost"])]
-    share = _recompute_share(plan)
+    share = _recompute_share(plan, SIZES[record["size"]].layers)
     if record["method"] in _strategy_checkpoints() and share is not None:
         cost = replace(cost, recompute_share=share)
     on_gpu = re.search(r"(\d+) blocks' state on the GPU", plan)

@@ -2,8 +2,9 @@
 
 Each policy is a small class with `apply(model)`; blocks are found by `find_blocks` (the module class that repeats
 most, e.g. a decoder layer), the same detection the FSDP backend uses to shard. Blocks are wrapped in place (their
-`forward` is replaced), so parameter names and checkpoints do not change. `offload` recomputes nothing: it moves
-the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
+`forward` is replaced), so parameter names and checkpoints do not change. `first_n` recomputes the first n blocks:
+the last ones keep their activations, which backward frees before the first recompute. `offload` recomputes nothing:
+it moves the blocks' saved tensors to host memory and back, under compute (`activation_offload`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_offload.activation_offload import ActivationOffloader
 
 # `auto`: the planner (`SingleGPUOffloadStrategy(backend=...)` at setup) picks one of the others.
-POLICIES = ("auto", "none", "full", "every_k", "selective", "offload")
+POLICIES = ("auto", "none", "full", "every_k", "first_n", "selective", "offload")
 _WRAPPED = "_lightning_offload_checkpointing"
 # The names transformers' blocks take a key/value cache under.
 _CACHE_ARGUMENTS = frozenset({"cache", "layer_past", "past_key_value", "past_key_values"})
@@ -192,9 +193,13 @@ def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
 @dataclass(kw_only=True)
 class CheckpointingConfig:
     policy: str = "none"
-    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, selective (by class name), offload (to host memory)."""
+    """One of `POLICIES`: auto (the planner's choice), none, full (every block), every_k, first_n, selective (by
+    class name), offload (to host memory)."""
     every_k: int = 2
     """With `every_k`: checkpoint blocks 0, k, 2k, ...: about 1/k of full checkpointing's memory saving and recompute."""
+    first_n: int | None = None
+    """With `first_n`: checkpoint the first n blocks (at most the model's): n/blocks of full checkpointing's memory
+    saving and recompute. None: as many as memory needs, sized by the planner (every block where none plans it)."""
     module_classes: list[str] = field(default_factory=list)
     """With `selective`: class names to checkpoint; elsewhere: the block classes (empty: detected)."""
     offload_min_bytes: int = 2**20
@@ -207,8 +212,15 @@ class CheckpointingConfig:
             raise ValueError(f"`offload_min_bytes` must be at least 0, got {self.offload_min_bytes}.")
         if self.every_k < 1:
             raise ValueError(f"`every_k` must be at least 1, got {self.every_k}.")
+        if self.first_n is not None and self.first_n < 0:
+            raise ValueError(f"`first_n` (the number of blocks to checkpoint) must be at least 0, got {self.first_n}.")
         if self.policy == "selective" and not self.module_classes:
             raise ValueError("`policy='selective'` needs `module_classes`, e.g. ['LlamaMLP'].")
+
+    @property
+    def left_to_the_planner(self) -> bool:
+        """Whether the planner's plan decides the policy (`auto`), or the count of `first_n`'s blocks (None)."""
+        return self.policy == "auto" or self.policy == "first_n" and self.first_n is None
 
     def apply(self, model: nn.Module) -> int:
         """Wraps the chosen blocks of `model` that do not recompute themselves already; returns how many."""
@@ -218,7 +230,11 @@ class CheckpointingConfig:
             chosen = find_blocks(model, self.module_classes)
         else:
             blocks = find_blocks(model, self.module_classes)
-            chosen = blocks[:: self.every_k] if self.policy == "every_k" else blocks
+            if self.policy == "first_n" and (self.first_n or 0) > len(blocks):
+                raise ValueError(f"`first_n={self.first_n}` asks to checkpoint more blocks than {type(model).__name__} "
+                                 f"has ({len(blocks)}). Pass at most {len(blocks)}, or `policy='full'`.")
+            chosen = (blocks[:: self.every_k] if self.policy == "every_k" else
+                      blocks[: self.first_n] if self.policy == "first_n" else blocks)
         chosen = [block for block in chosen if not is_checkpointed(block)]
         if self.policy != "offload":
             for block in chosen:

@@ -26,7 +26,7 @@ from lightning_offload.backends import available_backends, registry
 from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.planner import Plan, PlanDoesNotFit
 from lightning_offload.planner.fallback import BuildBeforePlanning
-from lightning_offload.planner.lightning import plan_for_trainer
+from lightning_offload.planner.lightning import checkpointing_of, plan_for_trainer
 from lightning_offload.planner.record import fit_ckpt_path, resume_report, saved_plan
 from lightning_offload.strategy import MULTI_DEVICE_NAME, _SingleGPUOffloadCore
 from lightning_offload.telemetry import ThroughputMonitor
@@ -117,8 +117,8 @@ class _OffloadCore(_SingleGPUOffloadCore):
         else:
             if chosen is not None:  # saved in each checkpoint, for a resume under `backend="auto"`
                 self.plan = chosen
-            if self.activation_checkpointing.policy == "auto":
-                self.activation_checkpointing = as_checkpointing_config(chosen.checkpointing if chosen else "full")
+            if self.activation_checkpointing.left_to_the_planner:
+                self.activation_checkpointing = checkpointing_of(chosen) if chosen else as_checkpointing_config("full")
         self._setup_backend_environment()
 
     def _plan_on_rank_zero(self) -> Plan | None:

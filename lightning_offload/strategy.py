@@ -371,7 +371,7 @@ class _SingleGPUOffloadCore:
             self.backend = engine(engine.Config.from_options(registry.spec(plan.backend).options_of(plan)))
         else:
             self.backend.adopt_plan(plan)
-        if self.activation_checkpointing.policy == "auto":
+        if self.activation_checkpointing.left_to_the_planner:
             self.activation_checkpointing = checkpointing_of(plan)
         if self.optimizer_name is None:
             self.optimizer_name = optimizer_of(plan)

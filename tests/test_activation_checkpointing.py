@@ -79,6 +79,38 @@ def test_offload_leaves_tensors_under_its_threshold_on_the_device() -> None:
     assert offloader.packed_bytes > 0 and offloader.offloaded_bytes == 0 and offloader.pool is None
 
 
+def test_first_n_checkpoints_exactly_the_first_n_blocks() -> None:
+    model = network()
+    blocks = find_blocks(model)
+    assert CheckpointingConfig(policy="first_n", first_n=len(blocks) - 1).apply(model) == len(blocks) - 1
+    assert [is_checkpointed(block) for block in blocks] == [True] * (len(blocks) - 1) + [False]
+    reference = network()
+    for block in find_blocks(reference)[:-1]:
+        recompute_in_backward(block)
+    assert saved_bytes(model) == saved_bytes(reference)
+    with pytest.raises(ValueError, match=f"`first_n={len(blocks) + 1}` asks to checkpoint more blocks than TinyGPT "
+                                         f"has \\({len(blocks)}\\)"):
+        CheckpointingConfig(policy="first_n", first_n=len(blocks) + 1).apply(network())
+    # A count left to the planner that no planner sized: every block, as `full`.
+    assert CheckpointingConfig(policy="first_n").apply(network()) == len(blocks)
+    with pytest.raises(ValueError, match="`first_n` \\(the number of blocks to checkpoint\\) must be at least 0"):
+        CheckpointingConfig(policy="first_n", first_n=-1)
+
+
+def test_checkpointing_some_blocks_trains_bit_for_bit_as_all_or_none() -> None:
+    from lightning_offload import SingleGPUOffloadStrategy
+    from tests.conftest import fit
+
+    losses = {}
+    for name, policy in {"none": "none", "full": "full", "first_n": {"policy": "first_n", "first_n": 1}}.items():
+        module, trainer = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing=policy),
+                              num_batches=4)
+        losses[name] = module.losses
+        checkpointed = [is_checkpointed(block) for block in find_blocks(module)]
+    assert checkpointed == [True] + [False] * (len(checkpointed) - 1)  # the last fit's, `first_n`
+    assert len(losses["none"]) == 4 and losses["first_n"] == losses["none"] == losses["full"]
+
+
 def test_bad_policy_values_are_refused() -> None:
     with pytest.raises(ValueError, match="Choose one of"):
         CheckpointingConfig(policy="fulll")

@@ -51,8 +51,8 @@ def compute_dtype(precision: str) -> torch.dtype:
 def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: Machine | None = None,
          ceilings: Ceilings | None = None, device: torch.device | str | None = None, backend: str = "auto",
          optimizer: str | None = None, activation_checkpointing: str | None = None, every_k: int | None = None,
-         accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True, world_size: int = 1,
-         ranks_per_host: int | None = None, needs: RunNeeds | None = None,
+         first_n: int | None = None, accumulate: int = 1, precision: str = "bf16-mixed", adamw_compatible: bool = True,
+         world_size: int = 1, ranks_per_host: int | None = None, needs: RunNeeds | None = None,
          gpu_state_blocks: int | None = None, margin: float = SAFETY_MARGIN, nvme_path: str | None = None,
          offload_device: str | None = None, nvme_state: str | None = None, disk: Disk | None = None,
          disk_blocks: int | None = None, checkpointing: str | None = None) -> PlanReport:
@@ -62,6 +62,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     e.g. `Machine(gpu_memory_gib=24, host_memory_gib=64)` to plan for another. `backend`, `optimizer` and
     `activation_checkpointing` (a policy name, as the strategy's) pin levers (None / "auto": the planner chooses),
     and so does `gpu_state_blocks` for `host_adam` (None: the most blocks whose optimizer state fits on the GPU).
+    `every_k` and `first_n` pin those policies' numbers (`first_n` None: the fewest first blocks that fit).
     `margin`: the fraction of each memory tier a plan may fill. `nvme_path` is a folder where `deepspeed` and
     `stream` plans may keep state (probed for its O_DIRECT bandwidth and free space, or described by `disk`);
     `offload_device` and `nvme_state` pin where (a plan pinned to `nvme` is taken however its disk traffic bounds
@@ -110,7 +111,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     if disk is None and nvme_path is not None and offload_device != "cpu":
         disk = load_or_probe_disk(nvme_path)
     plans = candidate_plans(stats, backends=backends, on_cuda=device.type == "cuda" or not machine.unified,
-                            optimizer=optimizer, checkpointing=checkpointing, every_k=every_k,
+                            optimizer=optimizer, checkpointing=checkpointing, every_k=every_k, first_n=first_n,
                             adamw_compatible=adamw_compatible, gpu_state_blocks=gpu_state_blocks,
                             accumulate=accumulate, offload_device=offload_device, nvme_state=nvme_state,
                             disk_given=disk is not None, disk_blocks=disk_blocks, needs=needs)

@@ -29,7 +29,7 @@ SAFETY_MARGIN = 0.9
 # cannot tell apart (the same compute, transfers hidden under it). A ratio, not 0.01 s: that tied a small model's
 # plans 8% apart.
 TIE = 1.001
-POLICIES = ("none", "every_k", "full", "offload")
+POLICIES = ("none", "first_n", "every_k", "full", "offload")
 # A plan whose disk traffic would make its step more than this many times its compute time is refused, unless the
 # user pinned the disk (`offload_device="nvme"`).
 DISK_BOUND_FACTOR = 2.0
@@ -146,7 +146,7 @@ def ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
 
 
 def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool, optimizer: str | None = None,
-                    checkpointing: str | None = None, every_k: int | None = None,
+                    checkpointing: str | None = None, every_k: int | None = None, first_n: int | None = None,
                     adamw_compatible: bool = True, gpu_state_blocks: int | None = None,
                     accumulate: int = 1, offload_device: str | None = None, nvme_state: str | None = None,
                     disk_given: bool = False, disk_blocks: int | None = None,
@@ -157,7 +157,11 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
     up on the GPU or in host memory; `deepspeed`
     ones keep state on disk only where the user gave one (`disk_given`: never written to uninvited), and so do
     `stream` ones (`disk_blocks` of them; None: `choose` sizes it to the fewest that fit). A backend that cannot run
-    what the run `needs` has none."""
+    what the run `needs` has none. `first_n` plans checkpoint that many blocks (None: `choose` sizes it to the fewest
+    that fit)."""
+    if checkpointing == "first_n" and first_n is not None and not 0 <= first_n <= stats.blocks:
+        raise ValueError(f"`first_n={first_n}` blocks to checkpoint, but the model has {stats.blocks}. Pass at most "
+                         f"{stats.blocks}, or `activation_checkpointing='full'`.")
     # Checkpointing works block by block: a model without repeated blocks has only `none` to choose.
     policies = [checkpointing] if checkpointing else list(POLICIES) if stats.blocks else ["none"]
     levers = CandidateLevers(gpu_state_blocks, accumulate, offload_device, nvme_state, disk_given, disk_blocks)
@@ -173,7 +177,8 @@ def candidate_plans(stats: ModelStats, *, backends: Sequence[str], on_cuda: bool
                 if spec.policies is not None and policy not in spec.policies:
                     continue
                 for k in ([every_k] if every_k else [2, 4]) if policy == "every_k" else [2]:
-                    base = Plan(backend=backend, optimizer=name, checkpointing=policy, every_k=k)
+                    base = Plan(backend=backend, optimizer=name, checkpointing=policy, every_k=k,
+                                first_n=first_n if policy == "first_n" else None)
                     plans += spec.plan_variants(base, stats, levers)
     return plans
 
@@ -237,19 +242,28 @@ def choose(stats: ModelStats, machine: Machine, ceilings: Ceilings, plans: Seque
         return shortfalls(memory, machine, margin, exact_host_bytes=exact_host,
                           disk_free_bytes=disk.free_bytes if disk is not None else None)
 
+    def step_of(plan: Plan) -> StepTime:
+        return estimate_step_time(stats, plan, ceilings, accumulate=accumulate, disk=disk)
+
+    def sized_on_gpu(plan: Plan) -> Plan:
+        if registry.spec(plan.backend).sizes_blocks_on_gpu and plan.resident_blocks is None:
+            return most_blocks_on_gpu(stats, plan, missing)
+        return plan
+
     candidates = []
     seen: set[Plan] = set()
     for plan in plans:
         spec = registry.spec(plan.backend)
         if plan.disk_blocks is None and spec.sizes_blocks_on_disk is not None:
             plan = spec.sizes_blocks_on_disk(stats, plan, missing)
-        if spec.sizes_blocks_on_gpu and plan.resident_blocks is None:
-            plan = most_blocks_on_gpu(stats, plan, missing)
+        if plan.checkpointing == "first_n" and plan.first_n is None:
+            plan = fewest_blocks_checkpointed(stats, plan, missing, sized_on_gpu, step_of)
+        plan = named_policy(stats, sized_on_gpu(plan))
         if plan in seen:  # a sized plan may repeat one of the coarse steps
             continue
         seen.add(plan)
         memory = memory_of(plan)
-        step = estimate_step_time(stats, plan, ceilings, accumulate=accumulate, disk=disk)
+        step = step_of(plan)
         candidates.append(Candidate(plan, memory, step, missing(plan, memory), _disk_refusal(step, disk_pinned)))
     fitting = [c for c in ordered(candidates) if c.fits]
     exact = [c for c in fitting if c.plan.exact_optimizer]
@@ -278,6 +292,25 @@ def most_blocks_on_gpu(stats: ModelStats, plan: Plan, missing: Callable[[Plan], 
     no copies over PCIe) and each block moved frees host memory. When none fits, the nearest miss."""
     sized = [dataclasses.replace(plan, resident_blocks=blocks) for blocks in range(stats.blocks + 1)]
     return max(sized, key=lambda p: (-sum(missing(p).values()), p.resident_blocks))
+
+
+def fewest_blocks_checkpointed(stats: ModelStats, plan: Plan, missing: Callable[[Plan], dict[str, float]],
+                               sized_on_gpu: Callable[[Plan], Plan], step_of: Callable[[Plan], StepTime]) -> Plan:
+    """`plan` checkpointing the fewest of the model's first blocks that fit: each block kept whole saves its
+    recompute. Where the backend also sizes its blocks on the GPU (`host_adam`'s state there competes for the same
+    memory), each count gets the most of those that fit beside it, and the fastest pair that fits wins. When no
+    count fits, every block (the nearest miss); where none need be, none (both: the plan of that name)."""
+    counts = [sized_on_gpu(dataclasses.replace(plan, first_n=n)) for n in range(stats.blocks + 1)]
+    fitting = [p for p in counts if not missing(p)]
+    return min(fitting, key=lambda p: (step_of(p).total, p.first_n)) if fitting else counts[-1]
+
+
+def named_policy(stats: ModelStats, plan: Plan) -> Plan:
+    """A `first_n` plan that checkpoints no block or all of them, as the policy of that name (`none`, `full`): the
+    same plan, one row in the table."""
+    if plan.checkpointing != "first_n" or 0 < (plan.first_n or 0) < stats.blocks:
+        return plan
+    return dataclasses.replace(plan, checkpointing="full" if plan.first_n else "none", first_n=None)
 
 
 def _reason(chosen: Candidate | None, fitting: list[Candidate], allow_eight_bit: bool) -> str:

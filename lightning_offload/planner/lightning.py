@@ -39,7 +39,8 @@ from lightning_offload.saving import checkpoints_on_disk_at_once, remove_stale_l
 
 # Policies the memory model knows; `selective` keeps more than `full` and less than `none`: planned as `none`, so
 # its estimate errs on the side of memory.
-_PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "offload": "offload", "selective": "none"}
+_PLANNED_POLICY = {"none": "none", "full": "full", "every_k": "every_k", "first_n": "first_n", "offload": "offload",
+                   "selective": "none"}
 
 
 def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example: tuple[Any, Any] | None = None,
@@ -149,8 +150,9 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         pinned_policy = "full"
     report = plan(
         stats, machine=machine, ceilings=ceilings or load_or_probe(device), device=device,
-        backend=backend or "auto", optimizer=optimizer, checkpointing=pinned_policy,
+        backend=backend or "auto", optimizer=optimizer, activation_checkpointing=pinned_policy,
         every_k=checkpointing.every_k if pinned_policy == "every_k" else None,
+        first_n=checkpointing.first_n if pinned_policy == "first_n" else None,
         accumulate=accumulate, precision=precision,
         adamw_compatible=adamw_compatible, world_size=world_size, ranks_per_host=ranks_per_host,
         needs=needs, margin=SAFETY_MARGIN if unmeasured is None else UNMEASURED_MARGIN,
@@ -212,7 +214,7 @@ def _steps_adamw(module: Any) -> bool:
 
 
 def checkpointing_of(chosen: Plan) -> CheckpointingConfig:
-    return CheckpointingConfig(policy=chosen.checkpointing, every_k=chosen.every_k)
+    return CheckpointingConfig(policy=chosen.checkpointing, every_k=chosen.every_k, first_n=chosen.first_n)
 
 
 def optimizer_of(chosen: Plan) -> str | None:

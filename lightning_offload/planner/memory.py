@@ -76,12 +76,16 @@ def _activation_terms(stats: ModelStats, plan: Plan) -> dict[str, int]:
         # Saved tensors live in host memory; two blocks' worth are in flight on the GPU.
         return {"activations (in flight)": 2 * per_block, **outside}
     checkpointed = checkpointed_blocks(stats, plan)
-    return {
+    terms = {
         "activations (checkpointed blocks' inputs)": checkpointed * stats.block_input_bytes,
         "activations (kept blocks)": (layers - checkpointed) * per_block,
         "activations (one block recomputed)": per_block,
         **outside,
     }
+    if plan.checkpointing == "first_n" and checkpointed < layers:
+        # The last blocks are kept: backward frees their activations before it recomputes the first block.
+        del terms["activations (one block recomputed)"]
+    return terms
 
 
 def estimate_memory(stats: ModelStats, plan: Plan, *, accumulate: int = 1, holds_gradients: bool = False,

@@ -81,10 +81,12 @@ def _plan_in(file: Path) -> dict[str, Any] | None:
 def resume_report(report: PlanReport, saved: Plan, path: str | Path) -> PlanReport:
     """`report` narrowed to `saved`, the plan the checkpoint at `path` was trained with: chosen when it fits this
     machine (with any checkpointing policy the user pinned), refused with the shortfall when it does not."""
-    policies = {(plan.checkpointing, plan.every_k) for plan in report.plans}
+    policies = {(plan.checkpointing, plan.every_k, plan.first_n) for plan in report.plans}
     if len(policies) == 1:  # the user pinned the policy, which is not part of the checkpoint
-        checkpointing, every_k = policies.pop()
-        saved = dataclasses.replace(saved, checkpointing=checkpointing, every_k=every_k)
+        checkpointing, every_k, first_n = policies.pop()
+        # `first_n` left to the planner: the count the checkpoint's plan chose.
+        first_n = saved.first_n if first_n is None and saved.checkpointing == checkpointing else first_n
+        saved = dataclasses.replace(saved, checkpointing=checkpointing, every_k=every_k, first_n=first_n)
     resumed = choose(report.stats, report.machine, report.ceilings, [saved], accumulate=report.accumulate,
                      allow_eight_bit=True, world_size=report.world_size, ranks_per_host=report.ranks_per_host,
                      holds_gradients=report.holds_gradients, clipping=report.clipping, disk=report.disk,

@@ -50,8 +50,12 @@ class Plan:
     parameters and optimizer state in host memory) or `fsdp` (FSDP2 CPU offload)."""
     optimizer: str = "adamw"
     checkpointing: str = "full"
-    """`none`, `full`, `every_k` (every `every_k`-th block) or `offload` (saved tensors in pinned host memory)."""
+    """`none`, `full`, `every_k` (every `every_k`-th block), `first_n` (the first `first_n` blocks) or `offload`
+    (saved tensors in pinned host memory)."""
     every_k: int = 2
+    first_n: int | None = None
+    """`first_n`: how many blocks, from the first, are recomputed; None (a candidate before `choose`): the fewest
+    that fit."""
     pin_memory: bool = True
     resident_blocks: int | None = 0
     """`stream`: blocks whose weights stay on the GPU; the others stream from host memory. `host_adam`: blocks at
@@ -71,7 +75,8 @@ class Plan:
     `choose`): the fewest that fit."""
 
     def __str__(self) -> str:
-        policy = f"every_{self.every_k}" if self.checkpointing == "every_k" else self.checkpointing
+        policy = {"every_k": f"every_{self.every_k}", "first_n": f"first_{self.first_n}"}.get(self.checkpointing,
+                                                                                             self.checkpointing)
         spec = registry.find(self.backend)
         detail = spec.plan_detail(self) if spec is not None else ""
         accumulated = ", gradients accumulated on the GPU" if self.accumulate_on_gpu else ""
@@ -100,6 +105,8 @@ class Plan:
 def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
     if plan.checkpointing in ("none", "offload"):
         return 0
+    if plan.checkpointing == "first_n":
+        return min(plan.first_n or 0, stats.blocks)
     return stats.blocks if plan.checkpointing == "full" else math.ceil(stats.blocks / plan.every_k)
 
 

@@ -29,6 +29,7 @@ NOT_COSTED = ("all_host_cast_on_device",)
     Plan(backend="host_adam", optimizer="adamw", checkpointing="every_k", every_k=4, resident_blocks=0),
     Plan(backend="fsdp", optimizer="adamw", checkpointing="full", accumulate_on_gpu=True),
     Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="none"),
+    Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="first_n", first_n=44),
 ])
 def test_a_recorded_plan_parses_back(plan: Plan) -> None:
     assert parse_plan(str(plan)) == plan

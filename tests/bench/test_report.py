@@ -115,6 +115,16 @@ def test_a_plan_that_checkpoints_fewer_blocks_is_charged_less_recompute(policy, 
     assert plan_cost(record).recompute_share == share
 
 
+def test_a_plan_that_checkpoints_the_first_blocks_is_charged_their_share_of_the_recompute():
+    from bench.models import SIZES
+    from bench.report import plan_cost
+
+    blocks = SIZES["14.8b"].layers
+    record = {"cost": "gpu_8bit_adamw", "size": "14.8b", "method": "single_gpu_offload_gpu_8bit",
+              "plan": f"gpu_8bit + adamw8bit_fused + activation_checkpointing=first_{blocks - 4}"}
+    assert plan_cost(record).recompute_share == (blocks - 4) / blocks
+
+
 def test_a_skip_inferred_later_never_hides_a_measurement(tmp_path):
     measured = {"kind": "cell", "cell": "14.8b/plain/r1", "status": "gpu_oom", "finished_at": "2026-11-23T10:00:00"}
     inferred = {"kind": "cell", "cell": "14.8b/plain/r1", "status": "skipped", "inferred_from": "8b/plain/r1",

@@ -9,7 +9,7 @@ import pytest
 from lightning_offload.planner import (GIB, SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
                                        RunNeeds, estimate_memory, plan, shortfalls)
 from lightning_offload.planner.choose import Candidate, PlanReport, candidate_plans, choose, ordered
-from lightning_offload.planner.cost import StepTime
+from lightning_offload.planner.cost import StepTime, estimate_step_time
 from tests.planner.test_memory import LLAMA_8B
 
 BACKENDS = ("deepspeed", "device", "fsdp", "gpu_8bit", "host_adam", "stream")
@@ -295,7 +295,8 @@ def test_a_hook_that_reads_the_gradients_holds_them_as_clipping_by_norm_does() -
 
     hooked, clipped, free = gpu_8bit_bytes(HOOK), gpu_8bit_bytes(CLIPS_BY_NORM), gpu_8bit_bytes(None)
     assert hooked == clipped
-    assert all(hooked[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in free)
+    fixed = [p for p in free if p.checkpointing != "first_n"]  # a partial plan is sized to the memory each leaves
+    assert fixed and all(hooked[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in fixed)
 
 
 def test_a_refusal_names_the_backends_left_out() -> None:
@@ -326,7 +327,8 @@ def test_gpu_8bit_plans_clipping_by_value_with_every_gradient_held_and_refuses_a
         return {c.plan: c.memory.gpu_bytes for c in report.candidates}
 
     by_value, free = gpu_8bit_bytes(CLIPS_BY_VALUE), gpu_8bit_bytes(None)
-    assert all(by_value[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in free)
+    fixed = [p for p in free if p.checkpointing != "first_n"]  # a partial plan is sized to the memory each leaves
+    assert fixed and all(by_value[p] - free[p] == 2 * LLAMA_8B.trainable_parameters for p in fixed)
 
     gpu_8bit = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="full")
     held, unheld = (estimate_memory(LLAMA_8B, gpu_8bit, clipping=clipping).gpu_bytes / GIB / SAFETY_MARGIN
@@ -345,3 +347,68 @@ def test_gpu_8bit_plans_clipping_by_value_with_every_gradient_held_and_refuses_a
     auto = planned(CLIPS_BY_VALUE, backend="auto")
     assert auto.chosen is not None and auto.chosen.plan.backend != "gpu_8bit"
     assert not any(c.fits for c in auto.candidates if c.plan.backend == "gpu_8bit")
+
+
+def test_where_full_fits_with_room_the_fewest_first_blocks_that_fit_are_checkpointed() -> None:
+    full = Plan(backend="gpu_8bit", optimizer="adamw8bit_fused", checkpointing="full")
+
+    def gpu_bytes(first_n: int) -> int:
+        return estimate_memory(LLAMA_8B, dataclasses.replace(full, checkpointing="first_n", first_n=first_n)).gpu_bytes
+
+    kept = 5
+    between = (gpu_bytes(LLAMA_8B.blocks - kept) + gpu_bytes(LLAMA_8B.blocks - kept - 1)) / 2
+    card = Machine(gpu_memory_gib=between / GIB / SAFETY_MARGIN, host_memory_gib=64)
+    report = plan(LLAMA_8B, machine=card, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
+                  optimizer="adamw8bit_fused")
+    by_policy = {str(c.plan).split("=")[1]: c for c in report.candidates}
+    assert by_policy["full"].fits and not by_policy["every_2"].fits
+    chosen = report.chosen.plan
+    assert chosen.checkpointing == "first_n" and chosen.first_n == LLAMA_8B.blocks - kept
+    assert str(chosen).endswith(f"activation_checkpointing=first_{LLAMA_8B.blocks - kept}")
+    one_more_kept = estimate_memory(LLAMA_8B, dataclasses.replace(chosen, first_n=chosen.first_n - 1))
+    assert shortfalls(one_more_kept, card, SAFETY_MARGIN).keys() == {"GPU"}
+    # Each block kept whole saves its recompute: between full and none, in proportion.
+    none = estimate_step_time(LLAMA_8B, dataclasses.replace(full, checkpointing="none"), Ceilings()).total
+    assert report.chosen.step_time_s == pytest.approx(
+        by_policy["full"].step_time_s - kept / LLAMA_8B.blocks * (by_policy["full"].step_time_s - none), rel=1e-9)
+    assert sum(c.plan.checkpointing == "first_n" for c in report.candidates) == 1  # one row in the table
+    # Where every block may keep its activations, the partial plan is `none`'s row.
+    roomy = plan(LLAMA_8B, machine=Machine(gpu_memory_gib=1000, host_memory_gib=64), ceilings=Ceilings(),
+                 device="cuda", backend="gpu_8bit", optimizer="adamw8bit_fused")
+    assert roomy.chosen.plan.checkpointing == "none"
+    assert not any(c.plan.checkpointing == "first_n" for c in roomy.candidates)
+
+
+def test_host_adam_sizes_its_checkpointed_blocks_and_its_state_on_the_gpu_together() -> None:
+    card = Machine(gpu_memory_gib=48, host_memory_gib=128)
+    report = plan(LLAMA_8B, machine=card, ceilings=Ceilings(), device="cuda", backend="host_adam",
+                  activation_checkpointing="first_n")
+    chosen = report.chosen
+    assert chosen.fits and chosen.plan.checkpointing == "first_n" and 0 < chosen.plan.first_n < LLAMA_8B.blocks
+    pairs = [dataclasses.replace(chosen.plan, first_n=n, resident_blocks=r)
+             for n in range(1, LLAMA_8B.blocks) for r in range(LLAMA_8B.blocks + 1)]
+    fitting = [p for p in pairs if not shortfalls(estimate_memory(LLAMA_8B, p), card, SAFETY_MARGIN)]
+    fastest = min(estimate_step_time(LLAMA_8B, p, Ceilings()).total for p in fitting)
+    assert chosen.step_time_s == pytest.approx(fastest, rel=1e-12)
+
+
+def test_a_pinned_count_is_planned_as_given_and_one_beyond_the_model_is_refused() -> None:
+    report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
+                  optimizer="adamw8bit_fused", activation_checkpointing="first_n", first_n=3)
+    assert {c.plan.first_n for c in report.candidates} == {3}
+    every_block = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit",
+                       optimizer="adamw8bit_fused", activation_checkpointing="first_n", first_n=LLAMA_8B.blocks)
+    assert {c.plan.checkpointing for c in every_block.candidates} == {"full"}
+    with pytest.raises(ValueError, match=f"`first_n={LLAMA_8B.blocks + 1}` blocks to checkpoint, but the model has "
+                                         f"{LLAMA_8B.blocks}"):
+        plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", activation_checkpointing="first_n",
+             first_n=LLAMA_8B.blocks + 1)
+
+
+def test_every_backend_but_streaming_has_a_partial_plan() -> None:
+    # `stream` keeps no block's activations whole: it streams and recomputes one block at a time.
+    plans = candidate_plans(LLAMA_8B, backends=BACKENDS, on_cuda=True)
+    assert {p.backend for p in plans if p.checkpointing == "first_n"} == set(BACKENDS) - {"stream"}
+    with pytest.raises(PlanDoesNotFit, match="it streams blocks under `full` or `offload` checkpointing"):
+        plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="stream",
+             activation_checkpointing="first_n", first_n=3)

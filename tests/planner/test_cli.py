@@ -60,6 +60,28 @@ def test_levers_are_pinned_with_the_training_apps_config_groups(tmp_path) -> Non
     assert "fsdp + adamw + activation_checkpointing=every_4" in chosen
 
 
+def test_the_plan_command_checkpoints_only_the_blocks_memory_needs_and_a_pinned_count_plans_the_same() -> None:
+    machine = ["model=llama_1b", "data=random_tokens", "machine.gpu_memory_gib=24", "machine.host_memory_gib=64",
+               "machine.ceilings=h100", "strategy=gpu_8bit", "optimizer=adamw8bit"]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_offload.conf", version_base="1.3"):
+        auto = plan_from_config(compose(config_name="plan", overrides=machine))
+        chosen = auto.chosen.plan
+        assert chosen.checkpointing == "first_n" and 0 < chosen.first_n < auto.stats.blocks
+        assert any(line.startswith(f"->{chosen}") for line in auto.table().splitlines())
+        pinned = plan_from_config(compose(config_name="plan", overrides=[
+            *machine, "activation_checkpointing=first_n", f"activation_checkpointing.first_n={chosen.first_n}"]))
+        sized = plan_from_config(compose(config_name="plan", overrides=[*machine, "activation_checkpointing=first_n"]))
+    assert pinned.chosen.plan == sized.chosen.plan == chosen
+
+
+def test_the_plan_command_previews_the_pinned_count_training_checkpoints(tmp_path) -> None:
+    preview, trained = preview_and_training_plans(tmp_path, ["model.network.n_layers=3",
+                                                             "activation_checkpointing=first_n",
+                                                             "activation_checkpointing.first_n=2"])
+    assert preview.chosen.plan == trained.chosen.plan and trained.chosen.plan.first_n == 2
+
+
 class KeepPlan(pl.Callback):
     """Keeps the plan report the strategy trained with."""
 

@@ -202,3 +202,14 @@ def test_a_loss_over_the_full_logits_holds_logit_backward_bytes_per_logit_in_its
     loss = F.cross_entropy(logits.float(), targets)
     peak, _ = peak_and_final_allocated_bytes(loss.backward)
     assert peak == pytest.approx(LOGIT_BACKWARD_BYTES * tokens * vocab, rel=0.05)
+
+
+def test_first_n_holds_its_inputs_and_the_kept_blocks_and_recomputes_where_backward_freed_them() -> None:
+    kept = 3
+    gpu = estimate_memory(LLAMA_8B, Plan(backend="device", checkpointing="first_n",
+                                         first_n=LLAMA_8B.blocks - kept)).gpu
+    assert gpu["activations (checkpointed blocks' inputs)"] == (LLAMA_8B.blocks - kept) * LLAMA_8B.block_input_bytes
+    assert gpu["activations (kept blocks)"] == kept * LLAMA_8B.activation_bytes_per_block
+    # The kept blocks are the last: their activations are gone by the first recompute, which reuses their memory.
+    assert "activations (one block recomputed)" not in gpu
+    assert "activations (one block recomputed)" in estimate_memory(LLAMA_8B, Plan(backend="device")).gpu

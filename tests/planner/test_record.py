@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed
 from lightning_offload.planner import Machine, PlanDoesNotFit
 from lightning_offload.planner.record import saved_plan
 from tests.conftest import TinyLM, fit, token_batches
@@ -47,6 +48,22 @@ def test_auto_resumes_with_the_checkpoints_plan_not_a_new_one(tmp_path) -> None:
     assert resumed.strategy.plan == first.strategy.plan and resumed.strategy.backend_name == "fsdp"
     assert "Resuming" in resumed.strategy.plan_report.reason
     assert resumed.global_step == 2 * first.global_step and len(module.losses) == 2  # the second epoch only
+
+
+# `auto`, or `first_n` with the count left to the planner: either takes the checkpoint's count.
+@pytest.mark.parametrize("policy", [None, "first_n"])
+def test_a_resumed_run_checkpoints_the_same_blocks_as_the_run_it_resumes(tmp_path, policy) -> None:
+    first_block = {"policy": "first_n", "first_n": 1}
+    _, first = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing=first_block), num_batches=2)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    assert saved_plan(tmp_path / "epoch1.ckpt") == first.strategy.plan
+    _, fresh = fit(SingleGPUOffloadStrategy(activation_checkpointing=policy), num_batches=2)
+    assert fresh.strategy.plan.checkpointing != "first_n"  # what the planner would choose for a new run
+    module, resumed = fit(SingleGPUOffloadStrategy(activation_checkpointing=policy), num_batches=2, max_epochs=2,
+                          ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert resumed.strategy.plan == first.strategy.plan and resumed.strategy.plan.first_n == 1
+    blocks = find_blocks(module)
+    assert [is_checkpointed(block) for block in blocks] == [True] + [False] * (len(blocks) - 1)
 
 
 def test_a_checkpoints_plan_that_no_longer_fits_is_refused_by_name(tmp_path, monkeypatch) -> None:

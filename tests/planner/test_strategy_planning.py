@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.activation_checkpointing import recompute_in_backward
-from lightning_offload.planner import Machine, PlanDoesNotFit
+from lightning_offload.activation_checkpointing import find_blocks, is_checkpointed, recompute_in_backward
+from lightning_offload.planner import GIB, SAFETY_MARGIN, Machine, PlanDoesNotFit, estimate_memory
 from tests.conftest import VOCAB, TinyLM, fit, token_batches
 
 
@@ -33,6 +33,25 @@ def test_pinned_levers_are_kept_by_the_plan() -> None:
     _, trainer = fit(SingleGPUOffloadStrategy(activation_checkpointing="full"), num_batches=2)
     assert trainer.strategy.activation_checkpointing.policy == "full"
     assert {c.plan.checkpointing for c in trainer.strategy.plan_report.candidates} == {"full"}
+
+
+@pytest.mark.parametrize("policy", ["auto", "first_n"])
+def test_blocks_are_checkpointed_from_the_first_as_many_as_memory_needs(monkeypatch, policy: str) -> None:
+    _, measured = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing="none"), num_batches=1)
+    stats, planned = measured.strategy.plan_report.stats, measured.strategy.plan
+
+    def total_gib(first_n: int) -> float:
+        memory = estimate_memory(stats, dataclasses.replace(planned, checkpointing="first_n", first_n=first_n))
+        return (memory.gpu_bytes + memory.host_bytes) / GIB
+
+    # Room for the first block checkpointed, not for none of them.
+    gib = (total_gib(1) + total_gib(0)) / 2 / SAFETY_MARGIN
+    card = Machine(gpu_memory_gib=gib, host_memory_gib=gib, unified=True)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: card))
+    module, trainer = fit(SingleGPUOffloadStrategy(backend="device", activation_checkpointing=policy), num_batches=2)
+    assert trainer.strategy.plan.first_n == trainer.strategy.activation_checkpointing.first_n == 1
+    blocks = find_blocks(module)
+    assert [is_checkpointed(block) for block in blocks] == [True] + [False] * (len(blocks) - 1)
 
 
 def test_a_plan_that_cannot_fit_is_refused_before_the_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
