@@ -54,7 +54,9 @@ def test_stream_deletes_its_source_saves_weights_only_and_exports(tmp_path: Path
     folder = tmp_path / "pretrained"
     run(capsys, "create", "--size", "tiny", "--folder", str(folder))
     tuned = train(capsys, folder, "stream", "--delete-source", "--save", str(tmp_path / "trained.ckpt"))
-    assert tuned["plan"].startswith("stream") and tuned["read_s"] > 0 and tuned["load_gb_s"] > 0
+    # `stream` reads the weights while the engine is set up: no rate for `configure_model`, which read nothing.
+    assert tuned["plan"].startswith("stream") and tuned["read_s"] > 0 and tuned["setup_gb_s"] > 0
+    assert tuned["load_gb_s"] is None
     assert not list(folder.glob("*.safetensors"))
     exported = export(capsys, tmp_path / "trained.ckpt", folder, tmp_path / "exported")
     assert exported["gib"] > 0
