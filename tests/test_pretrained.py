@@ -8,9 +8,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
+from tests.backends.stream.test_units import AtStart, assert_started_as_under_auto, started, stream
 from tests.conftest import VOCAB, fit, token_batches
 
 transformers = pytest.importorskip("transformers")
@@ -187,3 +190,99 @@ def test_loading_holds_the_model_and_at_most_one_staged_tensor(tmp_path: Path, s
     assert final >= model_bytes
     # fp32 reads land in the parameters themselves; a bf16 source is staged one tensor at a time for the cast.
     assert peak - final <= (0 if source_dtype == torch.float32 else largest_source)
+
+
+# ---------------------------------------------------------------------------------------------- a module with buffers
+class ScaledLinear(nn.Linear):
+    """A Linear with a persistent buffer: its initialiser, the model's `_init_weights`, draws its weight at random."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__(features, features)
+        self.register_buffer("output_scale", torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.output_scale
+
+
+class NormBlock(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = ScaledLinear(features)
+        self.norm = nn.BatchNorm1d(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.norm(self.linear(x)))
+
+
+class NormNet(transformers.PreTrainedModel):
+    """A `transformers` model whose blocks hold modules with weights and buffers (a BatchNorm's running statistics);
+    a Llama config carries its sizes, so that `AutoConfig` reads its checkpoint."""
+
+    config_class = transformers.LlamaConfig
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(NormBlock(config.hidden_size) for _ in range(config.num_hidden_layers))
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> NormNet:
+        return cls._from_config(config, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids.flatten())  # BatchNorm1d normalises the features of (rows, features)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(hidden).unflatten(0, input_ids.shape)
+
+
+def save_norm_net(folder: Path) -> Path:
+    """A checkpoint whose buffers, and norms' weights, are far from what their initialisers set."""
+    torch.manual_seed(0)
+    model = NormNet(tiny_config("llama"))
+    with torch.no_grad():
+        for layer in model.layers:
+            for tensor in (layer.norm.weight, layer.norm.bias, layer.norm.running_mean):
+                tensor.normal_()
+            layer.norm.running_var.uniform_(0.5, 2.0)
+            layer.norm.num_batches_tracked.fill_(7)
+            layer.linear.output_scale.uniform_(0.5, 2.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+class FineTuneNormNet(AtStart):
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = lightning_offload.pretrained(self.folder, NormNet)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = F.cross_entropy(self.model(inputs).flatten(0, 1), targets.flatten())
+        self.losses.append(loss.item())
+        return loss
+
+    def train_dataloader(self) -> Any:
+        return token_batches(2)
+
+
+# On a GPU the initialisers draw from the GPU's generator, which must be left as it was too.
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_stream_keeps_the_loaded_weights_of_a_module_with_buffers_and_the_random_state(tmp_path: Path,
+                                                                                      accelerator: str) -> None:
+    folder = save_norm_net(tmp_path / "norm_net")
+    checkpoint = NormNet.from_pretrained(folder).state_dict()
+    norm = checkpoint["layers.0.norm.weight"]
+    assert not torch.equal(norm, torch.ones_like(norm))  # unlike what the norm's initialiser sets
+    auto = started("auto", FineTuneNormNet(folder), accelerator)
+    module = started(stream(), FineTuneNormNet(folder), accelerator)
+    for name, expected in checkpoint.items():
+        assert torch.equal(module.state_at_start[f"model.{name}"].cpu(), expected), name
+    assert_started_as_under_auto(module, auto)

@@ -35,7 +35,7 @@ from lightning_offload.backends.stream.units import (
     Unit,
     check_meta_initialisable,
     find_units,
-    initialiser,
+    initialise,
     materialise_buffers,
     replace_parameters,
 )
@@ -271,12 +271,12 @@ class StreamBackend(Backend):
         unit.params = [new[id(p)] for p in unit.params]
         if meta:
             # Weights `lightning_offload.pretrained` found in a checkpoint are read here, into their place; the
-            # rest are initialised.
+            # rest are initialised together with their module's buffers, as its constructor would.
             loaded = {id(p) for p, source in zip(unit.params, sources) if source is not None}
             for module in unit.modules:
                 for sub in module.modules():
                     if any(id(p) not in loaded for p in sub.parameters(recurse=False)):
-                        initialiser(sub, root)()  # type: ignore[operator]
+                        initialise(sub, root, self._device)
             for target, source in zip(targets, sources):
                 if source is not None:
                     source.read_into(target)

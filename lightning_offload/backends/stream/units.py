@@ -10,6 +10,8 @@ runs them otherwise is still correct, only slower.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,21 +169,39 @@ def check_meta_initialisable(root: nn.Module) -> None:
             )
 
 
+def initialise(module: nn.Module, root: nn.Module, device: torch.device) -> None:
+    """Runs `module`'s initialiser on its parameters and its buffers together, as its constructor would: its meta
+    buffers are made on `device` first, and a persistent buffer `lightning_offload.pretrained` found in a checkpoint
+    (a step counter) is read after, as the initialiser would overwrite it."""
+    sources = {name: weight_source(b) for name, b in module._buffers.items() if b is not None and b.is_meta}
+    for name in sources:
+        module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+    init = initialiser(module, root)
+    assert init is not None  # check_meta_initialisable ran first
+    init()  # type: ignore[operator]
+    with torch.no_grad():
+        for name, source in sources.items():
+            if source is not None:
+                source.read_into(module._buffers[name])
+
+
 def materialise_buffers(root: nn.Module, device: torch.device) -> None:
-    """Meta buffers outside parameters (rotary frequencies) are made on `device` and recomputed; a persistent buffer
-    `lightning_offload.pretrained` found in a checkpoint (a step counter) is read from it."""
+    """The meta buffers left once every parameter has its weights (rotary frequencies; the running statistics of a
+    norm whose weights were loaded) are made on `device` and computed by their module's initialiser, which must
+    neither overwrite the module's weights nor draw from the user's random generators."""
     for module in root.modules():
-        meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
-        if not meta:
-            continue
-        sources = {name: weight_source(module._buffers[name]) for name in meta}
-        for name in meta:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
-        if not any(p.is_meta for p in module.parameters(recurse=False)):
-            init = initialiser(module, root)
-            assert init is not None  # check_meta_initialisable ran first
-            init()  # type: ignore[operator]
-        with torch.no_grad():
-            for name, source in sources.items():
-                if source is not None:  # after the initialiser, which would recompute it
-                    source.read_into(module._buffers[name])
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            with _weights_and_random_state_kept(module, device):
+                initialise(module, root, device)
+
+
+@contextmanager
+def _weights_and_random_state_kept(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Puts back `module`'s own parameters, and the random generators' states, as they were before the block."""
+    kept = [(name, param, param.detach().clone()) for name, param in module._parameters.items() if param is not None]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    with torch.no_grad():
+        for name, param, value in kept:
+            module._parameters[name] = param
+            param.copy_(value)

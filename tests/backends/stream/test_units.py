@@ -1,0 +1,116 @@
+"""Building a model on the meta device and materialising it unit by unit: the module's state and the user's random
+numbers come out as under `strategy="auto"` (a checkpoint's weights too: tests/test_pretrained.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_offload import SingleGPUOffloadStrategy
+
+FEATURES, BATCH, SEED = 8, 4, 0
+
+
+class CachedRowNorms(nn.Module):
+    """A weight drawn at random with, beside it, a buffer computed from it: `reset_parameters` sets both."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(features, features))
+        self.register_buffer("row_norms", torch.empty(features), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        with torch.no_grad():
+            self.row_norms.copy_(self.weight.norm(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight / self.row_norms[:, None]).T
+
+
+class Block(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        self.norm = nn.BatchNorm1d(features)
+        self.cached = CachedRowNorms(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.cached(torch.relu(self.norm(self.linear(x))))
+
+
+class AtStart(pl.LightningModule):
+    """Records its parameters, buffers and the global random states when training starts, and every loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+        self.state_at_start: dict[str, torch.Tensor] = {}
+        self.random_states_at_start: list[torch.Tensor] = []
+
+    def on_train_start(self) -> None:
+        self.state_at_start = {name: t.detach().clone() for name, t in [*self.named_parameters(),
+                                                                          *self.named_buffers()]}
+        self.random_states_at_start = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            self.random_states_at_start.append(torch.cuda.get_rng_state(self.device))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class BatchNormNet(AtStart):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(Block(FEATURES), Block(FEATURES), nn.Linear(FEATURES, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        features, targets = batch
+        loss = F.mse_loss(self.net(features), targets)
+        self.losses.append(loss.item())
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(SEED)
+        features = torch.randn(2 * BATCH, FEATURES, generator=generator)
+        return DataLoader(TensorDataset(features, features.sum(dim=1, keepdim=True)), batch_size=BATCH)
+
+
+def stream() -> SingleGPUOffloadStrategy:
+    # Every unit streamed: each is initialised in a ring slot and copied to the host; the CPU stands in for the GPU.
+    return SingleGPUOffloadStrategy(backend="stream", check_memory=False, resident_blocks=0, stream_outer=True)
+
+
+def started(strategy: Any, module: AtStart, accelerator: str = "cpu") -> AtStart:
+    """`module` after a seeded two-step fit under `strategy`."""
+    pl.seed_everything(SEED, verbose=False)
+    trainer = pl.Trainer(strategy=strategy, accelerator=accelerator, devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    return module
+
+
+def assert_started_as_under_auto(module: AtStart, auto: AtStart) -> None:
+    assert module.state_at_start.keys() == auto.state_at_start.keys()
+    for name, expected in auto.state_at_start.items():
+        assert torch.equal(module.state_at_start[name], expected), name
+    assert len(module.random_states_at_start) == len(auto.random_states_at_start)
+    for state, expected in zip(module.random_states_at_start, auto.random_states_at_start):
+        assert torch.equal(state, expected)
+    assert module.losses[0] == auto.losses[0]
+
+
+def test_a_layer_initialising_its_weights_and_buffers_together_is_initialised_once() -> None:
+    auto = started("auto", BatchNormNet())
+    module = started(stream(), BatchNormNet())
+    assert_started_as_under_auto(module, auto)
