@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_offload.backends import registry
-from lightning_offload.backends.spec import RunNeeds
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
 
 EngineT = TypeVar("EngineT")

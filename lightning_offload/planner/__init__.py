@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_offload.backends import registry
-from lightning_offload.backends.spec import RunNeeds
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.activation_checkpointing import checkpoints_itself
 from lightning_offload.planner.choose import (
     SAFETY_MARGIN,

@@ -20,7 +20,8 @@ from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_m
 from lightning_offload.planner.terms import CandidateLevers, Plan, StepTime
 
 if TYPE_CHECKING:
-    from lightning_offload.backends.spec import BackendSpec, RunNeeds
+    from lightning_offload.backends.needs import RunNeeds
+    from lightning_offload.backends.spec import BackendSpec
     from lightning_offload.planner.disk import Disk
 
 # Fraction of each memory tier a plan may fill: allocator fragmentation, the data loader, other processes.

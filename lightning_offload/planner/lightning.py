@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lightning_offload.backends import registry
-from lightning_offload.backends.spec import RunNeeds
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.activation_checkpointing import CheckpointingConfig, checkpoints_itself
 from lightning_offload.optim import is_adam
 from lightning_offload.planner import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_offload.backends.spec import RunNeeds
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.choose import PlanDoesNotFit, PlanReport, choose, scaled
 from lightning_offload.planner.measure import _tensors

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_offload import SingleGPUOffloadStrategy
-from lightning_offload.backends.spec import RunNeeds
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.planner import GIB, SAFETY_MARGIN, Machine, PlanDoesNotFit, estimate_memory
 from lightning_offload.planner.choose import scaled
 from lightning_offload.planner.fallback import UNMEASURED_MARGIN
