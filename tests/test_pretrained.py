@@ -254,14 +254,14 @@ def save_norm_net(folder: Path) -> Path:
 
 
 class FineTuneNormNet(AtStart):
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, strict: bool = True) -> None:
         super().__init__()
-        self.folder = folder
+        self.folder, self.strict = folder, strict
         self.model: nn.Module | None = None
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = lightning_offload.pretrained(self.folder, NormNet)
+            self.model = lightning_offload.pretrained(self.folder, NormNet, strict=self.strict)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
@@ -286,3 +286,19 @@ def test_stream_keeps_the_loaded_weights_of_a_module_with_buffers_and_the_random
     for name, expected in checkpoint.items():
         assert torch.equal(module.state_at_start[f"model.{name}"].cpu(), expected), name
     assert_started_as_under_auto(module, auto)
+
+
+def test_stream_keeps_the_loaded_buffers_of_a_module_its_initialiser_runs_on(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = save_norm_net(tmp_path / "norm_net")
+    checkpoint = load_file(folder / "model.safetensors")
+    # Without its bias in the checkpoint, the norm is initialised by `_init_weights`, which resets its statistics too.
+    del checkpoint["layers.0.norm.bias"]
+    save_file(checkpoint, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="layers.0.norm.bias"):
+        module = started(stream(), FineTuneNormNet(folder, strict=False))
+    buffers = [name for name, _ in NormNet(tiny_config("llama")).named_buffers()]
+    assert "layers.0.norm.running_mean" in buffers
+    for name in buffers:
+        assert torch.equal(module.state_at_start[f"model.{name}"], checkpoint[name]), name

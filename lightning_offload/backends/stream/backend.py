@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from lightning_offload.backends.stream.checkpoint import PARAM_GROUPS
 from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
+from lightning_offload.backends.stream.parameters_on_meta import parameters_on_meta
 from lightning_offload.backends.stream.placement import (
     DISK_BUFFERS,
     Placement,
@@ -66,9 +68,10 @@ class StreamConfig(BackendConfig):
     pin_memory: bool = True
     """Page-lock the host arenas (one `cudaHostRegister` each): copies run ~6x faster than from pageable memory."""
     build_on_meta: bool = True
-    """Build `configure_model` on the meta device and initialise each unit where it will live (no full host copy);
-    modules are initialised by `reset_parameters()` or by their `transformers` model's `_init_weights`. False
-    keeps the model's own initialisation, built in host memory first."""
+    """Build `configure_model` with its parameters on the meta device (its buffers computed by their constructors,
+    in host memory) and initialise each unit where it will live (no full host copy); modules are initialised by
+    `reset_parameters()` or by their `transformers` model's `_init_weights`. False keeps the model's own
+    initialisation, built in host memory first."""
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
@@ -155,18 +158,8 @@ class StreamBackend(Backend):
         if not self.config.build_on_meta:
             yield
             return
-        try:
-            with torch.device("meta"):
-                yield
-        except RuntimeError as error:
-            if "from_pretrained" not in str(error):
-                raise
-            raise ValueError(
-                "`from_pretrained` in `configure_model` cannot load weights while the `stream` backend builds the "
-                "model on the meta device. Call `lightning_offload.pretrained(path)` instead (it reads each weight "
-                "straight into the place the streaming plan keeps it), or pass `build_on_meta=False` to build the "
-                "model in host memory first."
-            ) from error
+        with parameters_on_meta(), _from_pretrained_refused():
+            yield
 
     # ------------------------------------------------------------------ building
     def prepare_module(self, module: nn.Module) -> nn.Module:
@@ -468,6 +461,30 @@ class StreamBackend(Backend):
                 f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
                 f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned){on_disk}, updated on "
                 f"{self._device} inside backward")
+
+
+@contextmanager
+def _from_pretrained_refused() -> Iterator[None]:
+    """`from_pretrained` would load its weights into parameters that move to the meta device as they are registered."""
+    if "transformers" not in sys.modules:  # the user's model does not come from it
+        yield
+        return
+    from transformers import PreTrainedModel
+
+    def refused(cls: type, *args: Any, **kwargs: Any) -> NoReturn:
+        raise ValueError(
+            "`from_pretrained` in `configure_model` cannot load weights while the `stream` backend builds the "
+            "model's parameters on the meta device. Call `lightning_offload.pretrained(path)` instead (it reads each "
+            "weight straight into the place the streaming plan keeps it), or pass `build_on_meta=False` to build the "
+            "model in host memory first."
+        )
+
+    original = PreTrainedModel.__dict__["from_pretrained"]
+    PreTrainedModel.from_pretrained = classmethod(refused)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained = original  # type: ignore[method-assign]
 
 
 def _gradient_ready(engine: weakref.ref[StreamBackend], unit: weakref.ref[Unit], _param: torch.Tensor) -> None:

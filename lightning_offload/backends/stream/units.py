@@ -170,12 +170,14 @@ def check_meta_initialisable(root: nn.Module) -> None:
 
 
 def initialise(module: nn.Module, root: nn.Module, device: torch.device) -> None:
-    """Runs `module`'s initialiser on its parameters and its buffers together, as its constructor would: its meta
-    buffers are made on `device` first, and a persistent buffer `lightning_offload.pretrained` found in a checkpoint
-    (a step counter) is read after, as the initialiser would overwrite it."""
+    """Runs `module`'s initialiser on its parameters and its meta buffers together, as its constructor would: the meta
+    buffers are made on `device` first, and a persistent one `lightning_offload.pretrained` found in a checkpoint (a
+    step counter) is read after, as the initialiser would overwrite it. The buffers its constructor computed keep
+    their values (a checkpoint's too), as under `strategy="auto"`."""
     sources = {name: weight_source(b) for name, b in module._buffers.items() if b is not None and b.is_meta}
     for name in sources:
         module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+    computed = [(name, b, b.clone()) for name, b in module._buffers.items() if b is not None and name not in sources]
     init = initialiser(module, root)
     assert init is not None  # check_meta_initialisable ran first
     init()  # type: ignore[operator]
@@ -183,12 +185,15 @@ def initialise(module: nn.Module, root: nn.Module, device: torch.device) -> None
         for name, source in sources.items():
             if source is not None:
                 source.read_into(module._buffers[name])
+        for name, buffer, value in computed:
+            module._buffers[name] = buffer
+            buffer.copy_(value)
 
 
 def materialise_buffers(root: nn.Module, device: torch.device) -> None:
-    """The meta buffers left once every parameter has its weights (rotary frequencies; the running statistics of a
-    norm whose weights were loaded) are made on `device` and computed by their module's initialiser, which must
-    neither overwrite the module's weights nor draw from the user's random generators."""
+    """The buffers the build left on meta once every parameter has its weights (computed from a parameter whose
+    weights were loaded, or drawn at random) are made on `device` and computed by their module's initialiser, which
+    must neither overwrite the module's weights nor draw from the user's random generators."""
     for module in root.modules():
         if any(b is not None and b.is_meta for b in module._buffers.values()):
             with _weights_and_random_state_kept(module, device):
