@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -466,7 +466,7 @@ class StreamBackend(Backend):
 @contextmanager
 def _from_pretrained_refused() -> Iterator[None]:
     """`from_pretrained` would load its weights into parameters that move to the meta device as they are registered."""
-    if "transformers" not in sys.modules:  # the user's model does not come from it
+    if find_spec("transformers") is None:
         yield
         return
     from transformers import PreTrainedModel
