@@ -29,9 +29,9 @@ def parameters_on_meta() -> Iterator[None]:
     """Inside, every parameter a module registers moves to the meta device (its class, attributes and `requires_grad`
     kept, its host memory never touched), and the buffers are computed in host memory by their constructors.
 
-    No number drawn from the global random generator survives the build, as none is drawn on meta: the engine's
-    initialisers draw the parameters' numbers later, in the order `strategy="auto"` draws them. A buffer the build wrote
-    from a meta tensor or filled at random is left on meta for its module's initialiser.
+    No number drawn from the global random generator survives the build, as none is drawn under `torch.device("meta")`:
+    the engine's initialisers draw the parameters' numbers later, where each unit gets its memory. A buffer the build
+    wrote from a meta tensor or filled at random is left on meta for its module's initialiser.
     """
     build = _Build()
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
