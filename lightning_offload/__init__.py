@@ -21,7 +21,7 @@ from lightning_offload.strategy import MULTI_DEVICE_NAME, STRATEGY_NAME, SingleG
 # `plan` is the planner's function; `lightning-offload plan` is its command.
 __all__ = ["MULTI_DEVICE_NAME", "STRATEGY_NAME", "Machine", "OffloadStrategy", "SingleGPUOffloadStrategy",
            "consolidate", "export_hf", "plan", "pretrained"]
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 SingleGPUOffloadStrategy.register_strategies(_LightningRegistry)
 OffloadStrategy.register_strategies(_LightningRegistry)
