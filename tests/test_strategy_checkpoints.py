@@ -132,6 +132,13 @@ def test_weights_only_saves_hold_the_weights_without_optimizer_state(tmp_path, b
     assert from_weights == from_full
 
 
+def one_epoch_trainer(backend: str, accelerator: str = "cpu") -> pl.Trainer:
+    """A quiet Trainer of one epoch on `backend`, in the precision it trains in."""
+    return pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator=accelerator, devices=1,
+                      max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+
+
 @pytest.mark.parametrize("backend", ["auto", *sorted(BACKENDS)])
 def test_resuming_from_a_weights_only_checkpoint_is_refused_as_lightning_refuses(tmp_path, backend: str) -> None:
     _, trainer, _ = train(backend, tmp_path / "kept", save_weights_only=True, save_top_k=1, monitor="score")
@@ -153,9 +160,7 @@ def test_resuming_from_a_weights_only_checkpoint_is_refused_as_lightning_refuses
     untrained.configure_model()
     from_checkpoint, from_scratch = first_loss(restarted), first_loss(untrained)
     assert from_checkpoint != from_scratch
-    restart = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
-                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    restart = one_epoch_trainer(backend)
     restart.fit(restarted, train_dataloaders=token_batches(2))
     assert abs(restarted.losses[0] - from_checkpoint) < abs(restarted.losses[0] - from_scratch)
 
@@ -200,9 +205,7 @@ def test_best_and_last_load_the_right_weights_and_old_bests_go_whole(tmp_path, b
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_load_from_checkpoint_reads_every_backends_checkpoint(tmp_path, backend: str) -> None:
     module = ValidatedLM(lr=5e-3)  # not the default, so hyperparameters not read would show
-    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
-                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = one_epoch_trainer(backend)
     trainer.fit(module, train_dataloaders=token_batches(2))
     trainer.save_checkpoint(tmp_path / "full.ckpt")
     trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
@@ -243,9 +246,7 @@ def saved_once(tmp_path_factory) -> dict[str, dict[str, Path]]:
     saved = {}
     for backend in ("auto", *FOLDER_BACKENDS):
         folder = tmp_path_factory.mktemp(backend)
-        trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
-                             max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = one_epoch_trainer(backend)
         trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
         trainer.save_checkpoint(folder / "own.ckpt")
         if backend == "auto":
@@ -331,9 +332,7 @@ class NotedLM(ValidatedLM):
 
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
 def test_load_from_checkpoint_passes_weights_only_on_to_a_folder(tmp_path, backend: str) -> None:
-    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="cpu", devices=1,
-                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = one_epoch_trainer(backend)
     trainer.fit(NotedLM(), train_dataloaders=token_batches(2))
     trainer.save_checkpoint(tmp_path / "own.ckpt")
     consolidate(tmp_path / "own.ckpt", tmp_path / "file.ckpt", lightning_file=True)
@@ -581,9 +580,7 @@ def test_a_stream_folder_without_saved_buffers_loads_its_weights_and_refuses_a_s
     assert all(torch.equal(loaded.state_dict()[name], value) for name, value in weights.items())
 
     # A module without persistent buffers resumes such a folder as before.
-    plain = pl.Trainer(strategy=strategy("stream"), precision=precision("stream"), accelerator="cpu", devices=1,
-                       max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False)
+    plain = one_epoch_trainer("stream")
     plain.fit(ValidatedLM(), train_dataloaders=token_batches(2))
     plain.save_checkpoint(tmp_path / "plain.ckpt")
     without_saved_buffers(tmp_path / "plain.ckpt")
@@ -707,9 +704,7 @@ def test_validate_reads_a_folder_saved_on_the_gpu_in_host_memory_as_lightning_re
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
 def test_a_folder_saved_by_a_cuda_run_loads_onto_its_gpu_as_lightnings_file_does(tmp_path, backend: str) -> None:
-    trainer = pl.Trainer(strategy=strategy(backend), precision=precision(backend), accelerator="gpu", devices=1,
-                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = one_epoch_trainer(backend, accelerator="gpu")
     trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
     trainer.save_checkpoint(tmp_path / "own.ckpt")
     # Lightning's file of the same weights as a cuda run writes it: its storages on the run's GPU.
