@@ -102,8 +102,9 @@ class _FitSetup:
     signals_held_in_steps: SignalsHeldInSteps | None = None
     """Ctrl+C and the requeue signal, held until the step ends while the engine updates inside backward."""
     first_batch_pending: bool = False
-    """This fit's first training batch is yet to come: the first fit's is the size its plan was made for, a later
-    fit's is priced against it (`batch_to_device`)."""
+    """This run's first batch is yet to come: the planned run's (a fit's first training batch, or the first batch of
+    the validate, test or predict that planned) is the size its plan was made for, a later fit's is priced against
+    it (`batch_to_device`)."""
 
 
 class _SingleGPUOffloadCore:
@@ -551,11 +552,14 @@ class _SingleGPUOffloadCore:
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        if self._fit.first_batch_pending and self.lightning_module.trainer.training:
-            # Before `on_train_batch_start` and the step: the first fit's batch is the size its plan was made for; a
-            # later fit's, when larger, is priced.
+        trainer = self.lightning_module.trainer
+        # A validate, test or predict plans on its own first batch; a fit on its first training batch, not its sanity
+        # check's.
+        evaluating = trainer.state.fn != self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        if self._fit.first_batch_pending and (trainer.training or evaluating):
+            # Before `on_train_batch_start` and the step: the planned run's batch is the size its plan was made for;
+            # a later fit's, when larger, is priced.
             self._fit.first_batch_pending = False
-            trainer = self.lightning_module.trainer
             elements = batch_elements(batch)
             if self._planned_batch_elements is None:
                 self._planned_batch_elements = elements

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch.nn.functional as F
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.backends.needs import RunNeeds
@@ -176,3 +177,72 @@ def test_a_later_fit_is_priced_with_the_margin_its_plan_was_chosen_with(monkeypa
     with pytest.raises(PlanDoesNotFit, match=rf"{100 * (1 - UNMEASURED_MARGIN):.0f}% of each kept free"):
         refuse_what_the_kept_plan_cannot_fit(dataclasses.replace(kept, margin=UNMEASURED_MARGIN), plan, clipping,
                                              accumulate=1)
+
+
+class EvaluatedFirst(CountsHooks):
+    """CountsHooks with a validation loop of `BATCH`-sized batches, whatever size its training batches are."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("val_loss", F.cross_entropy(self(inputs).flatten(0, 1).float(), targets.flatten()))
+
+    def val_dataloader(self) -> Any:
+        return token_batches(1, seed=1)
+
+
+def validate_first(monkeypatch: pytest.MonkeyPatch, gpu_gib: float = 1000) -> tuple[EvaluatedFirst, pl.Trainer]:
+    """`trainer.validate` under `backend="auto"` without a saved plan (it plans on the validation batch), as
+    `first_fit` fits, on a machine with `gpu_gib` of GPU; the Trainer fits one epoch next."""
+    prefer(monkeypatch, KEPT, "device")
+    machine = Machine(gpu_memory_gib=gpu_gib, host_memory_gib=1000)
+    monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device=None, **budgets: machine))
+    module = EvaluatedFirst()
+    strategy = SingleGPUOffloadStrategy(optimizer="adamw8bit", activation_checkpointing="full")
+    trainer = pl.Trainer(strategy=strategy, precision=PRECISION, accelerator="cpu", devices=1, max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.validate(module, verbose=False)
+    assert trainer.strategy.plan.backend == KEPT and module.calls["training_step"] == 0
+    return module, trainer
+
+
+def between_evaluated_gpu_gib(monkeypatch: pytest.MonkeyPatch, **grown: Any) -> float:
+    """GPU memory where the plan a validate chose fits its batch and not a fit with `grown` (`estimate_memory`'s
+    options, or `growth`: batches that many times larger)."""
+    _, trainer = validate_first(monkeypatch)
+    report, plan = trainer.strategy.plan_report, trainer.strategy.plan
+    plain = estimate_memory(report.stats, plan).gpu_bytes
+    growth = grown.pop("growth", 1)
+    larger = estimate_memory(scaled(report.stats, growth), plan, **grown).gpu_bytes
+    assert larger > plain
+    return (plain + larger) / 2 / SAFETY_MARGIN / GIB
+
+
+def test_a_fit_after_a_validate_on_larger_batches_than_its_plan_fits_is_refused_before_its_first_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module, trainer = validate_first(monkeypatch, between_evaluated_gpu_gib(monkeypatch, growth=2))
+    module.batch_size = 2 * BATCH
+    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x the first fit's \({2 * BATCH * SEQ_LEN} "
+                                             rf"elements in the first tensor, {BATCH * SEQ_LEN} then\).*GPU short by "):
+        trainer.fit(module)
+    assert trainer.global_step == 0 and module.calls["training_step"] == 0
+
+
+def test_a_fit_after_a_validate_on_larger_batches_that_fit_its_plan_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    module, trainer = validate_first(monkeypatch, 2 * between_evaluated_gpu_gib(monkeypatch, growth=2))
+    report, calls = trainer.strategy.plan_report, dict(module.calls)
+    module.batch_size = 2 * BATCH
+    trainer.fit(module)
+    assert trainer.strategy.plan_report is report and trainer.current_epoch == 1
+    assert module.calls == {name: count + 1 for name, count in calls.items()}
+
+
+def test_a_fit_after_a_validate_with_clipping_its_plan_cannot_fit_is_refused_before_it_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    options, priced = ADDED["clipping by norm"]
+    module, trainer = validate_first(monkeypatch, between_evaluated_gpu_gib(monkeypatch, **priced))
+    calls = dict(module.calls)
+    trainer.gradient_clip_val = options["gradient_clip_val"]
+    with pytest.raises(PlanDoesNotFit, match=r"This fit adds gradient clipping by norm.*GPU short by"):
+        trainer.fit(module)
+    assert trainer.global_step == 0 and module.calls == calls
