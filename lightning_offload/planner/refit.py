@@ -1,6 +1,6 @@
-"""A later fit of a strategy that keeps its engine: the plan its first fit chose, priced again for what this fit asks
-(clipping, gradient hooks, accumulation, larger batches) with the planner's memory terms, within the budget that fit
-planned under.
+"""A later fit of a strategy that keeps its engine: the plan its first run chose (a fit, or a validate, test or predict
+that planned), priced again for what this fit asks (clipping, gradient hooks, accumulation, larger batches) with the
+planner's memory terms, within the budget that run planned under.
 
 A later fit keeps the engine that holds the trained model, so its plan is not chosen again: what the fit adds that
 needs more memory than the plan was checked for is refused before it starts, rather than running out mid-run.
@@ -19,10 +19,10 @@ from lightning_offload.planner.terms import Plan
 
 def refuse_what_the_kept_plan_cannot_fit(report: PlanReport, plan: Plan, needs: RunNeeds, accumulate: int,
                                          batches: tuple[int, int] | None = None) -> None:
-    """Raises `PlanDoesNotFit` when `plan`, which the first fit chose by `report`, needs more memory for a later fit
+    """Raises `PlanDoesNotFit` when `plan`, which the first run chose by `report`, needs more memory for a later fit
     asking `needs` with `accumulate` micro-batches per step than `report`'s machine and budgets leave it.
-    `batches`: the `batch_elements` of this fit's first batch and of the first fit's (None: not yet known). A fit
-    that adds nothing the first did not ask for is not priced again: the first fit's check stands."""
+    `batches`: the `batch_elements` of this fit's first batch and of the batch the plan was priced for (None: not yet
+    known). A fit that adds nothing the first run did not ask for is not priced again: that run's check stands."""
     added, undo = _what_this_fit_adds(report, needs, accumulate, batches)
     if not added:
         return
@@ -41,10 +41,10 @@ def refuse_what_the_kept_plan_cannot_fit(report: PlanReport, plan: Plan, needs: 
         f", {memory.disk_bytes / GIB:.2f} GiB disk" if memory.disk else "")
     short = ", ".join(f"{tier} short by {gib:.2f} GiB" for tier, gib in candidate.shortfalls.items())
     raise PlanDoesNotFit(
-        f"This fit adds {added}, and with it the plan this strategy's first fit chose ({plan}) needs {needed}: "
+        f"This fit adds {added}, and with it the plan this strategy chose when it first ran ({plan}) needs {needed}: "
         f"{short} of the {report.machine.describe()} it was planned within ({100 * (1 - report.margin):.0f}% of "
         "each kept free). Later fits keep the engine that holds the trained model, so its plan is not chosen again. "
-        f"{undo}, or train with a new strategy and Trainer that use it from their first fit (the planner then "
+        f"{undo}, or train with a new strategy and Trainer that use it from their first run (the planner then "
         "chooses a plan that fits it)."
     )
 
@@ -70,13 +70,13 @@ def _what_this_fit_adds(report: PlanReport, needs: RunNeeds, accumulate: int,
         added.append(f"{owners}'s `on_before_optimizer_step`, which reads every gradient before the step")
         undo.append("no `on_before_optimizer_step` override")
     if accumulate > report.accumulate:
-        added.append(f"`accumulate_grad_batches={accumulate}` (the first fit: {report.accumulate})")
+        added.append(f"`accumulate_grad_batches={accumulate}` (when planned: {report.accumulate})")
         undo.append(f"`accumulate_grad_batches={report.accumulate}`")
     if batches is not None and batches[0] > batches[1]:
         this_fit, first_fit = batches
-        added.append(f"batches {this_fit / first_fit:.3g}x the first fit's ({this_fit} elements in the first tensor, "
-                     f"{first_fit} then)")
-        undo.append("batches as large as the first fit's")
+        added.append(f"batches {this_fit / first_fit:.3g}x those it was planned for ({this_fit} elements in the first "
+                     f"tensor, {first_fit} then)")
+        undo.append("batches no larger than those")
     if not added:
         return "", ""
     return " and ".join(added), f"Leave it out ({', '.join(undo)})"

@@ -94,13 +94,13 @@ def test_a_later_fit_whose_additions_the_kept_plan_cannot_fit_is_refused_before_
         monkeypatch: pytest.MonkeyPatch, need: str) -> None:
     module, trainer = first_fit(monkeypatch, between_gpu_gib(monkeypatch, need))
     steps, calls = trainer.global_step, dict(module.calls)
-    with pytest.raises(PlanDoesNotFit, match=r"This fit adds .*plan this strategy's first fit chose \(gpu_8bit .*GPU "
+    with pytest.raises(PlanDoesNotFit, match=r"This fit adds .*plan this strategy chose when it first ran \(gpu_8bit .*GPU "
                                              r"short by \d+\.\d\d GiB.*Leave it out \(.*\), or train with a new "
                                              r"strategy") as refusal:
         fit_again_adding(trainer, module, need)
     assert {"clipping by norm": "`gradient_clip_val=0.5`", "clipping by value": "gradient_clip_algorithm='value'",
             "gradient hook": "`ReadsGradients`'s `on_before_optimizer_step`",
-            "accumulation": "`accumulate_grad_batches=2` (the first fit: 1)"}[need] in str(refusal.value)
+            "accumulation": "`accumulate_grad_batches=2` (when planned: 1)"}[need] in str(refusal.value)
     # Before any hook of the fit: no step, and not even its optimizer or data.
     assert trainer.global_step == steps and module.calls == calls
 
@@ -149,9 +149,9 @@ def test_a_later_fit_on_larger_batches_than_the_kept_plan_fits_is_refused_before
     steps, calls = trainer.global_step, dict(module.calls)
     module.batch_size = 2 * BATCH
     trainer.fit_loop.max_epochs += 1
-    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x the first fit's \({2 * BATCH * SEQ_LEN} "
+    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x those it was planned for \({2 * BATCH * SEQ_LEN} "
                                              rf"elements in the first tensor, {BATCH * SEQ_LEN} then\).*GPU short by "
-                                             r".*batches as large as the first fit's"):
+                                             r".*batches no larger than those"):
         trainer.fit(module)
     assert trainer.global_step == steps and module.calls["training_step"] == calls["training_step"]
 
@@ -222,7 +222,7 @@ def test_a_fit_after_a_validate_on_larger_batches_than_its_plan_fits_is_refused_
         monkeypatch: pytest.MonkeyPatch) -> None:
     module, trainer = validate_first(monkeypatch, between_evaluated_gpu_gib(monkeypatch, growth=2))
     module.batch_size = 2 * BATCH
-    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x the first fit's \({2 * BATCH * SEQ_LEN} "
+    with pytest.raises(PlanDoesNotFit, match=rf"This fit adds batches 2x those it was planned for \({2 * BATCH * SEQ_LEN} "
                                              rf"elements in the first tensor, {BATCH * SEQ_LEN} then\).*GPU short by "):
         trainer.fit(module)
     assert trainer.global_step == 0 and module.calls["training_step"] == 0
