@@ -294,7 +294,7 @@ class _SingleGPUOffloadCore:
         # A folder saved without a plan (its run skipped the planner) is resumed by the backend that wrote it.
         planned_backend = self.backend_name or (checkpoint_writer(resume_from) if resume_from and saved is None
                                                 else None)
-        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        fitting = self._fitting()
         try:
             # The user's run must not notice the pre-flight: its random numbers, data order and module stay as
             # they were.
@@ -335,11 +335,14 @@ class _SingleGPUOffloadCore:
         self._fit.first_batch_pending = self.plan_report is not None
         self._setup_backend_environment()
 
+    def _fitting(self) -> bool:
+        """Whether the Trainer runs `fit` (not validate, test or predict)."""
+        trainer = self.lightning_module.trainer
+        return trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+
     def _resumed_checkpoint(self) -> str | Path | None:
         """The checkpoint `fit(ckpt_path=...)` resumes from; None when this run does not fit or starts fresh."""
-        trainer = self.lightning_module.trainer
-        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
-        return fit_ckpt_path(trainer) if fitting else None
+        return fit_ckpt_path(self.lightning_module.trainer) if self._fitting() else None
 
     def _checkpoint_format(self) -> str | None:
         """What this backend writes: its own folder (by its name), or Lightning's file (None)."""
@@ -427,7 +430,7 @@ class _SingleGPUOffloadCore:
             offloader.host_budget = self._host_budget
         release_other_engines(self.backend)
         module = self.backend.prepare_module(module)
-        fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        fitting = self._fitting()
         if fitting and not any(p.requires_grad for p in module.parameters()):
             raise ValueError(
                 f"`{type(module).__name__}` has no trainable parameter (every `requires_grad` is False), so there is "
@@ -489,7 +492,7 @@ class _SingleGPUOffloadCore:
         needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
         refusals = self.backend.refusals(needs)
         if not refusals:
-            fitting = trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+            fitting = self._fitting()
             # Across processes only rank 0 holds the report: a refusal there alone would leave the others waiting.
             if fitting and self.plan_report is not None and getattr(self, "world_size", 1) == 1:
                 refuse_what_the_kept_plan_cannot_fit(self.plan_report, self.plan, needs,
@@ -555,8 +558,7 @@ class _SingleGPUOffloadCore:
         trainer = self.lightning_module.trainer
         # A validate, test or predict plans on its own first batch; a fit on its first training batch, not its sanity
         # check's.
-        evaluating = trainer.state.fn != self._lightning_attr("trainer.states", "TrainerFn").FITTING
-        if self._fit.first_batch_pending and (trainer.training or evaluating):
+        if self._fit.first_batch_pending and (trainer.training or not self._fitting()):
             # Before `on_train_batch_start` and the step: the planned run's batch is the size its plan was made for;
             # a later fit's, when larger, is priced.
             self._fit.first_batch_pending = False
@@ -632,7 +634,7 @@ class _SingleGPUOffloadCore:
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        fitting = self.lightning_module.trainer.state.fn == self._lightning_attr("trainer.states", "TrainerFn").FITTING
+        fitting = self._fitting()
         if fitting:
             self._refuse_checkpoint_it_cannot_resume(checkpoint_path)
             self._refuse_other_checkpoint_format(checkpoint_path)

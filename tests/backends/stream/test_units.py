@@ -55,6 +55,7 @@ class AtStart(pl.LightningModule):
         self.losses: list[float] = []
         self.state_at_start: dict[str, torch.Tensor] = {}
         self.random_states_at_start: list[torch.Tensor] = []
+        self.net: nn.Module | None = None  # built in `configure_model`
 
     def on_train_start(self) -> None:
         self.state_at_start = {name: t.detach().clone() for name, t in [*self.named_parameters(),
@@ -68,10 +69,6 @@ class AtStart(pl.LightningModule):
 
 
 class BatchNormNet(AtStart):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net: nn.Module | None = None
-
     def configure_model(self) -> None:
         if self.net is None:
             self.net = nn.Sequential(Block(FEATURES), Block(FEATURES), nn.Linear(FEATURES, 1))
@@ -158,10 +155,6 @@ def test_a_buffer_only_the_constructor_computes_keeps_its_values() -> None:
 
 
 class TinyLlama(AtStart):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net: nn.Module | None = None
-
     def configure_model(self) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
