@@ -151,6 +151,9 @@ _VARIANTS = {
                                        "nvme_path": os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_swap")},
                    "; bf16 weights on NVMe (ZeRO-Infinity)")],
     "gpu_8bit": [("compiled", {"compile_blocks": True}, "; decoder layers compiled"),
+                 # The plan before the planner sized `first_n`: every block recomputed in backward.
+                 ("compiled_full_checkpointing", {"compile_blocks": True, "activation_checkpointing": "full"},
+                  "; decoder layers compiled, every block checkpointed"),
                  # Liger-Kernel's loss in place of ours (`pip install liger-kernel`): speed and peak side by side.
                  ("compiled_liger", {"compile_blocks": True}, "; decoder layers compiled", {"loss": "liger"})],
     "stream": [("compiled", {"compile_blocks": True}, "; decoder layers compiled")],
