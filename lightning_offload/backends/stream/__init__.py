@@ -14,6 +14,7 @@ When host memory cannot hold it all, the state of some blocks lives in files on 
     optimizer.py  the `torch.optim.Optimizer` Lightning steps, and the per-unit 8-bit buckets
     checkpoint.py save / resume one unit at a time, consolidation, disk pre-flight
     backend.py    the `Backend` the strategy drives
+    from_pretrained_refused.py  transformers' `from_pretrained` refused while the model is built on the meta device
     spec.py       the planner's terms and candidate plans, and how its checkpoint consolidates
 """
 

@@ -7,9 +7,8 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from lightning_offload.backends.base import (DEVICE_TO_HOST, HOST_TO_DEVICE, Bac
 from lightning_offload.backends.stream import checkpoint as stream_checkpoint
 from lightning_offload.backends.stream.checkpoint import PARAM_GROUPS
 from lightning_offload.backends.stream.disk import DiskTier
+from lightning_offload.backends.stream.from_pretrained_refused import from_pretrained_refused
 from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
 from lightning_offload.backends.stream.parameters_on_meta import parameters_on_meta
@@ -158,7 +158,7 @@ class StreamBackend(Backend):
         if not self.config.build_on_meta:
             yield
             return
-        with parameters_on_meta(), _from_pretrained_refused():
+        with parameters_on_meta(), from_pretrained_refused():
             yield
 
     # ------------------------------------------------------------------ building
@@ -461,30 +461,6 @@ class StreamBackend(Backend):
                 f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
                 f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned){on_disk}, updated on "
                 f"{self._device} inside backward")
-
-
-@contextmanager
-def _from_pretrained_refused() -> Iterator[None]:
-    """`from_pretrained` would load its weights into parameters that move to the meta device as they are registered."""
-    if find_spec("transformers") is None:
-        yield
-        return
-    from transformers import PreTrainedModel
-
-    def refused(cls: type, *args: Any, **kwargs: Any) -> NoReturn:
-        raise ValueError(
-            "`from_pretrained` in `configure_model` cannot load weights while the `stream` backend builds the "
-            "model's parameters on the meta device. Call `lightning_offload.pretrained(path)` instead (it reads each "
-            "weight straight into the place the streaming plan keeps it), or pass `build_on_meta=False` to build the "
-            "model in host memory first."
-        )
-
-    original = PreTrainedModel.__dict__["from_pretrained"]
-    PreTrainedModel.from_pretrained = classmethod(refused)  # type: ignore[assignment,method-assign]
-    try:
-        yield
-    finally:
-        PreTrainedModel.from_pretrained = original  # type: ignore[method-assign]
 
 
 def _gradient_ready(engine: weakref.ref[StreamBackend], unit: weakref.ref[Unit], _param: torch.Tensor) -> None:
