@@ -42,7 +42,9 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
 
     `lightning_file=True` writes Lightning's own checkpoint file instead (the state dict under `"state_dict"`, beside
     the hyperparameters and loops the checkpoint holds), which `MyModule.load_from_checkpoint(out_path)` reads
-    without this package; it returns that checkpoint, the state dict memory-mapped.
+    without this package; it returns that checkpoint, the state dict memory-mapped. Its weights are tagged where the
+    run kept them, as in Lightning's file of that run: `load_from_checkpoint` puts them back on that GPU (on the CPU
+    where CUDA is not available); `torch.load` of it without that GPU needs `map_location="cpu"`, as of that file.
     """
     if lightning_file and (out_path is None or prefix):
         raise ValueError("`lightning_file=True` writes Lightning's checkpoint of the whole module: pass `out_path` "
@@ -58,27 +60,42 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike |
     tensors = _under_prefix(fp32_tensors(checkpoint_dir), prefix, checkpoint_dir)
     if out_path is None:
         return dict(tensors)
-    lightning_state = lightning_client_state(checkpoint_dir) if lightning_file else None
+    lightning_state = _saved_state(checkpoint_dir, weights_only=False) if lightning_file else None
     with atomic_file(out_path) as staging:
-        write_state_dict(staging, tensors, around=None if lightning_state is None
-                         else lambda state_dict: {**lightning_state, "state_dict": state_dict})
+        if lightning_state is None:
+            write_state_dict(staging, tensors)
+        else:  # tagged where the run kept its weights, as Lightning's file of that run is
+            saved_at = lightning_state.pop(WEIGHTS_LOCATION_KEY)
+            write_state_dict(staging, tensors, around=lambda state_dict: {**lightning_state, "state_dict": state_dict},
+                             location=saved_at)
     return torch.load(out_path, map_location="cpu", mmap=True, weights_only=lightning_state is None)
 
 
-def lightning_client_state(checkpoint: Path, *, weights_only: bool | None = False) -> dict[str, Any]:
-    """Lightning's state in any backend's checkpoint (hyperparameters, loops, callbacks), without the weights and
-    the optimizer state; `weights_only` as `torch.load`'s."""
-    state = _saved_state(checkpoint, weights_only)
-    state.pop(WEIGHTS_LOCATION_KEY, None)
-    return state
-
-
 def _saved_state(checkpoint: Path, weights_only: bool | None) -> dict[str, Any]:
+    """Lightning's state in any backend's checkpoint (hyperparameters, loops, callbacks) without the weights and the
+    optimizer state, and where the run kept its weights under `WEIGHTS_LOCATION_KEY` (a folder's record, "cpu" where
+    it has none; a file's tag of its weights); `weights_only` as `torch.load`'s."""
     if checkpoint.is_file():
-        state = load_whole(checkpoint, map_location="cpu", mmap=True, weights_only=weights_only)
+        state = _file_state(checkpoint, weights_only)
     else:
         state = registry.checkpoint_spec(checkpoint).client_state(checkpoint, weights_only=weights_only)
+        state.setdefault(WEIGHTS_LOCATION_KEY, "cpu")
     return {key: value for key, value in state.items() if key not in ("state_dict", "optimizer_states")}
+
+
+def _file_state(path: Path, weights_only: bool | None) -> dict[str, Any]:
+    """Lightning's file `path` read into host memory, with the location tag of its state dict's first tensor under
+    `WEIGHTS_LOCATION_KEY` (Lightning's `load_from_checkpoint` moves the module to that tensor's device)."""
+    tags: dict[int, str] = {}
+
+    def in_host_memory(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        tags[storage._cdata] = location
+        return storage
+
+    state = load_whole(path, map_location=in_host_memory, mmap=True, weights_only=weights_only)
+    first = next((t for t in state.get("state_dict", {}).values() if isinstance(t, torch.Tensor)), None)
+    state[WEIGHTS_LOCATION_KEY] = "cpu" if first is None else tags.get(first.untyped_storage()._cdata, "cpu")
+    return state
 
 
 def weights_location(device: torch.device) -> str:
@@ -98,7 +115,7 @@ def lightning_checkpoint(checkpoint: str | os.PathLike, *, map_location: Any = N
     recorded location, e.g. `"cuda:0"`; `"cpu"` for a folder that records none)."""
     checkpoint = Path(checkpoint)
     state = _saved_state(checkpoint, weights_only)
-    saved_at = state.pop(WEIGHTS_LOCATION_KEY, "cpu")
+    saved_at = state.pop(WEIGHTS_LOCATION_KEY)
     return {**state, "state_dict": _placed(fp32_tensors(checkpoint), map_location, saved_at)}
 
 

@@ -384,14 +384,16 @@ def checkpoints_on_disk_at_once(save_top_k: int, save_last: Any) -> int:
 
 
 def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                     around: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> int:
+                     around: Callable[[dict[str, torch.Tensor]], Any] | None = None, location: str = "cpu") -> int:
     """Writes the (name, tensor) pairs `tensors` yields as the state dict `torch.save(dict(tensors), path)` would,
     holding one tensor at a time: each tensor's bytes go to the file as it comes, the names and shapes last.
 
     A name whose tensor views the same memory as an earlier one's (a tied weight) is stored once and shared on
     load, as `torch.save` does. `around` builds the object written in its place from the state dict
     (`lambda state_dict: {**lightning_state, "state_dict": state_dict}`); host tensors it adds are written whole.
-    Returns the number of names written.
+    `location` tags the state dict's storages as `torch.save` tags those of tensors there ("cuda:0": `torch.load`
+    puts them back on that GPU); the tensors themselves are read wherever they are. Returns the number of names
+    written.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.serialization import config
@@ -426,7 +428,7 @@ def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch
         del tensor, storage, whole
     with skip_data(materialize_fake_tensors=True):
         pickled = io.BytesIO()
-        _StandInPickler(pickled, keys, writer).dump(stand_ins if around is None else around(stand_ins))
+        _StandInPickler(pickled, keys, writer, location).dump(stand_ins if around is None else around(stand_ins))
     for record, value in (("data.pkl", pickled.getvalue()), (".format_version", "1"),
                           (".storage_alignment", str(alignment)), ("byteorder", sys.byteorder)):
         writer.write_record(record, value, len(value))
@@ -435,25 +437,31 @@ def write_state_dict(path: str | os.PathLike, tensors: Iterable[tuple[str, torch
 
 
 class _StandInPickler(pickle.Pickler):
-    """torch.save's pickling of tensors, with each storage named by the record its bytes were written to."""
+    """torch.save's pickling of tensors, with each storage named by the record its bytes were written to and tagged
+    `location` (a tensor beside the state dict: "cpu", where it is)."""
 
-    def __init__(self, file: io.BytesIO, keys: dict[int, str], writer: Any) -> None:
+    def __init__(self, file: io.BytesIO, keys: dict[int, str], writer: Any, location: str) -> None:
         super().__init__(file, protocol=2)
         self.keys = keys
         self.writer = writer
+        self.location = location
+        self.beside: set[int] = set()
 
     def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
         if isinstance(obj, torch.storage.TypedStorage):
-            return ("storage", getattr(torch, obj._pickle_storage_type()), self._key(obj._untyped_storage),
-                    "cpu", obj._size())
-        if isinstance(obj, torch.UntypedStorage):
-            return ("storage", torch.UntypedStorage, self._key(obj), "cpu", obj.nbytes())
-        return None
+            storage, storage_type, size = obj._untyped_storage, getattr(torch, obj._pickle_storage_type()), obj._size()
+        elif isinstance(obj, torch.UntypedStorage):
+            storage, storage_type, size = obj, torch.UntypedStorage, obj.nbytes()
+        else:
+            return None
+        key = self._key(storage)  # first: it notes a storage written beside the state dict
+        return ("storage", storage_type, key, "cpu" if storage._cdata in self.beside else self.location, size)
 
     def _key(self, storage: torch.UntypedStorage) -> str:
         if storage._cdata not in self.keys:  # a tensor beside the state dict: written now, whole
             if storage.device.type != "cpu":
                 raise ValueError("Tensors written beside a streamed state dict must be in host memory.")
             self.keys[storage._cdata] = key = f"extra{len(self.keys)}"
+            self.beside.add(storage._cdata)
             self.writer.write_record(f"data/{key}", storage, storage.nbytes())
         return self.keys[storage._cdata]

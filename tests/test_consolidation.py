@@ -8,7 +8,7 @@ import torch
 from lightning_offload.consolidation import consolidate, fp32_tensors
 from lightning_offload.saving import write_state_dict
 from tests.conftest import SEQ_LEN, TinyLM
-from tests.test_saving import assert_same_state_dict, sharing
+from tests.test_saving import assert_same_state_dict, sharing, storage_tags, tagged_on
 
 
 def test_consolidate_names_a_wrong_folder(tmp_path) -> None:
@@ -158,3 +158,17 @@ def test_deepspeed_buffers_keep_their_dtype_from_a_reader_that_casts_them(tmp_pa
     for name in ("net.steps_seen", "net.kept_positions"):
         assert consolidated[name].dtype == trained[name].dtype and torch.equal(consolidated[name], trained[name])
         assert saved[name].dtype == trained[name].dtype and torch.equal(saved[name].load(), trained[name])
+
+
+@pytest.mark.parametrize("location", ["cpu", "cuda:0"])
+def test_lightnings_file_written_from_lightnings_file_keeps_where_its_weights_were(tmp_path, location: str) -> None:
+    source = tmp_path / "source.ckpt"
+    tagged_on(location, torch.load(saved_checkpoint(tmp_path, "device"), map_location="cpu", weights_only=False),
+              source)
+    consolidate(source, tmp_path / "lightning.ckpt", lightning_file=True)
+    assert storage_tags(tmp_path / "lightning.ckpt")[0] == {location}
+    # The plain state dict is in host memory wherever the run was: `load_state_dict(torch.load(path))` reads it.
+    consolidate(source, tmp_path / "state_dict.pt")
+    assert {t.device for t in torch.load(tmp_path / "state_dict.pt", weights_only=True).values()} == {
+        torch.device("cpu")}
+

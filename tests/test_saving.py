@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -143,3 +146,34 @@ def test_a_streamed_state_dict_can_be_written_inside_another_object(tmp_path) ->
     loaded = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert loaded["epoch"] == 2 and torch.equal(loaded["buffers"][0], buffer)
     assert torch.equal(loaded["state_dict"]["weight"], weight) and torch.equal(loaded["state_dict"]["row"], weight[1])
+
+
+def tagged_on(location: str, checkpoint: dict[str, Any], path: Path) -> None:
+    """Writes `checkpoint` as `torch.save` does from a run whose tensors are on `location`: each storage tagged so."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: location)
+        torch.save(checkpoint, path)
+
+
+def storage_tags(path: Path) -> tuple[set[str], set[str]]:
+    """The location tags of the storages in Lightning's file `path`: its state dict's, and the others'."""
+    tags: dict[int, str] = {}
+
+    def noted(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        tags[storage._cdata] = location
+        return storage
+
+    checkpoint = torch.load(path, map_location=noted, weights_only=False)
+    weights = {tensor.untyped_storage()._cdata for tensor in checkpoint["state_dict"].values()}
+    return {tags[key] for key in weights}, {tag for key, tag in tags.items() if key not in weights}
+
+
+@pytest.mark.parametrize("location", ["cpu", "cuda:0"])
+def test_a_streamed_state_dict_is_tagged_at_its_location_and_the_tensors_beside_it_in_host_memory(
+        tmp_path, location: str) -> None:
+    weight, buffer = torch.randn(3, 4), torch.arange(5)
+    write_state_dict(tmp_path / "model.ckpt", [("weight", weight), ("row", weight[1])], location=location,
+                     around=lambda state_dict: {"buffers": [buffer], "state_dict": state_dict})
+    assert storage_tags(tmp_path / "model.ckpt") == ({location}, {"cpu"})
+    loaded = torch.load(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(loaded["state_dict"]["weight"], weight) and torch.equal(loaded["buffers"][0], buffer)

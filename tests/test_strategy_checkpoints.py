@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_offload import SingleGPUOffloadStrategy, consolidate
 from lightning_offload.export import saved_tensors
 from tests.conftest import VOCAB, TinyLM, token_batches
+from tests.test_saving import storage_tags, tagged_on
 
 # backend -> (strategy options, precision it trains in on the CPU)
 BACKENDS = {
@@ -629,17 +630,11 @@ def test_load_from_checkpoint_maps_a_folder_through_a_copying_map_location(saved
 GPU_LOCATION = "cuda:0"
 
 
-def tagged_on(location: str, checkpoint: dict[str, Any], path: Path) -> None:
-    """Writes `checkpoint` as `torch.save` does from a run whose tensors are on `location`: each storage tagged so."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.serialization, "location_tag", lambda storage: location)
-        torch.save(checkpoint, path)
-
-
 @pytest.fixture(scope="module")
 def saved_on_gpu(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """backend -> its folder saved by a run that records its weights on `GPU_LOCATION` ("own"), and Lightning's file
-    of the same weights with its storages tagged there ("file"), as a GPU run writes it."""
+    """backend -> its folder saved by a run that records its weights on `GPU_LOCATION` ("own"), Lightning's file of
+    the same weights with its storages tagged there ("file"), as a GPU run writes it, and the folder's
+    `consolidate(lightning_file=True)` ("consolidated")."""
     import lightning_offload.strategy
 
     saved = {}
@@ -650,9 +645,11 @@ def saved_on_gpu(tmp_path_factory) -> dict[str, dict[str, Path]]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(lightning_offload.strategy, "weights_location", lambda device: GPU_LOCATION)
             trainer.save_checkpoint(folder / "own.ckpt")
-        consolidate(folder / "own.ckpt", folder / "host.ckpt", lightning_file=True)
-        tagged_on(GPU_LOCATION, torch.load(folder / "host.ckpt", weights_only=False), folder / "file.ckpt")
-        saved[backend] = {"own": folder / "own.ckpt", "file": folder / "file.ckpt"}
+        consolidate(folder / "own.ckpt", folder / "consolidated.ckpt", lightning_file=True)
+        on_host = torch.load(folder / "consolidated.ckpt", map_location="cpu", weights_only=False)
+        tagged_on(GPU_LOCATION, on_host, folder / "file.ckpt")
+        saved[backend] = {"own": folder / "own.ckpt", "file": folder / "file.ckpt",
+                          "consolidated": folder / "consolidated.ckpt"}
     return saved
 
 
@@ -693,12 +690,40 @@ def test_a_folder_saved_on_the_gpu_reads_as_torch_load_reads_lightnings_file_sav
 
 
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+@pytest.mark.parametrize("map_location", sorted(MAP_LOCATIONS))
+def test_the_lightning_file_consolidated_from_a_folder_saved_on_the_gpu_loads_as_lightnings_file_saved_there(
+        saved_on_gpu, backend: str, map_location: str) -> None:
+    paths = saved_on_gpu[backend]
+    options = {"map_location": MAP_LOCATIONS[map_location]}
+    assert_same_load(loaded_or_error(paths["consolidated"], **options), loaded_or_error(paths["file"], **options))
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+def test_the_lightning_file_consolidated_from_a_folder_saved_on_the_gpu_tags_its_weights_there(saved_on_gpu,
+                                                                                               backend: str) -> None:
+    paths = saved_on_gpu[backend]
+    weights, others = storage_tags(paths["consolidated"])
+    assert weights == storage_tags(paths["file"])[0] == {GPU_LOCATION}
+    assert others <= {"cpu"}  # Lightning's state beside the weights is read from the folder into host memory
+
+    def read(path: Path, **options: Any) -> Any:
+        try:
+            return torch.load(path, weights_only=False, **options)["state_dict"]
+        except Exception as error:
+            return error
+
+    # Without `map_location`, as Lightning's file of a GPU run, `torch.load` needs that GPU.
+    for options in ({}, {"map_location": {GPU_LOCATION: "cpu"}}):
+        assert_same_load(read(paths["consolidated"], **options), read(paths["file"], **options))
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
 def test_validate_reads_a_folder_saved_on_the_gpu_in_host_memory_as_lightning_reads_the_file(saved_on_gpu,
                                                                                              backend: str) -> None:
     validated = [reader_trainer("device", backend).validate(ValidatedLM(), token_batches(2, seed=1), ckpt_path=path,
                                                             verbose=False)[0]["val_loss"]
-                 for path in (saved_on_gpu[backend]["own"], saved_on_gpu[backend]["file"])]
-    assert validated[0] == validated[1]
+                 for path in saved_on_gpu[backend].values()]
+    assert validated[0] == validated[1] == validated[2]
 
 
 @pytest.mark.gpu
@@ -708,12 +733,15 @@ def test_a_folder_saved_by_a_cuda_run_loads_onto_its_gpu_as_lightnings_file_does
     trainer.fit(ValidatedLM(), train_dataloaders=token_batches(2))
     trainer.save_checkpoint(tmp_path / "own.ckpt")
     # Lightning's file of the same weights as a cuda run writes it: its storages on the run's GPU.
-    consolidate(tmp_path / "own.ckpt", tmp_path / "host.ckpt", lightning_file=True)
-    torch.save(torch.load(tmp_path / "host.ckpt", map_location="cuda:0", weights_only=False), tmp_path / "file.ckpt")
+    consolidate(tmp_path / "own.ckpt", tmp_path / "consolidated.ckpt", lightning_file=True)
+    on_gpu = torch.load(tmp_path / "consolidated.ckpt", map_location="cuda:0", weights_only=False)
+    torch.save(on_gpu, tmp_path / "file.ckpt")
 
     for map_location in (None, "cpu", {"cuda:0": "cpu"}):
         from_folder = loaded_or_error(tmp_path / "own.ckpt", map_location=map_location)
-        assert_same_load(from_folder, loaded_or_error(tmp_path / "file.ckpt", map_location=map_location))
+        from_file = loaded_or_error(tmp_path / "file.ckpt", map_location=map_location)
+        assert_same_load(from_folder, from_file)
+        assert_same_load(loaded_or_error(tmp_path / "consolidated.ckpt", map_location=map_location), from_file)
         on = torch.device("cuda", 0) if map_location is None else torch.device("cpu")
         assert {value.device for value in from_folder.values()} == {on}
 
@@ -806,7 +834,10 @@ def test_a_folder_saved_before_its_location_was_recorded_loads_as_saved_from_hos
     state = torch.load(older / "trainer.pt", weights_only=False)
     assert state.pop(WEIGHTS_LOCATION_KEY) == GPU_LOCATION
     torch.save(state, older / "trainer.pt")
-    on_host = saved_on_gpu["stream"]["own"].with_name("host.ckpt")  # Lightning's file of its weights, tagged "cpu"
+    on_host = tmp_path / "on_host.ckpt"  # Lightning's file of its weights, tagged "cpu"
+    tagged_on("cpu", torch.load(saved_on_gpu["stream"]["file"], map_location="cpu", weights_only=False), on_host)
+    consolidate(older, tmp_path / "consolidated.ckpt", lightning_file=True)
     for map_location in MAP_LOCATIONS.values():
-        assert_same_load(loaded_or_error(older, map_location=map_location),
-                         loaded_or_error(on_host, map_location=map_location))
+        from_file = loaded_or_error(on_host, map_location=map_location)
+        assert_same_load(loaded_or_error(older, map_location=map_location), from_file)
+        assert_same_load(loaded_or_error(tmp_path / "consolidated.ckpt", map_location=map_location), from_file)
