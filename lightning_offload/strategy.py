@@ -39,7 +39,7 @@ from lightning_offload.consolidation import (
     lightning_checkpoint,
     weights_location,
 )
-from lightning_offload.planner import Plan, PlanReport
+from lightning_offload.planner import Plan, PlanReport, native_bf16
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
@@ -221,6 +221,7 @@ class _SingleGPUOffloadCore:
         # on the same Trainer must not read the precision back from the engine's plugin.
         if self.precision_plugin is not self._engine_precision_plugin:
             self._precision_flag = self._requested_precision()
+            refuse_emulated_bf16(self._precision_flag, self.root_device)
         self._fit = _FitSetup()
         if self._memory_checked and self.backend is not None:
             # Before the callbacks' `setup` (weight averaging copies the model there).
@@ -478,7 +479,7 @@ class _SingleGPUOffloadCore:
         """Refuses what of the run the engine cannot run (`Backend.refusals`); returns the module and callbacks that
         override `on_before_optimizer_step`, by name."""
         assert self.backend is not None
-        needs = run_needs(module, trainer, compile_blocks=self.compile_blocks)
+        needs = run_needs(module, trainer, compile_blocks=self.compile_blocks, precision=self._precision_flag)
         refusals = self.backend.refusals(needs)
         if refusals:
             raise ValueError(refusals[0][1])
@@ -489,7 +490,8 @@ class _SingleGPUOffloadCore:
         the engine cannot run (a callback, clipping), or that its plan has no memory for, is refused before anything
         of it runs."""
         trainer = self.lightning_module.trainer
-        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks)
+        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks,
+                          precision=self._precision_flag)
         refusals = self.backend.refusals(needs)
         if not refusals:
             fitting = self._fitting()
@@ -764,6 +766,22 @@ def prefer_expandable_segments(device: torch.device) -> None:
     if torch.cuda.is_initialized() and torch.cuda.memory_reserved(device) > 0:
         return
     set_allocator_settings("expandable_segments:True")
+
+
+def refuse_emulated_bf16(precision: str, device: torch.device) -> None:
+    """Refuses a bf16 precision on a GPU that only emulates bf16 (older than Ampere), before anything is built: the
+    fused Triton kernels compile no bf16 for it, and emulated bf16 is slower than fp16 for every backend."""
+    if not precision.startswith("bf16") or native_bf16(device):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    fp16 = " or ".join(f"`backend={name!r}`" for name in available_backends()
+                       if "16-mixed" in backend_class(name).precisions)
+    raise ValueError(
+        f"`Trainer(precision={precision!r})`: {torch.cuda.get_device_name(device)} (compute capability "
+        f"{major}.{minor}) has no native bf16, which GPUs from Ampere (8.0) on have; it would be emulated, slowly, and "
+        f"the fused kernels do not compile for it. Pass `precision='16-mixed'` (with `backend='auto'`, {fp16}) or "
+        "'32-true'."
+    )
 
 
 def set_allocator_settings(settings: str) -> None:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lightning_offload  # noqa: F401  registers the strategy names before any Trainer is built
 from lightning_offload.config import check_run_config, register_configs
+from lightning_offload.planner import default_precision
 from lightning_offload.telemetry import ThroughputMonitor
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ def _config_path() -> str:
     if find_spec("lightning_offload.conf") is not None:
         return "pkg://lightning_offload.conf"
     return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def default_precision() -> str:
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
 # The module each optional logger needs, and the extra of this package that installs it.

@@ -8,6 +8,8 @@ import torch
 
 import lightning_offload
 from lightning_offload import SingleGPUOffloadStrategy
+from lightning_offload import strategy as strategy_module
+from lightning_offload.strategy import refuse_emulated_bf16
 from tests.conftest import TinyLM, fit
 
 # fp32 runs: DeepSpeed's CPU Adam and torch's AdamW round differently in the last bits, and the difference grows
@@ -228,3 +230,45 @@ def test_expandable_segments_only_for_cuda_and_only_when_the_user_left_the_alloc
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     prefer_expandable_segments(torch.device("cuda", 0))
     assert settings == ["expandable_segments:True"]
+
+
+def test_a_pinned_backend_refuses_a_precision_it_cannot_train_before_training() -> None:
+    module = TinyLM()
+    with pytest.raises(ValueError, match=r"`Trainer\(precision='16-true'\)` is not supported by the `host_adam` "
+                                         r"backend\. Use 'bf16-mixed' or 'bf16-true' .* or '32-true' .*; to keep "
+                                         r"'16-true', pin `backend='deepspeed'` or `backend='device'`"):
+        fit(SingleGPUOffloadStrategy(backend="host_adam"), precision="16-true", module=module)
+    assert module.losses == []
+
+
+@pytest.fixture
+def turing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A T4 (compute capability 7.5), which emulates bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_naming_fp16(turing_gpu: None, precision: str) -> None:
+    with pytest.raises(ValueError, match=rf"`Trainer\(precision='{precision}'\)`: Tesla T4 \(compute capability "
+                                         r"7\.5\) has no native bf16.*Pass `precision='16-mixed'` \(with "
+                                         r"`backend='auto'`, `backend='deepspeed'` or `backend='device'`\) or '32-true'"):
+        refuse_emulated_bf16(precision, torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize(("precision", "device"), [("16-mixed", "cuda:0"), ("32-true", "cuda:0"), ("bf16-mixed", "cpu")])
+def test_what_a_gpu_that_only_emulates_bf16_computes_natively_is_not_refused(turing_gpu: None, precision: str,
+                                                                               device: str) -> None:
+    refuse_emulated_bf16(precision, torch.device(device))
+
+
+def test_bf16_on_an_ampere_gpu_is_not_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    refuse_emulated_bf16("bf16-mixed", torch.device("cuda", 0))
+
+
+def test_the_strategy_checks_the_precision_against_the_gpu_at_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = []
+    monkeypatch.setattr(strategy_module, "refuse_emulated_bf16", lambda *args: checked.append(args))
+    module, _ = fit(SingleGPUOffloadStrategy(backend="device"), precision="bf16-mixed", num_batches=1)
+    assert checked == [("bf16-mixed", torch.device("cpu"))] and len(module.losses) == 1

@@ -9,16 +9,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from lightning_offload.train import build_loggers, train
+from lightning_offload.train import build_loggers, default_precision, train
 
 SHORT_RUN = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
              "data.max_bytes=100000", "data.batch_size=4", "data.seq_len=32", "model.network.d_model=32",
              "model.network.n_layers=1", "trainer.enable_progress_bar=false",
              "trainer.log_every_n_steps=2"]
+
+
+@pytest.mark.parametrize(("gpu", "capability", "precision"), [
+    (True, (7, 5), "16-mixed"),  # a T4: bf16 only emulated
+    (True, (8, 0), "bf16-mixed"),
+    (False, None, "32-true"),
+])
+def test_the_default_precision_is_one_the_gpu_computes_natively(monkeypatch: pytest.MonkeyPatch, gpu: bool,
+                                                                 capability: tuple[int, int] | None,
+                                                                 precision: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert default_precision() == precision
 
 
 def compose_config(tmp_path: Path, overrides: list[str]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +25,9 @@ from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.planner.budget import Available, HostBudget, host_memory_available
 
 EngineT = TypeVar("EngineT")
+
+# The Trainer precisions (`Trainer(precision=...)`) the strategy trains with; each engine trains with some of them.
+TRAINER_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
 
 # The directions of `Backend.transfer_counters`: bytes copied from host to device memory, and back.
 HOST_TO_DEVICE, DEVICE_TO_HOST = "host_to_device", "device_to_host"
@@ -64,6 +67,12 @@ def _matches(value: Any, hint: Any) -> bool:
         if isinstance(value, _SCALARS[member]) and (member is bool or not isinstance(value, bool)):
             return True
     return False
+
+
+def _either(names: Sequence[str], form: Callable[[str], str] = repr) -> str:
+    """'a', 'b' or 'c' (each name as `form` writes it)."""
+    written = [form(name) for name in names]
+    return " or ".join(filter(None, [", ".join(written[:-1]), written[-1]])) if written else "none"
 
 
 def _type_name(hint: Any) -> str:
@@ -183,12 +192,34 @@ class Backend(ABC):
     callback_refusals: ClassVar[dict[str, str]] = {}
     # Why this engine cannot clip gradients, by `gradient_clip_algorithm` ("norm", "value"), and what to do instead.
     clipping_refusals: ClassVar[dict[str, str]] = {}
+    # The Trainer precisions this engine trains with: the planner leaves it out for the others, `set_precision`
+    # refuses them.
+    precisions: ClassVar[tuple[str, ...]] = TRAINER_PRECISIONS
+    # What its refusal of another precision says after "... is not supported by the `name` backend": why, then which
+    # of `precisions` to use.
+    precision_advice: ClassVar[str] = ""
+
+    @classmethod
+    def precision_refusal(cls, precision: str) -> str | None:
+        """Why this engine cannot train with `precision`, naming the precisions it trains with and the backends that
+        train with `precision`; None: it can."""
+        if precision in cls.precisions:
+            return None
+        advice = cls.precision_advice or f". Use {_either(cls.precisions)}"
+        others = [name for name in registry.available_backends()
+                  if name != cls.name and precision in registry.backend_class(name).precisions]
+        pins = _either(others, lambda name: f"`backend={name!r}`")
+        instead = (f"; to keep {precision!r}, pin {pins}, or leave `backend='auto'` (the fastest of these that fits)"
+                   if others else "")
+        return f"`Trainer(precision={precision!r})` is not supported by the `{cls.name}` backend{advice}{instead}."
 
     @classmethod
     def refusals(cls, needs: RunNeeds) -> list[tuple[str, str]]:
         """What of the run `needs` this engine cannot run: (the feature, briefly, for the planner's table; the
         refusal naming the feature and the fix), in the order the strategy checks them. Empty: it runs them all."""
         found = []
+        if needs.precision is not None and (refusal := cls.precision_refusal(needs.precision)) is not None:
+            found.append((f"`precision={needs.precision!r}` (it trains {_either(cls.precisions)})", refusal))
         if needs.compile_blocks and cls.compile_blocks_refusal is not None:
             found.append(("`compile_blocks=True`", (
                 f"`compile_blocks=True` does not work with backend {cls.name!r}: {cls.compile_blocks_refusal} Pin "
@@ -256,6 +287,10 @@ class Backend(ABC):
 
     def set_precision(self, precision: str) -> None:
         """Receives the Trainer's precision flag before the model is built; raises if the engine cannot run it."""
+        refusal = self.precision_refusal(precision)
+        if refusal is not None:
+            raise ValueError(refusal)
+        self._precision = precision
 
     def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Runs before `configure_optimizers`, for engines that replace parameters (sharding)."""

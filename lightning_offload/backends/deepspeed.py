@@ -241,12 +241,7 @@ def _precision_config(precision: str) -> dict[str, Any]:
         return {"bf16": {"enabled": True}}
     if precision.startswith("16"):
         return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}
-    if precision.startswith("32"):
-        return {}
-    raise ValueError(
-        f"`Trainer(precision={precision!r})` is not supported by the `deepspeed` backend. "
-        "Use 'bf16-mixed' (recommended), '16-mixed' or '32-true'."
-    )
+    return {}  # 32-true: DeepSpeed's own default
 
 
 def _trainable_share(module: torch.nn.Module) -> int:
@@ -285,6 +280,7 @@ class DeepSpeedBackend(Backend):
     compile_blocks_refusal = "ZeRO-3 gathers each layer's weights in hooks on the modules inside a block."
     gradient_hooks_refusal = "reduces each gradient into DeepSpeed's own partitions during backward."
     clipping_refusals = {"value": "clips by global norm only. Use `gradient_clip_algorithm='norm'`."}
+    precision_advice = ". Use 'bf16-mixed' (recommended), 'bf16-true', '16-mixed', '16-true' or '32-true'"
     callback_refusals = {
         "WeightAveraging": "its averaged copy reads and writes the module's parameters, which ZeRO-3 partitions into "
                            "0-element placeholders. Pin `backend='host_adam'` or `'gpu_8bit'`, or remove the callback.",
@@ -371,10 +367,6 @@ class DeepSpeedBackend(Backend):
                 return default_dtype(self._desired_dtype)
 
         return InEngineDtype(precision)
-
-    def set_precision(self, precision: str) -> None:
-        _precision_config(precision)
-        self._precision = precision
 
     def _nvme_state(self) -> str | None:
         """The state kept on disk (`all`, `parameters`, `optimizer`), or None for host memory."""

@@ -37,9 +37,6 @@ class DeviceBackend(Backend):
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
 
-    def set_precision(self, precision: str) -> None:
-        self._precision = precision
-
     def model_init_context(self) -> AbstractContextManager:
         # Built where it trains: on a GPU, building in host memory first would cost the whole fp32 model in RAM.
         return torch.device(self._device) if self._device.type == "cuda" else nullcontext()

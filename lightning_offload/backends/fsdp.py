@@ -69,6 +69,8 @@ class _CallThrough(nn.Module):
 class FSDPBackend(Backend):
     name = "fsdp"
     Config = FSDPConfig
+    precisions = ("bf16-mixed", "32-true")
+    precision_advice = ". Use 'bf16-mixed' (bf16 compute, fp32 master weights) or '32-true'"
     manual_optimization_refusal = (
         "its gradient accumulation and clipping run on sharded gradients in hooks Lightning's manual loop bypasses."
     )
@@ -107,14 +109,6 @@ class FSDPBackend(Backend):
         if self._local_shards:
             return [sharded for sharded, _ in self._local_shards]
         return [p for group in optimizer.param_groups for p in group["params"]]
-
-    def set_precision(self, precision: str) -> None:
-        if precision not in ("bf16-mixed", "32-true"):
-            raise ValueError(
-                f"`Trainer(precision={precision!r})` is not supported by the `fsdp` backend. "
-                "Use 'bf16-mixed' (bf16 compute, fp32 master weights) or '32-true'."
-            )
-        self._precision = precision
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device

@@ -92,6 +92,9 @@ class GPU8bitBackend(Backend):
     name = "gpu_8bit"
     Config = GPU8bitConfig
     manual_optimization_refusal = "it updates each parameter inside backward (or at its end), not at `opt.step()`."
+    precisions = tuple(_PRECISIONS)
+    precision_advice = (", whose fused 8-bit AdamW updates bf16 or fp32 weights. Use 'bf16-true' (or 'bf16-mixed', "
+                        "trained the same way) or '32-true'")
 
     def __init__(self, config: GPU8bitConfig) -> None:
         super().__init__(config)
@@ -108,15 +111,6 @@ class GPU8bitBackend(Backend):
     def precision_plugin(self, plugins: ModuleType, precision: str, trainer_plugin: Any) -> Any:
         # bf16 weights either way (see the module's docstring): no autocast, inputs and init in bf16.
         return plugins.HalfPrecision("bf16-true") if precision == "bf16-mixed" else trainer_plugin
-
-    def set_precision(self, precision: str) -> None:
-        if precision not in _PRECISIONS:
-            raise ValueError(
-                f"`Trainer(precision={precision!r})` is not supported by the `gpu_8bit` backend, whose fused 8-bit "
-                "AdamW updates bf16 or fp32 weights. Use 'bf16-true' (or 'bf16-mixed', trained the same way) or "
-                "'32-true'; for other precisions use `backend='device'`."
-            )
-        self._precision = precision
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device

@@ -23,6 +23,9 @@ class RunNeeds:
     compile_blocks: bool = False
     resumes_lightning_file: bool = False
     """The fit resumes Lightning's own checkpoint file: only the backends that save that file can resume it."""
+    precision: str | None = None
+    """The Trainer's precision flag (`Trainer(precision=...)`): only the backends that train with it can run it;
+    None: any precision."""
 
     @property
     def clipping(self) -> str | None:

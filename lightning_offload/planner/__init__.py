@@ -37,6 +37,7 @@ from lightning_offload.planner.terms import EIGHT_BIT_OPTIMIZERS, Plan, StepTime
 __all__ = [
     "GIB", "SAFETY_MARGIN", "Candidate", "Ceilings", "Disk", "Machine", "MemoryEstimate", "ModelStats", "Plan",
     "PlanDoesNotFit", "PlanReport", "RunNeeds", "StepTime", "candidate_plans", "choose", "compute_dtype",
+    "default_precision", "native_bf16",
     "estimate_memory", "estimate_step_time", "load_or_probe", "measure_model", "measure_module", "meta_network",
     "plan", "probe", "shortfalls", "UnusableDisk", "load_or_probe_disk",
 ]
@@ -46,6 +47,23 @@ def compute_dtype(precision: str) -> torch.dtype:
     if "bf16" in precision:
         return torch.bfloat16
     return torch.float16 if "16" in precision else torch.float32
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes in bf16 natively: a CPU, or a CUDA GPU from Ampere (compute capability 8.0) on.
+    Older GPUs (V100, T4, RTX 20xx) only emulate it, and Triton compiles no bf16 kernel for them."""
+    device = torch.device(device)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def default_precision(device: torch.device | str | None = None) -> str:
+    """The Trainer precision a run on `device` (default: this machine's GPU, else its CPU) gets when none is given:
+    bf16 mixed on a GPU that computes in bf16, fp16 mixed on an older one (as Lightning's bitsandbytes plugin falls
+    back to fp16), fp32 on a CPU."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        return "32-true"
+    return "bf16-mixed" if native_bf16(device) else "16-mixed"
 
 
 def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: Machine | None = None,
@@ -69,9 +87,9 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
     it), and `disk_blocks` how many blocks' state a `stream` plan keeps there (pinned: taken likewise). With
     `world_size` processes (`ranks_per_host` per machine) only the engines that span processes are candidates, memory
     per GPU and per host. `needs`: what the run asks of an engine (its clipping, gradient hooks, callbacks; default:
-    none of it): backends that cannot run it are left out, and those that update inside backward are counted with
-    every gradient kept when it needs them all before the step. `checkpointing`: the former name of
-    `activation_checkpointing`, deprecated.
+    none of it) beside the Trainer's `precision`: backends that cannot run it are left out, and those that update
+    inside backward are counted with every gradient kept when it needs them all before the step. `checkpointing`:
+    the former name of `activation_checkpointing`, deprecated.
     Returns the report; `report.chosen` is None when nothing fits, and `report.error()` is the exception that says
     why.
     """
@@ -84,7 +102,8 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
         raise ValueError(f"`accumulate` (micro-batches per optimizer step) must be an integer >= 1, got {accumulate!r}.")
     if backend not in (None, "auto", *registry.available_backends()):
         raise ValueError(f"`backend={backend!r}` is unknown. Choose one of {['auto', *registry.available_backends()]}.")
-    needs = needs or RunNeeds()
+    # The precision is the run's: backends that cannot train with it are left out, a pinned one refused.
+    needs = dataclasses.replace(needs or RunNeeds(), precision=precision)
     refusals = [] if backend in (None, "auto") else registry.spec(backend).engine.refusals(needs)
     if refusals:  # pinned: the engine's own refusal, which names the fix
         raise PlanDoesNotFit(refusals[0][1])

@@ -121,9 +121,16 @@ class PlanReport:
         if len(self.candidates) > limit:
             lines.append(f"  ... {len(self.candidates) - limit} more")
         if self.left_out:
-            lines.append("Left out: " + "; ".join(f"`{name}`: {why}" for name, why in self.left_out.items()) + ".")
+            lines.append(self.left_out_note)
         lines.append(self.reason)
         return "\n".join(lines)
+
+    @property
+    def left_out_note(self) -> str:
+        """The backends left out and why, in one line; empty when none was."""
+        if not self.left_out:
+            return ""
+        return "Left out: " + "; ".join(f"`{name}`: {why}" for name, why in self.left_out.items()) + "."
 
     def error(self) -> PlanDoesNotFit:
         return _refusal(self)

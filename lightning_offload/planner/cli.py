@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_offload.activation_checkpointing import as_checkpointing_config
 from lightning_offload.backends import registry
-from lightning_offload.planner import Ceilings, Machine, PlanReport, load_or_probe
+from lightning_offload.planner import Ceilings, Machine, PlanReport, default_precision, load_or_probe
 from lightning_offload.planner.choose import ordered, parameter_count
 from lightning_offload.planner.lightning import fit_needs, plan_for_module
 from lightning_offload.planner.budget import GIB
@@ -61,7 +61,9 @@ def plan_from_config(cfg: DictConfig) -> PlanReport:
     machine, ceilings, device = machine_of(cfg.machine)
     module = instantiate(cfg.model)
     strategy, trainer = cfg.strategy, cfg.trainer
-    precision = trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    # A GPU `machine=` describes is not here to ask: every preset computes in bf16.
+    described = device.type == "cuda" and not torch.cuda.is_available()
+    precision = trainer.precision or ("bf16-mixed" if described else default_precision(device))
     report = plan_for_module(
         module, lambda: _example_batch(module, cfg.data), device, backend=_auto_as_none(strategy.backend),
         optimizer=strategy.get("optimizer"),
@@ -112,7 +114,7 @@ def render(report: PlanReport, rows: int) -> Any:
     disk = f", disk {report.disk.describe()}" if report.disk else ""
     table = Table(title=f"{parameter_count(stats.parameters)} parameters, {stats.tokens * report.accumulate} tokens/step "
                         f"on {report.machine.describe()}{disk} ({report.ceilings.device})",
-                  caption=report.reason, caption_justify="left")
+                  caption="\n".join(filter(None, [report.left_out_note, report.reason])), caption_justify="left")
     # Bytes written wear an SSD out (its endurance is rated in TB written): GB per step = TB per 1,000 steps.
     disk_columns = (("disk GiB", "right"), ("written GB/step = TB/1k steps", "right")) if report.disk else ()
     for column, justify in (("", "left"), ("plan", "left"), ("s/step", "right"), ("tokens/s", "right"),
@@ -158,5 +160,6 @@ def report_as_dict(report: PlanReport) -> dict[str, Any]:
             "machine": report.machine.describe(), "device": report.ceilings.device,
             "disk": report.disk.describe() if report.disk else None,
             "chosen": candidate(report.chosen) if report.chosen else None, "reason": report.reason,
+            "left_out": dict(report.left_out),
             "error": None if report.chosen else str(report.error()),
             "candidates": [candidate(c) for c in ordered(report.candidates)]}

@@ -61,17 +61,19 @@ def plan_for_trainer(module: Any, trainer: Any, device: torch.device, *, example
                            **levers)
 
 
-def run_needs(module: Any, trainer: Any, *, compile_blocks: bool) -> RunNeeds:
+def run_needs(module: Any, trainer: Any, *, compile_blocks: bool, precision: str | None = None) -> RunNeeds:
     """What `module`'s run with `trainer` asks of an engine: its clipping, gradient hooks, callbacks and manual
-    optimization when fitting (validate, test and predict train nothing), and whether the blocks are compiled."""
+    optimization when fitting (validate, test and predict train nothing), whether the blocks are compiled, and the
+    Trainer's `precision` flag (None: any)."""
     if not _fitting(trainer):
-        return RunNeeds(compile_blocks=compile_blocks)
+        return RunNeeds(compile_blocks=compile_blocks, precision=precision)
     namespace = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
     needs = fit_needs(module, trainer.callbacks, gradient_clip_val=trainer.gradient_clip_val,
                       gradient_clip_algorithm=trainer.gradient_clip_algorithm, compile_blocks=compile_blocks,
                       namespace=namespace)
     resumed = fit_ckpt_path(trainer)
-    return dataclasses.replace(needs, resumes_lightning_file=resumed is not None and Path(resumed).is_file())
+    return dataclasses.replace(needs, resumes_lightning_file=resumed is not None and Path(resumed).is_file(),
+                               precision=precision)
 
 
 def fit_needs(module: Any, callbacks: Sequence[Any], *, gradient_clip_val: float | None,

@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from lightning_offload.backends import registry
+from lightning_offload.backends.base import TRAINER_PRECISIONS
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.planner.terms import Plan
 
 
@@ -43,6 +45,26 @@ def test_a_backend_that_saves_its_own_state_says_how_its_folder_consolidates(nam
     spec = registry.spec(name)
     assert spec.engine.saves_own_state == (spec.fp32_tensors is not None) == bool(spec.checkpoint_files)
     assert (spec.saved_weights is not None) == (spec.fp32_tensors is not None)  # export reads what consolidate reads
+
+
+@pytest.mark.parametrize("precision", [*TRAINER_PRECISIONS, "64-true"])
+@pytest.mark.parametrize("name", registry.available_backends())
+def test_an_engine_trains_exactly_the_precisions_it_declares(name: str, precision: str) -> None:
+    engine_class = registry.backend_class(name)
+    engine = engine_class(engine_class.Config())
+    declared = precision in engine_class.precisions
+    assert set(engine_class.precisions) <= set(TRAINER_PRECISIONS)
+    if declared:
+        engine.set_precision(precision)
+        assert engine.refusals(RunNeeds(precision=precision)) == []
+        return
+    with pytest.raises(ValueError, match=f"precision={precision!r}.*`{name}` backend") as refused:
+        engine.set_precision(precision)
+    # The refusal names every precision it trains with, and the backends that train this one.
+    assert all(repr(supported) in str(refused.value) for supported in engine_class.precisions)
+    others = [other for other in registry.available_backends() if precision in registry.backend_class(other).precisions]
+    assert all(f"`backend={other!r}`" in str(refused.value) for other in others)
+    assert [message for _, message in engine.refusals(RunNeeds(precision=precision))] == [str(refused.value)]
 
 
 def test_unknown_names_are_refused_with_the_choices() -> None:

@@ -288,6 +288,36 @@ def test_a_pinned_backend_that_cannot_run_what_the_run_uses_has_no_plan() -> Non
         plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="stream", needs=CLIPS_BY_NORM)
 
 
+# Room in host memory for DeepSpeed's fp32 state of an 8B model: the fp16 plans fit, not only the bf16 ones.
+LARGE_HOST = Machine(gpu_memory_gib=79.2, host_memory_gib=300)
+BF16_ONLY = {"fsdp", "gpu_8bit", "host_adam", "stream"}
+
+
+def test_backends_that_cannot_train_the_precision_are_left_out_and_named() -> None:
+    bf16 = plan(LLAMA_8B, machine=LARGE_HOST, ceilings=Ceilings(), device="cuda", precision="bf16-mixed")
+    fp16 = plan(LLAMA_8B, machine=LARGE_HOST, ceilings=Ceilings(), device="cuda", precision="16-mixed")
+    assert bf16.chosen.plan.backend == "host_adam" and not bf16.left_out  # the choice bf16 runs keep
+    assert {c.plan.backend for c in bf16.candidates} == set(BACKENDS)
+    assert fp16.chosen is not None and {c.plan.backend for c in fp16.candidates} == set(BACKENDS) - BF16_ONLY
+    assert set(fp16.left_out) == BF16_ONLY
+    assert fp16.left_out["fsdp"] == "it cannot run `precision='16-mixed'` (it trains 'bf16-mixed' or '32-true')"
+    assert "`fsdp`: it cannot run `precision='16-mixed'`" in fp16.table()
+
+
+def test_a_pinned_backend_that_cannot_train_the_precision_is_refused_with_the_precisions_it_trains() -> None:
+    with pytest.raises(PlanDoesNotFit, match=r"`Trainer\(precision='16-mixed'\)` is not supported by the `host_adam` "
+                                             r"backend\. Use 'bf16-mixed' or 'bf16-true' .* or '32-true' .*; to keep "
+                                             r"'16-mixed', pin `backend='deepspeed'` or `backend='device'`"):
+        plan(LLAMA_8B, machine=LARGE_HOST, ceilings=Ceilings(), device="cuda", backend="host_adam",
+             precision="16-mixed")
+
+
+def test_when_nothing_fits_the_refusal_says_which_backends_the_precision_left_out() -> None:
+    report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", precision="16-mixed")
+    assert report.chosen is None
+    assert "`host_adam` is left out: it cannot run `precision='16-mixed'`" in str(report.error())
+
+
 def test_a_hook_that_reads_the_gradients_holds_them_as_clipping_by_norm_does() -> None:
     def gpu_8bit_bytes(needs: RunNeeds | None) -> dict[Plan, int]:
         report = plan(LLAMA_8B, machine=H100, ceilings=Ceilings(), device="cuda", backend="gpu_8bit", needs=needs)

@@ -48,7 +48,7 @@ from lightning_offload.optim import decouples_weight_decay, is_adam
 from lightning_offload.planner.budget import refuse_beyond_host_room
 from lightning_offload.saving import atomic_directory, write_state_dict
 
-_WEIGHT_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
+_WEIGHT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32}
 # Flags of torch's Adam/AdamW that choose an implementation; the host step has its own.
 _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
@@ -184,6 +184,9 @@ class HostAdamBackend(Backend):
     saves_own_state = True
     manual_optimization_refusal = "it updates each parameter on the host during backward, not at `opt.step()`."
     gradient_hooks_refusal = "moves each parameter's gradient to the host, and updates it there, during backward."
+    precisions = tuple(_WEIGHT_DTYPES)
+    precision_advice = (". Use 'bf16-mixed' or 'bf16-true' (bf16 weights on the device, fp32 master weights on the "
+                        "host) or '32-true' (fp32 weights on both)")
 
     # The next engine built in this process starts from this one's master weights.
     _live: ClassVar[LastEngine[HostAdamEngine]] = LastEngine()
@@ -217,14 +220,6 @@ class HostAdamBackend(Backend):
         # setup); by the time Lightning would clip, the gradients have left the parameters.
         trainer_plugin.clip_gradients = lambda *args, **kwargs: None
         return trainer_plugin
-
-    def set_precision(self, precision: str) -> None:
-        if precision not in _WEIGHT_DTYPES:
-            raise ValueError(
-                f"`Trainer(precision={precision!r})` is not supported by the `host_adam` backend. Use 'bf16-mixed' "
-                "(bf16 weights on the device, fp32 master weights on the host) or '32-true' (fp32 weights on both)."
-            )
-        self._precision = precision
 
     def model_init_context(self) -> AbstractContextManager:
         # Built where it trains: the fp32 model never exists in host memory, and each weight is cast on the GPU.

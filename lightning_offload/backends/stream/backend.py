@@ -46,8 +46,7 @@ from lightning_offload.planner.budget import GIB, gpu_free_bytes
 from lightning_offload.pretrained import weight_source
 from lightning_offload.saving import checkpoints_on_disk_at_once
 
-_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32,
-               "32": torch.float32}
+_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32}
 
 
 @dataclass(kw_only=True)
@@ -108,6 +107,9 @@ class StreamBackend(Backend):
     saves_own_state = True
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
     gradient_hooks_refusal = "updates each block's parameters, and frees their gradients, during backward."
+    precisions = tuple(_PRECISIONS)
+    precision_advice = (", which keeps bf16 weights updated with stochastic rounding. Use 'bf16-mixed' or 'bf16-true' "
+                        "('32-true' keeps fp32 weights, at twice the memory)")
     clipping_refusals = dict.fromkeys(
         ("norm", "value"),
         "updates each block inside backward, before a global gradient norm exists, so it cannot clip by it. Drop "
@@ -143,15 +145,6 @@ class StreamBackend(Backend):
 
     def setup_environment(self, device: torch.device) -> None:
         self._device = device
-
-    def set_precision(self, precision: str) -> None:
-        if precision not in _PRECISIONS:
-            raise ValueError(
-                f"`Trainer(precision={precision!r})` is not supported by the `stream` backend, which keeps bf16 "
-                "weights updated with stochastic rounding. Use 'bf16-mixed' or 'bf16-true' ('32-true' keeps fp32 "
-                "weights, at twice the memory)."
-            )
-        self._precision = precision
 
     @contextmanager
     def model_init_context(self) -> Iterator[None]:
