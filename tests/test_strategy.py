@@ -252,11 +252,13 @@ def turing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_naming_fp16(turing_gpu: None, precision: str) -> None:
     with pytest.raises(ValueError, match=rf"`Trainer\(precision='{precision}'\)`: Tesla T4 \(compute capability "
                                          r"7\.5\) has no native bf16.*Pass `precision='16-mixed'` \(with "
-                                         r"`backend='auto'`, `backend='deepspeed'` or `backend='device'`\) or '32-true'"):
+                                         r"`backend='auto'`, `backend='deepspeed'` or `backend='device'`\) or "
+                                         r"'32-true'"):
         refuse_emulated_bf16(precision, torch.device("cuda", 0))
 
 
-@pytest.mark.parametrize(("precision", "device"), [("16-mixed", "cuda:0"), ("32-true", "cuda:0"), ("bf16-mixed", "cpu")])
+@pytest.mark.parametrize(("precision", "device"),
+                         [("16-mixed", "cuda:0"), ("32-true", "cuda:0"), ("bf16-mixed", "cpu")])
 def test_what_a_gpu_that_only_emulates_bf16_computes_natively_is_not_refused(turing_gpu: None, precision: str,
                                                                                device: str) -> None:
     refuse_emulated_bf16(precision, torch.device(device))
