@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils import _pytree as pytree
 
 from lightning_offload._distributed import ensure_process_group
 from lightning_offload.activation_checkpointing import find_blocks
@@ -155,6 +156,8 @@ class FSDPBackend(Backend):
         for group in _shardable_block_groups(module, blocks):
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=self.config.reshard_after_forward,
                         **options)
+            for block in group:  # ahead of FSDP's own post-forward hook, which hooks the outputs
+                block.register_forward_hook(_outputs_that_own_their_memory, prepend=True)
         fully_shard(module, **options)
         if dist.get_backend() == "gloo":
             # gloo cannot average in a reduce-scatter: torch 2.8's FSDP2 asks it to and gets the ranks' sum, so the
@@ -282,6 +285,14 @@ def _shardable_block_groups(root: nn.Module, blocks: list[nn.Module]) -> list[li
     order = {id(block): index for index, block in enumerate(blocks)}
     return sorted((sorted(modules, key=lambda m: order[id(m)]) for modules, held in groups if not held & outside),
                   key=lambda modules: order[id(modules[0])])
+
+
+@torch.compiler.disable
+def _outputs_that_own_their_memory(module: nn.Module, args: Any, output: Any) -> Any:
+    """A block's outputs that are views, copied: FSDP2 gathers a block's weights for backward from a hook on its
+    outputs, which an in-place op on a view (`h = block(x); h += x`) drops; backward then fails on sharded weights."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._base is not None and t.requires_grad else t,
+                                output)
 
 
 def _reshard(module: nn.Module) -> None:

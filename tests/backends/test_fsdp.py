@@ -110,6 +110,32 @@ def test_blocks_sharing_a_weight_are_sharded_together_and_match_the_plain_run() 
     assert all(isinstance(block, FSDPModule) for block in module.net.blocks)
 
 
+class AddsInPlaceToViewsTheBlocksReturn(TinyLM):
+    """Each block returns a view of its output, and the network adds to it in place, as some users' models do."""
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            super().configure_model()
+            for block in self.net.blocks:
+                forward = block.forward
+                block.forward = lambda x, forward=forward: forward(x).view(x.shape)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net.embed(tokens) + net.position(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in net.blocks:
+            h = block(x)
+            h += 0.5 * x
+            x = h
+        return net.head(net.norm(x))
+
+
+def test_in_place_ops_on_views_the_blocks_return_match_the_plain_run() -> None:
+    reference, _ = fit("auto", module=AddsInPlaceToViewsTheBlocksReturn())
+    module, _ = fit(fsdp(), module=AddsInPlaceToViewsTheBlocksReturn())
+    assert_losses_close(module.losses, reference.losses, FUSED_ADAMW_RTOL)
+
+
 class BlockSharingAWeightWithTheFinalNorm(TinyLM):
     def configure_model(self) -> None:
         if self.net is None:
