@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -112,3 +116,14 @@ def peak_and_final_allocated_bytes(run: Any) -> tuple[int, int]:
         allocated += change
         peak = max(peak, allocated)
     return peak, allocated
+
+
+def in_a_fresh_process(module: str, call: str) -> Any:
+    """`call` (an expression over the names of the test module `module` returning a JSON-able value) evaluated in a
+    new Python process, which has imported nothing yet."""
+    code = f"import json; from {module} import *; print('RESULT', json.dumps({call}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import ctypes
 import gc
-import json
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from lightning_offload import SingleGPUOffloadStrategy
 from lightning_offload.models import TinyGPT
-from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit, token_batches
+from tests.conftest import SEQ_LEN, VOCAB, TinyLM, fit, in_a_fresh_process, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each CPU backend at a precision it trains with (`stream` and the 8-bit plan keep bf16 weights).
@@ -39,15 +38,6 @@ def seeded_fit(backend: str | None, module: pl.LightningModule | None = None, nu
     strategy = SingleGPUOffloadStrategy() if backend is None else SingleGPUOffloadStrategy(backend=backend)
     precision = precision or ("32-true" if backend is None else BACKENDS[backend])
     return fit(strategy, num_batches=num_batches, precision=precision, module=module or TinyLM(), **trainer_kwargs)
-
-
-def in_a_fresh_process(call: str) -> dict[str, Any]:
-    """`call` (an expression over this module's names returning a JSON-able value) evaluated in a new process."""
-    code = f"import json; from tests.test_repeated_runs import *; print('RESULT', json.dumps({call}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line.removeprefix("RESULT "))
 
 
 class WiderLM(TinyLM):
@@ -79,7 +69,7 @@ def losses_of(backend: str) -> list[float]:
 def test_a_fit_repeated_in_the_process_trains_as_in_a_fresh_process(backend: str) -> None:
     first, second = losses_of(backend), losses_of(backend)
     assert first == second
-    assert first == in_a_fresh_process(f"losses_of({backend!r})")
+    assert first == in_a_fresh_process(__name__, f"losses_of({backend!r})")
 
 
 @pytest.mark.slow
@@ -87,7 +77,7 @@ def test_a_larger_model_after_every_backend_plans_and_trains_as_in_a_fresh_proce
     for backend in BACKENDS:
         seeded_fit(backend)
     after = wider_auto_run()
-    fresh = in_a_fresh_process("wider_auto_run()")
+    fresh = in_a_fresh_process(__name__, "wider_auto_run()")
     assert after == fresh
 
 

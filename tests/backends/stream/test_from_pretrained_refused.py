@@ -4,9 +4,7 @@ transformers builds without importing its modeling code (a fresh process each, s
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,21 +15,11 @@ import torch
 
 from lightning_offload.backends.stream.from_pretrained_refused import MODELING_UTILS, from_pretrained_refused
 from tests.backends.stream.test_units import stream
-from tests.conftest import fit
+from tests.conftest import fit, in_a_fresh_process
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[3]
 REFUSAL = r"lightning_offload\.pretrained\(path\)`.*build_on_meta=False"
-
-
-def in_a_fresh_process(call: str) -> dict[str, Any]:
-    """`call` (an expression over this module's names returning a JSON-able value) evaluated in a new process."""
-    code = f"import json; from {__name__} import *; print('RESULT', json.dumps({call}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line.removeprefix("RESULT "))
 
 
 def load_importing_transformers(folder: Path) -> torch.nn.Module:
@@ -107,7 +95,7 @@ def test_refused_when_configure_model_first_imports_transformers_and_loads_again
     from tests.test_pretrained import save_tiny
 
     folder = save_tiny(tmp_path / "llama")
-    result = in_a_fresh_process(f"fit_loading_in_configure_model({str(folder)!r})")
+    result = in_a_fresh_process(__name__, f"fit_loading_in_configure_model({str(folder)!r})")
     assert not result["imported_before"]
     assert re.search(REFUSAL, result["refusal"] or "")
     assert not result["finder_left"]
@@ -116,5 +104,5 @@ def test_refused_when_configure_model_first_imports_transformers_and_loads_again
 
 def test_a_plain_torch_model_builds_without_importing_transformers_modeling_code() -> None:
     # Its modeling code, not the package: torchmetrics (imported by Lightning) imports the light package itself.
-    result = in_a_fresh_process("fit_plain_torch_model()")
+    result = in_a_fresh_process(__name__, "fit_plain_torch_model()")
     assert result == dict(trained=1, modeling_imported=False, finders_restored=True)
