@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_offload._distributed import refuse_running_group
 from lightning_offload.backends import available_backends, backend_class, registry
 from lightning_offload.backends.base import Backend, TrainingSetup, release_other_engines
+from lightning_offload.backends.needs import RunNeeds
 from lightning_offload.activation_checkpointing import (
     CheckpointingConfig,
     activation_offloader,
@@ -336,6 +337,10 @@ class _SingleGPUOffloadCore:
         self._fit.first_batch_pending = self.plan_report is not None
         self._setup_backend_environment()
 
+    def _run_needs(self, module: Any, trainer: Any) -> RunNeeds:
+        """What this run of `module` with `trainer` asks of an engine (`planner.lightning.run_needs`)."""
+        return run_needs(module, trainer, compile_blocks=self.compile_blocks, precision=self._precision_flag)
+
     def _fitting(self) -> bool:
         """Whether the Trainer runs `fit` (not validate, test or predict)."""
         trainer = self.lightning_module.trainer
@@ -479,7 +484,7 @@ class _SingleGPUOffloadCore:
         """Refuses what of the run the engine cannot run (`Backend.refusals`); returns the module and callbacks that
         override `on_before_optimizer_step`, by name."""
         assert self.backend is not None
-        needs = run_needs(module, trainer, compile_blocks=self.compile_blocks, precision=self._precision_flag)
+        needs = self._run_needs(module, trainer)
         refusals = self.backend.refusals(needs)
         if refusals:
             raise ValueError(refusals[0][1])
@@ -490,8 +495,7 @@ class _SingleGPUOffloadCore:
         the engine cannot run (a callback, clipping), or that its plan has no memory for, is refused before anything
         of it runs."""
         trainer = self.lightning_module.trainer
-        needs = run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks,
-                          precision=self._precision_flag)
+        needs = self._run_needs(self.lightning_module, trainer)
         refusals = self.backend.refusals(needs)
         if not refusals:
             fitting = self._fitting()
@@ -570,7 +574,7 @@ class _SingleGPUOffloadCore:
             elif 0 < self._planned_batch_elements < elements:
                 refuse_what_the_kept_plan_cannot_fit(
                     self.plan_report, self.plan,
-                    run_needs(self.lightning_module, trainer, compile_blocks=self.compile_blocks),
+                    self._run_needs(self.lightning_module, trainer),
                     trainer.accumulate_grad_batches, (elements, self._planned_batch_elements))
         return super().batch_to_device(batch, device, dataloader_idx)
 
@@ -774,8 +778,7 @@ def refuse_emulated_bf16(precision: str, device: torch.device) -> None:
     if not precision.startswith("bf16") or native_bf16(device):
         return
     major, minor = torch.cuda.get_device_capability(device)
-    fp16 = " or ".join(f"`backend={name!r}`" for name in available_backends()
-                       if "16-mixed" in backend_class(name).precisions)
+    fp16 = " or ".join(f"`backend={name!r}`" for name in registry.backends_training("16-mixed"))
     raise ValueError(
         f"`Trainer(precision={precision!r})`: {torch.cuda.get_device_name(device)} (compute capability "
         f"{major}.{minor}) has no native bf16, which GPUs from Ampere (8.0) on have; it would be emulated, slowly, and "

@@ -206,8 +206,7 @@ class Backend(ABC):
         if precision in cls.precisions:
             return None
         advice = cls.precision_advice or f". Use {_either(cls.precisions)}"
-        others = [name for name in registry.available_backends()
-                  if name != cls.name and precision in registry.backend_class(name).precisions]
+        others = [name for name in registry.backends_training(precision) if name != cls.name]
         pins = _either(others, lambda name: f"`backend={name!r}`")
         instead = (f"; to keep {precision!r}, pin {pins}, or leave `backend='auto'` (the fastest of these that fits)"
                    if others else "")

@@ -38,6 +38,11 @@ def multi_process_backends() -> list[str]:
     return [name for name in available_backends() if spec(name).multi_process is not None]
 
 
+def backends_training(precision: str) -> list[str]:
+    """The backends whose engine trains with the Trainer precision `precision` (`Trainer(precision=...)`)."""
+    return [name for name in available_backends() if precision in spec(name).engine.precisions]
+
+
 @cache
 def _load(name: str) -> Any:
     return import_module(_SPEC_MODULES[name]).SPEC
