@@ -132,6 +132,9 @@ _PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}
                  # The module checkpoints every layer (the planner plans `full`); a 152K vocabulary's fp32 logits
                  # would take ~12 GiB of the GPU, i.e. a dozen resident blocks' worth of host memory.
                  "stream": {"loss": "chunked"}}
+# The benchmark's weights are random: recording auto's initial weights would add a CPU draw pass (minutes at 30B+)
+# to each cell's start, which no tokens/s row measures.
+_BACKEND_OPTIONS = {"stream": {"initial_weights": "on_device"}}
 _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs",
                 "host_adam": ", checkpointing and the optimizer state's GPU share by the planner",
                 "stream": ", resident blocks by the planner"}
@@ -165,6 +168,7 @@ def ours(backend: str, cost: str, suffix: str = "", backend_options: dict[str, A
     """A `single_gpu_offload` row; the backend converts the module's plain AdamW to its own optimizer."""
     options = {"strategy": OURS, "backend": backend, "checkpointing": "non_reentrant", "optimizer": "adamw",
                **_PLAN_OPTIONS.get(backend, {}), **(module_options or {})}
+    backend_options = {**_BACKEND_OPTIONS.get(backend, {}), **(backend_options or {})}
     if backend_options:
         options["backend_options"] = backend_options
     plan_label = _PLAN_LABELS.get(backend, "") + _LOSS_LABELS.get(options.get("loss", ""), "")

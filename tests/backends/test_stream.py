@@ -273,8 +273,10 @@ def test_model_checkpoint_larger_than_the_disk_is_refused(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------- building
-def test_meta_build_initialises_every_unit() -> None:
-    module, trainer = fit(stream(build_on_meta=True), precision="bf16-true", num_batches=4)
+@pytest.mark.parametrize("initial_weights", ["as_auto", "on_device"])
+def test_meta_build_initialises_every_unit(initial_weights) -> None:
+    module, trainer = fit(stream(build_on_meta=True, initial_weights=initial_weights), precision="bf16-true",
+                          num_batches=4)
     assert all(not p.is_meta for p in module.parameters())
     assert module.net.head.weight is module.net.embed.weight  # the tie survives materialisation
     assert all(torch.isfinite(torch.tensor(module.losses)))
@@ -282,11 +284,18 @@ def test_meta_build_initialises_every_unit() -> None:
     assert (norm - 1).abs().max() < 0.1  # LayerNorm's reset_parameters ran (then 4 small steps)
 
 
+def test_an_unknown_initial_weights_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="`initial_weights='cpu'`: choose one of as_auto, on_device"):
+        SingleGPUOffloadStrategy(backend="stream", initial_weights="cpu")
+
+
 def test_meta_build_refuses_a_module_it_cannot_initialise() -> None:
     class Scaled(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(32))
+            self.scale = torch.nn.Parameter(torch.empty(32))
+            with torch.no_grad():  # drawn like a meta tensor: the build cannot know these numbers
+                self.scale.copy_(torch.randn_like(self.scale))
 
         def forward(self, x):
             return x * self.scale

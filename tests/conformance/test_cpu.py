@@ -59,11 +59,7 @@ REFUSED = {
        for backend in ("host_adam", "deepspeed", "fsdp", "gpu_8bit", "stream")},
 }
 # Cells that train but not yet as auto does.
-KNOWN_DIFFERENCES = {
-    ("llama_gqa_untied_in_configure_model", "stream"):
-        "initial weights: `build_on_meta=True` initialises each unit where it will live, in another order than "
-        "the model's own init (`build_on_meta=False` keeps it)",
-}
+KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {}
 
 
 @functools.cache

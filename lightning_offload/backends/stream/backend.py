@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.from_pretrained_refused import from_pretrained_refused
 from lightning_offload.backends.stream.lanes import D2H, H2D, HostArena, Lanes, aligned
 from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_adamw, build_buckets, update_buckets
-from lightning_offload.backends.stream.parameters_on_meta import parameters_on_meta
+from lightning_offload.backends.stream.parameters_on_meta import InitRecord, parameters_on_meta
 from lightning_offload.backends.stream.placement import (
     DISK_BUFFERS,
     Placement,
@@ -37,15 +38,16 @@ from lightning_offload.backends.stream.units import (
     Unit,
     check_meta_initialisable,
     find_units,
+    initial_weights,
     initialise,
     materialise_buffers,
     replace_parameters,
 )
 from lightning_offload.kernels.format import BLOCK_SIZE, RECORD_BYTES
 from lightning_offload.planner.budget import GIB, gpu_free_bytes
-from lightning_offload.pretrained import weight_source
 from lightning_offload.saving import checkpoints_on_disk_at_once
 
+INITIAL_WEIGHTS = ("as_auto", "on_device")
 _PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "32-true": torch.float32}
 
 
@@ -68,9 +70,16 @@ class StreamConfig(BackendConfig):
     """Page-lock the host arenas (one `cudaHostRegister` each): copies run ~6x faster than from pageable memory."""
     build_on_meta: bool = True
     """Build `configure_model` with its parameters on the meta device (its buffers computed by their constructors,
-    in host memory) and initialise each unit where it will live (no full host copy); modules are initialised by
-    `reset_parameters()` or by their `transformers` model's `_init_weights`. False keeps the model's own
-    initialisation, built in host memory first."""
+    in host memory) and give each unit its weights where it will live: no full host copy. False builds the model in
+    host memory first."""
+    initial_weights: str = "as_auto"
+    """How a model built on meta gets its initial weights. "as_auto": the build records what initialises each
+    parameter and draws the random numbers `strategy="auto"` draws (on the CPU, one after another: about the time
+    building the model in host memory takes, minutes at 30B); each unit replays its record where it lives, so the
+    weights and the random generators after `configure_model` are auto's, bit for bit. "on_device": each unit is
+    initialised where it lives by its modules' `reset_parameters()` (or their `transformers` model's
+    `_init_weights`), in seconds, from generators of its own: the same distributions, other numbers than auto's, and
+    the global generators left as `configure_model` found them."""
     host_reserve_gib: float = 4.0
     """Host memory left free beside the pinned arenas when checking that the plan fits."""
     block_classes: list[str] = field(default_factory=list)
@@ -93,6 +102,8 @@ class StreamConfig(BackendConfig):
     slot on its way to an update and at least one more for reading ahead and writing back."""
 
     def __post_init__(self) -> None:
+        if self.initial_weights not in INITIAL_WEIGHTS:
+            raise ValueError(f"`initial_weights={self.initial_weights!r}`: choose one of {', '.join(INITIAL_WEIGHTS)}.")
         if self.disk_blocks and self.nvme_path is None:
             raise ValueError(f"`disk_blocks={self.disk_blocks}` needs a folder for the state: pass `nvme_path=...`.")
         if self.nvme_path is not None and self.disk_buffers < self.state_slots + 1:
@@ -151,7 +162,7 @@ class StreamBackend(Backend):
         if not self.config.build_on_meta:
             yield
             return
-        with parameters_on_meta(), from_pretrained_refused():
+        with parameters_on_meta(record=self.config.initial_weights == "as_auto"), from_pretrained_refused():
             yield
 
     # ------------------------------------------------------------------ building
@@ -234,10 +245,10 @@ class StreamBackend(Backend):
 
     def _materialise(self, root: nn.Module, unit: Unit, weights: SlotPool) -> None:
         """Gives the unit real weights where they will live: on the device, or in the host arena (built on the
-        device in a slot first, where the initialisers run fast)."""
+        device in a slot first when a module's initialiser draws them)."""
         meta = any(p.is_meta for p in unit.params)
-        sources = [weight_source(p) for p in unit.params]
-        # Weights read from a checkpoint (`lightning_offload.pretrained`) go straight to the host arena.
+        sources = [initial_weights(p) for p in unit.params]
+        # Weights read from a checkpoint or replayed from the build's record go straight to the host arena.
         initialised = meta and any(source is None for source in sources)
         if unit.streamed:
             unit.host_weights = self._arenas[-1].take(unit.weight_bytes)
@@ -256,15 +267,19 @@ class StreamBackend(Backend):
         replace_parameters(root, new)
         unit.params = [new[id(p)] for p in unit.params]
         if meta:
-            # Weights `lightning_offload.pretrained` found in a checkpoint are read here, into their place; the
-            # rest are initialised together with their module's buffers, as its constructor would.
-            loaded = {id(p) for p, source in zip(unit.params, sources) if source is not None}
-            for module in unit.modules:
-                for sub in module.modules():
-                    if any(id(p) not in loaded for p in sub.parameters(recurse=False)):
-                        initialise(sub, root, self._device)
+            # A module whose weights the build could not record is initialised by its own initialiser, with its
+            # buffers, as its constructor would; drawing from generators of its own, as the user's are theirs.
+            known = {id(p) for p, source in zip(unit.params, sources) if source is not None}
+            with torch.random.fork_rng(devices=[self._device] if self._device.type == "cuda" else []):
+                for module in unit.modules:
+                    for sub in module.modules():
+                        if any(id(p) not in known for p in sub.parameters(recurse=False)):
+                            initialise(sub, root, self._device)
+            replays = [(target, source) for target, source in zip(targets, sources) if isinstance(source, InitRecord)]
+            with ThreadPoolExecutor(max(1, min(len(replays), torch.get_num_threads()))) as pool:
+                list(pool.map(lambda pair: pair[1].read_into(pair[0]), replays))
             for target, source in zip(targets, sources):
-                if source is not None:
+                if source is not None and not isinstance(source, InitRecord):
                     source.read_into(target)
             if unit.streamed and initialised:
                 for home, target, param in zip(homes, targets, unit.params):

@@ -3,16 +3,25 @@
 Under `torch.device("meta")` a module's constructor computes its buffers (rotary frequencies, a causal mask, a cached
 table) on meta too, and only an initialiser that recomputes them could bring them back. Here, as in accelerate's
 `init_empty_weights`, each parameter moves to meta as it is registered while everything else is built in host memory:
-buffers come out as under `strategy="auto"`. What the build cannot know stays on meta for the module's initialiser, as
-before: a buffer computed from a parameter, or drawn at random.
+buffers come out as under `strategy="auto"`. What the build cannot know stays on meta for the module's initialiser: a
+buffer computed from a parameter.
+
+Each parameter's initial weights are recorded rather than kept (as torchdistx's deferred init does): every in-place
+operation that writes into it during the build (`reset_parameters`, `torch.nn.init`, transformers' `_init_weights`,
+`weight.data[0].zero_()`) is run once on a scratch tensor, so the global random generator advances exactly as under
+`strategy="auto"`, and logged with the generator's state before it. `InitRecord.read_into` replays the log where the
+parameter gets its memory: the same numbers `auto` draws, while the host never holds the whole model.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,19 +30,141 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_offload.backends.init_functions import InitFunction, wrapped_init_functions
+
 _IN_PLACE_OPERATORS = re.compile(r"__i(add|sub|mul|truediv|floordiv|mod|pow|and|or|xor|lshift|rshift|matmul)__")
+_UNINITIALISED = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+# Operations whose result holds their input's values (in another dtype or place): a model's `.to(torch.bfloat16)`.
+_SAME_VALUES = frozenset({"to", "type", "bfloat16", "half", "float", "double", "cpu", "cuda", "clone", "detach",
+                          "contiguous"})
+# Operations that draw a new tensor shaped like a meta one: under meta they draw nothing, so their numbers are unknown.
+_DRAWN_LIKE = frozenset({"rand_like", "randn_like", "randint_like", "normal", "bernoulli", "multinomial", "poisson",
+                         "dropout", "rrelu"})
+# Replays run in threads, each step with a generator of its own; one that only takes the global generator holds this.
+_GLOBAL_GENERATOR = threading.Lock()
+# The attribute a meta parameter carries its record under, until the backend that materialises it replays it.
+_RECORD = "_lightning_offload_init_record"
+
+
+class _Target:
+    """Where a logged operation's written tensor goes in its arguments."""
+
+
+_TARGET = _Target()
+
+
+class _NotKnown(Exception):
+    """An operation's argument that the build cannot compute later (drawn from an unrecorded meta tensor)."""
+
+
+@dataclass
+class _WeightsAt:
+    """A recorded tensor's values at one point of the build (as a view of them): `weight` in `weight.norm(dim=1)`."""
+
+    record: InitRecord
+    steps: int
+    view: tuple[torch.Size, tuple[int, ...], int]
+
+    def evaluate(self) -> torch.Tensor:
+        return self.record.value(self.steps).as_strided(*self.view)
+
+
+@dataclass
+class _Computed:
+    """A meta tensor the build computed from recorded ones: `weight.norm(dim=1)`."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+
+    def evaluate(self) -> Any:
+        args, kwargs = _evaluated((self.args, self.kwargs))
+        return self.func(*args, **kwargs)
+
+
+def _evaluated(tree: Any, target: torch.Tensor | None = None) -> Any:
+    return pytree.tree_map_only((_Target, _WeightsAt, _Computed),
+                                lambda leaf: target if isinstance(leaf, _Target) else leaf.evaluate(), tree)
+
+
+@dataclass
+class _Step:
+    func: Any
+    view: tuple[torch.Size, tuple[int, ...], int]
+    """The written tensor as a view of the parameter: size, stride, storage offset."""
+    dtype: torch.dtype
+    device: torch.device
+    args: tuple
+    kwargs: dict
+    random_state: torch.Tensor | None
+    """The generator's state before the step, for a step that drew random numbers."""
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device, self.dtype)
+        target = value.as_strided(*self.view)
+        args, kwargs = _evaluated((self.args, self.kwargs), target)
+        if self.random_state is None:
+            self.func(*args, **kwargs)
+            return value
+        generator = torch.Generator(self.device)
+        generator.set_state(self.random_state)
+        try:
+            self.func(*args, **{**kwargs, "generator": generator})
+        except TypeError:  # an operation that only draws from the global generator
+            with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                _set_random_state(self.device, self.random_state)
+                self.func(*args, **kwargs)
+        return value
+
+
+def _converted(tensor: torch.Tensor) -> None:
+    """A logged step that only moves the weights to its dtype and device (`module.to(torch.bfloat16)`)."""
+
+
+@dataclass
+class InitRecord:
+    """How a parameter built on meta got its initial weights under `strategy="auto"`: the value it was registered
+    with (None: `torch.empty`'s) and the operations that wrote into it after."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    initial: torch.Tensor | None
+    steps: list[_Step] = field(default_factory=list)
+    complete: bool = True
+    """False once an operation wrote a value the build could not know (computed from another meta tensor)."""
+
+    def value(self, steps: int | None = None) -> torch.Tensor:
+        """The weights after the first `steps` steps (all by default)."""
+        value = self.initial if self.initial is not None else torch.empty(self.shape, dtype=self.dtype,
+                                                                           device=self.device)
+        value = value.clone() if self.steps and self.initial is not None else value
+        for step in self.steps[:steps]:
+            value = step.apply(value)
+        return value
+
+    def read_into(self, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            target.copy_(self.value())
+
+
+def init_record(param: torch.Tensor) -> InitRecord | None:
+    """The complete record `parameters_on_meta` left on a meta parameter, for the backend that materialises it."""
+    record = getattr(param, _RECORD, None)
+    return record if record is not None and record.complete else None
 
 
 @contextmanager
-def parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta(record: bool = True) -> Iterator[None]:
     """Inside, every parameter a module registers moves to the meta device (its class, attributes and `requires_grad`
-    kept, its host memory never touched), and the buffers are computed in host memory by their constructors.
+    kept, its host memory never touched); the buffers are computed in host memory by their constructors.
 
-    No number drawn from the global random generator survives the build, as none is drawn under `torch.device("meta")`:
-    the engine's initialisers draw the parameters' numbers later, where each unit gets its memory. A buffer the build
-    wrote from a meta tensor or filled at random is left on meta for its module's initialiser.
+    `record`: each parameter gets an `InitRecord` of its initial weights, and random numbers are drawn as under
+    `strategy="auto"` (the global generator leaves the build where `auto`'s build leaves it). Else no number drawn
+    survives the build (the generators leave it as they entered), and a buffer drawn at random stays on meta for its
+    module's initialiser, as the weights do.
     """
-    build = _Build()
+    build = _Build(record)
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def register_parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -41,6 +172,8 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None and not param.is_meta:
             on_meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
             on_meta.__dict__.update(param.__dict__)
+            if record:
+                build.record(on_meta, param.device, build.initial_value(param))
             module._parameters[name] = on_meta
 
     def register_buffer_seen(module: nn.Module, name: str, tensor: torch.Tensor | None,
@@ -51,7 +184,7 @@ def parameters_on_meta() -> Iterator[None]:
     nn.Module.register_parameter = register_parameter_on_meta  # type: ignore[method-assign]
     nn.Module.register_buffer = register_buffer_seen  # type: ignore[method-assign]
     try:
-        with build:
+        with build, wrapped_init_functions(build.logged_whole) if record else nullcontext():
             yield
     finally:
         nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
@@ -60,32 +193,160 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 class _Build(TorchFunctionMode):
-    """Runs an operation that reads a meta tensor on meta; one that would write its result into a host tensor, or
-    that drew from the global generator, is undone and its host tensor marked unknown."""
+    """Runs an operation that reads a meta tensor on meta, and logs one that writes into a parameter's weights; one
+    that would write a meta value into a host tensor is undone and its host tensor marked unknown."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool) -> None:
         super().__init__()
+        self.recording = record
         self.modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.unknown: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """A meta parameter's storage (shared by its views and `.data`) -> its `InitRecord`."""
+        self.uninitialised: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Host storages `torch.empty` made that nothing wrote into yet."""
+        self.same_values: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Meta tensors holding a parameter's values (`param.to(torch.bfloat16)`) -> its `InitRecord`."""
+        self.computed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Meta tensors computed from recorded ones -> how (`_Computed`)."""
+
+    def record(self, param: nn.Parameter, device: torch.device, initial: torch.Tensor | None) -> None:
+        record = InitRecord(param.shape, param.dtype, device, initial)
+        setattr(param, _RECORD, record)
+        self.records[param.untyped_storage()] = record
+
+    def record_computed(self, tensor: torch.Tensor) -> None:
+        """A meta buffer computed from parameters' weights (`weight.norm(dim=1)`) gets the record of that."""
+        record = InitRecord(tensor.shape, tensor.dtype, torch.get_default_device(), None)
+        contiguous = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        record.steps.append(_Step(torch.Tensor.copy_, contiguous, tensor.dtype, record.device,
+                                  (_TARGET, self.computed[tensor]), {}, None))
+        setattr(tensor, _RECORD, record)
+
+    def logged_whole(self, init_function: InitFunction) -> InitFunction:
+        """`torch.nn.init`'s functions on a parameter are logged as one step: `orthogonal_` draws into a tensor of
+        its own before writing the parameter, which a step per operation could not replay."""
+
+        @functools.wraps(init_function)
+        def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            record = self.records.get(tensor.untyped_storage()) if tensor.is_meta else None
+            if record is None:
+                return init_function(tensor, *args, **kwargs)
+            self._log(record, init_function, tensor, (tensor, *args), kwargs)
+            return tensor
+
+        return initialise
+
+    def initial_value(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        if tensor.untyped_storage() in self.uninitialised:
+            return None
+        return tensor.detach()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__set__" and getattr(func, "__self__", None) is torch._C.TensorBase.__dict__["data"]:
+            return self._set_data(func, *args)
         written = _written(func, args, kwargs)
+        record = self.records.get(written.untyped_storage()) if written is not None and written.is_meta else None
+        if record is not None:
+            self._log(record, func, written, args, kwargs)
         if any(isinstance(t, torch.Tensor) and self._is_unknown(t) for t in pytree.tree_leaves((args, kwargs))):
             if written is not None and not written.is_meta:
+                # A host tensor (a buffer) written from parameters' weights: left on meta, with its record.
+                if self.recording:
+                    record = self.records.get(written.untyped_storage())
+                    if record is None:
+                        record = InitRecord(written.shape, written.dtype, written.device, written.detach().clone())
+                        self.records[written.untyped_storage()] = record
+                    self._log(record, func, written, args, kwargs)
                 self.unknown[written] = True
                 return written
+            try:
+                how = None if name in _DRAWN_LIKE else _Computed(func, *self._spec((args, kwargs), None))
+            except _NotKnown:
+                how = None
             args, kwargs = pytree.tree_map_only(torch.Tensor, self._on_meta, (args, kwargs))
-            return func(*args, **kwargs)
-        random_state = torch.get_rng_state()
+            result = func(*args, **kwargs)
+            source = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
+            source_record = self.records.get(source.untyped_storage()) if source is not None else None
+            if name in _SAME_VALUES and source_record is not None and isinstance(result, torch.Tensor):
+                self.same_values[result] = source_record
+            if how is not None and isinstance(result, torch.Tensor):
+                self.computed[result] = how
+            return result
+        random_state = None if self.recording else torch.get_rng_state()
         result = func(*args, **kwargs)
-        if not torch.equal(random_state, torch.get_rng_state()):
+        if random_state is not None and not torch.equal(random_state, torch.get_rng_state()):
             torch.set_rng_state(random_state)
-            drawn = [written] if written is not None else pytree.tree_leaves(result)
-            for tensor in drawn:
+            for tensor in [written] if written is not None else pytree.tree_leaves(result):
                 if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
                     self.unknown[tensor] = True
+        if written is not None:
+            self.uninitialised.pop(written.untyped_storage(), None)
+        elif name in _UNINITIALISED and isinstance(result, torch.Tensor):
+            self.uninitialised[result.untyped_storage()] = True
         return result
+
+    def _log(self, record: InitRecord, func: Any, written: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """Runs the operation on a scratch copy of the tensor (drawing what `auto` draws) and logs it."""
+        try:
+            logged_args, logged_kwargs = self._spec((args, kwargs), written)
+        except _NotKnown:
+            record.complete = False
+            return
+        device = record.device
+        scratch = torch.empty(record.shape, dtype=written.dtype, device=device)
+        view = (written.size(), written.stride(), written.storage_offset())
+        run_args, run_kwargs = _evaluated((logged_args, logged_kwargs), scratch.as_strided(*view))
+        generator = run_kwargs.get("generator")  # the user's own, else the global one
+        state = generator.get_state() if generator is not None else _random_state(device)
+        func(*run_args, **run_kwargs)
+        drew = not torch.equal(state, generator.get_state() if generator is not None else _random_state(device))
+        if record.complete:
+            logged_kwargs.pop("generator", None)
+            record.steps.append(_Step(func, view, written.dtype, device, logged_args, logged_kwargs,
+                                      state if drew else None))
+
+    def _spec(self, tree: Any, written: torch.Tensor | None) -> Any:
+        """`tree` with each tensor replaced by how to compute it later: the written one by `_TARGET`, a recorded
+        one by its values at this point, a host one by a copy; `_NotKnown` for one the build cannot know."""
+
+        def spec(tensor: torch.Tensor) -> Any:
+            if tensor is written:
+                return _TARGET
+            record = self.records.get(tensor.untyped_storage())
+            if record is not None:
+                if not record.complete:
+                    raise _NotKnown
+                return _WeightsAt(record, len(record.steps),
+                                  (tensor.size(), tensor.stride(), tensor.storage_offset()))
+            if tensor in self.computed:
+                return self.computed[tensor]
+            if self._is_unknown(tensor):
+                raise _NotKnown
+            return tensor.clone()
+
+        return pytree.tree_map_only(torch.Tensor, spec, tree)
+
+    def _set_data(self, func: Any, param: torch.Tensor, value: torch.Tensor) -> None:
+        """`param.data = value`: the parameter's record follows its new storage."""
+        record = self.records.get(param.untyped_storage()) if param.is_meta else None
+        if record is not None:
+            if self.same_values.get(value) is record and value.shape == record.shape:
+                contiguous = (value.shape, torch.empty(value.shape, device="meta").stride(), 0)
+                record.steps.append(_Step(_converted, contiguous, value.dtype, value.device if not value.is_meta
+                                          else record.device, (_TARGET,), {}, None))
+            elif not value.is_meta and not self._is_unknown(value):
+                initial = self.initial_value(value)
+                record.initial, record.steps = initial, []
+                record.shape, record.dtype = value.shape, value.dtype
+                record.device = value.device
+            else:
+                record.complete = False
+        func(param, self._on_meta(value))
+        if record is not None:
+            self.records[param.untyped_storage()] = record
 
     def _is_unknown(self, tensor: torch.Tensor) -> bool:
         return tensor.is_meta or tensor in self.unknown
@@ -96,8 +357,23 @@ class _Build(TorchFunctionMode):
     def leave_unknown_buffers_on_meta(self) -> None:
         for module in self.modules:
             for name, buffer in module._buffers.items():
-                if buffer is not None and buffer in self.unknown:
-                    module._buffers[name] = torch.empty_like(buffer, device="meta")
+                if buffer is not None and buffer in self.computed:
+                    self.record_computed(buffer)
+                elif buffer is not None and buffer in self.unknown:
+                    on_meta = torch.empty_like(buffer, device="meta")
+                    setattr(on_meta, _RECORD, self.records.get(buffer.untyped_storage()))
+                    module._buffers[name] = on_meta
+
+
+def _random_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _written(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -21,7 +21,8 @@ from torch import nn
 from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.stream.lanes import aligned
 from lightning_offload.kernels.format import RECORD_BYTES
-from lightning_offload.pretrained import weight_source
+from lightning_offload.backends.stream.parameters_on_meta import InitRecord, init_record
+from lightning_offload.pretrained import InitialSource, WeightSource, weight_source
 
 
 @dataclass(eq=False)
@@ -156,12 +157,18 @@ def initialiser(module: nn.Module, root: nn.Module) -> object | None:
     return reset if callable(reset) else None
 
 
+def initial_weights(param: torch.Tensor) -> WeightSource | InitialSource | InitRecord | None:
+    """Where a meta parameter's weights come from: a checkpoint (`lightning_offload.pretrained`), else the record of
+    its build; None: its module's initialiser."""
+    return weight_source(param) or init_record(param)
+
+
 def check_meta_initialisable(root: nn.Module) -> None:
     """Refuses, before anything is allocated, a meta-built module that nothing knows how to initialise."""
     names = {id(m): name for name, m in root.named_modules()}
     for module in root.modules():
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if any(t.is_meta for t in own) and initialiser(module, root) is None:
+        if any(t.is_meta and initial_weights(t) is None for t in own) and initialiser(module, root) is None:
             raise ValueError(
                 f"`{names[id(module)]}` ({type(module).__name__}) was built on the meta device by the `stream` "
                 "backend but has no `reset_parameters()` to initialise it. Add one, or build the model in host "
@@ -191,10 +198,16 @@ def initialise(module: nn.Module, root: nn.Module, device: torch.device) -> None
 
 
 def materialise_buffers(root: nn.Module, device: torch.device) -> None:
-    """The buffers the build left on meta once every parameter has its weights (computed from a parameter whose
-    weights were loaded, or drawn at random) are made on `device` and computed by their module's initialiser, which
-    must neither overwrite the module's weights nor draw from the user's random generators."""
+    """The buffers the build left on meta (computed from parameters' weights) once every parameter has its weights:
+    replayed from the build's record, else (computed from a parameter whose weights were loaded) made on `device` and
+    computed by their module's initialiser, which must neither overwrite the module's weights nor draw from the
+    user's random generators."""
     for module in root.modules():
+        for name, buffer in module._buffers.items():
+            record = init_record(buffer) if buffer is not None and buffer.is_meta else None
+            if record is not None:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+                record.read_into(module._buffers[name])
         if any(b is not None and b.is_meta for b in module._buffers.values()):
             with _weights_and_random_state_kept(module, device):
                 initialise(module, root, device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_offload.backends.stream.parameters_on_meta import parameters_on_meta
+from lightning_offload.backends.stream.parameters_on_meta import init_record, parameters_on_meta
 from tests.backends.stream.test_units import Block, ScaledByConstants
 
 FEATURES = 8
@@ -54,23 +54,118 @@ def test_buffers_are_what_their_constructors_compute() -> None:
     assert block.cached.row_norms.is_meta
 
 
-def test_no_number_drawn_from_the_global_generator_survives_the_build() -> None:
+class InitialisedEveryWay(nn.Module):
+    """Parameters initialised in the ways models do it: `reset_parameters`, `torch.nn.init`, writes into views and
+    `.data`, a generator of the user's, a cast of the whole module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        self.embedding = nn.Embedding(FEATURES, FEATURES, padding_idx=0)
+        self.norm = nn.LayerNorm(FEATURES)
+        self.orthogonal = nn.Parameter(torch.empty(FEATURES, 2 * FEATURES))
+        nn.init.orthogonal_(self.orthogonal)
+        self.truncated = nn.Parameter(torch.empty(FEATURES))
+        nn.init.trunc_normal_(self.truncated, std=0.02, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            self.linear.weight.data[1:3].normal_(std=0.5)
+            self.linear.weight.T[0] = torch.arange(FEATURES, dtype=torch.float32)
+            self.linear.bias.mul_(2.0).add_(1.0)
+        self.replaced = nn.Parameter(torch.empty(2))
+        self.replaced.data = torch.randn(FEATURES)
+        self.doubled = nn.Parameter(torch.empty(FEATURES))
+        with torch.no_grad():
+            self.doubled.copy_(self.truncated * 2)  # from another parameter's weights
+            self.truncated.add_(1.0)  # after they were read
+        self.register_buffer("row_norms", self.orthogonal.norm(dim=1))
+
+
+def build_under_auto_and_on_meta(build):
+    """`build()` in host memory and under `parameters_on_meta`, from the same seed; the random states after each."""
+    torch.manual_seed(0)
+    auto = build()
+    auto_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with parameters_on_meta():
+        on_meta = build()
+    return auto, auto_state, on_meta, torch.get_rng_state()
+
+
+def assert_replays_as_built(on_meta: nn.Module, auto: nn.Module) -> None:
+    for name, expected in auto.named_parameters():
+        param = on_meta.get_parameter(name)
+        assert param.is_meta and param.dtype == expected.dtype, name
+        record = init_record(param)
+        assert record is not None, name
+        torch.manual_seed(1234)  # replaying draws from the record's states, not from the global generator
+        value = torch.empty(expected.shape, dtype=expected.dtype)
+        record.read_into(value)
+        assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("build", [DrawsInItsConstructor, InitialisedEveryWay,
+                                   lambda: InitialisedEveryWay().to(torch.bfloat16)],
+                         ids=["drawn_in_the_constructor", "initialised_every_way", "cast_to_bf16"])
+def test_each_parameter_replays_the_weights_auto_builds_and_the_generator_ends_where_autos_does(build) -> None:
+    auto, auto_state, on_meta, state = build_under_auto_and_on_meta(build)
+    assert torch.equal(state, auto_state)
+    assert_replays_as_built(on_meta, auto)
+    for name, expected in auto.named_buffers():
+        buffer = on_meta.get_buffer(name)
+        if buffer.is_meta:  # computed from a parameter's weights
+            value = torch.empty_like(expected)
+            init_record(buffer).read_into(value)
+            assert torch.equal(value, expected), name
+        else:  # drawn at random: kept, as under auto
+            assert torch.equal(buffer, expected), name
+
+
+def test_a_replay_fails_on_a_changed_generator_state_and_a_missing_step() -> None:
+    auto, _, on_meta, _ = build_under_auto_and_on_meta(InitialisedEveryWay)
+    steps = init_record(on_meta.linear.weight).steps
+    random_step = next(step for step in steps if step.random_state is not None)
+    random_step.random_state = torch.Generator().manual_seed(1).get_state()
+    with pytest.raises(AssertionError, match="linear.weight"):
+        assert_replays_as_built(on_meta, auto)
+    auto, _, on_meta, _ = build_under_auto_and_on_meta(InitialisedEveryWay)
+    init_record(on_meta.linear.bias).steps.pop()  # the `add_(1.0)`
+    with pytest.raises(AssertionError, match="linear.bias"):
+        assert_replays_as_built(on_meta, auto)
+
+
+class DrawnLikeAParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(FEATURES))
+        self.second = nn.Parameter(torch.empty(FEATURES))
+        with torch.no_grad():
+            self.second.copy_(torch.randn_like(self.first))
+
+
+def test_a_parameter_written_with_numbers_drawn_like_a_meta_one_is_left_to_its_initialiser() -> None:
+    with parameters_on_meta():
+        module = DrawnLikeAParameter()
+    assert init_record(module.first) is not None
+    assert init_record(module.second) is None
+
+
+def test_without_a_record_no_number_drawn_from_the_global_generator_survives_the_build() -> None:
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    with parameters_on_meta():
+    with parameters_on_meta(record=False):
         module = DrawsInItsConstructor()
     assert torch.equal(torch.get_rng_state(), before)
-    assert module.drawn.is_meta and module.filled.is_meta
+    assert init_record(module.drawn) is None and init_record(module.filled) is None
     assert module.noise.is_meta  # drawn at random: left for its module's initialiser
 
 
-def test_a_parameter_built_in_host_memory_is_never_written() -> None:
+def test_no_weight_stays_in_host_memory() -> None:
     features = 8192  # a 256 MiB weight
     rss = psutil.Process().memory_info().rss
     with parameters_on_meta():
         linear = nn.Linear(features, features, bias=False)
     assert linear.weight.is_meta
-    # An eighth of the weight leaves room for the allocator's bookkeeping; a weight written to would count whole.
+    # An eighth of the weight leaves room for the allocator's bookkeeping; a weight kept would count whole.
     assert psutil.Process().memory_info().rss - rss < linear.weight.nbytes // 8
 
 

@@ -85,9 +85,10 @@ class BatchNormNet(AtStart):
         return DataLoader(TensorDataset(features, features.sum(dim=1, keepdim=True)), batch_size=BATCH)
 
 
-def stream() -> SingleGPUOffloadStrategy:
-    # Every unit streamed: each is initialised in a ring slot and copied to the host; the CPU stands in for the GPU.
-    return SingleGPUOffloadStrategy(backend="stream", check_memory=False, resident_blocks=0, stream_outer=True)
+def stream(initial_weights: str = "as_auto") -> SingleGPUOffloadStrategy:
+    # Every unit streamed: each gets its weights in host memory; the CPU stands in for the GPU.
+    return SingleGPUOffloadStrategy(backend="stream", check_memory=False, resident_blocks=0, stream_outer=True,
+                                    initial_weights=initial_weights)
 
 
 def started(strategy: Any, module: AtStart, accelerator: str = "cpu") -> AtStart:
@@ -113,6 +114,22 @@ def test_a_layer_initialising_its_weights_and_buffers_together_is_initialised_on
     auto = started("auto", BatchNormNet())
     module = started(stream(), BatchNormNet())
     assert_started_as_under_auto(module, auto)
+
+
+class BuiltWithoutDrawing(BatchNormNet):
+    def configure_model(self) -> None:
+        with torch.random.fork_rng():
+            super().configure_model()
+
+
+def test_on_device_weights_leave_the_random_generator_as_configure_model_found_it() -> None:
+    auto = started("auto", BatchNormNet())
+    module = started(stream("on_device"), BatchNormNet())
+    assert torch.equal(module.random_states_at_start[0], started("auto", BuiltWithoutDrawing()).random_states_at_start[0])
+    assert not torch.equal(module.random_states_at_start[0], auto.random_states_at_start[0])
+    assert all(not p.is_meta for p in module.parameters())
+    norms = module.state_at_start["net.0.cached.row_norms"]
+    assert torch.equal(norms, module.state_at_start["net.0.cached.weight"].norm(dim=1))  # computed with its weight
 
 
 class ScaledByConstants(nn.Module):
