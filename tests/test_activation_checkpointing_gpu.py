@@ -14,6 +14,9 @@ BLOCKS, BATCH, SEQ_LEN, VOCAB = 8, 8, 1024, 512
 # Equal blocks save equal tensors: the growth per block kept whole agrees between two counts to this share, which
 # covers tensors of the loss that may be live at one count's peak and not at another's.
 LINEAR_RTOL = 0.02
+# From three blocks kept whole their saved activations set the peak; with fewer, a checkpointed block's recompute in
+# backward does (on the H100: 2 -> 4 -> 6 kept grew 140 MB, then 166 MB a block; bench/RESULTS.md, 2026-12-07).
+KEPT_WHOLE = (3, 5, 7)
 
 
 def llama(config: CheckpointingConfig) -> torch.nn.Module:
@@ -44,10 +47,12 @@ def loss_and_peak(config: CheckpointingConfig) -> tuple[float, int]:
 
 def test_each_block_kept_whole_adds_the_same_activations_to_the_peak() -> None:
     kept_whole = {kept: loss_and_peak(CheckpointingConfig(policy="first_n", first_n=BLOCKS - kept))
-                  for kept in (2, 4, 6)}
+                  for kept in KEPT_WHOLE}
     full, none = loss_and_peak(CheckpointingConfig(policy="full")), loss_and_peak(CheckpointingConfig(policy="none"))
     assert full[0] == none[0] and all(loss == full[0] for loss, _ in kept_whole.values())
     peaks = [full[1], *(peak for _, peak in kept_whole.values()), none[1]]
     assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
-    per_block = [(kept_whole[4][1] - kept_whole[2][1]) / 2, (kept_whole[6][1] - kept_whole[4][1]) / 2]
+    fewer, middle, more = KEPT_WHOLE
+    per_block = [(kept_whole[middle][1] - kept_whole[fewer][1]) / (middle - fewer),
+                 (kept_whole[more][1] - kept_whole[middle][1]) / (more - middle)]
     assert per_block[1] == pytest.approx(per_block[0], rel=LINEAR_RTOL)
