@@ -3,14 +3,15 @@
 Under `torch.device("meta")` a module's constructor computes its buffers (rotary frequencies, a causal mask, a cached
 table) on meta too, and only an initialiser that recomputes them could bring them back. Here, as in accelerate's
 `init_empty_weights`, each parameter moves to meta as it is registered while everything else is built in host memory:
-buffers come out as under `strategy="auto"`. What the build cannot know stays on meta for the module's initialiser: a
-buffer computed from a parameter.
+buffers come out as under `strategy="auto"`.
 
 Each parameter's initial weights are recorded rather than kept (as torchdistx's deferred init does): every in-place
 operation that writes into it during the build (`reset_parameters`, `torch.nn.init`, transformers' `_init_weights`,
 `weight.data[0].zero_()`) is run once on a scratch tensor, so the global random generator advances exactly as under
 `strategy="auto"`, and logged with the generator's state before it. `InitRecord.read_into` replays the log where the
-parameter gets its memory: the same numbers `auto` draws, while the host never holds the whole model.
+parameter gets its memory: the same numbers `auto` draws, while the host never holds the whole model. A buffer computed
+from parameters (`weight.norm(dim=1)`) gets a record of that computation. What the build cannot know (numbers drawn
+like a meta tensor, `torch.randn_like(weight)`) leaves its module to its initialiser.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
 
 class _Build(TorchFunctionMode):
     """Runs an operation that reads a meta tensor on meta, and logs one that writes into a parameter's weights; one
-    that would write a meta value into a host tensor is undone and its host tensor marked unknown."""
+    that would write a meta value into a host tensor is not run, its host tensor left for meta, with a record of what
+    it would have computed."""
 
     def __init__(self, record: bool) -> None:
         super().__init__()
