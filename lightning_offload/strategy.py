@@ -7,6 +7,7 @@ subclasses, so the behaviour lives in `_SingleGPUOffloadCore` and each namespace
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -339,7 +340,9 @@ class _SingleGPUOffloadCore:
 
     def _run_needs(self, module: Any, trainer: Any) -> RunNeeds:
         """What this run of `module` with `trainer` asks of an engine (`planner.lightning.run_needs`)."""
-        return run_needs(module, trainer, compile_blocks=self.compile_blocks, precision=self._precision_flag)
+        return dataclasses.replace(
+            run_needs(module, trainer, compile_blocks=self.compile_blocks, precision=self._precision_flag),
+            processes=getattr(self, "world_size", 1))
 
     def _fitting(self) -> bool:
         """Whether the Trainer runs `fit` (not validate, test or predict)."""

@@ -200,13 +200,14 @@ class Backend(ABC):
     precision_advice: ClassVar[str] = ""
 
     @classmethod
-    def precision_refusal(cls, precision: str) -> str | None:
+    def precision_refusal(cls, precision: str, processes: int = 1) -> str | None:
         """Why this engine cannot train with `precision`, naming the precisions it trains with and the backends that
-        train with `precision`; None: it can."""
+        train with `precision` (across `processes` processes); None: it can."""
         if precision in cls.precisions:
             return None
         advice = cls.precision_advice or f". Use {_either(cls.precisions)}"
-        others = [name for name in registry.backends_training(precision) if name != cls.name]
+        eligible = registry.multi_process_backends() if processes > 1 else registry.available_backends()
+        others = [name for name in registry.backends_training(precision) if name != cls.name and name in eligible]
         pins = _either(others, lambda name: f"`backend={name!r}`")
         instead = (f"; to keep {precision!r}, pin {pins}, or leave `backend='auto'` (the fastest of these that fits)"
                    if others else "")
@@ -217,7 +218,8 @@ class Backend(ABC):
         """What of the run `needs` this engine cannot run: (the feature, briefly, for the planner's table; the
         refusal naming the feature and the fix), in the order the strategy checks them. Empty: it runs them all."""
         found = []
-        if needs.precision is not None and (refusal := cls.precision_refusal(needs.precision)) is not None:
+        if needs.precision is not None and (
+                refusal := cls.precision_refusal(needs.precision, needs.processes)) is not None:
             found.append((f"`precision={needs.precision!r}` (it trains {_either(cls.precisions)})", refusal))
         if needs.compile_blocks and cls.compile_blocks_refusal is not None:
             found.append(("`compile_blocks=True`", (

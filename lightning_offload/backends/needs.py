@@ -26,6 +26,8 @@ class RunNeeds:
     precision: str | None = None
     """The Trainer's precision flag (`Trainer(precision=...)`): only the backends that train with it can run it;
     None: any precision."""
+    processes: int = 1
+    """The processes the run trains across: a refusal names only backends that train across that many."""
 
     @property
     def clipping(self) -> str | None:

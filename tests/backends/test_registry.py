@@ -88,3 +88,14 @@ def test_importing_the_package_loads_no_backend() -> None:
     # The engines' shared base, what a run asks of them and the registry: no engine.
     assert ast.literal_eval(loaded) == ["lightning_offload.backends.base", "lightning_offload.backends.needs",
                                         "lightning_offload.backends.registry"]
+
+
+def test_a_precision_refusal_across_processes_names_only_backends_that_train_across_processes() -> None:
+    fsdp = registry.backend_class("fsdp")
+    one_gpu = [name for name in registry.backends_training("bf16-true") if name not in registry.multi_process_backends()]
+    assert one_gpu  # gpu_8bit, host_adam, stream: the single-process refusal names them
+    [(_, alone)] = fsdp.refusals(RunNeeds(precision="bf16-true"))
+    [(_, across)] = fsdp.refusals(RunNeeds(precision="bf16-true", processes=2))
+    assert all(f"`backend={name!r}`" in alone for name in one_gpu)
+    assert not any(f"`backend={name!r}`" in across for name in one_gpu)
+    assert "`backend='deepspeed'`" in across and "`backend='device'`" in across
