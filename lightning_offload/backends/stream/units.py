@@ -20,8 +20,8 @@ from torch import nn
 
 from lightning_offload.activation_checkpointing import find_blocks
 from lightning_offload.backends.stream.lanes import aligned
-from lightning_offload.kernels.format import RECORD_BYTES
 from lightning_offload.backends.stream.parameters_on_meta import InitRecord, init_record
+from lightning_offload.kernels.format import RECORD_BYTES
 from lightning_offload.pretrained import InitialSource, WeightSource, weight_source
 
 
