@@ -141,7 +141,9 @@ class _SingleGPUOffloadCore:
             warns once when it comes within 5%. ``None``: what is available, within the job's cgroup memory limit
             (SLURM ``--mem``, a container's limit), which is always honoured the same way.
         **backend_options: the pinned backend's knobs, e.g. ``offload_optimizer=False`` for the ``deepspeed`` backend
-            (see its ``Config`` dataclass for every option and its trade-off).
+            (see its ``Config`` dataclass for every option and its trade-off). Under ``backend="auto"`` only the
+            options that change no plan (``Backend.options_under_auto``, e.g. ``initial_weights="on_device"`` for
+            ``stream``), applied when the planner picks their backend.
     """
 
     # The Lightning namespace this class serves: "lightning.pytorch" or "pytorch_lightning".
@@ -165,12 +167,8 @@ class _SingleGPUOffloadCore:
                 f"Choose one of {['auto', *available_backends()]}."
             )
         if backend == "auto" and backend_options:
-            owners = [f"`backend={name!r}`" for name in available_backends()
-                      if set(backend_options) <= {f.name for f in fields(backend_class(name).Config)}]
-            raise ValueError(
-                f"Backend options {sorted(backend_options)} need a backend to belong to, but `backend='auto'` lets the "
-                f"planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'})."
-            )
+            _check_options_under_auto(backend_options)
+        self._options_under_auto = backend_options if backend == "auto" else {}
         for name, budget in (("max_gpu_memory_gib", max_gpu_memory_gib), ("max_host_memory_gib", max_host_memory_gib)):
             if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
                 raise ValueError(f"`{name}={budget!r}` must be a positive number of GiB, or None for no budget.")
@@ -381,7 +379,9 @@ class _SingleGPUOffloadCore:
         if self.backend is None:
             self.backend_name = plan.backend
             engine = backend_class(plan.backend)
-            self.backend = engine(engine.Config.from_options(registry.spec(plan.backend).options_of(plan)))
+            given = {name: value for name, value in self._options_under_auto.items()
+                     if name in engine.options_under_auto}
+            self.backend = engine(engine.Config.from_options({**registry.spec(plan.backend).options_of(plan), **given}))
         else:
             self.backend.adopt_plan(plan)
         if self.activation_checkpointing.left_to_the_planner:
@@ -851,3 +851,21 @@ class SingleGPUOffloadStrategy(_SingleGPUOffloadCore, SingleDeviceStrategy):
     __doc__ = _SingleGPUOffloadCore.__doc__
     _lightning = "lightning.pytorch"
     _telemetry_callback = ThroughputMonitor
+
+
+def _check_options_under_auto(options: dict[str, Any]) -> None:
+    """Refuses backend options under `backend="auto"` except those a backend takes there (`options_under_auto`),
+    whose values each such backend's `Config` checks now, whichever the planner picks later."""
+    engines = [backend_class(name) for name in available_backends()]
+    under_auto = set().union(*(engine.options_under_auto for engine in engines))
+    if not set(options) <= under_auto:
+        owners = [f"`backend={engine.name!r}`" for engine in engines
+                  if set(options) <= {f.name for f in fields(engine.Config)}]
+        raise ValueError(
+            f"Backend options {sorted(set(options) - under_auto)} need a backend to belong to, but `backend='auto'` "
+            f"lets the planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'});"
+            f" under 'auto' only {sorted(under_auto)} may be given."
+        )
+    for engine in engines:
+        if given := {name: value for name, value in options.items() if name in engine.options_under_auto}:
+            engine.Config.from_options(given)

@@ -274,3 +274,17 @@ def test_the_strategy_checks_the_precision_against_the_gpu_at_setup(monkeypatch:
     monkeypatch.setattr(strategy_module, "refuse_emulated_bf16", lambda *args: checked.append(args))
     module, _ = fit(SingleGPUOffloadStrategy(backend="device"), precision="bf16-mixed", num_batches=1)
     assert checked == [("bf16-mixed", torch.device("cpu"))] and len(module.losses) == 1
+
+
+def test_under_auto_only_options_that_change_no_plan_are_taken_and_they_reach_the_chosen_backend() -> None:
+    from lightning_offload.planner.terms import Plan
+
+    with pytest.raises(ValueError, match=r"\['resident_blocks'\] need a backend.*`backend='stream'`.*'initial_weights'"):
+        SingleGPUOffloadStrategy(resident_blocks=3, initial_weights="on_device")
+    with pytest.raises(ValueError, match="`initial_weights='cpu'`: choose one of as_auto, on_device"):
+        SingleGPUOffloadStrategy(initial_weights="cpu")  # checked now, whichever backend the planner picks
+    for backend, expected in (("stream", "on_device"), ("gpu_8bit", None)):
+        strategy = SingleGPUOffloadStrategy(initial_weights="on_device")
+        strategy._adopt_plan(Plan(backend=backend))
+        assert strategy.backend_name == backend
+        assert getattr(strategy.backend.config, "initial_weights", None) == expected

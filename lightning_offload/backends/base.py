@@ -179,6 +179,9 @@ class Backend(ABC):
     Config: ClassVar[type[BackendConfig]]
     # True when the engine saves parameters and optimizer state itself, so Lightning must not.
     saves_own_state: ClassVar[bool] = False
+    # Options of `Config` a user may give under `backend="auto"`: they change no plan's memory or speed, and apply
+    # when the planner picks this engine.
+    options_under_auto: ClassVar[frozenset[str]] = frozenset()
     # Why `compile_blocks=True` cannot work with this engine (it hooks modules inside a block, where a compiled
     # block's graph would not call them); None: it can.
     compile_blocks_refusal: ClassVar[str | None] = None

@@ -116,6 +116,7 @@ class StreamBackend(Backend):
     name = "stream"
     Config = StreamConfig
     saves_own_state = True
+    options_under_auto = frozenset({"initial_weights"})
     manual_optimization_refusal = "it updates each block's parameters as its gradients arrive during backward."
     gradient_hooks_refusal = "updates each block's parameters, and frees their gradients, during backward."
     precisions = tuple(_PRECISIONS)
