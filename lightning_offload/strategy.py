@@ -12,7 +12,7 @@ import functools
 import os
 import signal
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from importlib import import_module
@@ -41,7 +41,7 @@ from lightning_offload.consolidation import (
     lightning_checkpoint,
     weights_location,
 )
-from lightning_offload.planner import Plan, PlanReport, native_bf16
+from lightning_offload.planner import Plan, PlanDoesNotFit, PlanReport, native_bf16
 from lightning_offload.planner.budget import HostBudget, cap_gpu_allocator
 from lightning_offload.planner.fallback import BuildBeforePlanning
 from lightning_offload.planner.lightning import (
@@ -333,7 +333,7 @@ class _SingleGPUOffloadCore:
                 logger.log_hyperparams(plan_hyperparameters(self.plan, self.plan_report))
         # Only a plan adopted makes a later fit reuse it: a refused one is planned again when the user retries.
         self._memory_checked = True
-        self._fit.first_batch_pending = self.plan_report is not None
+        self._fit.first_batch_pending = self.plan is not None
         self._setup_backend_environment()
 
     def _run_needs(self, module: Any, trainer: Any) -> RunNeeds:
@@ -501,11 +501,9 @@ class _SingleGPUOffloadCore:
         needs = self._run_needs(self.lightning_module, trainer)
         refusals = self.backend.refusals(needs)
         if not refusals:
-            fitting = self._fitting()
-            # Across processes only rank 0 holds the report: a refusal there alone would leave the others waiting.
-            if fitting and self.plan_report is not None and getattr(self, "world_size", 1) == 1:
-                refuse_what_the_kept_plan_cannot_fit(self.plan_report, self.plan, needs,
-                                                     trainer.accumulate_grad_batches)
+            if self._fitting() and self.plan is not None:
+                self._refuse_on_every_rank(lambda report: refuse_what_the_kept_plan_cannot_fit(
+                    report, self.plan, needs, trainer.accumulate_grad_batches))
                 self._fit.first_batch_pending = True  # its batches' size is known when the first comes
             return
         if self._backend_pinned:
@@ -575,11 +573,24 @@ class _SingleGPUOffloadCore:
             if self._planned_batch_elements is None:
                 self._planned_batch_elements = elements
             elif 0 < self._planned_batch_elements < elements:
-                refuse_what_the_kept_plan_cannot_fit(
-                    self.plan_report, self.plan,
-                    self._run_needs(self.lightning_module, trainer),
-                    trainer.accumulate_grad_batches, (elements, self._planned_batch_elements))
+                needs = self._run_needs(self.lightning_module, trainer)
+                self._refuse_on_every_rank(lambda report: refuse_what_the_kept_plan_cannot_fit(
+                    report, self.plan, needs, trainer.accumulate_grad_batches,
+                    (elements, self._planned_batch_elements)))
         return super().batch_to_device(batch, device, dataloader_idx)
+
+    def _refuse_on_every_rank(self, check: Callable[[PlanReport], None]) -> None:
+        """Runs `check` of the plan report where it is held (across processes, rank 0 alone) and raises its
+        `PlanDoesNotFit` on every rank: a refusal on one rank alone would leave the others waiting for it."""
+        refusal = None
+        if self.plan_report is not None:
+            try:
+                check(self.plan_report)
+            except PlanDoesNotFit as error:
+                refusal = str(error)
+        refusal = self.broadcast(refusal, 0)
+        if refusal is not None:
+            raise PlanDoesNotFit(refusal)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

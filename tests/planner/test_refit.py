@@ -246,3 +246,28 @@ def test_a_fit_after_a_validate_with_clipping_its_plan_cannot_fit_is_refused_bef
     with pytest.raises(PlanDoesNotFit, match=r"This fit adds gradient clipping by norm.*GPU short by"):
         trainer.fit(module)
     assert trainer.global_step == 0 and module.calls == calls
+
+
+def test_across_processes_the_refusal_of_the_rank_holding_the_report_is_raised_on_every_rank(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 0 alone holds the plan report: it broadcasts what it found, and a rank without the report raises that.
+    module, trainer = first_fit(monkeypatch, between_gpu_gib(monkeypatch, "clipping by norm"))
+    strategy, steps = trainer.strategy, trainer.global_step
+    sent = []
+    monkeypatch.setattr(strategy, "broadcast", lambda obj, src=0: sent.append(obj) or obj)
+    with pytest.raises(PlanDoesNotFit):
+        fit_again_adding(trainer, module, "clipping by norm")
+    [found] = sent
+    assert found.startswith("This fit adds gradient clipping by norm (`gradient_clip_val=0.5`)")
+
+    strategy.plan_report = None  # as on rank 1
+    monkeypatch.setattr(strategy, "broadcast", lambda obj, src=0: found)
+    trainer.fit_loop.max_epochs += 1
+    with pytest.raises(PlanDoesNotFit) as refusal:
+        trainer.fit(module)
+    assert str(refusal.value) == found
+    assert trainer.global_step == steps
+
+    monkeypatch.setattr(strategy, "broadcast", lambda obj, src=0: None)  # rank 0 found it fits
+    trainer.fit(module)
+    assert trainer.global_step > steps
