@@ -231,7 +231,7 @@ class _Build(TorchFunctionMode):
 
         @functools.wraps(init_function)
         def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            record = self.records.get(tensor.untyped_storage()) if tensor.is_meta else None
+            record = self._record_of(tensor) if tensor.is_meta else None
             if record is None:
                 return init_function(tensor, *args, **kwargs)
             self._log(record, init_function, tensor, (tensor, *args), kwargs)
@@ -240,7 +240,7 @@ class _Build(TorchFunctionMode):
         return initialise
 
     def initial_value(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        if tensor.untyped_storage() in self.uninitialised:
+        if _storage(tensor) in self.uninitialised:
             return None
         return tensor.detach()
 
@@ -250,18 +250,19 @@ class _Build(TorchFunctionMode):
         if name == "__set__" and getattr(func, "__self__", None) is torch._C.TensorBase.__dict__["data"]:
             return self._set_data(func, *args)
         written = _written(func, args, kwargs)
-        record = self.records.get(written.untyped_storage()) if written is not None and written.is_meta else None
+        record = self._record_of(written) if written is not None and written.is_meta else None
         if record is not None:
             self._log(record, func, written, args, kwargs)
         if any(isinstance(t, torch.Tensor) and self._is_unknown(t) for t in pytree.tree_leaves((args, kwargs))):
             if written is not None and not written.is_meta:
                 # A host tensor (a buffer) written from parameters' weights: left on meta, with its record.
                 if self.recording:
-                    record = self.records.get(written.untyped_storage())
-                    if record is None:
+                    record = self._record_of(written)
+                    if record is None and _storage(written) is not None:
                         record = InitRecord(written.shape, written.dtype, written.device, written.detach().clone())
                         self.records[written.untyped_storage()] = record
-                    self._log(record, func, written, args, kwargs)
+                    if record is not None:
+                        self._log(record, func, written, args, kwargs)
                 self.unknown[written] = True
                 return written
             try:
@@ -271,7 +272,7 @@ class _Build(TorchFunctionMode):
             args, kwargs = pytree.tree_map_only(torch.Tensor, self._on_meta, (args, kwargs))
             result = func(*args, **kwargs)
             source = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
-            source_record = self.records.get(source.untyped_storage()) if source is not None else None
+            source_record = self._record_of(source) if source is not None else None
             if name in _SAME_VALUES and source_record is not None and isinstance(result, torch.Tensor):
                 self.same_values[result] = source_record
             if how is not None and isinstance(result, torch.Tensor):
@@ -285,9 +286,10 @@ class _Build(TorchFunctionMode):
                 if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
                     self.unknown[tensor] = True
         if written is not None:
-            self.uninitialised.pop(written.untyped_storage(), None)
-        elif name in _UNINITIALISED and isinstance(result, torch.Tensor):
-            self.uninitialised[result.untyped_storage()] = True
+            if (storage := _storage(written)) is not None:
+                self.uninitialised.pop(storage, None)
+        elif name in _UNINITIALISED and isinstance(result, torch.Tensor) and (storage := _storage(result)) is not None:
+            self.uninitialised[storage] = True
         return result
 
     def _log(self, record: InitRecord, func: Any, written: torch.Tensor, args: tuple, kwargs: dict) -> None:
@@ -317,7 +319,7 @@ class _Build(TorchFunctionMode):
         def spec(tensor: torch.Tensor) -> Any:
             if tensor is written:
                 return _TARGET
-            record = self.records.get(tensor.untyped_storage())
+            record = self._record_of(tensor)
             if record is not None:
                 if not record.complete:
                     raise _NotKnown
@@ -333,7 +335,7 @@ class _Build(TorchFunctionMode):
 
     def _set_data(self, func: Any, param: torch.Tensor, value: torch.Tensor) -> None:
         """`param.data = value`: the parameter's record follows its new storage."""
-        record = self.records.get(param.untyped_storage()) if param.is_meta else None
+        record = self._record_of(param) if param.is_meta else None
         if record is not None:
             if self.same_values.get(value) is record and value.shape == record.shape:
                 contiguous = (value.shape, torch.empty(value.shape, device="meta").stride(), 0)
@@ -350,6 +352,10 @@ class _Build(TorchFunctionMode):
         if record is not None:
             self.records[param.untyped_storage()] = record
 
+    def _record_of(self, tensor: torch.Tensor) -> InitRecord | None:
+        storage = _storage(tensor)
+        return None if storage is None else self.records.get(storage)
+
     def _is_unknown(self, tensor: torch.Tensor) -> bool:
         return tensor.is_meta or tensor in self.unknown
 
@@ -363,8 +369,16 @@ class _Build(TorchFunctionMode):
                     self.record_computed(buffer)
                 elif buffer is not None and buffer in self.unknown:
                     on_meta = torch.empty_like(buffer, device="meta")
-                    setattr(on_meta, _RECORD, self.records.get(buffer.untyped_storage()))
+                    setattr(on_meta, _RECORD, self._record_of(buffer))
                     module._buffers[name] = on_meta
+
+
+def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    """The storage a tensor's views share; None for a layout without one (sparse)."""
+    try:
+        return tensor.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 def _random_state(device: torch.device) -> torch.Tensor:

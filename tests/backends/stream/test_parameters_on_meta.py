@@ -133,6 +133,24 @@ def test_a_replay_fails_on_a_changed_generator_state_and_a_missing_step() -> Non
         assert_replays_as_built(on_meta, auto)
 
 
+class WithASparseBuffer(nn.Module):
+    """A layout without a storage (sparse) beside the recorded weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        adjacency = torch.eye(FEATURES).to_sparse()
+        adjacency.mul_(2.0)
+        self.register_buffer("adjacency", adjacency)
+
+
+def test_a_sparse_buffer_is_built_as_under_auto() -> None:
+    auto, auto_state, on_meta, state = build_under_auto_and_on_meta(WithASparseBuffer)
+    assert torch.equal(state, auto_state)
+    assert_replays_as_built(on_meta, auto)
+    assert torch.equal(on_meta.adjacency.to_dense(), auto.adjacency.to_dense())
+
+
 class DrawnLikeAParameter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
