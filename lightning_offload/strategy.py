@@ -379,8 +379,7 @@ class _SingleGPUOffloadCore:
         if self.backend is None:
             self.backend_name = plan.backend
             engine = backend_class(plan.backend)
-            given = {name: value for name, value in self._options_under_auto.items()
-                     if name in engine.options_under_auto}
+            given = engine.options_given_under_auto(self._options_under_auto)
             self.backend = engine(engine.Config.from_options({**registry.spec(plan.backend).options_of(plan), **given}))
         else:
             self.backend.adopt_plan(plan)
@@ -801,6 +800,24 @@ def refuse_emulated_bf16(precision: str, device: torch.device) -> None:
     )
 
 
+def _check_options_under_auto(options: dict[str, Any]) -> None:
+    """Refuses backend options under `backend="auto"` except those a backend takes there (`options_under_auto`),
+    whose values each such backend's `Config` checks now, whichever the planner picks later."""
+    engines = [backend_class(name) for name in available_backends()]
+    under_auto = set().union(*(engine.options_under_auto for engine in engines))
+    if not set(options) <= under_auto:
+        owners = [f"`backend={engine.name!r}`" for engine in engines
+                  if set(options) <= {f.name for f in fields(engine.Config)}]
+        raise ValueError(
+            f"Backend options {sorted(set(options) - under_auto)} need a backend to belong to, but `backend='auto'` "
+            f"lets the planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'});"
+            f" under 'auto' only {sorted(under_auto)} may be given."
+        )
+    for engine in engines:
+        if given := engine.options_given_under_auto(options):
+            engine.Config.from_options(given)
+
+
 def set_allocator_settings(settings: str) -> None:
     # torch >= 2.9 moved the setter (the old name warns); no public API sets it after import.
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
@@ -863,20 +880,3 @@ class SingleGPUOffloadStrategy(_SingleGPUOffloadCore, SingleDeviceStrategy):
     _lightning = "lightning.pytorch"
     _telemetry_callback = ThroughputMonitor
 
-
-def _check_options_under_auto(options: dict[str, Any]) -> None:
-    """Refuses backend options under `backend="auto"` except those a backend takes there (`options_under_auto`),
-    whose values each such backend's `Config` checks now, whichever the planner picks later."""
-    engines = [backend_class(name) for name in available_backends()]
-    under_auto = set().union(*(engine.options_under_auto for engine in engines))
-    if not set(options) <= under_auto:
-        owners = [f"`backend={engine.name!r}`" for engine in engines
-                  if set(options) <= {f.name for f in fields(engine.Config)}]
-        raise ValueError(
-            f"Backend options {sorted(set(options) - under_auto)} need a backend to belong to, but `backend='auto'` "
-            f"lets the planner choose it. Pin the backend they are for ({' or '.join(owners) or 'see each `Config`'});"
-            f" under 'auto' only {sorted(under_auto)} may be given."
-        )
-    for engine in engines:
-        if given := {name: value for name, value in options.items() if name in engine.options_under_auto}:
-            engine.Config.from_options(given)

@@ -203,6 +203,11 @@ class Backend(ABC):
     precision_advice: ClassVar[str] = ""
 
     @classmethod
+    def options_given_under_auto(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The `options` given under `backend="auto"` that this engine takes when the planner picks it."""
+        return {name: value for name, value in options.items() if name in cls.options_under_auto}
+
+    @classmethod
     def precision_refusal(cls, precision: str, processes: int = 1) -> str | None:
         """Why this engine cannot train with `precision`, naming the precisions it trains with and the backends that
         train with `precision` (across `processes` processes); None: it can."""
