@@ -622,21 +622,24 @@ class DeepSpeedBackend(Backend):
 def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     stats, plan = inputs.stats, inputs.plan
     params, trained = stats.parameters, stats.trainable_parameters
-    gathered = 2 * max(stats.block_parameters, stats.other_parameters)
-    gpu = {"gathered bf16 weights (two blocks)": 2 * gathered,
-           "prefetch bucket": 2 * DeepSpeedConfig.prefetch_bucket_size,
-           "gradient reduce buckets (bf16, double-buffered)": 2 * 2 * DeepSpeedConfig.reduce_bucket_size}
-    # ZeRO-3 keeps fp32 partitions of the trainable parameters only; every parameter has a bf16 partition.
-    host = {"bf16 weight partitions": 2 * params, "fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained,
+    weights, size = inputs.weights  # the engine's partitions, gathers and buckets (fp32 under `32-true`)
+    gathered = size * max(stats.block_parameters, stats.other_parameters)
+    gpu = {f"gathered {weights} weights (two blocks)": 2 * gathered,
+           "prefetch bucket": size * DeepSpeedConfig.prefetch_bucket_size,
+           f"gradient reduce buckets ({weights}, double-buffered)": 2 * size * DeepSpeedConfig.reduce_bucket_size}
+    # ZeRO-3 keeps fp32 partitions of the trainable parameters only; every parameter has a partition in the
+    # engine's dtype besides.
+    host = {"weight partitions": size * params, "fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained,
             "optimizer state": int(inputs.state_bytes * trained),
             "engine buffers (bf16 gradient partitions, swap)": int(ENGINE_HOST_BYTES_PER_PARAM * trained)}
     disk: dict[str, int] = {}
     if plan.on_disk:
-        host, disk = _nvme_terms(stats, plan, host)
+        host, disk = _nvme_terms(stats, plan, host, size)
     return MemoryTerms(gpu, host, frozenset(host) if plan.pin_memory else frozenset(), disk)
 
 
-def _nvme_terms(stats: ModelStats, plan: Plan, in_host: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+def _nvme_terms(stats: ModelStats, plan: Plan, in_host: dict[str, int],
+                weight_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
     """ZeRO-Infinity: the host terms that move to disk (the `NVME_*` buffers take their place in host memory), and
     the disk's terms. The engine's own buffers are kept at their host-offload size until measured."""
     params, host, disk = stats.parameters, dict(in_host), {}
@@ -644,9 +647,9 @@ def _nvme_terms(stats: ModelStats, plan: Plan, in_host: dict[str, int]) -> tuple
         # Parameters outside the blocks (embeddings, output layer) may be larger than a swap buffer: counted in host
         # memory, like the partitions DeepSpeed keeps there.
         kept = min(params, NVME_PARAMS_IN_HOST + stats.other_parameters)
-        host["bf16 weight partitions"] = 2 * kept
+        host["weight partitions"] = weight_bytes * kept
         host["parameter swap buffers"] = 2 * NVME_BUFFER_COUNT * NVME_BUFFER_NUMEL
-        disk["bf16 weight partitions"] = 2 * (params - kept)
+        disk["weight partitions"] = weight_bytes * (params - kept)
     if plan.optimizer_on_disk:
         for term in ("fp32 master weights", "optimizer state"):
             disk[term] = host.pop(term)

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from lightning_offload.backends.base import Backend, BackendConfig, TrainingSetup
 from lightning_offload.backends.spec import BackendSpec, MultiProcess
 from lightning_offload.planner.measure import ModelStats
-from lightning_offload.planner.terms import MemoryInputs, MemoryTerms, step_updated_on_the_gpu
+from lightning_offload.planner.terms import MemoryInputs, MemoryTerms, module_weights, step_updated_on_the_gpu
 
 
 @dataclass(kw_only=True)
@@ -62,13 +62,16 @@ class DeviceBackend(Backend):
 def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     # Frozen parameters take no gradient and no optimizer state: torch's optimizers skip what gets no gradient.
     stats, trained = inputs.stats, inputs.stats.trainable_parameters
-    gpu = {"fp32 weights": 4 * stats.parameters, "fp32 gradients": 4 * trained,
-           "optimizer state": int(inputs.state_bytes * trained)}
+    # The module trains in the dtype Lightning gives it; torch's AdamW keeps its state in the parameters' dtype.
+    weights, size = module_weights(stats.precision)
+    state = inputs.state_bytes * (size / 4 if inputs.plan.exact_optimizer else 1)
+    gpu = {f"{weights} weights": size * stats.parameters, f"{weights} gradients": size * trained,
+           "optimizer state": int(state * trained)}
     if inputs.accumulating:
         # A later micro-batch's gradient of a parameter exists beside the sum it is added to: counted as a whole
         # block's or the embedding's, whichever is larger.
-        gpu["fp32 gradients (in flight, accumulating)"] = 4 * max(stats.trainable_block_parameters,
-                                                                   stats.embedding_parameters)
+        gpu[f"{weights} gradients (in flight, accumulating)"] = size * max(stats.trainable_block_parameters,
+                                                                            stats.embedding_parameters)
     return MemoryTerms(gpu)
 
 

@@ -340,8 +340,9 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     # Frozen parameters take no gradient and no optimizer state: torch's optimizers skip what gets no gradient.
     stats, plan = inputs.stats, inputs.plan
     params, block, trained = stats.parameters, stats.block_parameters, stats.trainable_parameters
-    gpu = {"gathered bf16 weights (two blocks)": 2 * 2 * block,
-           "root unit bf16 weights (embeddings, head)": 2 * stats.other_parameters,
+    weights, size = inputs.weights  # FSDP2 gathers the shards in the compute dtype
+    gpu = {f"gathered {weights} weights (two blocks)": 2 * size * block,
+           f"root unit {weights} weights (embeddings, head)": size * stats.other_parameters,
            "fp32 gradients of one block before offload": 4 * stats.trainable_block_parameters}
     if plan.accumulate_on_gpu and inputs.whole_gradients:
         gpu["fp32 gradients accumulated over micro-batches"] = 4 * trained

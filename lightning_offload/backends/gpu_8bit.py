@@ -271,8 +271,8 @@ def _refuse_other_math(optimizer: Optimizer) -> None:
 
 def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     # The 8-bit AdamW keeps state for every parameter it holds, frozen ones included: charged for all.
-    stats = inputs.stats
-    return MemoryTerms({"bf16 weights": 2 * stats.parameters,
+    stats, (weights, size) = inputs.stats, inputs.weights
+    return MemoryTerms({f"{weights} weights": size * stats.parameters,
                         "optimizer state": int(inputs.state_bytes * stats.parameters),
                         **inputs.gradients_updated_in_backward(stats.trainable_block_parameters)})
 

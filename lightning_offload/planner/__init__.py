@@ -122,6 +122,7 @@ def plan(model: nn.Module | ModelStats, example_input: Any = None, *, machine: M
             stats = measure_module(model, batch, dtype=compute_dtype(precision))
             if checkpointing is None and checkpoints_itself(model):
                 checkpointing = "full"  # every block recomputes itself, whatever a plan's policy would say
+    stats = dataclasses.replace(stats, precision=precision)  # engines keep their weights by it
     machine = machine or Machine.detect(device)
     ceilings = ceilings or load_or_probe(device)
     backends = registry.available_backends() if backend in (None, "auto") else [backend]

@@ -119,6 +119,8 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
     machine = machine or Machine.detect(device, max_gpu_memory_gib=max_gpu_memory_gib,
                                         max_host_memory_gib=max_host_memory_gib)
     batch, step, unmeasured = None, None, None
+    # A network `configure_model` builds is built inside the engine's context (on the GPU for some engines).
+    built_at_setup = not any(True for _ in module.parameters()) and hasattr(module, "configure_model")
     try:
         batch, step = example()
         # One meta build serves both questions: the model's measurements and its optimizer's class.
@@ -135,7 +137,7 @@ def plan_for_module(module: Any, example: Callable[[], tuple[Any, Any]], device:
         # Nothing to know the optimizer by without running it on the real weights: the backend checks it at setup.
         stats, unmeasured, adamw_compatible = estimate_stats(module, batch), error, True
         recomputes_itself = checkpoints_itself(module)
-    stats = dataclasses.replace(stats, compiled_blocks=compiled_blocks)
+    stats = dataclasses.replace(stats, compiled_blocks=compiled_blocks, built_at_setup=built_at_setup)
     pinned_policy = None if checkpointing.policy == "auto" else _PLANNED_POLICY[checkpointing.policy]
     if unmeasured is not None and pinned_policy is None and stats.blocks:
         pinned_policy = "full"  # estimated activations: only one block's (recomputed) counts in full

@@ -54,6 +54,11 @@ class ModelStats:
     """Frozen parameters of one repeated block."""
     frozen_embedding_parameters: int = 0
     """Frozen parameters of embedding tables."""
+    precision: str = "bf16-mixed"
+    """The Trainer's precision: activations are measured in its compute dtype, and engines keep their weights by it."""
+    built_at_setup: bool = False
+    """The module builds its network in `configure_model`, which runs inside the engine's build context (on the GPU
+    for the engines that train there); False: it was built before (in `__init__`, in host memory)."""
 
     @property
     def other_parameters(self) -> int:

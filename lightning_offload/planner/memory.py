@@ -35,8 +35,8 @@ PROCESS_BASELINE_BYTES = int(2.0 * GIB)
 LOGIT_BACKWARD_BYTES = 8
 # NCCL's communication buffers per GPU when several processes train together.
 NCCL_BYTES = int(0.75 * GIB)
-# GPU terms alive only while the blocks' backward runs.
-BACKWARD_ONLY_TERMS = ("activations (one block recomputed)", "bf16 gradients (in flight)")
+# GPU terms alive only while the blocks' backward runs (the gradients' in the weights' dtype).
+BACKWARD_ONLY_TERMS = ("activations (one block recomputed)", "gradients (in flight)")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
     pinned = {"saved activations"}
     if plan.checkpointing == "offload":
         host["saved activations"] = stats.blocks * stats.activation_bytes_per_block
-    terms = registry.spec(plan.backend).memory_terms(MemoryInputs(stats, plan, whole_gradients, accumulating))
+    spec, inputs = registry.spec(plan.backend), MemoryInputs(stats, plan, whole_gradients, accumulating)
+    terms = spec.memory_terms(inputs)
     gpu.update(terms.gpu)
     host.update(terms.host)
     pinned |= terms.pinned
@@ -137,9 +138,13 @@ def _estimate_one_rank(stats: ModelStats, plan: Plan, whole_gradients: bool, acc
     # of backward) exist while neither a recomputed block nor the blocks' gradients in flight do: only what they
     # need beyond those adds to the peak.
     loss_transient = stats.loss_workspace_bytes + LOGIT_BACKWARD_BYTES * stats.logits
-    backward_only = sum(gpu.get(term, 0) for term in BACKWARD_ONLY_TERMS)
+    backward_only = sum(size for term, size in gpu.items() if term.endswith(BACKWARD_ONLY_TERMS))
     if loss_transient > backward_only:
         gpu["loss transients (beyond the blocks' backward)"] = loss_transient - backward_only
+    # Building the model may hold more than a step does (fp32 weights cast once built): the peak is the larger.
+    built = spec.built_on_gpu(inputs) if stats.built_at_setup and spec.built_on_gpu is not None else 0
+    if built + CUDA_CONTEXT_BYTES > sum(gpu.values()):
+        gpu["the model as built (beyond a step's terms)"] = built + CUDA_CONTEXT_BYTES - sum(gpu.values())
     return MemoryEstimate(plan, gpu, host, frozenset(pinned & set(host)), disk)
 
 

@@ -102,6 +102,20 @@ class Plan:
         return self.optimizer not in EIGHT_BIT_OPTIMIZERS
 
 
+def compute_weights(precision: str) -> tuple[str, int]:
+    """The dtype (its name, bytes per element) of the weights an engine computes with, and of their gradients, under
+    the Trainer's `precision`: the 16-bit precisions keep 16-bit copies, `32-true` fp32."""
+    if precision.startswith("32") or precision.startswith("64"):
+        return ("fp64", 8) if precision.startswith("64") else ("fp32", 4)
+    return ("fp16", 2) if precision.startswith("16") else ("bf16", 2)
+
+
+def module_weights(precision: str) -> tuple[str, int]:
+    """The dtype (its name, bytes per element) Lightning builds a module's parameters in under `precision`: the
+    `-true` precisions in their dtype, the `-mixed` ones in fp32 (autocast computes in 16 bits)."""
+    return ("fp32", 4) if precision.endswith("-mixed") else compute_weights(precision)
+
+
 def checkpointed_blocks(stats: ModelStats, plan: Plan) -> int:
     if plan.checkpointing in ("none", "offload"):
         return 0
@@ -125,13 +139,19 @@ class MemoryInputs:
         """Bytes of optimizer state per parameter of the plan's optimizer."""
         return OPTIMIZER_STATE_BYTES[self.plan.optimizer]
 
+    @property
+    def weights(self) -> tuple[str, int]:
+        """The dtype (name, bytes) of the weights an engine computes with under the run's precision."""
+        return compute_weights(self.stats.precision)
+
     def gradients_updated_in_backward(self, unit: int) -> dict[str, int]:
-        """The bf16 gradients of an engine that updates a unit of `unit` parameters as soon as its gradients are
-        final: one unit's in flight while the previous unit's update runs; accumulating (or clipping by norm) keeps
-        every gradient until the step besides them."""
-        terms = {"bf16 gradients (in flight)": 2 * 2 * unit}
+        """The gradients (in the weights' dtype) of an engine that updates a unit of `unit` parameters as soon as its
+        gradients are final: one unit's in flight while the previous unit's update runs; accumulating (or clipping
+        by norm) keeps every gradient until the step besides them."""
+        name, size = self.weights
+        terms = {f"{name} gradients (in flight)": 2 * size * unit}
         if self.whole_gradients:
-            terms["bf16 gradients (kept until the step)"] = 2 * self.stats.trainable_parameters
+            terms[f"{name} gradients (kept until the step)"] = size * self.stats.trainable_parameters
         return terms
 
 

@@ -65,7 +65,7 @@ def test_disk_traffic_per_step_counts_every_gather_and_the_update() -> None:
     params = LLAMA_8B.parameters
     plan = Plan(backend="deepspeed", optimizer="cpu_adam", offload_device="nvme", nvme_state="all")
     parameter_reads, reads, writes = disk_traffic(LLAMA_8B, plan, accumulate=2)
-    on_disk = estimate_memory(LLAMA_8B, plan).disk["bf16 weight partitions"]
+    on_disk = estimate_memory(LLAMA_8B, plan).disk["weight partitions"]
     assert parameter_reads == 2 * 3 * on_disk  # two micro-batches of forward, recompute and backward
     assert reads == 16 * params and writes == on_disk + 16 * params
     assert disk_traffic(LLAMA_8B, Plan(backend="deepspeed", optimizer="cpu_adam")) == (0, 0, 0)

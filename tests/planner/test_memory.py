@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_offload.planner import GIB, Machine, ModelStats, Plan, estimate_memory, shortfalls
+from lightning_offload.planner import GIB, Ceilings, Machine, ModelStats, Plan, estimate_memory, plan, shortfalls
+from lightning_offload.planner.budget import CUDA_CONTEXT_BYTES
 from lightning_offload.planner.memory import LOGIT_BACKWARD_BYTES, PROCESS_BASELINE_BYTES
 from tests.conftest import peak_and_final_allocated_bytes
 
@@ -213,3 +214,83 @@ def test_first_n_holds_its_inputs_and_the_kept_blocks_and_recomputes_where_backw
     # The kept blocks are the last: their activations are gone by the first recompute, which reuses their memory.
     assert "activations (one block recomputed)" not in gpu
     assert "activations (one block recomputed)" in estimate_memory(LLAMA_8B, Plan(backend="device")).gpu
+
+
+@pytest.mark.parametrize("backend, optimizer, doubled", [
+    ("gpu_8bit", "adamw8bit_fused", ["weights", "gradients (in flight)"]),
+    ("host_adam", "adamw", ["weights", "gradients (in flight)"]),
+    ("stream", "adamw8bit_fused", ["weights (resident blocks, embeddings, head)", "weight ring (three units)",
+                                   "gradients (in flight)"]),
+    ("fsdp", "adamw", ["gathered {} weights (two blocks)", "root unit {} weights (embeddings, head)"]),
+    ("deepspeed", "cpu_adam", ["gathered {} weights (two blocks)", "gradient reduce buckets ({}, double-buffered)"]),
+])
+def test_engines_keep_fp32_compute_weights_and_gradients_under_32_true(backend: str, optimizer: str,
+                                                                      doubled: list[str]) -> None:
+    plan = Plan(backend=backend, optimizer=optimizer, resident_blocks=4)
+    bf16 = estimate_memory(LLAMA_8B, plan)
+    fp32 = estimate_memory(dataclasses.replace(LLAMA_8B, precision="32-true"), plan)
+
+    def named(term: str, dtype: str) -> str:
+        return term.format(dtype) if "{}" in term else f"{dtype} {term}"
+
+    for term in doubled:
+        assert fp32.gpu[named(term, "fp32")] == 2 * bf16.gpu[named(term, "bf16")], term
+    # The optimizer's state and the activations (measured in the compute dtype already) are the precision's own.
+    assert fp32.gpu["activations (one block recomputed)"] == bf16.gpu["activations (one block recomputed)"]
+    if "optimizer state" in bf16.host or "optimizer state" in bf16.gpu:
+        assert {**fp32.gpu, **fp32.host}["optimizer state"] == {**bf16.gpu, **bf16.host}["optimizer state"]
+    # The streamed copies in host memory too.
+    for term in ("weights (streamed blocks)", "weight partitions"):
+        if f"bf16 {term}" in bf16.host:
+            assert fp32.host[f"fp32 {term}"] == 2 * bf16.host[f"bf16 {term}"]
+    if backend == "deepspeed":
+        assert fp32.host["weight partitions"] == 2 * bf16.host["weight partitions"] == 4 * LLAMA_8B.parameters
+
+
+def test_the_device_plan_trains_the_module_in_the_dtype_lightning_gives_it() -> None:
+    params = LLAMA_8B.parameters
+    mixed = estimate_memory(LLAMA_8B, Plan(backend="device", optimizer="adamw"))
+    true_bf16 = estimate_memory(dataclasses.replace(LLAMA_8B, precision="bf16-true"),
+                                Plan(backend="device", optimizer="adamw"))
+    assert mixed.gpu["fp32 weights"] == mixed.gpu["fp32 gradients"] == 4 * params
+    assert true_bf16.gpu["bf16 weights"] == true_bf16.gpu["bf16 gradients"] == 2 * params
+    # torch's AdamW keeps both moments in the parameters' dtype; 8-bit state is 8-bit whatever the weights.
+    assert true_bf16.gpu["optimizer state"] == 4 * params
+    eight_bit = Plan(backend="device", optimizer="adamw8bit")
+    assert estimate_memory(dataclasses.replace(LLAMA_8B, precision="bf16-true"), eight_bit).gpu["optimizer state"] \
+        == estimate_memory(LLAMA_8B, eight_bit).gpu["optimizer state"]
+
+
+def test_host_adam_counts_the_fp32_model_it_builds_on_the_gpu_before_casting_it() -> None:
+    plan = Plan(backend="host_adam", optimizer="adamw")
+    term = "the model as built (beyond a step's terms)"
+    # A 14B model built in `configure_model` under bf16-mixed: 59 GB of fp32 weights on the GPU before the engine
+    # casts them, more than its step holds (29.5 GB of bf16 weights and one block's activations).
+    stats = dataclasses.replace(LLAMA_8B, parameters=14_770_000_000, blocks=48, built_at_setup=True)
+    built = estimate_memory(stats, plan)
+    assert built.gpu_bytes == 4 * stats.parameters + CUDA_CONTEXT_BYTES
+    assert built.gpu[term] == built.gpu_bytes - estimate_memory(
+        dataclasses.replace(stats, built_at_setup=False), plan).gpu_bytes
+    # Built in `__init__` (in host memory), or under bf16-true (built in bf16): no more than the step.
+    assert term not in estimate_memory(dataclasses.replace(stats, built_at_setup=False), plan).gpu
+    assert term not in estimate_memory(dataclasses.replace(stats, precision="bf16-true"), plan).gpu
+    # Engines that build in their own dtype or off the GPU count nothing for it.
+    for other in (Plan(backend="gpu_8bit", optimizer="adamw8bit_fused"), Plan(backend="stream"),
+                  Plan(backend="fsdp")):
+        assert term not in estimate_memory(stats, other).gpu
+
+
+def test_a_frozen_base_built_in_configure_model_is_not_planned_where_its_fp32_build_cannot_fit() -> None:
+    # A 14.8B model with its base frozen (100M trainable parameters) on a 48 GB card: a host_adam step holds its
+    # bf16 weights (29.5 GB) and little else; its build under bf16-mixed holds the fp32 weights (59 GB).
+    card = Machine(gpu_memory_gib=47.5, host_memory_gib=125)
+    params, block = 14_770_000_000, (14_770_000_000 - 2 * 525_336_576) // 48
+    stats = dataclasses.replace(LLAMA_8B, parameters=params, blocks=48, block_parameters=block,
+                                frozen_parameters=params - 100_000_000, frozen_block_parameters=block - 2_000_000,
+                                frozen_embedding_parameters=525_336_576)
+    built_before = plan(stats, machine=card, ceilings=Ceilings(), device="cuda").chosen
+    assert built_before is not None and built_before.plan.backend == "host_adam"
+    built_at_setup = plan(dataclasses.replace(stats, built_at_setup=True), machine=card, ceilings=Ceilings(),
+                          device="cuda").chosen
+    assert built_at_setup is not None and built_at_setup.plan.backend != "host_adam"
+    assert built_at_setup.memory.gpu_bytes <= 0.9 * 47.5 * GIB

@@ -29,6 +29,18 @@ def test_auto_plans_from_the_first_batch_and_trains_on_the_cpu() -> None:
     assert module.losses[-1] < module.losses[0]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_the_plan_knows_the_run_s_precision_and_whether_the_engine_builds_the_model(precision: str) -> None:
+    _, trainer = fit("single_gpu_offload", num_batches=1, precision=precision)
+    stats = trainer.strategy.plan_report.stats
+    # TinyLM builds its layers in `configure_model`, inside the engine's build context.
+    assert stats.precision == precision and stats.built_at_setup
+    built = TinyLM()
+    built.configure_model()
+    _, trainer = fit("single_gpu_offload", num_batches=1, precision=precision, module=built)
+    assert not trainer.strategy.plan_report.stats.built_at_setup
+
+
 def test_pinned_levers_are_kept_by_the_plan() -> None:
     _, trainer = fit(SingleGPUOffloadStrategy(activation_checkpointing="full"), num_batches=2)
     assert trainer.strategy.activation_checkpointing.policy == "full"

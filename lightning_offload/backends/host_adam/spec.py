@@ -11,7 +11,8 @@ from lightning_offload.backends.host_adam.engine import STAGING_SLOTS
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (BACKWARD_SHARE, GPU_UPDATE_RATE, CandidateLevers, MemoryInputs,
-                                             MemoryTerms, Plan, StepInputs, StepTime, checkpointed_blocks)
+                                             MemoryTerms, Plan, StepInputs, StepTime, checkpointed_blocks,
+                                             module_weights)
 
 # The engine's buffers at their default sizes: pinned fp32 gradient slots of one bucket each, and fp32 staging
 # pieces on the GPU, where the updated weights land to be cast there (`cast_on_device`, the default; casting on the
@@ -31,8 +32,8 @@ def gpu_state_parameters(stats: ModelStats, plan: Plan) -> int:
     return blocks * stats.trainable_block_parameters + (stats.trainable_embedding_parameters if blocks else 0)
 
 
-def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan) -> int:
-    """bf16 gradients of the blocks whose state is in host memory that may wait on the GPU for a pinned slot while
+def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan, gradient_bytes: int = 2) -> int:
+    """Gradients (`gradient_bytes` each) of the blocks whose state is in host memory that may wait on the GPU for a pinned slot while
     the host steps earlier ones, beyond the activations their own backward frees.
 
     Nothing but the host's pace bounds that queue, so all of them count. A block kept whole frees more than it
@@ -42,7 +43,7 @@ def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan) -> int:
     checkpointed = checkpointed_blocks(stats, plan) / stats.blocks if stats.blocks else 0.0
     freed = (0 if plan.checkpointing == "offload" else
              checkpointed * stats.block_input_bytes + (1 - checkpointed) * stats.activation_bytes_per_block)
-    return int(host_blocks * max(0.0, 2 * stats.trainable_block_parameters - freed))
+    return int(host_blocks * max(0.0, gradient_bytes * stats.trainable_block_parameters - freed))
 
 
 def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
@@ -53,16 +54,23 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     stats, plan, state_bytes = inputs.stats, inputs.plan, inputs.state_bytes
     trained, trained_block = stats.trainable_parameters, stats.trainable_block_parameters
     on_gpu = gpu_state_parameters(stats, plan)
-    gpu = {"bf16 weights": 2 * stats.parameters, **inputs.gradients_updated_in_backward(trained_block),
+    weights, size = inputs.weights
+    gpu = {f"{weights} weights": size * stats.parameters, **inputs.gradients_updated_in_backward(trained_block),
            "weight staging (fp32, cast here)": DEVICE_STAGING_BYTES}
     if on_gpu:
         gpu["fp32 master weights and optimizer state (front blocks)"] = int((4 + state_bytes) * on_gpu)
-    waiting = gradients_waiting_for_the_host(stats, plan) - 2 * 2 * trained_block
+    waiting = gradients_waiting_for_the_host(stats, plan, size) - 2 * size * trained_block
     if waiting > 0 and not inputs.whole_gradients:
-        gpu["bf16 gradients waiting for the host"] = waiting
+        gpu[f"{weights} gradients waiting for the host"] = waiting
     host = {"fp32 master weights": 4 * (trained - on_gpu), "optimizer state": int(state_bytes * (trained - on_gpu)),
             "gradient slots": GRADIENT_SLOT_BYTES}
     return MemoryTerms(gpu, host, frozenset({"fp32 master weights", "gradient slots"}))
+
+
+def built_on_gpu(inputs: MemoryInputs) -> int:
+    """The module is built on the GPU in the dtype Lightning gives it (fp32 under `bf16-mixed`), each weight cast
+    to the engine's once its master copy is in host memory."""
+    return module_weights(inputs.stats.precision)[1] * inputs.stats.parameters
 
 
 def step_time(inputs: StepInputs) -> StepTime:
@@ -89,7 +97,8 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
 
 
 SPEC = BackendSpec(
-    name="host_adam", engine=HostAdamBackend, memory_terms=memory_terms, step_time=step_time,
+    name="host_adam", engine=HostAdamBackend, memory_terms=memory_terms, built_on_gpu=built_on_gpu,
+    step_time=step_time,
     checkpoint_weight_bytes=4, exact_optimizer="adamw",
     pinned_optimizer=lambda optimizer: "adamw" if optimizer in ("adamw", "cpu_adam") else None,
     own_adamw=True, needs_cuda=True, plan_variants=plan_variants, sizes_blocks_on_gpu=True,

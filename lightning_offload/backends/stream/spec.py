@@ -11,7 +11,7 @@ from lightning_offload.backends.stream.checkpoint import MANIFEST, client_state,
 from lightning_offload.backends.stream.placement import DISK_BUFFERS, page_rounded
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (ADAMW_8BIT, GPU_UPDATE_RATE, OPTIMIZER_STATE_BYTES, CandidateLevers,
-                                             MemoryInputs, MemoryTerms, Plan, StepInputs, StepTime)
+                                             MemoryInputs, MemoryTerms, Plan, StepInputs, StepTime, compute_weights)
 
 # Blocks are streamed and recomputed one at a time: the policies that keep no block's activations whole.
 POLICIES = ("full", "offload")
@@ -43,13 +43,14 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     streamed = (stats.blocks - resident) * block
     # The largest unit streamed through the rings may be the embedding or the output layer, not a block.
     largest = max(block, stats.embedding_parameters)
+    weights, size = inputs.weights
     gpu = {
-        "bf16 weights (resident blocks, embeddings, head)": 2 * (resident * block + stats.other_parameters),
-        "bf16 weight ring (three units)": 2 * StreamConfig.weight_slots * block,
+        f"{weights} weights (resident blocks, embeddings, head)": size * (resident * block + stats.other_parameters),
+        f"{weights} weight ring (three units)": size * StreamConfig.weight_slots * block,
         "optimizer state ring (three units)": int(StreamConfig.state_slots * state_bytes * largest),
         **inputs.gradients_updated_in_backward(max(stats.trainable_block_parameters, stats.embedding_parameters)),
     }
-    host = {"bf16 weights (streamed blocks)": 2 * streamed,
+    host = {f"{weights} weights (streamed blocks)": size * streamed,
             "optimizer state": int(state_bytes * stats.trainable_parameters)}
     disk = {}
     moved, staging = disk_tier_bytes(int(state_bytes * stats.trainable_block_parameters), plan.disk_blocks or 0)
@@ -67,8 +68,9 @@ def step_time(inputs: StepInputs) -> StepTime:
     params = stats.parameters
     streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
     state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params
-    weights_in = inputs.accumulate * inputs.passes * 2 * streamed
-    both_ways = 2 * max(state, state + 2 * streamed) / inputs.duplex
+    size = compute_weights(stats.precision)[1]
+    weights_in = inputs.accumulate * inputs.passes * size * streamed
+    both_ways = 2 * max(state, state + size * streamed) / inputs.duplex
     transfer = weights_in / inputs.h2d + both_ways
     update = params / GPU_UPDATE_RATE[plan.optimizer]
     total = max(inputs.compute + update, transfer + inputs.offload)
