@@ -87,11 +87,11 @@ class BackendSpec:
     memory_terms: Callable[[MemoryInputs], MemoryTerms]
     """The backend's bytes per tier, term by term, beside the terms every plan has (activations, the process)."""
     step_time: Callable[[StepInputs], StepTime]
+    checkpoint_weight_bytes: float
+    """Bytes per parameter of the weights a checkpoint holds (in the precision the engine keeps as the truth)."""
     built_on_gpu: Callable[[MemoryInputs], int] | None = None
     """Bytes a model built in `configure_model` takes on the GPU as the engine's build context leaves it, before the
     engine converts it (`memory_terms` count what the step holds); None: no more than its step's weights."""
-    checkpoint_weight_bytes: float
-    """Bytes per parameter of the weights a checkpoint holds (in the precision the engine keeps as the truth)."""
     exact_optimizer: str | None = None
     """The optimizer state it keeps for the user's own AdamW (fp32 state); None: it has no exact plan."""
     eight_bit_optimizer: str | None = None

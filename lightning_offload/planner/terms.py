@@ -105,8 +105,10 @@ class Plan:
 def compute_weights(precision: str) -> tuple[str, int]:
     """The dtype (its name, bytes per element) of the weights an engine computes with, and of their gradients, under
     the Trainer's `precision`: the 16-bit precisions keep 16-bit copies, `32-true` fp32."""
-    if precision.startswith("32") or precision.startswith("64"):
-        return ("fp64", 8) if precision.startswith("64") else ("fp32", 4)
+    if precision.startswith("64"):
+        return "fp64", 8
+    if precision.startswith("32"):
+        return "fp32", 4
     return ("fp16", 2) if precision.startswith("16") else ("bf16", 2)
 
 

@@ -32,9 +32,9 @@ def gpu_state_parameters(stats: ModelStats, plan: Plan) -> int:
     return blocks * stats.trainable_block_parameters + (stats.trainable_embedding_parameters if blocks else 0)
 
 
-def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan, gradient_bytes: int = 2) -> int:
-    """Gradients (`gradient_bytes` each) of the blocks whose state is in host memory that may wait on the GPU for a pinned slot while
-    the host steps earlier ones, beyond the activations their own backward frees.
+def gradients_waiting_for_the_host(stats: ModelStats, plan: Plan, gradient_bytes: int) -> int:
+    """Gradients (`gradient_bytes` each) of the blocks whose state is in host memory that may wait on the GPU for a
+    pinned slot while the host steps earlier ones, beyond the activations their own backward frees.
 
     Nothing but the host's pace bounds that queue, so all of them count. A block kept whole frees more than it
     produces; a checkpointed block frees only its input.
@@ -97,9 +97,8 @@ def plan_variants(base: Plan, stats: ModelStats, levers: CandidateLevers) -> lis
 
 
 SPEC = BackendSpec(
-    name="host_adam", engine=HostAdamBackend, memory_terms=memory_terms, built_on_gpu=built_on_gpu,
-    step_time=step_time,
-    checkpoint_weight_bytes=4, exact_optimizer="adamw",
+    name="host_adam", engine=HostAdamBackend, memory_terms=memory_terms, step_time=step_time,
+    checkpoint_weight_bytes=4, built_on_gpu=built_on_gpu, exact_optimizer="adamw",
     pinned_optimizer=lambda optimizer: "adamw" if optimizer in ("adamw", "cpu_adam") else None,
     own_adamw=True, needs_cuda=True, plan_variants=plan_variants, sizes_blocks_on_gpu=True,
     plan_detail=lambda plan: f", {plan.resident_blocks} blocks' state on the GPU",
