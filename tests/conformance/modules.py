@@ -92,6 +92,25 @@ def llama_gqa_untied_in_configure_model() -> pl.LightningModule:
     return _HuggingFaceModule(lambda: _llama(tied=False, kv_heads=2), in_configure_model=True)
 
 
+class _LoRAModule(_HuggingFaceModule):
+    """A fine-tuning script's LoRA: peft adapters (with dropout) on a Llama built in `configure_model`, the optimizer
+    given the trainable parameters only."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _llama_with_lora() -> nn.Module:
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    return peft.get_peft_model(_llama(tied=False, kv_heads=2), config)
+
+
+def llama_peft_lora_in_configure_model() -> pl.LightningModule:
+    return _LoRAModule(_llama_with_lora, in_configure_model=True)
+
+
 class _T5Module(_HuggingFaceModule):
     def batch_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         inputs, targets = batch
@@ -290,6 +309,7 @@ LABELS: dict[str, str] = {
     "lightning_transformer": "Lightning `LightningTransformer` (local tokens)",
     "llama_tied": "decoder-only (Llama), tied embeddings",
     "llama_gqa_untied_in_configure_model": "decoder-only, GQA, untied, built in `configure_model`",
+    "llama_peft_lora_in_configure_model": "peft LoRA (with dropout) on a Llama built in `configure_model`",
     "t5": "encoder-decoder (T5)",
     "bert_mlm": "encoder-only (BERT masked LM)",
     "cnn_batchnorm": "CNN with BatchNorm, shuffled loader",

@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -122,6 +122,12 @@ def _converted(tensor: torch.Tensor) -> None:
     """A logged step that only moves the weights to its dtype and device (`module.to(torch.bfloat16)`)."""
 
 
+def _conversion_to(value: torch.Tensor, device: torch.device) -> _Step:
+    """The step that converts the weights to `value`'s dtype (and to its device, unless on meta: `device`)."""
+    contiguous = (value.shape, torch.empty(value.shape, device="meta").stride(), 0)
+    return _Step(_converted, contiguous, value.dtype, device if value.is_meta else value.device, (_TARGET,), {}, None)
+
+
 @dataclass
 class InitRecord:
     """How a parameter built on meta got its initial weights under `strategy="auto"`: the value it was registered
@@ -170,7 +176,9 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
 
     def register_parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register_parameter(module, name, param)
-        if param is not None and not param.is_meta:
+        if param is not None and param.is_meta and record and init_record(param) is None:
+            build.adopt(param)
+        elif param is not None and not param.is_meta:
             on_meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
             on_meta.__dict__.update(param.__dict__)
             if record:
@@ -208,7 +216,8 @@ class _Build(TorchFunctionMode):
         self.uninitialised: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """Host storages `torch.empty` made that nothing wrote into yet."""
         self.same_values: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        """Meta tensors holding a parameter's values (`param.to(torch.bfloat16)`) -> its `InitRecord`."""
+        """The storages of meta tensors holding a parameter's values (`param.to(torch.bfloat16)`) -> its
+        `InitRecord`."""
         self.computed: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """Meta tensors computed from recorded ones -> how (`_Computed`)."""
 
@@ -274,7 +283,7 @@ class _Build(TorchFunctionMode):
             source = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
             source_record = self._record_of(source) if source is not None else None
             if name in _SAME_VALUES and source_record is not None and isinstance(result, torch.Tensor):
-                self.same_values[result] = source_record
+                self.same_values[result.untyped_storage()] = source_record
             if how is not None and isinstance(result, torch.Tensor):
                 self.computed[result] = how
             return result
@@ -337,10 +346,9 @@ class _Build(TorchFunctionMode):
         """`param.data = value`: the parameter's record follows its new storage."""
         record = self._record_of(param) if param.is_meta else None
         if record is not None:
-            if self.same_values.get(value) is record and value.shape == record.shape:
-                contiguous = (value.shape, torch.empty(value.shape, device="meta").stride(), 0)
-                record.steps.append(_Step(_converted, contiguous, value.dtype, value.device if not value.is_meta
-                                          else record.device, (_TARGET,), {}, None))
+            storage = _storage(value) if value.is_meta else None
+            if storage is not None and self.same_values.get(storage) is record and value.shape == record.shape:
+                record.steps.append(_conversion_to(value, record.device))
             elif not value.is_meta and not self._is_unknown(value):
                 initial = self.initial_value(value)
                 record.initial, record.steps = initial, []
@@ -351,6 +359,21 @@ class _Build(TorchFunctionMode):
         func(param, self._on_meta(value))
         if record is not None:
             self.records[param.untyped_storage()] = record
+
+    def adopt(self, param: nn.Parameter) -> None:
+        """A meta parameter registered as it is: one made of a recorded parameter's weights (`nn.Parameter(p.data)`)
+        shares its record, one of their converted copy (`nn.Parameter(p.data.to(torch.float32))`, as peft upcasts
+        its adapters) gets the record with the conversion."""
+        storage = _storage(param)
+        record = None if storage is None else self.records.get(storage)
+        if record is None and storage is not None:
+            source = self.same_values.get(storage)
+            if source is None or source.shape != param.shape:
+                return
+            record = replace(source, steps=[*source.steps, _conversion_to(param, source.device)])
+            self.records[storage] = record
+        if record is not None:
+            setattr(param, _RECORD, record)
 
     def _record_of(self, tensor: torch.Tensor) -> InitRecord | None:
         storage = _storage(tensor)

@@ -80,6 +80,19 @@ class InitialisedEveryWay(nn.Module):
         self.register_buffer("row_norms", self.orthogonal.norm(dim=1))
 
 
+class ReassignedAsNewParameters(nn.Module):
+    """Initialised weights re-registered as new parameters: their own storage (`nn.Parameter(p.data)`) and a
+    converted copy, as peft upcasts its bf16 adapters (`nn.Parameter(p.data.to(torch.float32))`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(FEATURES, FEATURES, dtype=torch.bfloat16)
+        self.upcast = nn.Linear(FEATURES, 2, dtype=torch.bfloat16)
+        self.shared.weight = nn.Parameter(self.shared.weight.data, requires_grad=False)
+        for name, param in list(self.upcast.named_parameters()):
+            setattr(self.upcast, name, nn.Parameter(param.data.to(torch.float32)))
+
+
 def build_under_auto_and_on_meta(build):
     """`build()` in host memory and under `parameters_on_meta`, from the same seed; the random states after each."""
     torch.manual_seed(0)
@@ -104,8 +117,9 @@ def assert_replays_as_built(on_meta: nn.Module, auto: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("build", [DrawsInItsConstructor, InitialisedEveryWay,
-                                   lambda: InitialisedEveryWay().to(torch.bfloat16)],
-                         ids=["drawn_in_the_constructor", "initialised_every_way", "cast_to_bf16"])
+                                   lambda: InitialisedEveryWay().to(torch.bfloat16), ReassignedAsNewParameters],
+                         ids=["drawn_in_the_constructor", "initialised_every_way", "cast_to_bf16",
+                              "reassigned_as_new_parameters"])
 def test_each_parameter_replays_the_weights_auto_builds_and_the_generator_ends_where_autos_does(build) -> None:
     auto, auto_state, on_meta, state = build_under_auto_and_on_meta(build)
     assert torch.equal(state, auto_state)
