@@ -92,6 +92,24 @@ def llama_gqa_untied_in_configure_model() -> pl.LightningModule:
     return _HuggingFaceModule(lambda: _llama(tied=False, kv_heads=2), in_configure_model=True)
 
 
+def gpt2_conv1d() -> pl.LightningModule:
+    """GPT-2: transformers' `Conv1D` layers (weights stored transposed), learned positions, tied output layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=SEQ_LEN)
+    return _HuggingFaceModule(lambda: GPT2LMHeadModel(config))
+
+
+def mixtral_moe_in_configure_model() -> pl.LightningModule:
+    """Mixture of experts: each token routed to 2 of 4 experts (shapes that depend on the routing)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=SEQ_LEN)
+    return _HuggingFaceModule(lambda: MixtralForCausalLM(config), in_configure_model=True)
+
+
 class _LoRAModule(_HuggingFaceModule):
     """A fine-tuning script's LoRA: peft adapters (with dropout) on a Llama built in `configure_model`, the optimizer
     given the trainable parameters only."""
@@ -310,6 +328,8 @@ LABELS: dict[str, str] = {
     "llama_tied": "decoder-only (Llama), tied embeddings",
     "llama_gqa_untied_in_configure_model": "decoder-only, GQA, untied, built in `configure_model`",
     "llama_peft_lora_in_configure_model": "peft LoRA (with dropout) on a Llama built in `configure_model`",
+    "gpt2_conv1d": "GPT-2 (`Conv1D` layers, learned positions, tied)",
+    "mixtral_moe_in_configure_model": "mixture of experts (Mixtral, 2 of 4 experts), built in `configure_model`",
     "t5": "encoder-decoder (T5)",
     "bert_mlm": "encoder-only (BERT masked LM)",
     "cnn_batchnorm": "CNN with BatchNorm, shuffled loader",
