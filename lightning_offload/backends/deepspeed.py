@@ -220,6 +220,35 @@ def _init_functions_reach_partitioned_parameters() -> AbstractContextManager:
 
 
 @contextmanager
+def _copies_of_partitioned_parameters_are_whole() -> Iterator[None]:
+    """Makes `copy.deepcopy` of an already-partitioned parameter copy its weights.
+
+    A module that clones a built layer (`nn.TransformerEncoder` deep-copies its `encoder_layer`) would copy the
+    0-element placeholder zero.Init leaves once a module's `__init__` returns. The copy is an ordinary parameter in
+    host memory, gathered from the original, which the engine partitions when it starts, as it partitions a model
+    built without zero.Init.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    deepcopy_parameter = torch.nn.Parameter.__deepcopy__
+
+    def deepcopy_gathered(param: torch.nn.Parameter, memo: dict) -> torch.nn.Parameter:
+        if id(param) in memo or getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+            return deepcopy_parameter(param, memo)
+        with deepspeed.zero.GatheredParameters([param]):
+            copied = type(param)(param.data.to("cpu", copy=True), param.requires_grad)
+        memo[id(param)] = copied
+        return copied
+
+    torch.nn.Parameter.__deepcopy__ = deepcopy_gathered  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Parameter.__deepcopy__ = deepcopy_parameter  # type: ignore[method-assign]
+
+
+@contextmanager
 def _transformers_sees_zero3(config: dict[str, Any]) -> Iterator[None]:
     """Lets `from_pretrained` in `configure_model` load into partitioned parameters: `transformers` gathers each
     module's weights while it loads them only while a `HfDeepSpeedConfig` of stage 3 is alive."""
@@ -453,7 +482,8 @@ class DeepSpeedBackend(Backend):
             config_dict_or_path=config,
             remote_device=self._parameter_device() if self.config.offload_parameters else None,
             pin_memory=self.config.pin_memory,
-        ), _init_functions_reach_partitioned_parameters(), _transformers_sees_zero3(config):
+        ), _init_functions_reach_partitioned_parameters(), _copies_of_partitioned_parameters_are_whole(), \
+                _transformers_sees_zero3(config):
             yield
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:

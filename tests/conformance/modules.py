@@ -110,6 +110,39 @@ def mixtral_moe_in_configure_model() -> pl.LightningModule:
     return _HuggingFaceModule(lambda: MixtralForCausalLM(config), in_configure_model=True)
 
 
+class _TorchEncoderLM(pl.LightningModule):
+    """torch's own `nn.TransformerEncoder` as a causal LM, built in `configure_model`: it deep-copies the layer it is
+    given, whose `nn.MultiheadAttention` initialises through `torch.nn.init` functions imported by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net: nn.ModuleDict | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, norm_first=True)
+            self.net = nn.ModuleDict({"embedding": nn.Embedding(VOCAB, 32), "head": nn.Linear(32, VOCAB),
+                                      "encoder": nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)})
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        causal = nn.Transformer.generate_square_subsequent_mask(inputs.shape[1], device=inputs.device)
+        hidden = self.net["encoder"](self.net["embedding"](inputs), mask=causal, is_causal=True)
+        loss = F.cross_entropy(self.net["head"](hidden).flatten(0, 1).float(), targets.flatten())
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        return token_loader()
+
+
+def torch_transformer_encoder_in_configure_model() -> pl.LightningModule:
+    return _TorchEncoderLM()
+
+
 class _LoRAModule(_HuggingFaceModule):
     """A fine-tuning script's LoRA: peft adapters (with dropout) on a Llama built in `configure_model`, the optimizer
     given the trainable parameters only."""
@@ -329,6 +362,8 @@ LABELS: dict[str, str] = {
     "llama_gqa_untied_in_configure_model": "decoder-only, GQA, untied, built in `configure_model`",
     "llama_peft_lora_in_configure_model": "peft LoRA (with dropout) on a Llama built in `configure_model`",
     "gpt2_conv1d": "GPT-2 (`Conv1D` layers, learned positions, tied)",
+    "torch_transformer_encoder_in_configure_model": "torch's `nn.TransformerEncoder` (cloned layers), built in "
+                                                    "`configure_model`",
     "mixtral_moe_in_configure_model": "mixture of experts (Mixtral, 2 of 4 experts), built in `configure_model`",
     "t5": "encoder-decoder (T5)",
     "bert_mlm": "encoder-only (BERT masked LM)",

@@ -173,6 +173,7 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
     """
     build = _Build(record)
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    deepcopy_parameter = nn.Parameter.__deepcopy__
 
     def register_parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register_parameter(module, name, param)
@@ -190,14 +191,23 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
         register_buffer(module, name, tensor, persistent)
         build.modules.add(module)
 
+    def deepcopy_on_meta(param: nn.Parameter, memo: dict) -> nn.Parameter:
+        # A module's copy (`nn.TransformerEncoder` clones its layer) holds the weights of the one it copies.
+        copied = deepcopy_parameter(param, memo)
+        if record and copied.is_meta and init_record(copied) is None:
+            build.adopt(copied)
+        return copied
+
     nn.Module.register_parameter = register_parameter_on_meta  # type: ignore[method-assign]
     nn.Module.register_buffer = register_buffer_seen  # type: ignore[method-assign]
+    nn.Parameter.__deepcopy__ = deepcopy_on_meta  # type: ignore[method-assign]
     try:
         with build, wrapped_init_functions(build.logged_whole) if record else nullcontext():
             yield
     finally:
         nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
         nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        nn.Parameter.__deepcopy__ = deepcopy_parameter  # type: ignore[method-assign]
     build.leave_unknown_buffers_on_meta()
 
 
@@ -361,9 +371,9 @@ class _Build(TorchFunctionMode):
             self.records[param.untyped_storage()] = record
 
     def adopt(self, param: nn.Parameter) -> None:
-        """A meta parameter registered as it is: one made of a recorded parameter's weights (`nn.Parameter(p.data)`)
-        shares its record, one of their converted copy (`nn.Parameter(p.data.to(torch.float32))`, as peft upcasts
-        its adapters) gets the record with the conversion."""
+        """A meta parameter made outside the build's view: one of a recorded parameter's weights
+        (`nn.Parameter(p.data)`) shares its record, one of their copy (`nn.Parameter(p.data.to(torch.float32))`, as
+        peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion."""
         storage = _storage(param)
         record = None if storage is None else self.records.get(storage)
         if record is None and storage is not None:
