@@ -249,6 +249,37 @@ def _copies_of_partitioned_parameters_are_whole() -> Iterator[None]:
 
 
 @contextmanager
+def _parametrizations_read_partitioned_weights() -> Iterator[None]:
+    """Makes `register_parametrization` (`weight_norm`, `spectral_norm`, `orthogonal`) on an already-partitioned
+    module read its weights.
+
+    A parametrization registered once the module's `__init__` has returned would compute its parameters (weight
+    norm's magnitude and direction) from the 0-element placeholder. The module's own parameters are gathered while it
+    registers; the parametrization's parameters are partitioned by zero.Init as their module's `__init__` returns.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from torch.nn.utils import parametrize
+
+    register = parametrize.register_parametrization
+
+    @functools.wraps(register)
+    def register_gathered(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        partitioned = [p for p in module.parameters(recurse=False)
+                       if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        if not partitioned:
+            return register(module, *args, **kwargs)
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+            return register(module, *args, **kwargs)
+
+    parametrize.register_parametrization = register_gathered
+    try:
+        yield
+    finally:
+        parametrize.register_parametrization = register
+
+
+@contextmanager
 def _transformers_sees_zero3(config: dict[str, Any]) -> Iterator[None]:
     """Lets `from_pretrained` in `configure_model` load into partitioned parameters: `transformers` gathers each
     module's weights while it loads them only while a `HfDeepSpeedConfig` of stage 3 is alive."""
@@ -483,7 +514,7 @@ class DeepSpeedBackend(Backend):
             remote_device=self._parameter_device() if self.config.offload_parameters else None,
             pin_memory=self.config.pin_memory,
         ), _init_functions_reach_partitioned_parameters(), _copies_of_partitioned_parameters_are_whole(), \
-                _transformers_sees_zero3(config):
+                _parametrizations_read_partitioned_weights(), _transformers_sees_zero3(config):
             yield
 
     def optimizer_state_device(self, device: torch.device) -> torch.device:

@@ -143,6 +143,36 @@ def torch_transformer_encoder_in_configure_model() -> pl.LightningModule:
     return _TorchEncoderLM()
 
 
+class _WeightNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + torch.tanh(self.linear(hidden))
+
+
+class _WeightNormLM(_TorchEncoderLM):
+    """Residual blocks of weight-normalised layers (`nn.utils.parametrizations.weight_norm`, as speech models' convolutions
+    are), built in `configure_model`."""
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.ModuleDict({"embedding": nn.Embedding(VOCAB, 32), "head": nn.Linear(32, VOCAB),
+                                      "blocks": nn.Sequential(*(_WeightNormBlock() for _ in range(3)))})
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self.net["head"](self.net["blocks"](self.net["embedding"](inputs)))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        self.log("train_loss", loss)
+        return loss
+
+
+def weight_norm_in_configure_model() -> pl.LightningModule:
+    return _WeightNormLM()
+
+
 class _LoRAModule(_HuggingFaceModule):
     """A fine-tuning script's LoRA: peft adapters (with dropout) on a Llama built in `configure_model`, the optimizer
     given the trainable parameters only."""
@@ -364,6 +394,8 @@ LABELS: dict[str, str] = {
     "gpt2_conv1d": "GPT-2 (`Conv1D` layers, learned positions, tied)",
     "torch_transformer_encoder_in_configure_model": "torch's `nn.TransformerEncoder` (cloned layers), built in "
                                                     "`configure_model`",
+    "weight_norm_in_configure_model": "weight-normalised layers (`parametrizations.weight_norm`), built in "
+                                      "`configure_model`",
     "mixtral_moe_in_configure_model": "mixture of experts (Mixtral, 2 of 4 experts), built in `configure_model`",
     "t5": "encoder-decoder (T5)",
     "bert_mlm": "encoder-only (BERT masked LM)",

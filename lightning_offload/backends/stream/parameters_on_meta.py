@@ -230,19 +230,23 @@ class _Build(TorchFunctionMode):
         `InitRecord`."""
         self.computed: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """Meta tensors computed from recorded ones -> how (`_Computed`)."""
+        self.computed_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Their storages -> (shape, how): a parameter made of one (`Parameter(weight.norm(dim=1))`) shares it."""
 
     def record(self, param: nn.Parameter, device: torch.device, initial: torch.Tensor | None) -> None:
         record = InitRecord(param.shape, param.dtype, device, initial)
         setattr(param, _RECORD, record)
         self.records[param.untyped_storage()] = record
 
-    def record_computed(self, tensor: torch.Tensor) -> None:
-        """A meta buffer computed from parameters' weights (`weight.norm(dim=1)`) gets the record of that."""
+    def record_computed(self, tensor: torch.Tensor, how: _Computed | None = None) -> InitRecord:
+        """A meta buffer or parameter computed from parameters' weights (`weight.norm(dim=1)`, `how`; default: as the
+        build saw it computed) gets the record of that."""
         record = InitRecord(tensor.shape, tensor.dtype, torch.get_default_device(), None)
         contiguous = (tensor.shape, tensor.stride(), tensor.storage_offset())
         record.steps.append(_Step(torch.Tensor.copy_, contiguous, tensor.dtype, record.device,
-                                  (_TARGET, self.computed[tensor]), {}, None))
+                                  (_TARGET, how or self.computed[tensor]), {}, None))
         setattr(tensor, _RECORD, record)
+        return record
 
     def logged_whole(self, init_function: InitFunction) -> InitFunction:
         """`torch.nn.init`'s functions on a parameter are logged as one step: `orthogonal_` draws into a tensor of
@@ -296,6 +300,7 @@ class _Build(TorchFunctionMode):
                 self.same_values[result.untyped_storage()] = source_record
             if how is not None and isinstance(result, torch.Tensor):
                 self.computed[result] = how
+                self.computed_storages[result.untyped_storage()] = (result.shape, how)
             return result
         random_state = None if self.recording else torch.get_rng_state()
         result = func(*args, **kwargs)
@@ -373,17 +378,21 @@ class _Build(TorchFunctionMode):
     def adopt(self, param: nn.Parameter) -> None:
         """A meta parameter made outside the build's view: one of a recorded parameter's weights
         (`nn.Parameter(p.data)`) shares its record, one of their copy (`nn.Parameter(p.data.to(torch.float32))`, as
-        peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion."""
+        peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion, and one computed from
+        them (weight norm's magnitude) the record of that computation."""
         storage = _storage(param)
         record = None if storage is None else self.records.get(storage)
         if record is None and storage is not None:
             source = self.same_values.get(storage)
-            if source is None or source.shape != param.shape:
+            shape, how = self.computed_storages.get(storage, (None, None))
+            if source is not None and source.shape == param.shape:
+                record = replace(source, steps=[*source.steps, _conversion_to(param, source.device)])
+            elif how is not None and shape == param.shape:
+                record = self.record_computed(param, how)
+            else:
                 return
-            record = replace(source, steps=[*source.steps, _conversion_to(param, source.device)])
             self.records[storage] = record
-        if record is not None:
-            setattr(param, _RECORD, record)
+        setattr(param, _RECORD, record)
 
     def _record_of(self, tensor: torch.Tensor) -> InitRecord | None:
         storage = _storage(tensor)

@@ -119,9 +119,10 @@ def assert_replays_as_built(on_meta: nn.Module, auto: nn.Module) -> None:
 @pytest.mark.parametrize("build", [DrawsInItsConstructor, InitialisedEveryWay,
                                    lambda: InitialisedEveryWay().to(torch.bfloat16), ReassignedAsNewParameters,
                                    lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(FEATURES, 2, 16), 2,
-                                                                 enable_nested_tensor=False)],
+                                                                 enable_nested_tensor=False),
+                                   lambda: nn.utils.parametrizations.weight_norm(nn.Linear(FEATURES, FEATURES))],
                          ids=["drawn_in_the_constructor", "initialised_every_way", "cast_to_bf16",
-                              "reassigned_as_new_parameters", "deep_copied_layers"])
+                              "reassigned_as_new_parameters", "deep_copied_layers", "weight_norm"])
 def test_each_parameter_replays_the_weights_auto_builds_and_the_generator_ends_where_autos_does(build) -> None:
     auto, auto_state, on_meta, state = build_under_auto_and_on_meta(build)
     assert torch.equal(state, auto_state)
