@@ -18,7 +18,7 @@ import tempfile
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -250,33 +250,40 @@ def _copies_of_partitioned_parameters_are_whole() -> Iterator[None]:
 
 @contextmanager
 def _parametrizations_read_partitioned_weights() -> Iterator[None]:
-    """Makes `register_parametrization` (`weight_norm`, `spectral_norm`, `orthogonal`) on an already-partitioned
-    module read its weights.
+    """Makes a parametrization (`weight_norm`, `spectral_norm`, `orthogonal`, any `register_parametrization`) of an
+    already-partitioned module read its weights.
 
-    A parametrization registered once the module's `__init__` has returned would compute its parameters (weight
-    norm's magnitude and direction) from the 0-element placeholder. The module's own parameters are gathered while it
-    registers; the parametrization's parameters are partitioned by zero.Init as their module's `__init__` returns.
+    A parametrization added once the module's `__init__` has returned would be computed (weight norm's magnitude and
+    direction, spectral norm's power iteration) from the 0-element placeholder. The module's own parameters are
+    gathered while it is added; the parametrization's parameters and buffers are partitioned by zero.Init as their
+    module's `__init__` returns.
     """
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from torch.nn.utils import parametrize
+    from torch.nn.utils import parametrizations, parametrize
 
-    register = parametrize.register_parametrization
+    def gathering(add: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(add)
+        def add_gathered(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            partitioned = [p for p in module.parameters(recurse=False)
+                           if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+            if not partitioned:
+                return add(module, *args, **kwargs)
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+                return add(module, *args, **kwargs)
 
-    @functools.wraps(register)
-    def register_gathered(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        partitioned = [p for p in module.parameters(recurse=False)
-                       if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
-        if not partitioned:
-            return register(module, *args, **kwargs)
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
-            return register(module, *args, **kwargs)
+        return add_gathered
 
-    parametrize.register_parametrization = register_gathered
+    adders = [(parametrize, "register_parametrization"),
+              *((parametrizations, name) for name in ("weight_norm", "spectral_norm", "orthogonal"))]
+    originals = [getattr(namespace, name) for namespace, name in adders]
     try:
+        for (namespace, name), add in zip(adders, originals, strict=True):
+            setattr(namespace, name, gathering(add))
         yield
     finally:
-        parametrize.register_parametrization = register
+        for (namespace, name), add in zip(adders, originals, strict=True):
+            setattr(namespace, name, add)
 
 
 @contextmanager

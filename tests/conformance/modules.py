@@ -143,23 +143,24 @@ def torch_transformer_encoder_in_configure_model() -> pl.LightningModule:
     return _TorchEncoderLM()
 
 
-class _WeightNormBlock(nn.Module):
+class _NormalisedBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+        self.weight_normed = nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))
+        self.spectral_normed = nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + torch.tanh(self.linear(hidden))
+        return hidden + torch.tanh(self.spectral_normed(torch.tanh(self.weight_normed(hidden))))
 
 
 class _WeightNormLM(_TorchEncoderLM):
-    """Residual blocks of weight-normalised layers (`nn.utils.parametrizations.weight_norm`, as speech models' convolutions
-    are), built in `configure_model`."""
+    """Residual blocks of weight- and spectral-normalised layers (`nn.utils.parametrizations`: speech models'
+    convolutions, GAN discriminators), built in `configure_model`; spectral norm's vectors are drawn at random."""
 
     def configure_model(self) -> None:
         if self.net is None:
             self.net = nn.ModuleDict({"embedding": nn.Embedding(VOCAB, 32), "head": nn.Linear(32, VOCAB),
-                                      "blocks": nn.Sequential(*(_WeightNormBlock() for _ in range(3)))})
+                                      "blocks": nn.Sequential(*(_NormalisedBlock() for _ in range(3)))})
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
@@ -394,7 +395,7 @@ LABELS: dict[str, str] = {
     "gpt2_conv1d": "GPT-2 (`Conv1D` layers, learned positions, tied)",
     "torch_transformer_encoder_in_configure_model": "torch's `nn.TransformerEncoder` (cloned layers), built in "
                                                     "`configure_model`",
-    "weight_norm_in_configure_model": "weight-normalised layers (`parametrizations.weight_norm`), built in "
+    "weight_norm_in_configure_model": "weight- and spectral-normalised layers (`nn.utils.parametrizations`), built in "
                                       "`configure_model`",
     "mixtral_moe_in_configure_model": "mixture of experts (Mixtral, 2 of 4 experts), built in `configure_model`",
     "t5": "encoder-decoder (T5)",

@@ -16,11 +16,12 @@ like a meta tensor, `torch.randn_like(weight)`) leaves its module to its initial
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +42,8 @@ _SAME_VALUES = frozenset({"to", "type", "bfloat16", "half", "float", "double", "
 # Operations that draw a new tensor shaped like a meta one: under meta they draw nothing, so their numbers are unknown.
 _DRAWN_LIKE = frozenset({"rand_like", "randn_like", "randint_like", "normal", "bernoulli", "multinomial", "poisson",
                          "dropout", "rrelu"})
+# What one evaluation of recorded values has read: a recorded tensor at a step, a computation (`_read_once`).
+_VALUES_READ: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar("values_read", default=None)
 # Replays run in threads, each step with a generator of its own; one that only takes the global generator holds this.
 _GLOBAL_GENERATOR = threading.Lock()
 # The attribute a meta parameter carries its record under, until the backend that materialises it replays it.
@@ -67,7 +70,7 @@ class _WeightsAt:
     view: tuple[torch.Size, tuple[int, ...], int]
 
     def evaluate(self) -> torch.Tensor:
-        return self.record.value(self.steps).as_strided(*self.view)
+        return _read_once((id(self.record), self.steps), lambda: self.record.value(self.steps)).as_strided(*self.view)
 
 
 @dataclass
@@ -79,8 +82,26 @@ class _Computed:
     kwargs: dict
 
     def evaluate(self) -> Any:
-        args, kwargs = _evaluated((self.args, self.kwargs))
-        return self.func(*args, **kwargs)
+        def compute() -> Any:
+            args, kwargs = _evaluated((self.args, self.kwargs))
+            return self.func(*args, **kwargs)
+
+        return _read_once(id(self), compute)
+
+
+def _read_once(key: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()`, once per outermost evaluation: what the build computed from recorded values is a graph whose
+    nodes several later ones read (spectral norm's power iteration reads each vector twice), not a tree."""
+    read = _VALUES_READ.get()
+    outermost = _VALUES_READ.set({}) if read is None else None
+    try:
+        read = _VALUES_READ.get()
+        if key not in read:
+            read[key] = compute()
+        return read[key]
+    finally:
+        if outermost is not None:
+            _VALUES_READ.reset(outermost)
 
 
 def _evaluated(tree: Any, target: torch.Tensor | None = None) -> Any:
@@ -289,11 +310,18 @@ class _Build(TorchFunctionMode):
                 self.unknown[written] = True
                 return written
             try:
-                how = None if name in _DRAWN_LIKE else _Computed(func, *self._spec((args, kwargs), None))
+                how = None if name in _DRAWN_LIKE | _UNINITIALISED else _Computed(func, *self._spec((args, kwargs),
+                                                                                                   None))
             except _NotKnown:
                 how = None
             args, kwargs = pytree.tree_map_only(torch.Tensor, self._on_meta, (args, kwargs))
             result = func(*args, **kwargs)
+            if self.recording and name in _UNINITIALISED and isinstance(result, torch.Tensor):
+                # Shaped like a meta tensor (`weight.new_empty(rows)`): what is written into it is recorded, and
+                # drawn as auto draws it, as for a parameter.
+                record = InitRecord(result.shape, result.dtype, torch.get_default_device(), None)
+                self.records[result.untyped_storage()] = record
+                setattr(result, _RECORD, record)
             source = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_meta else None
             source_record = self._record_of(source) if source is not None else None
             if name in _SAME_VALUES and source_record is not None and isinstance(result, torch.Tensor):
@@ -362,8 +390,12 @@ class _Build(TorchFunctionMode):
         record = self._record_of(param) if param.is_meta else None
         if record is not None:
             storage = _storage(value) if value.is_meta else None
+            taken = None if storage is None else self.records.get(storage)
+            whole = value.storage_offset() == 0 and value.is_contiguous()
             if storage is not None and self.same_values.get(storage) is record and value.shape == record.shape:
                 record.steps.append(_conversion_to(value, record.device))
+            elif taken is not None and taken is not record and whole and value.shape == taken.shape:
+                record = taken  # another parameter's weights, whole (transformers' resized embedding)
             elif not value.is_meta and not self._is_unknown(value):
                 initial = self.initial_value(value)
                 record.initial, record.steps = initial, []
@@ -374,12 +406,13 @@ class _Build(TorchFunctionMode):
         func(param, self._on_meta(value))
         if record is not None:
             self.records[param.untyped_storage()] = record
+            setattr(param, _RECORD, record)
 
     def adopt(self, param: nn.Parameter) -> None:
         """A meta parameter made outside the build's view: one of a recorded parameter's weights
         (`nn.Parameter(p.data)`) shares its record, one of their copy (`nn.Parameter(p.data.to(torch.float32))`, as
-        peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion, and one computed from
-        them (weight norm's magnitude) the record of that computation."""
+        peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion, one computed from them
+        (weight norm's magnitude) the record of that computation, and an empty one made on meta a record of its own."""
         storage = _storage(param)
         record = None if storage is None else self.records.get(storage)
         if record is None and storage is not None:
@@ -389,6 +422,10 @@ class _Build(TorchFunctionMode):
                 record = replace(source, steps=[*source.steps, _conversion_to(param, source.device)])
             elif how is not None and shape == param.shape:
                 record = self.record_computed(param, how)
+            elif storage in self.uninitialised:
+                # Made on meta by name (`nn.Embedding(..., device=weight.device)`, as transformers resizes one):
+                # under auto it is made where the others are, and its initialiser draws there.
+                record = InitRecord(param.shape, param.dtype, torch.get_default_device(), None)
             else:
                 return
             self.records[storage] = record

@@ -93,6 +93,19 @@ class ReassignedAsNewParameters(nn.Module):
             setattr(self.upcast, name, nn.Parameter(param.data.to(torch.float32)))
 
 
+class ResizedLikeTransformers(nn.Module):
+    """An embedding grown as transformers' `resize_token_embeddings` grows it: a new table made where the old one is
+    (on meta, in the build), initialised, the old rows copied in, and its weights swapped into the old parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(FEATURES, 4)
+        grown = nn.Embedding(FEATURES + 2, 4, device=self.embedding.weight.device)
+        nn.init.normal_(grown.weight, std=0.02)
+        grown.weight.data[:FEATURES, :] = self.embedding.weight.data[:FEATURES, :]
+        self.embedding.weight.data = grown.weight.data
+
+
 def build_under_auto_and_on_meta(build):
     """`build()` in host memory and under `parameters_on_meta`, from the same seed; the random states after each."""
     torch.manual_seed(0)
@@ -120,9 +133,12 @@ def assert_replays_as_built(on_meta: nn.Module, auto: nn.Module) -> None:
                                    lambda: InitialisedEveryWay().to(torch.bfloat16), ReassignedAsNewParameters,
                                    lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(FEATURES, 2, 16), 2,
                                                                  enable_nested_tensor=False),
-                                   lambda: nn.utils.parametrizations.weight_norm(nn.Linear(FEATURES, FEATURES))],
+                                   lambda: nn.utils.parametrizations.weight_norm(nn.Linear(FEATURES, FEATURES)),
+                                   lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(FEATURES, FEATURES)),
+                                   ResizedLikeTransformers],
                          ids=["drawn_in_the_constructor", "initialised_every_way", "cast_to_bf16",
-                              "reassigned_as_new_parameters", "deep_copied_layers", "weight_norm"])
+                              "reassigned_as_new_parameters", "deep_copied_layers", "weight_norm", "spectral_norm",
+                              "resized_like_transformers"])
 def test_each_parameter_replays_the_weights_auto_builds_and_the_generator_ends_where_autos_does(build) -> None:
     auto, auto_state, on_meta, state = build_under_auto_and_on_meta(build)
     assert torch.equal(state, auto_state)
