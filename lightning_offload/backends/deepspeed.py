@@ -191,6 +191,13 @@ def _empty_caches() -> None:
             empty_host_cache()
 
 
+def _partitioned(tensor: torch.Tensor) -> bool:
+    """Whether zero.Init has partitioned `tensor`, leaving a 0-element placeholder until it is gathered."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(tensor, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+
+
 def _init_functions_reach_partitioned_parameters() -> AbstractContextManager:
     """Makes `torch.nn.init.*` calls on already-partitioned parameters take effect.
 
@@ -203,12 +210,11 @@ def _init_functions_reach_partitioned_parameters() -> AbstractContextManager:
     built in (`drawing_in`), so the weights are those of the model built without the strategy.
     """
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     def gathering(init_function: Any) -> Any:
         @functools.wraps(init_function)
         def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+            if not _partitioned(tensor):
                 return init_function(tensor, *args, **kwargs)
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
                 drawing_in(torch.get_default_dtype())(init_function)(tensor, *args, **kwargs)
@@ -229,12 +235,11 @@ def _copies_of_partitioned_parameters_are_whole() -> Iterator[None]:
     built without zero.Init.
     """
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     deepcopy_parameter = torch.nn.Parameter.__deepcopy__
 
     def deepcopy_gathered(param: torch.nn.Parameter, memo: dict) -> torch.nn.Parameter:
-        if id(param) in memo or getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+        if id(param) in memo or not _partitioned(param):
             return deepcopy_parameter(param, memo)
         with deepspeed.zero.GatheredParameters([param]):
             copied = type(param)(param.data.to("cpu", copy=True), param.requires_grad)
@@ -259,14 +264,12 @@ def _parametrizations_read_partitioned_weights() -> Iterator[None]:
     module's `__init__` returns.
     """
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from torch.nn.utils import parametrizations, parametrize
 
     def gathering(add: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(add)
         def add_gathered(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            partitioned = [p for p in module.parameters(recurse=False)
-                           if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+            partitioned = [p for p in module.parameters(recurse=False) if _partitioned(p)]
             if not partitioned:
                 return add(module, *args, **kwargs)
             with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):

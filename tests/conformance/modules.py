@@ -46,7 +46,17 @@ def lightning_transformer() -> pl.LightningModule:
     return LocalTokens(vocab_size=VOCAB)
 
 
-class _HuggingFaceModule(pl.LightningModule):
+class _TokenLM(pl.LightningModule):
+    """A language model trained with AdamW on the shuffled token loader; subclasses build the network."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        return token_loader()
+
+
+class _HuggingFaceModule(_TokenLM):
     """A transformers model trained on its own loss, as a fine-tuning script would."""
 
     def __init__(self, build: Callable[[], nn.Module], in_configure_model: bool = False) -> None:
@@ -66,12 +76,6 @@ class _HuggingFaceModule(pl.LightningModule):
         loss = self.model(**self.batch_inputs(batch)).loss
         self.log("train_loss", loss)
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self) -> DataLoader:
-        return token_loader()
 
 
 def _llama(tied: bool, kv_heads: int) -> nn.Module:
@@ -110,7 +114,7 @@ def mixtral_moe_in_configure_model() -> pl.LightningModule:
     return _HuggingFaceModule(lambda: MixtralForCausalLM(config), in_configure_model=True)
 
 
-class _TorchEncoderLM(pl.LightningModule):
+class _TorchEncoderLM(_TokenLM):
     """torch's own `nn.TransformerEncoder` as a causal LM, built in `configure_model`: it deep-copies the layer it is
     given, whose `nn.MultiheadAttention` initialises through `torch.nn.init` functions imported by name."""
 
@@ -131,12 +135,6 @@ class _TorchEncoderLM(pl.LightningModule):
         loss = F.cross_entropy(self.net["head"](hidden).flatten(0, 1).float(), targets.flatten())
         self.log("train_loss", loss)
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self) -> DataLoader:
-        return token_loader()
 
 
 def torch_transformer_encoder_in_configure_model() -> pl.LightningModule:

@@ -198,7 +198,7 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
 
     def register_parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register_parameter(module, name, param)
-        if param is not None and param.is_meta and record and init_record(param) is None:
+        if param is not None and param.is_meta:
             build.adopt(param)
         elif param is not None and not param.is_meta:
             on_meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
@@ -215,8 +215,7 @@ def parameters_on_meta(record: bool = True) -> Iterator[None]:
     def deepcopy_on_meta(param: nn.Parameter, memo: dict) -> nn.Parameter:
         # A module's copy (`nn.TransformerEncoder` clones its layer) holds the weights of the one it copies.
         copied = deepcopy_parameter(param, memo)
-        if record and copied.is_meta and init_record(copied) is None:
-            build.adopt(copied)
+        build.adopt(copied)
         return copied
 
     nn.Module.register_parameter = register_parameter_on_meta  # type: ignore[method-assign]
@@ -413,6 +412,8 @@ class _Build(TorchFunctionMode):
         (`nn.Parameter(p.data)`) shares its record, one of their copy (`nn.Parameter(p.data.to(torch.float32))`, as
         peft upcasts its adapters; a deep copy) gets a copy of the record with the conversion, one computed from them
         (weight norm's magnitude) the record of that computation, and an empty one made on meta a record of its own."""
+        if not self.recording or not param.is_meta or init_record(param) is not None:
+            return
         storage = _storage(param)
         record = None if storage is None else self.records.get(storage)
         if record is None and storage is not None:
