@@ -141,6 +141,9 @@ _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs",
 _LOSS_LABELS = {"chunked": ", chunked loss", "liger": ", Liger-Kernel's fused linear cross-entropy"}
 # More rows of a backend beside its default one: (name suffix, backend options, label[, module options]).
 _VARIANTS = {
+    # The planner's choice for a module computing its loss with `lightning_offload.losses` (no full logits): what
+    # the smaller machines' users run, where a 152K vocabulary's fp32 logits alone would take a 24 GB card's headroom.
+    "auto": [("chunked", {}, "", {"loss": "chunked"})],
     "host_adam": [
         ("all_host", {"gpu_state_blocks": 0, "cast_on_device": False},
          "; every optimizer state in host memory, weights cast on the host"),

@@ -76,6 +76,10 @@ class FineTune8B(LlamaModule):
         super().__init__(size, "by_strategy", "adamw")
         self.folder, self.source = folder, source
         self.load_s = self.setup_s = 0.0
+        self.read_s: list[float] = [0.0]
+        """`counting_read_seconds`'s running total, set by the caller."""
+        self.load_read_s = 0.0
+        """Seconds of it spent inside `configure_model`."""
         self.rss_before_load = 0
         self.peak: PeakRss | None = None
         # From `configure_model` to the first batch: where a backend that builds on the meta device (`stream`) reads
@@ -92,13 +96,14 @@ class FineTune8B(LlamaModule):
         self.setup_peak.__enter__()
         self.rss_before_load = status_bytes("VmRSS")
         with PeakRss() as peak:
-            started = time.perf_counter()
+            started, read_before = time.perf_counter(), self.read_s[0]
             if self.source == "pretrained":
                 self.model = lightning_offload.pretrained(self.folder)
             else:
                 super().configure_model()
             synchronize()
             self.load_s = time.perf_counter() - started
+        self.load_read_s = self.read_s[0] - read_before
         self.peak = peak
 
     def on_train_start(self) -> None:
@@ -145,6 +150,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     with counting_read_seconds() as read_s:
+        module.read_s = read_s
         trainer.fit(module, DataLoader(tokens, batch_size=args.micro_batch))
     report = trainer.strategy.plan_report
     chosen = report.chosen if report is not None else None
@@ -165,8 +171,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.source == "pretrained":
         # Where the weights are read while the engine is set up (stream), `configure_model` itself reads nothing.
-        result["load_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / module.load_s if module.load_s >= read_s[0] \
-            else None
+        result["load_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / module.load_s if module.load_read_s else None
         result["read_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / read_s[0] if read_s[0] else None
         result["setup_gb_s"] = folder_bytes(Path(args.folder)) / 1e9 / module.setup_s
     if args.delete_source:

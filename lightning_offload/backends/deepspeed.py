@@ -58,7 +58,7 @@ _TRAINER_OWNED_KEYS = {
 # DeepSpeed ZeRO-3 offload holds more host memory than its documented partitions (bf16 weights 2, fp32 master 4,
 # fp32 gradients 4, Adam state 8 bytes/param): bf16 gradient partitions, swap buffers and the pinned allocator's
 # rounding (bench/RESULTS.md, "Calibration constants").
-ENGINE_HOST_BYTES_PER_PARAM = 6.4
+ENGINE_HOST_BYTES_PER_PARAM = 6.8
 # ZeRO-Infinity's buffers as this backend configures them with state on NVMe (`offload_device="nvme"`):
 # five pinned bf16 parameter swap buffers of `NVME_BUFFER_NUMEL` elements (a parameter larger than one
 # stays in host memory: 250M covers every matrix of a 70B Llama block, 8192 x 28672), the bf16 partitions of the

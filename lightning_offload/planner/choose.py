@@ -17,7 +17,7 @@ from lightning_offload.planner.budget import GIB
 from lightning_offload.planner.cost import Ceilings, estimate_step_time
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.memory import Machine, MemoryEstimate, estimate_memory, shortfalls
-from lightning_offload.planner.terms import CandidateLevers, Plan, StepTime
+from lightning_offload.planner.terms import CandidateLevers, Plan, StepTime, compute_weights
 
 if TYPE_CHECKING:
     from lightning_offload.backends.needs import RunNeeds
@@ -445,13 +445,19 @@ def _clipping_hints(report: PlanReport, plans: list[Plan]) -> list[str]:
 
 
 def _fits_without_logits(report: PlanReport, plans: list[Plan]) -> Candidate | None:
-    """The plan that fits once the loss stops materialising the logits: their backward's gradients are replaced by
-    the chunked loss's slice, and what the loss saves of them stays counted (more than the chunked loss keeps)."""
+    """The plan that fits once the loss stops materialising the logits (`ChunkedLMHeadLoss`): their backward's
+    gradients are replaced by the chunked loss's slice, and the fp32 log-softmax a full loss saves by the gradients
+    the chunked one computes in forward and keeps (the head's weight and the hidden states, in the compute dtype)."""
     stats = report.stats
     if not stats.logits or not stats.tokens:
         return None
-    chunked = slice_workspace_bytes(stats.tokens, stats.logits // stats.tokens)
-    return _fitting(report, dataclasses.replace(stats, logits=0, loss_workspace_bytes=chunked), plans)
+    vocab = stats.logits // stats.tokens
+    log_softmax = min(4 * stats.logits, stats.outside_block_activation_bytes)
+    kept_gradients = (vocab + stats.tokens) * stats.width * compute_weights(stats.precision)[1]
+    chunked = dataclasses.replace(
+        stats, logits=0, loss_workspace_bytes=slice_workspace_bytes(stats.tokens, vocab),
+        outside_block_activation_bytes=stats.outside_block_activation_bytes - log_softmax + kept_gradients)
+    return _fitting(report, chunked, plans)
 
 
 def _other_backend(report: PlanReport, pinned: str) -> Candidate | None:

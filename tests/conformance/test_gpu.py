@@ -70,3 +70,19 @@ def _record_difference(kind: str, backend: str, losses: list[float], reference: 
     relative = ((got - want).abs() / want.abs()).max().item()
     with open(path, "a") as record:
         record.write(json.dumps({"kind": kind, "backend": backend, "max_relative_difference": relative}) + "\n")
+
+
+STREAMED_KINDS = [kind for kind in KINDS
+                  if not {(kind, "stream"), (kind, "gpu_8bit")} & (set(KNOWN_DIFFERENCES) | set(REFUSED))]
+
+
+@pytest.mark.parametrize("kind", STREAMED_KINDS)
+def test_stream_starts_from_the_weights_auto_draws_on_the_gpu(kind: str) -> None:
+    """`gpu_8bit` builds the model on the GPU, as `strategy="auto"` does there (CUDA's generator draws the weights of
+    a model built in `configure_model`); stream's meta build must record those draws. Before any update both run the
+    same bf16 forward on the same weights: the first losses agree to fp32 rounding."""
+    streamed = run(kind, SingleGPUOffloadStrategy(backend="stream"), precision="bf16-true", accelerator="gpu")
+    on_device = run(kind, SingleGPUOffloadStrategy(backend="gpu_8bit"), precision="bf16-true", accelerator="gpu")
+    if streamed.refusal is not None or on_device.refusal is not None:
+        pytest.skip(f"refused: {streamed.refusal or on_device.refusal}")
+    torch.testing.assert_close(streamed.losses[0], on_device.losses[0], rtol=1e-6, atol=0.0)

@@ -30,11 +30,11 @@ def test_optimizer_state_bytes_match_hand_calculation() -> None:
     assert adamw.gpu["fp32 weights"] == adamw.gpu["fp32 gradients"] == 4 * params
 
 
-def test_deepspeed_offload_holds_24_4_bytes_per_parameter_in_pinned_host_memory() -> None:
+def test_deepspeed_offload_holds_24_8_bytes_per_parameter_in_pinned_host_memory() -> None:
     estimate = estimate_memory(LLAMA_8B, Plan(backend="deepspeed", optimizer="cpu_adam"))
-    # 2 (bf16 partitions) + 4 (master) + 4 (fp32 gradients) + 8 (Adam) + 6.4 (engine buffers, as measured).
+    # 2 (bf16 partitions) + 4 (master) + 4 (fp32 gradients) + 8 (Adam) + 6.8 (engine buffers, as measured).
     assert estimate.host_bytes - PROCESS_BASELINE_BYTES == estimate.pinned_bytes
-    assert estimate.pinned_bytes == pytest.approx(24.4 * LLAMA_8B.parameters, abs=1)
+    assert estimate.pinned_bytes == pytest.approx(24.8 * LLAMA_8B.parameters, abs=1)
     assert estimate.gpu_bytes < 0.25 * estimate_memory(LLAMA_8B, Plan(backend="device")).gpu_bytes
 
 

@@ -163,7 +163,9 @@ class StreamBackend(Backend):
         if not self.config.build_on_meta:
             yield
             return
-        with parameters_on_meta(record=self.config.initial_weights == "as_auto"), from_pretrained_refused():
+        # On the device `strategy="auto"` builds on: its buffers and random draws (CUDA's generator) are auto's.
+        with torch.device(self._device), parameters_on_meta(record=self.config.initial_weights == "as_auto"), \
+                from_pretrained_refused():
             yield
 
     # ------------------------------------------------------------------ building

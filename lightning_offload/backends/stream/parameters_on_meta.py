@@ -164,9 +164,8 @@ class InitRecord:
 
     def value(self, steps: int | None = None) -> torch.Tensor:
         """The weights after the first `steps` steps (all by default)."""
-        value = self.initial if self.initial is not None else torch.empty(self.shape, dtype=self.dtype,
-                                                                           device=self.device)
-        value = value.clone() if self.steps and self.initial is not None else value
+        value = (torch.empty(self.shape, dtype=self.dtype, device=self.device) if self.initial is None
+                 else self.initial.to(self.device, copy=True))
         for step in self.steps[:steps]:
             value = step.apply(value)
         return value
@@ -254,7 +253,8 @@ class _Build(TorchFunctionMode):
         """Their storages -> (shape, how): a parameter made of one (`Parameter(weight.norm(dim=1))`) shares it."""
 
     def record(self, param: nn.Parameter, device: torch.device, initial: torch.Tensor | None) -> None:
-        record = InitRecord(param.shape, param.dtype, device, initial)
+        # Kept in host memory until the weights get theirs: a GPU-built model's values must not hold the GPU.
+        record = InitRecord(param.shape, param.dtype, device, None if initial is None else initial.cpu())
         setattr(param, _RECORD, record)
         self.records[param.untyped_storage()] = record
 
