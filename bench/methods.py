@@ -132,8 +132,8 @@ _PLAN_OPTIONS = {"gpu_8bit": {"checkpointing": "by_strategy", "loss": "chunked"}
                  # The module checkpoints every layer (the planner plans `full`); a 152K vocabulary's fp32 logits
                  # would take ~12 GiB of the GPU, i.e. a dozen resident blocks' worth of host memory.
                  "stream": {"loss": "chunked"}}
-# The benchmark's weights are random: recording auto's initial weights would add a CPU draw pass (minutes at 30B+)
-# to each cell's start, which no tokens/s row measures.
+# The benchmark's weights are random: recording auto's initial weights would add a second draw pass to each cell's
+# start, which no tokens/s row measures.
 _BACKEND_OPTIONS = {"stream": {"initial_weights": "on_device"}}
 _PLAN_LABELS = {"gpu_8bit": ", blocks checkpointed as memory needs",
                 "host_adam": ", checkpointing and the optimizer state's GPU share by the planner",

@@ -6,7 +6,7 @@ import functools
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -163,8 +163,9 @@ class StreamBackend(Backend):
         if not self.config.build_on_meta:
             yield
             return
-        # On the device `strategy="auto"` builds on: its buffers and random draws (CUDA's generator) are auto's.
-        with torch.device(self._device), parameters_on_meta(record=self.config.initial_weights == "as_auto"), \
+        as_auto = self.config.initial_weights == "as_auto"
+        # Recording auto's initial weights: on the device auto builds on, whose generator (CUDA's) draws them.
+        with torch.device(self._device) if as_auto else nullcontext(), parameters_on_meta(record=as_auto), \
                 from_pretrained_refused():
             yield
 
