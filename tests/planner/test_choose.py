@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
+from lightning_offload.losses import slice_workspace_bytes
 from lightning_offload.planner import (GIB, SAFETY_MARGIN, Ceilings, Machine, MemoryEstimate, Plan, PlanDoesNotFit,
                                        RunNeeds, estimate_memory, plan, shortfalls)
 from lightning_offload.planner.choose import Candidate, PlanReport, candidate_plans, choose, ordered
 from lightning_offload.planner.cost import StepTime, estimate_step_time
-from lightning_offload.losses import slice_workspace_bytes
 from tests.planner.test_memory import LLAMA_8B
 
 BACKENDS = ("deepspeed", "device", "fsdp", "gpu_8bit", "host_adam", "stream")
@@ -197,8 +197,8 @@ def test_refusal_names_a_loss_without_the_full_logits_where_that_fits() -> None:
 
 def test_the_hint_of_a_loss_without_logits_plans_what_the_chunked_loss_saves_instead() -> None:
     # transformers' loss saves its fp32 log-softmax (4 bytes a logit) outside the blocks; the chunked loss keeps the
-    # head's weight gradient and the hidden states' in bf16 instead (bench/RESULTS.md, "Smaller machines": 14.8B,
-    # 4.95 GiB outside the blocks with transformers' loss, 1.76 with the chunked one).
+    # head's weight gradient and the hidden states' in bf16 instead (bench/RESULTS.md, "the smaller machines' first
+    # cells": 14.8B, 4.95 GiB outside the blocks with transformers' loss, 1.76 with the chunked one).
     full = dataclasses.replace(LLAMA_8B, outside_block_activation_bytes=4 * LLAMA_8B.logits + GIB)
     chunked = dataclasses.replace(LLAMA_8B, logits=0, loss_workspace_bytes=slice_workspace_bytes(8192, 128256),
                                   outside_block_activation_bytes=GIB + (128256 + 8192) * 4096 * 2)
