@@ -206,11 +206,14 @@ def test_a_recomputed_block_creates_its_tensors_in_the_forwards_default_dtype() 
 
 def test_a_block_that_writes_a_cache_is_recomputed_without_it() -> None:
     """T5's decoder blocks fill a key/value cache in forward; recomputed with it, they would find it filled and save
-    other tensors. Checkpointed every block, T5 trains as without checkpointing, bit for bit."""
+    other tensors (torch's checkpoint raises). Checkpointed every block, T5 trains as without checkpointing."""
     from lightning_offload import SingleGPUOffloadStrategy
     from tests.conformance.runs import run
 
     checkpointed = run("t5", SingleGPUOffloadStrategy(backend="device", activation_checkpointing="full"))
     plain = run("t5", SingleGPUOffloadStrategy(backend="device", activation_checkpointing="none"))
     assert checkpointed.refusal is None and len(plain.losses) > 0
-    assert checkpointed.losses == plain.losses
+    # The plain run's decoder blocks write their cache and the recomputed ones run without it, as under transformers'
+    # own gradient checkpointing: with transformers 5.25 their gradients differ in the last bits (the losses by
+    # 1.0e-7 relative at most over the 8 steps).
+    torch.testing.assert_close(torch.tensor(checkpointed.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0.0)
