@@ -165,7 +165,7 @@ class InitRecord:
     def value(self, steps: int | None = None) -> torch.Tensor:
         """The weights after the first `steps` steps (all by default)."""
         value = (torch.empty(self.shape, dtype=self.dtype, device=self.device) if self.initial is None
-                 else self.initial.to(self.device, copy=True))
+                 else self.initial.to(self.device, copy=bool(self.steps)))  # the steps write in place
         for step in self.steps[:steps]:
             value = step.apply(value)
         return value
