@@ -179,7 +179,7 @@ RIVALS = sorted(name for name in CALLS if name.startswith("rivals_"))
 
 def test_the_rivals_calls_exist():
     assert RIVALS == ["rivals_14b_r1_r2", "rivals_3.6b", "rivals_3.6b_deepspeed", "rivals_3.6b_r2",
-                      "rivals_3.6b_r2_offload", "rivals_8b_r1", "rivals_8b_r2"]
+                      "rivals_3.6b_r2_deepspeed", "rivals_8b_r1", "rivals_8b_r2"]
 
 
 @pytest.mark.parametrize("name", RIVALS)
