@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections import defaultdict, namedtuple
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -71,7 +72,21 @@ def test_placement_refuses_with_the_shortfall_and_counts_accumulated_gradients()
     single = place_units(units, gpu_free_bytes=100 * GIB, accumulate=1)
     accumulating = place_units(units, gpu_free_bytes=100 * GIB, accumulate=4)
     assert accumulating.gpu_bytes - single.gpu_bytes == 8 * GIB  # all 10 GiB of gradients instead of 2 units'
-    with pytest.raises(MemoryError, match="accumulate_grad_batches=1"):
+    assert accumulating.host_gradient_bytes == 0  # nothing streamed: every gradient stays on the GPU
+
+
+def test_accumulating_sums_the_streamed_units_gradients_in_host_memory() -> None:
+    units = blocks_and_outer()
+    # Every unit streamed: 3 weight slots + 3 state slots + 2 units' gradients in flight + 3 gradient slots.
+    placement = place_units(units, gpu_free_bytes=11 * GIB, accumulate=4)
+    assert len(placement.streamed) == 10 and placement.gpu_bytes == 11 * GIB
+    assert placement.host_gradient_bytes == 10 * GIB
+    assert placement.host_pinned_bytes == 10 * GIB + 10 * GIB + 10 * GIB  # state, weights, gradient sums
+    # The 8 blocks streamed, the 2 outer units resident with their gradients: 2 weights + 3 + 3 slots + 2 kept
+    # gradients + 2 in flight + 3 gradient slots.
+    roomier = place_units(units, gpu_free_bytes=15 * GIB, accumulate=4)
+    assert len(roomier.streamed) == 8 and roomier.gpu_bytes == 15 * GIB
+    with pytest.raises(MemoryError, match=r"1.00 GiB per gradient slot\), 1.0 GiB more than the 10.0 GiB"):
         place_units(units, gpu_free_bytes=10 * GIB, accumulate=4)
 
 
@@ -142,13 +157,35 @@ def test_lr_scheduler_drives_the_update() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)  # StepLR(step_size=2, gamma=0.5), 4 steps
 
 
-def test_accumulation_updates_once_per_optimizer_step() -> None:
+class GradientsBetweenMicroBatches(pl.Callback):
+    """Which parameters hold a gradient after each micro-batch that does not step."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate, self.seen = accumulate, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.accumulate:
+            self.seen.append({name for name, p in module.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize(("accumulate", "num_batches"), [(2, 8), (3, 9)])
+def test_accumulation_sums_streamed_gradients_in_host_memory_as_autograd_sums_them(accumulate, num_batches) -> None:
+    # All resident: autograd sums every gradient on the device. All streamed: each micro-batch's gradients go to
+    # host memory (copied the first time, added after) and the last one's are added to their sum before the update.
     resident, _ = fit(stream(resident_blocks=2, stream_outer=False), precision="bf16-true",
-                      accumulate_grad_batches=2)
-    streamed, trainer = fit(stream(), precision="bf16-true", accumulate_grad_batches=2)
+                      accumulate_grad_batches=accumulate, num_batches=num_batches)
+    watch = GradientsBetweenMicroBatches(accumulate)
+    streamed, trainer = fit(stream(), precision="bf16-true", accumulate_grad_batches=accumulate,
+                            num_batches=num_batches, callbacks=[watch])
     assert streamed.losses == resident.losses
-    steps = {s for unit in backend_of(trainer).units for entry in unit.buckets for s in entry.bucket.steps}
-    assert steps == {4}  # 8 micro-batches, 4 optimizer steps
+    backend = backend_of(trainer)
+    steps = {s for unit in backend.units for entry in unit.buckets for s in entry.bucket.steps}
+    assert steps == {num_batches // accumulate}
+    streamed_names = {name for i in backend.placement.streamed for names in backend.units[i].names for name in names}
+    # Only the unit that stays resident (the tied embedding and output layer) keeps its gradients on the device.
+    assert watch.seen and all(held and not held & streamed_names for held in watch.seen)
+    loaded = {label for action, _, label in backend.lanes.log if action == "copy" and label.startswith("load grad")}
+    assert loaded == {f"load gradients {i}" for i in backend.placement.streamed}
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -228,8 +265,8 @@ def test_race_check_flags_a_missing_wait() -> None:
     assert unordered_uses([("read", "d2h", "slot"), ("read", "compute", "slot")]) == []  # two reads never race
 
 
-@pytest.mark.parametrize(("slots", "accumulate"), [((2, 2), 1), ((4, 5), 1), ((2, 2), 2)],
-                         ids=["rings-smaller-than-model", "every-unit-cached", "accumulating"])
+@pytest.mark.parametrize(("slots", "accumulate"), [((2, 2), 1), ((4, 5), 1), ((2, 2), 2), ((2, 2), 3)],
+                         ids=["rings-smaller-than-model", "every-unit-cached", "accumulating", "accumulating-three"])
 def test_every_conflicting_use_of_a_slot_or_host_buffer_is_ordered_by_an_event(monkeypatch, slots, accumulate) -> None:
     # Keep the whole run's log: a slot's last use in one step and its refill in the next must be ordered too.
     monkeypatch.setattr(Lanes, "start_step", lambda self: None)

@@ -37,12 +37,13 @@ def _deterministic_kernels():
     torch.use_deterministic_algorithms(False)
 
 
-def run(**options):
+def run(num_batches: int = 8, accumulate_grad_batches: int = 1, **options):
     # Every block recomputed in both placements, so the two runs handle activations alike (the planner would
     # otherwise pick a policy per placement).
     strategy = SingleGPUOffloadStrategy(backend="stream", timing=True, activation_checkpointing="full", **options)
     torch.manual_seed(0)
-    return fit(strategy, module=TinyLlama(lr=3e-3), precision="bf16-mixed", accelerator="gpu", num_batches=8)
+    return fit(strategy, module=TinyLlama(lr=3e-3), precision="bf16-mixed", accelerator="gpu",
+               num_batches=num_batches, accumulate_grad_batches=accumulate_grad_batches)
 
 
 def test_resident_runs_repeat_exactly_on_cuda() -> None:
@@ -63,6 +64,17 @@ def test_streamed_and_resident_placements_agree_on_cuda() -> None:
     torch.testing.assert_close(torch.tensor(streamed.losses), torch.tensor(resident.losses), atol=2e-3, rtol=0)
     phases = backend.phase_seconds()
     assert phases["h2d"] > 0 and phases["d2h"] > 0 and phases["update"] > 0
+
+
+def test_gradients_summed_in_host_memory_agree_with_resident_accumulation_on_cuda() -> None:
+    # Streamed units' gradients leave the GPU after each micro-batch that does not step and come back as their sum
+    # (copies on side streams into pinned memory); resident ones are summed by autograd on the GPU.
+    resident, _ = run(num_batches=12, accumulate_grad_batches=3, resident_blocks=6)
+    streamed, trainer = run(num_batches=12, accumulate_grad_batches=3, resident_blocks=0, stream_outer=True,
+                            weight_slots=2, state_slots=2)
+    backend = trainer.strategy.backend
+    assert backend.placement.host_gradient_bytes > 0 and backend._gradient_arena.pinned
+    torch.testing.assert_close(torch.tensor(streamed.losses), torch.tensor(resident.losses), atol=2e-3, rtol=0)
 
 
 def test_resume_from_model_checkpoint_is_exact_on_cuda(tmp_path) -> None:

@@ -26,6 +26,7 @@ from lightning_offload.backends.stream.optimizer import StreamAdamW, as_stream_a
 from lightning_offload.backends.stream.parameters_on_meta import InitRecord, parameters_on_meta
 from lightning_offload.backends.stream.placement import (
     DISK_BUFFERS,
+    GRADIENT_SLOTS,
     Placement,
     UnitSize,
     check_host_memory,
@@ -33,7 +34,7 @@ from lightning_offload.backends.stream.placement import (
     place_state_on_disk,
     place_units,
 )
-from lightning_offload.backends.stream.scheduler import STATE, WEIGHTS, Scheduler, SlotPool
+from lightning_offload.backends.stream.scheduler import GRADIENTS, STATE, WEIGHTS, Scheduler, SlotPool
 from lightning_offload.backends.stream.units import (
     Unit,
     check_meta_initialisable,
@@ -144,6 +145,7 @@ class StreamBackend(Backend):
         self._arenas: list[HostArena] = []
         self._hooks: list[Any] = []
         self._state_arena: HostArena | None = None
+        self._gradient_arena: HostArena | None = None
         self.disk: DiskTier | None = None
 
     @property
@@ -216,10 +218,11 @@ class StreamBackend(Backend):
                                 resident_blocks=self.resident_blocks, stream_outer=self.config.stream_outer)
         if accumulate > 1 and placement.gpu_bytes > gpu_free:
             raise MemoryError(
-                f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches "
-                f"({sum(s.weight_bytes for s in sizes) / GIB:.1f} GiB), which does not fit beside the "
-                f"{len(sizes) - len(placement.streamed)} resident units. Use `accumulate_grad_batches=1` with a "
-                "larger micro-batch, or fewer `resident_blocks`."
+                f"`accumulate_grad_batches={accumulate}` keeps the resident units' gradients on the GPU between "
+                f"micro-batches ({sum(s.weight_bytes for i, s in enumerate(sizes) if i not in placement.streamed) / GIB:.1f} GiB), "
+                f"which does not fit beside their weights: {len(sizes) - len(placement.streamed)} units are resident. "
+                "Choose fewer `resident_blocks` (streamed blocks' gradients are summed in host memory), or use "
+                "`accumulate_grad_batches=1` with a larger micro-batch."
             )
         room, reserve = self.host_memory_available(), int(self.config.host_reserve_gib * GIB)
         disk_blocks = self.configured_or_planned("disk_blocks", None)
@@ -323,6 +326,7 @@ class StreamBackend(Backend):
             unit.state_bytes = offset
             unit.on_disk = unit.on_disk and offset > 0
             unit.host_state = self._arenas[-1].take(offset) if offset and not unit.on_disk else None
+        self._sum_streamed_gradients_on_host(setup.accumulate_grad_batches)
         if any(unit.on_disk for unit in self.units):
             assert self.config.nvme_path is not None
             self.disk = DiskTier(self.config.nvme_path, self.units, self.lanes, buffers=self.config.disk_buffers,
@@ -335,30 +339,54 @@ class StreamBackend(Backend):
                         functools.partial(_gradient_ready, weakref.ref(self), weakref.ref(unit))))
         return module, optimizer
 
+    def _sum_streamed_gradients_on_host(self, accumulate: int) -> None:
+        """Accumulating, each streamed unit's gradients are summed in host memory between micro-batches, passing
+        through a ring of GPU slots; otherwise none of it exists."""
+        assert self.placement is not None and self.scheduler is not None
+        streamed = [unit for unit in self.units if unit.streamed and unit.trainable] if accumulate > 1 else []
+        self._gradient_arena = HostArena(sum(unit.weight_bytes for unit in streamed), pin=self._pinning())
+        self._arenas.append(self._gradient_arena)
+        for unit in self.units:
+            unit.host_gradients = self._gradient_arena.take(unit.weight_bytes) if unit in streamed else None
+        ring = max((unit.weight_bytes for unit in streamed), default=0)
+        self.scheduler.gradients = SlotPool(GRADIENTS, ring, GRADIENT_SLOTS, self._device)
+        self.scheduler.summed = {}
+
     def _drop_optimizer_state(self) -> None:
         """A later `fit` steps the fresh optimizer its `configure_optimizers` returned, as under `auto`: the earlier
         fit's state and its update hooks (which would update each unit twice) go."""
         self.lanes.synchronize()
         self._remove_hooks_and_disk()
         self.scheduler.disk = None
-        if self._state_arena is not None:
-            self._arenas.remove(self._state_arena)
-            self._state_arena.release()
-            self._state_arena = None
+        for arena in (self._state_arena, self._gradient_arena):
+            if arena is not None:
+                self._arenas.remove(arena)
+                arena.release()
+        self._state_arena = self._gradient_arena = None
 
     def _check_accumulation(self, accumulate: int) -> None:
+        """Refuses accumulation the placement did not count (it was made before the trainer was known) and that does
+        not fit: the resident units' gradients on the GPU, the streamed units' sums in host memory."""
         assert self.placement is not None
-        if accumulate > 1 and self._device.type == "cuda":
-            sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block) for u in self.units]
-            need = measure(sizes, self.placement.streamed, weight_slots=self.config.weight_slots,
-                           state_slots=self.config.state_slots, accumulate=accumulate).gpu_bytes
+        if accumulate == 1:
+            return
+        sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block) for u in self.units]
+        need = measure(sizes, self.placement.streamed, weight_slots=self.config.weight_slots,
+                       state_slots=self.config.state_slots, accumulate=accumulate, on_disk=self.placement.on_disk,
+                       disk_buffers=self.config.disk_buffers)
+        if self._device.type == "cuda":
+            more = need.gpu_bytes - self.placement.gpu_bytes
             free = gpu_free_bytes(self._device) - int(self.config.activation_reserve_gib * GIB)
-            if need - self.placement.gpu_bytes > free:
+            if more > free:
                 raise MemoryError(
-                    f"`accumulate_grad_batches={accumulate}` keeps every gradient on the GPU between micro-batches; "
-                    f"that needs {(need - self.placement.gpu_bytes) / GIB:.1f} GiB more than is free. Use "
-                    "`accumulate_grad_batches=1` with a larger micro-batch."
+                    f"`accumulate_grad_batches={accumulate}` keeps the resident units' gradients on the GPU between "
+                    f"micro-batches; that needs {more / GIB:.1f} GiB more than is free. Choose fewer "
+                    "`resident_blocks`, or use `accumulate_grad_batches=1` with a larger micro-batch."
                 )
+        if need.host_pinned_bytes > self.placement.host_pinned_bytes:
+            room = self.host_memory_available()
+            check_host_memory(need, available_bytes=room.bytes + self.placement.host_pinned_bytes,
+                              reserve_bytes=int(self.config.host_reserve_gib * GIB), limit=room.limit)
 
     def _update(self, unit: Unit, states: list[torch.Tensor]) -> None:
         assert self.optimizer is not None
@@ -456,7 +484,7 @@ class StreamBackend(Backend):
         for arena in self._arenas:
             arena.release()
         self._arenas.clear()
-        self._state_arena = None
+        self._state_arena = self._gradient_arena = None
         self.scheduler = None
         self._root = None
         StreamBackend._live.forget(self)

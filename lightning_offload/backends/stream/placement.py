@@ -11,9 +11,11 @@ Memory terms (P = trained parameters, S = streamed parameters, D = parameters of
 w = bytes of a weight, 2 for bf16, s = STATE_BYTES_PER_PARAM):
     GPU:  w x (P - S) resident weights
           + weight_slots x (largest streamed unit's weights) + state_slots x (largest unit's 8-bit state)
-          + gradients: 2 units' worth (a unit's gradients live from its backward to its update), or w x P when
-            gradients accumulate over micro-batches
+          + gradients: 2 units' worth (a unit's gradients live from its backward to its update); when gradients
+            accumulate over micro-batches, the resident units' w x (P - S), kept until the step, 2 streamed units'
+            worth in flight and gradient_slots x (largest streamed unit's weights) their sums pass through
     host (all pinned, in registered arenas): s x (P - D) + w x S
+          + w x S when gradients accumulate: the streamed units' gradients, summed over the micro-batches
           + disk_buffers x (largest state on disk) when D > 0: the staging buffers its reads and writes go through
     disk: s x D, read once and written once per optimizer step (during the last micro-batch's backward)
 """
@@ -28,6 +30,7 @@ from lightning_offload.planner.budget import GIB
 
 STATE_BYTES_PER_PARAM = RECORD_BYTES / BLOCK_SIZE  # 2.0625: m and v codes, two fp32 scales per 256 elements
 GRADIENT_UNITS_ALIVE = 2  # a unit's gradients wait for its update while the next unit's backward runs
+GRADIENT_SLOTS = 3  # accumulating: one streamed unit's sum drains to the host, one is added to, one loads ahead
 DISK_PAGE = 4096  # O_DIRECT moves whole pages: each block's state file and staging buffer is rounded up to one
 DISK_BUFFERS = 4  # staging buffers: one per state slot (3) holding a block on its way to its update, one more free
 
@@ -56,6 +59,10 @@ class Placement:
     disk_bytes: int = 0
     staging_bytes: int = 0
     """Pinned staging buffers of the disk tier (counted in `host_pinned_bytes`)."""
+    ring_gradient_bytes: int = 0
+    """Accumulating: each GPU slot the streamed units' gradient sums pass through."""
+    host_gradient_bytes: int = 0
+    """Accumulating: the streamed units' gradient sums in host memory (counted in `host_pinned_bytes`)."""
 
     def resident_blocks(self, units: Sequence[UnitSize]) -> int:
         return sum(1 for i, u in enumerate(units) if u.is_block and i not in self.streamed)
@@ -81,12 +88,19 @@ def measure(units: Sequence[UnitSize], streamed: frozenset[int], *, weight_slots
     ring_state = max((u.state_bytes for u in units), default=0)
     resident = sum(u.weight_bytes for i, u in enumerate(units) if i not in streamed)
     largest = sorted((u.weight_bytes for u in units), reverse=True)
-    gradients = sum(u.weight_bytes for u in units) if accumulate > 1 else sum(largest[:GRADIENT_UNITS_ALIVE])
+    gradients = sum(largest[:GRADIENT_UNITS_ALIVE])
+    ring_gradient = host_gradients = 0
+    if accumulate > 1:  # the resident units' gradients kept; the streamed units' in flight to their sums
+        ring_gradient, host_gradients = ring_weight, sum(streamed_weights)
+        in_flight = sum(sorted(streamed_weights, reverse=True)[:GRADIENT_UNITS_ALIVE])
+        gradients = resident + in_flight + GRADIENT_SLOTS * ring_gradient
     gpu = resident + weight_slots * ring_weight + state_slots * ring_state + gradients
     disk = sum(page_rounded(units[i].state_bytes) for i in on_disk)
     staging = disk_buffers * max((page_rounded(units[i].state_bytes) for i in on_disk), default=0) if on_disk else 0
-    host = sum(u.state_bytes for i, u in enumerate(units) if i not in on_disk) + sum(streamed_weights) + staging
-    return Placement(frozenset(streamed), gpu, host, ring_weight, ring_state, frozenset(on_disk), disk, staging)
+    host = (sum(u.state_bytes for i, u in enumerate(units) if i not in on_disk) + sum(streamed_weights) + staging
+            + host_gradients)
+    return Placement(frozenset(streamed), gpu, host, ring_weight, ring_state, frozenset(on_disk), disk, staging,
+                     ring_gradient, host_gradients)
 
 
 def place_units(units: Sequence[UnitSize], *, gpu_free_bytes: int, weight_slots: int = 3, state_slots: int = 3,
@@ -120,13 +134,14 @@ def place_units(units: Sequence[UnitSize], *, gpu_free_bytes: int, weight_slots:
         if placement.gpu_bytes <= gpu_free_bytes:
             return placement
     shortfall = (placement.gpu_bytes - gpu_free_bytes) / GIB
-    advice = ("accumulate over fewer micro-batches (`accumulate_grad_batches=1` keeps no gradients between them)"
-              if accumulate > 1 else "use a smaller micro-batch or a GPU with more memory")
+    gradient_slots = (f", {placement.ring_gradient_bytes / GIB:.2f} GiB per gradient slot"
+                      if placement.ring_gradient_bytes else "")
     raise MemoryError(
         f"The `stream` backend needs {placement.gpu_bytes / GIB:.1f} GiB of GPU memory with every unit streamed "
         f"({placement.ring_weight_bytes / GIB:.2f} GiB per weight slot, {placement.ring_state_bytes / GIB:.2f} GiB "
-        f"per state slot), {shortfall:.1f} GiB more than the {gpu_free_bytes / GIB:.1f} GiB left after activations. "
-        f"Fewer slots (`weight_slots`, `state_slots`) or a smaller `activation_reserve_gib` free some; else {advice}."
+        f"per state slot{gradient_slots}), {shortfall:.1f} GiB more than the {gpu_free_bytes / GIB:.1f} GiB left "
+        "after activations. Fewer slots (`weight_slots`, `state_slots`) or a smaller `activation_reserve_gib` free "
+        "some; else use a smaller micro-batch or a GPU with more memory."
     )
 
 
@@ -167,12 +182,13 @@ def check_host_memory(placement: Placement, *, available_bytes: int, reserve_byt
                 "free host memory")
         on_disk = (f", {len(placement.on_disk)} blocks' state on disk through {placement.staging_bytes / GIB:.1f} GiB "
                    "of staging buffers" if placement.on_disk else "")
+        gradients = " and accumulated gradients" if placement.host_gradient_bytes else ""
         disk_advice = ("a smaller `disk_buffers`" if placement.on_disk else
                        "`nvme_path=...` (a folder on a local NVMe drive: the optimizer state of some blocks lives "
                        "there)")
         raise MemoryError(
             f"The `stream` backend needs {placement.host_pinned_bytes / GIB:.1f} GiB of pinned host memory "
-            f"(8-bit optimizer state and the weights of {len(placement.streamed)} streamed units{on_disk}) "
+            f"(8-bit optimizer state and the weights{gradients} of {len(placement.streamed)} streamed units{on_disk}) "
             f"plus {reserve_bytes / GIB:.1f} GiB kept free, {(needed - available_bytes) / GIB:.1f} GiB more than the "
             f"{available_bytes / GIB:.1f} GiB available{held}. Keep more blocks on the GPU (`resident_blocks`, a "
             f"smaller `activation_reserve_gib`), a smaller `host_reserve_gib`, {disk_advice}, {lift}, or use a "

@@ -16,6 +16,10 @@ Rules (each one is what keeps a copy from racing the compute that reads or write
   block, from the end of forward to the start of backward) is not copied twice. Such a slot is used again without
   a refill: its next overwrite (a load, or the update writing it in place) also waits for the d2h copy that saved
   it last, which a forward's release alone does not cover.
+- Accumulating, a streamed unit's gradients leave the GPU after each micro-batch that does not step: compute copies
+  them (first micro-batch) or adds them (later ones, onto the sum loaded ahead from host memory) into a gradient
+  slot, and the d2h lane saves the slot to the unit's host sum; the micro-batch that steps adds the loaded sum to
+  the unit's gradients before its update. Each load of a sum waits for its last save.
 - A block whose state lives on disk (`disk.DiskTier`) has it read into a pinned staging buffer ahead of its update;
   its state load copies from that buffer once the read is done, and the save after the update copies back into it,
   to be written to its file once that copy is done.
@@ -35,7 +39,7 @@ from lightning_offload.backends.stream.disk import DiskTier
 from lightning_offload.backends.stream.lanes import COMPUTE, D2H, H2D, Lanes, Mark
 from lightning_offload.backends.stream.units import Unit
 
-WEIGHTS, STATE = "weights", "state"
+WEIGHTS, STATE, GRADIENTS = "weights", "state", "gradients"
 
 
 @dataclass(eq=False)
@@ -83,6 +87,10 @@ class Scheduler:
                  update: Callable[[Unit, list[torch.Tensor]], None]) -> None:
         self.units, self.lanes, self.dtype = units, lanes, dtype
         self.weights, self.states, self.update = weights, states, update
+        self.gradients = SlotPool(GRADIENTS, 0, 0, torch.device("cpu"))
+        """Set by the backend when gradients accumulate over micro-batches (`Unit.host_gradients`)."""
+        self.summed: dict[int, set[int]] = {}
+        """Per streamed unit, the positions of the parameters whose gradients so far are summed in host memory."""
         self.in_backward = False
         self.updating = False
         self.position = 0
@@ -187,11 +195,15 @@ class Scheduler:
         self.position = min(self.position, unit.index)
         if self.updating and unit.buckets and unit.streamed and unit.index not in self.in_use:
             self.acquire(unit)  # gradients arrived without a recompute (an unusual call order): the update needs it
+        if not self.updating and unit.host_gradients is not None:
+            self._save_gradients(unit)
         if not (self.updating and unit.buckets):
             self._release_weights(unit, self._compute_done([self.in_use.get(unit.index)],
                                                            f"backward done {unit.index}"))
             self._pump()
             return
+        if unit.index in self.summed:
+            self._add_saved_gradients(unit)
         state_slot = self._load(self.states, unit, evict=True)
         self.lanes.wait(COMPUTE, state_slot.loaded)
         weight_slot = self.in_use.get(unit.index) if unit.streamed else None
@@ -228,15 +240,70 @@ class Scheduler:
             param.grad = None
         self._pump()
 
+    def _save_gradients(self, unit: Unit) -> None:
+        """Moves the unit's gradients of a micro-batch that does not step into its sum in host memory."""
+        arrived = {i for i, param in enumerate(unit.params) if param.grad is not None}
+        if not arrived:
+            return
+        summed = self.summed.get(unit.index, set())
+        slot = self._load(self.gradients, unit, evict=True) if summed else self._claim(self.gradients, unit)
+        self.lanes.wait(COMPUTE, slot.loaded)  # the sum loaded into it, or a load still filling it for another unit
+        for mark in slot.reusable.values():  # its last save to the host may still be reading it
+            self.lanes.wait(COMPUTE, mark)
+        self.lanes.touch(COMPUTE, reads=(slot.name,) if summed else (), writes=(slot.name,))
+        with torch.no_grad():
+            for i, (view, param) in enumerate(zip(unit.views(slot.buffer, self.dtype), unit.params)):
+                if i in summed and i in arrived:
+                    view.add_(param.grad)
+                elif i in arrived:
+                    view.copy_(param.grad)
+                param.grad = None
+        self.summed[unit.index] = summed | arrived
+        added = self.lanes.record(COMPUTE, f"gradients summed {unit.index}")
+        self.lanes.wait(D2H, added)
+        self.lanes.copy(D2H, unit.host_gradients, slot.buffer[:unit.weight_bytes], f"save gradients {unit.index}",
+                        reads=slot.name, writes=_host(GRADIENTS, unit))
+        saved = self.lanes.record(D2H, f"saved gradients {unit.index}")
+        self.host_written[(GRADIENTS, unit.index)] = saved
+        self._release(slot, saved)
+
+    def _add_saved_gradients(self, unit: Unit) -> None:
+        """The micro-batch that steps: the unit's gradients become the sum over every micro-batch, as autograd
+        accumulates them (each parameter's earlier sum plus this micro-batch's gradient, where either exists)."""
+        summed = self.summed.pop(unit.index)
+        slot = self._load(self.gradients, unit, evict=True)
+        self.lanes.wait(COMPUTE, slot.loaded)
+        self.lanes.touch(COMPUTE, reads=(slot.name,))
+        with torch.no_grad():
+            for i, (view, param) in enumerate(zip(unit.views(slot.buffer, self.dtype), unit.params)):
+                if i in summed and param.grad is None:
+                    param.grad = view.clone()
+                elif i in summed:
+                    param.grad.add_(view)
+        self._release(slot, self.lanes.record(COMPUTE, f"gradients read {unit.index}"))
+        slot.unit = None  # the sum is spent: the next micro-batch starts a new one
+
+    def _claim(self, pool: SlotPool, unit: Unit) -> Slot:
+        """A slot for `unit` that compute fills from scratch (nothing is loaded into it)."""
+        for slot in pool.slots:
+            if slot.unit is unit:
+                slot.unit = None
+        slot = pool.least_recently_released() or self._evict(pool)
+        slot.unit, slot.reserved = unit, True
+        return slot
+
     def end_backward(self) -> None:
-        """Updates units whose gradients did not all arrive (unused parameters), then frees every slot."""
-        for index in sorted(self.touched - self.finished, reverse=True):
+        """Updates units whose gradients did not all arrive (unused parameters, or ones whose gradients arrived in
+        earlier micro-batches only), then frees every slot."""
+        unfinished = self.touched | set(self.summed) if self.updating else self.touched
+        for index in sorted(unfinished - self.finished, reverse=True):
             self.finish(self.units[index])
-        held = [*self.in_use.values(), *(s for pool in (self.weights, self.states) for s in pool.slots if s.reserved)]
+        held = [*self.in_use.values(),
+                *(s for pool in (self.weights, self.states, self.gradients) for s in pool.slots if s.reserved)]
         after = self._compute_done(held, "backward end")
         for index in list(self.in_use):
             self._release_weights(self.units[index], after)
-        for pool in (self.weights, self.states):
+        for pool in (self.weights, self.states, self.gradients):
             for slot in pool.slots:
                 if slot.reserved:
                     self._release(slot, after)
@@ -259,6 +326,8 @@ class Scheduler:
                 return
             if self.in_backward and self.updating and unit.buckets and not self._load(self.states, unit, evict=False):
                 return
+            if self.in_backward and unit.index in self.summed and not self._load(self.gradients, unit, evict=False):
+                return
 
     def _load(self, pool: SlotPool, unit: Unit, *, evict: bool) -> Slot | None:
         slot = pool.holding(unit)
@@ -270,8 +339,8 @@ class Scheduler:
             slot = self._evict(pool)
         if slot is None:
             return None
-        source, source_name = (unit.host_weights, _host(WEIGHTS, unit)) if pool.kind == WEIGHTS else \
-            (unit.host_state, _host(STATE, unit))
+        source = {WEIGHTS: unit.host_weights, STATE: unit.host_state, GRADIENTS: unit.host_gradients}[pool.kind]
+        source_name = _host(pool.kind, unit)
         if pool.kind == STATE and unit.on_disk:
             assert self.disk is not None
             staged = self.disk.staged(unit, block=evict)
@@ -308,6 +377,8 @@ class Scheduler:
         self.lanes.synchronize()
         self.weights.invalidate()
         self.states.invalidate()
+        self.gradients.invalidate()
+        self.summed = {}
         if self.disk is not None:
             self.disk.flush()
 

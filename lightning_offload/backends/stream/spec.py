@@ -8,7 +8,7 @@ from collections.abc import Callable
 from lightning_offload.backends.spec import BackendSpec
 from lightning_offload.backends.stream.backend import StreamBackend, StreamConfig
 from lightning_offload.backends.stream.checkpoint import MANIFEST, client_state, fp32_tensors, saved_weights
-from lightning_offload.backends.stream.placement import DISK_BUFFERS, page_rounded
+from lightning_offload.backends.stream.placement import DISK_BUFFERS, GRADIENT_SLOTS, page_rounded
 from lightning_offload.planner.measure import ModelStats
 from lightning_offload.planner.terms import (ADAMW_8BIT, GPU_UPDATE_RATE, OPTIMIZER_STATE_BYTES, CandidateLevers,
                                              MemoryInputs, MemoryTerms, Plan, StepInputs, StepTime, compute_weights)
@@ -36,7 +36,9 @@ def disk_seconds(state_on_disk_bytes: int, *, read_gbps: float, write_gbps: floa
 def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
     """Resident blocks' weights on the GPU, the others' in pinned host memory passing through a ring of slots; the
     8-bit state of every trainable parameter in pinned host memory, passing through a second ring, or for
-    `disk_blocks` blocks in files on disk, read and written through pinned staging buffers."""
+    `disk_blocks` blocks in files on disk, read and written through pinned staging buffers. Accumulating, the
+    resident units' gradients stay on the GPU and the streamed blocks' are summed in pinned host memory through a
+    third ring."""
     stats, plan, state_bytes = inputs.stats, inputs.plan, inputs.state_bytes
     block = stats.block_parameters
     resident = min(plan.resident_blocks, stats.blocks)
@@ -48,10 +50,16 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
         f"{weights} weights (resident blocks, embeddings, head)": size * (resident * block + stats.other_parameters),
         f"{weights} weight ring (three units)": size * StreamConfig.weight_slots * block,
         "optimizer state ring (three units)": int(StreamConfig.state_slots * state_bytes * largest),
-        **inputs.gradients_updated_in_backward(max(stats.trainable_block_parameters, stats.embedding_parameters)),
+        f"{weights} gradients (in flight)": 2 * size * max(stats.trainable_block_parameters, stats.embedding_parameters),
     }
     host = {f"{weights} weights (streamed blocks)": size * streamed,
             "optimizer state": int(state_bytes * stats.trainable_parameters)}
+    if inputs.whole_gradients:  # accumulating: streamed blocks' gradients are summed in host memory
+        summed = (stats.blocks - resident) * stats.trainable_block_parameters
+        gpu[f"{weights} gradients (resident units, kept until the step)"] = size * (stats.trainable_parameters - summed)
+        if summed:
+            gpu[f"{weights} gradient slots (three units)"] = size * GRADIENT_SLOTS * block
+            host[f"{weights} gradients (streamed blocks, summed over micro-batches)"] = size * summed
     disk = {}
     moved, staging = disk_tier_bytes(int(state_bytes * stats.trainable_block_parameters), plan.disk_blocks or 0)
     if moved:
@@ -66,10 +74,13 @@ def step_time(inputs: StepInputs) -> StepTime:
     weights go back out, both directions at once; the activation copies share the link, all of it under compute."""
     stats, plan = inputs.stats, inputs.plan
     params = stats.parameters
-    streamed = (stats.blocks - min(plan.resident_blocks, stats.blocks)) * stats.block_parameters
+    streamed_blocks = stats.blocks - min(plan.resident_blocks, stats.blocks)
+    streamed = streamed_blocks * stats.block_parameters
     state = OPTIMIZER_STATE_BYTES[plan.optimizer] * params
     size = compute_weights(stats.precision)[1]
-    weights_in = inputs.accumulate * inputs.passes * size * streamed
+    # Each micro-batch after the first loads the streamed blocks' gradient sums back to add to.
+    summed_in = (inputs.accumulate - 1) * size * streamed_blocks * stats.trainable_block_parameters
+    weights_in = inputs.accumulate * inputs.passes * size * streamed + summed_in
     both_ways = 2 * max(state, state + size * streamed) / inputs.duplex
     transfer = weights_in / inputs.h2d + both_ways
     update = params / GPU_UPDATE_RATE[plan.optimizer]

@@ -46,6 +46,9 @@ class Unit:
     host_state: torch.Tensor | None = None
     """Its 8-bit state in the host arena; None when it has none, or when it lives on disk (`on_disk`)."""
     on_disk: bool = False
+    host_gradients: torch.Tensor | None = None
+    """Accumulating, a streamed unit's gradients summed over the micro-batches so far, laid out as its weights, in
+    the host arena: its GPU gradients go there after each micro-batch that does not step."""
     trainable: int = 0
     """Parameters that expect a gradient: the unit's update runs once that many have arrived."""
 
