@@ -61,10 +61,14 @@ class Superseded:
     regime: str | None = None
     sizes: tuple[str, ...] = ()
     """The sizes the change affects (a plan chosen differently there); empty: every size."""
+    profile: str | None = None
+    """The smaller machine whose cells the change affects (`profiles`); None: the whole machine's and every
+    profile's."""
 
     def covers(self, record: dict) -> bool:
         return (record.get("method") == self.method and self.regime in (None, record.get("regime"))
                 and (not self.sizes or record.get("size") in self.sizes)
+                and self.profile in (None, record.get("profile"))
                 and _utc(record["finished_at"]) < _utc(self.before))
 
 
@@ -117,6 +121,7 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     _select("method", [rule.method for rule in config.superseded], list(methods))
     _select("regime", [rule.regime for rule in config.superseded if rule.regime], list(config.regimes))
     _select("size", [size for rule in config.superseded for size in rule.sizes], list(SIZES))
+    _select("profile", [rule.profile for rule in config.superseded if rule.profile], list(config.profiles))
     return config
 
 

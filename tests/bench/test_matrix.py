@@ -193,6 +193,17 @@ def test_a_superseded_rule_with_sizes_covers_only_those():
     assert "superseded" not in mark_superseded(smaller, [rule])
 
 
+def test_a_superseded_rule_with_a_profile_covers_only_that_machines_cells():
+    from bench.matrix import Superseded, mark_superseded
+
+    rule = Superseded(method="single_gpu_offload_auto", regime="r2", sizes=("8b",), profile="24gb_64gib",
+                      before="2026-12-08T01:08:52+00:00", why="sums streamed gradients on the host")
+    refused = {**_measured("8b/single_gpu_offload_auto/r2", "error"), "finished_at": "2026-12-07T10:00:00+00:00"}
+    assert "superseded" not in mark_superseded(refused, [rule])  # the whole machine's cell
+    assert mark_superseded(refused | {"profile": "24gb_64gib"}, [rule])["superseded"] == rule.why
+    assert "superseded" not in mark_superseded(refused | {"profile": "48gb_128gib"}, [rule])
+
+
 def test_a_superseded_failure_answers_no_other_cell(config):
     from bench.matrix import skip_known_failures
 
