@@ -186,6 +186,7 @@ def test_accumulation_sums_streamed_gradients_in_host_memory_as_autograd_sums_th
     assert watch.seen and all(held and not held & streamed_names for held in watch.seen)
     loaded = {label for action, _, label in backend.lanes.log if action == "copy" and label.startswith("load grad")}
     assert loaded == {f"load gradients {i}" for i in backend.placement.streamed}
+    assert "the streamed units' gradients summed in pinned host memory between micro-batches" in backend.describe()
 
 
 # ---------------------------------------------------------------------------------------------- schedule

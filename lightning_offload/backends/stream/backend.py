@@ -497,10 +497,12 @@ class StreamBackend(Backend):
         resident = self.placement.resident_blocks([UnitSize(0, 0, u.is_block) for u in self.units])
         on_disk = (f", {len(self.placement.on_disk)} blocks' state ({self.placement.disk_bytes / GIB:.1f} GiB) in "
                    f"files under {self.config.nvme_path!r}" if self.placement.on_disk else "")
+        summed = (f"; the streamed units' gradients summed in pinned host memory between micro-batches "
+                  f"({self.placement.host_gradient_bytes / GIB:.1f} GiB)" if self.placement.host_gradient_bytes else "")
         return (f"streaming plan ({self._precision}): {resident} of {blocks} blocks resident on {self._device}, "
                 f"{len(self.placement.streamed)} units streamed from pinned host memory; 8-bit AdamW state in pinned "
                 f"host memory ({self.placement.host_pinned_bytes / GIB:.1f} GiB pinned){on_disk}, updated on "
-                f"{self._device} inside backward")
+                f"{self._device} inside backward{summed}")
 
 
 def _gradient_ready(engine: weakref.ref[StreamBackend], unit: weakref.ref[Unit], _param: torch.Tensor) -> None:
