@@ -217,10 +217,11 @@ class StreamBackend(Backend):
                                 state_slots=self.config.state_slots, accumulate=accumulate,
                                 resident_blocks=self.resident_blocks, stream_outer=self.config.stream_outer)
         if accumulate > 1 and placement.gpu_bytes > gpu_free:
+            kept = sum(size.weight_bytes for i, size in enumerate(sizes) if i not in placement.streamed)
             raise MemoryError(
                 f"`accumulate_grad_batches={accumulate}` keeps the resident units' gradients on the GPU between "
-                f"micro-batches ({sum(s.weight_bytes for i, s in enumerate(sizes) if i not in placement.streamed) / GIB:.1f} GiB), "
-                f"which does not fit beside their weights: {len(sizes) - len(placement.streamed)} units are resident. "
+                f"micro-batches ({kept / GIB:.1f} GiB), which does not fit beside their weights: "
+                f"{len(sizes) - len(placement.streamed)} units are resident. "
                 "Choose fewer `resident_blocks` (streamed blocks' gradients are summed in host memory), or use "
                 "`accumulate_grad_batches=1` with a larger micro-batch."
             )
@@ -384,8 +385,8 @@ class StreamBackend(Backend):
                     "`resident_blocks`, or use `accumulate_grad_batches=1` with a larger micro-batch."
                 )
         if need.host_pinned_bytes > self.placement.host_pinned_bytes:
-            room = self.host_memory_available()
-            check_host_memory(need, available_bytes=room.bytes + self.placement.host_pinned_bytes,
+            room, held = self.host_memory_available(), sum(arena.buffer.numel() for arena in self._arenas)
+            check_host_memory(need, available_bytes=room.bytes + held,
                               reserve_bytes=int(self.config.host_reserve_gib * GIB), limit=room.limit)
 
     def _update(self, unit: Unit, states: list[torch.Tensor]) -> None:

@@ -50,7 +50,8 @@ def memory_terms(inputs: MemoryInputs) -> MemoryTerms:
         f"{weights} weights (resident blocks, embeddings, head)": size * (resident * block + stats.other_parameters),
         f"{weights} weight ring (three units)": size * StreamConfig.weight_slots * block,
         "optimizer state ring (three units)": int(StreamConfig.state_slots * state_bytes * largest),
-        f"{weights} gradients (in flight)": 2 * size * max(stats.trainable_block_parameters, stats.embedding_parameters),
+        f"{weights} gradients (in flight)": 2 * size * max(stats.trainable_block_parameters,
+                                                            stats.embedding_parameters),
     }
     host = {f"{weights} weights (streamed blocks)": size * streamed,
             "optimizer state": int(state_bytes * stats.trainable_parameters)}
