@@ -207,8 +207,7 @@ class StreamBackend(Backend):
         return self.config.pin_memory and self._device.type == "cuda"
 
     def _place(self, accumulate: int) -> Placement:
-        sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block, can_stream=len(u.modules) == 1)
-                 for u in self.units]
+        sizes = self._unit_sizes()
         if self._device.type == "cuda":
             gpu_free = gpu_free_bytes(self._device) - int(self.config.activation_reserve_gib * GIB)
         else:  # the CPU stands in for the device: everything fits unless `resident_blocks` says otherwise
@@ -240,6 +239,10 @@ class StreamBackend(Backend):
                                  "disk tier)")
         check_host_memory(placement, available_bytes=room.bytes, reserve_bytes=reserve, limit=room.limit)
         return placement
+
+    def _unit_sizes(self) -> list[UnitSize]:
+        return [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block, can_stream=len(u.modules) == 1)
+                for u in self.units]
 
     def _check_disk_for_checkpoints(self, trainer: Any) -> None:
         for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
@@ -345,10 +348,13 @@ class StreamBackend(Backend):
         through a ring of GPU slots; otherwise none of it exists."""
         assert self.placement is not None and self.scheduler is not None
         streamed = [unit for unit in self.units if unit.streamed and unit.trainable] if accumulate > 1 else []
-        self._gradient_arena = HostArena(sum(unit.weight_bytes for unit in streamed), pin=self._pinning())
-        self._arenas.append(self._gradient_arena)
         for unit in self.units:
-            unit.host_gradients = self._gradient_arena.take(unit.weight_bytes) if unit in streamed else None
+            unit.host_gradients = None
+        if streamed:
+            self._gradient_arena = HostArena(sum(unit.weight_bytes for unit in streamed), pin=self._pinning())
+            self._arenas.append(self._gradient_arena)
+            for unit in streamed:
+                unit.host_gradients = self._gradient_arena.take(unit.weight_bytes)
         ring = max((unit.weight_bytes for unit in streamed), default=0)
         self.scheduler.gradients = SlotPool(GRADIENTS, ring, GRADIENT_SLOTS, self._device)
         self.scheduler.summed = {}
@@ -371,8 +377,7 @@ class StreamBackend(Backend):
         assert self.placement is not None
         if accumulate == 1:
             return
-        sizes = [UnitSize(u.weight_bytes, _state_bytes(u.params), u.is_block) for u in self.units]
-        need = measure(sizes, self.placement.streamed, weight_slots=self.config.weight_slots,
+        need = measure(self._unit_sizes(), self.placement.streamed, weight_slots=self.config.weight_slots,
                        state_slots=self.config.state_slots, accumulate=accumulate, on_disk=self.placement.on_disk,
                        disk_buffers=self.config.disk_buffers)
         if self._device.type == "cuda":
